@@ -1,0 +1,76 @@
+//! Typed errors. Every error that comes from reading a file names the file and the byte offset.
+
+use std::io;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{file}: I/O error at offset {offset}: {source}")]
+    Io {
+        file: String,
+        offset: u64,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{file}: {what} (at offset {offset})")]
+    Corrupt {
+        file: String,
+        offset: u64,
+        what: String,
+    },
+    #[error(
+        "{file}: block {block} at offset {offset} failed its CRC check after {attempts} reads"
+    )]
+    BlockCrc {
+        file: String,
+        block: u64,
+        offset: u64,
+        attempts: u32,
+    },
+    #[error("{file}: unsupported: {what}")]
+    Unsupported { file: String, what: String },
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("{0}: layer is read-only")]
+    ReadOnly(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub(crate) fn corrupt(file: &str, offset: u64, what: impl Into<String>) -> Self {
+        Error::Corrupt {
+            file: file.to_string(),
+            offset,
+            what: what.into(),
+        }
+    }
+
+    pub(crate) fn io(file: &str, offset: u64, source: io::Error) -> Self {
+        Error::Io {
+            file: file.to_string(),
+            offset,
+            source,
+        }
+    }
+
+    /// The errno a block device should complete a failed request with.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            Error::InvalidArgument(_) => libc::EINVAL,
+            Error::ReadOnly(_) => libc::EROFS,
+            _ => libc::EIO,
+        }
+    }
+}
+
+impl From<Error> for io::Error {
+    fn from(e: Error) -> io::Error {
+        let kind = match &e {
+            Error::Io { source, .. } => source.kind(),
+            Error::InvalidArgument(_) => io::ErrorKind::InvalidInput,
+            _ => io::ErrorKind::InvalidData,
+        };
+        io::Error::new(kind, e)
+    }
+}

@@ -1,0 +1,291 @@
+//! Sorted segment indexes: lookup, range resolution and the multi-layer merge (spec §1.8).
+
+use crate::lsmt::Segment;
+
+/// What backs one piece of a requested range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Piece {
+    /// First logical sector of the piece.
+    pub offset: u64,
+    pub length: u64,
+    /// The covering mapping cut to this piece, or `None` for a hole (unmapped in this index).
+    pub seg: Option<Segment>,
+}
+
+/// Splits `[start, end)` into pieces from `overlapping`, segments sorted by offset that overlap
+/// the range, filling gaps with holes.
+pub fn resolve(
+    overlapping: impl Iterator<Item = Segment>,
+    start: u64,
+    end: u64,
+    out: &mut Vec<Piece>,
+) {
+    let mut cur = start;
+    for s in overlapping {
+        let s = s.slice(start, end);
+        if s.offset > cur {
+            out.push(Piece {
+                offset: cur,
+                length: s.offset - cur,
+                seg: None,
+            });
+        }
+        out.push(Piece {
+            offset: s.offset,
+            length: s.length as u64,
+            seg: Some(s),
+        });
+        cur = s.end();
+    }
+    if cur < end {
+        out.push(Piece {
+            offset: cur,
+            length: end - cur,
+            seg: None,
+        });
+    }
+}
+
+/// An immutable sorted, non-overlapping index with fast lookup of the first segment ending
+/// after a sector.
+#[derive(Clone, Debug, Default)]
+pub struct SegmentIndex {
+    segs: Vec<Segment>,
+    search: EndSearch,
+}
+
+impl SegmentIndex {
+    /// `segs` must be sorted by offset and non-overlapping.
+    pub fn new(segs: Vec<Segment>) -> Self {
+        debug_assert!(segs.windows(2).all(|w| w[0].end() <= w[1].offset));
+        let search = EndSearch::new(segs.iter().map(|s| s.end()));
+        SegmentIndex { segs, search }
+    }
+
+    pub fn segments(&self) -> &[Segment] {
+        &self.segs
+    }
+
+    pub fn len(&self) -> usize {
+        self.segs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.segs.is_empty()
+    }
+
+    /// Position of the first segment whose end is greater than `sector`.
+    #[inline]
+    pub fn first_ending_after(&self, sector: u64) -> usize {
+        self.search.first_greater(sector)
+    }
+
+    /// The segment covering `sector`, if any.
+    #[inline]
+    pub fn lookup(&self, sector: u64) -> Option<&Segment> {
+        let i = self.first_ending_after(sector);
+        self.segs.get(i).filter(|s| s.offset <= sector)
+    }
+
+    /// Segments overlapping `[start, end)`, in order.
+    pub fn overlapping(&self, start: u64, end: u64) -> impl Iterator<Item = Segment> + '_ {
+        let i = self.first_ending_after(start);
+        self.segs[i..]
+            .iter()
+            .take_while(move |s| s.offset < end)
+            .copied()
+    }
+}
+
+/// Static search tree over the segment ends: a B-tree of 16-key nodes laid out level by level,
+/// so a lookup touches one or two cache lines per level instead of one per binary-search step.
+#[derive(Clone, Debug, Default)]
+struct EndSearch {
+    /// Sorted keys (segment ends), padded to a multiple of `B` with `u64::MAX`.
+    keys: Vec<u64>,
+    n: usize,
+    /// Upper levels, top first: level `l` holds the last key of each node of level `l + 1`.
+    levels: Vec<Vec<u64>>,
+}
+
+const B: usize = 16;
+
+impl EndSearch {
+    fn new(ends: impl Iterator<Item = u64>) -> Self {
+        let mut keys: Vec<u64> = ends.collect();
+        let n = keys.len();
+        pad(&mut keys);
+        let mut levels = Vec::new();
+        let mut below = &keys;
+        let mut built: Vec<Vec<u64>> = Vec::new();
+        while below.len() > B {
+            let mut up: Vec<u64> = below.chunks(B).map(|c| c[B - 1]).collect();
+            pad(&mut up);
+            built.push(up);
+            below = built.last().unwrap_or(&keys);
+        }
+        while let Some(l) = built.pop() {
+            levels.push(l);
+        }
+        EndSearch { keys, n, levels }
+    }
+
+    /// Index of the first key greater than `x` (`n` if none).
+    #[inline]
+    fn first_greater(&self, x: u64) -> usize {
+        let mut node = 0usize;
+        for level in &self.levels {
+            node = node * B + rank(&level[node * B..node * B + B], x);
+        }
+        let i = node * B + rank(&self.keys[node * B..node * B + B], x);
+        i.min(self.n)
+    }
+}
+
+fn pad(v: &mut Vec<u64>) {
+    let r = v.len().div_ceil(B).max(1) * B;
+    v.resize(r, u64::MAX);
+}
+
+/// Number of keys `<= x` in a sorted node: branch-free so the compiler vectorises it.
+#[inline(always)]
+fn rank(node: &[u64], x: u64) -> usize {
+    let mut c = 0usize;
+    for &k in &node[..B] {
+        c += (k <= x) as usize;
+    }
+    c.min(B - 1)
+}
+
+/// Merges `top` over `bottom` (each sorted, non-overlapping): the result holds all of `top`
+/// plus the parts of `bottom` that `top` does not cover.
+pub fn merge_over(top: &[Segment], bottom: &[Segment]) -> Vec<Segment> {
+    let mut uncovered = Vec::with_capacity(bottom.len());
+    let mut j = 0usize;
+    for b in bottom {
+        while j < top.len() && top[j].end() <= b.offset {
+            j += 1;
+        }
+        let mut cur = b.offset;
+        let mut k = j;
+        while cur < b.end() {
+            match top.get(k) {
+                Some(t) if t.offset < b.end() => {
+                    if t.offset > cur {
+                        uncovered.push(b.slice(cur, t.offset));
+                    }
+                    cur = cur.max(t.end());
+                    k += 1;
+                }
+                _ => {
+                    uncovered.push(b.slice(cur, b.end()));
+                    cur = b.end();
+                }
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(top.len() + uncovered.len());
+    let (mut i, mut k) = (0usize, 0usize);
+    while i < top.len() && k < uncovered.len() {
+        if top[i].offset <= uncovered[k].offset {
+            out.push(top[i]);
+            i += 1;
+        } else {
+            out.push(uncovered[k]);
+            k += 1;
+        }
+    }
+    out.extend_from_slice(&top[i..]);
+    out.extend_from_slice(&uncovered[k..]);
+    out
+}
+
+/// Merges whole layers, `layers[0]` the top. Each layer's segments get `tag` = its position.
+/// Pairwise reduction keeps the work at O(total · log layers).
+pub fn merge_layers(layers: Vec<Vec<Segment>>) -> Vec<Segment> {
+    let mut parts: Vec<Vec<Segment>> = layers
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut segs)| {
+            for s in &mut segs {
+                s.tag = i as u8;
+            }
+            segs
+        })
+        .collect();
+    if parts.is_empty() {
+        return Vec::new();
+    }
+    while parts.len() > 1 {
+        let mut next = Vec::with_capacity(parts.len().div_ceil(2));
+        let mut it = parts.into_iter();
+        while let Some(upper) = it.next() {
+            match it.next() {
+                Some(lower) => next.push(merge_over(&upper, &lower)),
+                None => next.push(upper),
+            }
+        }
+        parts = next;
+    }
+    parts.pop().unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seg(offset: u64, length: u32, moffset: u64) -> Segment {
+        Segment {
+            offset,
+            length,
+            moffset,
+            zeroed: false,
+            tag: 0,
+        }
+    }
+
+    #[test]
+    fn search_matches_partition_point() {
+        for n in [0usize, 1, 15, 16, 17, 255, 256, 257, 4097, 70_000] {
+            let segs: Vec<Segment> = (0..n).map(|i| seg(i as u64 * 10, 5, 8)).collect();
+            let idx = SegmentIndex::new(segs.clone());
+            for x in (0..n as u64 * 10 + 20).step_by(3) {
+                let want = segs.partition_point(|s| s.end() <= x);
+                assert_eq!(idx.first_ending_after(x), want, "n={n} x={x}");
+            }
+        }
+    }
+
+    #[test]
+    fn merge_cuts_lower_layers() {
+        let top = vec![seg(10, 10, 100)];
+        let bottom = vec![seg(0, 30, 8)];
+        let m = merge_layers(vec![top, bottom]);
+        assert_eq!(
+            m,
+            vec![
+                Segment {
+                    offset: 0,
+                    length: 10,
+                    moffset: 8,
+                    zeroed: false,
+                    tag: 1
+                },
+                Segment {
+                    offset: 10,
+                    length: 10,
+                    moffset: 100,
+                    zeroed: false,
+                    tag: 0
+                },
+                Segment {
+                    offset: 20,
+                    length: 10,
+                    moffset: 28,
+                    zeroed: false,
+                    tag: 1
+                },
+            ]
+        );
+    }
+}

@@ -1,0 +1,153 @@
+//! Where layer bytes come from. Format code reads only through [`ReadAt`], so a local file, a
+//! cache or a registry blob plug in without touching it.
+
+use crate::error::{Error, Result};
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+
+/// A fixed-size byte source read by position. Implementations must be safe to call from many
+/// threads at once.
+pub trait ReadAt: Send + Sync {
+    /// Reads up to `buf.len()` bytes at `offset`; returns how many were read (0 only at or past the end).
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+    /// Length in bytes.
+    fn size(&self) -> u64;
+    /// A name for error messages (a path, a digest).
+    fn name(&self) -> &str;
+    /// Drops any cached copy of `[offset, offset + len)` so the next read fetches it again
+    /// (called before re-reading a block whose CRC failed).
+    fn evict(&self, _offset: u64, _len: u64) {}
+}
+
+/// Fills `buf` from `offset` or fails with an error naming the source and offset. A source that
+/// stops returning bytes is an error, never a retry loop (upstream overlaybd#255).
+pub fn read_exact_at(src: &dyn ReadAt, buf: &mut [u8], offset: u64) -> Result<()> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        let pos = offset + done as u64;
+        match src.read_at(&mut buf[done..], pos) {
+            Ok(0) => {
+                return Err(Error::corrupt(
+                    src.name(),
+                    pos,
+                    format!(
+                        "unexpected end of data: needed {} bytes at offset {}, source is {} bytes",
+                        buf.len(),
+                        offset,
+                        src.size()
+                    ),
+                ))
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::io(src.name(), pos, e)),
+        }
+    }
+    Ok(())
+}
+
+/// A local file.
+pub struct FileSource {
+    file: File,
+    name: String,
+    size: u64,
+}
+
+impl FileSource {
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let name = path.display().to_string();
+        let file = File::open(path).map_err(|e| Error::io(&name, 0, e))?;
+        Self::from_file(file, name)
+    }
+
+    pub fn from_file(file: File, name: String) -> Result<Self> {
+        let size = file.metadata().map_err(|e| Error::io(&name, 0, e))?.len();
+        Ok(FileSource { file, name, size })
+    }
+}
+
+impl ReadAt for FileSource {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        if offset >= self.size {
+            return Ok(0);
+        }
+        let max = ((self.size - offset).min(buf.len() as u64)) as usize;
+        self.file.read_at(&mut buf[..max], offset)
+    }
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// Bytes held in memory (tests, benchmarks, fuzzing).
+pub struct MemSource {
+    data: Arc<[u8]>,
+    name: String,
+}
+
+impl MemSource {
+    pub fn new(data: impl Into<Arc<[u8]>>, name: impl Into<String>) -> Self {
+        MemSource {
+            data: data.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl ReadAt for MemSource {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let len = self.data.len() as u64;
+        if offset >= len {
+            return Ok(0);
+        }
+        let start = offset as usize;
+        let n = buf.len().min(self.data.len() - start);
+        buf[..n].copy_from_slice(&self.data[start..start + n]);
+        Ok(n)
+    }
+    fn size(&self) -> u64 {
+        self.data.len() as u64
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// A window `[base, base + len)` of another source: the payload of a tar wrapper.
+pub struct SubSource {
+    inner: Arc<dyn ReadAt>,
+    base: u64,
+    len: u64,
+}
+
+impl SubSource {
+    pub fn new(inner: Arc<dyn ReadAt>, base: u64, len: u64) -> Self {
+        SubSource { inner, base, len }
+    }
+}
+
+impl ReadAt for SubSource {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        if offset >= self.len {
+            return Ok(0);
+        }
+        let n = (buf.len() as u64).min(self.len - offset) as usize;
+        self.inner.read_at(&mut buf[..n], self.base + offset)
+    }
+    fn size(&self) -> u64 {
+        self.len
+    }
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn evict(&self, offset: u64, len: u64) {
+        self.inner.evict(self.base + offset, len)
+    }
+}

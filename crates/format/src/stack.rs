@@ -1,0 +1,295 @@
+//! An image: read-only lowers merged into one index at open, optionally under a writable upper.
+
+use crate::error::{Error, Result};
+use crate::index::{merge_layers, Piece, SegmentIndex};
+use crate::lsmt::{LsmtFile, Segment, MAX_RW_INDEX_SIZE, MAX_STACK_LAYERS, SECTOR};
+use crate::rw::RwLayer;
+use crate::source::{read_exact_at, ReadAt};
+use std::sync::Arc;
+
+/// Read-only layers merged into one index (spec §1.8).
+pub struct LayerStack {
+    /// By tag: 0 = top.
+    sources: Vec<Arc<dyn ReadAt>>,
+    index: SegmentIndex,
+    virtual_size: u64,
+}
+
+impl LayerStack {
+    /// `lowers` bottom→top, as in `config.v1.json`.
+    pub fn new(lowers: Vec<LsmtFile>) -> Result<LayerStack> {
+        if lowers.len() > MAX_STACK_LAYERS {
+            return Err(Error::InvalidArgument(format!(
+                "{} layers: a stack holds at most {MAX_STACK_LAYERS}",
+                lowers.len()
+            )));
+        }
+        let virtual_size = lowers
+            .iter()
+            .rev()
+            .map(|l| l.virtual_size())
+            .find(|&v| v != 0)
+            .unwrap_or(0);
+        let mut sources = Vec::with_capacity(lowers.len());
+        let mut indexes = Vec::with_capacity(lowers.len());
+        for l in lowers.into_iter().rev() {
+            sources.push(l.source().clone());
+            indexes.push(l.segments);
+        }
+        let merged = merge_layers(indexes);
+        if merged.len() as u64 > MAX_RW_INDEX_SIZE {
+            return Err(Error::InvalidArgument(format!(
+                "merged index has {} entries, limit {MAX_RW_INDEX_SIZE}",
+                merged.len()
+            )));
+        }
+        Ok(LayerStack {
+            sources,
+            index: SegmentIndex::new(merged),
+            virtual_size,
+        })
+    }
+
+    pub fn virtual_size(&self) -> u64 {
+        self.virtual_size
+    }
+
+    pub fn index(&self) -> &SegmentIndex {
+        &self.index
+    }
+
+    pub fn layer_count(&self) -> usize {
+        self.sources.len()
+    }
+
+    /// The source of the layer with `tag` (0 = top).
+    pub fn source(&self, tag: u8) -> &Arc<dyn ReadAt> {
+        &self.sources[tag as usize]
+    }
+
+    /// Reads `buf` at byte `offset`; both 512-aligned. Holes and zeroed ranges read as zeros.
+    pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let start = offset / SECTOR;
+        let end = start + buf.len() as u64 / SECTOR;
+        let mut cur = start;
+        for s in self.index.overlapping(start, end) {
+            let s = s.slice(start, end);
+            if s.offset > cur {
+                zero(buf, start, cur, s.offset);
+            }
+            self.read_segment(sub(buf, start, s.offset, s.end()), &s)?;
+            cur = s.end();
+        }
+        if cur < end {
+            zero(buf, start, cur, end);
+        }
+        Ok(())
+    }
+
+    fn read_segment(&self, buf: &mut [u8], s: &Segment) -> Result<()> {
+        if s.zeroed {
+            buf.fill(0);
+            return Ok(());
+        }
+        read_exact_at(&**self.source(s.tag), buf, s.moffset * SECTOR)
+    }
+}
+
+fn sub(buf: &mut [u8], base: u64, s: u64, e: u64) -> &mut [u8] {
+    &mut buf[((s - base) * SECTOR) as usize..((e - base) * SECTOR) as usize]
+}
+
+fn zero(buf: &mut [u8], base: u64, s: u64, e: u64) {
+    sub(buf, base, s, e).fill(0);
+}
+
+/// What a block device serves: lowers, an optional writable upper, one virtual size.
+pub struct ImageStack {
+    lower: Option<LayerStack>,
+    upper: Option<RwLayer>,
+    virtual_size: u64,
+}
+
+impl ImageStack {
+    /// A read-only image.
+    pub fn read_only(lower: LayerStack) -> ImageStack {
+        let virtual_size = lower.virtual_size();
+        ImageStack {
+            lower: Some(lower),
+            upper: None,
+            virtual_size,
+        }
+    }
+
+    /// A writable image. An upper with virtual size 0 inherits the lowers' and has its headers
+    /// rewritten, as upstream's `update_vsize` does.
+    pub fn writable(lower: Option<LayerStack>, upper: RwLayer) -> Result<ImageStack> {
+        let mut virtual_size = upper.virtual_size();
+        if virtual_size == 0 {
+            virtual_size = lower.as_ref().map(|l| l.virtual_size()).unwrap_or(0);
+            if virtual_size == 0 {
+                return Err(Error::InvalidArgument(
+                    "writable layer and lowers all have virtual size 0".into(),
+                ));
+            }
+            upper.set_virtual_size(virtual_size)?;
+        }
+        Ok(ImageStack {
+            lower,
+            upper: Some(upper),
+            virtual_size,
+        })
+    }
+
+    pub fn virtual_size(&self) -> u64 {
+        self.virtual_size
+    }
+
+    pub fn is_writable(&self) -> bool {
+        self.upper.is_some()
+    }
+
+    pub fn lower(&self) -> Option<&LayerStack> {
+        self.lower.as_ref()
+    }
+
+    pub fn upper(&self) -> Option<&RwLayer> {
+        self.upper.as_ref()
+    }
+
+    /// Takes the writable layer out (to seal or commit it).
+    pub fn into_upper(self) -> Option<RwLayer> {
+        self.upper
+    }
+
+    fn check(&self, offset: u64, len: u64) -> Result<()> {
+        if offset % SECTOR != 0 || len % SECTOR != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "unaligned I/O: offset {offset} length {len}"
+            )));
+        }
+        if offset
+            .checked_add(len)
+            .is_none_or(|e| e > self.virtual_size)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "I/O [{offset}, +{len}) beyond the virtual size {}",
+                self.virtual_size
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.check(offset, buf.len() as u64)?;
+        let Some(upper) = &self.upper else {
+            return self.read_lower(buf, offset);
+        };
+        let start = offset / SECTOR;
+        let mut pieces: Vec<Piece> = Vec::new();
+        upper.resolve(start, start + buf.len() as u64 / SECTOR, &mut pieces);
+        for p in pieces {
+            let b = sub(buf, start, p.offset, p.offset + p.length);
+            match p.seg {
+                Some(s) if s.zeroed => b.fill(0),
+                Some(s) => upper.read_mapped(b, &s)?,
+                None => self.read_lower(b, p.offset * SECTOR)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn read_lower(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        match &self.lower {
+            Some(l) => l.read(buf, offset),
+            None => {
+                buf.fill(0);
+                Ok(())
+            }
+        }
+    }
+
+    fn upper_or_err(&self) -> Result<&RwLayer> {
+        self.upper
+            .as_ref()
+            .ok_or_else(|| Error::ReadOnly("image".into()))
+    }
+
+    pub fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check(offset, buf.len() as u64)?;
+        self.upper_or_err()?.write(buf, offset)
+    }
+
+    /// DISCARD: the range may read as anything afterwards (zeros in append mode).
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.check(offset, len)?;
+        self.upper_or_err()?.discard(offset, len)
+    }
+
+    /// WRITE_ZEROES: the range must read as zeros afterwards.
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.check(offset, len)?;
+        let upper = self.upper_or_err()?;
+        match upper.mode() {
+            crate::rw::RwMode::Append => upper.discard(offset, len),
+            crate::rw::RwMode::Sparse => {
+                // A punched hole would expose lower data: write real zeros, in bounded chunks.
+                let chunk = vec![0u8; (crate::lsmt::MAX_IO_SIZE as usize).min(len as usize)];
+                let mut pos = offset;
+                while pos < offset + len {
+                    let n = ((offset + len - pos) as usize).min(chunk.len());
+                    upper.write(&chunk[..n], pos)?;
+                    pos += n as u64;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    pub fn flush(&self) -> Result<()> {
+        match &self.upper {
+            Some(u) => u.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl LayerStack {
+    /// Writes the flattened disk to `out` as a sparse file: mapped data at its offset, holes
+    /// where unmapped or zeroed.
+    pub fn export_raw(&self, out: &std::fs::File, out_name: &str) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        out.set_len(0).map_err(|e| Error::io(out_name, 0, e))?;
+        out.set_len(self.virtual_size)
+            .map_err(|e| Error::io(out_name, 0, e))?;
+        const CHUNK: u64 = 4 << 20;
+        let mut buf = vec![0u8; CHUNK as usize];
+        for s in self.index.segments().iter().filter(|s| !s.zeroed) {
+            let mut done = 0u64;
+            let len = s.length as u64 * SECTOR;
+            while done < len {
+                let n = (len - done).min(CHUNK) as usize;
+                read_exact_at(
+                    &**self.source(s.tag),
+                    &mut buf[..n],
+                    s.moffset * SECTOR + done,
+                )?;
+                let at = s.offset * SECTOR + done;
+                if at + n as u64 > self.virtual_size {
+                    return Err(Error::corrupt(
+                        self.source(s.tag).name(),
+                        s.moffset * SECTOR,
+                        format!(
+                            "mapping at sector {} lies beyond the virtual size {}",
+                            s.offset, self.virtual_size
+                        ),
+                    ));
+                }
+                out.write_all_at(&buf[..n], at)
+                    .map_err(|e| Error::io(out_name, at, e))?;
+                done += n as u64;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,161 @@
+//! `ovbd`: the command line. Parsing stays here; the work lives in the modules below.
+
+mod layer_tool;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "ovbd",
+    version,
+    about = "OverlayBD images for containerd: layers, devices, snapshotter"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Inspect, convert and build single layers.
+    #[command(subcommand)]
+    Layer(LayerCmd),
+    /// Whole images (stacks of layers).
+    #[command(subcommand)]
+    Image(ImageCmd),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Algo {
+    Lz4,
+    Zstd,
+}
+
+#[derive(Subcommand)]
+enum LayerCmd {
+    /// Show what a layer blob or file is: wrapper, ZFile, LSMT header and index; checks every
+    /// block CRC.
+    Inspect {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Strip the tar wrapper and ZFile compression: write the raw LSMT.
+    Decompress { blob: PathBuf, out: PathBuf },
+    /// ZFile-compress a raw LSMT and wrap it in the PAX tar (as `overlaybd-commit -z -t`).
+    Compress {
+        lsmt: PathBuf,
+        out: PathBuf,
+        #[arg(long, value_enum, default_value = "lz4")]
+        algo: Algo,
+        /// ZFile block size in bytes: 4096, 8192, 16384, 32768 or 65536.
+        #[arg(long, default_value_t = 4096)]
+        block_size: u32,
+        /// Write the bare ZFile, without the tar wrapper.
+        #[arg(long)]
+        no_tar: bool,
+    },
+    /// Create an empty writable layer (as `overlaybd-create`).
+    Create {
+        data: PathBuf,
+        index: PathBuf,
+        /// Virtual size in GiB (0: inherit from the lowers when stacked).
+        #[arg(long, default_value_t = 64)]
+        vsize_gb: u64,
+        /// Sparse mode: writes in place instead of appended.
+        #[arg(long)]
+        sparse: bool,
+        #[arg(long)]
+        parent_uuid: Option<String>,
+    },
+    /// Seal a writable layer in place: append its index and a trailer to DATA.
+    Seal { data: PathBuf, index: PathBuf },
+    /// Commit a writable layer to a compact read-only layer (as `overlaybd-commit`).
+    Commit {
+        data: PathBuf,
+        index: PathBuf,
+        out: PathBuf,
+        #[arg(long)]
+        uuid: Option<String>,
+        /// Defaults to the writable layer's own parent UUID.
+        #[arg(long)]
+        parent_uuid: Option<String>,
+        /// Also ZFile-compress (LZ4, 4 KiB) and PAX-wrap the result: a registry layer blob.
+        #[arg(short = 'z', long)]
+        compress: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImageCmd {
+    /// Write the flattened virtual disk of LAYERS (bottom to top) to OUT as a sparse raw file.
+    Export {
+        #[arg(required = true, num_args = 2..)]
+        paths: Vec<PathBuf>,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("ovbd: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    use ovbd_format::zfile::{Algorithm, ZFileOptions};
+    let zopts = |algo: Algo, block_size| ZFileOptions {
+        algorithm: match algo {
+            Algo::Lz4 => Algorithm::Lz4,
+            Algo::Zstd => Algorithm::Zstd,
+        },
+        block_size,
+    };
+    match cli.cmd {
+        Cmd::Layer(LayerCmd::Inspect { file, json }) => layer_tool::inspect(&file, json),
+        Cmd::Layer(LayerCmd::Decompress { blob, out }) => layer_tool::decompress(&blob, &out),
+        Cmd::Layer(LayerCmd::Compress {
+            lsmt,
+            out,
+            algo,
+            block_size,
+            no_tar,
+        }) => layer_tool::compress(&lsmt, &out, zopts(algo, block_size), !no_tar),
+        Cmd::Layer(LayerCmd::Create {
+            data,
+            index,
+            vsize_gb,
+            sparse,
+            parent_uuid,
+        }) => layer_tool::create(
+            &data,
+            &index,
+            vsize_gb << 30,
+            sparse,
+            parent_uuid.as_deref(),
+        ),
+        Cmd::Layer(LayerCmd::Seal { data, index }) => layer_tool::seal(&data, &index),
+        Cmd::Layer(LayerCmd::Commit {
+            data,
+            index,
+            out,
+            uuid,
+            parent_uuid,
+            compress,
+        }) => layer_tool::commit(
+            &data,
+            &index,
+            &out,
+            uuid.as_deref(),
+            parent_uuid.as_deref(),
+            compress.then(ZFileOptions::default),
+        ),
+        Cmd::Image(ImageCmd::Export { mut paths }) => {
+            let out = paths.pop().unwrap_or_default();
+            layer_tool::export(&paths, &out)
+        }
+    }
+}
