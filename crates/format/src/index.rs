@@ -104,8 +104,10 @@ struct EndSearch {
     /// Sorted keys (segment ends), padded to a multiple of `B` with `u64::MAX`.
     keys: Vec<u64>,
     n: usize,
-    /// Upper levels, top first: level `l` holds the last key of each node of level `l + 1`.
+    /// Upper levels, top first: entry `i` of a level is the largest key under its child `i`.
     levels: Vec<Vec<u64>>,
+    /// Number of nodes in the level below each upper level.
+    children: Vec<usize>,
 }
 
 const B: usize = 16;
@@ -115,30 +117,37 @@ impl EndSearch {
         let mut keys: Vec<u64> = ends.collect();
         let n = keys.len();
         pad(&mut keys);
-        let mut levels = Vec::new();
-        let mut below = &keys;
-        let mut built: Vec<Vec<u64>> = Vec::new();
-        while below.len() > B {
+        let mut levels: Vec<Vec<u64>> = Vec::new();
+        let mut children = Vec::new();
+        loop {
+            let below = levels.last().unwrap_or(&keys);
+            if below.len() <= B {
+                break;
+            }
             let mut up: Vec<u64> = below.chunks(B).map(|c| c[B - 1]).collect();
+            children.push(up.len());
             pad(&mut up);
-            built.push(up);
-            below = built.last().unwrap_or(&keys);
+            levels.push(up);
         }
-        while let Some(l) = built.pop() {
-            levels.push(l);
+        levels.reverse();
+        children.reverse();
+        EndSearch {
+            keys,
+            n,
+            levels,
+            children,
         }
-        EndSearch { keys, n, levels }
     }
 
     /// Index of the first key greater than `x` (`n` if none).
     #[inline]
     fn first_greater(&self, x: u64) -> usize {
         let mut node = 0usize;
-        for level in &self.levels {
-            node = node * B + rank(&level[node * B..node * B + B], x);
+        for (level, &nodes) in self.levels.iter().zip(&self.children) {
+            // Past the largest key every rank saturates: stay on the last real node.
+            node = (node * B + rank(&level[node * B..node * B + B], x)).min(nodes - 1);
         }
-        let i = node * B + rank(&self.keys[node * B..node * B + B], x);
-        i.min(self.n)
+        (node * B + rank(&self.keys[node * B..node * B + B], x)).min(self.n)
     }
 }
 
@@ -154,7 +163,7 @@ fn rank(node: &[u64], x: u64) -> usize {
     for &k in &node[..B] {
         c += (k <= x) as usize;
     }
-    c.min(B - 1)
+    c
 }
 
 /// Merges `top` over `bottom` (each sorted, non-overlapping): the result holds all of `top`
@@ -249,7 +258,10 @@ mod tests {
         for n in [0usize, 1, 15, 16, 17, 255, 256, 257, 4097, 70_000] {
             let segs: Vec<Segment> = (0..n).map(|i| seg(i as u64 * 10, 5, 8)).collect();
             let idx = SegmentIndex::new(segs.clone());
-            for x in (0..n as u64 * 10 + 20).step_by(3) {
+            for x in (0..n as u64 * 10 + 20)
+                .step_by(3)
+                .chain([u64::MAX - 1, u64::MAX])
+            {
                 let want = segs.partition_point(|s| s.end() <= x);
                 assert_eq!(idx.first_ending_after(x), want, "n={n} x={x}");
             }

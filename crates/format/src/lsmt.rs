@@ -412,7 +412,7 @@ mod tests {
 
     #[test]
     fn segment_roundtrip_and_spec_example() {
-        let raw = [0, 0, 0, 0, 0, 0, 0x40, 0x81, 0x08, 0, 0, 0, 0, 0, 0, 0];
+        let raw = [0, 0, 0, 0, 0, 0, 0, 0x84, 0x08, 0, 0, 0, 0, 0, 0, 0];
         let s = Segment::decode(&raw).unwrap();
         assert_eq!(
             (s.offset, s.length, s.moffset, s.zeroed, s.tag),
