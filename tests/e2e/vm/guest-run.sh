@@ -46,7 +46,7 @@ while (($#)); do
         --mem) mem=${2:?}; shift ;;
         --cpus) cpus=${2:?}; shift ;;
         --env) envs+=("${2:?}"); shift ;;
-        --append) append=${2:?}; shift ;;
+        --append) append=${2?}; shift ;;
         --keep) keep=1 ;;
         -v | --verbose) verbose=1 ;;
         -h | --help) usage ;;
@@ -82,9 +82,15 @@ run=$(mktemp -d "$cache/runs/run.XXXXXX")
 ctl=$run/ctl
 mkdir "$ctl"
 pids=()
+qpid=
 # shellcheck disable=SC2317 # invoked by the EXIT trap
 cleanup() {
     local p
+    # If we are interrupted, stop QEMU too (timeout(1) passes the signal on to it).
+    if [[ -n $qpid ]] && kill -0 "$qpid" 2>/dev/null; then
+        kill "$qpid" 2>/dev/null || true
+        wait "$qpid" 2>/dev/null || true
+    fi
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     if ((keep)); then
         echo "guest-run.sh: run directory kept: $run" >&2
@@ -154,6 +160,7 @@ pids+=($!)
 
 qrc=0
 wait "$qpid" || qrc=$?
+qpid=
 t1=$(date +%s.%N)
 wait "${pids[@]}" 2>/dev/null || true
 pids=()
