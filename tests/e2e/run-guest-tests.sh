@@ -22,6 +22,15 @@ case ${1:-} in
         ;;
 esac
 
+# The guest mounts fresh tmpfs over these, so a checkout below them is invisible there.
+case $repo/ in
+    /tmp/* | /var/tmp/* | /run/*)
+        echo "run-guest-tests.sh: the checkout ($repo) is under /tmp, /var/tmp or /run, which the test guest" \
+            "replaces with empty tmpfs; use a checkout elsewhere" >&2
+        exit 2
+        ;;
+esac
+
 shopt -s nullglob
 LC_COLLATE=C
 tests=()

@@ -4,14 +4,14 @@
 # order), and prints one result line per test:
 #   ok NAME
 #   FAIL NAME (exit N)
-# Each test gets at most $OVBD_GUEST_TEST_TIMEOUT seconds (default 900; a timeout shows as exit 124).
+# Each test gets at most $OVBD_GUEST_TEST_TIMEOUT seconds (default 600; a timeout shows as exit 124).
 # Exits 1 if any test failed, 0 otherwise.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../../.." && pwd)
 export OVBD_REPO=$repo
-per_test_timeout=${OVBD_GUEST_TEST_TIMEOUT:-900}
+per_test_timeout=${OVBD_GUEST_TEST_TIMEOUT:-600}
 
 passed=0
 failed=0

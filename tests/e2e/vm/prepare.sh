@@ -166,6 +166,7 @@ fetch_kernel() {
         die "$pkg has no ublk_drv module"
     rm -rf "$dest"
     mv "$tmp" "$dest"
+    rm -f "$deb" # 100+ MB; --refresh downloads again anyway
     printf 'KPKG=%q\nKVER=%q\n' "$pkg" "$kver" >"$cache/kernel.env"
     say "kernel $kver cached in $dest"
 }
