@@ -1,0 +1,243 @@
+//! The `ovbd` command line on the upstream vectors.
+
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const HELLO_BLOB: &str =
+    "hello-world-oci/blobs/sha256/022231c3f1af70e0cc42f0c3781eabf174cff608210585bf93fc83e16d33672d";
+
+fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(rel)
+}
+
+fn ovbd(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ovbd"))
+        .args(args)
+        .output()
+        .expect("run ovbd")
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = ovbd(args);
+    assert!(
+        o.status.success(),
+        "ovbd {args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn sha256_file(p: &Path) -> String {
+    Sha256::digest(std::fs::read(p).unwrap())
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Runs e2fsck read-only; returns its exit code and the lines that are not routine progress.
+fn e2fsck_findings(img: &Path) -> (i32, Vec<String>) {
+    let o = Command::new("e2fsck")
+        .args(["-fn", s(img)])
+        .output()
+        .expect("e2fsck (e2fsprogs) must be installed");
+    let text =
+        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    let routine = |l: &str| {
+        l.trim().is_empty()
+            || l.starts_with("e2fsck ")
+            || l.starts_with("Pass ")
+            || l.contains(" files (")
+            || l.contains("WARNING: Filesystem still has errors")
+    };
+    let findings = text
+        .lines()
+        .filter(|l| !routine(l))
+        .map(str::to_string)
+        .collect();
+    (o.status.code().unwrap_or(-1), findings)
+}
+
+#[test]
+fn hello_world_decompress_compress_is_byte_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let lsmt = dir.path().join("hello.lsmt");
+    let blob = dir.path().join("hello.blob");
+    ok(&["layer", "decompress", s(&fixture(HELLO_BLOB)), s(&lsmt)]);
+    assert_eq!(
+        sha256_file(&lsmt),
+        "39195424aa10572fe002262190877b4306a66be9c62c8f1594141b01dc79c2ea"
+    );
+    ok(&["layer", "compress", s(&lsmt), s(&blob)]);
+    assert_eq!(
+        sha256_file(&blob),
+        "022231c3f1af70e0cc42f0c3781eabf174cff608210585bf93fc83e16d33672d"
+    );
+    // Other codecs and block sizes round-trip through decompress.
+    for (algo, bs, tar) in [("zstd", "65536", true), ("lz4", "16384", false)] {
+        let out = dir.path().join(format!("{algo}-{bs}"));
+        let back = dir.path().join(format!("{algo}-{bs}.lsmt"));
+        let mut args = vec![
+            "layer",
+            "compress",
+            s(&lsmt),
+            s(&out),
+            "--algo",
+            algo,
+            "--block-size",
+            bs,
+        ];
+        if !tar {
+            args.push("--no-tar");
+        }
+        ok(&args);
+        let info: serde_json::Value =
+            serde_json::from_str(&ok(&["layer", "inspect", "--json", s(&out)])).unwrap();
+        assert_eq!(info["zfile"]["algorithm"], algo);
+        assert_eq!(info["wrapper"], if tar { "pax" } else { "none" });
+        ok(&["layer", "decompress", s(&out), s(&back)]);
+        assert_eq!(sha256_file(&back), sha256_file(&lsmt));
+    }
+}
+
+#[test]
+fn hello_world_inspect_reports_the_layer() {
+    let v: serde_json::Value = serde_json::from_str(&ok(&[
+        "layer",
+        "inspect",
+        "--json",
+        s(&fixture(HELLO_BLOB)),
+    ]))
+    .unwrap();
+    assert_eq!(v["wrapper"], "pax");
+    assert_eq!(v["zfile"]["blocks"], 17463);
+    assert_eq!(v["zfile"]["blocks_crc_checked"], 17463);
+    assert_eq!(v["lsmt"]["uuid"], "01BB4FCE-3EB1-B56B-05AD-F99504DAFD31");
+    assert_eq!(v["lsmt"]["index_entries"], 768);
+    assert_eq!(v["lsmt"]["valid_entries"], 515);
+    assert_eq!(v["lsmt"]["padding_entries"], 253);
+    assert_eq!(v["lsmt"]["virtual_size"], 68719476736u64);
+}
+
+#[test]
+fn hello_world_export_has_hello_and_only_upstreams_fsck_complaint() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    ok(&["image", "export", s(&fixture(HELLO_BLOB)), s(&img)]);
+    assert_eq!(std::fs::metadata(&img).unwrap().len(), 64 << 30);
+    let out = Command::new("debugfs")
+        .args(["-R", "cat /hello", s(&img)])
+        .output()
+        .expect("debugfs");
+    let sum: String = Sha256::digest(&out.stdout)
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect();
+    assert_eq!(
+        sum,
+        "d3f7d10e296e5c626ea78539cb38cd8dffd043bea3627da35ce3b20c0ac68014"
+    );
+    let (code, findings) = e2fsck_findings(&img);
+    // The image as upstream made it has exactly this one problem (vectors README).
+    assert_eq!(code, 4, "{findings:?}");
+    assert_eq!(
+        findings,
+        vec![
+            "Problem in HTREE directory inode 11: block #2 not referenced",
+            "Invalid HTREE directory inode 11 (/lost+found).  Clear HTree index? no",
+        ],
+    );
+}
+
+#[test]
+fn ext4_64_exports_fsck_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let st = Command::new("tar")
+        .args(["xzf", s(&fixture("ext4_64.tar.gz")), "-C", s(dir.path())])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let base = dir.path().join("ext4_64");
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&["layer", "inspect", "--json", s(&base)])).unwrap();
+    assert_eq!(v["wrapper"], "none");
+    assert_eq!(v["lsmt"]["index_entries"], 8448);
+    assert_eq!(v["lsmt"]["valid_entries"], 8323);
+    assert_eq!(v["lsmt"]["zeroed_entries"], 8209);
+    let img = dir.path().join("base.img");
+    ok(&["image", "export", s(&base), s(&img)]);
+    let (code, findings) = e2fsck_findings(&img);
+    assert_eq!((code, findings), (0, vec![]));
+}
+
+#[test]
+fn writable_layer_commit_via_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, index) = (
+        dir.path().join("writable_data"),
+        dir.path().join("writable_index"),
+    );
+    ok(&["layer", "create", s(&data), s(&index), "--vsize-gb", "1"]);
+    // Fill the layer through the library the way a device would, then commit via the CLI.
+    {
+        let rw = ovbd_format::RwLayer::open(&data, &index).unwrap();
+        rw.write(&vec![0xabu8; 1 << 20], 4096).unwrap();
+        rw.discard(8192, 4096).unwrap();
+        rw.flush().unwrap();
+    }
+    let out = dir.path().join("layer.commit");
+    ok(&[
+        "layer",
+        "commit",
+        s(&data),
+        s(&index),
+        s(&out),
+        "--uuid",
+        "01bb4fce-3eb1-b56b-05ad-f99504dafd31",
+    ]);
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&["layer", "inspect", "--json", s(&out)])).unwrap();
+    assert_eq!(v["lsmt"]["uuid"], "01BB4FCE-3EB1-B56B-05AD-F99504DAFD31");
+    assert_eq!(v["lsmt"]["zeroed_entries"], 1);
+    assert_eq!(v["lsmt"]["data_bytes"], (1 << 20) - 4096);
+    assert_eq!(v["lsmt"]["index_entries"], 256);
+    let blob = dir.path().join("layer.blob");
+    ok(&["layer", "commit", "-z", s(&data), s(&index), s(&blob)]);
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&["layer", "inspect", "--json", s(&blob)])).unwrap();
+    assert_eq!(v["wrapper"], "pax");
+    assert_eq!(v["lsmt"]["data_bytes"], (1 << 20) - 4096);
+    ok(&["layer", "seal", s(&data), s(&index)]);
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&["layer", "inspect", "--json", s(&data)])).unwrap();
+    assert_eq!(v["lsmt"]["header_flags"], 3);
+    assert_eq!(v["lsmt"]["trailer_flags"], 6);
+}
+
+#[test]
+fn bad_input_fails_with_file_and_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let blob = std::fs::read(fixture(HELLO_BLOB)).unwrap();
+    let cut = dir.path().join("truncated.blob");
+    std::fs::write(&cut, &blob[..300_000]).unwrap();
+    let o = ovbd(&["layer", "inspect", s(&cut)]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("truncated.blob") && err.contains("offset"),
+        "{err}"
+    );
+    let out = dir.path().join("never");
+    let o = ovbd(&["layer", "decompress", s(&cut), s(&out)]);
+    assert!(!o.status.success());
+    assert!(
+        !out.exists(),
+        "a failed command must not leave output behind"
+    );
+}
