@@ -159,7 +159,7 @@ fn with_tmp<T>(out: &Path, f: impl FnOnce(&mut File) -> Result<T>) -> Result<T> 
 }
 
 pub fn decompress(blob: &Path, out: &Path) -> Result<()> {
-    let (_, _, raw) = unwrap(Arc::new(FileSource::open(blob)?))?;
+    let raw = unwrap(Arc::new(FileSource::open(blob)?))?.lsmt;
     // Validate it is a whole LSMT before writing anything.
     LsmtFile::open(raw.clone())?;
     with_tmp(out, |f| {

@@ -98,19 +98,25 @@ impl SegmentIndex {
 }
 
 /// Static search tree over the segment ends: a B-tree of 16-key nodes laid out level by level,
-/// so a lookup touches one or two cache lines per level instead of one per binary-search step.
+/// so a lookup touches two cache lines per level instead of one per binary-search step. Nodes
+/// are ranked with AVX2 where the CPU has it; elsewhere a branch-free binary search over the
+/// dense keys is used.
 #[derive(Clone, Debug, Default)]
 struct EndSearch {
-    /// Sorted keys (segment ends), padded to a multiple of `B` with `u64::MAX`.
+    /// Sorted keys (segment ends), padded to a multiple of `B` with `PAD`.
     keys: Vec<u64>,
     n: usize,
     /// Upper levels, top first: entry `i` of a level is the largest key under its child `i`.
     levels: Vec<Vec<u64>>,
     /// Number of nodes in the level below each upper level.
     children: Vec<usize>,
+    avx2: bool,
 }
 
 const B: usize = 16;
+/// Padding key: larger than any sector number (< 2^51) and positive as an i64, so the signed
+/// 64-bit SIMD compare orders it correctly.
+const PAD: u64 = i64::MAX as u64;
 
 impl EndSearch {
     fn new(ends: impl Iterator<Item = u64>) -> Self {
@@ -131,39 +137,68 @@ impl EndSearch {
         }
         levels.reverse();
         children.reverse();
+        #[cfg(target_arch = "x86_64")]
+        let avx2 = std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("popcnt");
+        #[cfg(not(target_arch = "x86_64"))]
+        let avx2 = false;
         EndSearch {
             keys,
             n,
             levels,
             children,
+            avx2,
         }
     }
 
     /// Index of the first key greater than `x` (`n` if none).
     #[inline]
     fn first_greater(&self, x: u64) -> usize {
+        if x >= PAD {
+            return self.n;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if self.avx2 {
+            // SAFETY: the CPU supports AVX2 and POPCNT (checked at construction).
+            return unsafe { self.first_greater_avx2(x) };
+        }
+        self.keys[..self.n].partition_point(|&k| k <= x)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,popcnt")]
+    unsafe fn first_greater_avx2(&self, x: u64) -> usize {
+        use std::arch::x86_64::*;
+        let xv = _mm256_set1_epi64x(x as i64);
+        // Keys <= x in the 16-key node at `p`.
+        let rank = |p: &[u64]| -> usize {
+            debug_assert!(p.len() >= B);
+            let p = p.as_ptr() as *const __m256i;
+            // SAFETY: `p` points at B = 16 readable u64s (4 x 256 bits).
+            let (a, b, c, d) = unsafe {
+                (
+                    _mm256_loadu_si256(p),
+                    _mm256_loadu_si256(p.add(1)),
+                    _mm256_loadu_si256(p.add(2)),
+                    _mm256_loadu_si256(p.add(3)),
+                )
+            };
+            let gt = |v| _mm256_movemask_pd(_mm256_castsi256_pd(_mm256_cmpgt_epi64(v, xv))) as u32;
+            let m = gt(a) | gt(b) << 4 | gt(c) << 8 | gt(d) << 12;
+            B - m.count_ones() as usize
+        };
         let mut node = 0usize;
         for (level, &nodes) in self.levels.iter().zip(&self.children) {
             // Past the largest key every rank saturates: stay on the last real node.
-            node = (node * B + rank(&level[node * B..node * B + B], x)).min(nodes - 1);
+            node = (node * B + rank(&level[node * B..node * B + B])).min(nodes - 1);
         }
-        (node * B + rank(&self.keys[node * B..node * B + B], x)).min(self.n)
+        (node * B + rank(&self.keys[node * B..node * B + B])).min(self.n)
     }
 }
 
 fn pad(v: &mut Vec<u64>) {
     let r = v.len().div_ceil(B).max(1) * B;
-    v.resize(r, u64::MAX);
-}
-
-/// Number of keys `<= x` in a sorted node: branch-free so the compiler vectorises it.
-#[inline(always)]
-fn rank(node: &[u64], x: u64) -> usize {
-    let mut c = 0usize;
-    for &k in &node[..B] {
-        c += (k <= x) as usize;
-    }
-    c
+    v.resize(r, PAD);
 }
 
 /// Merges `top` over `bottom` (each sorted, non-overlapping): the result holds all of `top`
@@ -258,12 +293,18 @@ mod tests {
         for n in [0usize, 1, 15, 16, 17, 255, 256, 257, 4097, 70_000] {
             let segs: Vec<Segment> = (0..n).map(|i| seg(i as u64 * 10, 5, 8)).collect();
             let idx = SegmentIndex::new(segs.clone());
+            let scalar = {
+                let mut i = idx.clone();
+                i.search.avx2 = false;
+                i
+            };
             for x in (0..n as u64 * 10 + 20)
                 .step_by(3)
                 .chain([u64::MAX - 1, u64::MAX])
             {
                 let want = segs.partition_point(|s| s.end() <= x);
                 assert_eq!(idx.first_ending_after(x), want, "n={n} x={x}");
+                assert_eq!(scalar.first_ending_after(x), want, "scalar n={n} x={x}");
             }
         }
     }

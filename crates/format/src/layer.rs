@@ -43,11 +43,16 @@ impl OpenedLayer {
     }
 }
 
-/// Strips the tar wrapper and ZFile compression: returns the wrapper, the ZFile reader if any,
-/// and the source of the raw LSMT bytes.
-pub fn unwrap(
-    src: Arc<dyn ReadAt>,
-) -> Result<(Wrapper, Option<Arc<ZFileReader>>, Arc<dyn ReadAt>)> {
+/// A blob with its tar wrapper and ZFile compression peeled off.
+pub struct Unwrapped {
+    pub wrapper: Wrapper,
+    pub zfile: Option<Arc<ZFileReader>>,
+    /// The raw LSMT bytes.
+    pub lsmt: Arc<dyn ReadAt>,
+}
+
+/// Strips the tar wrapper and ZFile compression.
+pub fn unwrap(src: Arc<dyn ReadAt>) -> Result<Unwrapped> {
     let wrapper = detect(&*src)?;
     let payload: Arc<dyn ReadAt> = if wrapper.kind == WrapperKind::None {
         src
@@ -63,11 +68,18 @@ pub fn unwrap(
     read_exact_at(&*payload, &mut head[..n], 0)?;
     if ZFileHeader::is_zfile_header(&head[..n]) {
         let z = Arc::new(ZFileReader::open(payload)?);
-        let raw: Arc<dyn ReadAt> = z.clone();
-        return Ok((wrapper, Some(z), raw));
+        return Ok(Unwrapped {
+            wrapper,
+            zfile: Some(z.clone()),
+            lsmt: z,
+        });
     }
     if sniff(&head[..n]) == Some(Sniffed::Lsmt) {
-        return Ok((wrapper, None, payload));
+        return Ok(Unwrapped {
+            wrapper,
+            zfile: None,
+            lsmt: payload,
+        });
     }
     Err(Error::corrupt(
         payload.name(),
@@ -78,11 +90,11 @@ pub fn unwrap(
 
 /// Opens a layer blob from any source.
 pub fn open_layer(src: Arc<dyn ReadAt>) -> Result<OpenedLayer> {
-    let (wrapper, zfile, raw) = unwrap(src)?;
-    let lsmt = LsmtFile::open(raw)?;
+    let u = unwrap(src)?;
+    let lsmt = LsmtFile::open(u.lsmt)?;
     Ok(OpenedLayer {
-        wrapper,
-        zfile,
+        wrapper: u.wrapper,
+        zfile: u.zfile,
         lsmt,
     })
 }
@@ -138,5 +150,7 @@ pub fn write_blob(lsmt: &dyn ReadAt, out: &mut std::fs::File, opts: BlobOptions)
             .map_err(|e| Error::io(oname, 0, e))?;
     }
     out.set_len(total).map_err(|e| Error::io(oname, total, e))?;
+    // Leave the position at the end, like any writer.
+    out.seek(SeekFrom::Start(total)).map_err(|e| Error::io(oname, total, e))?;
     Ok(total)
 }

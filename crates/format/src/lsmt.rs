@@ -198,6 +198,21 @@ impl LsmtHeader {
     }
 }
 
+/// Checks a block-device request: 512-aligned and inside the virtual disk.
+pub fn check_io(offset: u64, len: u64, virtual_size: u64) -> Result<()> {
+    if !offset.is_multiple_of(SECTOR) || !len.is_multiple_of(SECTOR) {
+        return Err(Error::InvalidArgument(format!(
+            "unaligned I/O: offset {offset} length {len}"
+        )));
+    }
+    if offset.checked_add(len).is_none_or(|e| e > virtual_size) {
+        return Err(Error::InvalidArgument(format!(
+            "I/O [{offset}, +{len}) beyond the virtual size {virtual_size}"
+        )));
+    }
+    Ok(())
+}
+
 /// Formats 16 bytes as upper-case 8-4-4-4-12 UUID text, as Photon writes it.
 pub fn uuid_text(bytes: &[u8; 16]) -> String {
     let h: String = bytes.iter().map(|b| format!("{b:02X}")).collect();

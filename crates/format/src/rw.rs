@@ -307,24 +307,10 @@ impl RwLayer {
         self.lock().index.segments()
     }
 
-    fn check_range(&self, offset: u64, len: u64, vsize: u64) -> Result<()> {
-        if offset % SECTOR != 0 || len % SECTOR != 0 {
-            return Err(Error::InvalidArgument(format!(
-                "unaligned I/O: offset {offset} length {len}"
-            )));
-        }
-        if offset.checked_add(len).is_none_or(|e| e > vsize) {
-            return Err(Error::InvalidArgument(format!(
-                "I/O [{offset}, +{len}) beyond the virtual size {vsize}"
-            )));
-        }
-        Ok(())
-    }
-
     /// Writes `buf` at byte `offset` (512-aligned).
     pub fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
         let mut st = self.lock();
-        self.check_range(offset, buf.len() as u64, st.header.virtual_size)?;
+        crate::lsmt::check_io(offset, buf.len() as u64, st.header.virtual_size)?;
         for (i, chunk) in buf.chunks(MAX_IO_SIZE as usize).enumerate() {
             let off = offset + i as u64 * MAX_IO_SIZE;
             let sectors = chunk.len() as u64 / SECTOR;
@@ -367,7 +353,7 @@ impl RwLayer {
     /// sparse mode punches a hole (the range becomes unmapped in this layer).
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
         let mut st = self.lock();
-        self.check_range(offset, len, st.header.virtual_size)?;
+        crate::lsmt::check_io(offset, len, st.header.virtual_size)?;
         let (start, end) = (offset / SECTOR, (offset + len) / SECTOR);
         match self.mode {
             RwMode::Append => {

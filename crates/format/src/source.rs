@@ -43,10 +43,24 @@ pub fn read_exact_at(src: &dyn ReadAt, buf: &mut [u8], offset: u64) -> Result<()
             }
             Ok(n) => done += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(Error::io(src.name(), pos, e)),
+            Err(e) => return Err(from_read_error(src.name(), pos, e)),
         }
     }
     Ok(())
+}
+
+/// A source that is itself a format reader (a ZFile under an LSMT) reports corruption as an
+/// `io::Error` wrapping one of ours: hand that typed error on, not an I/O error around it.
+fn from_read_error(name: &str, pos: u64, e: io::Error) -> Error {
+    if e.get_ref().is_some_and(|inner| inner.is::<Error>()) {
+        let kind = e.kind();
+        return match e.into_inner().map(|inner| inner.downcast::<Error>()) {
+            Some(Ok(typed)) => *typed,
+            Some(Err(other)) => Error::io(name, pos, io::Error::new(kind, other)),
+            None => Error::io(name, pos, io::Error::from(kind)),
+        };
+    }
+    Error::io(name, pos, e)
 }
 
 /// A local file.

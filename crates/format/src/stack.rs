@@ -162,26 +162,8 @@ impl ImageStack {
         self.upper
     }
 
-    fn check(&self, offset: u64, len: u64) -> Result<()> {
-        if offset % SECTOR != 0 || len % SECTOR != 0 {
-            return Err(Error::InvalidArgument(format!(
-                "unaligned I/O: offset {offset} length {len}"
-            )));
-        }
-        if offset
-            .checked_add(len)
-            .is_none_or(|e| e > self.virtual_size)
-        {
-            return Err(Error::InvalidArgument(format!(
-                "I/O [{offset}, +{len}) beyond the virtual size {}",
-                self.virtual_size
-            )));
-        }
-        Ok(())
-    }
-
     pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.check(offset, buf.len() as u64)?;
+        crate::lsmt::check_io(offset, buf.len() as u64, self.virtual_size)?;
         let Some(upper) = &self.upper else {
             return self.read_lower(buf, offset);
         };
@@ -216,19 +198,19 @@ impl ImageStack {
     }
 
     pub fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.check(offset, buf.len() as u64)?;
+        crate::lsmt::check_io(offset, buf.len() as u64, self.virtual_size)?;
         self.upper_or_err()?.write(buf, offset)
     }
 
     /// DISCARD: the range may read as anything afterwards (zeros in append mode).
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.check(offset, len)?;
+        crate::lsmt::check_io(offset, len, self.virtual_size)?;
         self.upper_or_err()?.discard(offset, len)
     }
 
     /// WRITE_ZEROES: the range must read as zeros afterwards.
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        self.check(offset, len)?;
+        crate::lsmt::check_io(offset, len, self.virtual_size)?;
         let upper = self.upper_or_err()?;
         match upper.mode() {
             crate::rw::RwMode::Append => upper.discard(offset, len),

@@ -297,8 +297,8 @@ proptest! {
                 let opts = BlobOptions { zfile: Some(ZFileOptions { algorithm, block_size }), tar };
                 write_blob(&MemSource::new(data.clone(), "in"), &mut f, opts).unwrap();
                 let blob = std::fs::read(&path).unwrap();
-                let (_, z, raw) = unwrap(Arc::new(MemSource::new(blob, "blob"))).unwrap();
-                let z = z.unwrap();
+                let u = unwrap(Arc::new(MemSource::new(blob, "blob"))).unwrap();
+                let (z, raw) = (u.zfile.unwrap(), u.lsmt);
                 prop_assert_eq!(z.algorithm(), algorithm);
                 prop_assert_eq!(z.info.block_size, block_size);
                 prop_assert_eq!(raw.size(), len as u64);
