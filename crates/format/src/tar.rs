@@ -140,7 +140,7 @@ pub fn detect(src: &dyn ReadAt) -> Result<Wrapper> {
             return Err(Error::corrupt(
                 name,
                 header_at,
-                "tar ends after its PAX header",
+                "tar ends after its PAX header (truncated?)",
             ));
         }
         read_exact_at(src, &mut h, header_at)?;
