@@ -255,7 +255,7 @@ impl ZFileReader {
             return Err(bad(
                 40,
                 format!(
-                    "jump table ({} entries at {}) does not fit before the trailer at {toff}",
+                    "jump table ({} entries at {}) does not fit before the trailer at {toff} (truncated?)",
                     info.index_size, info.index_offset
                 ),
             ));
