@@ -188,6 +188,18 @@ impl RwLayer {
         if dheader.is_sealed() {
             return Err(Error::corrupt(&dname, 28, "RW data file is already sealed"));
         }
+        // Index entries address 50-bit sectors; a larger disk cannot be mapped (and would
+        // overflow the sparse scan's end and the seal's index position).
+        if dheader.virtual_size > crate::lsmt::MAX_OFFSET * SECTOR {
+            return Err(Error::corrupt(
+                &dname,
+                48,
+                format!(
+                    "virtual size {} is beyond what an LSMT index can address",
+                    dheader.virtual_size
+                ),
+            ));
+        }
         let dsize = data.metadata().map_err(|e| Error::io(&dname, 0, e))?.len();
         let mode = if dheader.is_sparse() {
             RwMode::Sparse
