@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs what building and testing ovbd needs on a fresh Debian bookworm machine.
+# Idempotent: only missing packages are installed. Run as root (or with sudo available).
+set -euo pipefail
+
+packages=(
+    protobuf-compiler # protoc: containerd-snapshots' gRPC build
+    libclang-dev      # libclang: libublk's bindgen
+    clang
+    e2fsprogs         # mkfs.ext4, e2fsck, debugfs: tests check the filesystems in images
+    qemu-system-x86   # the test guest (this kernel has no ublk)
+    busybox-static    # the test guest's initramfs
+    kmod cpio xz-utils
+    fio               # device benchmarks in the guest
+)
+
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+
+if ((${#missing[@]})); then
+    sudo=()
+    ((EUID == 0)) || sudo=(sudo)
+    echo "setup: installing ${missing[*]}"
+    "${sudo[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+command -v cargo >/dev/null || {
+    echo "setup: cargo not found; install a Rust toolchain (rustup) first" >&2
+    exit 1
+}
+rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt 2>/dev/null || true
+echo "setup: ok"

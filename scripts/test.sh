@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Runs every test: lint, the Rust unit/integration/property tests on the host, then the guest
+# tests (ublk, which this kernel may lack) in the QEMU test VM. Exits non-zero if anything fails.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "setup"
+scripts/setup.sh
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "cargo test (host)"
+cargo test --workspace
+
+step "guest tests (QEMU, backports kernel with ublk)"
+cargo build
+tests/e2e/run-guest-tests.sh
+
+echo
+echo "all tests passed"
