@@ -1,5 +1,8 @@
 //! `ovbd`: the command line. Parsing stays here; the work lives in the modules below.
 
+mod device;
+mod device_tool;
+mod image_config;
 mod layer_tool;
 
 use anyhow::Result;
@@ -25,6 +28,33 @@ enum Cmd {
     /// Whole images (stacks of layers).
     #[command(subcommand)]
     Image(ImageCmd),
+    /// Block devices (ublk) serving images.
+    #[command(subcommand)]
+    Device(DeviceCmd),
+}
+
+#[derive(Subcommand)]
+enum DeviceCmd {
+    /// Serve the image described by an overlaybd `config.v1.json` as /dev/ublkbN (printed).
+    Attach {
+        config: PathBuf,
+        /// Return once the device is up; a background process serves it.
+        #[arg(long)]
+        background: bool,
+        /// Device id (default: the kernel picks).
+        #[arg(long)]
+        id: Option<u32>,
+        /// Re-attach device --id whose server died (needs UBLK_F_USER_RECOVERY).
+        #[arg(long)]
+        recover: bool,
+    },
+    /// List devices attached by ovbd.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop and delete a device.
+    Detach { id: u32 },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -98,6 +128,7 @@ enum ImageCmd {
 }
 
 fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().filter_or("OVBD_LOG", "warn")).init();
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         eprintln!("ovbd: {e:#}");
@@ -153,6 +184,14 @@ fn run(cli: Cli) -> Result<()> {
             parent_uuid.as_deref(),
             compress.then(ZFileOptions::default),
         ),
+        Cmd::Device(DeviceCmd::Attach {
+            config,
+            background,
+            id,
+            recover,
+        }) => device_tool::attach(&config, background, id, recover),
+        Cmd::Device(DeviceCmd::List { json }) => device_tool::list(json),
+        Cmd::Device(DeviceCmd::Detach { id }) => device_tool::detach(id),
         Cmd::Image(ImageCmd::Export { mut paths }) => {
             let out = paths.pop().unwrap_or_default();
             layer_tool::export(&paths, &out)

@@ -1,0 +1,555 @@
+//! The ublk frontend: serves an [`ImageStack`] as `/dev/ublkbN`.
+//!
+//! One control thread per device runs libublk's `run_target`; its queue thread receives
+//! requests and hands each to a shared, elastic worker pool, so a slow read (a registry fetch,
+//! a cold disk) never stalls other tags or other devices. Workers wake the queue's io_uring
+//! through an eventfd whose READ is always armed in that ring.
+
+use anyhow::{anyhow, Context, Result};
+use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
+use libublk::helpers::IoBuf;
+use libublk::io::{UblkDev, UblkQueue};
+use libublk::uring_async::ublk_submit_sqe_async;
+use libublk::{sys, BufDesc, UblkError, UblkFlags, UblkUringData};
+use ovbd_format::ImageStack;
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::rc::Rc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// Largest request the kernel sends us (as upstream's ublk frontend).
+const IO_BUF_BYTES: u32 = 512 * 1024;
+const QUEUE_DEPTH: u16 = 64;
+/// Discard / write-zeroes limits advertised for writable devices (4 MiB).
+const MAX_DISCARD_SECTORS: u32 = 8192;
+
+#[derive(Clone, Debug, Default)]
+pub struct AttachOptions {
+    /// Device id to use (`None`: the kernel picks).
+    pub id: Option<u32>,
+    /// Re-attach a device whose server died (`UBLK_F_USER_RECOVERY`) instead of adding one.
+    pub recover: bool,
+}
+
+/// A device being served by this process.
+pub struct AttachedDevice {
+    pub id: u32,
+    /// Whether the device survives this process dying (and can be re-attached).
+    pub recoverable: bool,
+    thread: Option<JoinHandle<Result<()>>>,
+}
+
+impl AttachedDevice {
+    pub fn block_path(&self) -> String {
+        format!("/dev/ublkb{}", self.id)
+    }
+
+    /// Waits until the device stops (detached from elsewhere) and is deleted.
+    pub fn join(&mut self) -> Result<()> {
+        match self.thread.take() {
+            Some(t) => t
+                .join()
+                .map_err(|_| anyhow!("ublk device {} server thread panicked", self.id))?,
+            None => Ok(()),
+        }
+    }
+}
+
+/// Asks the driver to stop device `id`; its server then deletes it.
+pub fn stop_device(id: u32) -> Result<()> {
+    // A fresh control object: the control ring is per thread.
+    let ctrl = UblkCtrl::new_simple(id as i32).map_err(|e| anyhow!("ublk device {id}: {e}"))?;
+    ctrl.kill_dev()
+        .map_err(|e| anyhow!("stopping ublk device {id}: {e}"))?;
+    Ok(())
+}
+
+/// Deletes device `id` outright (its server is gone, e.g. killed while recoverable).
+pub fn delete_device(id: u32) -> Result<()> {
+    let ctrl = UblkCtrl::new_simple(id as i32).map_err(|e| anyhow!("ublk device {id}: {e}"))?;
+    let _ = ctrl.kill_dev();
+    ctrl.del_dev()
+        .map_err(|e| anyhow!("deleting ublk device {id}: {e}"))?;
+    Ok(())
+}
+
+/// Whether the kernel offers `UBLK_F_USER_RECOVERY`.
+pub fn recovery_supported() -> bool {
+    UblkCtrl::get_features().is_some_and(|f| f & sys::UBLK_F_USER_RECOVERY as u64 != 0)
+}
+
+/// Starts serving `image` as a ublk device; returns once `/dev/ublkbN` exists.
+pub fn attach(
+    image: Arc<ImageStack>,
+    pool: Arc<WorkerPool>,
+    opts: AttachOptions,
+) -> Result<AttachedDevice> {
+    let recoverable = recovery_supported();
+    let (tx, rx) = std::sync::mpsc::channel::<Result<u32>>();
+    let fail = tx.clone();
+    let thread = std::thread::Builder::new()
+        .name("ublk-ctrl".into())
+        .spawn(move || {
+            let r = serve(image, pool, opts, recoverable, tx);
+            if let Err(e) = &r {
+                let _ = fail.send(Err(anyhow!("{e:#}")));
+            }
+            r
+        })
+        .context("spawning the ublk control thread")?;
+    match rx.recv() {
+        Ok(Ok(id)) => Ok(AttachedDevice {
+            id,
+            recoverable,
+            thread: Some(thread),
+        }),
+        Ok(Err(e)) => {
+            let _ = thread.join();
+            Err(e)
+        }
+        Err(_) => Err(anyhow!(
+            "ublk control thread ended before the device started"
+        )),
+    }
+}
+
+/// The control thread: adds (or recovers) the device, runs it until stopped, deletes it.
+fn serve(
+    image: Arc<ImageStack>,
+    pool: Arc<WorkerPool>,
+    opts: AttachOptions,
+    recoverable: bool,
+    started: std::sync::mpsc::Sender<Result<u32>>,
+) -> Result<()> {
+    let writable = image.is_writable();
+    let mut ctrl_flags = 0u64;
+    if recoverable {
+        ctrl_flags |= sys::UBLK_F_USER_RECOVERY as u64;
+    }
+    let dev_flags = if opts.recover {
+        UblkFlags::UBLK_DEV_F_RECOVER_DEV
+    } else {
+        UblkFlags::UBLK_DEV_F_ADD_DEV
+    };
+    let ctrl = UblkCtrlBuilder::default()
+        .name("ovbd")
+        .id(opts.id.map(|i| i as i32).unwrap_or(-1))
+        .nr_queues(1)
+        .depth(QUEUE_DEPTH)
+        .io_buf_bytes(IO_BUF_BYTES)
+        .ctrl_flags(ctrl_flags)
+        .dev_flags(dev_flags)
+        .build()
+        .map_err(|e| anyhow!("creating the ublk device (is ublk_drv loaded?): {e}"))?;
+    if opts.recover {
+        ctrl.start_user_recover()
+            .map_err(|e| anyhow!("starting recovery of ublk device: {e}"))?;
+    }
+    let vsize = image.virtual_size();
+    let tgt_init = move |dev: &mut UblkDev| {
+        dev.set_default_params(vsize);
+        // One extra slot for the eventfd READ that wakes the queue.
+        dev.tgt.extra_ios = 1;
+        dev.tgt.sq_depth = QUEUE_DEPTH + 2;
+        dev.tgt.cq_depth = QUEUE_DEPTH + 2;
+        let p = &mut dev.tgt.params;
+        p.basic.logical_bs_shift = 9;
+        p.basic.physical_bs_shift = 12;
+        p.basic.io_opt_shift = 12;
+        p.basic.io_min_shift = 9;
+        if writable {
+            // Volatile cache: FLUSH requests arrive and become fdatasync of the upper files.
+            p.basic.attrs = sys::UBLK_ATTR_VOLATILE_CACHE;
+            p.types |= sys::UBLK_PARAM_TYPE_DISCARD;
+            p.discard.discard_alignment = 0;
+            p.discard.discard_granularity = 4096;
+            p.discard.max_discard_sectors = MAX_DISCARD_SECTORS;
+            p.discard.max_write_zeroes_sectors = MAX_DISCARD_SECTORS;
+            p.discard.max_discard_segments = 1;
+        } else {
+            p.basic.attrs = sys::UBLK_ATTR_READ_ONLY;
+        }
+        Ok(())
+    };
+    let q_image = image.clone();
+    let q_fn = move |qid: u16, dev: &UblkDev| queue_main(qid, dev, q_image, pool);
+    let on_started = move |c: &UblkCtrl| {
+        let _ = started.send(Ok(c.dev_info().dev_id));
+    };
+    let ran = ctrl.run_target(tgt_init, q_fn, on_started);
+    // run_target returns once the device is stopped; delete it so no /dev/ublkcN is left.
+    let deleted = ctrl.del_dev();
+    ran.map_err(|e| anyhow!("serving the ublk device: {e}"))?;
+    if let Err(e) = deleted {
+        // Already deleted by someone else is fine.
+        log::debug!("deleting ublk device: {e}");
+    }
+    image
+        .flush()
+        .context("flushing the writable layer after detach")?;
+    Ok(())
+}
+
+/// Pointer to a tag's I/O buffer handed to a worker. The tag's task awaits the worker's reply
+/// before it touches the buffer again, so the worker has it exclusively meanwhile.
+struct IoBufPtr(*mut u8, usize);
+// SAFETY: see above: exactly one side uses the buffer at a time.
+unsafe impl Send for IoBufPtr {}
+
+/// One queue thread: a task per tag plus the eventfd waker, on a local executor.
+fn queue_main(qid: u16, dev: &UblkDev, image: Arc<ImageStack>, pool: Arc<WorkerPool>) {
+    if let Err(e) = enter_private_mount_namespace() {
+        log::warn!("queue thread: cannot enter a private mount namespace: {e:#}");
+    }
+    let q = match UblkQueue::new(qid, dev) {
+        Ok(q) => Rc::new(q),
+        Err(e) => {
+            log::error!("ublk queue {qid}: {e}");
+            return;
+        }
+    };
+    // SAFETY: eventfd returns a new descriptor we own, or -1.
+    let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    if raw < 0 {
+        log::error!("eventfd: {}", std::io::Error::last_os_error());
+        return;
+    }
+    let kick = Arc::new(unsafe { OwnedFd::from_raw_fd(raw) });
+    let exe = Rc::new(smol::LocalExecutor::new());
+    let mut tasks = Vec::new();
+    for tag in q.tags() {
+        let (q, image, pool, kick) = (q.clone(), image.clone(), pool.clone(), kick.clone());
+        tasks.push(exe.spawn(async move {
+            match io_task(&q, tag, image, pool, kick).await {
+                Ok(()) | Err(UblkError::QueueIsDown) => {}
+                Err(e) => log::error!("ublk tag {tag}: {e}"),
+            }
+        }));
+    }
+    let waker_fd = kick.clone();
+    exe.spawn(async move {
+        // Keep a READ of the eventfd armed in this ring: a worker's write completes it, which
+        // wakes the ring so the tasks those workers woke get polled.
+        let mut counter = [0u8; 8];
+        loop {
+            let sqe = io_uring::opcode::Read::new(
+                io_uring::types::Fd(waker_fd.as_raw_fd()),
+                counter.as_mut_ptr(),
+                8,
+            )
+            .build();
+            if ublk_submit_sqe_async(sqe, UblkUringData::Target as u64)
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    })
+    .detach();
+    let run = exe.clone();
+    smol::block_on(run.run(async {
+        let run_ops = || while exe.try_tick() {};
+        let done = || tasks.iter().all(|t| t.is_finished());
+        if let Err(e) = libublk::wait_and_handle_io_events(&q, Some(20), run_ops, done).await {
+            log::error!("ublk queue {qid}: {e}");
+        }
+    }));
+}
+
+async fn io_task(
+    q: &UblkQueue<'_>,
+    tag: u16,
+    image: Arc<ImageStack>,
+    pool: Arc<WorkerPool>,
+    kick: Arc<OwnedFd>,
+) -> Result<(), UblkError> {
+    let mut buf = IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize);
+    q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf))
+        .await?;
+    let (reply_tx, reply_rx) = smol::channel::bounded::<i32>(1);
+    loop {
+        let iod = q.get_iod(tag);
+        let op = iod.op_flags & 0xff;
+        let offset = iod.start_sector << 9;
+        let len = ((iod.nr_sectors as usize) << 9).min(buf.len());
+        let ptr = IoBufPtr(buf.as_mut_slice().as_mut_ptr(), len);
+        let (image, tx, kick) = (image.clone(), reply_tx.clone(), kick.clone());
+        pool.submit(Box::new(move || {
+            let ptr = ptr;
+            // SAFETY: the tag's task waits for this reply before using the buffer again.
+            let data = unsafe { std::slice::from_raw_parts_mut(ptr.0, ptr.1) };
+            let res = handle_request(&image, op, offset, data);
+            let _ = tx.try_send(res);
+            let one = 1u64.to_ne_bytes();
+            // SAFETY: writing 8 bytes to our eventfd.
+            unsafe { libc::write(kick.as_raw_fd(), one.as_ptr().cast(), 8) };
+        }));
+        let res = reply_rx.recv().await.unwrap_or(-libc::EIO);
+        q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res)
+            .await?;
+    }
+}
+
+/// Serves one block request against the image: the byte count on success, `-errno` on failure.
+pub fn handle_request(image: &ImageStack, op: u32, offset: u64, buf: &mut [u8]) -> i32 {
+    let len = buf.len() as u64;
+    let r = match op {
+        // FLUSH carries no range (its start sector is u64::MAX on 6.12): handle it first.
+        sys::UBLK_IO_OP_FLUSH => image.flush().map(|_| 0),
+        sys::UBLK_IO_OP_READ => image.read(buf, offset).map(|_| len as i32),
+        sys::UBLK_IO_OP_WRITE => image.write(buf, offset).map(|_| len as i32),
+        sys::UBLK_IO_OP_DISCARD => image.discard(offset, len).map(|_| 0),
+        sys::UBLK_IO_OP_WRITE_ZEROES => image.write_zeroes(offset, len).map(|_| 0),
+        _ => return -libc::EOPNOTSUPP,
+    };
+    match r {
+        Ok(n) => n,
+        Err(e) => {
+            log::warn!("ublk op {op} at {offset} (+{len}): {e}");
+            -e.errno()
+        }
+    }
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Threads that run blocking requests. It grows when every worker is busy (so one stuck read
+/// never holds up another request) and shrinks back when idle.
+pub struct WorkerPool {
+    state: Mutex<PoolState>,
+    cv: Condvar,
+    min: usize,
+    max: usize,
+}
+
+struct PoolState {
+    jobs: VecDeque<Job>,
+    threads: usize,
+    idle: usize,
+}
+
+impl WorkerPool {
+    pub fn new(min: usize, max: usize) -> Arc<WorkerPool> {
+        let pool = Arc::new(WorkerPool {
+            state: Mutex::new(PoolState {
+                jobs: VecDeque::new(),
+                threads: 0,
+                idle: 0,
+            }),
+            cv: Condvar::new(),
+            min,
+            max: max.max(1),
+        });
+        for _ in 0..min {
+            pool.spawn_worker();
+        }
+        pool
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn spawn_worker(self: &Arc<Self>) {
+        self.lock().threads += 1;
+        let me = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("ovbd-io".into())
+            .spawn(move || me.worker());
+        if spawned.is_err() {
+            self.lock().threads -= 1;
+        }
+    }
+
+    pub fn submit(self: &Arc<Self>, job: Job) {
+        let grow = {
+            let mut st = self.lock();
+            st.jobs.push_back(job);
+            st.idle < st.jobs.len() && st.threads < self.max
+        };
+        if grow {
+            self.spawn_worker();
+        }
+        self.cv.notify_one();
+    }
+
+    fn worker(self: Arc<Self>) {
+        loop {
+            let job = {
+                let mut st = self.lock();
+                loop {
+                    if let Some(j) = st.jobs.pop_front() {
+                        break j;
+                    }
+                    st.idle += 1;
+                    let (g, t) = self
+                        .cv
+                        .wait_timeout(st, Duration::from_secs(30))
+                        .unwrap_or_else(|p| p.into_inner());
+                    st = g;
+                    st.idle -= 1;
+                    if t.timed_out() && st.jobs.is_empty() && st.threads > self.min {
+                        st.threads -= 1;
+                        return;
+                    }
+                }
+            };
+            job();
+        }
+    }
+}
+
+/// Moves the calling thread into its own mount namespace, private, holding no mounts of ublk
+/// devices. A thread that serves a device must not hold a mount of it: when the process exits,
+/// dropping that mount would flush to a device nobody serves any more (libublk-rs#50).
+pub fn enter_private_mount_namespace() -> Result<()> {
+    // SAFETY: plain syscalls on the calling thread.
+    unsafe {
+        if libc::unshare(libc::CLONE_FS | libc::CLONE_NEWNS) != 0 {
+            return Err(std::io::Error::last_os_error()).context("unshare(CLONE_NEWNS)");
+        }
+        let root = c"/";
+        if libc::mount(
+            std::ptr::null(),
+            root.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(std::io::Error::last_os_error()).context("making mounts private");
+        }
+    }
+    let info =
+        std::fs::read_to_string("/proc/thread-self/mountinfo").context("reading mountinfo")?;
+    for line in info.lines() {
+        // "... mount_point ... - fstype source super_options"
+        let mut halves = line.splitn(2, " - ");
+        let (Some(left), Some(right)) = (halves.next(), halves.next()) else {
+            continue;
+        };
+        let source = right.split_whitespace().nth(1).unwrap_or("");
+        let Some(mount_point) = left.split_whitespace().nth(4) else {
+            continue;
+        };
+        if source.starts_with("/dev/ublkb") {
+            let mp = std::ffi::CString::new(unescape_mountinfo(mount_point))?;
+            // SAFETY: detaching a mount in our private namespace only.
+            unsafe { libc::umount2(mp.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+    Ok(())
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ovbd_format::{RwLayer, RwMode};
+
+    #[test]
+    fn requests_map_to_image_operations() {
+        let dir = tempfile::tempdir().unwrap();
+        let rw = RwLayer::create(
+            &dir.path().join("d"),
+            &dir.path().join("i"),
+            1 << 20,
+            RwMode::Append,
+            None,
+        )
+        .unwrap();
+        let img = ImageStack::writable(None, rw).unwrap();
+        let mut data = vec![7u8; 8192];
+        assert_eq!(
+            handle_request(&img, sys::UBLK_IO_OP_WRITE, 4096, &mut data),
+            8192
+        );
+        let mut back = vec![0u8; 8192];
+        assert_eq!(
+            handle_request(&img, sys::UBLK_IO_OP_READ, 4096, &mut back),
+            8192
+        );
+        assert_eq!(back, data);
+        assert_eq!(
+            handle_request(&img, sys::UBLK_IO_OP_FLUSH, u64::MAX, &mut []),
+            0
+        );
+        assert_eq!(
+            handle_request(&img, sys::UBLK_IO_OP_DISCARD, 4096, &mut vec![0u8; 4096]),
+            0
+        );
+        assert_eq!(
+            handle_request(&img, sys::UBLK_IO_OP_READ, 4096, &mut back),
+            8192
+        );
+        assert!(back[..4096].iter().all(|&b| b == 0) && back[4096..].iter().all(|&b| b == 7));
+        // Out of range and unaligned requests fail without touching anything.
+        assert_eq!(
+            handle_request(&img, sys::UBLK_IO_OP_READ, 1 << 20, &mut back),
+            -libc::EINVAL
+        );
+        assert_eq!(
+            handle_request(&img, sys::UBLK_IO_OP_READ, 100, &mut back),
+            -libc::EINVAL
+        );
+        assert_eq!(handle_request(&img, 99, 0, &mut back), -libc::EOPNOTSUPP);
+    }
+
+    #[test]
+    fn read_only_image_refuses_writes() {
+        let lower = ovbd_format::LayerStack::new(vec![]).unwrap();
+        let img = ImageStack::read_only(lower);
+        assert_eq!(
+            handle_request(&img, sys::UBLK_IO_OP_WRITE, 0, &mut []),
+            -libc::EINVAL
+        );
+    }
+
+    #[test]
+    fn pool_runs_jobs_while_one_is_stuck() {
+        let pool = WorkerPool::new(1, 8);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (block_tx, block_rx) = std::sync::mpsc::channel::<()>();
+        pool.submit(Box::new(move || {
+            let _ = block_rx.recv();
+        }));
+        for i in 0..4 {
+            let tx = tx.clone();
+            pool.submit(Box::new(move || tx.send(i).unwrap()));
+        }
+        let mut got: Vec<i32> = (0..4)
+            .map(|_| rx.recv_timeout(Duration::from_secs(10)).unwrap())
+            .collect();
+        got.sort();
+        assert_eq!(got, vec![0, 1, 2, 3]);
+        block_tx.send(()).unwrap();
+    }
+
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(unescape_mountinfo("/a\\040b"), "/a b");
+        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+    }
+}

@@ -1,0 +1,274 @@
+//! The `ovbd device` verbs: attach a `config.v1.json` image as a ublk device, list, detach.
+
+use crate::device::{self, AttachOptions, WorkerPool};
+use crate::image_config::ImageConfig;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What `list` and `detach` know about a device attached by `ovbd device attach`.
+#[derive(Debug, Serialize, Deserialize)]
+struct DeviceRecord {
+    id: u32,
+    block: String,
+    config: PathBuf,
+    pid: u32,
+    writable: bool,
+    recoverable: bool,
+}
+
+fn run_dir() -> PathBuf {
+    std::env::var_os("OVBD_RUN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/run/ovbd"))
+}
+
+fn record_path(id: u32) -> PathBuf {
+    run_dir().join("devices").join(format!("{id}.json"))
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+fn device_exists(id: u32) -> bool {
+    Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists()
+}
+
+/// `ovbd device attach`. With `background`, returns once the device is up and a child process
+/// serves it; otherwise serves until the device is detached or a signal arrives.
+pub fn attach(config_path: &Path, background: bool, id: Option<u32>, recover: bool) -> Result<()> {
+    if recover && id.is_none() {
+        bail!("--recover needs --id: the device to re-attach");
+    }
+    if !background {
+        return serve(config_path, id, recover, &mut |msg| {
+            println!("{msg}");
+            let _ = std::io::stdout().flush();
+        });
+    }
+    // Fork before any thread exists; the parent reports what the child says.
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe(2) into a 2-element array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("pipe");
+    }
+    // SAFETY: single-threaded here; the child only continues this program.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(std::io::Error::last_os_error()).context("fork");
+    }
+    // SAFETY: fds are ours.
+    let (mut rd, mut wr) = unsafe {
+        use std::os::fd::FromRawFd;
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        )
+    };
+    if pid > 0 {
+        drop(wr);
+        // One line: the child keeps its end open while it serves.
+        let mut msg = String::new();
+        let mut byte = [0u8; 1];
+        while rd.read(&mut byte)? == 1 && byte[0] != b'\n' {
+            msg.push(byte[0] as char);
+        }
+        return match msg.strip_prefix("ok ") {
+            Some(path) => {
+                println!("{}", path.trim_end());
+                Ok(())
+            }
+            None => bail!(
+                "{}",
+                msg.strip_prefix("err ")
+                    .unwrap_or("device server exited before the device started")
+                    .trim_end()
+            ),
+        };
+    }
+    drop(rd);
+    detach_stdio()?;
+    let mut reported = false;
+    let r = serve(config_path, id, recover, &mut |msg| {
+        let _ = writeln!(wr, "ok {msg}");
+        reported = true;
+    });
+    if let Err(e) = &r {
+        if !reported {
+            let _ = writeln!(wr, "err {e:#}");
+        }
+    }
+    std::process::exit(if r.is_ok() { 0 } else { 1 });
+}
+
+/// Points the background server's stdio away from the caller (whose pipes would otherwise
+/// stay open), stderr to a log file in the run directory.
+fn detach_stdio() -> Result<()> {
+    let logs = run_dir().join("logs");
+    std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(logs.join(format!("device-server-{}.log", std::process::id())))?;
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: dup2 onto the standard descriptors; setsid leaves the caller's session.
+    unsafe {
+        libc::dup2(null.as_raw_fd(), 0);
+        libc::dup2(null.as_raw_fd(), 1);
+        libc::dup2(log.as_raw_fd(), 2);
+        libc::setsid();
+    }
+    Ok(())
+}
+
+fn serve(
+    config_path: &Path,
+    id: Option<u32>,
+    recover: bool,
+    ready: &mut dyn FnMut(&str),
+) -> Result<()> {
+    // Signals go to the waiter thread below; block them before any thread starts.
+    // SAFETY: sigset manipulation on a local set.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    device::enter_private_mount_namespace().context("entering a private mount namespace")?;
+    let cfg = ImageConfig::load(config_path)?;
+    let opened = cfg.open_image();
+    let image = match opened {
+        Ok(i) => Arc::new(i),
+        Err(e) => {
+            cfg.write_result(&Err(anyhow::anyhow!("{e:#}")));
+            return Err(e);
+        }
+    };
+    let writable = image.is_writable();
+    let pool = WorkerPool::new(2, 64);
+    let mut dev = match device::attach(image, pool, AttachOptions { id, recover }) {
+        Ok(d) => d,
+        Err(e) => {
+            cfg.write_result(&Err(anyhow::anyhow!("{e:#}")));
+            return Err(e);
+        }
+    };
+    let record = DeviceRecord {
+        id: dev.id,
+        block: dev.block_path(),
+        config: std::fs::canonicalize(config_path).unwrap_or_else(|_| config_path.to_path_buf()),
+        pid: std::process::id(),
+        writable,
+        recoverable: dev.recoverable,
+    };
+    let rp = record_path(dev.id);
+    if let Some(parent) = rp.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    std::fs::write(&rp, serde_json::to_vec_pretty(&record)?)
+        .with_context(|| format!("writing {}", rp.display()))?;
+    cfg.write_result(&Ok(()));
+    ready(&dev.block_path());
+
+    let id = dev.id;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut sig = 0;
+            // SAFETY: waiting on the blocked set.
+            unsafe { libc::sigwait(&set, &mut sig) };
+            log::info!("signal {sig}: detaching /dev/ublkb{id}");
+            if let Err(e) = device::stop_device(id) {
+                log::error!("{e:#}");
+            }
+        })?;
+    let r = dev.join();
+    let _ = std::fs::remove_file(&rp);
+    r
+}
+
+pub fn list(as_json: bool) -> Result<()> {
+    let dir = run_dir().join("devices");
+    let mut records = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        for e in entries.flatten() {
+            if let Ok(text) = std::fs::read_to_string(e.path()) {
+                if let Ok(r) = serde_json::from_str::<DeviceRecord>(&text) {
+                    records.push(r);
+                }
+            }
+        }
+    }
+    records.sort_by_key(|r| r.id);
+    let state = |r: &DeviceRecord| match (device_exists(r.id), pid_alive(r.pid)) {
+        (true, true) => "serving",
+        (true, false) if r.recoverable => "orphaned (recoverable)",
+        (true, false) => "orphaned",
+        (false, _) => "gone",
+    };
+    if as_json {
+        let v: Vec<_> = records
+            .iter()
+            .map(|r| serde_json::json!({"id": r.id, "block": r.block, "config": r.config, "pid": r.pid, "writable": r.writable, "state": state(r)}))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "{:<4} {:<14} {:<8} {:<4} {:<24} CONFIG",
+        "ID", "DEVICE", "PID", "RW", "STATE"
+    );
+    for r in &records {
+        println!(
+            "{:<4} {:<14} {:<8} {:<4} {:<24} {}",
+            r.id,
+            r.block,
+            r.pid,
+            if r.writable { "rw" } else { "ro" },
+            state(r),
+            r.config.display()
+        );
+    }
+    Ok(())
+}
+
+pub fn detach(id: u32) -> Result<()> {
+    let rp = record_path(id);
+    let record: Option<DeviceRecord> = std::fs::read_to_string(&rp)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok());
+    if !device_exists(id) {
+        let _ = std::fs::remove_file(&rp);
+        bail!("no ublk device {id}");
+    }
+    let server_alive = record.as_ref().is_some_and(|r| pid_alive(r.pid));
+    if server_alive {
+        device::stop_device(id)?;
+        // The server deletes the device and exits.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while device_exists(id) || record.as_ref().is_some_and(|r| pid_alive(r.pid)) {
+            if Instant::now() > deadline {
+                bail!("ublk device {id} still present 60 s after stopping it");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    } else {
+        // Nobody serves it (server killed while the device was kept for recovery).
+        device::delete_device(id)?;
+    }
+    let _ = std::fs::remove_file(&rp);
+    Ok(())
+}

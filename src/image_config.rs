@@ -1,0 +1,126 @@
+//! overlaybd's per-device image config (`config.v1.json`, spec §3.1), so existing layouts and
+//! tools work unchanged.
+
+use anyhow::{bail, Context, Result};
+use ovbd_format::layer::open_layer_file;
+use ovbd_format::{ImageStack, LayerStack, RwLayer};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repo_blob_url: Option<String>,
+    /// Bottom to top.
+    #[serde(default)]
+    pub lowers: Vec<LowerConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upper: Option<UpperConfig>,
+    /// Written `success` or `failed:<reason>` after the device is (not) attached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LowerConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UpperConfig {
+    pub index: PathBuf,
+    pub data: PathBuf,
+}
+
+/// Names a layer directory may hold its file under, in the order overlaybd looks.
+const DIR_LAYER_NAMES: [&str; 3] = ["overlaybd.commit", ".commit", "overlaybd.sealed"];
+
+impl ImageConfig {
+    pub fn load(path: &Path) -> Result<ImageConfig> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+
+    /// Opens every layer and builds the image the device serves.
+    pub fn open_image(&self) -> Result<ImageStack> {
+        let mut lowers = Vec::with_capacity(self.lowers.len());
+        for (i, l) in self.lowers.iter().enumerate() {
+            let path = l.local_path().with_context(|| format!("lowers[{i}]"))?;
+            let layer = open_layer_file(&path)
+                .with_context(|| format!("lowers[{i}]: opening {}", path.display()))?;
+            lowers.push(layer.lsmt);
+        }
+        let lower = if lowers.is_empty() {
+            None
+        } else {
+            Some(LayerStack::new(lowers)?)
+        };
+        match &self.upper {
+            Some(u) => {
+                let rw = RwLayer::open(&u.data, &u.index).with_context(|| {
+                    format!(
+                        "upper: opening {} + {}",
+                        u.data.display(),
+                        u.index.display()
+                    )
+                })?;
+                Ok(ImageStack::writable(lower, rw)?)
+            }
+            None => match lower {
+                Some(l) => Ok(ImageStack::read_only(l)),
+                None => bail!("config has neither lowers nor an upper layer"),
+            },
+        }
+    }
+
+    /// Records the outcome where the snapshotter (or a human) looks for it.
+    pub fn write_result(&self, outcome: &Result<()>) {
+        let Some(path) = &self.result_file else {
+            return;
+        };
+        let text = match outcome {
+            Ok(()) => "success".to_string(),
+            Err(e) => format!("failed:{e:#}"),
+        };
+        if let Err(e) = std::fs::write(path, text) {
+            log::warn!("cannot write result file {}: {e}", path.display());
+        }
+    }
+}
+
+impl LowerConfig {
+    /// The local file of this layer: `file`, or the first layer file found in `dir`.
+    pub fn local_path(&self) -> Result<PathBuf> {
+        if let Some(f) = &self.file {
+            return Ok(f.clone());
+        }
+        if let Some(d) = &self.dir {
+            for name in DIR_LAYER_NAMES {
+                let p = d.join(name);
+                if p.exists() {
+                    return Ok(p);
+                }
+            }
+            bail!(
+                "no layer file ({}) in {}",
+                DIR_LAYER_NAMES.join(", "),
+                d.display()
+            );
+        }
+        match &self.digest {
+            Some(d) => bail!("layer {d} is remote only; registry layers are not supported yet"),
+            None => bail!("a lower needs `file` or `dir`"),
+        }
+    }
+}
