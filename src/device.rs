@@ -519,11 +519,28 @@ mod tests {
 
     #[test]
     fn read_only_image_refuses_writes() {
-        let lower = ovbd_format::LayerStack::new(vec![]).unwrap();
-        let img = ImageStack::read_only(lower);
+        let dir = tempfile::tempdir().unwrap();
+        let (d, i) = (dir.path().join("d"), dir.path().join("i"));
+        RwLayer::create(&d, &i, 1 << 20, RwMode::Append, None)
+            .unwrap()
+            .seal()
+            .unwrap();
+        let sealed = ovbd_format::LsmtFile::open(std::sync::Arc::new(
+            ovbd_format::FileSource::open(&d).unwrap(),
+        ))
+        .unwrap();
+        let img = ImageStack::read_only(ovbd_format::LayerStack::new(vec![sealed]).unwrap());
         assert_eq!(
-            handle_request(&img, sys::UBLK_IO_OP_WRITE, 0, &mut []),
-            -libc::EINVAL
+            handle_request(&img, sys::UBLK_IO_OP_WRITE, 0, &mut [1u8; 512]),
+            -libc::EROFS
+        );
+        assert_eq!(
+            handle_request(&img, sys::UBLK_IO_OP_DISCARD, 0, &mut [0u8; 512]),
+            -libc::EROFS
+        );
+        assert_eq!(
+            handle_request(&img, sys::UBLK_IO_OP_READ, 0, &mut [1u8; 512]),
+            512
         );
     }
 
