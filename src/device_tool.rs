@@ -40,12 +40,15 @@ fn device_exists(id: u32) -> bool {
 
 /// `ovbd device attach`. With `background`, returns once the device is up and a child process
 /// serves it; otherwise serves until the device is detached or a signal arrives.
-pub fn attach(config_path: &Path, background: bool, id: Option<u32>, recover: bool) -> Result<()> {
+pub fn attach(configs: &[PathBuf], background: bool, id: Option<u32>, recover: bool) -> Result<()> {
     if recover && id.is_none() {
         bail!("--recover needs --id: the device to re-attach");
     }
+    if (id.is_some() || recover) && configs.len() != 1 {
+        bail!("--id and --recover take exactly one config");
+    }
     if !background {
-        return serve(config_path, id, recover, &mut |msg| {
+        return serve(configs, id, recover, &mut |msg| {
             println!("{msg}");
             let _ = std::io::stdout().flush();
         });
@@ -71,29 +74,35 @@ pub fn attach(config_path: &Path, background: bool, id: Option<u32>, recover: bo
     };
     if pid > 0 {
         drop(wr);
-        // One line: the child keeps its end open while it serves.
-        let mut msg = String::new();
+        // One line per device ("ok PATH"), or "err REASON"; the child keeps its end open
+        // while it serves, so read lines, not to EOF.
+        let mut paths = Vec::new();
+        let mut line = Vec::new();
         let mut byte = [0u8; 1];
-        while rd.read(&mut byte)? == 1 && byte[0] != b'\n' {
-            msg.push(byte[0] as char);
-        }
-        return match msg.strip_prefix("ok ") {
-            Some(path) => {
-                println!("{}", path.trim_end());
-                Ok(())
+        while paths.len() < configs.len() {
+            line.clear();
+            while rd.read(&mut byte)? == 1 && byte[0] != b'\n' {
+                line.push(byte[0]);
             }
-            None => bail!(
-                "{}",
-                msg.strip_prefix("err ")
-                    .unwrap_or("device server exited before the device started")
-                    .trim_end()
-            ),
-        };
+            let msg = String::from_utf8_lossy(&line).into_owned();
+            match msg.strip_prefix("ok ") {
+                Some(p) => paths.push(p.to_string()),
+                None => bail!(
+                    "{}",
+                    msg.strip_prefix("err ")
+                        .unwrap_or("device server exited before the devices started")
+                ),
+            }
+        }
+        for p in paths {
+            println!("{p}");
+        }
+        return Ok(());
     }
     drop(rd);
     detach_stdio()?;
     let mut reported = false;
-    let r = serve(config_path, id, recover, &mut |msg| {
+    let r = serve(configs, id, recover, &mut |msg| {
         let _ = writeln!(wr, "ok {msg}");
         reported = true;
     });
@@ -129,8 +138,10 @@ fn detach_stdio() -> Result<()> {
     Ok(())
 }
 
+/// Attaches every config in this process, reports each device as it comes up, and serves
+/// until every device is detached (or a signal detaches them all).
 fn serve(
-    config_path: &Path,
+    configs: &[PathBuf],
     id: Option<u32>,
     recover: bool,
     ready: &mut dyn FnMut(&str),
@@ -147,20 +158,68 @@ fn serve(
         set
     };
     device::enter_private_mount_namespace().context("entering a private mount namespace")?;
-    let cfg = ImageConfig::load(config_path)?;
-    let opened = cfg.open_image();
-    let image = match opened {
-        Ok(i) => Arc::new(i),
-        Err(e) => {
-            cfg.write_result(&Err(anyhow::anyhow!("{e:#}")));
-            return Err(e);
+    let pool = WorkerPool::new(2, 256);
+    let mut devices = Vec::with_capacity(configs.len());
+    for path in configs {
+        match attach_one(path, id, recover, &pool) {
+            Ok(d) => {
+                ready(&d.0.block_path());
+                devices.push(d);
+            }
+            Err(e) => {
+                for (d, rp) in devices {
+                    let _ = device::stop_device(d.id);
+                    let mut d = d;
+                    let _ = d.join();
+                    let _ = std::fs::remove_file(rp);
+                }
+                return Err(e);
+            }
         }
-    };
-    let writable = image.is_writable();
-    let pool = WorkerPool::new(2, 64);
-    let mut dev = match device::attach(image, pool, AttachOptions { id, recover }) {
+    }
+    let ids: Vec<u32> = devices.iter().map(|d| d.0.id).collect();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut sig = 0;
+            // SAFETY: waiting on the blocked set.
+            unsafe { libc::sigwait(&set, &mut sig) };
+            log::info!("signal {sig}: detaching {} device(s)", ids.len());
+            for id in ids {
+                if let Err(e) = device::stop_device(id) {
+                    log::error!("{e:#}");
+                }
+            }
+        })?;
+    let mut result = Ok(());
+    for (mut d, rp) in devices {
+        if let Err(e) = d.join() {
+            log::error!("/dev/ublkb{}: {e:#}", d.id);
+            result = Err(e);
+        }
+        let _ = std::fs::remove_file(rp);
+    }
+    result
+}
+
+/// Opens one config's image and attaches it; records the outcome in its resultFile and the
+/// device in the run directory.
+fn attach_one(
+    config_path: &Path,
+    id: Option<u32>,
+    recover: bool,
+    pool: &Arc<WorkerPool>,
+) -> Result<(device::AttachedDevice, PathBuf)> {
+    let cfg = ImageConfig::load(config_path)?;
+    let attached = cfg.open_image().and_then(|image| {
+        let writable = image.is_writable();
+        let dev = device::attach(Arc::new(image), pool.clone(), AttachOptions { id, recover })?;
+        Ok((dev, writable))
+    });
+    let (dev, writable) = match attached {
         Ok(d) => d,
         Err(e) => {
+            let e = e.context(format!("{}", config_path.display()));
             cfg.write_result(&Err(anyhow::anyhow!("{e:#}")));
             return Err(e);
         }
@@ -181,23 +240,7 @@ fn serve(
     std::fs::write(&rp, serde_json::to_vec_pretty(&record)?)
         .with_context(|| format!("writing {}", rp.display()))?;
     cfg.write_result(&Ok(()));
-    ready(&dev.block_path());
-
-    let id = dev.id;
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            let mut sig = 0;
-            // SAFETY: waiting on the blocked set.
-            unsafe { libc::sigwait(&set, &mut sig) };
-            log::info!("signal {sig}: detaching /dev/ublkb{id}");
-            if let Err(e) = device::stop_device(id) {
-                log::error!("{e:#}");
-            }
-        })?;
-    let r = dev.join();
-    let _ = std::fs::remove_file(&rp);
-    r
+    Ok((dev, rp))
 }
 
 pub fn list(as_json: bool) -> Result<()> {

@@ -35,9 +35,11 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum DeviceCmd {
-    /// Serve the image described by an overlaybd `config.v1.json` as /dev/ublkbN (printed).
+    /// Serve the images described by overlaybd `config.v1.json` files as /dev/ublkbN devices
+    /// (printed one per line), all from one process.
     Attach {
-        config: PathBuf,
+        #[arg(required = true)]
+        configs: Vec<PathBuf>,
         /// Return once the device is up; a background process serves it.
         #[arg(long)]
         background: bool,
@@ -185,11 +187,11 @@ fn run(cli: Cli) -> Result<()> {
             compress.then(ZFileOptions::default),
         ),
         Cmd::Device(DeviceCmd::Attach {
-            config,
+            configs,
             background,
             id,
             recover,
-        }) => device_tool::attach(&config, background, id, recover),
+        }) => device_tool::attach(&configs, background, id, recover),
         Cmd::Device(DeviceCmd::List { json }) => device_tool::list(json),
         Cmd::Device(DeviceCmd::Detach { id }) => device_tool::detach(id),
         Cmd::Image(ImageCmd::Export { mut paths }) => {
