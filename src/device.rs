@@ -66,11 +66,13 @@ pub fn stop_device(id: u32) -> Result<()> {
     Ok(())
 }
 
-/// Deletes device `id` outright (its server is gone, e.g. killed while recoverable).
+/// Deletes device `id` whose server is gone (killed while the device was kept for recovery).
+/// Stopping fails the I/O waiting on it; the asynchronous delete does not wait for users such
+/// as a still-mounted filesystem: the kernel frees the device when the last one lets go.
 pub fn delete_device(id: u32) -> Result<()> {
     let ctrl = UblkCtrl::new_simple(id as i32).map_err(|e| anyhow!("ublk device {id}: {e}"))?;
     let _ = ctrl.kill_dev();
-    ctrl.del_dev()
+    ctrl.del_dev_async()
         .map_err(|e| anyhow!("deleting ublk device {id}: {e}"))?;
     Ok(())
 }
@@ -126,7 +128,9 @@ fn serve(
     let writable = image.is_writable();
     let mut ctrl_flags = 0u64;
     if recoverable {
-        ctrl_flags |= sys::UBLK_F_USER_RECOVERY as u64;
+        // REISSUE: requests in flight when the server died go to the new server instead of
+        // failing (reads and our appending writes are safe to repeat).
+        ctrl_flags |= (sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE) as u64;
     }
     let dev_flags = if opts.recover {
         UblkFlags::UBLK_DEV_F_RECOVER_DEV

@@ -311,6 +311,15 @@ pub fn detach(id: u32) -> Result<()> {
     } else {
         // Nobody serves it (server killed while the device was kept for recovery).
         device::delete_device(id)?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while device_exists(id) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if device_exists(id) {
+            eprintln!(
+                "ovbd: ublk device {id} deleted; the kernel removes it once its last user (a mount?) lets go"
+            );
+        }
     }
     let _ = std::fs::remove_file(&rp);
     Ok(())
