@@ -2,6 +2,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use ovbd_format::source::read_exact_at;
 use ovbd_format::{MemSource, ReadAt, ZFileReader};
 use ovbd_fuzz::{check_err, read_source, BUDGET, NAME};
 use std::sync::Arc;
@@ -15,8 +16,26 @@ fuzz_target!(|data: &[u8]| {
     if let Err(e) = read_source(&z, BUDGET) {
         check_err(&e);
     }
-    // Unaligned single reads straddling block edges, straight through ReadAt.
+    // The same bytes whatever the read pattern: one read vs uneven small reads.
     let size = z.size();
+    let n = size.min(256 << 10) as usize;
+    let mut whole = vec![0u8; n];
+    if read_exact_at(&z, &mut whole, 0).is_ok() {
+        let mut piece = vec![0u8; 4097];
+        let mut pos = 0usize;
+        let mut step = 1usize;
+        while pos < n {
+            let k = step.min(n - pos);
+            read_exact_at(&z, &mut piece[..k], pos as u64).expect("a range that read whole");
+            assert!(
+                piece[..k] == whole[pos..pos + k],
+                "read at {pos}+{k} differs"
+            );
+            pos += k;
+            step = step * 7 % 4097 + 1;
+        }
+    }
+    // Unaligned single reads straddling block edges, straight through ReadAt.
     for off in [1u64, 4095, 4097, size.saturating_sub(3)] {
         let mut b = [0u8; 8];
         if off < size {
