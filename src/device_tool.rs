@@ -300,9 +300,9 @@ pub fn detach(id: u32) -> Result<()> {
     let server_alive = record.as_ref().is_some_and(|r| pid_alive(r.pid));
     if server_alive {
         device::stop_device(id)?;
-        // The server deletes the device and exits.
+        // The server deletes the device (and exits if it served nothing else).
         let deadline = Instant::now() + Duration::from_secs(60);
-        while device_exists(id) || record.as_ref().is_some_and(|r| pid_alive(r.pid)) {
+        while device_exists(id) {
             if Instant::now() > deadline {
                 bail!("ublk device {id} still present 60 s after stopping it");
             }
