@@ -1,9 +1,9 @@
 # Shared helpers for the ovbd device tests in tests/e2e/guest/*.sh (sourced, not run: the name does not
 # match the runner's *.sh glob).  Runs inside the test guest only.
 #
-# Provides: fail/pass/note, $OVBD (the binary), $HELLO_BLOB/$HELLO_SHA/$EXT4_TGZ, $WORK (a fresh work dir
-# under /tmp, removed on exit), write_config, attach, detach_dev, e2fsck_report, extract_base,
-# assert_no_ublk, and an EXIT trap that unmounts everything under $WORK, detaches every device this test
+# Provides: fail/pass/note, $OVBD (a private copy of $OVBD_BIN, default target/debug/ovbd),
+# $HELLO_BLOB/$HELLO_SHA/$EXT4_TGZ, $WORK (a fresh work dir under /tmp, removed on exit), write_config,
+# attach, detach_dev, e2fsck_report/e2fsck_clean, extract_base, assert_no_ublk, and an EXIT trap that unmounts everything under $WORK, detaches every device this test
 # attached, stops its servers and then removes $WORK.  Tests add their own cleanup with `on_cleanup CMD`.
 
 fail() {
@@ -16,8 +16,8 @@ note() { echo "  ... $*"; }
 [[ ${OVBD_GUEST:-} == 1 ]] || fail "not inside the test guest (run via tests/e2e/run-guest-tests.sh)"
 : "${OVBD_REPO:?OVBD_REPO is not set (run via tests/e2e/run-guest-tests.sh)}"
 
-OVBD=${OVBD_BIN:-$OVBD_REPO/target/debug/ovbd}
-[[ -x $OVBD ]] || fail "$OVBD not built (run cargo build on the host first)"
+ovbd_built=${OVBD_BIN:-$OVBD_REPO/target/debug/ovbd}
+[[ -x $ovbd_built ]] || fail "$ovbd_built not built (run cargo build on the host first)"
 HELLO_BLOB=$OVBD_REPO/tests/fixtures/hello-world-oci/blobs/sha256/022231c3f1af70e0cc42f0c3781eabf174cff608210585bf93fc83e16d33672d
 HELLO_SHA=d3f7d10e296e5c626ea78539cb38cd8dffd043bea3627da35ce3b20c0ac68014
 EXT4_TGZ=$OVBD_REPO/tests/fixtures/ext4_64.tar.gz
@@ -33,6 +33,11 @@ leftover=(/dev/ublkb* /dev/ublkc*)
 shopt -u nullglob
 
 WORK=$(mktemp -d "/tmp/$(basename "$0" .sh).XXXXXX")
+# Run a private copy: the host's target/ is live in the guest, and a `cargo build` there during the test
+# would otherwise swap the binary between two steps (or under an exec).
+mkdir "$WORK/bin"
+cp "$ovbd_built" "$WORK/bin/ovbd" || fail "copying $ovbd_built"
+OVBD=$WORK/bin/ovbd
 # Device records (for `ovbd device list/detach`) and server logs stay inside the test's work dir.
 export OVBD_RUN_DIR=$WORK/run
 
