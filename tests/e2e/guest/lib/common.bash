@@ -3,8 +3,9 @@
 #
 # Provides: fail/pass/note, $OVBD (a private copy of $OVBD_BIN, default target/debug/ovbd),
 # $HELLO_BLOB/$HELLO_SHA/$EXT4_TGZ, $WORK (a fresh work dir under /tmp, removed on exit), write_config,
-# attach, detach_dev, e2fsck_report/e2fsck_clean, extract_base, assert_no_ublk, and an EXIT trap that unmounts everything under $WORK, detaches every device this test
-# attached, stops its servers and then removes $WORK.  Tests add their own cleanup with `on_cleanup CMD`.
+# attach, detach_dev, e2fsck_report/e2fsck_clean, extract_base, assert_no_ublk, and an EXIT trap that
+# unmounts everything under $WORK, detaches every device this test attached, stops its servers and then
+# removes $WORK.  Tests add their own cleanup with `on_cleanup CMD`.
 
 fail() {
     echo "FAIL: $*" >&2
