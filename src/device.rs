@@ -278,14 +278,17 @@ async fn io_task(
         let iod = q.get_iod(tag);
         let op = iod.op_flags & 0xff;
         let offset = iod.start_sector << 9;
-        let len = ((iod.nr_sectors as usize) << 9).min(buf.len());
+        // DISCARD / WRITE_ZEROES carry no data and may span more than the buffer (up to
+        // MAX_DISCARD_SECTORS): their range is nr_bytes, not the buffer's length.
+        let nr_bytes = (iod.nr_sectors as u64) << 9;
+        let len = (nr_bytes as usize).min(buf.len());
         let ptr = IoBufPtr(buf.as_mut_slice().as_mut_ptr(), len);
         let (image, tx, kick) = (image.clone(), reply_tx.clone(), kick.clone());
         pool.submit(Box::new(move || {
             let ptr = ptr;
             // SAFETY: the tag's task waits for this reply before using the buffer again.
             let data = unsafe { std::slice::from_raw_parts_mut(ptr.0, ptr.1) };
-            let res = handle_request(&image, op, offset, data);
+            let res = handle_request_range(&image, op, offset, nr_bytes, data);
             let _ = tx.try_send(res);
             let one = 1u64.to_ne_bytes();
             // SAFETY: writing 8 bytes to our eventfd.
@@ -298,15 +301,28 @@ async fn io_task(
 }
 
 /// Serves one block request against the image: the byte count on success, `-errno` on failure.
+#[cfg(test)]
 pub fn handle_request(image: &ImageStack, op: u32, offset: u64, buf: &mut [u8]) -> i32 {
+    handle_request_range(image, op, offset, buf.len() as u64, buf)
+}
+
+/// As [`handle_request`], for a request of `nr_bytes`: READ / WRITE move `buf` (its length),
+/// DISCARD / WRITE_ZEROES cover all `nr_bytes`, which may exceed the I/O buffer.
+pub fn handle_request_range(
+    image: &ImageStack,
+    op: u32,
+    offset: u64,
+    nr_bytes: u64,
+    buf: &mut [u8],
+) -> i32 {
     let len = buf.len() as u64;
     let r = match op {
         // FLUSH carries no range (its start sector is u64::MAX on 6.12): handle it first.
         sys::UBLK_IO_OP_FLUSH => image.flush().map(|_| 0),
         sys::UBLK_IO_OP_READ => image.read(buf, offset).map(|_| len as i32),
         sys::UBLK_IO_OP_WRITE => image.write(buf, offset).map(|_| len as i32),
-        sys::UBLK_IO_OP_DISCARD => image.discard(offset, len).map(|_| 0),
-        sys::UBLK_IO_OP_WRITE_ZEROES => image.write_zeroes(offset, len).map(|_| 0),
+        sys::UBLK_IO_OP_DISCARD => image.discard(offset, nr_bytes).map(|_| 0),
+        sys::UBLK_IO_OP_WRITE_ZEROES => image.write_zeroes(offset, nr_bytes).map(|_| 0),
         _ => return -libc::EOPNOTSUPP,
     };
     match r {
@@ -519,6 +535,40 @@ mod tests {
             -libc::EINVAL
         );
         assert_eq!(handle_request(&img, 99, 0, &mut back), -libc::EOPNOTSUPP);
+    }
+
+    #[test]
+    fn discard_covers_more_than_the_io_buffer() {
+        let dir = tempfile::tempdir().unwrap();
+        let rw = RwLayer::create(
+            &dir.path().join("d"),
+            &dir.path().join("i"),
+            8 << 20,
+            RwMode::Append,
+            None,
+        )
+        .unwrap();
+        let img = ImageStack::writable(None, rw).unwrap();
+        let mut data = vec![7u8; 4 << 20];
+        assert_eq!(
+            handle_request(&img, sys::UBLK_IO_OP_WRITE, 0, &mut data),
+            4 << 20
+        );
+        // A 4 MiB discard arrives with a buffer of at most IO_BUF_BYTES.
+        let mut small = vec![0u8; IO_BUF_BYTES as usize];
+        for op in [sys::UBLK_IO_OP_DISCARD, sys::UBLK_IO_OP_WRITE_ZEROES] {
+            assert_eq!(
+                handle_request(&img, sys::UBLK_IO_OP_WRITE, 0, &mut data),
+                4 << 20
+            );
+            assert_eq!(handle_request_range(&img, op, 0, 4 << 20, &mut small), 0);
+            let mut back = vec![1u8; 4 << 20];
+            assert_eq!(
+                handle_request(&img, sys::UBLK_IO_OP_READ, 0, &mut back),
+                4 << 20
+            );
+            assert!(back.iter().all(|&b| b == 0), "op {op} left data behind");
+        }
     }
 
     #[test]
