@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Guest test: a slow layer source stalls nobody else. Device A's layer file sits on a
-# dm-delay device (every read of it takes seconds); device B, served by the same process,
-# must keep reading at full speed while A's reads hang, and A itself must keep serving
-# ranges that do not need the slow source.
+# Guest test: a stuck layer source stalls nobody else. Device A's layer file sits on a
+# device-mapper device that is then suspended (its reads hang until it is resumed); device B,
+# served by the same process, must keep reading while A's read hangs, and A itself must keep
+# serving ranges that do not need the stuck source.
 set -euo pipefail
 
 fail() {
@@ -15,18 +15,14 @@ pass() { echo "  pass: $*"; }
 ovbd=${OVBD_REPO:?}/target/debug/ovbd
 blob=$OVBD_REPO/tests/fixtures/hello-world-oci/blobs/sha256/022231c3f1af70e0cc42f0c3781eabf174cff608210585bf93fc83e16d33672d
 modprobe ublk_drv
-modprobe dm-delay
+modprobe dm-mod
 
 work=$(mktemp -d /tmp/slow.XXXXXX)
 loopdev=
 cleanup() {
     set +e
-    # Take the delay away so whatever is still waiting drains quickly.
-    if dmsetup info ovbd-slow >/dev/null 2>&1; then
-        dmsetup suspend ovbd-slow
-        dmsetup reload ovbd-slow --table "0 $(blockdev --getsz "$loopdev") linear $loopdev 0"
-        dmsetup resume ovbd-slow
-    fi
+    # Let whatever still waits on the stuck source drain.
+    dmsetup resume ovbd-slow 2>/dev/null
     for id in $("$ovbd" device list --json 2>/dev/null | tr -d ' \n' | grep -o '"id":[0-9]*' | cut -d: -f2); do
         timeout 60 "$ovbd" device detach "$id" >/dev/null 2>&1
     done
@@ -47,7 +43,7 @@ dd if=/dev/urandom of="$w" bs=1M count=64 oflag=direct status=none
 "$ovbd" device detach "${w#/dev/ublkb}"
 "$ovbd" layer commit "$work/w.data" "$work/w.index" "$work/dense.commit"
 
-# A filesystem holding device A's copy of that layer, on a device whose reads take 1.5 s each.
+# A filesystem holding device A's copy of that layer, on a device-mapper device we can suspend.
 truncate -s 128M "$work/slow.img"
 mkfs.ext4 -q "$work/slow.img"
 mkdir -p "$work/slowfs"
@@ -55,7 +51,7 @@ mount -o loop "$work/slow.img" "$work/slowfs"
 cp "$work/dense.commit" "$work/slowfs/layer"
 umount "$work/slowfs"
 loopdev=$(losetup -f --show "$work/slow.img")
-dmsetup create ovbd-slow --table "0 $(blockdev --getsz "$loopdev") delay $loopdev 0 1500"
+dmsetup create ovbd-slow --table "0 $(blockdev --getsz "$loopdev") linear $loopdev 0"
 dmsetup mknodes ovbd-slow # no udev in the guest
 mount -o ro /dev/mapper/ovbd-slow "$work/slowfs"
 
@@ -68,32 +64,33 @@ JSON
 devs=$("$ovbd" device attach --background "$work/a.json" "$work/b.json")
 a=$(sed -n 1p <<<"$devs")
 b=$(sed -n 2p <<<"$devs")
-# Warm the source's page cache for A's first MiB (slowly).
+# Only A's first MiB in the page cache, then A's source gets stuck.
+sync
+echo 3 >/proc/sys/vm/drop_caches
 dd if="$a" of=/dev/null bs=1M count=1 iflag=direct status=none
-pass "attached $a (slow source) and $b in one server; A's first MiB warmed"
+dmsetup suspend --nolockfs --noflush ovbd-slow
+pass "attached $a and $b in one server; A's first MiB warm, then A's source suspended"
 
-# Stall A: a read far into the disk needs the slow source (ZFile blocks not cached).
+# Stall A: a read far into the disk needs the stuck source.
 start=$(date +%s)
 dd if="$a" of=/dev/null bs=1M skip=32 count=24 iflag=direct status=none &
 stalled=$!
 sleep 2
-kill -0 $stalled 2>/dev/null || fail "the read of A's cold range finished at once: the source is not slow, test is void"
+kill -0 $stalled 2>/dev/null || fail "the read of A's cold range finished: the source is not stuck, test is void"
 
-# B reads 16 MiB while A's reader waits on the slow source.
+# B reads 16 MiB while A's reader is stuck on its source.
 timeout 120 dd if="$b" of=/dev/null bs=1M count=16 iflag=direct status=none || fail "reading B failed or hung while A was stalled"
 kill -0 $stalled 2>/dev/null || fail "A's stalled reader finished before B: the test proves nothing (B took $(($(date +%s) - start)) s)"
-pass "B read 16 MiB while A's reader was still waiting on its slow source"
+pass "B read 16 MiB while A's reader was stuck on its source"
 
 # A itself still serves its warm range on other tags.
 timeout 120 dd if="$a" of=/dev/null bs=1M count=1 iflag=direct status=none || fail "A's warm range stalled behind its cold read"
 kill -0 $stalled 2>/dev/null || fail "A's stalled reader finished before A's warm re-read: void"
 pass "A re-read its warm MiB on other tags while one of its reads waited"
 
-# Remove the delay: the stalled read completes with correct data.
-dmsetup suspend ovbd-slow
-dmsetup reload ovbd-slow --table "0 $(blockdev --getsz "$loopdev") linear $loopdev 0"
+# Resume the source: the stalled read completes with correct data.
 dmsetup resume ovbd-slow
-timeout 300 bash -c "while kill -0 $stalled 2>/dev/null; do sleep 0.5; done" || fail "A's read never completed after the delay was removed"
+timeout 300 bash -c "while kill -0 $stalled 2>/dev/null; do sleep 0.5; done" || fail "A's read never completed after the source resumed"
 wait $stalled || fail "A's stalled read failed"
 cmp <(dd if="$a" bs=1M count=64 iflag=direct status=none) <(dd if="$b" bs=1M count=64 iflag=direct status=none) ||
     fail "A and B (same layer) differ"
