@@ -101,13 +101,14 @@ pub fn attach(configs: &[PathBuf], background: bool, id: Option<u32>, recover: b
     }
     drop(rd);
     detach_stdio()?;
-    let mut reported = false;
+    let mut reported = 0;
     let r = serve(configs, id, recover, &mut |msg| {
         let _ = writeln!(wr, "ok {msg}");
-        reported = true;
+        reported += 1;
     });
     if let Err(e) = &r {
-        if !reported {
+        // The caller still waits while some device has not started: tell it why.
+        if reported < configs.len() {
             let _ = writeln!(wr, "err {e:#}");
         }
     }
