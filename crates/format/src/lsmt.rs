@@ -83,14 +83,19 @@ impl Segment {
         })
     }
 
-    /// The part of this mapping covering `[start, end)` (which must overlap it).
+    /// The part of this mapping covering `[start, end)` (which must overlap it). A zeroed
+    /// mapping has no data, so its moffset stays put (as upstream's `forward_offset_to`).
     pub fn slice(&self, start: u64, end: u64) -> Segment {
         let s = start.max(self.offset);
         let e = end.min(self.end());
         Segment {
             offset: s,
             length: (e - s) as u32,
-            moffset: self.moffset + (s - self.offset),
+            moffset: if self.zeroed {
+                self.moffset
+            } else {
+                self.moffset + (s - self.offset)
+            },
             ..*self
         }
     }
