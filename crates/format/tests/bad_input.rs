@@ -10,7 +10,7 @@ use ovbd_format::layer::{open_layer, write_blob, BlobOptions};
 use ovbd_format::lsmt::{Segment, NIL_UUID};
 use ovbd_format::source::read_exact_at;
 use ovbd_format::zfile::{Algorithm, ZFileHeader, ZFileOptions, ZFileReader};
-use ovbd_format::{Error, LayerStack, LsmtFile, MemSource, ReadAt, RwLayer, RwMode};
+use ovbd_format::{Error, FileSource, LayerStack, LsmtFile, MemSource, ReadAt, RwLayer, RwMode};
 use std::sync::{Arc, OnceLock};
 
 const NAME: &str = "sha256:bad-input-under-test";
@@ -1145,4 +1145,42 @@ fn garbled_rw_layers_are_errors() {
     }
     std::fs::write(&i, &o).unwrap();
     RwLayer::open(&d, &i).unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Regressions from the fuzz targets (fuzz/)
+
+/// fuzz/rw_index: a write inside a discarded range cut the zeroed entry and moved the cut-off
+/// tail's moffset forward as if it had data, past the end of the data file. Sealing then wrote
+/// an index the read-only loader rejects ("maps sectors [..] outside the data area"). Upstream
+/// never moves a zeroed mapping's moffset when trimming it.
+#[test]
+fn rw_write_inside_a_discard_seals_to_an_openable_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    for reopen in [false, true] {
+        let d = dir.path().join(format!("data-{reopen}"));
+        let i = dir.path().join(format!("index-{reopen}"));
+        let l = RwLayer::create(&d, &i, VSIZE, RwMode::Append, None).unwrap();
+        l.discard(0, 8192).unwrap();
+        l.write(&[0x42; 512], 5120).unwrap();
+        let l = if reopen {
+            drop(l);
+            RwLayer::open(&d, &i).unwrap()
+        } else {
+            l
+        };
+        let segs = l.segments();
+        assert_eq!(segs.len(), 3, "{segs:?}");
+        for s in segs.iter().filter(|s| s.zeroed) {
+            assert_eq!(s.moffset, 8, "a zeroed mapping moved: {segs:?}");
+        }
+        l.seal().unwrap();
+        let sealed = LsmtFile::open(Arc::new(FileSource::open(&d).unwrap())).unwrap();
+        let stack = LayerStack::new(vec![sealed]).unwrap();
+        let mut got = vec![1u8; 16384];
+        stack.read(&mut got, 0).unwrap();
+        let mut want = vec![0u8; 16384];
+        want[5120..5632].fill(0x42);
+        assert!(got == want, "reopen={reopen}");
+    }
 }
