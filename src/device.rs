@@ -443,45 +443,13 @@ pub fn enter_private_mount_namespace() -> Result<()> {
             return Err(std::io::Error::last_os_error()).context("making mounts private");
         }
     }
-    let info =
-        std::fs::read_to_string("/proc/thread-self/mountinfo").context("reading mountinfo")?;
-    for line in info.lines() {
-        // "... mount_point ... - fstype source super_options"
-        let mut halves = line.splitn(2, " - ");
-        let (Some(left), Some(right)) = (halves.next(), halves.next()) else {
-            continue;
-        };
-        let source = right.split_whitespace().nth(1).unwrap_or("");
-        let Some(mount_point) = left.split_whitespace().nth(4) else {
-            continue;
-        };
+    for (mount_point, source) in crate::mount::mounts() {
         if source.starts_with("/dev/ublkb") {
-            let mp = std::ffi::CString::new(unescape_mountinfo(mount_point))?;
-            // SAFETY: detaching a mount in our private namespace only.
-            unsafe { libc::umount2(mp.as_ptr(), libc::MNT_DETACH) };
+            // Only this private namespace's copy is detached.
+            let _ = crate::mount::unmount(std::path::Path::new(&mount_point), true);
         }
     }
     Ok(())
-}
-
-/// mountinfo escapes space, tab, newline and backslash as octal.
-fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -616,11 +584,5 @@ mod tests {
         got.sort();
         assert_eq!(got, vec![0, 1, 2, 3]);
         block_tx.send(()).unwrap();
-    }
-
-    #[test]
-    fn mountinfo_escapes() {
-        assert_eq!(unescape_mountinfo("/a\\040b"), "/a b");
-        assert_eq!(unescape_mountinfo("/plain"), "/plain");
     }
 }

@@ -1,9 +1,15 @@
 //! `ovbd`: the command line. Parsing stays here; the work lives in the modules below.
 
+mod config;
+mod daemon;
 mod device;
 mod device_tool;
+mod filters;
 mod image_config;
 mod layer_tool;
+mod metadata;
+mod mount;
+mod snapshotter;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -31,6 +37,12 @@ enum Cmd {
     /// Block devices (ublk) serving images.
     #[command(subcommand)]
     Device(DeviceCmd),
+    /// Run the containerd snapshotter (proxy plugin) daemon.
+    Serve {
+        /// Configuration file (default /etc/ovbd/config.toml; see config/ovbd.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -130,8 +142,15 @@ enum ImageCmd {
 }
 
 fn main() {
-    env_logger::Builder::from_env(env_logger::Env::default().filter_or("OVBD_LOG", "warn")).init();
     let cli = Cli::parse();
+    // The daemon logs at its configured level; tools only warn. OVBD_LOG overrides both.
+    let level = match &cli.cmd {
+        Cmd::Serve { config } => config::Config::load(config.as_deref())
+            .map(|c| c.log_level)
+            .unwrap_or_else(|_| "info".into()),
+        _ => "warn".into(),
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().filter_or("OVBD_LOG", level)).init();
     if let Err(e) = run(cli) {
         eprintln!("ovbd: {e:#}");
         std::process::exit(1);
@@ -193,6 +212,10 @@ fn run(cli: Cli) -> Result<()> {
             recover,
         }) => device_tool::attach(&configs, background, id, recover),
         Cmd::Device(DeviceCmd::List { json }) => device_tool::list(json),
+        Cmd::Serve { config } => {
+            let cfg = config::Config::load(config.as_deref())?;
+            daemon::serve(cfg)
+        }
         Cmd::Device(DeviceCmd::Detach { id }) => device_tool::detach(id),
         Cmd::Image(ImageCmd::Export { mut paths }) => {
             let out = paths.pop().unwrap_or_default();

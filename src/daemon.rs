@@ -1,0 +1,63 @@
+//! `ovbd serve`: the snapshotter daemon on its unix socket.
+
+use crate::config::Config;
+use crate::snapshotter::{Service, Snapshotter};
+use anyhow::{Context, Result};
+use containerd_snapshots::tonic::transport::Server;
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+
+pub fn serve(cfg: Config) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(run(cfg))
+}
+
+async fn run(cfg: Config) -> Result<()> {
+    let socket = cfg.socket.clone();
+    let snap = Arc::new(
+        tokio::task::spawn_blocking(move || -> Result<Snapshotter> {
+            let s = Snapshotter::open(cfg)?;
+            s.reconcile().context("reconciling state at start")?;
+            Ok(s)
+        })
+        .await??,
+    );
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    match std::fs::remove_file(&socket) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing stale {}", socket.display())),
+    }
+    let listener = tokio::net::UnixListener::bind(&socket)
+        .with_context(|| format!("binding {}", socket.display()))?;
+    // The socket is root's only: whoever talks to it can mount anything.
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
+    log::info!(
+        "serving the containerd Snapshots API on {}",
+        socket.display()
+    );
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    let shutdown = async {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
+        }
+        log::info!("shutting down");
+    };
+    Server::builder()
+        .add_service(containerd_snapshots::server(Arc::new(Service(snap))))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+        .context("serving gRPC")?;
+    let _ = std::fs::remove_file(&socket);
+    // Devices stay attached: with USER_RECOVERY the kernel keeps them for the next start,
+    // which re-attaches them in place (running containers keep their rootfs).
+    Ok(())
+}

@@ -1,0 +1,389 @@
+//! The snapshotter's metadata: keys, parents, kinds, labels, ids, timestamps, in one redb file.
+//! Every change is one transaction, so a crash never leaves a half-made snapshot behind;
+//! directories made before a transaction that never committed are orphans `Cleanup` removes.
+
+use redb::{Database, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
+const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Kind {
+    View,
+    Active,
+    Committed,
+}
+
+/// How a snapshot's content is stored (upstream's storage types, spec §4.4).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Storage {
+    /// Plain OCI layer or container upper: a directory, served with overlayfs.
+    #[default]
+    Normal,
+    /// An OverlayBD layer file in the snapshot's `fs/` (committed), or a writable block layer.
+    Block,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub id: u64,
+    pub key: String,
+    pub kind: Kind,
+    /// Empty for none.
+    pub parent: String,
+    pub labels: BTreeMap<String, String>,
+    /// Nanoseconds since the epoch.
+    pub created: u64,
+    pub updated: u64,
+    #[serde(default)]
+    pub storage: Storage,
+    /// Rootfs mode of an active snapshot on block parents: "overlayfs", "dir" or "dev".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    /// Disk usage recorded at commit (bytes, inodes).
+    #[serde(default)]
+    pub usage: (i64, i64),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    #[error("snapshot {0}: not found")]
+    NotFound(String),
+    #[error("snapshot {0}: already exists")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("metadata store: {0}")]
+    Store(String),
+}
+
+macro_rules! store_err {
+    ($($t:ty),*) => {$(
+        impl From<$t> for MetaError {
+            fn from(e: $t) -> Self {
+                MetaError::Store(e.to_string())
+            }
+        }
+    )*};
+}
+store_err!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    serde_json::Error
+);
+
+pub type MetaResult<T> = Result<T, MetaError>;
+
+pub fn now_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+pub struct MetaStore {
+    db: Database,
+}
+
+fn decode(bytes: &[u8]) -> MetaResult<Snapshot> {
+    Ok(serde_json::from_slice(bytes)?)
+}
+
+impl MetaStore {
+    pub fn open(path: &Path) -> MetaResult<MetaStore> {
+        let db = Database::create(path)?;
+        let tx = db.begin_write()?;
+        tx.open_table(SNAPSHOTS)?;
+        tx.open_table(COUNTERS)?;
+        tx.commit()?;
+        Ok(MetaStore { db })
+    }
+
+    pub fn get(&self, key: &str) -> MetaResult<Snapshot> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(SNAPSHOTS)?;
+        match t.get(key)? {
+            Some(v) => decode(v.value()),
+            None => Err(MetaError::NotFound(key.to_string())),
+        }
+    }
+
+    pub fn list(&self) -> MetaResult<Vec<Snapshot>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(SNAPSHOTS)?;
+        let mut out = Vec::new();
+        for row in t.iter()? {
+            let (_, v) = row?;
+            out.push(decode(v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// The chain from `key`'s parent up to the root: nearest first.
+    pub fn parents(&self, key: &str) -> MetaResult<Vec<Snapshot>> {
+        let mut out = Vec::new();
+        let mut cur = self.get(key)?.parent;
+        while !cur.is_empty() {
+            let s = self.get(&cur)?;
+            cur = s.parent.clone();
+            out.push(s);
+            if out.len() > 4096 {
+                return Err(MetaError::Store(format!("parent chain of {key} loops")));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Creates an active or view snapshot; `prepare` runs inside the transaction after the
+    /// checks (it makes the directories), and the record is stored only if it succeeds.
+    pub fn create<E>(
+        &self,
+        key: &str,
+        parent: &str,
+        kind: Kind,
+        labels: BTreeMap<String, String>,
+        prepare: impl FnOnce(&Snapshot) -> Result<Snapshot, E>,
+    ) -> Result<Snapshot, E>
+    where
+        E: From<MetaError>,
+    {
+        if key.is_empty() {
+            return Err(MetaError::InvalidArgument("empty snapshot key".into()).into());
+        }
+        let tx = self.db.begin_write().map_err(MetaError::from)?;
+        let snap = {
+            let mut t = tx.open_table(SNAPSHOTS).map_err(MetaError::from)?;
+            if t.get(key).map_err(MetaError::from)?.is_some() {
+                return Err(MetaError::AlreadyExists(key.to_string()).into());
+            }
+            if !parent.is_empty() {
+                let p = match t.get(parent).map_err(MetaError::from)? {
+                    Some(v) => decode(v.value())?,
+                    None => return Err(MetaError::NotFound(format!("parent {parent}")).into()),
+                };
+                if p.kind != Kind::Committed {
+                    return Err(MetaError::FailedPrecondition(format!(
+                        "parent {parent} is not committed"
+                    ))
+                    .into());
+                }
+            }
+            let mut c = tx.open_table(COUNTERS).map_err(MetaError::from)?;
+            let id = c
+                .get("next_id")
+                .map_err(MetaError::from)?
+                .map(|v| v.value())
+                .unwrap_or(1);
+            c.insert("next_id", id + 1).map_err(MetaError::from)?;
+            let now = now_nanos();
+            let draft = Snapshot {
+                id,
+                key: key.to_string(),
+                kind,
+                parent: parent.to_string(),
+                labels,
+                created: now,
+                updated: now,
+                storage: Storage::Normal,
+                mode: None,
+                usage: (0, 0),
+            };
+            let snap = prepare(&draft)?;
+            t.insert(
+                key,
+                serde_json::to_vec(&snap)
+                    .map_err(MetaError::from)?
+                    .as_slice(),
+            )
+            .map_err(MetaError::from)?;
+            snap
+        };
+        tx.commit().map_err(MetaError::from)?;
+        Ok(snap)
+    }
+
+    /// Commits active snapshot `key` as `name`; `finish` may amend the new record (storage
+    /// type, usage) before it is stored.
+    pub fn commit<E>(
+        &self,
+        key: &str,
+        name: &str,
+        labels: BTreeMap<String, String>,
+        finish: impl FnOnce(&mut Snapshot) -> Result<(), E>,
+    ) -> Result<Snapshot, E>
+    where
+        E: From<MetaError>,
+    {
+        let tx = self.db.begin_write().map_err(MetaError::from)?;
+        let snap = {
+            let mut t = tx.open_table(SNAPSHOTS).map_err(MetaError::from)?;
+            if t.get(name).map_err(MetaError::from)?.is_some() {
+                return Err(MetaError::AlreadyExists(name.to_string()).into());
+            }
+            let active = match t.get(key).map_err(MetaError::from)? {
+                Some(v) => decode(v.value())?,
+                None => return Err(MetaError::NotFound(key.to_string()).into()),
+            };
+            if active.kind != Kind::Active {
+                return Err(MetaError::FailedPrecondition(format!(
+                    "{key} is not an active snapshot"
+                ))
+                .into());
+            }
+            let mut snap = active.clone();
+            snap.key = name.to_string();
+            snap.kind = Kind::Committed;
+            snap.labels.extend(labels);
+            snap.updated = now_nanos();
+            finish(&mut snap)?;
+            t.remove(key).map_err(MetaError::from)?;
+            t.insert(
+                name,
+                serde_json::to_vec(&snap)
+                    .map_err(MetaError::from)?
+                    .as_slice(),
+            )
+            .map_err(MetaError::from)?;
+            snap
+        };
+        tx.commit().map_err(MetaError::from)?;
+        Ok(snap)
+    }
+
+    /// Removes `key` if nothing descends from it.
+    pub fn remove(&self, key: &str) -> MetaResult<Snapshot> {
+        let tx = self.db.begin_write()?;
+        let snap = {
+            let mut t = tx.open_table(SNAPSHOTS)?;
+            let snap = match t.get(key)? {
+                Some(v) => decode(v.value())?,
+                None => return Err(MetaError::NotFound(key.to_string())),
+            };
+            for row in t.iter()? {
+                let (_, v) = row?;
+                let s = decode(v.value())?;
+                if s.parent == key {
+                    return Err(MetaError::FailedPrecondition(format!(
+                        "cannot remove {key}: snapshot {} depends on it",
+                        s.key
+                    )));
+                }
+            }
+            t.remove(key)?;
+            snap
+        };
+        tx.commit()?;
+        Ok(snap)
+    }
+
+    /// Stores changed labels (and anything else `change` does) of an existing snapshot.
+    pub fn update(&self, key: &str, change: impl FnOnce(&mut Snapshot)) -> MetaResult<Snapshot> {
+        let tx = self.db.begin_write()?;
+        let snap = {
+            let mut t = tx.open_table(SNAPSHOTS)?;
+            let mut snap = match t.get(key)? {
+                Some(v) => decode(v.value())?,
+                None => return Err(MetaError::NotFound(key.to_string())),
+            };
+            change(&mut snap);
+            snap.updated = now_nanos();
+            t.insert(key, serde_json::to_vec(&snap)?.as_slice())?;
+            snap
+        };
+        tx.commit()?;
+        Ok(snap)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, MetaStore) {
+        let d = tempfile::tempdir().unwrap();
+        let s = MetaStore::open(&d.path().join("metadata.db")).unwrap();
+        (d, s)
+    }
+
+    fn ok(s: &Snapshot) -> Result<Snapshot, MetaError> {
+        Ok(s.clone())
+    }
+
+    #[test]
+    fn lifecycle_and_errors() {
+        let (_d, m) = store();
+        let a = m
+            .create("a", "", Kind::Active, BTreeMap::new(), ok)
+            .unwrap();
+        assert!(matches!(
+            m.create("a", "", Kind::Active, BTreeMap::new(), ok),
+            Err(MetaError::AlreadyExists(_))
+        ));
+        assert!(matches!(
+            m.create("b", "a", Kind::Active, BTreeMap::new(), ok),
+            Err(MetaError::FailedPrecondition(_))
+        ));
+        assert!(matches!(
+            m.create("b", "zz", Kind::Active, BTreeMap::new(), ok),
+            Err(MetaError::NotFound(_))
+        ));
+        let c = m
+            .commit("a", "A", BTreeMap::new(), |_| Ok::<(), MetaError>(()))
+            .unwrap();
+        assert_eq!((c.id, c.kind), (a.id, Kind::Committed));
+        assert!(matches!(m.get("a"), Err(MetaError::NotFound(_))));
+        let b = m
+            .create("b", "A", Kind::Active, BTreeMap::new(), ok)
+            .unwrap();
+        assert_ne!(b.id, a.id);
+        assert!(matches!(
+            m.remove("A"),
+            Err(MetaError::FailedPrecondition(_))
+        ));
+        assert_eq!(
+            m.parents("b")
+                .unwrap()
+                .iter()
+                .map(|s| s.key.as_str())
+                .collect::<Vec<_>>(),
+            vec!["A"]
+        );
+        m.remove("b").unwrap();
+        m.remove("A").unwrap();
+        assert!(m.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn failed_prepare_stores_nothing_and_survives_reopen() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("metadata.db");
+        {
+            let m = MetaStore::open(&path).unwrap();
+            let r: Result<Snapshot, MetaError> =
+                m.create("x", "", Kind::Active, BTreeMap::new(), |_| {
+                    Err(MetaError::Store("mkdir failed".into()))
+                });
+            assert!(r.is_err());
+            m.create(
+                "y",
+                "",
+                Kind::View,
+                BTreeMap::from([("k".into(), "v".into())]),
+                ok,
+            )
+            .unwrap();
+        }
+        let m = MetaStore::open(&path).unwrap();
+        assert!(matches!(m.get("x"), Err(MetaError::NotFound(_))));
+        assert_eq!(m.get("y").unwrap().labels["k"], "v");
+    }
+}

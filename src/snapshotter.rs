@@ -1,0 +1,855 @@
+//! The containerd Snapshots API (spec §4): plain OCI layers as overlayfs directories, exactly
+//! like containerd's overlay snapshotter, and OverlayBD layers as block devices.
+//!
+//! Layout under `root`: `metadata.db` and `snapshots/<id>/{fs,work,block}`. `fs/` holds a
+//! layer's files (or its `overlaybd.commit` / `overlaybd.sealed`), `work/` overlayfs' workdir,
+//! `block/` a device's `config.v1.json`, result file, mountpoint and writable layer files.
+
+use crate::config::{Config, RootfsMode, WritableLayerType};
+use crate::device::{self, AttachOptions, AttachedDevice, WorkerPool};
+use crate::image_config::{ImageConfig, LowerConfig, UpperConfig};
+use crate::metadata::{Kind, MetaError, MetaStore, Snapshot, Storage};
+use crate::mount;
+use anyhow::{anyhow, bail, Context, Result};
+use containerd_snapshots::{api::types::Mount, tonic, Info, Usage};
+use ovbd_format::layer::sniff;
+use ovbd_format::{RwLayer, RwMode};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, UNIX_EPOCH};
+
+/// containerd's label on a Prepare that unpacks a layer.
+const LABEL_SNAPSHOT_REF: &str = "containerd.io/snapshot.ref";
+/// Per-container rootfs mode (`dir` or `dev`).
+const LABEL_WRITABLE: &str = "containerd.io/snapshot/overlaybd.writable";
+/// Virtual size (GiB) of a new writable base layer.
+const LABEL_VSIZE: &str = "containerd.io/snapshot/overlaybd/vsize";
+/// Written on committed OverlayBD layers, as upstream does.
+const LABEL_LOCAL_COMMIT: &str = "containerd.io/snapshot/overlaybd.localcommitpath";
+
+/// What Remove and Commit report when they cannot do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapError {
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    #[error("{0:#}")]
+    Other(#[from] anyhow::Error),
+}
+
+impl From<SnapError> for tonic::Status {
+    fn from(e: SnapError) -> tonic::Status {
+        match &e {
+            SnapError::Meta(MetaError::NotFound(_)) => tonic::Status::not_found(e.to_string()),
+            SnapError::Meta(MetaError::AlreadyExists(_)) => {
+                tonic::Status::already_exists(e.to_string())
+            }
+            SnapError::Meta(MetaError::FailedPrecondition(_)) => {
+                tonic::Status::failed_precondition(e.to_string())
+            }
+            SnapError::Meta(MetaError::InvalidArgument(_)) => {
+                tonic::Status::invalid_argument(e.to_string())
+            }
+            _ => tonic::Status::internal(e.to_string()),
+        }
+    }
+}
+
+impl From<std::io::Error> for SnapError {
+    fn from(e: std::io::Error) -> Self {
+        SnapError::Other(e.into())
+    }
+}
+
+impl From<ovbd_format::Error> for SnapError {
+    fn from(e: ovbd_format::Error) -> Self {
+        SnapError::Other(e.into())
+    }
+}
+
+type SnapResult<T> = Result<T, SnapError>;
+
+/// A read-only image device shared by every container on the same image.
+struct SharedDevice {
+    dev: AttachedDevice,
+    mountpoint: PathBuf,
+    /// Active snapshots using it.
+    users: BTreeSet<u64>,
+}
+
+#[derive(Default)]
+struct Devices {
+    /// By the id of the top committed OverlayBD snapshot of the image.
+    shared: HashMap<u64, SharedDevice>,
+    /// Writable (dir/dev mode) devices by the active snapshot's id.
+    writable: HashMap<u64, AttachedDevice>,
+}
+
+pub struct Snapshotter {
+    cfg: Config,
+    meta: MetaStore,
+    devices: Mutex<Devices>,
+    pool: Arc<WorkerPool>,
+}
+
+fn ts(nanos: u64) -> std::time::SystemTime {
+    UNIX_EPOCH + Duration::from_nanos(nanos)
+}
+
+fn to_info(s: &Snapshot) -> Info {
+    Info {
+        kind: match s.kind {
+            Kind::View => containerd_snapshots::Kind::View,
+            Kind::Active => containerd_snapshots::Kind::Active,
+            Kind::Committed => containerd_snapshots::Kind::Committed,
+        },
+        name: s.key.clone(),
+        parent: s.parent.clone(),
+        labels: s
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        created_at: ts(s.created),
+        updated_at: ts(s.updated),
+    }
+}
+
+fn mnt(kind: &str, source: &Path, options: Vec<String>) -> Mount {
+    Mount {
+        r#type: kind.into(),
+        source: source.display().to_string(),
+        target: String::new(),
+        options,
+    }
+}
+
+impl Snapshotter {
+    pub fn open(cfg: Config) -> Result<Snapshotter> {
+        std::fs::create_dir_all(cfg.root.join("snapshots"))
+            .with_context(|| format!("creating {}", cfg.root.display()))?;
+        let meta = MetaStore::open(&cfg.root.join("metadata.db"))?;
+        Ok(Snapshotter {
+            cfg,
+            meta,
+            devices: Mutex::new(Devices::default()),
+            pool: WorkerPool::new(2, 256),
+        })
+    }
+
+    fn dir(&self, id: u64) -> PathBuf {
+        self.cfg.root.join("snapshots").join(id.to_string())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Devices> {
+        self.devices.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn stat(&self, key: &str) -> SnapResult<Info> {
+        Ok(to_info(&self.meta.get(key)?))
+    }
+
+    pub fn update(&self, info: Info, fieldpaths: Option<Vec<String>>) -> SnapResult<Info> {
+        let s = self.meta.update(&info.name, |s| {
+            let paths = fieldpaths.unwrap_or_default();
+            if paths.is_empty() {
+                // No paths: labels are replaced wholesale (containerd's semantics).
+                s.labels = info
+                    .labels
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                return;
+            }
+            for p in paths {
+                if p == "labels" {
+                    s.labels = info
+                        .labels
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect();
+                } else if let Some(k) = p.strip_prefix("labels.") {
+                    match info.labels.get(k) {
+                        Some(v) => {
+                            s.labels.insert(k.to_string(), v.clone());
+                        }
+                        None => {
+                            s.labels.remove(k);
+                        }
+                    }
+                }
+            }
+        })?;
+        Ok(to_info(&s))
+    }
+
+    pub fn usage(&self, key: &str) -> SnapResult<Usage> {
+        let s = self.meta.get(key)?;
+        if s.kind == Kind::Committed {
+            return Ok(Usage {
+                size: s.usage.0,
+                inodes: s.usage.1,
+            });
+        }
+        let (size, inodes) = disk_usage(&self.dir(s.id))?;
+        Ok(Usage { size, inodes })
+    }
+
+    pub fn list(&self, filters: &[String]) -> SnapResult<Vec<Info>> {
+        let f = crate::filters::Filters::parse(filters)
+            .map_err(|e| MetaError::InvalidArgument(e.to_string()))?;
+        Ok(self
+            .meta
+            .list()?
+            .iter()
+            .filter(|s| f.matches(s))
+            .map(to_info)
+            .collect())
+    }
+
+    /// Prepare (active) or View.
+    pub fn create(
+        &self,
+        key: &str,
+        parent: &str,
+        kind: Kind,
+        labels: HashMap<String, String>,
+    ) -> SnapResult<Vec<Mount>> {
+        let labels: BTreeMap<String, String> = labels.into_iter().collect();
+        let chain = if parent.is_empty() {
+            Vec::new()
+        } else {
+            self.chain_from(parent)?
+        };
+        let (normal, block) = split_chain(&chain)?;
+        let unpack = labels.contains_key(LABEL_SNAPSHOT_REF);
+        let mode = if kind == Kind::Active
+            && !unpack
+            && (!block.is_empty() || chain.is_empty())
+            && normal.is_empty()
+        {
+            let m = match labels.get(LABEL_WRITABLE) {
+                Some(v) => RootfsMode::parse(v)
+                    .map_err(|e| MetaError::InvalidArgument(format!("{LABEL_WRITABLE}: {e}")))?,
+                None if block.is_empty() => RootfsMode::Overlayfs,
+                None => self.cfg.rootfs_mode,
+            };
+            (m != RootfsMode::Overlayfs).then_some(m)
+        } else {
+            None
+        };
+        let snap =
+            self.meta
+                .create(key, parent, kind, labels, |draft| -> SnapResult<Snapshot> {
+                    let dir = self.dir(draft.id);
+                    let mut s = draft.clone();
+                    // A leftover directory of a crashed transaction with this id is garbage.
+                    let _ = std::fs::remove_dir_all(&dir);
+                    std::fs::create_dir_all(dir.join("fs"))
+                        .with_context(|| format!("creating {}", dir.display()))?;
+                    if kind == Kind::Active {
+                        std::fs::create_dir_all(dir.join("work"))?;
+                    }
+                    if let Some(m) = mode {
+                        std::fs::create_dir_all(dir.join("block"))?;
+                        s.mode = Some(m.as_str().to_string());
+                        s.storage = Storage::Block;
+                    }
+                    Ok(s)
+                })?;
+        match self.mounts_of(&snap, &chain) {
+            Ok(m) => Ok(m),
+            Err(e) => {
+                // Undo: nothing half-made stays behind.
+                let _ = self.release(&snap, &chain);
+                let _ = self.meta.remove(key);
+                let _ = std::fs::remove_dir_all(self.dir(snap.id));
+                Err(e)
+            }
+        }
+    }
+
+    pub fn mounts(&self, key: &str) -> SnapResult<Vec<Mount>> {
+        let s = self.meta.get(key)?;
+        if s.kind == Kind::Committed {
+            return Err(MetaError::FailedPrecondition(format!(
+                "{key} is committed: it has no mounts"
+            ))
+            .into());
+        }
+        let chain = if s.parent.is_empty() {
+            Vec::new()
+        } else {
+            self.chain_from(&s.parent)?
+        };
+        self.mounts_of(&s, &chain)
+    }
+
+    /// `parent` and its ancestors, nearest first.
+    fn chain_from(&self, parent: &str) -> SnapResult<Vec<Snapshot>> {
+        let p = self.meta.get(parent)?;
+        let mut chain = vec![p];
+        chain.extend(self.meta.parents(parent)?);
+        Ok(chain)
+    }
+
+    /// The mounts of an active or view snapshot; attaches and mounts devices as needed
+    /// (idempotent: a device already up is reused).
+    fn mounts_of(&self, s: &Snapshot, chain: &[Snapshot]) -> SnapResult<Vec<Mount>> {
+        let dir = self.dir(s.id);
+        let (normal, block) = split_chain(chain)?;
+        match s.mode.as_deref().map(RootfsMode::parse).transpose()? {
+            Some(RootfsMode::Dir) => {
+                let (_dev, mp) = self.ensure_writable(s, &block)?;
+                return Ok(vec![mnt("bind", &mp, vec!["rw".into(), "rbind".into()])]);
+            }
+            Some(RootfsMode::Dev) => {
+                let (dev, _) = self.ensure_writable(s, &block)?;
+                return Ok(vec![mnt(
+                    "ext4",
+                    Path::new(&dev),
+                    vec!["rw".into(), "discard".into()],
+                )]);
+            }
+            _ => {}
+        }
+        let mut lowers: Vec<PathBuf> = normal.iter().map(|p| self.dir(p.id).join("fs")).collect();
+        if let Some(top) = block.last() {
+            lowers.push(self.ensure_shared(top, &block, s.id)?);
+        }
+        let ro = s.kind == Kind::View;
+        if lowers.is_empty() {
+            let opt = if ro { "ro" } else { "rw" };
+            return Ok(vec![mnt(
+                "bind",
+                &dir.join("fs"),
+                vec![opt.into(), "rbind".into()],
+            )]);
+        }
+        if ro && lowers.len() == 1 {
+            return Ok(vec![mnt(
+                "bind",
+                &lowers[0],
+                vec!["ro".into(), "rbind".into()],
+            )]);
+        }
+        let lowerdir = lowers
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(":");
+        let mut options = Vec::new();
+        if !ro {
+            options.push(format!("workdir={}", dir.join("work").display()));
+            options.push(format!("upperdir={}", dir.join("fs").display()));
+        }
+        options.push(format!("lowerdir={lowerdir}"));
+        Ok(vec![mnt("overlay", Path::new("overlay"), options)])
+    }
+
+    /// The read-only device of the image whose top layer is `top` (`block` bottom to top),
+    /// attached and mounted once, shared by every user. Returns its mountpoint.
+    fn ensure_shared(&self, top: &Snapshot, block: &[Snapshot], user: u64) -> SnapResult<PathBuf> {
+        let mut devs = self.lock();
+        if let Some(d) = devs.shared.get_mut(&top.id) {
+            d.users.insert(user);
+            return Ok(d.mountpoint.clone());
+        }
+        let bdir = self.dir(top.id).join("block");
+        std::fs::create_dir_all(bdir.join("mountpoint"))
+            .with_context(|| format!("creating {}", bdir.display()))?;
+        let cfg = ImageConfig {
+            lowers: block
+                .iter()
+                .map(|l| LowerConfig {
+                    dir: Some(self.dir(l.id).join("fs")),
+                    ..Default::default()
+                })
+                .collect(),
+            result_file: Some(bdir.join("init-debug.log")),
+            ..Default::default()
+        };
+        save_config(&cfg, &bdir.join("config.v1.json"))?;
+        let dev = self.attach(&cfg, &bdir)?;
+        let mountpoint = bdir.join("mountpoint");
+        if !mount::is_mounted(&mountpoint) {
+            if let Err(e) =
+                mount::mount(&dev.block_path(), &mountpoint, "ext4", libc::MS_RDONLY, "")
+            {
+                let _ = device::stop_device(dev.id);
+                return Err(e.into());
+            }
+        }
+        let users = BTreeSet::from([user]);
+        devs.shared.insert(
+            top.id,
+            SharedDevice {
+                dev,
+                mountpoint: mountpoint.clone(),
+                users,
+            },
+        );
+        Ok(mountpoint)
+    }
+
+    /// The writable device of a dir/dev snapshot; returns (device path, mountpoint).
+    fn ensure_writable(&self, s: &Snapshot, block: &[Snapshot]) -> SnapResult<(String, PathBuf)> {
+        let mut devs = self.lock();
+        let bdir = self.dir(s.id).join("block");
+        let mountpoint = bdir.join("mountpoint");
+        if let Some(d) = devs.writable.get(&s.id) {
+            return Ok((d.block_path(), mountpoint));
+        }
+        let (data, index) = (bdir.join("writable_data"), bdir.join("writable_index"));
+        let fresh = !data.exists();
+        if fresh {
+            let vsize = if block.is_empty() {
+                let gb = match s.labels.get(LABEL_VSIZE) {
+                    Some(v) => v
+                        .parse::<u64>()
+                        .map_err(|_| MetaError::InvalidArgument(format!("{LABEL_VSIZE}: {v:?}")))?,
+                    None => self.cfg.default_vsize_gb,
+                };
+                gb << 30
+            } else {
+                0 // inherit the image's
+            };
+            let mode = match self.cfg.writable_layer_type {
+                WritableLayerType::Append => RwMode::Append,
+                WritableLayerType::Sparse => RwMode::Sparse,
+            };
+            RwLayer::create(&data, &index, vsize, mode, None)?;
+        }
+        let cfg = ImageConfig {
+            lowers: block
+                .iter()
+                .map(|l| LowerConfig {
+                    dir: Some(self.dir(l.id).join("fs")),
+                    ..Default::default()
+                })
+                .collect(),
+            upper: Some(UpperConfig { index, data }),
+            result_file: Some(bdir.join("init-debug.log")),
+            ..Default::default()
+        };
+        save_config(&cfg, &bdir.join("config.v1.json"))?;
+        let dev = self.attach(&cfg, &bdir)?;
+        let path = dev.block_path();
+        let ready = (|| -> Result<()> {
+            if fresh && block.is_empty() {
+                mkfs_ext4(&path)?;
+            }
+            if s.mode.as_deref() == Some("dir") && !mount::is_mounted(&mountpoint) {
+                std::fs::create_dir_all(&mountpoint)?;
+                mount::mount(&path, &mountpoint, "ext4", 0, "discard")?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = ready {
+            let _ = device::stop_device(dev.id);
+            return Err(e.into());
+        }
+        devs.writable.insert(s.id, dev);
+        Ok((path, mountpoint))
+    }
+
+    /// Attaches `cfg`'s image, re-attaching the device recorded in `bdir` if the kernel kept it
+    /// (the daemon restarted while it was in use).
+    fn attach(&self, cfg: &ImageConfig, bdir: &Path) -> Result<AttachedDevice> {
+        let mark = bdir.join("backstore_mark");
+        let recorded = std::fs::read_to_string(&mark).ok().and_then(|t| {
+            t.trim()
+                .strip_prefix("/dev/ublkb")
+                .and_then(|n| n.parse::<u32>().ok())
+        });
+        let image = match cfg.open_image() {
+            Ok(i) => Arc::new(i),
+            Err(e) => {
+                cfg.write_result(&Err(anyhow!("{e:#}")));
+                return Err(e);
+            }
+        };
+        let mut attached = None;
+        if let Some(id) = recorded {
+            if Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists() {
+                match device::attach(
+                    image.clone(),
+                    self.pool.clone(),
+                    AttachOptions {
+                        id: Some(id),
+                        recover: true,
+                    },
+                ) {
+                    Ok(d) => attached = Some(d),
+                    Err(e) => log::warn!("re-attaching /dev/ublkb{id}: {e:#}; attaching anew"),
+                }
+            }
+        }
+        let dev = match attached {
+            Some(d) => d,
+            None => match device::attach(image, self.pool.clone(), AttachOptions::default()) {
+                Ok(d) => d,
+                Err(e) => {
+                    cfg.write_result(&Err(anyhow!("{e:#}")));
+                    return Err(e);
+                }
+            },
+        };
+        std::fs::write(&mark, dev.block_path())
+            .with_context(|| format!("writing {}", mark.display()))?;
+        cfg.write_result(&Ok(()));
+        Ok(dev)
+    }
+
+    pub fn commit(&self, name: &str, key: &str, labels: HashMap<String, String>) -> SnapResult<()> {
+        let s = self.meta.get(key)?;
+        let dir = self.dir(s.id);
+        if s.kind == Kind::Active && matches!(s.mode.as_deref(), Some("dir") | Some("dev")) {
+            // Seal the writable layer into a read-only OverlayBD layer of this snapshot.
+            self.detach_writable(&s)?;
+            let bdir = dir.join("block");
+            let (data, index) = (bdir.join("writable_data"), bdir.join("writable_index"));
+            RwLayer::open(&data, &index)?.seal()?;
+            std::fs::rename(&data, dir.join("fs/overlaybd.sealed"))
+                .context("moving the sealed layer")?;
+            let _ = std::fs::remove_file(&index);
+        }
+        let labels: BTreeMap<String, String> = labels.into_iter().collect();
+        self.meta.commit(key, name, labels, |c| -> SnapResult<()> {
+            c.mode = None;
+            c.storage = if is_block_layer(&dir.join("fs")) {
+                Storage::Block
+            } else {
+                Storage::Normal
+            };
+            if c.storage == Storage::Block {
+                let file = if dir.join("fs/overlaybd.commit").exists() {
+                    "overlaybd.commit"
+                } else {
+                    "overlaybd.sealed"
+                };
+                c.labels
+                    .insert(LABEL_LOCAL_COMMIT.into(), format!("{}/fs/{file}", c.id));
+            }
+            c.usage = disk_usage(&dir)?;
+            Ok(())
+        })?;
+        Ok(())
+    }
+
+    fn detach_writable(&self, s: &Snapshot) -> Result<()> {
+        let mountpoint = self.dir(s.id).join("block/mountpoint");
+        if mount::is_mounted(&mountpoint) {
+            mount::unmount(&mountpoint, false)?;
+        }
+        let dev = self.lock().writable.remove(&s.id);
+        if let Some(mut d) = dev {
+            device::stop_device(d.id)?;
+            d.join()?;
+        }
+        Ok(())
+    }
+
+    /// Lets go of the devices snapshot `s` uses.
+    fn release(&self, s: &Snapshot, chain: &[Snapshot]) -> Result<()> {
+        if matches!(s.mode.as_deref(), Some("dir") | Some("dev")) {
+            self.detach_writable(s)?;
+        }
+        let (_, block) = split_chain(chain).map_err(|e| anyhow!("{e}"))?;
+        if let Some(top) = block.last() {
+            let done = {
+                let mut devs = self.lock();
+                match devs.shared.get_mut(&top.id) {
+                    Some(d) => {
+                        d.users.remove(&s.id);
+                        if d.users.is_empty() {
+                            devs.shared.remove(&top.id)
+                        } else {
+                            None
+                        }
+                    }
+                    None => None,
+                }
+            };
+            if let Some(mut d) = done {
+                if mount::is_mounted(&d.mountpoint) {
+                    mount::unmount(&d.mountpoint, false)
+                        .or_else(|_| mount::unmount(&d.mountpoint, true))?;
+                }
+                device::stop_device(d.dev.id)?;
+                d.dev.join()?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn remove(&self, key: &str) -> SnapResult<()> {
+        let s = self.meta.get(key)?;
+        let chain = if s.parent.is_empty() {
+            Vec::new()
+        } else {
+            self.chain_from(&s.parent)?
+        };
+        self.meta.remove(key)?;
+        if let Err(e) = self.release(&s, &chain) {
+            log::warn!("removing {key}: {e:#}; Cleanup will retry");
+            return Ok(());
+        }
+        if let Err(e) = remove_snapshot_dir(&self.dir(s.id)) {
+            log::warn!("removing {key}: {e:#}; Cleanup will retry");
+        }
+        Ok(())
+    }
+
+    /// Removes directories no snapshot owns (left by crashes or failed removals).
+    pub fn cleanup(&self) -> SnapResult<()> {
+        let live: BTreeSet<u64> = self.meta.list()?.iter().map(|s| s.id).collect();
+        let dir = self.cfg.root.join("snapshots");
+        for e in std::fs::read_dir(&dir)
+            .with_context(|| format!("reading {}", dir.display()))?
+            .flatten()
+        {
+            let Some(id) = e.file_name().to_str().and_then(|n| n.parse::<u64>().ok()) else {
+                continue;
+            };
+            if !live.contains(&id) {
+                if let Err(err) = remove_snapshot_dir(&e.path()) {
+                    log::warn!("cleanup of {}: {err:#}", e.path().display());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// At start: bring back what live snapshots need (devices the kernel kept are re-attached
+    /// in place, so running containers keep their rootfs), then remove orphans.
+    pub fn reconcile(&self) -> Result<()> {
+        let all = self.meta.list()?;
+        for s in all.iter().filter(|s| s.kind != Kind::Committed) {
+            let chain = if s.parent.is_empty() {
+                Vec::new()
+            } else {
+                self.chain_from(&s.parent).map_err(|e| anyhow!("{e}"))?
+            };
+            let (_, block) = split_chain(&chain).map_err(|e| anyhow!("{e}"))?;
+            if s.mode.is_some() || !block.is_empty() {
+                if let Err(e) = self.mounts_of(s, &chain) {
+                    log::error!("restoring snapshot {}: {e}", s.key);
+                }
+            }
+        }
+        self.cleanup().map_err(|e| anyhow!("{e}"))?;
+        // Devices recorded by snapshots that are gone: delete them.
+        Ok(())
+    }
+}
+
+/// Splits a parent chain (nearest first) into plain OCI layers on top and OverlayBD layers at
+/// the bottom (returned bottom to top). OverlayBD layers above plain ones are not supported.
+fn split_chain(chain: &[Snapshot]) -> SnapResult<(Vec<Snapshot>, Vec<Snapshot>)> {
+    let first_block = chain
+        .iter()
+        .position(|s| s.storage == Storage::Block)
+        .unwrap_or(chain.len());
+    let (normal, block) = chain.split_at(first_block);
+    if let Some(s) = block.iter().find(|s| s.storage != Storage::Block) {
+        return Err(MetaError::FailedPrecondition(format!(
+            "unsupported image: plain OCI layer {} lies below OverlayBD layers (OverlayBD layers must be at the bottom)",
+            s.key
+        ))
+        .into());
+    }
+    let mut block = block.to_vec();
+    block.reverse();
+    Ok((normal.to_vec(), block))
+}
+
+/// Whether a layer directory holds an OverlayBD layer file (checked by magic, as upstream).
+fn is_block_layer(fs: &Path) -> bool {
+    ["overlaybd.commit", "overlaybd.sealed"].iter().any(|n| {
+        let mut head = [0u8; 24];
+        std::fs::File::open(fs.join(n))
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
+            .is_ok()
+            && sniff(&head).is_some()
+    })
+}
+
+fn save_config(cfg: &ImageConfig, path: &Path) -> Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(cfg)?)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+}
+
+fn mkfs_ext4(dev: &str) -> Result<()> {
+    // upstream's options for a writable base layer
+    let out = std::process::Command::new("mkfs.ext4")
+        .args([
+            "-q",
+            "-O",
+            "^has_journal,sparse_super,flex_bg",
+            "-G",
+            "1",
+            "-E",
+            "discard",
+            "-F",
+            dev,
+        ])
+        .output()
+        .context("running mkfs.ext4")?;
+    if !out.status.success() {
+        bail!(
+            "mkfs.ext4 {dev}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Unmounts anything under `dir` (deepest first), then removes it.
+fn remove_snapshot_dir(dir: &Path) -> Result<()> {
+    let prefix = format!("{}/", dir.display());
+    let mut under: Vec<String> = mount::mounts()
+        .into_iter()
+        .map(|(mp, _)| mp)
+        .filter(|mp| mp.starts_with(&prefix))
+        .collect();
+    under.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    for mp in under {
+        mount::unmount(Path::new(&mp), true)?;
+    }
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing {}", dir.display())),
+    }
+}
+
+/// Bytes (allocated) and inodes under `dir`, not crossing into mounts.
+fn disk_usage(dir: &Path) -> Result<(i64, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut size = 0i64;
+    let mut inodes = 0i64;
+    let mut seen = BTreeSet::new();
+    let root_dev = std::fs::symlink_metadata(dir).map(|m| m.dev()).unwrap_or(0);
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let Ok(md) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        if md.dev() != root_dev || !seen.insert(md.ino()) {
+            continue;
+        }
+        inodes += 1;
+        size += (md.blocks() * 512) as i64;
+        if md.is_dir() {
+            if let Ok(rd) = std::fs::read_dir(&p) {
+                stack.extend(rd.flatten().map(|e| e.path()));
+            }
+        }
+    }
+    Ok((size, inodes))
+}
+
+/// The gRPC face: each call runs the (blocking) snapshotter operation off the async threads.
+pub struct Service(pub Arc<Snapshotter>);
+
+async fn blocking<T: Send + 'static>(
+    s: &Arc<Snapshotter>,
+    f: impl FnOnce(&Snapshotter) -> SnapResult<T> + Send + 'static,
+) -> Result<T, tonic::Status> {
+    let s = s.clone();
+    match tokio::task::spawn_blocking(move || f(&s)).await {
+        Ok(r) => r.map_err(|e| {
+            log::debug!("{e}");
+            e.into()
+        }),
+        Err(e) => Err(tonic::Status::internal(format!(
+            "snapshotter task failed: {e}"
+        ))),
+    }
+}
+
+#[tonic::async_trait]
+impl containerd_snapshots::Snapshotter for Service {
+    type Error = tonic::Status;
+
+    async fn stat(&self, key: String) -> Result<Info, Self::Error> {
+        blocking(&self.0, move |s| s.stat(&key)).await
+    }
+
+    async fn update(
+        &self,
+        info: Info,
+        fieldpaths: Option<Vec<String>>,
+    ) -> Result<Info, Self::Error> {
+        blocking(&self.0, move |s| s.update(info, fieldpaths)).await
+    }
+
+    async fn usage(&self, key: String) -> Result<Usage, Self::Error> {
+        blocking(&self.0, move |s| s.usage(&key)).await
+    }
+
+    async fn mounts(&self, key: String) -> Result<Vec<Mount>, Self::Error> {
+        blocking(&self.0, move |s| s.mounts(&key)).await
+    }
+
+    async fn prepare(
+        &self,
+        key: String,
+        parent: String,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<Mount>, Self::Error> {
+        log::info!("prepare {key} (parent {parent:?})");
+        blocking(&self.0, move |s| {
+            s.create(&key, &parent, Kind::Active, labels)
+        })
+        .await
+    }
+
+    async fn view(
+        &self,
+        key: String,
+        parent: String,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<Mount>, Self::Error> {
+        log::info!("view {key} (parent {parent:?})");
+        blocking(&self.0, move |s| {
+            s.create(&key, &parent, Kind::View, labels)
+        })
+        .await
+    }
+
+    async fn commit(
+        &self,
+        name: String,
+        key: String,
+        labels: HashMap<String, String>,
+    ) -> Result<(), Self::Error> {
+        log::info!("commit {key} as {name}");
+        blocking(&self.0, move |s| s.commit(&name, &key, labels)).await
+    }
+
+    async fn remove(&self, key: String) -> Result<(), Self::Error> {
+        log::info!("remove {key}");
+        blocking(&self.0, move |s| s.remove(&key)).await
+    }
+
+    async fn clear(&self) -> Result<(), Self::Error> {
+        blocking(&self.0, |s| s.cleanup()).await
+    }
+
+    type InfoStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<Info, tonic::Status>> + Send + 'static>,
+    >;
+
+    async fn list(
+        &self,
+        _snapshotter: String,
+        filters: Vec<String>,
+    ) -> Result<Self::InfoStream, Self::Error> {
+        let infos = blocking(&self.0, move |s| s.list(&filters)).await?;
+        Ok(Box::pin(tokio_stream::iter(infos.into_iter().map(Ok))))
+    }
+}
