@@ -28,6 +28,21 @@ const LABEL_VSIZE: &str = "containerd.io/snapshot/overlaybd/vsize";
 /// Written on committed OverlayBD layers, as upstream does.
 const LABEL_LOCAL_COMMIT: &str = "containerd.io/snapshot/overlaybd.localcommitpath";
 
+/// Mode of a snapshot unpacking a layer onto OverlayBD parents: a plain bind of its `fs/`.
+/// A plain OCI layer unpacked this way cannot hide (whiteout) files of the OverlayBD layers
+/// below it; upstream has the same limit.
+const UNPACK_BIND: &str = "unpack";
+
+/// Whether a Prepare unpacks a layer (containerd's unpacker labels it, and `ctr pull` names
+/// it `extract-<n>-<chain id>`) rather than making a container rootfs.
+fn is_unpack(key: &str, labels: &BTreeMap<String, String>) -> bool {
+    labels.contains_key(LABEL_SNAPSHOT_REF)
+        || key
+            .rsplit('/')
+            .next()
+            .is_some_and(|k| k.starts_with("extract-"))
+}
+
 /// What Remove and Commit report when they cannot do what was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapError {
@@ -222,7 +237,7 @@ impl Snapshotter {
             self.chain_from(parent)?
         };
         let (normal, block) = split_chain(&chain)?;
-        let unpack = labels.contains_key(LABEL_SNAPSHOT_REF);
+        let unpack = is_unpack(key, &labels);
         let mode = if kind == Kind::Active
             && !unpack
             && (!block.is_empty() || chain.is_empty())
@@ -254,6 +269,11 @@ impl Snapshotter {
                         std::fs::create_dir_all(dir.join("block"))?;
                         s.mode = Some(m.as_str().to_string());
                         s.storage = Storage::Block;
+                    }
+                    if unpack && !block.is_empty() {
+                        // Unpacking onto an OverlayBD image (as upstream): the layer's own directory,
+                        // no device for its parents. An OverlayBD layer only drops its file here.
+                        s.mode = Some(UNPACK_BIND.to_string());
                     }
                     Ok(s)
                 })?;
@@ -298,6 +318,13 @@ impl Snapshotter {
     fn mounts_of(&self, s: &Snapshot, chain: &[Snapshot]) -> SnapResult<Vec<Mount>> {
         let dir = self.dir(s.id);
         let (normal, block) = split_chain(chain)?;
+        if s.mode.as_deref() == Some(UNPACK_BIND) {
+            return Ok(vec![mnt(
+                "bind",
+                &dir.join("fs"),
+                vec!["rw".into(), "rbind".into()],
+            )]);
+        }
         match s.mode.as_deref().map(RootfsMode::parse).transpose()? {
             Some(RootfsMode::Dir) => {
                 let (_dev, mp) = self.ensure_writable(s, &block)?;
@@ -556,6 +583,9 @@ impl Snapshotter {
             self.detach_writable(s)?;
         }
         let (_, block) = split_chain(chain).map_err(|e| anyhow!("{e}"))?;
+        if s.mode.as_deref() == Some(UNPACK_BIND) {
+            return Ok(());
+        }
         if let Some(top) = block.last() {
             let done = {
                 let mut devs = self.lock();
@@ -632,7 +662,7 @@ impl Snapshotter {
                 self.chain_from(&s.parent).map_err(|e| anyhow!("{e}"))?
             };
             let (_, block) = split_chain(&chain).map_err(|e| anyhow!("{e}"))?;
-            if s.mode.is_some() || !block.is_empty() {
+            if s.mode.as_deref() != Some(UNPACK_BIND) && (s.mode.is_some() || !block.is_empty()) {
                 if let Err(e) = self.mounts_of(s, &chain) {
                     log::error!("restoring snapshot {}: {e}", s.key);
                 }
@@ -851,5 +881,217 @@ impl containerd_snapshots::Snapshotter for Service {
     ) -> Result<Self::InfoStream, Self::Error> {
         let infos = blocking(&self.0, move |s| s.list(&filters)).await?;
         Ok(Box::pin(tokio_stream::iter(infos.into_iter().map(Ok))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshotter() -> (tempfile::TempDir, Snapshotter) {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = Config {
+            root: d.path().join("root"),
+            ..Config::default()
+        };
+        (d, Snapshotter::open(cfg).unwrap())
+    }
+
+    fn code(e: SnapError) -> tonic::Code {
+        tonic::Status::from(e).code()
+    }
+
+    #[test]
+    fn overlay_snapshots_behave_like_containerds() {
+        let (_d, s) = snapshotter();
+        let m = s
+            .create("l1-extract", "", Kind::Active, HashMap::new())
+            .unwrap();
+        assert_eq!(m.len(), 1);
+        assert_eq!(m[0].r#type, "bind");
+        assert!(m[0].options.contains(&"rw".to_string()));
+        let fs1 = PathBuf::from(&m[0].source);
+        std::fs::write(fs1.join("a"), "1").unwrap();
+        s.commit(
+            "l1",
+            "l1-extract",
+            HashMap::from([("k".into(), "v".into())]),
+        )
+        .unwrap();
+        assert_eq!(
+            code(s.stat("l1-extract").unwrap_err()),
+            tonic::Code::NotFound
+        );
+        let info = s.stat("l1").unwrap();
+        assert_eq!(info.kind, containerd_snapshots::Kind::Committed);
+        assert_eq!(info.labels["k"], "v");
+        assert!(s.usage("l1").unwrap().size > 0);
+
+        let m = s
+            .create("l2-extract", "l1", Kind::Active, HashMap::new())
+            .unwrap();
+        assert_eq!(m[0].r#type, "overlay");
+        let lower = format!("lowerdir={}", fs1.display());
+        assert!(m[0].options.contains(&lower), "{:?}", m[0].options);
+        s.commit("l2", "l2-extract", HashMap::new()).unwrap();
+
+        // A view of one layer is a read-only bind; of two, a read-only overlay (no upperdir).
+        let v = s.create("v1", "l1", Kind::View, HashMap::new()).unwrap();
+        assert_eq!(
+            (v[0].r#type.as_str(), v[0].options[0].as_str()),
+            ("bind", "ro")
+        );
+        let v = s.create("v2", "l2", Kind::View, HashMap::new()).unwrap();
+        assert_eq!(v[0].r#type, "overlay");
+        assert!(v[0].options.iter().all(|o| !o.starts_with("upperdir")));
+        let lowers = v[0]
+            .options
+            .iter()
+            .find(|o| o.starts_with("lowerdir="))
+            .unwrap();
+        assert_eq!(
+            lowers.matches(':').count(),
+            1,
+            "nearest layer first, two lowers: {lowers}"
+        );
+        assert_eq!(s.mounts("v2").unwrap(), v);
+
+        // Errors map to containerd's codes.
+        assert_eq!(
+            code(
+                s.create("v2", "l2", Kind::View, HashMap::new())
+                    .unwrap_err()
+            ),
+            tonic::Code::AlreadyExists
+        );
+        assert_eq!(
+            code(
+                s.create("x", "nope", Kind::Active, HashMap::new())
+                    .unwrap_err()
+            ),
+            tonic::Code::NotFound
+        );
+        assert_eq!(
+            code(
+                s.create("x", "v2", Kind::Active, HashMap::new())
+                    .unwrap_err()
+            ),
+            tonic::Code::FailedPrecondition
+        );
+        assert_eq!(
+            code(s.remove("l1").unwrap_err()),
+            tonic::Code::FailedPrecondition
+        );
+        assert_eq!(
+            code(s.commit("y", "v2", HashMap::new()).unwrap_err()),
+            tonic::Code::FailedPrecondition
+        );
+        assert_eq!(
+            code(s.mounts("l1").unwrap_err()),
+            tonic::Code::FailedPrecondition
+        );
+
+        // Filters.
+        let names = |f: &[&str]| {
+            let mut v: Vec<String> = s
+                .list(&f.iter().map(|x| x.to_string()).collect::<Vec<_>>())
+                .unwrap()
+                .into_iter()
+                .map(|i| i.name)
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(names(&["kind==committed"]), vec!["l1", "l2"]);
+        assert_eq!(names(&["parent==l2"]), vec!["v2"]);
+        assert_eq!(names(&["labels.k==v"]), vec!["l1"]);
+
+        // Update by field path.
+        let mut info = s.stat("l2").unwrap();
+        info.labels.insert("a".into(), "b".into());
+        s.update(info, Some(vec!["labels.a".into()])).unwrap();
+        assert_eq!(s.stat("l2").unwrap().labels["a"], "b");
+
+        for k in ["v1", "v2", "l2", "l1"] {
+            s.remove(k).unwrap();
+        }
+        assert!(s.list(&[]).unwrap().is_empty());
+        assert_eq!(
+            std::fs::read_dir(s.cfg.root.join("snapshots"))
+                .unwrap()
+                .count(),
+            0
+        );
+    }
+
+    #[test]
+    fn unpacked_overlaybd_layer_commits_as_block_and_mixed_stacks_are_defined() {
+        let (_d, s) = snapshotter();
+        let m = s
+            .create(
+                "obd-extract",
+                "",
+                Kind::Active,
+                HashMap::from([(LABEL_SNAPSHOT_REF.into(), "x".into())]),
+            )
+            .unwrap();
+        let fs = PathBuf::from(&m[0].source);
+        let blob = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/hello-world-oci/blobs/sha256/022231c3f1af70e0cc42f0c3781eabf174cff608210585bf93fc83e16d33672d");
+        // containerd extracts the PAX tar: fs/overlaybd.commit is the ZFile.
+        let bytes = std::fs::read(blob).unwrap();
+        std::fs::write(fs.join("overlaybd.commit"), &bytes[1536..1536 + 639_491]).unwrap();
+        s.commit("obd", "obd-extract", HashMap::new()).unwrap();
+        let c = s.meta.get("obd").unwrap();
+        assert_eq!(c.storage, Storage::Block);
+        assert!(c.labels[LABEL_LOCAL_COMMIT].ends_with("/fs/overlaybd.commit"));
+
+        // The next layer unpacks into its own directory (no device needed), as upstream.
+        let m = s
+            .create(
+                "default/9/extract-1-sha256:abc",
+                "obd",
+                Kind::Active,
+                HashMap::new(),
+            )
+            .unwrap();
+        assert_eq!(m[0].r#type, "bind");
+        assert!(m[0].source.ends_with("/fs"));
+        s.remove("default/9/extract-1-sha256:abc").unwrap();
+
+        // A container on it needs the image's device, which this host lacks (no ublk):
+        // Prepare fails cleanly and leaves nothing behind.
+        let count = || {
+            std::fs::read_dir(s.cfg.root.join("snapshots"))
+                .unwrap()
+                .count()
+        };
+        let n_before = count();
+        if let Err(e) = s.create("ctr", "obd", Kind::Active, HashMap::new()) {
+            assert_eq!(code(e), tonic::Code::Internal);
+            assert_eq!(count(), n_before);
+            assert_eq!(code(s.stat("ctr").unwrap_err()), tonic::Code::NotFound);
+        }
+
+        // An OverlayBD layer above a plain one is refused with a clear reason.
+        s.create("plain-extract", "", Kind::Active, HashMap::new())
+            .unwrap();
+        s.commit("plain", "plain-extract", HashMap::new()).unwrap();
+        let mut chain = vec![s.meta.get("obd").unwrap(), s.meta.get("plain").unwrap()];
+        let e = split_chain(&chain).unwrap_err();
+        assert_eq!(code(e), tonic::Code::FailedPrecondition);
+        chain.reverse();
+        let (normal, block) = split_chain(&chain).unwrap();
+        assert_eq!((normal.len(), block.len()), (1, 1));
+    }
+
+    #[test]
+    fn cleanup_removes_orphan_directories_only() {
+        let (_d, s) = snapshotter();
+        s.create("a", "", Kind::Active, HashMap::new()).unwrap();
+        let orphan = s.cfg.root.join("snapshots/999");
+        std::fs::create_dir_all(orphan.join("fs/x")).unwrap();
+        s.cleanup().unwrap();
+        assert!(!orphan.exists());
+        assert!(s.dir(s.meta.get("a").unwrap().id).exists());
     }
 }
