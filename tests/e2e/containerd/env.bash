@@ -1,0 +1,471 @@
+# Library for end-to-end tests that need a real containerd: a PRIVATE containerd 1.6 (own root, state and
+# socket), a local registry, sample images, and a way to compare the file trees containers see.
+# Sourced, not run (the name does not match the guest runner's *.sh glob).  bash only.  See README.md here.
+#
+#   ctrd_start DIR [SNAPSHOTTER_SOCKET]   containerd with its config/root/state/socket under DIR; with a
+#                                         socket, a proxy snapshotter named "ovbd" (or $CTRD_PROXY_NAME)
+#   ctrd_stop                             kill its tasks, stop it and its shims, unmount under DIR
+#   registry_start DIR [HOST:PORT]        docker-registry with storage under DIR (default 127.0.0.1:5000)
+#   registry_stop
+#   push_hello_obd                        fixture tag amd64-converted -> $REGISTRY/hello-world:obd
+#   push_hello_plain DIR                  fixture tag amd64 (plain OCI)  -> $REGISTRY/hello-world:plain
+#   build_busybox_image DIR TAG           multi-layer busybox OCI layout in DIR -> $REGISTRY/busybox:TAG
+#   tree_digest ROOT [EXCLUDE...]         stable listing of a tree (see tree-digest.sh)
+#   ctr_tree_digest SNAPSHOTTER IMAGE [EXCLUDE...]   the same listing, taken inside a container
+#   e2e_on_exit CMD...                    run CMD at exit (last registered runs first)
+#   e2e_tmpdir VAR [PARENT]               VAR = a fresh dir, removed at exit
+#
+# Everything started here is stopped, and everything mounted under the given dirs unmounted, at exit:
+# the library installs an EXIT trap that runs its own cleanup first and then whatever EXIT trap was set
+# before it was sourced (so source it AFTER tests/e2e/guest/lib/common.bash). If you set an EXIT trap
+# after sourcing this, call `e2e_cleanup` from it.
+
+[[ -n ${_E2E_CTRD_ENV_LOADED:-} ]] && return 0
+_E2E_CTRD_ENV_LOADED=1
+
+E2E_CTRD_LIB=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+E2E_REPO=${OVBD_REPO:-$(cd "$E2E_CTRD_LIB/../../.." && pwd)}
+E2E_HELLO_LAYOUT=$E2E_REPO/tests/fixtures/hello-world-oci
+# python3 from the system, not a user's shim (the test guest sees the host's /, read-only)
+E2E_PYTHON=${E2E_PYTHON:-$(command -v /usr/bin/python3 || command -v python3)}
+E2E_BUSYBOX=${E2E_BUSYBOX:-/bin/busybox}
+# `ctr run --mount "$E2E_BB_MOUNT" IMAGE ID /busybox APPLET ARGS...` gives images without a shell (the
+# hello-world ones) a static busybox. Its name must stay "busybox": it picks the applet by argv[0].
+E2E_BB_MOUNT="type=bind,src=$E2E_BUSYBOX,dst=/busybox,options=rbind:ro"
+# Timeouts (seconds); raise them under TCG.
+E2E_READY_TIMEOUT=${E2E_READY_TIMEOUT:-60}
+E2E_CTR_TIMEOUT=${E2E_CTR_TIMEOUT:-300}
+CTRD_PROXY_NAME=${CTRD_PROXY_NAME:-ovbd}
+
+e2e_log() { echo "[e2e] $*" >&2; }
+e2e_fail() {
+    echo "FAIL: $*" >&2
+    exit 1
+}
+
+# ---------------------------------------------------------------------------------------------- cleanup
+
+_e2e_exit_cmds=()
+e2e_on_exit() { _e2e_exit_cmds+=("$*"); }
+
+# Runs (once) every registered exit command, newest first.
+e2e_cleanup() {
+    local i
+    for ((i = ${#_e2e_exit_cmds[@]} - 1; i >= 0; i--)); do
+        eval "${_e2e_exit_cmds[i]}" || true
+    done
+    _e2e_exit_cmds=()
+}
+
+# The EXIT trap set before this file was sourced (trap -p prints: trap -- 'CMD' EXIT).
+_e2e_prev_trap_cmd() {
+    local t
+    t=$(trap -p EXIT)
+    [[ -n $t ]] || return 0
+    eval "set -- $t"
+    printf '%s' "$3"
+}
+_e2e_prev_exit_trap=$(_e2e_prev_trap_cmd)
+_e2e_exit_trap() {
+    local rc=$?
+    set +e
+    e2e_cleanup
+    if [[ -n $_e2e_prev_exit_trap ]]; then
+        (exit "$rc")
+        eval "$_e2e_prev_exit_trap"
+    fi
+    exit "$rc"
+}
+trap _e2e_exit_trap EXIT
+
+# e2e_umount_under DIR: unmounts everything mounted at or below DIR, deepest first (lazily if busy).
+e2e_umount_under() {
+    local dir m
+    dir=$(realpath -m "$1")
+    while read -r m; do
+        [[ -n $m ]] || continue
+        umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || e2e_log "could not unmount $m"
+    done < <(findmnt -rn -o TARGET | awk -v d="$dir" '$0 == d || index($0, d "/") == 1' | sort -r)
+}
+
+# e2e_mounts_under DIR: prints the mount points at or below DIR (nothing if none).
+e2e_mounts_under() {
+    local dir
+    dir=$(realpath -m "$1")
+    findmnt -rn -o TARGET | awk -v d="$dir" '$0 == d || index($0, d "/") == 1'
+}
+
+# e2e_kill_wait PID [SECS]: SIGTERM, wait up to SECS (10), then SIGKILL.
+e2e_kill_wait() {
+    local pid=$1 secs=${2:-10} i
+    kill -0 "$pid" 2>/dev/null || return 0
+    kill "$pid" 2>/dev/null
+    for ((i = 0; i < secs * 10; i++)); do
+        kill -0 "$pid" 2>/dev/null || return 0
+        sleep 0.1
+    done
+    kill -9 "$pid" 2>/dev/null
+    for ((i = 0; i < 50; i++)); do
+        kill -0 "$pid" 2>/dev/null || return 0
+        sleep 0.1
+    done
+    e2e_log "pid $pid survived SIGKILL"
+}
+
+# e2e_wait SECS DESC CMD...: retries CMD every 0.2 s until it succeeds; fails (returns 1) after SECS.
+e2e_wait() {
+    local secs=$1 desc=$2 end
+    shift 2
+    end=$((SECONDS + secs))
+    until "$@" >/dev/null 2>&1; do
+        if ((SECONDS >= end)); then
+            e2e_log "timed out after ${secs}s waiting for $desc"
+            return 1
+        fi
+        sleep 0.2
+    done
+}
+
+# e2e_tmpdir VAR [PARENT]: sets VAR to a fresh directory (under PARENT, default ${TMPDIR:-/tmp}), unmounted
+# below and removed at exit (kept, with a note, when E2E_KEEP=1). Not `$(e2e_tmpdir)`: a command
+# substitution is a subshell, and the exit hook would be registered there.
+e2e_tmpdir() {
+    local _d
+    _d=$(mktemp -d "${2:-${TMPDIR:-/tmp}}/ovbd-e2e.XXXXXX") || e2e_fail "mktemp under ${2:-${TMPDIR:-/tmp}}"
+    if [[ ${E2E_KEEP:-} == 1 ]]; then
+        e2e_on_exit "e2e_umount_under '$_d'; e2e_log 'kept $_d'"
+    else
+        e2e_on_exit "e2e_umount_under '$_d'; rm -rf '$_d'"
+    fi
+    printf -v "$1" '%s' "$_d"
+}
+
+# ------------------------------------------------------------------------------------------- containerd
+
+# ctrd_start DIR [SNAPSHOTTER_SOCKET]
+# Writes DIR/config.toml (root DIR/root, state DIR/state, socket DIR/containerd.sock, runc + cgroupfs, CRI
+# and unused snapshotters/runtimes disabled; with SNAPSHOTTER_SOCKET a proxy snapshotter
+# [proxy_plugins.$CTRD_PROXY_NAME]), starts containerd (log DIR/containerd.log), waits until it answers.
+# Exports CTRD_DIR CTRD_ADDR CTRD_PID CTRD_NS CTR (= "ctr --address ... --namespace ..."), and
+# CONTAINERD_ADDRESS / CONTAINERD_NAMESPACE so a bare `ctr` talks to it too.
+# containerd 1.6 keeps shim sockets, runc state and FIFOs under /run/containerd whatever its config says;
+# shim sockets are keyed by the containerd address and runc state by namespace, so the namespace is made
+# unique per run ($CTRD_NS, default e2e-<pid>) and concurrent runs on one host do not collide.
+ctrd_start() {
+    local dir=$1 snap_sock=${2:-}
+    [[ -n $dir ]] || e2e_fail "usage: ctrd_start DIR [SNAPSHOTTER_SOCKET]"
+    [[ -z ${CTRD_PID:-} ]] || e2e_fail "ctrd_start: a containerd is already running (pid $CTRD_PID)"
+    local b
+    for b in containerd ctr runc containerd-shim-runc-v2; do
+        command -v "$b" >/dev/null || e2e_fail "$b not installed (scripts/setup.sh installs containerd and runc)"
+    done
+    mkdir -p "$dir" || e2e_fail "mkdir $dir"
+    dir=$(realpath "$dir")
+    CTRD_DIR=$dir
+    CTRD_ADDR=$dir/containerd.sock
+    ((${#CTRD_ADDR} < 100)) || e2e_fail "ctrd_start: socket path too long for a unix socket: $CTRD_ADDR"
+    CTRD_NS=${CTRD_NS:-e2e-$$}
+    mkdir -p "$dir/root" "$dir/state" "$dir/opt"
+    {
+        cat <<EOF
+version = 2
+root = "$dir/root"
+state = "$dir/state"
+oom_score = 0
+disabled_plugins = [
+  "io.containerd.grpc.v1.cri",
+  "io.containerd.snapshotter.v1.aufs",
+  "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.zfs",
+  "io.containerd.tracing.processor.v1.otlp",
+  "io.containerd.internal.v1.tracing",
+]
+
+[grpc]
+  address = "$CTRD_ADDR"
+
+[ttrpc]
+  address = "$CTRD_ADDR.ttrpc"
+
+[debug]
+  level = "${CTRD_LOG_LEVEL:-info}"
+
+[plugins]
+  [plugins."io.containerd.internal.v1.opt"]
+    path = "$dir/opt"
+  [plugins."io.containerd.runtime.v2.task"]
+    platforms = ["linux/amd64"]
+EOF
+        if [[ -n $snap_sock ]]; then
+            cat <<EOF
+
+[proxy_plugins]
+  [proxy_plugins.$CTRD_PROXY_NAME]
+    type = "snapshot"
+    address = "$snap_sock"
+EOF
+        fi
+    } >"$dir/config.toml"
+
+    containerd --config "$dir/config.toml" >>"$dir/containerd.log" 2>&1 &
+    CTRD_PID=$!
+    e2e_on_exit ctrd_stop
+    CTR="ctr --address $CTRD_ADDR --namespace $CTRD_NS"
+    export CTRD_DIR CTRD_ADDR CTRD_PID CTRD_NS CTR
+    export CONTAINERD_ADDRESS=$CTRD_ADDR CONTAINERD_NAMESPACE=$CTRD_NS
+    if ! e2e_wait "$E2E_READY_TIMEOUT" "containerd at $CTRD_ADDR" _ctrd_ready; then
+        tail -n 30 "$dir/containerd.log" >&2
+        e2e_fail "containerd did not start (log: $dir/containerd.log)"
+    fi
+    e2e_log "containerd pid $CTRD_PID at $CTRD_ADDR, namespace $CTRD_NS${snap_sock:+, proxy snapshotter $CTRD_PROXY_NAME -> $snap_sock}"
+}
+
+_ctrd_ready() {
+    kill -0 "$CTRD_PID" 2>/dev/null || return 0 # died: stop waiting (checked below)
+    ctr --address "$CTRD_ADDR" version >/dev/null 2>&1
+}
+
+# The pids of processes whose command line has the argument ARG (exactly).
+_pids_with_arg() {
+    local p
+    for p in /proc/[0-9]*; do
+        [[ -r $p/cmdline ]] || continue
+        if tr '\0' '\n' <"$p/cmdline" 2>/dev/null | grep -qxF -- "$1"; then
+            echo "${p#/proc/}"
+        fi
+    done
+}
+
+# ctrd_stop: kills and deletes every task and container of every namespace, stops containerd and any shim
+# it left (found by our socket address on their command line; the processes they run are killed first),
+# unmounts what is mounted under CTRD_DIR. Leaves CTRD_DIR's files in place (log included).
+ctrd_stop() {
+    [[ -n ${CTRD_PID:-} ]] || return 0
+    local ns id pid kids
+    if kill -0 "$CTRD_PID" 2>/dev/null; then
+        for ns in $(timeout 20 ctr --address "$CTRD_ADDR" namespaces ls -q 2>/dev/null); do
+            for id in $(timeout 20 ctr --address "$CTRD_ADDR" -n "$ns" tasks ls -q 2>/dev/null); do
+                timeout 30 ctr --address "$CTRD_ADDR" -n "$ns" tasks rm -f "$id" >/dev/null 2>&1 ||
+                    e2e_log "could not delete task $ns/$id"
+            done
+            for id in $(timeout 20 ctr --address "$CTRD_ADDR" -n "$ns" containers ls -q 2>/dev/null); do
+                timeout 30 ctr --address "$CTRD_ADDR" -n "$ns" containers rm "$id" >/dev/null 2>&1 ||
+                    e2e_log "could not delete container $ns/$id"
+            done
+        done
+    fi
+    e2e_kill_wait "$CTRD_PID" 15
+    # Shims outlive containerd; so do the containers they run.
+    for pid in $(_pids_with_arg "$CTRD_ADDR"); do
+        [[ $pid == "$$" ]] && continue
+        kids=$(cat /proc/"$pid"/task/*/children 2>/dev/null)
+        for id in $kids; do kill -9 "$id" 2>/dev/null; done
+        e2e_log "killing leftover shim $pid"
+        e2e_kill_wait "$pid" 5
+    done
+    e2e_umount_under "$CTRD_DIR"
+    rmdir "/run/containerd/runc/$CTRD_NS" 2>/dev/null
+    unset CTRD_PID CONTAINERD_ADDRESS CONTAINERD_NAMESPACE
+    return 0
+}
+
+# ctrd_restart: stops containerd only (tasks keep running under their shims) and starts it again with the
+# same config.
+ctrd_restart() {
+    [[ -n ${CTRD_PID:-} ]] || e2e_fail "ctrd_restart: containerd is not running"
+    e2e_kill_wait "$CTRD_PID" 15
+    containerd --config "$CTRD_DIR/config.toml" >>"$CTRD_DIR/containerd.log" 2>&1 &
+    CTRD_PID=$!
+    export CTRD_PID
+    e2e_wait "$E2E_READY_TIMEOUT" "containerd restart" _ctrd_ready || e2e_fail "containerd did not restart"
+}
+
+# ctrd_log_tail [N]: the last N (40) lines of containerd's log, to stderr.
+ctrd_log_tail() {
+    [[ -n ${CTRD_DIR:-} && -f $CTRD_DIR/containerd.log ]] || return 0
+    echo "--- tail of $CTRD_DIR/containerd.log" >&2
+    tail -n "${1:-40}" "$CTRD_DIR/containerd.log" >&2
+}
+
+# ctr_do CMD...: runs `$CTR CMD...` with a timeout ($E2E_CTR_TIMEOUT); its output goes to stdout/stderr.
+ctr_do() {
+    # shellcheck disable=SC2086
+    timeout -k 10 "$E2E_CTR_TIMEOUT" $CTR "$@"
+}
+
+# ctr_pull REF [SNAPSHOTTER]: `ctr image pull --plain-http` (progress output to a log, shown on failure).
+ctr_pull() {
+    local ref=$1 snap=${2:-} out rc=0
+    out=$(ctr_do image pull --plain-http ${snap:+--snapshotter "$snap"} "$ref" 2>&1) || rc=$?
+    if ((rc != 0)); then
+        echo "$out" | tail -n 20 >&2
+        e2e_log "ctr image pull ${snap:+--snapshotter $snap }$ref failed (exit $rc)"
+        return "$rc"
+    fi
+}
+
+# ctr_tree_digest SNAPSHOTTER IMAGE [EXCLUDE...]: runs tree-digest.sh with the image's own /bin/sh inside a
+# throw-away container (ctr run --rm) and prints the listing of its root filesystem.
+ctr_tree_digest() {
+    local snap=$1 image=$2
+    shift 2
+    ctr_do run --rm --snapshotter "$snap" "$image" "e2e-digest-$$-$RANDOM" \
+        /bin/sh -c "$(cat "$E2E_CTRD_LIB/tree-digest.sh")" tree-digest / "$@"
+}
+
+# ---------------------------------------------------------------------------------------------- registry
+
+# registry_start DIR [HOST:PORT]: docker-registry (distribution 2.8) with filesystem storage under DIR,
+# listening on HOST:PORT (default $E2E_REGISTRY_ADDR or 127.0.0.1:5000; with no explicit address, a busy
+# port 5000 on the host moves it to the next free port up to 5099). Exports REGISTRY (host:port) and
+# REGISTRY_PID; waits until /v2/ answers.
+registry_start() {
+    local dir=$1 addr=${2:-${E2E_REGISTRY_ADDR:-}} port
+    [[ -n $dir ]] || e2e_fail "usage: registry_start DIR [HOST:PORT]"
+    [[ -z ${REGISTRY_PID:-} ]] || e2e_fail "registry_start: a registry is already running (pid $REGISTRY_PID)"
+    command -v docker-registry >/dev/null || e2e_fail "docker-registry not installed (scripts/setup.sh)"
+    if [[ -z $addr ]]; then
+        for ((port = 5000; port < 5100; port++)); do
+            _port_busy 127.0.0.1 "$port" || break
+        done
+        ((port < 5100)) || e2e_fail "registry_start: no free port in 127.0.0.1:5000-5099"
+        addr=127.0.0.1:$port
+    elif _port_busy "${addr%:*}" "${addr##*:}"; then
+        e2e_fail "registry_start: $addr is already in use"
+    fi
+    mkdir -p "$dir/storage" || e2e_fail "mkdir $dir/storage"
+    dir=$(realpath "$dir")
+    cat >"$dir/config.yml" <<EOF
+version: 0.1
+log:
+  level: warn
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: $dir/storage
+  delete:
+    enabled: true
+http:
+  addr: $addr
+EOF
+    docker-registry serve "$dir/config.yml" >>"$dir/registry.log" 2>&1 &
+    REGISTRY_PID=$!
+    REGISTRY=$addr
+    REGISTRY_DIR=$dir
+    export REGISTRY REGISTRY_PID REGISTRY_DIR
+    e2e_on_exit registry_stop
+    if ! e2e_wait "$E2E_READY_TIMEOUT" "registry at $addr" _registry_ready; then
+        tail -n 20 "$dir/registry.log" >&2
+        e2e_fail "registry did not start (log: $dir/registry.log)"
+    fi
+    kill -0 "$REGISTRY_PID" 2>/dev/null || {
+        tail -n 20 "$dir/registry.log" >&2
+        e2e_fail "registry exited (log: $dir/registry.log)"
+    }
+    e2e_log "registry pid $REGISTRY_PID at $REGISTRY"
+}
+
+_port_busy() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
+
+_registry_ready() {
+    kill -0 "$REGISTRY_PID" 2>/dev/null || return 0
+    curl -fsS -o /dev/null "http://$REGISTRY/v2/"
+}
+
+registry_stop() {
+    [[ -n ${REGISTRY_PID:-} ]] || return 0
+    e2e_kill_wait "$REGISTRY_PID" 10
+    unset REGISTRY_PID
+}
+
+# ------------------------------------------------------------------------------------------------ images
+
+# A private skopeo policy (accept anything), so the host's /etc/containers/policy.json does not matter.
+_skopeo_policy() {
+    if [[ -z ${_E2E_SKOPEO_POLICY:-} || ! -f $_E2E_SKOPEO_POLICY ]]; then
+        _E2E_SKOPEO_POLICY=$(mktemp "${TMPDIR:-/tmp}/ovbd-e2e-policy.XXXXXX.json")
+        e2e_on_exit "rm -f '$_E2E_SKOPEO_POLICY'"
+        echo '{"default":[{"type":"insecureAcceptAnything"}]}' >"$_E2E_SKOPEO_POLICY"
+    fi
+    echo "$_E2E_SKOPEO_POLICY"
+}
+
+# push_oci_layout LAYOUT TAG REPO:TAG: skopeo copy oci:LAYOUT:TAG docker://$REGISTRY/REPO:TAG (plain http).
+push_oci_layout() {
+    local layout=$1 tag=$2 dest=$3 out
+    [[ -n ${REGISTRY:-} ]] || e2e_fail "push_oci_layout: no registry (registry_start first)"
+    command -v skopeo >/dev/null || e2e_fail "skopeo not installed (scripts/setup.sh)"
+    out=$(timeout 300 skopeo --policy "$(_skopeo_policy)" copy --quiet --dest-tls-verify=false \
+        "oci:$layout:$tag" "docker://$REGISTRY/$dest" 2>&1) ||
+        e2e_fail "skopeo copy oci:$layout:$tag docker://$REGISTRY/$dest: $out"
+    e2e_log "pushed $layout:$tag as $REGISTRY/$dest"
+}
+
+# push_hello_obd: the converted OverlayBD hello-world (fixture tag amd64-converted) as
+# $REGISTRY/hello-world:obd; sets HELLO_OBD_REF.
+push_hello_obd() {
+    push_oci_layout "$E2E_HELLO_LAYOUT" amd64-converted hello-world:obd
+    HELLO_OBD_REF=$REGISTRY/hello-world:obd
+    export HELLO_OBD_REF
+}
+
+# push_hello_plain DIR: the plain hello-world (fixture tag amd64, Docker media types) rewritten to OCI
+# media types in DIR/hello-plain and pushed as $REGISTRY/hello-world:plain; sets HELLO_PLAIN_REF.
+push_hello_plain() {
+    local dir=$1
+    [[ -n $dir ]] || e2e_fail "usage: push_hello_plain DIR"
+    "$E2E_PYTHON" "$E2E_CTRD_LIB/mkimage.py" from-docker "$E2E_HELLO_LAYOUT" amd64 "$dir/hello-plain" plain \
+        >/dev/null || e2e_fail "mkimage.py from-docker"
+    push_oci_layout "$dir/hello-plain" plain hello-world:plain
+    HELLO_PLAIN_REF=$REGISTRY/hello-world:plain
+    export HELLO_PLAIN_REF
+}
+
+# build_busybox_image DIR TAG: builds the multi-layer busybox image (mkimage.py busybox: 3 layers with
+# applet symlinks, modes, owners, setuid/sticky, symlinks, a hardlink, whiteouts, an opaque dir) as the OCI
+# layout DIR/busybox-oci, pushes it as $REGISTRY/busybox:TAG, sets BUSYBOX_REF and BUSYBOX_DIGEST (the
+# manifest digest; deterministic for a given busybox binary).
+build_busybox_image() {
+    local dir=$1 tag=$2 digest
+    [[ -n $dir && -n $tag ]] || e2e_fail "usage: build_busybox_image DIR TAG"
+    [[ -x $E2E_BUSYBOX ]] || e2e_fail "$E2E_BUSYBOX missing (apt-get install busybox-static)"
+    if command -v file >/dev/null; then
+        file -L "$E2E_BUSYBOX" | grep -q 'statically linked' || e2e_fail "$E2E_BUSYBOX is not statically linked"
+    fi
+    mkdir -p "$dir" || e2e_fail "mkdir $dir"
+    digest=$("$E2E_PYTHON" "$E2E_CTRD_LIB/mkimage.py" busybox "$dir/busybox-oci" "$tag" --busybox "$E2E_BUSYBOX") ||
+        e2e_fail "mkimage.py busybox"
+    push_oci_layout "$dir/busybox-oci" "$tag" "busybox:$tag"
+    BUSYBOX_REF=$REGISTRY/busybox:$tag
+    BUSYBOX_DIGEST=$digest
+    export BUSYBOX_REF BUSYBOX_DIGEST
+}
+
+# ------------------------------------------------------------------------------------------------- trees
+
+# tree_digest ROOT [EXCLUDE...]: the stable listing of ROOT (see tree-digest.sh: path, type, mode, uid:gid,
+# size, link count, mtime, sha256 / symlink target / hardlink group; mount points not crossed).
+tree_digest() {
+    sh "$E2E_CTRD_LIB/tree-digest.sh" "$@"
+}
+
+# tree_diff NAME_A FILE_A NAME_B FILE_B: 0 if the listings are identical; else prints a unified diff.
+tree_diff() {
+    diff -u --label "$1" "$2" --label "$3" "$4" >&2
+}
+
+# ctr_image_mount SNAPSHOTTER IMAGE TARGET: `ctr image mount` (a read-only view of the unpacked image) at
+# TARGET; unmounted (and the view removed) at exit, or earlier with ctr_image_unmount TARGET.
+ctr_image_mount() {
+    local snap=$1 image=$2 target=$3
+    mkdir -p "$target"
+    ctr_do image mount --snapshotter "$snap" "$image" "$target" >/dev/null || return 1
+    e2e_on_exit "ctr_image_unmount '$target'"
+}
+
+ctr_image_unmount() {
+    mountpoint -q "$1" 2>/dev/null || return 0
+    ctr_do image unmount --rm "$1" >/dev/null 2>&1 || umount "$1" 2>/dev/null || umount -l "$1"
+}
