@@ -12,6 +12,10 @@ packages=(
     busybox-static    # the test guest's initramfs
     kmod cpio xz-utils
     fio               # device benchmarks in the guest
+    containerd runc   # tests/e2e/containerd: a private containerd 1.6 (ctr included)
+    docker-registry   # tests/e2e/containerd: the local registry
+    skopeo            # tests/e2e/containerd: pushes OCI layouts to it
+    curl file python3 # tests/e2e/containerd: registry readiness, busybox check, image builder
 )
 
 missing=()
