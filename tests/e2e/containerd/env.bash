@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2034  # (it sets variables for the scripts that source it)
 # Library for end-to-end tests that need a real containerd: a PRIVATE containerd 1.6 (own root, state and
 # socket), a local registry, sample images, and a way to compare the file trees containers see.
 # Sourced, not run (the name does not match the guest runner's *.sh glob).  bash only.  See README.md here.
@@ -58,6 +59,7 @@ e2e_cleanup() {
 }
 
 # The EXIT trap set before this file was sourced (trap -p prints: trap -- 'CMD' EXIT).
+# shellcheck disable=SC2120  # (its $3 is the output of trap -p, set with set --)
 _e2e_prev_trap_cmd() {
     local t
     t=$(trap -p EXIT)
@@ -350,6 +352,7 @@ storage:
 http:
   addr: $addr
 EOF
+    echo '{"default":[{"type":"insecureAcceptAnything"}]}' >"$dir/policy.json" # for skopeo
     docker-registry serve "$dir/config.yml" >>"$dir/registry.log" 2>&1 &
     REGISTRY_PID=$!
     REGISTRY=$addr
@@ -382,22 +385,13 @@ registry_stop() {
 
 # ------------------------------------------------------------------------------------------------ images
 
-# A private skopeo policy (accept anything), so the host's /etc/containers/policy.json does not matter.
-_skopeo_policy() {
-    if [[ -z ${_E2E_SKOPEO_POLICY:-} || ! -f $_E2E_SKOPEO_POLICY ]]; then
-        _E2E_SKOPEO_POLICY=$(mktemp "${TMPDIR:-/tmp}/ovbd-e2e-policy.XXXXXX.json")
-        e2e_on_exit "rm -f '$_E2E_SKOPEO_POLICY'"
-        echo '{"default":[{"type":"insecureAcceptAnything"}]}' >"$_E2E_SKOPEO_POLICY"
-    fi
-    echo "$_E2E_SKOPEO_POLICY"
-}
-
 # push_oci_layout LAYOUT TAG REPO:TAG: skopeo copy oci:LAYOUT:TAG docker://$REGISTRY/REPO:TAG (plain http).
 push_oci_layout() {
     local layout=$1 tag=$2 dest=$3 out
     [[ -n ${REGISTRY:-} ]] || e2e_fail "push_oci_layout: no registry (registry_start first)"
     command -v skopeo >/dev/null || e2e_fail "skopeo not installed (scripts/setup.sh)"
-    out=$(timeout 300 skopeo --policy "$(_skopeo_policy)" copy --quiet --dest-tls-verify=false \
+    # A private policy (accept anything), so the host's /etc/containers/policy.json does not matter.
+    out=$(timeout 300 skopeo --policy "$REGISTRY_DIR/policy.json" copy --quiet --dest-tls-verify=false \
         "oci:$layout:$tag" "docker://$REGISTRY/$dest" 2>&1) ||
         e2e_fail "skopeo copy oci:$layout:$tag docker://$REGISTRY/$dest: $out"
     e2e_log "pushed $layout:$tag as $REGISTRY/$dest"

@@ -22,7 +22,7 @@ ok() {
     passed=$((passed + 1))
 }
 
-e2e_tmpdir work
+work= && e2e_tmpdir work
 t0=$SECONDS
 registry_start "$work/registry"
 ctrd_start "$work/ctrd"

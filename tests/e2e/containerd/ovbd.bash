@@ -1,0 +1,338 @@
+# shellcheck shell=bash disable=SC2034  # (it sets variables for the scripts that source it)
+# `ovbd serve` under the containerd harness: start/kill/restart the snapshotter, and the end-to-end checks
+# (parts a-e) shared by tests/e2e/guest/80-containerd-ovbd.sh (all parts, in the test guest) and
+# tests/e2e/containerd/host-ovbd.sh (plain OCI parts only, on the host). Sourced after env.bash.
+#
+#   ovbd_serve_setup BIN ROOT SOCKET [MODE]   write the config (ROOT, SOCKET, rootfs_mode MODE=overlayfs)
+#   ovbd_serve_start / ovbd_serve_stop / ovbd_serve_kill9     (pid kept in a file: survives subshells)
+#   run_part NAME DESCRIPTION FUNCTION        run one part, print "pass: NAME" or "FAIL: NAME"
+#   parts_summary                             "N passed, M failed"; returns 1 if any failed
+#   part_a .. part_e                          the checks (see each)
+#
+# Each part is a function returning 0 (pass) or 1 (fail, after saying why) and never exits the script, so
+# one failing part does not hide the others. The parts run in the main shell (no subshell): they start
+# containers and restart ovbd, and the cleanup must know about it.
+
+[[ -n ${_E2E_OVBD_LOADED:-} ]] && return 0
+_E2E_OVBD_LOADED=1
+[[ -n ${_E2E_CTRD_ENV_LOADED:-} ]] || {
+    echo "ovbd.bash: source tests/e2e/containerd/env.bash first" >&2
+    exit 2
+}
+
+# What a container-rootfs label looks like (spec §4.3).
+LABEL_WRITABLE=containerd.io/snapshot/overlaybd.writable
+# The snapshotter the parts test: containerd's name for the proxy plugin. (Pointing it at a builtin one,
+# E2E_SNAP=overlayfs, exercises the parts' ctr mechanics without ovbd; their ovbd-specific checks fail.)
+E2E_SNAP=${E2E_SNAP:-$CTRD_PROXY_NAME}
+
+# ----------------------------------------------------------------------------------------------- daemon
+
+# ovbd_serve_setup BIN ROOT SOCKET [MODE]: remembers the binary and writes $OVBD_SERVE_DIR/ovbd.toml.
+# Sets OVBD_SERVE_MISSING to a message when BIN has no `serve` subcommand (the parts then fail with it).
+# OVBD_SERVE_DIR defaults to the directory of SOCKET.
+ovbd_serve_setup() {
+    OVBD_SERVE_BIN=$1 OVBD_ROOT=$2 OVBD_SOCK=$3
+    local mode=${4:-overlayfs}
+    OVBD_SERVE_DIR=${OVBD_SERVE_DIR:-$(dirname "$OVBD_SOCK")}
+    mkdir -p "$OVBD_SERVE_DIR" "$OVBD_ROOT"
+    OVBD_SERVE_CONFIG=$OVBD_SERVE_DIR/ovbd.toml
+    OVBD_SERVE_LOG=$OVBD_SERVE_DIR/ovbd-serve.log
+    OVBD_SERVE_PIDFILE=$OVBD_SERVE_DIR/ovbd-serve.pid
+    cat >"$OVBD_SERVE_CONFIG" <<EOF
+root = "$OVBD_ROOT"
+socket = "$OVBD_SOCK"
+rootfs_mode = "$mode"
+log_level = "${OVBD_SERVE_LOG_LEVEL:-debug}"
+EOF
+    OVBD_SERVE_MISSING=
+    if [[ ! -x $OVBD_SERVE_BIN ]]; then
+        OVBD_SERVE_MISSING="$OVBD_SERVE_BIN does not exist (cargo build first)"
+    elif ! "$OVBD_SERVE_BIN" serve --help >/dev/null 2>&1; then
+        OVBD_SERVE_MISSING="'ovbd serve' does not exist yet in $OVBD_SERVE_BIN (the snapshotter has not landed)"
+    fi
+    # Stopped before anything is unmounted under its root (exit hooks run newest first).
+    e2e_on_exit "e2e_umount_under '$OVBD_ROOT'"
+    e2e_on_exit ovbd_serve_stop
+    export OVBD_ROOT OVBD_SOCK OVBD_SERVE_CONFIG OVBD_SERVE_LOG
+}
+
+ovbd_serve_pid() { [[ -s ${OVBD_SERVE_PIDFILE:-} ]] && cat "$OVBD_SERVE_PIDFILE"; }
+
+# ovbd_serve_start: starts `ovbd serve --config ...` in the background (log appended to $OVBD_SERVE_LOG),
+# waits for its socket. Returns 1 (with the log tail) if it does not come up.
+ovbd_serve_start() {
+    [[ -z $OVBD_SERVE_MISSING ]] || {
+        echo "  $OVBD_SERVE_MISSING" >&2
+        return 1
+    }
+    local pid
+    echo "=== ovbd serve start $(date +%T)" >>"$OVBD_SERVE_LOG"
+    "$OVBD_SERVE_BIN" serve --config "$OVBD_SERVE_CONFIG" >>"$OVBD_SERVE_LOG" 2>&1 &
+    pid=$!
+    disown "$pid" # no "Killed" job notice from bash after part e's kill -9
+    echo "$pid" >"$OVBD_SERVE_PIDFILE"
+    if ! e2e_wait "$E2E_READY_TIMEOUT" "ovbd serve socket $OVBD_SOCK" _ovbd_serve_ready "$pid" ||
+        ! kill -0 "$pid" 2>/dev/null; then
+        echo "  ovbd serve did not come up (pid $pid):" >&2
+        ovbd_serve_log_tail 30
+        return 1
+    fi
+    e2e_log "ovbd serve pid $pid on $OVBD_SOCK (root $OVBD_ROOT)"
+}
+
+_ovbd_serve_ready() {
+    kill -0 "$1" 2>/dev/null || return 0
+    [[ -S $OVBD_SOCK ]]
+}
+
+# ovbd_serve_stop: SIGTERM (then SIGKILL after 30 s).
+ovbd_serve_stop() {
+    local pid
+    pid=$(ovbd_serve_pid) || return 0
+    e2e_kill_wait "$pid" 30
+    rm -f "$OVBD_SERVE_PIDFILE"
+}
+
+# ovbd_serve_kill9: kill -9 and wait until it is gone.
+ovbd_serve_kill9() {
+    local pid i
+    pid=$(ovbd_serve_pid) || return 1
+    kill -9 "$pid" 2>/dev/null
+    for ((i = 0; i < 300; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    rm -f "$OVBD_SERVE_PIDFILE"
+    echo "=== ovbd serve pid $pid killed with SIGKILL $(date +%T)" >>"$OVBD_SERVE_LOG"
+    ! kill -0 "$pid" 2>/dev/null
+}
+
+ovbd_serve_log_tail() {
+    [[ -s ${OVBD_SERVE_LOG:-} ]] || return 0
+    echo "--- tail of $OVBD_SERVE_LOG" >&2
+    tail -n "${1:-40}" "$OVBD_SERVE_LOG" >&2
+}
+
+# ------------------------------------------------------------------------------------------ part runner
+
+_parts_passed=()
+_parts_failed=()
+
+# run_part NAME DESCRIPTION FUNCTION [ARGS...]
+run_part() {
+    local name=$1 desc=$2 t0=$SECONDS rc=0
+    shift 2
+    echo "=== part $name: $desc"
+    "$@" || rc=$?
+    if ((rc == 0)); then
+        echo "pass: part $name ($((SECONDS - t0)) s)"
+        _parts_passed+=("$name")
+    else
+        echo "FAIL: part $name ($((SECONDS - t0)) s)"
+        _parts_failed+=("$name")
+        ovbd_serve_log_tail 25
+        ctrd_log_tail 15
+    fi
+    return 0
+}
+
+parts_summary() {
+    echo "=== parts passed: ${_parts_passed[*]:-none}; failed: ${_parts_failed[*]:-none}"
+    echo "${#_parts_passed[@]} passed, ${#_parts_failed[@]} failed"
+    ((${#_parts_failed[@]} == 0))
+}
+
+# Helpers for parts: each prints why and returns 1 on failure.
+nok() {
+    echo "  FAIL: $*" >&2
+    return 1
+}
+ok() { echo "  ok: $*"; }
+
+# try DESC CMD...: runs CMD, output in $OUT; on failure says so (with the output) and returns 1.
+try() {
+    local desc=$1 rc=0
+    shift
+    OUT=$("$@" 2>&1) || rc=$?
+    if ((rc != 0)); then
+        echo "  FAIL: $desc (exit $rc)" >&2
+        [[ -n $OUT ]] && sed 's/^/    | /' <<<"$OUT" | tail -n 30 >&2
+        return 1
+    fi
+}
+
+need_serve() {
+    [[ -z $OVBD_SERVE_MISSING ]] || nok "$OVBD_SERVE_MISSING"
+}
+
+# ovbd_snapshot_keys: `ctr snapshots --snapshotter "$E2E_SNAP" ls` keys (retried while containerd's proxy
+# client is in its reconnect backoff after an ovbd restart).
+ovbd_snapshot_keys() {
+    local i out
+    for ((i = 0; i < 60; i++)); do
+        if out=$(ctr_do snapshots --snapshotter "$E2E_SNAP" ls 2>&1); then
+            tail -n +2 <<<"$out" | awk '{print $1}'
+            return 0
+        fi
+        sleep 1
+    done
+    echo "$out" >&2
+    return 1
+}
+
+# ovbd_snapshot_dirs: the snapshot directories under the ovbd root.
+ovbd_snapshot_dirs() {
+    [[ -d $OVBD_ROOT/snapshots ]] || return 0
+    find "$OVBD_ROOT/snapshots" -mindepth 1 -maxdepth 1 -printf '%f\n' | sort
+}
+
+ublk_block_devices() {
+    local d
+    for d in /dev/ublkb*; do [[ -e $d ]] && echo "$d"; done
+    return 0
+}
+
+# rm_all_containers: deletes every task and container of our namespace.
+rm_all_containers() {
+    local id
+    for id in $(ctr_do tasks ls -q 2>/dev/null); do
+        ctr_do tasks rm -f "$id" >/dev/null 2>&1 || echo "  could not delete task $id" >&2
+    done
+    for id in $(ctr_do containers ls -q 2>/dev/null); do
+        ctr_do containers rm "$id" >/dev/null 2>&1 || echo "  could not delete container $id" >&2
+    done
+}
+
+# ---------------------------------------------------------------------------------------------- parts
+
+# a. the OverlayBD hello-world: pulled through ovbd, /hello runs and prints "Hello from Docker!" — in
+#    three containers back to back (each `ctr run --rm` removes its snapshot while the next is prepared
+#    over the same image device).
+part_a() {
+    need_serve || return 1
+    try "ctr image pull --snapshotter ovbd --plain-http $HELLO_OBD_REF" ctr_pull "$HELLO_OBD_REF" "$E2E_SNAP" || return 1
+    ok "pulled $HELLO_OBD_REF with --snapshotter $E2E_SNAP"
+    local i
+    for i in 1 2 3; do
+        try "ctr run --rm --snapshotter ovbd $HELLO_OBD_REF /hello (container $i)" \
+            ctr_do run --rm --snapshotter "$E2E_SNAP" "$HELLO_OBD_REF" "e2e-a$i" /hello || return 1
+        grep -q "Hello from Docker!" <<<"$OUT" || nok "/hello printed: $OUT" || return 1
+    done
+    ok "/hello printed \"Hello from Docker!\" in 3 containers in a row"
+    try "rootfs mount as seen in a container" ctr_do run --rm --snapshotter "$E2E_SNAP" --mount "$E2E_BB_MOUNT" \
+        "$HELLO_OBD_REF" e2e-a4 /busybox awk '$5 == "/" {print $9, $10}' /proc/self/mountinfo || return 1
+    echo "  ... rootfs: $OUT; ublk devices now: $(ublk_block_devices | tr '\n' ' ')"
+}
+
+# b. the plain OCI busybox image: the listing of its tree in a container is identical under
+#    containerd's own overlayfs snapshotter (reference) and under ovbd (overlayfs fallback).
+part_b() {
+    local dir=$E2E_PARTS_DIR/b
+    mkdir -p "$dir"
+    try "ctr image pull --snapshotter overlayfs $BUSYBOX_REF" ctr_pull "$BUSYBOX_REF" overlayfs || return 1
+    ctr_tree_digest overlayfs "$BUSYBOX_REF" >"$dir/overlayfs.list" 2>"$dir/overlayfs.err" ||
+        nok "tree digest of $BUSYBOX_REF under overlayfs: $(cat "$dir/overlayfs.err")" || return 1
+    [[ $(wc -l <"$dir/overlayfs.list") -gt 50 ]] || nok "reference listing too short: $(cat "$dir/overlayfs.list")" || return 1
+    ok "reference (containerd overlayfs): $(wc -l <"$dir/overlayfs.list") entries," \
+        "digest $(sha256sum <"$dir/overlayfs.list" | cut -c1-16)"
+    need_serve || return 1
+    try "ctr image pull --snapshotter $E2E_SNAP $BUSYBOX_REF" ctr_pull "$BUSYBOX_REF" "$E2E_SNAP" || return 1
+    ok "pulled $BUSYBOX_REF with --snapshotter $E2E_SNAP"
+    try "run hello.sh through ovbd" \
+        ctr_do run --rm --snapshotter "$E2E_SNAP" "$BUSYBOX_REF" e2e-b /usr/local/bin/hello.sh || return 1
+    [[ $OUT == "hello from the busybox image" ]] || nok "hello.sh printed: $OUT" || return 1
+    ok "busybox ran through ovbd"
+    ctr_tree_digest "$E2E_SNAP" "$BUSYBOX_REF" >"$dir/ovbd.list" 2>"$dir/ovbd.err" ||
+        nok "tree digest of $BUSYBOX_REF under ovbd: $(cat "$dir/ovbd.err")" || return 1
+    tree_diff overlayfs "$dir/overlayfs.list" ovbd "$dir/ovbd.list" ||
+        nok "the tree under ovbd differs from the tree under containerd's overlayfs (diff above)" || return 1
+    ok "tree digest identical to containerd's overlayfs snapshotter's ($(wc -l <"$dir/ovbd.list") entries)"
+}
+
+# c. rootfs mode `dir` by snapshot label: a container writes a file and exits; a second task of the same
+#    container (same snapshot) reads it back; its / is the ext4 of a writable block layer.
+part_c() {
+    need_serve || return 1
+    try "pull $HELLO_OBD_REF through ovbd" ctr_pull "$HELLO_OBD_REF" "$E2E_SNAP" || return 1
+    # ctr 1.6: `container create` (and `run`) take --snapshotter-label; the label reaches the snapshotter
+    # (prefix containerd.io/snapshot/). `task start` (attached) deletes the task when it exits, so the
+    # container can be started again on the same snapshot.
+    try "ctr container create --snapshotter-label $LABEL_WRITABLE=dir" \
+        ctr_do container create --snapshotter "$E2E_SNAP" --snapshotter-label "$LABEL_WRITABLE=dir" \
+        --mount "$E2E_BB_MOUNT" -- "$HELLO_OBD_REF" e2e-c \
+        /busybox sh -c 'echo run >>/e2e-state; /busybox cat /e2e-state; /busybox stat -f -c "fs=%T" /' || return 1
+    try "first task" ctr_do task start e2e-c || return 1
+    [[ $OUT == $'run\nfs=ext2/ext3' ]] || nok "first task printed: $OUT (want run, fs=ext2/ext3)" || return 1
+    ok "first task wrote /e2e-state; / is ext4 (busybox: ext2/ext3)"
+    try "second task" ctr_do task start e2e-c || return 1
+    [[ $OUT == $'run\nrun\nfs=ext2/ext3' ]] || nok "second task printed: $OUT (want run, run, fs=ext2/ext3)" || return 1
+    ok "second task on the same snapshot read the first one's write back"
+    try "ctr container rm e2e-c" ctr_do container rm e2e-c || return 1
+}
+
+# e. kill -9 of `ovbd serve` while a container runs on an OverlayBD image; restart it: the container's
+#    rootfs keeps working (page cache dropped, so reads reach the device), and the snapshots containerd
+#    lists through ovbd match the snapshot directories on disk.
+part_e() {
+    need_serve || return 1
+    try "pull $HELLO_OBD_REF through ovbd" ctr_pull "$HELLO_OBD_REF" "$E2E_SNAP" || return 1
+    try "ctr run -d --snapshotter $E2E_SNAP ... sleep" \
+        ctr_do run -d --snapshotter "$E2E_SNAP" --mount "$E2E_BB_MOUNT" "$HELLO_OBD_REF" e2e-e /busybox sleep 100000 ||
+        return 1
+    try "exec before" ctr_do task exec --exec-id before e2e-e /busybox sh -c \
+        '/busybox sha256sum /hello; echo written-before >/e2e-before' || return 1
+    local before=$OUT
+    [[ $before == [0-9a-f]*" /hello" ]] || nok "sha256sum /hello printed: $before" || return 1
+    ok "container running: $before"
+    ovbd_serve_kill9 || nok "ovbd serve did not die on SIGKILL" || return 1
+    ok "ovbd serve killed with SIGKILL"
+    ovbd_serve_start || return 1
+    sync
+    echo 3 >/proc/sys/vm/drop_caches
+    try "exec after the restart" ctr_do task exec --exec-id after e2e-e /busybox sh -c \
+        '/busybox sha256sum /hello; /busybox cat /e2e-before; echo written-after >/e2e-after; /busybox cat /e2e-after' ||
+        return 1
+    [[ $OUT == "$before"$'\nwritten-before\nwritten-after' ]] ||
+        nok "after the restart the container saw: $OUT (want $before, written-before, written-after)" || return 1
+    ok "after the restart: /hello reads the same (page cache dropped), earlier and new writes are there"
+    local keys dirs nk nd
+    keys=$(ovbd_snapshot_keys) || nok "ctr snapshots --snapshotter $E2E_SNAP ls failed after the restart" || return 1
+    dirs=$(ovbd_snapshot_dirs)
+    nk=$(grep -c . <<<"$keys")
+    nd=$(grep -c . <<<"$dirs")
+    ((nk == nd && nk > 0)) || nok "ctr lists $nk ovbd snapshots ($(tr '\n' ' ' <<<"$keys")) but" \
+        "$OVBD_ROOT/snapshots has $nd directories ($(tr '\n' ' ' <<<"$dirs"))" || return 1
+    grep -qx e2e-e <<<"$keys" || nok "the running container's snapshot e2e-e is not listed: $keys" || return 1
+    ok "ctr snapshots ls (ovbd) lists $nk snapshots = $nd snapshot directories on disk"
+    try "stop e2e-e" ctr_do task rm -f e2e-e || return 1
+    try "rm e2e-e" ctr_do container rm e2e-e || return 1
+}
+
+# d. removing every container and image (`ctr image rm --sync`, which waits for containerd's GC; the GC
+#    calls the snapshotter's Walk, Remove for each orphan, then Cleanup) leaves nothing: no ovbd snapshot,
+#    no snapshot directory, no mount under the ovbd root, no ublk block device.
+part_d() {
+    need_serve || return 1
+    rm_all_containers
+    local refs ref i keys dirs mounts devs
+    refs=$(ctr_do image ls -q) || nok "ctr image ls" || return 1
+    for ref in $refs; do
+        try "ctr image rm --sync $ref" ctr_do image rm --sync "$ref" || return 1
+    done
+    ok "removed every container and image ($(wc -w <<<"$refs") images) with ctr image rm --sync"
+    # GC has run by now; allow the snapshotter's asynchronous parts (device teardown) a little time.
+    for ((i = 0; i < 60; i++)); do
+        keys=$(ovbd_snapshot_keys) || keys="(ctr snapshots ls failed)"
+        dirs=$(ovbd_snapshot_dirs)
+        mounts=$(e2e_mounts_under "$OVBD_ROOT")
+        devs=$(ublk_block_devices)
+        [[ -z $keys$dirs$mounts$devs ]] && break
+        sleep 1
+    done
+    [[ -z $keys ]] || nok "ovbd snapshots left: $(tr '\n' ' ' <<<"$keys")" || return 1
+    [[ -z $dirs ]] || nok "snapshot directories left in $OVBD_ROOT/snapshots: $(tr '\n' ' ' <<<"$dirs")" || return 1
+    [[ -z $mounts ]] || nok "mounts left under $OVBD_ROOT: $(tr '\n' ' ' <<<"$mounts")" || return 1
+    [[ -z $devs ]] || nok "ublk devices left: $(tr '\n' ' ' <<<"$devs")" || return 1
+    ok "no snapshot, snapshot directory, mount or /dev/ublkb* left (after ${i} s)"
+}
