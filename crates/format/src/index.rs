@@ -99,18 +99,26 @@ impl SegmentIndex {
 
 /// Static search tree over the segment ends: a B-tree of 16-key nodes laid out level by level,
 /// so a lookup touches two cache lines per level instead of one per binary-search step. Nodes
-/// are ranked with AVX2 where the CPU has it; elsewhere a branch-free binary search over the
-/// dense keys is used.
+/// are ranked with AVX-512 or AVX2 where the CPU has them; elsewhere a branch-free binary
+/// search over the dense keys is used.
 #[derive(Clone, Debug, Default)]
 struct EndSearch {
-    /// Sorted keys (segment ends), padded to a multiple of `B` with `PAD`.
-    keys: Vec<u64>,
+    /// Upper levels top first, then the sorted keys (segment ends); each level padded to a
+    /// multiple of `B` with `PAD`. Entry `i` of an upper level is the largest key under its
+    /// child node `i`.
+    tree: Vec<u64>,
+    /// Per level (top first, keys last): start in `tree`, and number of real nodes.
+    levels: Vec<(usize, usize)>,
     n: usize,
-    /// Upper levels, top first: entry `i` of a level is the largest key under its child `i`.
-    levels: Vec<Vec<u64>>,
-    /// Number of nodes in the level below each upper level.
-    children: Vec<usize>,
-    avx2: bool,
+    simd: Simd,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Simd {
+    #[default]
+    None,
+    Avx2,
+    Avx512,
 }
 
 const B: usize = 16;
@@ -122,32 +130,32 @@ impl EndSearch {
     fn new(ends: impl Iterator<Item = u64>) -> Self {
         let mut keys: Vec<u64> = ends.collect();
         let n = keys.len();
+        let key_nodes = n.div_ceil(B).max(1);
         pad(&mut keys);
-        let mut levels: Vec<Vec<u64>> = Vec::new();
-        let mut children = Vec::new();
+        let mut built: Vec<(Vec<u64>, usize)> = vec![(keys, key_nodes)];
         loop {
-            let below = levels.last().unwrap_or(&keys);
+            let below = &built[built.len() - 1].0;
             if below.len() <= B {
                 break;
             }
             let mut up: Vec<u64> = below.chunks(B).map(|c| c[B - 1]).collect();
-            children.push(up.len());
+            let nodes = up.len().div_ceil(B);
             pad(&mut up);
-            levels.push(up);
+            built.push((up, nodes));
         }
-        levels.reverse();
-        children.reverse();
-        #[cfg(target_arch = "x86_64")]
-        let avx2 = std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("popcnt");
-        #[cfg(not(target_arch = "x86_64"))]
-        let avx2 = false;
+        // Top first. A level's node count is the number of children its parent may pick.
+        built.reverse();
+        let mut tree = Vec::with_capacity(built.iter().map(|l| l.0.len()).sum());
+        let mut levels = Vec::with_capacity(built.len());
+        for (level, nodes) in &built {
+            levels.push((tree.len(), *nodes));
+            tree.extend_from_slice(level);
+        }
         EndSearch {
-            keys,
-            n,
+            tree,
             levels,
-            children,
-            avx2,
+            n,
+            simd: detect_simd(),
         }
     }
 
@@ -158,11 +166,50 @@ impl EndSearch {
             return self.n;
         }
         #[cfg(target_arch = "x86_64")]
-        if self.avx2 {
-            // SAFETY: the CPU supports AVX2 and POPCNT (checked at construction).
-            return unsafe { self.first_greater_avx2(x) };
+        match self.simd {
+            // SAFETY: the CPU has the features (checked at construction).
+            Simd::Avx512 => return unsafe { self.first_greater_avx512(x) },
+            Simd::Avx2 => return unsafe { self.first_greater_avx2(x) },
+            Simd::None => {}
         }
-        self.keys[..self.n].partition_point(|&k| k <= x)
+        let (start, _) = self.levels[self.levels.len() - 1];
+        self.tree[start..start + self.n].partition_point(|&k| k <= x)
+    }
+
+    /// Walks the levels; `rank(ptr)` counts the keys `<= x` among the 16 at `ptr`.
+    #[inline(always)]
+    unsafe fn descend(&self, rank: impl Fn(*const u64) -> usize) -> usize {
+        let base = self.tree.as_ptr();
+        let mut node = 0usize;
+        let last = self.levels.len() - 1;
+        for (i, &(start, _)) in self.levels.iter().enumerate() {
+            // SAFETY: `node` is below the level's node count (clamped below), and every node
+            // holds B keys inside `tree`.
+            let r = rank(unsafe { base.add(start + node * B) });
+            if i == last {
+                return (node * B + r).min(self.n);
+            }
+            // Past the largest key every rank saturates: stay on the last real child.
+            node = (node * B + r).min(self.levels[i + 1].1 - 1);
+        }
+        self.n
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,popcnt")]
+    unsafe fn first_greater_avx512(&self, x: u64) -> usize {
+        use std::arch::x86_64::*;
+        let xv = _mm512_set1_epi64(x as i64);
+        // SAFETY: 16 readable u64s at `p` (2 x 512 bits).
+        unsafe {
+            self.descend(|p| {
+                let a = _mm512_loadu_si512(p.cast());
+                let b = _mm512_loadu_si512(p.add(8).cast());
+                let gt = (_mm512_cmpgt_epi64_mask(a, xv) as u32)
+                    | (_mm512_cmpgt_epi64_mask(b, xv) as u32) << 8;
+                B - gt.count_ones() as usize
+            })
+        }
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -170,30 +217,37 @@ impl EndSearch {
     unsafe fn first_greater_avx2(&self, x: u64) -> usize {
         use std::arch::x86_64::*;
         let xv = _mm256_set1_epi64x(x as i64);
-        // Keys <= x in the 16-key node at `p`.
-        let rank = |p: &[u64]| -> usize {
-            debug_assert!(p.len() >= B);
-            let p = p.as_ptr() as *const __m256i;
-            // SAFETY: `p` points at B = 16 readable u64s (4 x 256 bits).
-            let (a, b, c, d) = unsafe {
-                (
-                    _mm256_loadu_si256(p),
-                    _mm256_loadu_si256(p.add(1)),
-                    _mm256_loadu_si256(p.add(2)),
-                    _mm256_loadu_si256(p.add(3)),
-                )
-            };
-            let gt = |v| _mm256_movemask_pd(_mm256_castsi256_pd(_mm256_cmpgt_epi64(v, xv))) as u32;
-            let m = gt(a) | gt(b) << 4 | gt(c) << 8 | gt(d) << 12;
-            B - m.count_ones() as usize
-        };
-        let mut node = 0usize;
-        for (level, &nodes) in self.levels.iter().zip(&self.children) {
-            // Past the largest key every rank saturates: stay on the last real node.
-            node = (node * B + rank(&level[node * B..node * B + B])).min(nodes - 1);
+        // SAFETY: 16 readable u64s at `p` (4 x 256 bits).
+        unsafe {
+            self.descend(|p| {
+                let p = p as *const __m256i;
+                let gt =
+                    |v| _mm256_movemask_pd(_mm256_castsi256_pd(_mm256_cmpgt_epi64(v, xv))) as u32;
+                let m = gt(_mm256_loadu_si256(p))
+                    | gt(_mm256_loadu_si256(p.add(1))) << 4
+                    | gt(_mm256_loadu_si256(p.add(2))) << 8
+                    | gt(_mm256_loadu_si256(p.add(3))) << 12;
+                B - m.count_ones() as usize
+            })
         }
-        (node * B + rank(&self.keys[node * B..node * B + B])).min(self.n)
     }
+}
+
+fn detect_simd() -> Simd {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("popcnt")
+        {
+            return Simd::Avx512;
+        }
+        if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("popcnt")
+        {
+            return Simd::Avx2;
+        }
+    }
+    Simd::None
 }
 
 fn pad(v: &mut Vec<u64>) {
@@ -293,11 +347,12 @@ mod tests {
         for n in [0usize, 1, 15, 16, 17, 255, 256, 257, 4097, 70_000] {
             let segs: Vec<Segment> = (0..n).map(|i| seg(i as u64 * 10, 5, 8)).collect();
             let idx = SegmentIndex::new(segs.clone());
-            let scalar = {
+            let with = |simd| {
                 let mut i = idx.clone();
-                i.search.avx2 = false;
+                i.search.simd = simd;
                 i
             };
+            let (scalar, avx2) = (with(Simd::None), with(Simd::Avx2));
             for x in (0..n as u64 * 10 + 20)
                 .step_by(3)
                 .chain([u64::MAX - 1, u64::MAX])
@@ -305,6 +360,9 @@ mod tests {
                 let want = segs.partition_point(|s| s.end() <= x);
                 assert_eq!(idx.first_ending_after(x), want, "n={n} x={x}");
                 assert_eq!(scalar.first_ending_after(x), want, "scalar n={n} x={x}");
+                if detect_simd() != Simd::None {
+                    assert_eq!(avx2.first_ending_after(x), want, "avx2 n={n} x={x}");
+                }
             }
         }
     }

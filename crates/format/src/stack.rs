@@ -69,6 +69,12 @@ impl LayerStack {
 
     /// Reads `buf` at byte `offset`; both 512-aligned. Holes and zeroed ranges read as zeros.
     pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        if !offset.is_multiple_of(SECTOR) || !(buf.len() as u64).is_multiple_of(SECTOR) {
+            return Err(Error::InvalidArgument(format!(
+                "unaligned read: offset {offset} length {}",
+                buf.len()
+            )));
+        }
         let start = offset / SECTOR;
         let end = start + buf.len() as u64 / SECTOR;
         let mut cur = start;
