@@ -128,6 +128,22 @@ impl MetaStore {
         Ok(out)
     }
 
+    /// Ids of every stored snapshot and the next id to be given out, read together: a directory
+    /// with a smaller id and no snapshot is an orphan; one with a larger id may belong to a create
+    /// still in flight.
+    pub fn ids(&self) -> MetaResult<(std::collections::BTreeSet<u64>, u64)> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(SNAPSHOTS)?;
+        let mut ids = std::collections::BTreeSet::new();
+        for row in t.iter()? {
+            let (_, v) = row?;
+            ids.insert(decode(v.value())?.id);
+        }
+        let c = tx.open_table(COUNTERS)?;
+        let next = c.get("next_id")?.map(|v| v.value()).unwrap_or(1);
+        Ok((ids, next))
+    }
+
     /// The chain from `key`'s parent up to the root: nearest first.
     pub fn parents(&self, key: &str) -> MetaResult<Vec<Snapshot>> {
         let mut out = Vec::new();

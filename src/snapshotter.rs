@@ -633,7 +633,8 @@ impl Snapshotter {
 
     /// Removes directories no snapshot owns (left by crashes or failed removals).
     pub fn cleanup(&self) -> SnapResult<()> {
-        let live: BTreeSet<u64> = self.meta.list()?.iter().map(|s| s.id).collect();
+        // Ids at or past `next` belong to creates still in flight: not orphans.
+        let (live, next) = self.meta.ids()?;
         let dir = self.cfg.root.join("snapshots");
         for e in std::fs::read_dir(&dir)
             .with_context(|| format!("reading {}", dir.display()))?
@@ -642,7 +643,7 @@ impl Snapshotter {
             let Some(id) = e.file_name().to_str().and_then(|n| n.parse::<u64>().ok()) else {
                 continue;
             };
-            if !live.contains(&id) {
+            if id < next && !live.contains(&id) {
                 if let Err(err) = remove_snapshot_dir(&e.path()) {
                     log::warn!("cleanup of {}: {err:#}", e.path().display());
                 }
@@ -1088,10 +1089,16 @@ mod tests {
     fn cleanup_removes_orphan_directories_only() {
         let (_d, s) = snapshotter();
         s.create("a", "", Kind::Active, HashMap::new()).unwrap();
-        let orphan = s.cfg.root.join("snapshots/999");
-        std::fs::create_dir_all(orphan.join("fs/x")).unwrap();
+        s.create("b", "", Kind::Active, HashMap::new()).unwrap();
+        // b's metadata gone, its directory left (a crash between the two steps).
+        let orphan = s.dir(s.meta.remove("b").unwrap().id);
+        // A directory past the next id belongs to a create still in flight.
+        let in_flight = s.cfg.root.join("snapshots/999");
+        std::fs::create_dir_all(in_flight.join("fs")).unwrap();
+        assert!(orphan.exists());
         s.cleanup().unwrap();
         assert!(!orphan.exists());
+        assert!(in_flight.exists());
         assert!(s.dir(s.meta.get("a").unwrap().id).exists());
     }
 }
