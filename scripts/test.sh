@@ -18,8 +18,11 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "cargo test (host)"
 cargo test --workspace
 
-step "guest tests (QEMU, backports kernel with ublk)"
+step "containerd end to end on the host (plain OCI through ovbd; no ublk needed)"
 cargo build
+tests/e2e/containerd/host-ovbd.sh
+
+step "guest tests (QEMU, backports kernel with ublk): devices, recovery, containerd end to end"
 tests/e2e/run-guest-tests.sh
 
 echo
