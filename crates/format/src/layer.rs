@@ -151,6 +151,7 @@ pub fn write_blob(lsmt: &dyn ReadAt, out: &mut std::fs::File, opts: BlobOptions)
     }
     out.set_len(total).map_err(|e| Error::io(oname, total, e))?;
     // Leave the position at the end, like any writer.
-    out.seek(SeekFrom::Start(total)).map_err(|e| Error::io(oname, total, e))?;
+    out.seek(SeekFrom::Start(total))
+        .map_err(|e| Error::io(oname, total, e))?;
     Ok(total)
 }
