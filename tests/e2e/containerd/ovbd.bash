@@ -271,6 +271,40 @@ part_c() {
     try "ctr container rm e2e-c" ctr_do container rm e2e-c || return 1
 }
 
+# f. an image layer built through the snapshotter: a container in dir mode writes a file, its snapshot
+#    is committed, and the result is an OverlayBD layer (sealed) that a view of it mounts with the
+#    image's content plus the new file.
+part_f() {
+    need_serve || return 1
+    local dir=$E2E_PARTS_DIR/f
+    mkdir -p "$dir/mnt"
+    try "pull $HELLO_OBD_REF through ovbd" ctr_pull "$HELLO_OBD_REF" "$E2E_SNAP" || return 1
+    try "a dir-mode container writes /built.txt" \
+        ctr_do run --snapshotter "$E2E_SNAP" --snapshotter-label "$LABEL_WRITABLE=dir" --mount "$E2E_BB_MOUNT" \
+        "$HELLO_OBD_REF" e2e-f /busybox sh -c 'echo built-by-ovbd >/built.txt; /busybox sync' || return 1
+    # ctr names a container's snapshot after the container.
+    try "commit the container's snapshot" ctr_do snapshots --snapshotter "$E2E_SNAP" commit e2e-f-layer e2e-f || return 1
+    ctr_do container rm e2e-f >/dev/null 2>&1 || true
+    try "info of the committed layer" ctr_do snapshots --snapshotter "$E2E_SNAP" info e2e-f-layer || return 1
+    local rel
+    rel=$(grep -o '"containerd.io/snapshot/overlaybd.localcommitpath": *"[^"]*"' <<<"$OUT" | sed 's/.*: *"//; s/"$//')
+    [[ -n $rel && -f $OVBD_ROOT/snapshots/$rel ]] || nok "no OverlayBD layer file recorded for the commit: $OUT" || return 1
+    try "ovbd layer inspect of the new layer" "$OVBD_SERVE_BIN" layer inspect "$OVBD_ROOT/snapshots/$rel" || return 1
+    ok "committed as an OverlayBD layer: snapshots/$rel"
+    try "view of the new layer" ctr_do snapshots --snapshotter "$E2E_SNAP" view e2e-f-view e2e-f-layer || return 1
+    try "mounts of the view" ctr_do snapshots --snapshotter "$E2E_SNAP" mounts "$dir/mnt" e2e-f-view || return 1
+    local mount_cmd=$OUT
+    [[ $mount_cmd == mount\ * ]] || nok "unexpected mounts output: $mount_cmd" || return 1
+    eval "$mount_cmd" || nok "mounting the view failed: $mount_cmd" || return 1
+    local built hello=no
+    built=$(cat "$dir/mnt/built.txt" 2>/dev/null)
+    [[ -x $dir/mnt/hello ]] && hello=yes
+    umount "$dir/mnt"
+    [[ $built == built-by-ovbd && $hello == yes ]] || nok "view shows built.txt=$built, /hello=$hello" || return 1
+    ok "the view of the new layer has the image's /hello and the container's /built.txt"
+    try "remove view and layer" ctr_do snapshots --snapshotter "$E2E_SNAP" rm e2e-f-view e2e-f-layer || return 1
+}
+
 # e. kill -9 of `ovbd serve` while a container runs on an OverlayBD image; restart it: the container's
 #    rootfs keeps working (page cache dropped, so reads reach the device), and the snapshots containerd
 #    lists through ovbd match the snapshot directories on disk.

@@ -43,6 +43,7 @@ took "$t0" "setup"
 run_part a "OverlayBD hello-world through ovbd: /hello" part_a
 run_part b "plain OCI busybox through ovbd = containerd's overlayfs" part_b
 run_part c "rootfs mode dir by label: write, new task reads back" part_c
+run_part f "dir-mode container committed through ovbd is an OverlayBD layer" part_f
 run_part e "kill -9 ovbd serve under a running container, restart" part_e
 run_part d "image rm + GC leave no snapshot, dir, mount or device" part_d
 took "$t0" "total"
