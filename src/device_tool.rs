@@ -168,11 +168,17 @@ fn serve(
                 devices.push(d);
             }
             Err(e) => {
-                for (d, rp) in devices {
+                for ((d, rp), started) in devices.into_iter().zip(configs) {
                     let _ = device::stop_device(d.id);
                     let mut d = d;
                     let _ = d.join();
                     let _ = std::fs::remove_file(rp);
+                    // Its resultFile said success: the device is gone again.
+                    if let Ok(cfg) = ImageConfig::load(started) {
+                        cfg.write_result(&Err(anyhow::anyhow!(
+                            "detached again: another config failed: {e:#}"
+                        )));
+                    }
                 }
                 return Err(e);
             }
