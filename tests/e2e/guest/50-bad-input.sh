@@ -51,9 +51,11 @@ res=$(<"$WORK/trunc.result")
 pass "truncated blob: attach fails, resultFile '$(head -c 160 <<<"$res")...'"
 
 # The same config after a good one in one attach: the good device is torn down again.
-write_config "$WORK/good0.json" "$HELLO_BLOB"
+write_config "$WORK/good0.json" --result "$WORK/good0.result" "$HELLO_BLOB"
 attach_must_fail "good + truncated" "truncated\.blob" "$WORK/good0.json" "$WORK/trunc.json"
-pass "good config + truncated one in one attach: fails, nothing left attached"
+res=$(<"$WORK/good0.result")
+[[ $res == failed:* ]] || fail "the good config's device was torn down again, but its resultFile says '$res'"
+pass "good config + truncated one in one attach: fails, nothing left attached, both resultFiles say failed:"
 
 # ---- b. a corrupted compressed block.
 # Where /hello's first block lives: ext4 block (from the flattened image) -> virtual byte offset V.
