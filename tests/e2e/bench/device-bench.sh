@@ -15,6 +15,7 @@
 # Environment: OVBD_BIN (default target/release/ovbd), OVBD_BENCH_RUNTIME, OVBD_BENCH_MIB (default 1024).
 set -euo pipefail
 export OVBD_BIN=${OVBD_BIN:-${OVBD_REPO:?}/target/release/ovbd}
+# shellcheck source=../guest/lib/common.bash
 source "$(dirname "${BASH_SOURCE[0]}")/../guest/lib/common.bash"
 
 runtime=${OVBD_BENCH_RUNTIME:-20}
@@ -34,7 +35,7 @@ t0=$SECONDS
 write_config "$WORK/rw.json" --upper "$store/up.data" "$store/up.index" "$base"
 dev=$(attach "$WORK/rw.json")
 fio --name=fill --filename="$dev" --rw=write --bs=1M --ioengine=io_uring --iodepth=8 --direct=1 \
-    --offset=1g --size=${mib}m --buffer_compress_percentage=50 --refill_buffers --output-format=json \
+    --offset=1g --size="${mib}m" --buffer_compress_percentage=50 --refill_buffers --output-format=json \
     >"$WORK/fill.json" || fail "fio fill"
 note "fill: $(jq -r '.jobs[0].write | "\(.bw_bytes / 1048576 | floor) MiB/s"' "$WORK/fill.json") written through ublk"
 detach_dev "$dev"
@@ -70,7 +71,7 @@ pass "ublk-plain, ublk-zfile and loop return the same bytes"
 run_fio() {
     local name=$1 dev=$2 rw=$3 bs=$4
     fio --name="$name" --filename="$dev" --rw="$rw" --bs="$bs" --ioengine=io_uring --iodepth=16 --direct=1 \
-        --time_based --runtime="$runtime" --ramp_time=2 --offset=1g --size=${mib}m --norandommap \
+        --time_based --runtime="$runtime" --ramp_time=2 --offset=1g --size="${mib}m" --norandommap \
         --randrepeat=0 --output-format=json >"$WORK/$name.json" || fail "fio $name"
     jq -r '.jobs[0].read | "\(.iops | floor) \(.bw_bytes / 1048576 * 10 | floor / 10) \(.clat_ns.mean / 1000 | floor)"' "$WORK/$name.json"
 }

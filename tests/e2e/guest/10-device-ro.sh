@@ -5,6 +5,7 @@
 # `ovbd device list` shows it, and detach leaves no ublk device behind.
 # Runs inside the test VM (tests/e2e/run-guest-tests.sh); exits non-zero on the first failed check.
 set -euo pipefail
+# shellcheck source=lib/common.bash
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.bash"
 
 write_config "$WORK/config.json" --result "$WORK/result" "$HELLO_BLOB"
@@ -30,7 +31,7 @@ pass "dd oflag=direct write fails: $(head -n1 "$WORK/dd.err")"
 list=$("$OVBD" device list)
 line=$(awk -v id="$id" '$1 == id' <<<"$list")
 [[ -n $line ]] || fail "ovbd device list does not show device $id:"$'\n'"$list"
-read -r l_id l_dev l_pid l_rw l_state _ <<<"$line"
+read -r _ l_dev l_pid l_rw l_state _ <<<"$line"
 [[ $l_dev == "$dev" && $l_rw == ro && $l_state == serving ]] ||
     fail "ovbd device list: '$line', expected $dev ro serving"
 kill -0 "$l_pid" 2>/dev/null || fail "ovbd device list names server pid $l_pid, which is not running"

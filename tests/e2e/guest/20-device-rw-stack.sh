@@ -9,6 +9,7 @@
 #      new and untouched files match, deleted ones are gone, no stray files, e2fsck clean.
 # Runs inside the test VM (tests/e2e/run-guest-tests.sh); exits non-zero on the first failed check.
 set -euo pipefail
+# shellcheck source=lib/common.bash
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.bash"
 
 base=$(extract_base "$WORK")

@@ -6,6 +6,7 @@
 # layer must still read every remaining file correctly (and none of the deleted ones) with e2fsck clean.
 # Runs inside the test VM (tests/e2e/run-guest-tests.sh); exits non-zero on the first failed check.
 set -euo pipefail
+# shellcheck source=lib/common.bash
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.bash"
 
 base=$(extract_base "$WORK")

@@ -6,6 +6,7 @@
 # server, and no ublk device is left.
 # Runs inside the test VM (tests/e2e/run-guest-tests.sh); exits non-zero on the first failed check.
 set -euo pipefail
+# shellcheck source=lib/common.bash
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.bash"
 
 N_HELLO=18

@@ -10,6 +10,7 @@
 #      no device left.
 # Runs inside the test VM (tests/e2e/run-guest-tests.sh); exits non-zero on the first failed check.
 set -euo pipefail
+# shellcheck source=lib/common.bash
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.bash"
 
 # attach_must_fail WHAT EXPECT CONFIG...: attach (with --background, then in the foreground) must exit
@@ -102,7 +103,7 @@ note "/hello block 0: fs block $fs_blk -> virtual $V -> LSMT offset $P -> ZFile 
 cp "$HELLO_BLOB" "$WORK/corrupt.blob"
 for k in 0 1 2 3; do
     b=$(od -An -tu1 -j $((flip + k)) -N1 "$WORK/corrupt.blob" | tr -d ' ')
-    printf "$(printf '\\%03o' $((b ^ 0xff)))" | dd of="$WORK/corrupt.blob" bs=1 seek=$((flip + k)) conv=notrunc status=none
+    printf '%b' "$(printf '\\%03o' $((b ^ 0xff)))" | dd of="$WORK/corrupt.blob" bs=1 seek=$((flip + k)) conv=notrunc status=none
 done
 cmp -s "$HELLO_BLOB" "$WORK/corrupt.blob" && fail "the corrupted copy equals the original"
 if "$OVBD" layer inspect "$WORK/corrupt.blob" >/dev/null 2>"$WORK/inspect.err"; then
@@ -119,7 +120,7 @@ pass "attach of the corrupted copy succeeds (headers and indexes are intact): $b
 
 # Read the damaged block directly while the healthy device is read in a loop.
 (
-    for i in $(seq 1 20); do
+    for _ in $(seq 1 20); do
         dd if="$good" bs="$fs_bs" skip="$fs_blk" count=1 iflag=direct status=none | cmp -s - <(dd if="$WORK/flat.img" bs="$fs_bs" skip="$fs_blk" count=1 status=none) || exit 1
     done
 ) &
@@ -142,7 +143,9 @@ mount -o ro "$bad" "$WORK/mnt" || fail "mount -o ro $bad"
 rc=0
 timeout 60 cat "$WORK/mnt/hello" >/dev/null 2>"$WORK/cat.err" || rc=$?
 ((rc != 124)) || fail "cat /hello on $bad hung"
-((rc != 0)) && grep -q "Input/output error" "$WORK/cat.err" || fail "cat /hello on $bad: exit $rc, $(cat "$WORK/cat.err")"
+if ((rc == 0)) || ! grep -q "Input/output error" "$WORK/cat.err"; then
+    fail "cat /hello on $bad: exit $rc, $(cat "$WORK/cat.err")"
+fi
 umount "$WORK/mnt"
 [[ $(debugfs -R 'cat /hello' "$good" 2>/dev/null | sha256sum | cut -d' ' -f1) == "$HELLO_SHA" ]] ||
     fail "/hello on the healthy $good is wrong after the errors"

@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2034  # (variables are for the sourcing tests)
 # Shared helpers for the ovbd device tests in tests/e2e/guest/*.sh (sourced, not run: the name does not
 # match the runner's *.sh glob).  Runs inside the test guest only.
 #
@@ -95,7 +96,7 @@ trap _cleanup EXIT
 # write_config OUT [--upper DATA INDEX] [--result FILE] LOWER...
 # Writes an overlaybd config.v1.json; LOWERs bottom to top (a directory becomes {"dir":...}).
 write_config() {
-    local out=$1 upper_data= upper_index= result=
+    local out=$1 upper_data='' upper_index='' result=''
     shift
     while (($#)); do
         case $1 in
