@@ -522,6 +522,7 @@ impl Snapshotter {
                 }
             },
         };
+        self.own_device(dev.id, true);
         std::fs::write(&mark, dev.block_path())
             .with_context(|| format!("writing {}", mark.display()))?;
         cfg.write_result(&Ok(()));
@@ -573,6 +574,7 @@ impl Snapshotter {
         if let Some(mut d) = dev {
             device::stop_device(d.id)?;
             d.join()?;
+            self.own_device(d.id, false);
         }
         Ok(())
     }
@@ -608,6 +610,7 @@ impl Snapshotter {
                 }
                 device::stop_device(d.dev.id)?;
                 d.dev.join()?;
+                self.own_device(d.dev.id, false);
             }
         }
         Ok(())
@@ -670,8 +673,54 @@ impl Snapshotter {
             }
         }
         self.cleanup().map_err(|e| anyhow!("{e}"))?;
-        // Devices recorded by snapshots that are gone: delete them.
+        self.delete_orphan_devices();
         Ok(())
+    }
+
+    /// Records (or forgets) that a ublk device is ours, so a later start can tell our orphans
+    /// (kept by the kernel for recovery, but no snapshot needs them any more) from other users'.
+    fn own_device(&self, id: u32, owned: bool) {
+        let dir = self.cfg.root.join("devices");
+        let path = dir.join(id.to_string());
+        let r = if owned {
+            std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(&path, b""))
+        } else {
+            std::fs::remove_file(&path)
+        };
+        if let Err(e) = r {
+            log::warn!("{}: {e}", path.display());
+        }
+    }
+
+    /// Deletes devices we made that nothing re-attached at start.
+    fn delete_orphan_devices(&self) {
+        let attached: BTreeSet<u32> = {
+            let devs = self.lock();
+            devs.shared
+                .values()
+                .map(|d| d.dev.id)
+                .chain(devs.writable.values().map(|d| d.id))
+                .collect()
+        };
+        let Ok(entries) = std::fs::read_dir(self.cfg.root.join("devices")) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let Some(id) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            if attached.contains(&id) {
+                continue;
+            }
+            if Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists() {
+                log::info!("deleting orphaned /dev/ublkb{id}");
+                if let Err(err) = device::delete_device(id) {
+                    log::warn!("{err:#}");
+                    continue;
+                }
+            }
+            self.own_device(id, false);
+        }
     }
 }
 
