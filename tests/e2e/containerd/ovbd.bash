@@ -305,6 +305,20 @@ part_f() {
     try "remove view and layer" ctr_do snapshots --snapshotter "$E2E_SNAP" rm e2e-f-view e2e-f-layer || return 1
 }
 
+# g. rootfs mode dev by label: the snapshot's mount is the writable block device itself (type ext4),
+#    which containerd mounts as the rootfs.
+part_g() {
+    need_serve || return 1
+    try "pull $HELLO_OBD_REF through ovbd" ctr_pull "$HELLO_OBD_REF" "$E2E_SNAP" || return 1
+    try "ctr run --snapshotter-label $LABEL_WRITABLE=dev" \
+        ctr_do run --rm --snapshotter "$E2E_SNAP" --snapshotter-label "$LABEL_WRITABLE=dev" --mount "$E2E_BB_MOUNT" \
+        "$HELLO_OBD_REF" e2e-g /busybox sh -c '/hello | /busybox head -2; /busybox grep " / / " /proc/self/mountinfo' ||
+        return 1
+    grep -q "Hello from Docker!" <<<"$OUT" || nok "/hello in dev mode printed: $OUT" || return 1
+    grep -Eq " - ext4 /dev/ublkb[0-9]+ " <<<"$OUT" || nok "rootfs is not the ublk device: $OUT" || return 1
+    ok "dev mode: rootfs is $(grep -Eo 'ext4 /dev/ublkb[0-9]+' <<<"$OUT"), /hello ran"
+}
+
 # e. kill -9 of `ovbd serve` while a container runs on an OverlayBD image; restart it: the container's
 #    rootfs keeps working (page cache dropped, so reads reach the device), and the snapshots containerd
 #    lists through ovbd match the snapshot directories on disk.

@@ -44,6 +44,7 @@ run_part a "OverlayBD hello-world through ovbd: /hello" part_a
 run_part b "plain OCI busybox through ovbd = containerd's overlayfs" part_b
 run_part c "rootfs mode dir by label: write, new task reads back" part_c
 run_part f "dir-mode container committed through ovbd is an OverlayBD layer" part_f
+run_part g "rootfs mode dev by label: the block device is the rootfs" part_g
 run_part e "kill -9 ovbd serve under a running container, restart" part_e
 run_part d "image rm + GC leave no snapshot, dir, mount or device" part_d
 took "$t0" "total"
