@@ -346,7 +346,10 @@ impl ZFileReader {
                 }
                 let base = self.starts[i as usize];
                 let run = (self.starts[j as usize] - base) as usize;
-                scratch.compressed.resize(run, 0);
+                // Grow only: shrinking and regrowing would zero-fill on every read.
+                if scratch.compressed.len() < run {
+                    scratch.compressed.resize(run, 0);
+                }
                 read_exact_at(&*self.src, &mut scratch.compressed[..run], base)?;
                 for k in i..j {
                     let s = (self.starts[k as usize] - base) as usize;
@@ -363,7 +366,9 @@ impl ZFileReader {
                     if lo == bstart && dst.len() == blen {
                         self.decompress(src, dst, k)?;
                     } else {
-                        scratch.block.resize(bs as usize, 0);
+                        if scratch.block.len() < bs as usize {
+                            scratch.block.resize(bs as usize, 0);
+                        }
                         self.decompress(src, &mut scratch.block[..blen], k)?;
                         let from = (lo - bstart) as usize;
                         dst.copy_from_slice(&scratch.block[from..from + dst.len()]);
