@@ -18,6 +18,9 @@ ovbd=${OVBD_REPO:?}/target/debug/ovbd
 modprobe ublk_drv
 
 work=$(mktemp -d /tmp/recovery.XXXXXX)
+# A private copy: a host cargo build during the run must not swap the binary under us.
+cp "$ovbd" "$work/ovbd"
+ovbd=$work/ovbd
 mnt=$work/mnt
 mkdir -p "$mnt"
 cleanup() {

@@ -18,6 +18,9 @@ modprobe ublk_drv
 modprobe dm-mod
 
 work=$(mktemp -d /tmp/slow.XXXXXX)
+# A private copy: a host cargo build during the run must not swap the binary under us.
+cp "$ovbd" "$work/ovbd"
+ovbd=$work/ovbd
 loopdev=
 cleanup() {
     set +e
