@@ -98,6 +98,23 @@ fn decode(bytes: &[u8]) -> MetaResult<Snapshot> {
     Ok(serde_json::from_slice(bytes)?)
 }
 
+/// The snapshot stored under `key`, or NotFound.
+fn load(t: &impl ReadableTable<&'static str, &'static [u8]>, key: &str) -> MetaResult<Snapshot> {
+    match t.get(key)? {
+        Some(v) => decode(v.value()),
+        None => Err(MetaError::NotFound(key.to_string())),
+    }
+}
+
+fn store(
+    t: &mut redb::Table<&'static str, &'static [u8]>,
+    key: &str,
+    snap: &Snapshot,
+) -> MetaResult<()> {
+    t.insert(key, serde_json::to_vec(snap)?.as_slice())?;
+    Ok(())
+}
+
 impl MetaStore {
     pub fn open(path: &Path) -> MetaResult<MetaStore> {
         let db = Database::create(path)?;
@@ -110,11 +127,7 @@ impl MetaStore {
 
     pub fn get(&self, key: &str) -> MetaResult<Snapshot> {
         let tx = self.db.begin_read()?;
-        let t = tx.open_table(SNAPSHOTS)?;
-        match t.get(key)? {
-            Some(v) => decode(v.value()),
-            None => Err(MetaError::NotFound(key.to_string())),
-        }
+        load(&tx.open_table(SNAPSHOTS)?, key)
     }
 
     pub fn list(&self) -> MetaResult<Vec<Snapshot>> {
@@ -214,13 +227,7 @@ impl MetaStore {
                 usage: (0, 0),
             };
             let snap = prepare(&draft)?;
-            t.insert(
-                key,
-                serde_json::to_vec(&snap)
-                    .map_err(MetaError::from)?
-                    .as_slice(),
-            )
-            .map_err(MetaError::from)?;
+            store(&mut t, key, &snap)?;
             snap
         };
         tx.commit().map_err(MetaError::from)?;
@@ -245,10 +252,7 @@ impl MetaStore {
             if t.get(name).map_err(MetaError::from)?.is_some() {
                 return Err(MetaError::AlreadyExists(name.to_string()).into());
             }
-            let active = match t.get(key).map_err(MetaError::from)? {
-                Some(v) => decode(v.value())?,
-                None => return Err(MetaError::NotFound(key.to_string()).into()),
-            };
+            let active = load(&t, key)?;
             if active.kind != Kind::Active {
                 return Err(MetaError::FailedPrecondition(format!(
                     "{key} is not an active snapshot"
@@ -262,13 +266,7 @@ impl MetaStore {
             snap.updated = now_nanos();
             finish(&mut snap)?;
             t.remove(key).map_err(MetaError::from)?;
-            t.insert(
-                name,
-                serde_json::to_vec(&snap)
-                    .map_err(MetaError::from)?
-                    .as_slice(),
-            )
-            .map_err(MetaError::from)?;
+            store(&mut t, name, &snap)?;
             snap
         };
         tx.commit().map_err(MetaError::from)?;
@@ -280,10 +278,7 @@ impl MetaStore {
         let tx = self.db.begin_write()?;
         let snap = {
             let mut t = tx.open_table(SNAPSHOTS)?;
-            let snap = match t.get(key)? {
-                Some(v) => decode(v.value())?,
-                None => return Err(MetaError::NotFound(key.to_string())),
-            };
+            let snap = load(&t, key)?;
             for row in t.iter()? {
                 let (_, v) = row?;
                 let s = decode(v.value())?;
@@ -306,13 +301,10 @@ impl MetaStore {
         let tx = self.db.begin_write()?;
         let snap = {
             let mut t = tx.open_table(SNAPSHOTS)?;
-            let mut snap = match t.get(key)? {
-                Some(v) => decode(v.value())?,
-                None => return Err(MetaError::NotFound(key.to_string())),
-            };
+            let mut snap = load(&t, key)?;
             change(&mut snap);
             snap.updated = now_nanos();
-            t.insert(key, serde_json::to_vec(&snap)?.as_slice())?;
+            store(&mut t, key, &snap)?;
             snap
         };
         tx.commit()?;
