@@ -12,6 +12,7 @@ packages=(
     busybox-static    # the test guest's initramfs
     kmod cpio xz-utils
     fio               # device benchmarks in the guest
+    dmsetup           # guest test 70: a device-mapper layer source that can be suspended
     containerd runc   # tests/e2e/containerd: a private containerd 1.6 (ctr included)
     docker-registry   # tests/e2e/containerd: the local registry
     skopeo            # tests/e2e/containerd: pushes OCI layouts to it
