@@ -22,6 +22,8 @@ use std::time::Duration;
 /// Largest request the kernel sends us (as upstream's ublk frontend).
 const IO_BUF_BYTES: u32 = 512 * 1024;
 const QUEUE_DEPTH: u16 = 64;
+/// Reads up to this size are tried on the queue thread first (see `io_task`).
+const INLINE_READ_MAX: usize = 128 * 1024;
 /// Discard / write-zeroes limits advertised for writable devices (4 MiB).
 const MAX_DISCARD_SECTORS: u32 = 8192;
 
@@ -282,6 +284,21 @@ async fn io_task(
         // MAX_DISCARD_SECTORS): their range is nr_bytes, not the buffer's length.
         let nr_bytes = (iod.nr_sectors as u64) << 9;
         let len = (nr_bytes as usize).min(buf.len());
+        // A small read whose data is at hand (page cache, memory) is served right here; what
+        // would wait goes to the pool, so a slow source still stalls no other tag, and so do
+        // large reads, which decode faster in parallel there.
+        if op == sys::UBLK_IO_OP_READ && len <= INLINE_READ_MAX {
+            let inline = match image.try_read(&mut buf.as_mut_slice()[..len], offset) {
+                Ok(true) => Some(len as i32),
+                Ok(false) => None,
+                Err(e) => Some(-e.errno()),
+            };
+            if let Some(res) = inline {
+                q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res)
+                    .await?;
+                continue;
+            }
+        }
         let ptr = IoBufPtr(buf.as_mut_slice().as_mut_ptr(), len);
         let (image, tx, kick) = (image.clone(), reply_tx.clone(), kick.clone());
         pool.submit(Box::new(move || {

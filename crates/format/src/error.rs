@@ -32,6 +32,10 @@ pub enum Error {
     InvalidArgument(String),
     #[error("{0}: layer is read-only")]
     ReadOnly(String),
+    /// A read in non-blocking mode ([`crate::source::without_blocking`]) needs data that is not
+    /// at hand (not in the page cache, or remote): retry it where blocking is fine.
+    #[error("the read would block")]
+    WouldBlock,
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -59,6 +63,7 @@ impl Error {
             Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             Error::InvalidArgument(_) => libc::EINVAL,
             Error::ReadOnly(_) => libc::EROFS,
+            Error::WouldBlock => libc::EAGAIN,
             _ => libc::EIO,
         }
     }
@@ -69,6 +74,7 @@ impl From<Error> for io::Error {
         let kind = match &e {
             Error::Io { source, .. } => source.kind(),
             Error::InvalidArgument(_) => io::ErrorKind::InvalidInput,
+            Error::WouldBlock => io::ErrorKind::WouldBlock,
             _ => io::ErrorKind::InvalidData,
         };
         io::Error::new(kind, e)

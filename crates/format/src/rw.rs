@@ -440,7 +440,13 @@ impl RwLayer {
         let pos = seg.moffset * SECTOR;
         let mut done = 0;
         while done < buf.len() {
-            match self.data.read_at(&mut buf[done..], pos + done as u64) {
+            let at = pos + done as u64;
+            let r = if crate::source::nowait() {
+                crate::source::pread_nowait(&self.data, &mut buf[done..], at)
+            } else {
+                self.data.read_at(&mut buf[done..], at)
+            };
+            match r {
                 Ok(0) => {
                     return Err(Error::corrupt(
                         &self.data_name,
@@ -450,6 +456,14 @@ impl RwLayer {
                 }
                 Ok(n) => done += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Unsupported
+                    ) =>
+                {
+                    return Err(Error::WouldBlock)
+                }
                 Err(e) => return Err(Error::io(&self.data_name, pos + done as u64, e)),
             }
         }

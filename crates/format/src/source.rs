@@ -20,6 +20,63 @@ pub trait ReadAt: Send + Sync {
     /// Drops any cached copy of `[offset, offset + len)` so the next read fetches it again
     /// (called before re-reading a block whose CRC failed).
     fn evict(&self, _offset: u64, _len: u64) {}
+    /// As `read_at`, but fails with `WouldBlock` rather than wait for data that is not at hand.
+    /// The default never reads: such a source is always read where blocking is fine.
+    fn read_at_nowait(&self, _buf: &mut [u8], _offset: u64) -> io::Result<usize> {
+        Err(io::ErrorKind::WouldBlock.into())
+    }
+}
+
+thread_local! {
+    static NOWAIT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with every [`read_exact_at`] on this thread in non-blocking mode: a read that
+/// would wait fails with [`Error::WouldBlock`]. Lets a block device serve cached data on its
+/// queue thread and send only the rest to threads that may block.
+pub fn without_blocking<T>(f: impl FnOnce() -> T) -> T {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            NOWAIT.with(|n| n.set(self.0));
+        }
+    }
+    let _reset = Reset(NOWAIT.with(|n| n.replace(true)));
+    f()
+}
+
+/// Whether this thread is inside [`without_blocking`].
+pub fn nowait() -> bool {
+    NOWAIT.with(|n| n.get())
+}
+
+/// `pread` that fails with `WouldBlock` instead of waiting for the disk (RWF_NOWAIT), or with
+/// `Unsupported` where the filesystem cannot tell (tmpfs, overlayfs, 9p on 6.12).
+pub fn pread_nowait(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    use std::os::unix::io::AsRawFd;
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: one iovec over `buf`, valid for the call.
+    let n = unsafe {
+        libc::preadv2(
+            file.as_raw_fd(),
+            &iov,
+            1,
+            offset as libc::off_t,
+            libc::RWF_NOWAIT,
+        )
+    };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return Err(match e.raw_os_error() {
+            Some(libc::EAGAIN) => io::ErrorKind::WouldBlock.into(),
+            Some(libc::EOPNOTSUPP) => io::ErrorKind::Unsupported.into(),
+            _ => e,
+        });
+    }
+    Ok(n as usize)
 }
 
 /// Fills `buf` from `offset` or fails with an error naming the source and offset. A source that
@@ -28,7 +85,12 @@ pub fn read_exact_at(src: &dyn ReadAt, buf: &mut [u8], offset: u64) -> Result<()
     let mut done = 0usize;
     while done < buf.len() {
         let pos = offset + done as u64;
-        match src.read_at(&mut buf[done..], pos) {
+        let r = if nowait() {
+            src.read_at_nowait(&mut buf[done..], pos)
+        } else {
+            src.read_at(&mut buf[done..], pos)
+        };
+        match r {
             Ok(0) => {
                 return Err(Error::corrupt(
                     src.name(),
@@ -43,6 +105,7 @@ pub fn read_exact_at(src: &dyn ReadAt, buf: &mut [u8], offset: u64) -> Result<()
             }
             Ok(n) => done += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(Error::WouldBlock),
             Err(e) => return Err(from_read_error(src.name(), pos, e)),
         }
     }
@@ -68,6 +131,8 @@ pub struct FileSource {
     file: File,
     name: String,
     size: u64,
+    /// Cleared once the filesystem refuses RWF_NOWAIT: no point asking again.
+    nowait_ok: std::sync::atomic::AtomicBool,
 }
 
 impl FileSource {
@@ -80,7 +145,12 @@ impl FileSource {
 
     pub fn from_file(file: File, name: String) -> Result<Self> {
         let size = file.metadata().map_err(|e| Error::io(&name, 0, e))?.len();
-        Ok(FileSource { file, name, size })
+        Ok(FileSource {
+            file,
+            name,
+            size,
+            nowait_ok: true.into(),
+        })
     }
 }
 
@@ -91,6 +161,23 @@ impl ReadAt for FileSource {
         }
         let max = ((self.size - offset).min(buf.len() as u64)) as usize;
         self.file.read_at(&mut buf[..max], offset)
+    }
+    fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        if offset >= self.size {
+            return Ok(0);
+        }
+        use std::sync::atomic::Ordering::Relaxed;
+        if !self.nowait_ok.load(Relaxed) {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let max = ((self.size - offset).min(buf.len() as u64)) as usize;
+        match pread_nowait(&self.file, &mut buf[..max], offset) {
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => {
+                self.nowait_ok.store(false, Relaxed);
+                Err(io::ErrorKind::WouldBlock.into())
+            }
+            r => r,
+        }
     }
     fn size(&self) -> u64 {
         self.size
@@ -126,6 +213,9 @@ impl ReadAt for MemSource {
         buf[..n].copy_from_slice(&self.data[start..start + n]);
         Ok(n)
     }
+    fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        self.read_at(buf, offset)
+    }
     fn size(&self) -> u64 {
         self.data.len() as u64
     }
@@ -154,6 +244,13 @@ impl ReadAt for SubSource {
         }
         let n = (buf.len() as u64).min(self.len - offset) as usize;
         self.inner.read_at(&mut buf[..n], self.base + offset)
+    }
+    fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        if offset >= self.len {
+            return Ok(0);
+        }
+        let n = (buf.len() as u64).min(self.len - offset) as usize;
+        self.inner.read_at_nowait(&mut buf[..n], self.base + offset)
     }
     fn size(&self) -> u64 {
         self.len

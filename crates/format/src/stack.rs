@@ -234,6 +234,16 @@ impl ImageStack {
         }
     }
 
+    /// Reads only what is at hand without waiting (page cache, memory): `Ok(false)` if some of
+    /// it would have to wait; the caller then reads again where blocking is fine.
+    pub fn try_read(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
+        match crate::source::without_blocking(|| self.read(buf, offset)) {
+            Ok(()) => Ok(true),
+            Err(Error::WouldBlock) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     pub fn flush(&self) -> Result<()> {
         match &self.upper {
             Some(u) => u.flush(),

@@ -438,6 +438,9 @@ impl ReadAt for ZFileReader {
         self.read_blocks(&mut buf[..n], offset)?;
         Ok(n)
     }
+    fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        crate::source::without_blocking(|| self.read_at(buf, offset))
+    }
     fn size(&self) -> u64 {
         self.info.original_file_size
     }

@@ -314,3 +314,41 @@ proptest! {
         }
     }
 }
+
+/// A source that can only block (like a registry blob): non-blocking reads must defer to it.
+struct BlockingOnly(MemSource);
+
+impl ovbd_format::ReadAt for BlockingOnly {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        self.0.read_at(buf, offset)
+    }
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn name(&self) -> &str {
+        "blocking-only"
+    }
+}
+
+#[test]
+fn non_blocking_reads_serve_cached_data_and_defer_the_rest() {
+    // A file-backed, ZFile-compressed layer just read (so in the page cache): served without
+    // blocking, same bytes as a normal read.
+    let layer = ovbd_format::open_layer_file(&fixture(HELLO_BLOB)).unwrap();
+    let img = ImageStack::read_only(LayerStack::new(vec![layer.lsmt]).unwrap());
+    let mut want = vec![0u8; 1 << 20];
+    img.read(&mut want, 0).unwrap();
+    let mut got = vec![0u8; 1 << 20];
+    assert!(img.try_read(&mut got, 0).unwrap());
+    assert!(got == want);
+    // A source that cannot read without blocking: nothing is served, the caller retries.
+    let bytes = build_layer(VSIZE, &[(0, LayerWrite::Data(pattern(1, 0, 8)))]);
+    let l = LsmtFile::open(Arc::new(BlockingOnly(MemSource::new(bytes, "b")))).unwrap();
+    let img = ImageStack::read_only(LayerStack::new(vec![l]).unwrap());
+    let mut b = vec![0u8; 4096];
+    assert!(!img.try_read(&mut b, 0).unwrap());
+    img.read(&mut b, 0).unwrap();
+    assert_eq!(b, pattern(1, 0, 8));
+    // Misaligned requests are still errors, not "would block".
+    assert!(img.try_read(&mut b[..100], 0).is_err());
+}
