@@ -6,6 +6,7 @@ mod device;
 mod device_tool;
 mod filters;
 mod image_config;
+mod image_io;
 mod layer_tool;
 mod metadata;
 mod mount;
