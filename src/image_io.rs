@@ -30,7 +30,6 @@
 //! written with blocking std calls, even in the async API.
 
 // The converter is being written alongside this module: not every item is used by it yet.
-#![allow(dead_code)]
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use oci_client::client::{ClientConfig, ClientProtocol, LayerDescriptor};
@@ -370,7 +369,9 @@ fn is_loopback_host(registry: &str) -> bool {
         || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
-/// One platform's image, resolved.
+/// One platform's image, resolved. (The converter reads the config and layers; the manifest
+/// fields are for clients that store the image, such as the lazy-pull client.)
+#[allow(dead_code)]
 #[derive(Clone, Debug)]
 pub struct ResolvedImage {
     /// What was resolved.
@@ -390,17 +391,6 @@ pub struct ResolvedImage {
     pub config_raw: Vec<u8>,
     /// The layers' descriptors, bottom first (digest, size, mediaType, annotations).
     pub layers: Vec<Descriptor>,
-}
-
-impl ResolvedImage {
-    /// The manifest's descriptor: media type, digest, size.
-    pub fn manifest_descriptor(&self) -> Descriptor {
-        Descriptor::new(
-            MediaType::from(self.manifest_media_type.as_str()),
-            self.manifest_raw.len() as u64,
-            self.manifest_digest.clone(),
-        )
-    }
 }
 
 /// A layer blob to write: its descriptor and the local file holding it.
@@ -446,10 +436,6 @@ impl ImageClient {
             opts,
             clients: Mutex::new(HashMap::new()),
         }
-    }
-
-    pub fn options(&self) -> &RegistryOptions {
-        &self.opts
     }
 
     /// The registry client for `r`'s registry, credentials loaded.
@@ -834,10 +820,6 @@ impl ImageIo {
             rt,
             client: ImageClient::new(opts),
         })
-    }
-
-    pub fn client(&self) -> &ImageClient {
-        &self.client
     }
 
     /// See [`ImageClient::resolve`].
@@ -1637,7 +1619,7 @@ mod tests {
             amd64.layers[0].media_type().as_ref(),
             "application/vnd.docker.image.rootfs.diff.tar.gzip"
         );
-        assert_eq!(amd64.manifest_descriptor().size(), 525);
+        assert_eq!(amd64.manifest_raw.len(), 525);
 
         // The manifest list, linux/amd64: the same manifest.
         let list = io
