@@ -8,6 +8,7 @@ packages=(
     libclang-dev      # libclang: libublk's bindgen
     clang
     e2fsprogs         # mkfs.ext4, e2fsck, debugfs: tests check the filesystems in images
+    libext2fs-dev     # libext2fs: ovbd convert writes ext4 in user space through it
     qemu-system-x86   # the test guest (this kernel has no ublk)
     busybox-static    # the test guest's initramfs
     kmod cpio xz-utils

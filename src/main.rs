@@ -1,9 +1,12 @@
 //! `ovbd`: the command line. Parsing stays here; the work lives in the modules below.
 
 mod config;
+mod convert;
+mod convert_tool;
 mod daemon;
 mod device;
 mod device_tool;
+mod extfs;
 mod filters;
 mod image_config;
 mod image_io;
@@ -38,6 +41,32 @@ enum Cmd {
     /// Block devices (ublk) serving images.
     #[command(subcommand)]
     Device(DeviceCmd),
+    /// Convert an OCI/Docker image to an OverlayBD image. SRC and DST are registry references
+    /// (`host/repo:tag`) or OCI layouts (`oci:DIR:TAG`).
+    Convert {
+        src: String,
+        dst: String,
+        /// Virtual disk size in GiB.
+        #[arg(long, default_value_t = 64)]
+        vsize: u64,
+        #[arg(long, value_enum, default_value = "lz4")]
+        algo: Algo,
+        /// ZFile block size in bytes: 4096, 8192, 16384, 32768 or 65536.
+        #[arg(long, default_value_t = 4096)]
+        block_size: u32,
+        /// Platform to pick from a multi-platform source: os/arch[/variant].
+        #[arg(long, default_value = "linux/amd64")]
+        platform: String,
+        /// Registries spoken to over plain http (host[:port]); loopback ones always are.
+        #[arg(long)]
+        insecure: Vec<String>,
+        /// Scratch directory (default $TMPDIR).
+        #[arg(long)]
+        workdir: Option<PathBuf>,
+        /// Print a JSON summary (digests, sizes, seconds) on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the containerd snapshotter (proxy plugin) daemon.
     Serve {
         /// Configuration file (default /etc/ovbd/config.toml; see config/ovbd.toml).
@@ -213,6 +242,31 @@ fn run(cli: Cli) -> Result<()> {
             recover,
         }) => device_tool::attach(&configs, background, id, recover),
         Cmd::Device(DeviceCmd::List { json }) => device_tool::list(json),
+        Cmd::Convert {
+            src,
+            dst,
+            vsize,
+            algo,
+            block_size,
+            platform,
+            insecure,
+            workdir,
+            json,
+        } => convert_tool::run(
+            &src,
+            &dst,
+            convert::ConvertOptions {
+                vsize: vsize << 30,
+                zfile: zopts(algo, block_size),
+                platform: platform.parse()?,
+                registry: image_io::RegistryOptions {
+                    insecure,
+                    ..Default::default()
+                },
+                workdir,
+            },
+            json,
+        ),
         Cmd::Serve { config } => {
             let cfg = config::Config::load(config.as_deref())?;
             daemon::serve(cfg)

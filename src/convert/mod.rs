@@ -1,0 +1,433 @@
+//! `ovbd convert SRC DST`: an OCI/Docker image to an OverlayBD image, layer by layer.
+//!
+//! Each source layer is applied onto an ext4 held in a new sparse RW layer stacked over the
+//! layers converted so far (ext4 is made once, for the bottom layer), then committed compact
+//! and packaged as ZFile + PAX tar, as upstream's userspace converter does. ext4 is written in
+//! user space (libext2fs), so no block device or root is needed and the output is a function
+//! of the input: times come from the image config's `created`, the ext4 UUID and hash seed
+//! from the first chain ID, and allocation from the order of the tar entries.
+
+mod apply;
+mod layer;
+
+use crate::extfs::MkfsParams;
+use crate::image_io::{
+    ImageIo, ImageRef, ImageToWrite, LayerFile, Platform, RegistryOptions, MEDIA_OCI_MANIFEST,
+};
+use anyhow::{anyhow, bail, Context, Result};
+use oci_spec::image::{Descriptor, Digest, MediaType};
+use ovbd_format::lsmt::{uuid_from_chain_id, NIL_UUID};
+use ovbd_format::zfile::ZFileOptions;
+use serde::Serialize;
+use sha2::{Digest as _, Sha256};
+use std::collections::BTreeMap;
+use std::io::{BufReader, Read};
+use std::path::PathBuf;
+use std::time::Instant;
+
+pub const MEDIA_LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
+pub const MEDIA_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+pub const LABEL_BLOB_DIGEST: &str = "containerd.io/snapshot/overlaybd/blob-digest";
+pub const LABEL_BLOB_SIZE: &str = "containerd.io/snapshot/overlaybd/blob-size";
+pub const LABEL_VERSION: &str = "containerd.io/snapshot/overlaybd/version";
+
+pub struct ConvertOptions {
+    pub vsize: u64,
+    pub zfile: ZFileOptions,
+    pub platform: Platform,
+    pub registry: RegistryOptions,
+    /// Scratch space (one uncompressed copy of every converted layer); default: `$TMPDIR`.
+    pub workdir: Option<PathBuf>,
+}
+
+/// What a conversion produced, for `--json`.
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    pub source: String,
+    pub source_manifest: String,
+    pub destination: String,
+    pub manifest: String,
+    pub config: String,
+    pub layers: Vec<LayerSummary>,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LayerSummary {
+    pub source_digest: String,
+    pub source_size: u64,
+    pub diff_id: String,
+    pub digest: String,
+    pub size: u64,
+    pub entries: u64,
+    pub file_bytes: u64,
+    pub seconds: f64,
+}
+
+/// Reports progress: a bar per layer on a terminal, plain lines otherwise.
+pub trait Progress {
+    fn layer_start(&mut self, index: usize, count: usize, digest: &str, size: u64);
+    fn layer_bytes(&mut self, read: u64);
+    fn layer_done(&mut self, s: &LayerSummary);
+}
+
+pub fn convert(
+    src: &str,
+    dst: &str,
+    opts: &ConvertOptions,
+    progress: &mut dyn Progress,
+) -> Result<Summary> {
+    let started = Instant::now();
+    let src_ref = ImageRef::parse(src)?;
+    let dst_ref = ImageRef::parse(dst)?;
+    let io = ImageIo::new(opts.registry.clone())?;
+    let img = io.resolve(&src_ref, &opts.platform)?;
+    let mut config: serde_json::Value = serde_json::from_slice(&img.config_raw)
+        .with_context(|| format!("image config {} is not JSON", img.config.digest()))?;
+    let diff_ids: Vec<String> = config
+        .pointer("/rootfs/diff_ids")
+        .and_then(|v| v.as_array())
+        .ok_or_else(|| {
+            anyhow!(
+                "image config {} has no rootfs.diff_ids",
+                img.config.digest()
+            )
+        })?
+        .iter()
+        .map(|v| v.as_str().map(str::to_owned))
+        .collect::<Option<_>>()
+        .ok_or_else(|| {
+            anyhow!(
+                "image config {}: a diff_id is not a string",
+                img.config.digest()
+            )
+        })?;
+    if diff_ids.len() != img.layers.len() {
+        bail!(
+            "image {src}: {} layers but {} diff_ids in its config",
+            img.layers.len(),
+            diff_ids.len()
+        );
+    }
+    if img.layers.is_empty() {
+        bail!("image {src} has no layers");
+    }
+    let now = config
+        .get("created")
+        .and_then(|v| v.as_str())
+        .and_then(parse_rfc3339)
+        .unwrap_or(0);
+    let chain_ids = chain_ids(&diff_ids);
+    let fs_uuid = fs_uuid(&chain_ids[0]);
+
+    let work = match &opts.workdir {
+        Some(d) => tempfile::Builder::new()
+            .prefix("ovbd-convert-")
+            .tempdir_in(d),
+        None => tempfile::Builder::new().prefix("ovbd-convert-").tempdir(),
+    }
+    .context("creating the conversion's scratch directory")?;
+
+    let mut lowers: Vec<PathBuf> = Vec::new();
+    let mut outputs: Vec<LayerFile> = Vec::new();
+    let mut summaries: Vec<LayerSummary> = Vec::new();
+    for (i, desc) in img.layers.iter().enumerate() {
+        let t0 = Instant::now();
+        let dir = work.path().join(format!("{i:04}"));
+        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        let src_blob = dir.join("source");
+        io.fetch_blob(&src_ref, desc, &src_blob)?;
+        progress.layer_start(i, img.layers.len(), desc.digest().as_ref(), desc.size());
+
+        let job = layer::LayerJob {
+            lowers: &lowers,
+            dir: &dir,
+            vsize: opts.vsize,
+            uuid: uuid_from_chain_id(&chain_ids[i])?,
+            parent_uuid: match i {
+                0 => NIL_UUID.to_owned(),
+                _ => uuid_from_chain_id(&chain_ids[i - 1])?,
+            },
+            mkfs: MkfsParams { uuid: fs_uuid, now },
+            zfile: opts.zfile,
+        };
+        let (out, got) = {
+            let file = std::fs::File::open(&src_blob)
+                .with_context(|| format!("open {}", src_blob.display()))?;
+            let counted = Counting {
+                inner: file,
+                read: 0,
+                progress: &mut *progress,
+            };
+            let mut tar = Hashing {
+                inner: decompress(BufReader::with_capacity(1 << 20, counted))
+                    .with_context(|| format!("layer {}", desc.digest()))?,
+                hasher: Sha256::new(),
+            };
+            let out = layer::convert_layer(&job, &mut tar)
+                .with_context(|| format!("converting layer {} ({})", i + 1, desc.digest()))?;
+            std::io::copy(&mut tar, &mut std::io::sink())
+                .with_context(|| format!("reading layer {}", desc.digest()))?;
+            (out, hex_digest(tar.hasher))
+        };
+        if got != diff_ids[i] {
+            bail!(
+                "layer {} uncompresses to {got}, but the config's diff_id is {}",
+                desc.digest(),
+                diff_ids[i]
+            );
+        }
+        std::fs::remove_file(&src_blob).ok();
+
+        let (digest, size) = file_digest(&out.blob)?;
+        let mut annotations = std::collections::HashMap::new();
+        annotations.insert(LABEL_BLOB_DIGEST.to_owned(), digest.clone());
+        annotations.insert(LABEL_BLOB_SIZE.to_owned(), size.to_string());
+        annotations.insert(LABEL_VERSION.to_owned(), "0.1.0".to_owned());
+        let mut d = Descriptor::new(MediaType::from(MEDIA_LAYER), size, parse_digest(&digest)?);
+        d.set_annotations(Some(annotations));
+        outputs.push(LayerFile {
+            descriptor: d,
+            path: out.blob,
+        });
+        let s = LayerSummary {
+            source_digest: desc.digest().to_string(),
+            source_size: desc.size(),
+            diff_id: diff_ids[i].clone(),
+            digest,
+            size,
+            entries: out.apply.entries,
+            file_bytes: out.apply.file_bytes,
+            seconds: t0.elapsed().as_secs_f64(),
+        };
+        progress.layer_done(&s);
+        summaries.push(s);
+        lowers.push(out.lsmt);
+    }
+
+    // The config: the source's, with the new layers as its diff_ids.
+    let new_ids: Vec<serde_json::Value> =
+        summaries.iter().map(|s| s.digest.clone().into()).collect();
+    *config
+        .pointer_mut("/rootfs/diff_ids")
+        .ok_or_else(|| anyhow!("image config lost rootfs.diff_ids"))? = new_ids.into();
+    let config_raw = serde_json::to_vec(&config)?;
+    let config_digest = sha256_hex(&config_raw);
+    let manifest = Manifest {
+        schema_version: 2,
+        media_type: MEDIA_OCI_MANIFEST,
+        config: ManifestDescriptor {
+            media_type: MEDIA_CONFIG.to_owned(),
+            digest: config_digest.clone(),
+            size: config_raw.len() as u64,
+            annotations: None,
+        },
+        layers: summaries
+            .iter()
+            .map(|s| ManifestDescriptor {
+                media_type: MEDIA_LAYER.to_owned(),
+                digest: s.digest.clone(),
+                size: s.size,
+                annotations: Some(BTreeMap::from([
+                    (LABEL_BLOB_DIGEST.to_owned(), s.digest.clone()),
+                    (LABEL_BLOB_SIZE.to_owned(), s.size.to_string()),
+                    (LABEL_VERSION.to_owned(), "0.1.0".to_owned()),
+                ])),
+            })
+            .collect(),
+    };
+    let manifest_raw = serde_json::to_vec(&manifest)?;
+    let written = io.write_image(
+        &dst_ref,
+        &ImageToWrite {
+            layers: &outputs,
+            config: &config_raw,
+            manifest: &manifest_raw,
+            manifest_media_type: MEDIA_OCI_MANIFEST,
+        },
+    )?;
+    Ok(Summary {
+        source: src.to_owned(),
+        source_manifest: img.manifest_digest.to_string(),
+        destination: dst.to_owned(),
+        manifest: written.digest().to_string(),
+        config: config_digest,
+        layers: summaries,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// The manifest as upstream writes it, field order fixed so the same image gives the same
+/// bytes.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Manifest {
+    schema_version: u32,
+    media_type: &'static str,
+    config: ManifestDescriptor,
+    layers: Vec<ManifestDescriptor>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ManifestDescriptor {
+    media_type: String,
+    digest: String,
+    size: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    annotations: Option<BTreeMap<String, String>>,
+}
+
+/// Chain IDs (OCI image spec): the first is the first diff_id, then
+/// sha256(previous + " " + diff_id).
+fn chain_ids(diff_ids: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::with_capacity(diff_ids.len());
+    for d in diff_ids {
+        let next = match out.last() {
+            None => d.clone(),
+            Some(prev) => sha256_hex(format!("{prev} {d}").as_bytes()),
+        };
+        out.push(next);
+    }
+    out
+}
+
+/// The ext4 UUID (also its directory hash seed): a v4-shaped UUID from the first chain ID,
+/// so the same source gives the same filesystem.
+fn fs_uuid(chain_id: &str) -> [u8; 16] {
+    let h = Sha256::new_with_prefix(format!("ovbd ext4 {chain_id}").as_bytes()).finalize();
+    let mut u = [0u8; 16];
+    u.copy_from_slice(&h[..16]);
+    u[6] = (u[6] & 0x0f) | 0x40;
+    u[8] = (u[8] & 0x3f) | 0x80;
+    u
+}
+
+fn hex_digest(h: Sha256) -> String {
+    let hex: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    hex_digest(Sha256::new_with_prefix(data))
+}
+
+fn parse_digest(s: &str) -> Result<Digest> {
+    Digest::try_from(s.to_owned()).map_err(|e| anyhow!("digest {s}: {e}"))
+}
+
+fn file_digest(path: &std::path::Path) -> Result<(String, u64)> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+    let mut h = Sha256::new();
+    let n = std::io::copy(&mut f, &mut h).with_context(|| format!("read {}", path.display()))?;
+    Ok((hex_digest(h), n))
+}
+
+/// A layer blob's tar stream: gzip and zstd are recognised by their magic, anything else is
+/// taken as a plain tar.
+fn decompress<'a, R: std::io::BufRead + 'a>(mut r: R) -> Result<Box<dyn Read + 'a>> {
+    let head = r.fill_buf().context("reading the layer")?;
+    Ok(if head.starts_with(&[0x1f, 0x8b]) {
+        Box::new(flate2::bufread::MultiGzDecoder::new(r))
+    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Box::new(zstd::stream::read::Decoder::with_buffer(r).context("zstd layer")?)
+    } else {
+        Box::new(r)
+    })
+}
+
+struct Hashing<R> {
+    inner: R,
+    hasher: Sha256,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+struct Counting<'a, R> {
+    inner: R,
+    read: u64,
+    progress: &'a mut dyn Progress,
+}
+
+impl<R: Read> Read for Counting<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read += n as u64;
+        self.progress.layer_bytes(self.read);
+        Ok(n)
+    }
+}
+
+/// Seconds since the epoch of an RFC 3339 time (`2023-05-04T17:37:03.872958712Z`, or with an
+/// offset); fractions are dropped.
+fn parse_rfc3339(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<i64> { s.get(r)?.parse().ok() };
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    let mut rest = &s[19..];
+    if let Some(r) = rest.strip_prefix('.') {
+        rest = r.trim_start_matches(|c: char| c.is_ascii_digit());
+    }
+    let offset = match rest {
+        "Z" | "z" => 0,
+        _ => {
+            let sign = match rest.as_bytes().first()? {
+                b'+' => 1,
+                b'-' => -1,
+                _ => return None,
+            };
+            let oh: i64 = rest.get(1..3)?.parse().ok()?;
+            let om: i64 = rest.get(4..6)?.parse().ok()?;
+            sign * (oh * 3600 + om * 60)
+        }
+    };
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
+        return None;
+    }
+    // Days from civil (Howard Hinnant's algorithm).
+    let y = if mo <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146097 + doe - 719468;
+    Some(days * 86400 + h * 3600 + mi * 60 + sec - offset)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339() {
+        assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(
+            parse_rfc3339("2023-05-04T17:37:03.872958712Z"),
+            Some(1_683_221_823)
+        );
+        assert_eq!(
+            parse_rfc3339("2023-05-04T19:37:03+02:00"),
+            Some(1_683_221_823)
+        );
+        assert_eq!(parse_rfc3339("2000-02-29T00:00:00Z"), Some(951_782_400));
+        assert_eq!(parse_rfc3339("yesterday"), None);
+    }
+
+    #[test]
+    fn chain_ids_as_the_image_spec() {
+        let ids = chain_ids(&["sha256:aa".into(), "sha256:bb".into()]);
+        assert_eq!(ids[0], "sha256:aa");
+        assert_eq!(ids[1], sha256_hex(b"sha256:aa sha256:bb"));
+    }
+}

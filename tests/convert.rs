@@ -1,0 +1,595 @@
+//! `ovbd convert` on OCI layouts: the upstream hello-world source, a multi-layer image built
+//! here (whiteouts, opaque dirs, hard links, symlinks, xattrs, modes, devices), tar entries
+//! that try to escape the root, and bad input. The ext4 inside the result is read with
+//! e2fsprogs' debugfs and checked with e2fsck.
+
+use sha2::{Digest, Sha256};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn ovbd(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ovbd"))
+        .args(args)
+        .output()
+        .expect("run ovbd")
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = ovbd(args);
+    assert!(
+        o.status.success(),
+        "ovbd {args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn sha256(data: &[u8]) -> String {
+    let h: String = Sha256::digest(data)
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect();
+    format!("sha256:{h}")
+}
+
+fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(rel)
+}
+
+// ----------------------------------------------------------------- building source images
+
+/// One tar layer under construction (PAX format, fixed times).
+struct Layer {
+    b: tar::Builder<Vec<u8>>,
+}
+
+const MTIME: u64 = 1_700_000_000;
+
+impl Layer {
+    fn new() -> Layer {
+        Layer {
+            b: tar::Builder::new(Vec::new()),
+        }
+    }
+
+    fn header(kind: tar::EntryType, mode: u32, uid: u64, gid: u64) -> tar::Header {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_uid(uid);
+        h.set_gid(gid);
+        h.set_mtime(MTIME);
+        h.set_size(0);
+        h
+    }
+
+    /// Raw names (no normalisation by the tar crate): "../x" and "/x" go in as they are.
+    fn put(&mut self, mut h: tar::Header, name: &str, link: Option<&str>, data: &[u8]) {
+        let old = h.as_old_mut();
+        old.name.fill(0);
+        old.name[..name.len()].copy_from_slice(name.as_bytes());
+        if let Some(l) = link {
+            old.linkname.fill(0);
+            old.linkname[..l.len()].copy_from_slice(l.as_bytes());
+        }
+        h.set_size(data.len() as u64);
+        h.set_cksum();
+        self.b.append(&h, data).unwrap();
+    }
+
+    fn dir(&mut self, name: &str, mode: u32) -> &mut Self {
+        self.put(
+            Self::header(tar::EntryType::Directory, mode, 0, 0),
+            name,
+            None,
+            b"",
+        );
+        self
+    }
+
+    fn file(&mut self, name: &str, data: &[u8], mode: u32) -> &mut Self {
+        self.put(
+            Self::header(tar::EntryType::Regular, mode, 0, 0),
+            name,
+            None,
+            data,
+        );
+        self
+    }
+
+    fn owned(&mut self, name: &str, data: &[u8], mode: u32, uid: u64, gid: u64) -> &mut Self {
+        self.put(
+            Self::header(tar::EntryType::Regular, mode, uid, gid),
+            name,
+            None,
+            data,
+        );
+        self
+    }
+
+    fn symlink(&mut self, name: &str, target: &str) -> &mut Self {
+        let h = Self::header(tar::EntryType::Symlink, 0o777, 0, 0);
+        self.put(h, name, Some(target), b"");
+        self
+    }
+
+    fn hardlink(&mut self, name: &str, target: &str) -> &mut Self {
+        let h = Self::header(tar::EntryType::Link, 0o644, 0, 0);
+        self.put(h, name, Some(target), b"");
+        self
+    }
+
+    fn node(&mut self, name: &str, kind: tar::EntryType, major: u32, minor: u32) -> &mut Self {
+        let mut h = Self::header(kind, 0o666, 0, 0);
+        h.set_device_major(major).unwrap();
+        h.set_device_minor(minor).unwrap();
+        self.put(h, name, None, b"");
+        self
+    }
+
+    /// A file with PAX `SCHILY.xattr.*` records.
+    fn file_xattrs(&mut self, name: &str, data: &[u8], xattrs: &[(&str, &[u8])]) -> &mut Self {
+        let recs: Vec<(String, &[u8])> = xattrs
+            .iter()
+            .map(|(k, v)| (format!("SCHILY.xattr.{k}"), *v))
+            .collect();
+        self.b
+            .append_pax_extensions(recs.iter().map(|(k, v)| (k.as_str(), *v)))
+            .unwrap();
+        self.file(name, data, 0o644)
+    }
+
+    fn tar(self) -> Vec<u8> {
+        self.b.into_inner().unwrap()
+    }
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+/// Writes an OCI layout at `dir` holding one image `tag` made of `layers` (uncompressed tars;
+/// stored gzip-compressed). Returns `oci:DIR:TAG`.
+fn write_layout(dir: &Path, tag: &str, layers: &[Vec<u8>]) -> String {
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let put = |data: &[u8]| -> (String, u64) {
+        let d = sha256(data);
+        std::fs::write(blobs.join(&d[7..]), data).unwrap();
+        (d, data.len() as u64)
+    };
+    let mut descs = Vec::new();
+    let mut diff_ids = Vec::new();
+    for l in layers {
+        diff_ids.push(sha256(l));
+        let (d, n) = put(&gzip(l));
+        descs.push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d, "size": n}));
+    }
+    let config = serde_json::json!({
+        "architecture": "amd64", "os": "linux", "created": "2024-01-02T03:04:05Z",
+        "config": {"Cmd": ["/bin/sh"]},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids}});
+    let (cd, cn) = put(&serde_json::to_vec(&config).unwrap());
+    let manifest = serde_json::json!({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": cn},
+        "layers": descs});
+    let (md, mn) = put(&serde_json::to_vec(&manifest).unwrap());
+    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md, "size": mn,
+        "annotations": {"org.opencontainers.image.ref.name": tag}}]});
+    std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    format!("oci:{}:{tag}", dir.display())
+}
+
+// ----------------------------------------------------------------- reading the result
+
+struct Converted {
+    summary: serde_json::Value,
+    layout: PathBuf,
+}
+
+fn convert(src: &str, out: &Path, extra: &[&str]) -> Converted {
+    let dst = format!("oci:{}:obd", out.display());
+    let mut args = vec!["convert", src, &dst, "--json"];
+    args.extend_from_slice(extra);
+    let summary: serde_json::Value = serde_json::from_str(&ok(&args)).unwrap();
+    Converted {
+        summary,
+        layout: out.to_path_buf(),
+    }
+}
+
+impl Converted {
+    fn blobs(&self) -> Vec<PathBuf> {
+        self.summary["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| {
+                let d = l["digest"].as_str().unwrap();
+                self.layout.join("blobs/sha256").join(&d[7..])
+            })
+            .collect()
+    }
+
+    /// The flattened disk, exported raw next to the layout.
+    fn export(&self) -> PathBuf {
+        let raw = self.layout.with_extension("raw");
+        let mut args: Vec<String> = vec!["image".into(), "export".into()];
+        args.extend(self.blobs().iter().map(|p| s(p).to_owned()));
+        args.push(s(&raw).to_owned());
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        ok(&a);
+        raw
+    }
+}
+
+fn debugfs(img: &Path, cmd: &str) -> String {
+    let o = Command::new("debugfs")
+        .args(["-R", cmd, s(img)])
+        .output()
+        .expect("debugfs (e2fsprogs) must be installed");
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn cat(img: &Path, path: &str) -> Vec<u8> {
+    Command::new("debugfs")
+        .args(["-R", &format!("cat {path}"), s(img)])
+        .output()
+        .expect("debugfs")
+        .stdout
+}
+
+/// (type, mode, uid, gid, links, size) from `debugfs stat`, or None when the path is absent.
+fn stat(img: &Path, path: &str) -> Option<(String, u32, u32, u32, u32, u64)> {
+    let out = debugfs(img, &format!("stat {path}"));
+    let field = |key: &str| -> Option<String> {
+        let at = out.find(key)? + key.len();
+        Some(out[at..].split_whitespace().next()?.to_owned())
+    };
+    Some((
+        field("Type: ")?,
+        u32::from_str_radix(&field("Mode: ")?, 8).ok()?,
+        field("User: ")?.parse().ok()?,
+        field("Group: ")?.parse().ok()?,
+        field("Links: ")?.parse().ok()?,
+        field("Size: ")?.parse().ok()?,
+    ))
+}
+
+fn inode_of(img: &Path, path: &str) -> String {
+    debugfs(img, &format!("stat {path}"))
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn e2fsck_clean(img: &Path) {
+    let o = Command::new("e2fsck")
+        .args(["-fn", s(img)])
+        .output()
+        .expect("e2fsck");
+    assert!(
+        o.status.success(),
+        "e2fsck -fn {}: {}{}",
+        img.display(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn check_layers(c: &Converted) {
+    for b in c.blobs() {
+        let o = ovbd(&["layer", "inspect", s(&b), "--json"]);
+        assert!(
+            o.status.success(),
+            "inspect {}: {}",
+            b.display(),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}
+
+// ----------------------------------------------------------------- tests
+
+#[test]
+fn hello_world_converts_reproducibly() {
+    let t = tempfile::tempdir().unwrap();
+    let src = format!("oci:{}:amd64", s(&fixture("hello-world-oci")));
+    let a = convert(&src, &t.path().join("a"), &[]);
+    let b = convert(&src, &t.path().join("b"), &[]);
+    assert_eq!(
+        a.summary["manifest"], b.summary["manifest"],
+        "same source, same manifest"
+    );
+    check_layers(&a);
+    // The LSMT uuid is the chain ID's first 32 hex digits, as upstream derives it.
+    let o = ok(&["layer", "inspect", s(&a.blobs()[0]), "--json"]);
+    assert!(o.contains("01BB4FCE-3EB1-B56B-05AD-F99504DAFD31"), "{o}");
+    let raw = a.export();
+    e2fsck_clean(&raw);
+    assert_eq!(
+        sha256(&cat(&raw, "/hello")),
+        "sha256:d3f7d10e296e5c626ea78539cb38cd8dffd043bea3627da35ce3b20c0ac68014"
+    );
+    // Manifest and config as upstream lays them out.
+    let m: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            a.layout
+                .join("blobs/sha256")
+                .join(&a.summary["manifest"].as_str().unwrap()[7..]),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(m["mediaType"], "application/vnd.oci.image.manifest.v1+json");
+    let l = &m["layers"][0];
+    assert_eq!(l["mediaType"], "application/vnd.oci.image.layer.v1.tar");
+    assert_eq!(
+        l["annotations"]["containerd.io/snapshot/overlaybd/blob-digest"],
+        l["digest"]
+    );
+    assert_eq!(
+        l["annotations"]["containerd.io/snapshot/overlaybd/blob-size"],
+        l["size"].to_string()
+    );
+    assert_eq!(
+        l["annotations"]["containerd.io/snapshot/overlaybd/version"],
+        "0.1.0"
+    );
+    let cfg: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            a.layout
+                .join("blobs/sha256")
+                .join(&m["config"]["digest"].as_str().unwrap()[7..]),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        cfg["rootfs"]["diff_ids"][0], l["digest"],
+        "diff_id = blob digest"
+    );
+    assert_eq!(cfg["config"]["Cmd"][0], "/hello");
+}
+
+fn multi_layer_image() -> Vec<Vec<u8>> {
+    let big: Vec<u8> = (0..3 << 20)
+        .map(|i: u32| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let mut l1 = Layer::new();
+    l1.dir("etc/", 0o755)
+        .file("etc/passwd", b"root:x:0:0::/root:/bin/sh\n", 0o644)
+        .dir("data/", 0o755)
+        .file("data/gone.txt", b"whited out in layer 2\n", 0o644)
+        .dir("data/old/", 0o755)
+        .file("data/old/inside.txt", b"dir whited out\n", 0o644)
+        .dir("data/opq/", 0o750)
+        .file("data/opq/a", b"hidden by opaque\n", 0o644)
+        .dir("data/opq/sub/", 0o755)
+        .file("data/opq/sub/b", b"hidden too\n", 0o644)
+        .file("data/keep.txt", b"kept\n", 0o644)
+        .file("data/f2d", b"becomes a dir\n", 0o644)
+        .dir("data/d2f/", 0o755)
+        .file("data/d2f/child", b"goes with its dir\n", 0o644)
+        .file_xattrs(
+            "data/caps",
+            b"capable\n",
+            &[
+                (
+                    "security.capability",
+                    &[
+                        1, 0, 0, 2, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                    ],
+                ),
+                ("user.mime", b"text/plain"),
+            ],
+        )
+        .symlink("data/rel", "../etc/passwd")
+        .symlink("data/abs", "/etc/passwd");
+    let mut l2 = Layer::new();
+    l2.file("data/.wh.gone.txt", b"", 0o644)
+        .file("data/.wh.old", b"", 0o644)
+        .dir("data/opq/", 0o700)
+        .file("data/opq/.wh..wh..opq", b"", 0o644)
+        .file("data/opq/new", b"only this is left\n", 0o644)
+        .hardlink("data/hard", "data/keep.txt")
+        .owned("data/suid", b"setuid\n", 0o4755, 1000, 1001)
+        .dir("data/sticky/", 0o1777)
+        .node("dev-null", tar::EntryType::Char, 1, 3)
+        .node("dev-big", tar::EntryType::Block, 259, 300)
+        .node("fifo", tar::EntryType::Fifo, 0, 0)
+        .dir("data/f2d/", 0o711)
+        .file("data/f2d/now", b"a dir now\n", 0o644)
+        .file("data/d2f", b"a file now\n", 0o600)
+        .file("implied/parents/file", b"parents not in the tar\n", 0o644)
+        .file("data/big.bin", &big, 0o644);
+    for i in 0..600 {
+        l2.file(
+            &format!("many/file-{i:04}-with-a-longish-name"),
+            format!("{i}\n").as_bytes(),
+            0o644,
+        );
+    }
+    let mut l3 = Layer::new();
+    l3.file("data/keep.txt", b"rewritten in layer 3\n", 0o640);
+    for i in (0..600).step_by(2) {
+        l3.file(
+            &format!("many/.wh.file-{i:04}-with-a-longish-name"),
+            b"",
+            0o644,
+        );
+    }
+    vec![l1.tar(), l2.tar(), l3.tar()]
+}
+
+#[test]
+fn multi_layer_image_applies_like_overlayfs() {
+    let t = tempfile::tempdir().unwrap();
+    let src = write_layout(&t.path().join("src"), "v1", &multi_layer_image());
+    let c = convert(&src, &t.path().join("out"), &["--vsize", "4"]);
+    assert_eq!(c.blobs().len(), 3);
+    check_layers(&c);
+    let raw = c.export();
+    e2fsck_clean(&raw);
+
+    let absent = [
+        "/data/gone.txt",
+        "/data/old",
+        "/data/opq/a",
+        "/data/opq/sub",
+        "/data/d2f/child",
+    ];
+    for p in absent {
+        assert!(stat(&raw, p).is_none(), "{p} should be gone");
+    }
+    assert_eq!(cat(&raw, "/data/opq/new"), b"only this is left\n");
+    let opq = stat(&raw, "/data/opq").unwrap();
+    assert_eq!((opq.0.as_str(), opq.1), ("directory", 0o700));
+    // A hard link made in layer 2 to a layer-1 file, rewritten in layer 3: containerd replaces
+    // the name (new inode), the other name keeps the old content.
+    assert_eq!(cat(&raw, "/data/keep.txt"), b"rewritten in layer 3\n");
+    assert_eq!(cat(&raw, "/data/hard"), b"kept\n");
+    assert_eq!(stat(&raw, "/data/hard").unwrap().4, 1);
+    assert_eq!(stat(&raw, "/data/keep.txt").unwrap().1, 0o640);
+    let suid = stat(&raw, "/data/suid").unwrap();
+    assert_eq!((suid.1, suid.2, suid.3), (0o4755, 1000, 1001));
+    assert_eq!(stat(&raw, "/data/sticky").unwrap().1, 0o1777);
+    assert_eq!(stat(&raw, "/data/f2d").unwrap().0, "directory");
+    assert_eq!(stat(&raw, "/data/f2d").unwrap().1, 0o711);
+    assert_eq!(cat(&raw, "/data/f2d/now"), b"a dir now\n");
+    let d2f = stat(&raw, "/data/d2f").unwrap();
+    assert_eq!((d2f.0.as_str(), d2f.1), ("regular", 0o600));
+    assert_eq!(stat(&raw, "/implied/parents").unwrap().1, 0o755);
+    assert_eq!(
+        cat(&raw, "/implied/parents/file"),
+        b"parents not in the tar\n"
+    );
+    assert_eq!(stat(&raw, "/dev-null").unwrap().0, "character");
+    assert!(debugfs(&raw, "stat /dev-null").contains("Device major/minor number: 01:03"));
+    assert!(debugfs(&raw, "stat /dev-big").contains("Device major/minor number: 259:300"));
+    assert_eq!(stat(&raw, "/fifo").unwrap().0, "FIFO");
+    assert!(debugfs(&raw, "stat /data/rel").contains("Fast link dest: \"../etc/passwd\""));
+    assert!(debugfs(&raw, "stat /data/abs").contains("Fast link dest: \"/etc/passwd\""));
+    let big: Vec<u8> = (0..3 << 20)
+        .map(|i: u32| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    assert_eq!(sha256(&cat(&raw, "/data/big.bin")), sha256(&big));
+    let ea = debugfs(&raw, "ea_list /data/caps");
+    assert!(ea.contains("user.mime (10) = \"text/plain\""), "{ea}");
+    assert!(ea.contains("security.capability (20)"), "{ea}");
+    let many = debugfs(&raw, "ls -p /many");
+    let names = many.lines().filter(|l| l.contains("file-")).count();
+    assert_eq!(names, 300, "every other file whited out");
+    assert!(many.contains("file-0001-with") && !many.contains("file-0000-with"));
+    // Times come from the tar (directories too, set after their contents).
+    assert!(
+        debugfs(&raw, "stat /data/f2d").contains("mtime: 0x6553f100"),
+        "{}",
+        debugfs(&raw, "stat /data/f2d")
+    );
+
+    // Same source, same bytes.
+    let again = convert(&src, &t.path().join("again"), &["--vsize", "4"]);
+    assert_eq!(c.summary["manifest"], again.summary["manifest"]);
+}
+
+#[test]
+fn escaping_entries_are_confined_to_the_image() {
+    let t = tempfile::tempdir().unwrap();
+    let outside = t.path().join("outside");
+    let mut l1 = Layer::new();
+    l1.dir("etc/", 0o755).file("etc/passwd", b"root\n", 0o644);
+    let mut l2 = Layer::new();
+    let rel = format!("../../../../../../../..{}", outside.display());
+    l2.file("../../escape1", b"1\n", 0o644)
+        .file("/abs1", b"2\n", 0o644)
+        .file("a/../../escape2", b"3\n", 0o644)
+        .file(&rel, b"4\n", 0o644)
+        .symlink("toroot", "/")
+        .file("toroot/etc/via-abs-link", b"5\n", 0o644)
+        .symlink("up", "../../../..")
+        .file("up/escape3", b"6\n", 0o644)
+        .hardlink("hl", "../../../etc/passwd")
+        .symlink("loop", "loop")
+        .file("plain", b"ok\n", 0o644);
+    let src = write_layout(&t.path().join("src"), "v1", &[l1.tar(), l2.tar()]);
+    let c = convert(&src, &t.path().join("out"), &["--vsize", "1"]);
+    let raw = c.export();
+    e2fsck_clean(&raw);
+    assert!(
+        !outside.exists(),
+        "nothing may be written outside the image"
+    );
+    for (p, want) in [
+        ("/escape1", &b"1\n"[..]),
+        ("/abs1", b"2\n"),
+        ("/escape2", b"3\n"),
+        ("/etc/via-abs-link", b"5\n"),
+        ("/escape3", b"6\n"),
+        ("/plain", b"ok\n"),
+    ] {
+        assert_eq!(cat(&raw, p), want, "{p}");
+    }
+    assert_eq!(cat(&raw, &format!("{}", outside.display())), b"4\n");
+    assert_eq!(inode_of(&raw, "/hl"), inode_of(&raw, "/etc/passwd"));
+    assert_eq!(stat(&raw, "/etc/passwd").unwrap().4, 2);
+}
+
+#[test]
+fn bad_input_gives_clear_errors() {
+    let t = tempfile::tempdir().unwrap();
+    // A diff_id that does not match the layer.
+    let mut l = Layer::new();
+    l.file("f", b"x", 0o644);
+    let src = write_layout(&t.path().join("src"), "v1", &[l.tar()]);
+    let cfg_dir = t.path().join("src/blobs/sha256");
+    let idx: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(t.path().join("src/index.json")).unwrap()).unwrap();
+    let md = idx["manifests"][0]["digest"].as_str().unwrap()[7..].to_owned();
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(cfg_dir.join(&md)).unwrap()).unwrap();
+    let layer_digest = m["layers"][0]["digest"].as_str().unwrap().to_owned();
+
+    // Corrupt the layer blob: the digest check names it.
+    let blob = cfg_dir.join(&layer_digest[7..]);
+    let mut data = std::fs::read(&blob).unwrap();
+    let n = data.len();
+    data[n / 2] ^= 0xff;
+    std::fs::write(&blob, &data).unwrap();
+    let dst = format!("oci:{}:obd", t.path().join("out").display());
+    let o = ovbd(&["convert", &src, &dst]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(&layer_digest), "{err}");
+    assert!(
+        !t.path().join("out/index.json").exists(),
+        "nothing written on failure"
+    );
+
+    // A file larger than the disk: the error says so and points at --vsize.
+    let t2 = tempfile::tempdir().unwrap();
+    let mut l = Layer::new();
+    let zeros = vec![0u8; (1 << 30) + (64 << 20)];
+    l.file("huge", &zeros, 0o644);
+    drop(zeros);
+    let src = write_layout(&t2.path().join("src"), "v1", &[l.tar()]);
+    let dst = format!("oci:{}:obd", t2.path().join("out").display());
+    let o = ovbd(&["convert", &src, &dst, "--vsize", "1"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--vsize") && err.contains("huge"), "{err}");
+}
