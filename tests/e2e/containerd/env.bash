@@ -13,6 +13,7 @@
 #   build_busybox_image DIR TAG           multi-layer busybox OCI layout in DIR -> $REGISTRY/busybox:TAG
 #   tree_digest ROOT [EXCLUDE...]         stable listing of a tree (see tree-digest.sh)
 #   ctr_tree_digest SNAPSHOTTER IMAGE [EXCLUDE...]   the same listing, taken inside a container
+#   ctr_image_mount / ctr_view_mount      read-only views of an image (overlayfs) / a snapshot (any)
 #   e2e_on_exit CMD...                    run CMD at exit (last registered runs first)
 #   e2e_tmpdir VAR [PARENT]               VAR = a fresh dir, removed at exit
 #
@@ -452,8 +453,14 @@ tree_diff() {
 
 # ctr_image_mount SNAPSHOTTER IMAGE TARGET: `ctr image mount` (a read-only view of the unpacked image) at
 # TARGET; unmounted (and the view removed) at exit, or earlier with ctr_image_unmount TARGET.
+# ctr 1.6 reads the snapshotter of `image mount` from a global flag that does not exist, so it always uses
+# overlayfs: for other snapshotters use ctr_view_mount.
 ctr_image_mount() {
     local snap=$1 image=$2 target=$3
+    [[ $snap == overlayfs ]] || {
+        e2e_log "ctr_image_mount: ctr 1.6 would mount $image from overlayfs, not $snap; use ctr_view_mount"
+        return 1
+    }
     mkdir -p "$target"
     ctr_do image mount --snapshotter "$snap" "$image" "$target" >/dev/null || return 1
     e2e_on_exit "ctr_image_unmount '$target'"
@@ -462,4 +469,44 @@ ctr_image_mount() {
 ctr_image_unmount() {
     mountpoint -q "$1" 2>/dev/null || return 0
     ctr_do image unmount --rm "$1" >/dev/null 2>&1 || umount "$1" 2>/dev/null || umount -l "$1"
+}
+
+# ctr_view_mount SNAPSHOTTER PARENT TARGET: a read-only view of the committed snapshot PARENT (an image's
+# chain ID) through `ctr snapshots view` + `mounts`, mounted at TARGET; unmounted and removed at exit, or
+# earlier with ctr_view_unmount SNAPSHOTTER TARGET.
+ctr_view_mount() {
+    local snap=$1 parent=$2 target=$3 key cmd
+    key=e2e-view-$(basename "$target")-$$
+    mkdir -p "$target"
+    ctr_do snapshots --snapshotter "$snap" view "$key" "$parent" >/dev/null || return 1
+    e2e_on_exit "ctr_view_unmount '$snap' '$target'"
+    cmd=$(ctr_do snapshots --snapshotter "$snap" mounts "$target" "$key") || return 1
+    [[ $cmd == mount\ * ]] || {
+        e2e_log "ctr snapshots mounts printed: $cmd"
+        return 1
+    }
+    eval "$cmd"
+}
+
+ctr_view_unmount() {
+    local snap=$1 target=$2
+    if mountpoint -q "$target" 2>/dev/null; then umount "$target" 2>/dev/null || umount -l "$target"; fi
+    ctr_do snapshots --snapshotter "$snap" rm "e2e-view-$(basename "$target")-$$" >/dev/null 2>&1 || true
+}
+
+# layout_chain_id LAYOUT TAG: the chain ID of the image TAG in the OCI layout LAYOUT (the name containerd
+# gives its top committed snapshot).
+layout_chain_id() {
+    "$E2E_PYTHON" - "$1" "$2" <<'EOF'
+import hashlib, json, sys
+root, tag = sys.argv[1], sys.argv[2]
+def blob(d):
+    return json.load(open(f"{root}/blobs/sha256/{d.split(':', 1)[1]}"))
+idx = json.load(open(f"{root}/index.json"))
+m = next(m for m in idx["manifests"] if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag)
+chain = None
+for d in blob(blob(m["digest"])["config"]["digest"])["rootfs"]["diff_ids"]:
+    chain = d if chain is None else "sha256:" + hashlib.sha256(f"{chain} {d}".encode()).hexdigest()
+print(chain)
+EOF
 }

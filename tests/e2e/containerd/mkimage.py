@@ -20,6 +20,7 @@ Layers (bottom to top):
   2. files:   /usr/share/doc/e2e/readme.txt, /usr/local/bin/hello.sh (0755), /data/secret (0600, 1000:1000),
               /data/suid (04755), /data/sticky/ (01777), /data/empty, /data/big.bin (1 MiB pseudo-random),
               "/data/with space.txt", relative and absolute symlinks, a dangling symlink,
+              /data/xattrs.txt (security.capability + user.e2e xattrs),
               a hardlink pair /data/hard1 = /data/hard2, /data/deep/a/b/c/leaf.txt
   3. changes: whiteouts for /data/gone.txt and /data/old, opaque /data/opaque (+ new.txt), /etc/hostname
               rewritten, /data/mode.txt re-added with mode 0640, /data/replaced.txt turned into a directory
@@ -57,11 +58,14 @@ class Layer:
     def dir(self, name, mode=0o755, uid=0, gid=0):
         self.tar.addfile(self._info(name, tarfile.DIRTYPE, mode, uid, gid))
 
-    def file(self, name, data, mode=0o644, uid=0, gid=0):
+    def file(self, name, data, mode=0o644, uid=0, gid=0, xattrs=None):
         if isinstance(data, str):
             data = data.encode()
         ti = self._info(name, tarfile.REGTYPE, mode, uid, gid)
         ti.size = len(data)
+        if xattrs:
+            # PAX records as Go's archive/tar writes xattrs; values are raw bytes (surrogateescape).
+            ti.pax_headers = {"SCHILY.xattr." + k: v.decode("utf-8", "surrogateescape") for k, v in xattrs.items()}
         self.tar.addfile(ti, io.BytesIO(data))
 
     def symlink(self, name, target):
@@ -129,6 +133,9 @@ def layers(busybox):
     for d in ["/data/deep", "/data/deep/a", "/data/deep/a/b", "/data/deep/a/b/c"]:
         l2.dir(d, 0o711)
     l2.file("/data/deep/a/b/c/leaf.txt", "deep\n", 0o444)
+    # cap_net_bind_service=ep (VFS_CAP_REVISION_2) and a user xattr.
+    cap = bytes([0, 0, 0, 2, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+    l2.file("/data/xattrs.txt", "has xattrs\n", 0o755, xattrs={"security.capability": cap, "user.e2e": b"hello"})
 
     l3 = Layer()
     l3.dir("/data")

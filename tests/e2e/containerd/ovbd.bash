@@ -7,7 +7,7 @@
 #   ovbd_serve_start / ovbd_serve_stop / ovbd_serve_kill9     (pid kept in a file: survives subshells)
 #   run_part NAME DESCRIPTION FUNCTION        run one part, print "pass: NAME" or "FAIL: NAME"
 #   parts_summary                             "N passed, M failed"; returns 1 if any failed
-#   part_a .. part_e                          the checks (see each)
+#   part_a .. part_h                          the checks (see each)
 #
 # Each part is a function returning 0 (pass) or 1 (fail, after saying why) and never exits the script, so
 # one failing part does not hide the others. The parts run in the main shell (no subshell): they start
@@ -303,6 +303,69 @@ part_f() {
     [[ $built == built-by-ovbd && $hello == yes ]] || nok "view shows built.txt=$built, /hello=$hello" || return 1
     ok "the view of the new layer has the image's /hello and the container's /built.txt"
     try "remove view and layer" ctr_do snapshots --snapshotter "$E2E_SNAP" rm e2e-f-view e2e-f-layer || return 1
+}
+
+# h. ovbd convert: the busybox image (3 plain OCI layers: whiteouts, an opaque dir, a hardlink, symlinks,
+#    modes, owners, xattrs) converted to OverlayBD and pushed to the local registry (twice: same manifest
+#    digest), pulled through ovbd and run (so is upstream's hello-world source, converted); the tree a container sees (block layers: ext4 with /lost+found)
+#    and the xattrs of a view are identical to containerd's overlayfs view of the original.
+part_h() {
+    need_serve || return 1
+    local dir=$E2E_PARTS_DIR/h ref=$REGISTRY/busybox:obd first second chain
+    mkdir -p "$dir"
+    try "ovbd convert $BUSYBOX_REF $ref" timeout 600 "$OVBD_SERVE_BIN" convert --json "$BUSYBOX_REF" "$ref" ||
+        return 1
+    echo "$OUT" >"$dir/convert.json"
+    first=$(grep -o '"manifest": *"[^"]*"' "$dir/convert.json" | grep -o 'sha256:[0-9a-f]*')
+    try "ovbd convert $BUSYBOX_REF again (to a layout)" \
+        timeout 600 "$OVBD_SERVE_BIN" convert --json "$BUSYBOX_REF" "oci:$dir/again:obd" || return 1
+    second=$(grep -o '"manifest": *"[^"]*"' <<<"$OUT" | grep -o 'sha256:[0-9a-f]*')
+    [[ -n $first && $first == "$second" ]] || nok "converting twice gave $first and $second" || return 1
+    ok "converted and pushed as $ref: manifest $first (the same when converted again)"
+
+    # Upstream's plain hello-world source (Docker media types), converted by ovbd and run through ovbd.
+    local hello=$REGISTRY/hello-world:ovbd-converted
+    try "ovbd convert of the hello-world source" \
+        timeout 600 "$OVBD_SERVE_BIN" convert "oci:$E2E_HELLO_LAYOUT:amd64" "$hello" || return 1
+    try "ctr image pull --snapshotter $E2E_SNAP $hello" ctr_pull "$hello" "$E2E_SNAP" || return 1
+    try "run /hello from it" ctr_do run --rm --snapshotter "$E2E_SNAP" "$hello" e2e-h-hello /hello || return 1
+    grep -q "Hello from Docker!" <<<"$OUT" || nok "/hello printed: $OUT" || return 1
+    ok "hello-world converted by ovbd runs through ovbd: Hello from Docker!"
+
+    if [[ ! -s $E2E_PARTS_DIR/b/overlayfs.list ]]; then
+        mkdir -p "$E2E_PARTS_DIR/b"
+        try "ctr image pull --snapshotter overlayfs $BUSYBOX_REF" ctr_pull "$BUSYBOX_REF" overlayfs || return 1
+        ctr_tree_digest overlayfs "$BUSYBOX_REF" >"$E2E_PARTS_DIR/b/overlayfs.list" ||
+            nok "tree digest of $BUSYBOX_REF under overlayfs" || return 1
+    fi
+    try "ctr image pull --snapshotter $E2E_SNAP $ref" ctr_pull "$ref" "$E2E_SNAP" || return 1
+    try "run hello.sh from the converted image" \
+        ctr_do run --rm --snapshotter "$E2E_SNAP" "$ref" e2e-h /usr/local/bin/hello.sh || return 1
+    [[ $OUT == "hello from the busybox image" ]] || nok "hello.sh printed: $OUT" || return 1
+    ctr_tree_digest "$E2E_SNAP" "$ref" >"$dir/converted-all.list" 2>"$dir/converted.err" ||
+        nok "tree digest of $ref under ovbd: $(cat "$dir/converted.err")" || return 1
+    grep -q '^\./lost+found d ' "$dir/converted-all.list" ||
+        nok "no /lost+found: the converted layers were not served as ext4 block layers" || return 1
+    grep -v '^\./lost+found[ /]' "$dir/converted-all.list" >"$dir/converted.list"
+    tree_diff "overlayfs (original)" "$E2E_PARTS_DIR/b/overlayfs.list" "ovbd (converted)" "$dir/converted.list" ||
+        nok "the converted image's tree differs from the original's under overlayfs (diff above)" || return 1
+    ok "tree digest identical to the original's under containerd's overlayfs ($(wc -l <"$dir/converted.list") entries)"
+
+    # xattrs: busybox in a container cannot list them, so compare read-only views on the host side.
+    chain=$(layout_chain_id "$dir/again" obd) || nok "chain ID of the converted image" || return 1
+    ctr_image_mount overlayfs "$BUSYBOX_REF" "$dir/ref-mnt" || nok "ctr image mount (overlayfs)" || return 1
+    ctr_view_mount "$E2E_SNAP" "$chain" "$dir/obd-mnt" || nok "view of $ref ($chain) through $E2E_SNAP" || return 1
+    "$E2E_PYTHON" "$E2E_CTRD_LIB/xattr-list.py" "$dir/ref-mnt" >"$dir/ref.xattrs" &&
+        "$E2E_PYTHON" "$E2E_CTRD_LIB/xattr-list.py" "$dir/obd-mnt" ./lost+found >"$dir/obd.xattrs" ||
+        nok "listing xattrs failed" || return 1
+    [[ -x $dir/obd-mnt/usr/local/bin/hello.sh ]] || nok "the view of $ref has no /usr/local/bin/hello.sh" || return 1
+    ctr_image_unmount "$dir/ref-mnt"
+    ctr_view_unmount "$E2E_SNAP" "$dir/obd-mnt"
+    grep -q '^\./data/xattrs.txt user.e2e=' "$dir/ref.xattrs" ||
+        nok "the reference lost the image's xattrs: $(cat "$dir/ref.xattrs")" || return 1
+    tree_diff "overlayfs xattrs" "$dir/ref.xattrs" "converted xattrs" "$dir/obd.xattrs" ||
+        nok "xattrs differ (diff above)" || return 1
+    ok "xattrs identical ($(wc -l <"$dir/obd.xattrs") attributes)"
 }
 
 # g. rootfs mode dev by label: the snapshot's mount is the writable block device itself (type ext4),

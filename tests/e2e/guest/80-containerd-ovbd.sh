@@ -6,6 +6,9 @@
 #   b. busybox (plain OCI) runs through ovbd's overlayfs fallback and the tree a container sees is
 #      identical to containerd's own overlayfs snapshotter's (the reference half needs no ovbd);
 #   c. label overlaybd.writable=dir: a task writes a file, a second task on the same snapshot reads it;
+#   f. a dir-mode container committed is an OverlayBD layer; g. rootfs mode dev;
+#   h. ovbd convert of the busybox image, pushed, pulled through ovbd and run: same tree and xattrs as the
+#      original under containerd's overlayfs, same manifest when converted twice;
 #   e. kill -9 of ovbd serve under a running container, restart: the rootfs still reads and writes, and
 #      `ctr snapshots ls` matches the snapshot directories on disk;
 #   d. (last: it removes everything) image rm --sync + GC leave no snapshot, directory, mount or ublk device.
@@ -45,6 +48,7 @@ run_part b "plain OCI busybox through ovbd = containerd's overlayfs" part_b
 run_part c "rootfs mode dir by label: write, new task reads back" part_c
 run_part f "dir-mode container committed through ovbd is an OverlayBD layer" part_f
 run_part g "rootfs mode dev by label: the block device is the rootfs" part_g
+run_part h "ovbd convert busybox, push, pull + run through ovbd = original" part_h
 run_part e "kill -9 ovbd serve under a running container, restart" part_e
 run_part d "image rm + GC leave no snapshot, dir, mount or device" part_d
 took "$t0" "total"
