@@ -2,11 +2,24 @@
 //! and the `--json` summary.
 
 use crate::convert::{convert, ConvertOptions, LayerSummary, Progress};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
+use std::path::PathBuf;
 
-pub fn run(src: &str, dst: &str, opts: ConvertOptions, json: bool) -> Result<()> {
+pub fn run(src: &str, dst: &str, mut opts: ConvertOptions, json: bool) -> Result<()> {
+    // The scratch directory is ours, so an interrupt (Ctrl-C, SIGTERM, SIGHUP) can remove it:
+    // the destination itself never holds a partial image (its manifest / index goes last).
+    let scratch = match &opts.workdir {
+        Some(d) => tempfile::Builder::new()
+            .prefix("ovbd-convert-")
+            .tempdir_in(d),
+        None => tempfile::Builder::new().prefix("ovbd-convert-").tempdir(),
+    }
+    .context("creating the conversion's scratch directory")?;
+    remove_on_interrupt(scratch.path().to_owned())?;
+    opts.workdir = Some(scratch.path().to_owned());
+
     let mut progress: Box<dyn Progress> = if std::io::stderr().is_terminal() {
         Box::new(Bars { bar: None })
     } else {
@@ -81,4 +94,38 @@ impl Progress for Bars {
         }
         eprintln!("{}", done_line(s));
     }
+}
+
+/// Blocks SIGINT, SIGTERM and SIGHUP in this thread (and so in every thread started after it)
+/// and starts one thread that waits for them, removes `dir` and exits 130 like a shell would.
+fn remove_on_interrupt(dir: PathBuf) -> Result<()> {
+    // SAFETY: plain libc signal-set calls on a local, zero-initialised sigset_t.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, sig);
+        }
+        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        if rc != 0 {
+            return Err(std::io::Error::from_raw_os_error(rc)).context("blocking signals");
+        }
+        set
+    };
+    std::thread::Builder::new()
+        .name("convert-signals".into())
+        .spawn(move || {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: `set` is a valid signal set; sigwait writes the signal number to `sig`.
+            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                eprintln!(
+                    "ovbd convert: interrupted (signal {sig}); removing {}",
+                    dir.display()
+                );
+                let _ = std::fs::remove_dir_all(&dir);
+                std::process::exit(130);
+            }
+        })
+        .context("starting the signal thread")?;
+    Ok(())
 }

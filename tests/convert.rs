@@ -593,3 +593,98 @@ fn bad_input_gives_clear_errors() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("--vsize") && err.contains("huge"), "{err}");
 }
+
+/// Interrupted conversions: SIGTERM removes the scratch directory and exits 130; SIGKILL at any
+/// moment leaves the destination as it was (a tag is only ever added by the last, atomic write).
+#[test]
+fn interrupted_conversion_leaves_the_destination_as_it_was() {
+    use std::io::{BufRead, BufReader};
+    let t = tempfile::tempdir().unwrap();
+    // Pseudo-random (incompressible) data, so the later layers take a while even in release.
+    let noise = |seed: u32, n: usize| -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect()
+    };
+    let mut l1 = Layer::new();
+    l1.file("first", b"1\n", 0o644);
+    let mut l2 = Layer::new();
+    l2.file("second.bin", &noise(2, 16 << 20), 0o644);
+    let mut l3 = Layer::new();
+    l3.file("third.bin", &noise(3, 16 << 20), 0o644);
+    let src = write_layout(&t.path().join("src"), "v1", &[l1.tar(), l2.tar(), l3.tar()]);
+    // The destination already holds one image.
+    let out = t.path().join("out");
+    let small = write_layout(&t.path().join("small"), "v1", &[Layer::new().tar()]);
+    convert(&small, &out, &["--vsize", "1"]);
+    let index_before = std::fs::read(out.join("index.json")).unwrap();
+
+    for (sig, name) in [(libc::SIGTERM, "SIGTERM"), (libc::SIGKILL, "SIGKILL")] {
+        let work = t.path().join(format!("work-{name}"));
+        std::fs::create_dir_all(&work).unwrap();
+        let dst = format!("oci:{}:new", out.display());
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ovbd"))
+            .args(["convert", &src, &dst, "--vsize", "1", "--workdir", s(&work)])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Interrupt once layer 2 has started: layer 1 is converted, nothing is written yet.
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut seen = Vec::new();
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            let started = line.starts_with("layer 2/3");
+            seen.push(line);
+            if started {
+                break;
+            }
+        }
+        assert!(seen.last().unwrap().starts_with("layer 2/3"), "{seen:?}");
+        unsafe { libc::kill(child.id() as i32, sig) };
+        let rest: Vec<String> = lines.map_while(Result::ok).collect();
+        let status = child.wait().unwrap();
+        assert!(
+            !status.success(),
+            "{name}: the conversion finished first: {rest:?}"
+        );
+        assert_eq!(
+            std::fs::read(out.join("index.json")).unwrap(),
+            index_before,
+            "{name}: the destination's index changed"
+        );
+        if sig == libc::SIGTERM {
+            assert_eq!(status.code(), Some(130), "{rest:?}");
+            assert!(rest.iter().any(|l| l.contains("interrupted")), "{rest:?}");
+            let left: Vec<_> = std::fs::read_dir(&work).unwrap().collect();
+            assert!(left.is_empty(), "scratch left behind: {left:?}");
+        }
+    }
+    // And an uninterrupted run adds the tag next to the old one.
+    ok(&[
+        "convert",
+        &src,
+        &format!("oci:{}:new", out.display()),
+        "--vsize",
+        "1",
+    ]);
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("index.json")).unwrap()).unwrap();
+    let tags: Vec<&str> = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            m["annotations"]["org.opencontainers.image.ref.name"]
+                .as_str()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(tags.len(), 2, "{tags:?}");
+    assert!(tags.contains(&"obd") && tags.contains(&"new"), "{tags:?}");
+}
