@@ -688,3 +688,56 @@ fn interrupted_conversion_leaves_the_destination_as_it_was() {
     assert_eq!(tags.len(), 2, "{tags:?}");
     assert!(tags.contains(&"obd") && tags.contains(&"new"), "{tags:?}");
 }
+
+/// `--algo` / `--block-size` reach the ZFile of every layer, and each layer's LSMT uuid and
+/// parent uuid come from the chain IDs of the source's diff_ids (upstream's `--uuid` /
+/// `--parent-uuid`: the first 32 hex digits, 8-4-4-4-12, upper case).
+#[test]
+fn zfile_options_and_uuid_chain() {
+    let t = tempfile::tempdir().unwrap();
+    let layers = multi_layer_image();
+    let src = write_layout(&t.path().join("src"), "v1", &layers);
+    let c = convert(
+        &src,
+        &t.path().join("out"),
+        &["--vsize", "4", "--algo", "zstd", "--block-size", "16384"],
+    );
+    let uuid = |chain: &str| {
+        let h = chain[7..39].to_uppercase();
+        format!(
+            "{}-{}-{}-{}-{}",
+            &h[..8],
+            &h[8..12],
+            &h[12..16],
+            &h[16..20],
+            &h[20..]
+        )
+    };
+    let mut chain = String::new();
+    let mut parent = "00000000-0000-0000-0000-000000000000".to_owned();
+    for (layer, blob) in layers.iter().zip(c.blobs()) {
+        let diff_id = sha256(layer);
+        chain = if chain.is_empty() {
+            diff_id
+        } else {
+            sha256(format!("{chain} {diff_id}").as_bytes())
+        };
+        let info: serde_json::Value =
+            serde_json::from_str(&ok(&["layer", "inspect", s(&blob), "--json"])).unwrap();
+        assert_eq!(info["zfile"]["algorithm"], "zstd", "{info}");
+        assert_eq!(info["zfile"]["block_size"], 16384, "{info}");
+        assert_eq!(
+            info["zfile"]["blocks"], info["zfile"]["blocks_crc_checked"],
+            "{info}"
+        );
+        assert_eq!(info["wrapper"], "pax", "{info}");
+        assert_eq!(info["lsmt"]["uuid"], uuid(&chain), "{info}");
+        assert_eq!(info["lsmt"]["parent_uuid"], parent.as_str(), "{info}");
+        parent = uuid(&chain);
+    }
+    // The content is the same as with the defaults.
+    let lz4 = convert(&src, &t.path().join("lz4"), &["--vsize", "4"]);
+    let (a, b) = (c.export(), lz4.export());
+    assert_eq!(cat(&a, "/data/big.bin"), cat(&b, "/data/big.bin"));
+    assert_eq!(debugfs(&a, "ls -p /many"), debugfs(&b, "ls -p /many"));
+}
