@@ -12,7 +12,8 @@
 # Every file lives on tmpfs.  fio reads only the written GiB: 4k randread (io_uring, iodepth 16, direct) and
 # 1M sequential read (io_uring, iodepth 16, direct), OVBD_BENCH_RUNTIME seconds each (default 20).
 #
-# Environment: OVBD_BIN (default target/release/ovbd), OVBD_BENCH_RUNTIME, OVBD_BENCH_MIB (default 1024).
+# Environment: OVBD_BIN (default target/release/ovbd), OVBD_BENCH_RUNTIME, OVBD_BENCH_MIB (default 1024),
+# OVBD_BENCH_PERF (names of runs to profile with perf, e.g. "read-1m-ublk-plain read-1m-loop").
 set -euo pipefail
 export OVBD_BIN=${OVBD_BIN:-${OVBD_REPO:?}/target/release/ovbd}
 # shellcheck source=../guest/lib/common.bash
@@ -81,10 +82,16 @@ pass "ublk-plain, ublk-zfile and loop return the same bytes"
 
 # run_fio NAME DEV RW BS: prints "IOPS MiB/s mean-latency-us".
 run_fio() {
-    local name=$1 dev=$2 rw=$3 bs=$4
-    fio --name="$name" --filename="$dev" --rw="$rw" --bs="$bs" --ioengine=io_uring --iodepth=16 --direct=1 \
+    local name=$1 dev=$2 rw=$3 bs=$4 prof=()
+    # OVBD_BENCH_PERF="read-1m-ublk-plain ...": profile those runs (perf record -a), report on stderr.
+    [[ " ${OVBD_BENCH_PERF:-} " == *" $name "* ]] && prof=(perf record -q -a -o "$WORK/$name.perf" --)
+    "${prof[@]}" fio --name="$name" --filename="$dev" --rw="$rw" --bs="$bs" --ioengine=io_uring --iodepth=16 --direct=1 \
         --time_based --runtime="$runtime" --ramp_time=2 --offset=1g --size="${mib}m" --norandommap \
         --randrepeat=0 --output-format=json >"$WORK/$name.json" || fail "fio $name"
+    if ((${#prof[@]})); then
+        perf report -q -i "$WORK/$name.perf" --stdio --no-children --sort dso,sym 2>/dev/null |
+            grep -v '^$' | grep -v '^ *|' | grep -v '^ *-' | head -n 40 | sed "s/^/  perf $name: /" >&2
+    fi
     jq -r '.jobs[0].read | "\(.iops | floor) \(.bw_bytes / 1048576 * 10 | floor / 10) \(.clat_ns.mean / 1000 | floor)"' "$WORK/$name.json"
 }
 
