@@ -58,6 +58,10 @@ pub struct Config {
     pub default_vsize_gb: u64,
     /// error, warn, info, debug or trace.
     pub log_level: String,
+    /// How registries are reached for lazily pulled layers (`[registry]`).
+    pub registry: RegistryConfig,
+    /// The on-disk block cache in front of registry blobs (`[cache]`).
+    pub cache: CacheConfig,
 }
 
 impl Default for Config {
@@ -69,6 +73,8 @@ impl Default for Config {
             writable_layer_type: WritableLayerType::Append,
             default_vsize_gb: 64,
             log_level: "info".into(),
+            registry: RegistryConfig::default(),
+            cache: CacheConfig::default(),
         }
     }
 }
@@ -96,6 +102,124 @@ impl Config {
     }
 }
 
+/// `[registry]`: how layer blobs are read from registries (src/registry.rs).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// Per-host mirrors, tried in order before the host itself.
+    pub mirrors: Vec<MirrorConfig>,
+    /// `host[:port]` of registries spoken to over plain http (loopback hosts always are).
+    pub insecure: Vec<String>,
+    /// An HTTP proxy for every registry request (e.g. a P2P agent): `http://host:port`.
+    pub proxy: Option<String>,
+    /// Credentials: a docker `config.json` (`auths`). Default `$DOCKER_CONFIG/config.json`,
+    /// else `~/.docker/config.json`. Re-read whenever a registry asks for authentication.
+    pub docker_config: Option<PathBuf>,
+    /// Deadline of one read, retries included (seconds; fractions allowed).
+    pub timeout_secs: f64,
+    /// Retries of a read after a transient failure (5xx, 429, resets, truncations, stalls).
+    pub retries: u32,
+    /// A response that delivers no bytes for this long is abandoned and retried (seconds).
+    pub stall_timeout_secs: f64,
+    /// TCP (and TLS) connect timeout (seconds).
+    pub connect_timeout_secs: f64,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            mirrors: Vec::new(),
+            insecure: Vec::new(),
+            proxy: None,
+            docker_config: None,
+            timeout_secs: 30.0,
+            retries: 5,
+            stall_timeout_secs: 10.0,
+            connect_timeout_secs: 5.0,
+        }
+    }
+}
+
+/// One `[[registry.mirrors]]` entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorConfig {
+    /// The registry mirrored, `host[:port]` as in image references (`docker.io`).
+    pub host: String,
+    /// Mirror base URLs (`https://mirror.example.com`, `http://10.0.0.1:5000`; a bare
+    /// `host[:port]` is https unless insecure or loopback), tried in order.
+    pub mirrors: Vec<String>,
+}
+
+impl RegistryConfig {
+    /// Checks the values a daemon cannot work with.
+    pub fn validate(&self) -> Result<()> {
+        for (name, v) in [
+            ("timeout_secs", self.timeout_secs),
+            ("stall_timeout_secs", self.stall_timeout_secs),
+            ("connect_timeout_secs", self.connect_timeout_secs),
+        ] {
+            if !(v.is_finite() && v > 0.0 && v <= 86400.0) {
+                bail!("[registry] {name} must be > 0 and at most a day, not {v}");
+            }
+        }
+        for m in &self.mirrors {
+            if m.host.trim().is_empty() {
+                bail!("[registry] a mirrors entry has an empty host");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `[cache]`: the on-disk block cache of registry blobs (src/blob_cache.rs).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Default `<root>/cache`.
+    pub dir: Option<PathBuf>,
+    /// Size limit in GiB (fractions allowed); least recently used blocks are evicted above it.
+    pub size_gb: f64,
+    /// The unit fetched from the registry and cached, KiB (a multiple of 4).
+    pub refill_kb: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            dir: None,
+            size_gb: 4.0,
+            refill_kb: 256,
+        }
+    }
+}
+
+impl CacheConfig {
+    /// The size limit in bytes.
+    pub fn size_bytes(&self) -> u64 {
+        (self.size_gb * (1u64 << 30) as f64) as u64
+    }
+
+    /// The refill (block) size in bytes.
+    pub fn refill_bytes(&self) -> u64 {
+        self.refill_kb.saturating_mul(1024)
+    }
+
+    /// Checks the values the cache cannot work with.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.size_gb.is_finite() && self.size_gb > 0.0) {
+            bail!("[cache] size_gb must be > 0, not {}", self.size_gb);
+        }
+        if self.refill_kb == 0 || self.refill_kb & 3 != 0 || self.refill_kb > 64 * 1024 {
+            bail!(
+                "[cache] refill_kb must be a multiple of 4 between 4 and 65536, not {}",
+                self.refill_kb
+            );
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,5 +231,57 @@ mod tests {
         assert_eq!(c.rootfs_mode, RootfsMode::Overlayfs);
         assert!(toml::from_str::<Config>("rootfs_mode = \"dir\"\nbogus = 1").is_err());
         assert!(toml::from_str::<Config>("rootfs_mode = \"disk\"").is_err());
+    }
+
+    #[test]
+    fn registry_and_cache_sections() {
+        // The sample documents the defaults.
+        let sample: Config = toml::from_str(include_str!("../config/ovbd.toml")).unwrap();
+        assert_eq!(sample.registry, RegistryConfig::default());
+        assert_eq!(sample.cache, CacheConfig::default());
+        let c: Config = toml::from_str("").unwrap();
+        assert_eq!(c.registry, RegistryConfig::default());
+        assert_eq!(c.cache, CacheConfig::default());
+        assert_eq!(c.registry.timeout_secs, 30.0);
+        assert_eq!(c.registry.retries, 5);
+        assert_eq!(c.cache.size_bytes(), 4 << 30);
+        assert_eq!(c.cache.refill_bytes(), 256 << 10);
+        let c: Config = toml::from_str(
+            r#"
+[registry]
+insecure = ["reg.local:5000"]
+proxy = "http://127.0.0.1:65001"
+docker_config = "/etc/ovbd/auth.json"
+timeout_secs = 10
+stall_timeout_secs = 2.5
+retries = 2
+[[registry.mirrors]]
+host = "docker.io"
+mirrors = ["https://mirror.example.com", "http://10.0.0.1:5000"]
+[cache]
+dir = "/var/cache/ovbd"
+size_gb = 0.5
+refill_kb = 1024
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.registry.insecure, ["reg.local:5000"]);
+        assert_eq!(c.registry.proxy.as_deref(), Some("http://127.0.0.1:65001"));
+        assert_eq!(c.registry.timeout_secs, 10.0);
+        assert_eq!(c.registry.stall_timeout_secs, 2.5);
+        assert_eq!(c.registry.retries, 2);
+        assert_eq!(c.registry.mirrors[0].host, "docker.io");
+        assert_eq!(c.registry.mirrors[0].mirrors.len(), 2);
+        assert_eq!(c.cache.dir.as_deref(), Some(Path::new("/var/cache/ovbd")));
+        assert_eq!(c.cache.size_bytes(), 512 << 20);
+        assert_eq!(c.cache.refill_bytes(), 1 << 20);
+        c.registry.validate().unwrap();
+        c.cache.validate().unwrap();
+        assert!(toml::from_str::<Config>("[registry]\nbogus = 1").is_err());
+        assert!(toml::from_str::<Config>("[cache]\nsize = 1").is_err());
+        let bad: Config = toml::from_str("[cache]\nrefill_kb = 6").unwrap();
+        assert!(bad.cache.validate().is_err());
+        let bad: Config = toml::from_str("[registry]\ntimeout_secs = 0").unwrap();
+        assert!(bad.registry.validate().is_err());
     }
 }

@@ -325,7 +325,7 @@ impl RegistryOptions {
                 .any(|h| normalize_registry_host(h) == registry)
     }
 
-    fn docker_config_path(&self) -> Option<PathBuf> {
+    pub(crate) fn docker_config_path(&self) -> Option<PathBuf> {
         if let Some(p) = &self.docker_config {
             return Some(p.clone());
         }
@@ -340,7 +340,7 @@ impl RegistryOptions {
 
 /// `host[:port]` of a registry reference or of a docker config.json key: scheme and path
 /// dropped, lowercased, Docker Hub's aliases mapped to `docker.io`.
-fn normalize_registry_host(s: &str) -> String {
+pub(crate) fn normalize_registry_host(s: &str) -> String {
     let s = s.trim();
     let s = s
         .strip_prefix("https://")
@@ -355,7 +355,7 @@ fn normalize_registry_host(s: &str) -> String {
     }
 }
 
-fn is_loopback_host(registry: &str) -> bool {
+pub(crate) fn is_loopback_host(registry: &str) -> bool {
     // host, host:port, [v6]:port, [v6]
     let host = if let Some(rest) = registry.strip_prefix('[') {
         rest.split(']').next().unwrap_or("")
@@ -1273,7 +1273,7 @@ struct AuthEntry {
 
 /// The credentials for `registry` (`host[:port]`, `docker.io` for Docker Hub) in the docker
 /// config at `path`: anonymous when there is no file or no entry for it.
-fn registry_auth(path: Option<&Path>, registry: &str) -> Result<RegistryAuth> {
+pub(crate) fn registry_auth(path: Option<&Path>, registry: &str) -> Result<RegistryAuth> {
     let Some(path) = path else {
         return Ok(RegistryAuth::Anonymous);
     };
@@ -1344,7 +1344,7 @@ fn auth_from_entry(entry: &AuthEntry) -> Result<RegistryAuth> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::io::{BufRead, BufReader};
     use std::net::{TcpListener, TcpStream};
@@ -1934,9 +1934,9 @@ mod tests {
 
     /// A `docker-registry` (distribution 2.8, Debian's package) on a free loopback port, storage
     /// in a temporary directory; killed on drop.
-    struct TestRegistry {
+    pub(crate) struct TestRegistry {
         child: Child,
-        addr: String,
+        pub(crate) addr: String,
         dir: tempfile::TempDir,
     }
 
@@ -1979,7 +1979,7 @@ mod tests {
         line.split_whitespace().nth(1)?.parse().ok()
     }
 
-    fn start_registry(extra_config: &str) -> TestRegistry {
+    pub(crate) fn start_registry(extra_config: &str) -> TestRegistry {
         let bin = find_docker_registry();
         let dir = tempfile::tempdir().unwrap();
         let addr = format!("127.0.0.1:{}", free_port());

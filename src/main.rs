@@ -1,5 +1,6 @@
 //! `ovbd`: the command line. Parsing stays here; the work lives in the modules below.
 
+mod blob_cache;
 mod config;
 mod convert;
 mod convert_tool;
@@ -13,6 +14,7 @@ mod image_io;
 mod layer_tool;
 mod metadata;
 mod mount;
+mod registry;
 mod snapshotter;
 
 use anyhow::Result;

@@ -1,0 +1,2570 @@
+//! Registry blobs read by HTTP Range GETs: the data source of lazily pulled layers.
+//!
+//! [`Registry`] is shared by every blob: one HTTP client (reqwest, rustls with the ring provider
+//! and the platform's trust roots), the bearer tokens per (endpoint, repository), the
+//! configuration, and a small tokio runtime of its own on which every request runs. Callers
+//! block on a channel, never on a runtime, so [`RemoteBlob::read_at`] works from any plain
+//! thread of a process that has other runtimes (`ovbd serve`).
+//!
+//! A read `GET`s `<endpoint>/v2/<repo>/blobs/<digest>` with `Range: bytes=a-b`:
+//! - endpoints: the mirrors configured for the host, in order, then the host itself
+//!   (`docker.io` is `registry-1.docker.io`); plain http for loopback hosts and hosts listed
+//!   `insecure`, https otherwise; every request through the configured proxy, if any;
+//! - a `206` whose `Content-Range` is exactly the range asked is required; a `200` is accepted
+//!   only when the whole blob was asked for;
+//! - redirects (to blob storage) are followed by hand, up to [`MAX_REDIRECTS`]; the
+//!   `Authorization` header goes only to the endpoint's own scheme/host/port;
+//! - auth: anonymous first; a `401` challenge `Bearer realm,service` makes us fetch a token
+//!   (`GET realm?service=..&scope=repository:<repo>:pull`, with the config.json's Basic
+//!   credentials if it has some; `token` or `access_token`), cached per (endpoint, repo),
+//!   refreshed when it expires (`expires_in`) or a request gets `401` again; a `Basic`
+//!   challenge makes us send the credentials. Credentials are re-read from the docker
+//!   config.json ([`crate::image_io::registry_auth`]) whenever authentication is needed, so a
+//!   rotated password works without a restart.
+//!
+//! Faults: 5xx, 408, 429, connection errors, truncated bodies and stalls (no bytes for
+//! `stall_timeout_secs`) are retried, resuming after the bytes already received, with
+//! exponential backoff (100 ms doubling to 3 s, jittered; `Retry-After` honoured), at most
+//! `retries` times and never past the read's deadline (`timeout_secs`). A mirror that fails is
+//! skipped for the next endpoint. 404, 403, 416, auth failures and protocol violations from the
+//! host itself fail at once. Every failure is an `io::Error` naming host, repository, digest and
+//! range; a read never hangs (the deadline bounds it, and a guard on the caller's wait as well).
+
+use crate::config::RegistryConfig;
+use crate::image_io::{normalize_registry_host, registry_auth, RegistryOptions};
+use oci_client::secrets::RegistryAuth;
+use reqwest::header::{self, HeaderMap};
+use reqwest::{StatusCode, Url};
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Redirect hops followed for one request.
+pub const MAX_REDIRECTS: usize = 5;
+/// A long read is split into range requests of at most this many bytes, fetched concurrently.
+pub const MAX_REQUEST_BYTES: usize = 4 << 20;
+/// Requests in flight at once, all blobs together.
+const MAX_CONCURRENT_REQUESTS: usize = 32;
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(3);
+/// A token is refreshed this long before the `expires_in` the token server gave.
+const TOKEN_MARGIN: Duration = Duration::from_secs(10);
+/// Largest token response read.
+const MAX_TOKEN_RESPONSE: usize = 1 << 20;
+
+// ---------------------------------------------------------------------------------- failures
+
+/// Why one request failed, and whether to try again.
+#[derive(Debug, Clone, thiserror::Error)]
+enum Failure {
+    /// Worth retrying (5xx, 429, resets, truncation, stalls, timeouts).
+    #[error("{msg}")]
+    Transient {
+        msg: String,
+        retry_after: Option<Duration>,
+    },
+    /// Retrying will not help (404, 403, auth, protocol violations).
+    #[error("{msg}")]
+    Permanent { kind: io::ErrorKind, msg: String },
+}
+
+impl Failure {
+    fn transient(msg: impl Into<String>) -> Failure {
+        Failure::Transient {
+            msg: msg.into(),
+            retry_after: None,
+        }
+    }
+    fn permanent(kind: io::ErrorKind, msg: impl Into<String>) -> Failure {
+        Failure::Permanent {
+            kind,
+            msg: msg.into(),
+        }
+    }
+    fn is_permanent(&self) -> bool {
+        matches!(self, Failure::Permanent { .. })
+    }
+    fn kind(&self) -> io::ErrorKind {
+        match self {
+            Failure::Transient { .. } => io::ErrorKind::Other,
+            Failure::Permanent { kind, .. } => *kind,
+        }
+    }
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Failure::Transient { retry_after, .. } => *retry_after,
+            Failure::Permanent { .. } => None,
+        }
+    }
+}
+
+/// A request error from reqwest: the connection, a timeout, the body. All worth retrying
+/// except a request we could not even build.
+fn http_failure(what: &str, e: reqwest::Error) -> Failure {
+    // The chain carries the cause (connection refused, reset by peer, ...).
+    let mut msg = format!("{what}: {e}");
+    let mut src = std::error::Error::source(&e);
+    while let Some(s) = src {
+        msg.push_str(&format!(": {s}"));
+        src = s.source();
+    }
+    if e.is_builder() {
+        Failure::permanent(io::ErrorKind::InvalidInput, msg)
+    } else if is_certificate_error(&e) {
+        // The same certificate next time: retrying will not help.
+        Failure::permanent(io::ErrorKind::InvalidData, msg)
+    } else {
+        Failure::transient(msg)
+    }
+}
+
+/// Whether a TLS certificate (the server's, or a CRL) was refused somewhere in `e`'s chain.
+fn is_certificate_error(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+            return matches!(
+                tls,
+                rustls::Error::InvalidCertificate(_)
+                    | rustls::Error::NoCertificatesPresented
+                    | rustls::Error::InvalidCertRevocationList(_)
+            );
+        }
+        // io::Error's source() skips its own payload: look at the payload too.
+        if let Some(inner) = err.downcast_ref::<io::Error>().and_then(|io| io.get_ref()) {
+            if is_certificate_error(inner) {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    false
+}
+
+// -------------------------------------------------------------------------------- challenges
+
+/// One challenge of a `WWW-Authenticate` header.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Challenge {
+    Bearer {
+        realm: String,
+        service: Option<String>,
+        scope: Option<String>,
+    },
+    Basic,
+}
+
+/// The `Bearer` and `Basic` challenges of `WWW-Authenticate` header values (RFC 7235:
+/// `scheme param=value, param="quoted \" value", other-scheme ...`). Unknown schemes, token68
+/// forms and malformed parts are skipped; never panics.
+fn parse_challenges<'a>(values: impl IntoIterator<Item = &'a str>) -> Vec<Challenge> {
+    let mut out = Vec::new();
+    for v in values {
+        for (scheme, params) in split_challenges(v) {
+            let get = |k: &str| {
+                params
+                    .iter()
+                    .find(|(pk, _)| pk.eq_ignore_ascii_case(k))
+                    .map(|(_, pv)| pv.clone())
+            };
+            if scheme.eq_ignore_ascii_case("bearer") {
+                if let Some(realm) = get("realm").filter(|r| !r.is_empty()) {
+                    out.push(Challenge::Bearer {
+                        realm,
+                        service: get("service"),
+                        scope: get("scope"),
+                    });
+                }
+            } else if scheme.eq_ignore_ascii_case("basic") {
+                out.push(Challenge::Basic);
+            }
+        }
+    }
+    out
+}
+
+/// `(scheme, [(param, value)])` of each challenge in one header value.
+fn split_challenges(v: &str) -> Vec<(String, Vec<(String, String)>)> {
+    let b = v.as_bytes();
+    let mut i = 0;
+    let mut out: Vec<(String, Vec<(String, String)>)> = Vec::new();
+    let is_delim = |c: u8| c.is_ascii_whitespace() || c == b',' || c == b'=' || c == b'"';
+    while i < b.len() {
+        while i < b.len() && (b[i].is_ascii_whitespace() || b[i] == b',') {
+            i += 1;
+        }
+        if i >= b.len() {
+            break;
+        }
+        if b[i] == b'=' || b[i] == b'"' {
+            // Stray: a token68's padding or garbage. Skip one byte (ASCII, a char boundary).
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < b.len() && !is_delim(b[i]) {
+            i += 1;
+        }
+        // Every delimiter is ASCII, so `start` and `i` are char boundaries.
+        let token = &v[start..i];
+        let mut j = i;
+        while j < b.len() && b[j].is_ascii_whitespace() {
+            j += 1;
+        }
+        if j < b.len() && b[j] == b'=' {
+            // A parameter of the current challenge.
+            j += 1;
+            while j < b.len() && b[j].is_ascii_whitespace() {
+                j += 1;
+            }
+            let mut value = String::new();
+            if j < b.len() && b[j] == b'"' {
+                j += 1;
+                let mut seg = j;
+                while j < b.len() && b[j] != b'"' {
+                    if b[j] == b'\\' && j + 1 < b.len() {
+                        value.push_str(&v[seg..j]);
+                        // The escaped char may be multi-byte: take the whole char.
+                        let ch = v[j + 1..].chars().next().unwrap_or('\\');
+                        value.push(ch);
+                        j += 1 + ch.len_utf8();
+                        seg = j;
+                        continue;
+                    }
+                    j += 1;
+                }
+                value.push_str(&v[seg..j.min(b.len())]);
+                j = (j + 1).min(b.len());
+            } else {
+                let vs = j;
+                while j < b.len() && !(b[j].is_ascii_whitespace() || b[j] == b',') {
+                    j += 1;
+                }
+                value.push_str(&v[vs..j]);
+            }
+            if let Some(last) = out.last_mut() {
+                last.1.push((token.to_owned(), value));
+            }
+            i = j;
+        } else {
+            out.push((token.to_owned(), Vec::new()));
+            i = j;
+        }
+    }
+    out
+}
+
+// --------------------------------------------------------------------------------- endpoints
+
+/// Where a blob can be read from: a mirror or the registry itself.
+#[derive(Clone, Debug)]
+struct Endpoint {
+    /// `scheme://host[:port][/prefix]`, no trailing slash.
+    base: Url,
+    /// The key looked up in the docker config.json (`host[:port]`; `docker.io` for Hub).
+    cred_host: String,
+    is_mirror: bool,
+}
+
+impl Endpoint {
+    fn blob_url(&self, repo: &str, digest: &str) -> Result<Url, Failure> {
+        let base = self.base.as_str().trim_end_matches('/');
+        Url::parse(&format!("{base}/v2/{repo}/blobs/{digest}")).map_err(|e| {
+            Failure::permanent(
+                io::ErrorKind::InvalidInput,
+                format!("bad blob URL from {base}, {repo}, {digest}: {e}"),
+            )
+        })
+    }
+    fn label(&self) -> String {
+        let kind = if self.is_mirror { "mirror " } else { "" };
+        format!("{kind}{}", self.base.as_str().trim_end_matches('/'))
+    }
+}
+
+/// Whether two URLs are the same origin (scheme, host, port): who may see our credentials.
+fn same_origin(a: &Url, b: &Url) -> bool {
+    a.scheme() == b.scheme()
+        && a.host_str() == b.host_str()
+        && a.port_or_known_default() == b.port_or_known_default()
+}
+
+/// `host[:port]` of a URL.
+fn host_port(u: &Url) -> String {
+    match (u.host_str(), u.port()) {
+        (Some(h), Some(p)) => format!("{h}:{p}"),
+        (Some(h), None) => h.to_owned(),
+        _ => String::new(),
+    }
+}
+
+// ------------------------------------------------------------------------------------- auth
+
+/// What we send to one (endpoint, repository), and how we got it.
+#[derive(Default)]
+struct AuthSlot {
+    /// The `Authorization` value; `None`: anonymous.
+    header: Option<String>,
+    /// When a bearer token stops being good (`expires_in`).
+    expires: Option<Instant>,
+    /// The challenge that made us authenticate (to refresh without a 401 first).
+    challenge: Option<Challenge>,
+    /// Bumped on every change: a request that got 401 with an older generation retries with
+    /// the newer credentials instead of authenticating again.
+    generation: u64,
+}
+
+#[derive(serde::Deserialize)]
+struct TokenResponse {
+    token: Option<String>,
+    access_token: Option<String>,
+    expires_in: Option<u64>,
+}
+
+fn basic_header(user: &str, pass: &str) -> String {
+    use base64::Engine as _;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+    )
+}
+
+// ---------------------------------------------------------------------------------- registry
+
+/// The shared part of every blob read: HTTP client, tokens, configuration. Send + Sync.
+pub struct Registry {
+    /// `None` only while dropping.
+    rt: Option<tokio::runtime::Runtime>,
+    handle: tokio::runtime::Handle,
+    inner: Arc<Inner>,
+}
+
+/// Auth state by (endpoint base URL, repository).
+type AuthSlots = HashMap<(String, String), Arc<tokio::sync::Mutex<AuthSlot>>>;
+
+struct Inner {
+    client: reqwest::Client,
+    /// Loopback and `insecure` hosts → http; also where credentials come from.
+    opts: RegistryOptions,
+    /// Mirrors by normalised host.
+    mirrors: Vec<(String, Vec<Url>)>,
+    timeout: Duration,
+    stall: Duration,
+    retries: u32,
+    auth: Mutex<AuthSlots>,
+    limit: tokio::sync::Semaphore,
+    token_requests: AtomicU64,
+    jitter: AtomicU64,
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Registry")
+            .field("insecure", &self.inner.opts.insecure)
+            .field("timeout", &self.inner.timeout)
+            .field("retries", &self.inner.retries)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Registry {
+    pub fn new(cfg: &RegistryConfig) -> anyhow::Result<Arc<Registry>> {
+        use anyhow::Context as _;
+        cfg.validate()?;
+        // reqwest is built without a default rustls provider; ring is ours. An error only says
+        // a provider is installed already.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let opts = RegistryOptions {
+            plain_http: false,
+            insecure: cfg.insecure.clone(),
+            docker_config: cfg.docker_config.clone(),
+        };
+        let mut mirrors = Vec::new();
+        for m in &cfg.mirrors {
+            let mut urls = Vec::new();
+            for s in &m.mirrors {
+                urls.push(
+                    mirror_url(s, &opts)
+                        .with_context(|| format!("[registry] mirror {s:?} of {}", m.host))?,
+                );
+            }
+            mirrors.push((normalize_registry_host(&m.host), urls));
+        }
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("ovbd-registry")
+            .enable_all()
+            .build()
+            .context("starting the registry client's runtime")?;
+        let handle = rt.handle().clone();
+        let client = {
+            let _enter = rt.enter();
+            let mut b = reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .connect_timeout(Duration::from_secs_f64(cfg.connect_timeout_secs))
+                .pool_idle_timeout(Duration::from_secs(60))
+                .pool_max_idle_per_host(MAX_CONCURRENT_REQUESTS)
+                .tcp_nodelay(true)
+                .user_agent(concat!("ovbd/", env!("CARGO_PKG_VERSION")));
+            b = match &cfg.proxy {
+                Some(p) => b.proxy(
+                    reqwest::Proxy::all(p.as_str())
+                        .with_context(|| format!("[registry] proxy {p:?}"))?,
+                ),
+                None => b.no_proxy(),
+            };
+            b.build().context("making the registry HTTP client")?
+        };
+        Ok(Arc::new(Registry {
+            rt: Some(rt),
+            handle,
+            inner: Arc::new(Inner {
+                client,
+                opts,
+                mirrors,
+                timeout: Duration::from_secs_f64(cfg.timeout_secs),
+                stall: Duration::from_secs_f64(cfg.stall_timeout_secs),
+                retries: cfg.retries,
+                auth: Mutex::new(HashMap::new()),
+                limit: tokio::sync::Semaphore::new(MAX_CONCURRENT_REQUESTS),
+                token_requests: AtomicU64::new(0),
+                jitter: AtomicU64::new(0x9E37_79B9_7F4A_7C15),
+            }),
+        }))
+    }
+
+    /// Token requests made so far (all endpoints).
+    #[allow(dead_code)] // API for the daemon's stats, benchmarks and tests
+    pub fn token_requests(&self) -> u64 {
+        self.inner.token_requests.load(Relaxed)
+    }
+
+    /// The endpoints of `registry` (`host[:port]` as in an image reference): its mirrors, then
+    /// itself.
+    fn endpoints(&self, registry: &str) -> anyhow::Result<Vec<Endpoint>> {
+        let norm = normalize_registry_host(registry);
+        let mut out = Vec::new();
+        if let Some((_, urls)) = self.inner.mirrors.iter().find(|(h, _)| *h == norm) {
+            for u in urls {
+                out.push(Endpoint {
+                    base: u.clone(),
+                    cred_host: host_port(u),
+                    is_mirror: true,
+                });
+            }
+        }
+        let host = if norm == "docker.io" {
+            "registry-1.docker.io".to_owned()
+        } else {
+            registry.to_ascii_lowercase()
+        };
+        let scheme = if self.inner.opts.uses_plain_http(registry) {
+            "http"
+        } else {
+            "https"
+        };
+        let base = Url::parse(&format!("{scheme}://{host}"))
+            .map_err(|e| anyhow::anyhow!("registry host {registry:?}: {e}"))?;
+        out.push(Endpoint {
+            base,
+            cred_host: registry.to_owned(),
+            is_mirror: false,
+        });
+        Ok(out)
+    }
+
+    /// Runs `fut` on the registry's runtime and waits for it on this (plain) thread, at most
+    /// `guard` (a backstop: the futures have deadlines of their own).
+    fn run<T: Send + 'static>(
+        &self,
+        guard: Duration,
+        fut: impl Future<Output = io::Result<T>> + Send + 'static,
+    ) -> io::Result<T> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let task = self.handle.spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        match rx.recv_timeout(guard) {
+            Ok(r) => r,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                task.abort();
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no answer within {guard:?}"),
+                ))
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(io::Error::other(
+                "the registry request task ended without an answer",
+            )),
+        }
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        // May be dropped inside another runtime (a daemon task): never block here.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// A mirror's base URL: `scheme://host[:port][/prefix]`, or a bare `host[:port][/prefix]`
+/// (http if loopback or insecure, else https).
+fn mirror_url(s: &str, opts: &RegistryOptions) -> anyhow::Result<Url> {
+    let s = s.trim().trim_end_matches('/');
+    let full = if s.contains("://") {
+        s.to_owned()
+    } else {
+        let host = s.split('/').next().unwrap_or("");
+        let scheme = if opts.uses_plain_http(host) {
+            "http"
+        } else {
+            "https"
+        };
+        format!("{scheme}://{s}")
+    };
+    let u = Url::parse(&full).map_err(|e| anyhow::anyhow!("{e}"))?;
+    anyhow::ensure!(
+        matches!(u.scheme(), "http" | "https") && u.host_str().is_some(),
+        "not an http(s) URL with a host"
+    );
+    anyhow::ensure!(
+        u.query().is_none() && u.fragment().is_none(),
+        "a mirror URL takes no query or fragment"
+    );
+    Ok(u)
+}
+
+impl Inner {
+    fn slot(&self, ep: &Endpoint, repo: &str) -> Arc<tokio::sync::Mutex<AuthSlot>> {
+        let key = (ep.base.as_str().to_owned(), repo.to_owned());
+        let mut map = self.auth.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(key).or_default().clone()
+    }
+
+    fn backoff(&self, attempt: u32) -> Duration {
+        let exp = BACKOFF_FIRST
+            .saturating_mul(1u32 << attempt.saturating_sub(1).min(16))
+            .min(BACKOFF_MAX);
+        // splitmix64 of a counter: a jitter factor in [0.5, 1).
+        let mut z = self.jitter.fetch_add(0x9E37_79B9_7F4A_7C15, Relaxed);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        let frac = 0.5 + (z >> 11) as f64 / (1u64 << 53) as f64 / 2.0;
+        exp.mul_f64(frac)
+    }
+
+    /// The credentials the docker config.json has for `ep`, read now.
+    fn credentials(&self, ep: &Endpoint) -> Result<RegistryAuth, Failure> {
+        let path = self.opts.docker_config_path();
+        registry_auth(path.as_deref(), &ep.cred_host).map_err(|e| {
+            Failure::permanent(
+                io::ErrorKind::PermissionDenied,
+                format!("credentials for {}: {e:#}", ep.cred_host),
+            )
+        })
+    }
+
+    fn config_name(&self) -> String {
+        self.opts
+            .docker_config_path()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "(no docker config.json)".into())
+    }
+
+    /// Authenticates to `ep` for `repo` after `challenge`: fills `slot`.
+    async fn authenticate(
+        &self,
+        ep: &Endpoint,
+        repo: &str,
+        challenge: &Challenge,
+        slot: &mut AuthSlot,
+    ) -> Result<(), Failure> {
+        let creds = self.credentials(ep)?;
+        let (header, expires) = match (challenge, &creds) {
+            (_, RegistryAuth::Bearer(token)) => (format!("Bearer {token}"), None),
+            (Challenge::Basic, RegistryAuth::Basic(u, p)) => (basic_header(u, p), None),
+            (Challenge::Basic, RegistryAuth::Anonymous) => {
+                return Err(Failure::permanent(
+                    io::ErrorKind::PermissionDenied,
+                    format!(
+                        "{} wants Basic credentials and {} has none for {}",
+                        ep.label(),
+                        self.config_name(),
+                        ep.cred_host
+                    ),
+                ))
+            }
+            (
+                Challenge::Bearer {
+                    realm,
+                    service,
+                    scope: _,
+                },
+                creds,
+            ) => {
+                let (token, expires) = self.fetch_token(ep, repo, realm, service, creds).await?;
+                (format!("Bearer {token}"), expires)
+            }
+        };
+        slot.header = Some(header);
+        slot.expires = expires;
+        slot.challenge = Some(challenge.clone());
+        slot.generation += 1;
+        Ok(())
+    }
+
+    async fn fetch_token(
+        &self,
+        ep: &Endpoint,
+        repo: &str,
+        realm: &str,
+        service: &Option<String>,
+        creds: &RegistryAuth,
+    ) -> Result<(String, Option<Instant>), Failure> {
+        let mut url = Url::parse(realm).map_err(|e| {
+            Failure::permanent(
+                io::ErrorKind::InvalidData,
+                format!("{}: bad token realm {realm:?}: {e}", ep.label()),
+            )
+        })?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(Failure::permanent(
+                io::ErrorKind::InvalidData,
+                format!("{}: token realm {realm:?} is not http(s)", ep.label()),
+            ));
+        }
+        {
+            let mut q = url.query_pairs_mut();
+            if let Some(s) = service {
+                q.append_pair("service", s);
+            }
+            q.append_pair("scope", &format!("repository:{repo}:pull"));
+        }
+        let mut rb = self.client.get(url.clone());
+        if let RegistryAuth::Basic(u, p) = creds {
+            rb = rb.header(header::AUTHORIZATION, basic_header(u, p));
+        }
+        self.token_requests.fetch_add(1, Relaxed);
+        let what = format!("token from {}", url.as_str());
+        let mut resp = tokio::time::timeout(self.stall, rb.send())
+            .await
+            .map_err(|_| Failure::transient(format!("{what}: no answer within {:?}", self.stall)))?
+            .map_err(|e| http_failure(&what, e))?;
+        let status = resp.status();
+        if !status.is_success() {
+            let msg = format!(
+                "{what}: HTTP {status}{}",
+                if matches!(creds, RegistryAuth::Anonymous) {
+                    format!(
+                        " (anonymous: {} has no credentials for {})",
+                        self.config_name(),
+                        ep.cred_host
+                    )
+                } else {
+                    format!(
+                        " (with the credentials for {} in {})",
+                        ep.cred_host,
+                        self.config_name()
+                    )
+                }
+            );
+            return Err(
+                if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+                    Failure::Transient {
+                        msg,
+                        retry_after: retry_after(resp.headers()),
+                    }
+                } else {
+                    Failure::permanent(io::ErrorKind::PermissionDenied, msg)
+                },
+            );
+        }
+        let mut body = Vec::new();
+        loop {
+            let chunk = tokio::time::timeout(self.stall, resp.chunk())
+                .await
+                .map_err(|_| Failure::transient(format!("{what}: stalled")))?
+                .map_err(|e| http_failure(&what, e))?;
+            let Some(chunk) = chunk else { break };
+            if body.len() + chunk.len() > MAX_TOKEN_RESPONSE {
+                return Err(Failure::permanent(
+                    io::ErrorKind::InvalidData,
+                    format!("{what}: response larger than {MAX_TOKEN_RESPONSE} bytes"),
+                ));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let parsed: TokenResponse = serde_json::from_slice(&body).map_err(|e| {
+            Failure::permanent(
+                io::ErrorKind::InvalidData,
+                format!("{what}: not a token response: {e}"),
+            )
+        })?;
+        let token = parsed
+            .token
+            .filter(|t| !t.is_empty())
+            .or(parsed.access_token.filter(|t| !t.is_empty()))
+            .ok_or_else(|| {
+                Failure::permanent(
+                    io::ErrorKind::InvalidData,
+                    format!("{what}: neither token nor access_token in the response"),
+                )
+            })?;
+        let expires = parsed.expires_in.filter(|&s| s > 0).map(|s| {
+            let life = Duration::from_secs(s.min(86400 * 365));
+            Instant::now() + life.saturating_sub(TOKEN_MARGIN).max(life / 2)
+        });
+        Ok((token, expires))
+    }
+
+    /// The `Authorization` to send to `ep` for `repo` now (refreshing an expired token first)
+    /// and the slot's generation.
+    async fn current_auth(
+        &self,
+        ep: &Endpoint,
+        repo: &str,
+        slot: &tokio::sync::Mutex<AuthSlot>,
+    ) -> Result<(Option<String>, u64), Failure> {
+        let mut s = slot.lock().await;
+        if s.expires.is_some_and(|e| Instant::now() >= e) {
+            match s.challenge.clone() {
+                Some(c) => self.authenticate(ep, repo, &c, &mut s).await?,
+                None => {
+                    s.header = None;
+                    s.expires = None;
+                    s.generation += 1;
+                }
+            }
+        }
+        Ok((s.header.clone(), s.generation))
+    }
+
+    /// One GET of `url` for `[start, end]`, redirects followed. Returns the final response and
+    /// whether it came from another origin than `url`'s.
+    async fn send(
+        &self,
+        t: &Target,
+        url: &Url,
+        auth: Option<&str>,
+        start: u64,
+        end: u64,
+    ) -> Result<(reqwest::Response, bool), Failure> {
+        let mut cur = url.clone();
+        for _ in 0..=MAX_REDIRECTS {
+            let foreign = !same_origin(&cur, url);
+            let mut rb = self
+                .client
+                .get(cur.clone())
+                .header(header::RANGE, format!("bytes={start}-{end}"));
+            if let (false, Some(a)) = (foreign, auth) {
+                rb = rb.header(header::AUTHORIZATION, a);
+            }
+            t.requests.fetch_add(1, Relaxed);
+            let what = format!("GET {cur}");
+            let resp = tokio::time::timeout(self.stall, rb.send())
+                .await
+                .map_err(|_| {
+                    Failure::transient(format!("{what}: no response within {:?}", self.stall))
+                })?
+                .map_err(|e| http_failure(&what, e))?;
+            let status = resp.status();
+            if matches!(status.as_u16(), 301 | 302 | 303 | 307 | 308) {
+                let loc = resp
+                    .headers()
+                    .get(header::LOCATION)
+                    .and_then(|v| v.to_str().ok())
+                    .ok_or_else(|| {
+                        Failure::permanent(
+                            io::ErrorKind::InvalidData,
+                            format!("{what}: HTTP {status} without a Location"),
+                        )
+                    })?;
+                let next = cur.join(loc).map_err(|e| {
+                    Failure::permanent(
+                        io::ErrorKind::InvalidData,
+                        format!("{what}: HTTP {status} to a bad Location {loc:?}: {e}"),
+                    )
+                })?;
+                if !matches!(next.scheme(), "http" | "https") {
+                    return Err(Failure::permanent(
+                        io::ErrorKind::InvalidData,
+                        format!("{what}: redirect to {next}, not http(s)"),
+                    ));
+                }
+                log::trace!("{what}: redirected to {}", next.host_str().unwrap_or("?"));
+                cur = next;
+                continue;
+            }
+            return Ok((resp, foreign));
+        }
+        Err(Failure::permanent(
+            io::ErrorKind::InvalidData,
+            format!("GET {url}: more than {MAX_REDIRECTS} redirects"),
+        ))
+    }
+
+    /// Reads `[offset + out.len(), offset + len)` of the blob from `ep` onto the end of `out`.
+    /// On failure `out` keeps what did arrive (the next try resumes after it).
+    async fn get_range(
+        &self,
+        t: &Target,
+        ep: &Endpoint,
+        offset: u64,
+        len: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<(), Failure> {
+        let start = offset + out.len() as u64;
+        let end = offset + len as u64 - 1;
+        let url = ep.blob_url(&t.repo, &t.digest)?;
+        let slot = self.slot(ep, &t.repo);
+        let mut refreshed = false;
+        for _ in 0..4 {
+            let (auth, generation) = self.current_auth(ep, &t.repo, &slot).await?;
+            let (resp, foreign) = self.send(t, &url, auth.as_deref(), start, end).await?;
+            if resp.status() == StatusCode::UNAUTHORIZED && !foreign {
+                let challenges = parse_challenges(
+                    resp.headers()
+                        .get_all(header::WWW_AUTHENTICATE)
+                        .iter()
+                        .filter_map(|v| v.to_str().ok()),
+                );
+                let mut s = slot.lock().await;
+                if s.generation != generation {
+                    continue; // Someone else authenticated meanwhile: try theirs.
+                }
+                if refreshed {
+                    return Err(Failure::permanent(
+                        io::ErrorKind::PermissionDenied,
+                        format!(
+                            "GET {url}: HTTP 401 Unauthorized even after authenticating \
+                             (credentials for {} from {})",
+                            ep.cred_host,
+                            self.config_name()
+                        ),
+                    ));
+                }
+                let challenge = challenges
+                    .iter()
+                    .find(|c| matches!(c, Challenge::Bearer { .. }))
+                    .or(challenges.first())
+                    .cloned()
+                    .ok_or_else(|| {
+                        Failure::permanent(
+                            io::ErrorKind::PermissionDenied,
+                            format!("GET {url}: HTTP 401 without a Bearer or Basic challenge"),
+                        )
+                    })?;
+                self.authenticate(ep, &t.repo, &challenge, &mut s).await?;
+                refreshed = true;
+                continue;
+            }
+            return read_body(t, resp, start, end, out, self.stall).await;
+        }
+        Err(Failure::permanent(
+            io::ErrorKind::PermissionDenied,
+            format!("GET {url}: authentication did not settle"),
+        ))
+    }
+
+    /// Reads `len` bytes at `offset` of the blob, trying every endpoint and retrying transient
+    /// failures until `deadline`.
+    async fn fetch(
+        self: Arc<Self>,
+        t: Arc<Target>,
+        offset: u64,
+        len: usize,
+        deadline: Instant,
+    ) -> io::Result<Vec<u8>> {
+        let started = Instant::now();
+        let fail = |kind: io::ErrorKind, msg: String| {
+            io::Error::new(
+                kind,
+                format!(
+                    "registry blob {} bytes {offset}..{}: {msg}",
+                    t.name,
+                    offset + len as u64
+                ),
+            )
+        };
+        let _permit = match tokio::time::timeout_at(deadline, self.limit.acquire()).await {
+            Ok(Ok(p)) => p,
+            Ok(Err(_)) => return Err(fail(io::ErrorKind::Other, "client closed".into())),
+            Err(_) => {
+                return Err(fail(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "deadline ({:?}) passed waiting for a connection slot",
+                        self.timeout
+                    ),
+                ))
+            }
+        };
+        let mut out = Vec::with_capacity(len);
+        // The failures of this round of endpoints, and of the round before.
+        let mut round: Vec<(String, Failure)> = Vec::new();
+        let mut prev: Vec<(String, Failure)> = Vec::new();
+        let mut attempt = 0u32;
+        let describe = |round: &[(String, Failure)], prev: &[(String, Failure)]| {
+            let errs = if round.is_empty() { prev } else { round };
+            if errs.is_empty() {
+                return "no endpoint answered".to_owned();
+            }
+            errs.iter()
+                .map(|(ep, e)| format!("{ep}: {e}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        loop {
+            attempt += 1;
+            if !round.is_empty() {
+                prev = std::mem::take(&mut round);
+            }
+            for ep in &t.endpoints {
+                match tokio::time::timeout_at(
+                    deadline,
+                    self.get_range(&t, ep, offset, len, &mut out),
+                )
+                .await
+                {
+                    Err(_) => {
+                        return Err(fail(
+                            io::ErrorKind::TimedOut,
+                            format!(
+                                "deadline ({:?}) passed after {attempt} attempt(s), {} of {len} \
+                                 bytes received; last errors: {}",
+                                self.timeout,
+                                out.len(),
+                                describe(&round, &prev)
+                            ),
+                        ))
+                    }
+                    Ok(Ok(())) => {
+                        if attempt > 1 || !round.is_empty() {
+                            log::info!(
+                                "registry blob {} bytes {offset}+{len}: read after {attempt} \
+                                 attempt(s) in {:?}",
+                                t.name,
+                                started.elapsed()
+                            );
+                        }
+                        return Ok(out);
+                    }
+                    Ok(Err(e)) => {
+                        log::debug!(
+                            "registry blob {} bytes {offset}+{len}: {}: {e}",
+                            t.name,
+                            ep.label()
+                        );
+                        let permanent = e.is_permanent();
+                        let kind = e.kind();
+                        round.push((ep.label(), e));
+                        if permanent && !ep.is_mirror {
+                            return Err(fail(kind, describe(&round, &prev)));
+                        }
+                    }
+                }
+            }
+            if attempt > self.retries {
+                return Err(fail(
+                    io::ErrorKind::Other,
+                    format!(
+                        "gave up after {attempt} attempt(s): {}",
+                        describe(&round, &prev)
+                    ),
+                ));
+            }
+            let mut delay = self.backoff(attempt);
+            if let Some(ra) = round.iter().filter_map(|(_, e)| e.retry_after()).max() {
+                delay = delay.max(ra);
+            }
+            if Instant::now() + delay >= deadline {
+                return Err(fail(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "deadline ({:?}) too close for another attempt after {attempt}: {}",
+                        self.timeout,
+                        describe(&round, &prev)
+                    ),
+                ));
+            }
+            log::debug!(
+                "registry blob {} bytes {offset}+{len}: retrying in {delay:?}",
+                t.name
+            );
+            tokio::time::sleep(delay).await;
+        }
+    }
+}
+
+fn retry_after(h: &HeaderMap) -> Option<Duration> {
+    h.get(header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .map(|s| Duration::from_secs(s.min(3600)))
+}
+
+/// `Content-Range: bytes a-b/total` → `(a, b, total)` (`None` total for `*`).
+fn parse_content_range(v: &str) -> Option<(u64, u64, Option<u64>)> {
+    let rest = v.trim().strip_prefix("bytes")?.trim_start();
+    let (range, total) = rest.split_once('/')?;
+    let (a, b) = range.trim().split_once('-')?;
+    let total = match total.trim() {
+        "*" => None,
+        t => Some(t.parse().ok()?),
+    };
+    Some((a.trim().parse().ok()?, b.trim().parse().ok()?, total))
+}
+
+/// Checks the response to a range request for `[start, end]` and appends its body to `out`.
+async fn read_body(
+    t: &Target,
+    mut resp: reqwest::Response,
+    start: u64,
+    end: u64,
+    out: &mut Vec<u8>,
+    stall: Duration,
+) -> Result<(), Failure> {
+    let status = resp.status();
+    let what = format!("GET {}", resp.url());
+    let want = (end - start + 1) as usize;
+    match status {
+        StatusCode::PARTIAL_CONTENT => {
+            let cr = resp
+                .headers()
+                .get(header::CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_content_range);
+            match cr {
+                Some((a, b, total)) if a == start && b == end => {
+                    if let Some(total) = total.filter(|&n| n != t.size) {
+                        return Err(Failure::permanent(
+                            io::ErrorKind::InvalidData,
+                            format!(
+                                "{what}: the blob is {total} bytes, its descriptor says {}",
+                                t.size
+                            ),
+                        ));
+                    }
+                }
+                other => {
+                    return Err(Failure::permanent(
+                        io::ErrorKind::InvalidData,
+                        format!("{what}: asked for bytes {start}-{end}, got 206 with Content-Range {other:?}"),
+                    ))
+                }
+            }
+        }
+        StatusCode::OK if start == 0 && end + 1 == t.size => {}
+        StatusCode::OK => {
+            return Err(Failure::permanent(
+                io::ErrorKind::InvalidData,
+                format!("{what}: asked for bytes {start}-{end}, got the whole blob (200): no Range support"),
+            ))
+        }
+        s if s.is_server_error()
+            || s == StatusCode::TOO_MANY_REQUESTS
+            || s == StatusCode::REQUEST_TIMEOUT =>
+        {
+            return Err(Failure::Transient {
+                msg: format!("{what}: HTTP {s}"),
+                retry_after: retry_after(resp.headers()),
+            })
+        }
+        StatusCode::NOT_FOUND => {
+            return Err(Failure::permanent(
+                io::ErrorKind::NotFound,
+                format!("{what}: HTTP 404 Not Found (no such blob in this repository)"),
+            ))
+        }
+        StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED => {
+            return Err(Failure::permanent(
+                io::ErrorKind::PermissionDenied,
+                format!("{what}: HTTP {status}"),
+            ))
+        }
+        StatusCode::RANGE_NOT_SATISFIABLE => {
+            return Err(Failure::permanent(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{what}: HTTP 416 for bytes {start}-{end}: the blob is smaller than the {} bytes its descriptor says",
+                    t.size
+                ),
+            ))
+        }
+        s => {
+            return Err(Failure::permanent(
+                io::ErrorKind::InvalidData,
+                format!("{what}: unexpected HTTP {s}"),
+            ))
+        }
+    }
+    if let Some(n) = resp.content_length().filter(|&n| n != want as u64) {
+        return Err(Failure::permanent(
+            io::ErrorKind::InvalidData,
+            format!("{what}: Content-Length {n}, asked for {want} bytes"),
+        ));
+    }
+    let base = out.len();
+    loop {
+        let got = out.len() - base;
+        let chunk = match tokio::time::timeout(stall, resp.chunk()).await {
+            Err(_) => {
+                return Err(Failure::transient(format!(
+                    "{what}: stalled, no bytes for {stall:?} after {got} of {want}"
+                )))
+            }
+            Ok(Err(e)) => {
+                return Err(http_failure(
+                    &format!("{what}: body broke off after {got} of {want} bytes"),
+                    e,
+                ))
+            }
+            Ok(Ok(None)) => break,
+            Ok(Ok(Some(c))) => c,
+        };
+        if got + chunk.len() > want {
+            return Err(Failure::permanent(
+                io::ErrorKind::InvalidData,
+                format!("{what}: more than the {want} bytes asked for"),
+            ));
+        }
+        t.fetched.fetch_add(chunk.len() as u64, Relaxed);
+        out.extend_from_slice(&chunk);
+    }
+    let got = out.len() - base;
+    if got < want {
+        return Err(Failure::transient(format!(
+            "{what}: truncated body, {got} of {want} bytes"
+        )));
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------ blobs
+
+/// What a blob read needs, shared with the request tasks.
+struct Target {
+    /// `host[:port]/repo@digest`, for messages.
+    name: String,
+    repo: String,
+    digest: String,
+    size: u64,
+    endpoints: Vec<Endpoint>,
+    fetched: AtomicU64,
+    requests: AtomicU64,
+}
+
+/// A registry blob read by HTTP Range GETs; [`ovbd_format::ReadAt`].
+#[derive(Clone)]
+pub struct RemoteBlob {
+    registry: Arc<Registry>,
+    t: Arc<Target>,
+}
+
+impl fmt::Debug for RemoteBlob {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RemoteBlob")
+            .field("name", &self.t.name)
+            .field("size", &self.t.size)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether `d` is `sha256:<64 lowercase hex>` or `sha512:<128 lowercase hex>` (safe as a file
+/// name).
+pub(crate) fn valid_digest(d: &str) -> bool {
+    let Some((algo, hex)) = d.split_once(':') else {
+        return false;
+    };
+    let want = match algo {
+        "sha256" => 64,
+        "sha512" => 128,
+        _ => return false,
+    };
+    hex.len() == want && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+impl RemoteBlob {
+    /// `image_ref` like "127.0.0.1:5000/library/app:v1" or "docker.io/library/busybox" (registry
+    /// host and repo are taken from it); digest "sha256:..."; size in bytes.
+    pub fn new(
+        registry: Arc<Registry>,
+        image_ref: &str,
+        digest: &str,
+        size: u64,
+    ) -> anyhow::Result<RemoteBlob> {
+        let name = image_ref.strip_prefix("docker://").unwrap_or(image_ref);
+        let r: oci_client::Reference = name
+            .parse()
+            .map_err(|e| anyhow::anyhow!("image reference {image_ref:?}: {e}"))?;
+        anyhow::ensure!(
+            valid_digest(digest),
+            "blob digest {digest:?}: want sha256:<64 hex digits> (or sha512)"
+        );
+        let endpoints = registry.endpoints(r.registry())?;
+        Ok(RemoteBlob {
+            t: Arc::new(Target {
+                name: format!("{}/{}@{digest}", r.registry(), r.repository()),
+                repo: r.repository().to_owned(),
+                digest: digest.to_owned(),
+                size,
+                endpoints,
+                fetched: AtomicU64::new(0),
+                requests: AtomicU64::new(0),
+            }),
+            registry,
+        })
+    }
+
+    /// Body bytes received so far (all reads of this blob, retries included).
+    #[allow(dead_code)] // API for the daemon's stats, benchmarks and tests
+    pub fn fetched_bytes(&self) -> u64 {
+        self.t.fetched.load(Relaxed)
+    }
+
+    /// HTTP requests made for this blob (redirect hops included, token requests not).
+    #[allow(dead_code)] // API for the daemon's stats, benchmarks and tests
+    pub fn requests(&self) -> u64 {
+        self.t.requests.load(Relaxed)
+    }
+
+    pub fn digest(&self) -> &str {
+        &self.t.digest
+    }
+
+    /// The repository (`library/busybox`).
+    #[allow(dead_code)] // API for the daemon's stats, benchmarks and tests
+    pub fn repository(&self) -> &str {
+        &self.t.repo
+    }
+
+    /// Reads each `(offset, len)` range (within the blob) into its own buffer. Ranges longer
+    /// than [`MAX_REQUEST_BYTES`] are split; all requests run concurrently, under one deadline.
+    pub fn read_ranges(&self, ranges: &[(u64, usize)]) -> io::Result<Vec<Vec<u8>>> {
+        for &(off, len) in ranges {
+            if off.checked_add(len as u64).is_none_or(|e| e > self.t.size) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "registry blob {}: range {off}+{len} is past its end ({} bytes)",
+                        self.t.name, self.t.size
+                    ),
+                ));
+            }
+        }
+        let mut pieces = Vec::new();
+        for (i, &(off, len)) in ranges.iter().enumerate() {
+            let mut done = 0usize;
+            while done < len {
+                let n = (len - done).min(MAX_REQUEST_BYTES);
+                pieces.push((i, off + done as u64, n));
+                done += n;
+            }
+        }
+        let inner = self.registry.inner.clone();
+        let t = self.t.clone();
+        let timeout = inner.timeout;
+        let lens: Vec<usize> = ranges.iter().map(|r| r.1).collect();
+        self.registry
+            .run(timeout + Duration::from_secs(10), async move {
+                let deadline = Instant::now() + timeout;
+                let mut tasks = Vec::with_capacity(pieces.len());
+                for &(i, off, n) in &pieces {
+                    let fut = inner.clone().fetch(t.clone(), off, n, deadline);
+                    tasks.push((i, AbortOnDrop(tokio::spawn(fut))));
+                }
+                let mut out: Vec<Vec<u8>> = lens.iter().map(|&l| Vec::with_capacity(l)).collect();
+                for (i, mut task) in tasks {
+                    let piece = (&mut task.0)
+                        .await
+                        .map_err(|e| io::Error::other(format!("registry request task: {e}")))??;
+                    out[i].extend_from_slice(&piece);
+                }
+                Ok(out)
+            })
+    }
+}
+
+/// Aborts a spawned request when the read that wanted it gave up (another piece failed).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl ovbd_format::ReadAt for RemoteBlob {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        if offset >= self.t.size || buf.is_empty() {
+            return Ok(0);
+        }
+        let n = (self.t.size - offset).min(buf.len() as u64) as usize;
+        let mut got = self.read_ranges(&[(offset, n)])?;
+        let data = got.pop().unwrap_or_default();
+        if data.len() != n {
+            return Err(io::Error::other(format!(
+                "registry blob {}: {} bytes at {offset}, wanted {n}",
+                self.t.name,
+                data.len()
+            )));
+        }
+        buf[..n].copy_from_slice(&data);
+        Ok(n)
+    }
+    fn size(&self) -> u64 {
+        self.t.size
+    }
+    fn name(&self) -> &str {
+        &self.t.name
+    }
+    /// Never touches the network: always `WouldBlock`.
+    fn read_at_nowait(&self, _buf: &mut [u8], _offset: u64) -> io::Result<usize> {
+        Err(io::ErrorKind::WouldBlock.into())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::image_io::sha256_digest;
+    use crate::image_io::tests::{start_registry, TestRegistry};
+    use ovbd_format::ReadAt;
+    use std::collections::VecDeque;
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use std::time::Instant as StdInstant;
+
+    // ------------------------------------------------------------------------ test helpers
+
+    /// Deterministic pseudo-random bytes.
+    pub(crate) fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        let mut v = Vec::with_capacity(n + 8);
+        while v.len() < n {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            v.extend_from_slice(&x.to_le_bytes());
+        }
+        v.truncate(n);
+        v
+    }
+
+    /// A tiny xorshift for random ranges.
+    pub(crate) struct Rng(pub(crate) u64);
+    impl Rng {
+        pub(crate) fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        pub(crate) fn below(&mut self, n: u64) -> u64 {
+            if n == 0 {
+                0
+            } else {
+                self.next() % n
+            }
+        }
+    }
+
+    /// Response head and body of one request sent over a fresh connection.
+    fn http(addr: &str, head: &str, body: &[u8]) -> (u16, String) {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s.write_all(head.as_bytes()).unwrap();
+        s.write_all(body).unwrap();
+        let mut resp = Vec::new();
+        s.read_to_end(&mut resp).unwrap();
+        let text = String::from_utf8_lossy(&resp).into_owned();
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        (status, text)
+    }
+
+    /// Pushes `data` as a blob of `repo` (monolithic upload); returns its digest.
+    pub(crate) fn push_blob(addr: &str, repo: &str, data: &[u8], auth: Option<&str>) -> String {
+        let digest = sha256_digest(data).to_string();
+        let authz = auth
+            .map(|a| format!("Authorization: {a}\r\n"))
+            .unwrap_or_default();
+        let (status, resp) = http(
+            addr,
+            &format!(
+                "POST /v2/{repo}/blobs/uploads/ HTTP/1.1\r\nHost: {addr}\r\n{authz}\
+                 Content-Length: 0\r\nConnection: close\r\n\r\n"
+            ),
+            b"",
+        );
+        assert_eq!(status, 202, "{resp}");
+        let location = resp
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("location")
+                    .then(|| v.trim().to_owned())
+            })
+            .unwrap();
+        let path = match location.find("/v2/") {
+            Some(i) => location[i..].to_owned(),
+            None => location,
+        };
+        let sep = if path.contains('?') { '&' } else { '?' };
+        let (status, resp) = http(
+            addr,
+            &format!(
+                "PUT {path}{sep}digest={digest} HTTP/1.1\r\nHost: {addr}\r\n{authz}\
+                 Content-Type: application/octet-stream\r\nContent-Length: {}\r\n\
+                 Connection: close\r\n\r\n",
+                data.len()
+            ),
+            data,
+        );
+        assert_eq!(status, 201, "{resp}");
+        digest
+    }
+
+    /// A registry with one blob of `size` pseudo-random bytes in repo `test/blob`.
+    pub(crate) fn registry_with_blob(size: usize, seed: u64) -> (TestRegistry, Vec<u8>, String) {
+        let reg = start_registry("");
+        let data = random_bytes(size, seed);
+        let digest = push_blob(&reg.addr, "test/blob", &data, None);
+        (reg, data, digest)
+    }
+
+    pub(crate) fn quick_config() -> RegistryConfig {
+        RegistryConfig {
+            timeout_secs: 10.0,
+            retries: 5,
+            stall_timeout_secs: 2.0,
+            connect_timeout_secs: 2.0,
+            ..Default::default()
+        }
+    }
+
+    fn read(blob: &RemoteBlob, off: u64, len: usize) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        let n = blob.read_at(&mut buf, off)?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    /// What the front server does to the next blob GET.
+    #[derive(Clone, Debug)]
+    pub(crate) enum Fault {
+        /// Answer with this status (and `Retry-After: 0` for 429/503).
+        Status(u16),
+        /// Half the body, then a TCP reset.
+        Reset,
+        /// Half the body, then a clean close: fewer bytes than Content-Length.
+        Truncate,
+        /// Half the body, then nothing for this long.
+        Stall(Duration),
+        /// Nothing at all for this long, then the answer.
+        StallHeaders(Duration),
+        /// Wait this long, then answer normally.
+        Delay(Duration),
+    }
+
+    pub(crate) enum FrontAuth {
+        /// Bearer tokens from `/token` (wanting this Basic header if `Some`), each good for
+        /// `uses` requests.
+        Bearer { uses: usize, basic: Option<String> },
+        /// This Basic header is required.
+        Basic(String),
+    }
+
+    #[derive(Clone, Debug)]
+    pub(crate) struct Seen {
+        pub(crate) target: String,
+        pub(crate) authorization: Option<String>,
+    }
+
+    /// An HTTP front on 127.0.0.1 for a test registry: forwards to it (one request per
+    /// connection), and on demand injects faults, demands auth (a token server stand-in),
+    /// redirects blob GETs elsewhere, or acts as a forward proxy (absolute-form targets).
+    pub(crate) struct Front {
+        pub(crate) addr: String,
+        upstream: String,
+        pub(crate) faults: Mutex<VecDeque<Fault>>,
+        pub(crate) always: Mutex<Option<Fault>>,
+        auth: Option<FrontAuth>,
+        pub(crate) redirect: Mutex<Option<String>>,
+        pub(crate) seen: Mutex<Vec<Seen>>,
+        tokens: Mutex<HashMap<String, usize>>,
+        pub(crate) token_scopes: Mutex<Vec<String>>,
+        token_count: AtomicUsize,
+        inflight: AtomicUsize,
+        pub(crate) max_inflight: AtomicUsize,
+    }
+
+    impl Front {
+        pub(crate) fn start(upstream: &str, auth: Option<FrontAuth>) -> Arc<Front> {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let front = Arc::new(Front {
+                addr: listener.local_addr().unwrap().to_string(),
+                upstream: upstream.to_owned(),
+                faults: Mutex::new(VecDeque::new()),
+                always: Mutex::new(None),
+                auth,
+                redirect: Mutex::new(None),
+                seen: Mutex::new(Vec::new()),
+                tokens: Mutex::new(HashMap::new()),
+                token_scopes: Mutex::new(Vec::new()),
+                token_count: AtomicUsize::new(0),
+                inflight: AtomicUsize::new(0),
+                max_inflight: AtomicUsize::new(0),
+            });
+            let weak = Arc::downgrade(&front);
+            std::thread::spawn(move || {
+                for conn in listener.incoming() {
+                    let Some(front) = weak.upgrade() else { return };
+                    let Ok(conn) = conn else { continue };
+                    std::thread::spawn(move || {
+                        let _ = front.serve(conn);
+                    });
+                }
+            });
+            front
+        }
+
+        pub(crate) fn push_faults(&self, f: impl IntoIterator<Item = Fault>) {
+            self.faults.lock().unwrap().extend(f);
+        }
+
+        pub(crate) fn blob_gets(&self) -> usize {
+            self.seen
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|s| s.target.contains("/blobs/"))
+                .count()
+        }
+
+        fn serve(&self, mut conn: TcpStream) -> io::Result<()> {
+            conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+            let mut reader = BufReader::new(conn.try_clone()?);
+            let mut request = String::new();
+            reader.read_line(&mut request)?;
+            let mut headers = Vec::new();
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line)? == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some((k, v)) = line.split_once(':') {
+                    headers.push((k.trim().to_owned(), v.trim().to_owned()));
+                }
+            }
+            let header = |name: &str| {
+                headers
+                    .iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                    .map(|(_, v)| v.clone())
+            };
+            let mut parts = request.split_whitespace();
+            let method = parts.next().unwrap_or("").to_owned();
+            let target = parts.next().unwrap_or("").to_owned();
+            let authz = header("authorization");
+            self.seen.lock().unwrap().push(Seen {
+                target: target.clone(),
+                authorization: authz.clone(),
+            });
+            // Absolute form (we are someone's proxy): just the path.
+            let path = match target.strip_prefix("http://") {
+                Some(rest) => rest.find('/').map_or("/", |i| &rest[i..]).to_owned(),
+                None => target.clone(),
+            };
+            let now = self.inflight.fetch_add(1, SeqCst) + 1;
+            self.max_inflight.fetch_max(now, SeqCst);
+            let r = self.answer(&mut conn, &method, &path, authz.as_deref(), &headers);
+            self.inflight.fetch_sub(1, SeqCst);
+            r
+        }
+
+        fn answer(
+            &self,
+            conn: &mut TcpStream,
+            method: &str,
+            path: &str,
+            authz: Option<&str>,
+            headers: &[(String, String)],
+        ) -> io::Result<()> {
+            let respond = |conn: &mut TcpStream, status: &str, extra: &str, body: &[u8]| {
+                write!(
+                    conn,
+                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n{extra}\r\n",
+                    body.len()
+                )?;
+                conn.write_all(body)?;
+                conn.flush()
+            };
+            let (route, query) = path.split_once('?').unwrap_or((path, ""));
+            match &self.auth {
+                Some(FrontAuth::Bearer { uses, basic }) => {
+                    if route == "/token" {
+                        for kv in query.split('&') {
+                            if let Some(s) = kv.strip_prefix("scope=") {
+                                let s = s.replace("%3A", ":").replace("%3a", ":");
+                                let s = s.replace("%2F", "/").replace("%2f", "/");
+                                self.token_scopes.lock().unwrap().push(s);
+                            }
+                        }
+                        if basic.is_some() && basic.as_deref() != authz {
+                            return respond(conn, "401 Unauthorized", "", b"");
+                        }
+                        let n = self.token_count.fetch_add(1, SeqCst) + 1;
+                        let token = format!("tok-{n}");
+                        self.tokens.lock().unwrap().insert(token.clone(), *uses);
+                        // Both spellings of the field are used in the wild.
+                        let body = if n % 2 == 1 {
+                            format!(r#"{{"token":"{token}","expires_in":300}}"#)
+                        } else {
+                            format!(r#"{{"access_token":"{token}"}}"#)
+                        };
+                        return respond(conn, "200 OK", "", body.as_bytes());
+                    }
+                    let ok = authz
+                        .and_then(|a| a.strip_prefix("Bearer "))
+                        .is_some_and(|t| {
+                            let mut tokens = self.tokens.lock().unwrap();
+                            match tokens.get_mut(t) {
+                                Some(left) if *left > 0 => {
+                                    *left -= 1;
+                                    true
+                                }
+                                _ => false,
+                            }
+                        });
+                    if !ok {
+                        let challenge = format!(
+                            "WWW-Authenticate: Bearer realm=\"http://{}/token\",service=\"front\"\r\n",
+                            self.addr
+                        );
+                        return respond(conn, "401 Unauthorized", &challenge, b"");
+                    }
+                }
+                Some(FrontAuth::Basic(want)) if authz != Some(want.as_str()) => {
+                    return respond(
+                        conn,
+                        "401 Unauthorized",
+                        "WWW-Authenticate: Basic realm=\"front\"\r\n",
+                        b"",
+                    );
+                }
+                Some(FrontAuth::Basic(_)) | None => {}
+            }
+            let is_blob_get = method == "GET" && route.contains("/blobs/");
+            if is_blob_get {
+                if let Some(base) = self.redirect.lock().unwrap().clone() {
+                    let extra = format!("Location: {base}{route}?signature=abc\r\n");
+                    return respond(conn, "307 Temporary Redirect", &extra, b"");
+                }
+            }
+            let fault = if is_blob_get {
+                let queued = self.faults.lock().unwrap().pop_front();
+                queued.or_else(|| self.always.lock().unwrap().clone())
+            } else {
+                None
+            };
+            if let Some(Fault::Status(code)) = fault {
+                let extra = if code == 429 || code == 503 {
+                    "Retry-After: 0\r\n"
+                } else {
+                    ""
+                };
+                return respond(conn, &format!("{code} Injected"), extra, b"");
+            }
+            if let Some(Fault::StallHeaders(d) | Fault::Delay(d)) = fault {
+                std::thread::sleep(d);
+            }
+            // Forward, one request per connection.
+            let mut up = TcpStream::connect(&self.upstream)?;
+            up.set_read_timeout(Some(Duration::from_secs(30)))?;
+            let mut head = format!(
+                "{method} {route}{}{query} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n",
+                if query.is_empty() { "" } else { "?" },
+                self.upstream
+            );
+            for (k, v) in headers {
+                if !["host", "connection", "authorization", "proxy-connection"]
+                    .iter()
+                    .any(|h| k.eq_ignore_ascii_case(h))
+                {
+                    head.push_str(&format!("{k}: {v}\r\n"));
+                }
+            }
+            head.push_str("\r\n");
+            up.write_all(head.as_bytes())?;
+            let mut resp = Vec::new();
+            up.read_to_end(&mut resp)?;
+            let split = resp
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .map_or(resp.len(), |i| i + 4);
+            let (head, body) = resp.split_at(split);
+            let head = String::from_utf8_lossy(head);
+            let mut new_head = String::new();
+            for line in head.split("\r\n").filter(|l| !l.is_empty()) {
+                if !line.to_ascii_lowercase().starts_with("connection:") {
+                    new_head.push_str(line);
+                    new_head.push_str("\r\n");
+                }
+            }
+            new_head.push_str("Connection: close\r\n\r\n");
+            conn.write_all(new_head.as_bytes())?;
+            let half = body.len() / 2;
+            match fault {
+                Some(Fault::Reset) => {
+                    conn.write_all(&body[..half])?;
+                    conn.flush()?;
+                    std::thread::sleep(Duration::from_millis(20));
+                    reset(conn);
+                    return Ok(());
+                }
+                Some(Fault::Truncate) => {
+                    conn.write_all(&body[..half])?;
+                    conn.flush()?;
+                    let _ = conn.shutdown(std::net::Shutdown::Both);
+                    return Ok(());
+                }
+                Some(Fault::Stall(d)) => {
+                    conn.write_all(&body[..half])?;
+                    conn.flush()?;
+                    std::thread::sleep(d);
+                    conn.write_all(&body[half..])?;
+                }
+                _ => conn.write_all(body)?,
+            }
+            conn.flush()
+        }
+    }
+
+    /// Closes `conn` with a TCP RST (SO_LINGER 0).
+    fn reset(conn: &TcpStream) {
+        use std::os::unix::io::AsRawFd;
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: a valid socket fd and a linger struct of the right size.
+        unsafe {
+            libc::setsockopt(
+                conn.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            );
+        }
+        let _ = conn.shutdown(std::net::Shutdown::Read);
+    }
+
+    /// Reads random ranges (and the edges) of `blob` and compares them with `data`.
+    pub(crate) fn check_random_ranges(blob: &dyn ReadAt, data: &[u8], n: usize, seed: u64) {
+        let size = data.len() as u64;
+        let mut rng = Rng(seed);
+        let mut cases = vec![
+            (0u64, 1usize),
+            (size - 1, 1),
+            (size - 100, 200), // past the end: short read
+            (0, data.len()),
+        ];
+        for _ in 0..n {
+            let off = rng.below(size);
+            let len = 1 + rng.below(600_000) as usize;
+            cases.push((off, len));
+        }
+        for (off, len) in cases {
+            let mut buf = vec![0u8; len];
+            let got = blob.read_at(&mut buf, off).unwrap();
+            let want = (size - off).min(len as u64) as usize;
+            assert_eq!(got, want, "read of {len} at {off}");
+            assert!(
+                buf[..got] == data[off as usize..off as usize + got],
+                "bytes differ in the read of {len} at {off}"
+            );
+        }
+        let mut buf = [0u8; 16];
+        assert_eq!(blob.read_at(&mut buf, size).unwrap(), 0);
+        assert_eq!(blob.read_at(&mut buf, size + 100).unwrap(), 0);
+    }
+
+    // ------------------------------------------------------------------------------- units
+
+    #[test]
+    fn registry_parses_www_authenticate() {
+        let c = parse_challenges([
+            r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/busybox:pull""#,
+        ]);
+        assert_eq!(
+            c,
+            vec![Challenge::Bearer {
+                realm: "https://auth.docker.io/token".into(),
+                service: Some("registry.docker.io".into()),
+                scope: Some("repository:library/busybox:pull".into()),
+            }]
+        );
+        assert_eq!(
+            parse_challenges([r#"Basic realm="Registry Realm""#]),
+            vec![Challenge::Basic]
+        );
+        // Several challenges in one value, odd spacing, escapes, unquoted values, case.
+        let c = parse_challenges([
+            r#"Negotiate abc==, basic realm=x , BEARER  realm = "http://h/t\"x\"" , service=svc"#,
+        ]);
+        assert_eq!(
+            c,
+            vec![
+                Challenge::Basic,
+                Challenge::Bearer {
+                    realm: "http://h/t\"x\"".into(),
+                    service: Some("svc".into()),
+                    scope: None,
+                }
+            ]
+        );
+        // Garbage never panics; a Bearer without a realm is no challenge.
+        for junk in [
+            "",
+            "=",
+            "\"",
+            "Bearer",
+            "Bearer realm",
+            "Bearer realm=",
+            "Bearer realm=\"unterminated",
+            "Bearer realm=\"x\\",
+            "Bearer realm=\"é\\é\"",
+            ",,, ==\"\" Basic",
+        ] {
+            let _ = parse_challenges([junk]);
+        }
+        assert_eq!(parse_challenges(["Bearer service=x"]), vec![]);
+        assert_eq!(
+            parse_challenges(["Bearer realm=\"é\\é\""]),
+            vec![Challenge::Bearer {
+                realm: "éé".into(),
+                service: None,
+                scope: None
+            }]
+        );
+        assert_eq!(
+            parse_content_range("bytes 0-9/100"),
+            Some((0, 9, Some(100)))
+        );
+        assert_eq!(parse_content_range("bytes 5-9/*"), Some((5, 9, None)));
+        assert_eq!(parse_content_range("bytes */100"), None);
+        assert_eq!(parse_content_range("items 0-1/2"), None);
+    }
+
+    #[test]
+    fn registry_endpoints_hosts_schemes_mirrors() {
+        let reg = Registry::new(&RegistryConfig {
+            insecure: vec!["reg.local:5000".into()],
+            mirrors: vec![crate::config::MirrorConfig {
+                host: "docker.io".into(),
+                mirrors: vec![
+                    "https://mirror.example.com/prefix/".into(),
+                    "10.0.0.1:5000".into(),
+                    "localhost:5001".into(),
+                ],
+            }],
+            ..Default::default()
+        })
+        .unwrap();
+        let urls = |r: &str| -> Vec<String> {
+            reg.endpoints(r)
+                .unwrap()
+                .iter()
+                .map(|e| {
+                    e.blob_url("library/busybox", "sha256:00")
+                        .unwrap()
+                        .to_string()
+                })
+                .collect()
+        };
+        assert_eq!(
+            urls("docker.io"),
+            [
+                "https://mirror.example.com/prefix/v2/library/busybox/blobs/sha256:00",
+                "https://10.0.0.1:5000/v2/library/busybox/blobs/sha256:00",
+                "http://localhost:5001/v2/library/busybox/blobs/sha256:00",
+                "https://registry-1.docker.io/v2/library/busybox/blobs/sha256:00",
+            ]
+        );
+        assert_eq!(urls("index.docker.io").len(), 4);
+        assert_eq!(
+            urls("reg.local:5000"),
+            ["http://reg.local:5000/v2/library/busybox/blobs/sha256:00"]
+        );
+        assert_eq!(
+            urls("127.0.0.1:5000"),
+            ["http://127.0.0.1:5000/v2/library/busybox/blobs/sha256:00"]
+        );
+        assert_eq!(
+            urls("ghcr.io"),
+            ["https://ghcr.io/v2/library/busybox/blobs/sha256:00"]
+        );
+        let eps = reg.endpoints("docker.io").unwrap();
+        assert_eq!(eps[0].cred_host, "mirror.example.com");
+        assert_eq!(eps[3].cred_host, "docker.io");
+        assert!(eps[0].is_mirror && !eps[3].is_mirror);
+
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        let b = RemoteBlob::new(reg.clone(), "busybox", &digest, 10).unwrap();
+        assert_eq!(b.name(), format!("docker.io/library/busybox@{digest}"));
+        assert_eq!(b.repository(), "library/busybox");
+        let b = RemoteBlob::new(reg.clone(), "127.0.0.1:5000/library/app:v1", &digest, 10).unwrap();
+        assert_eq!(b.name(), format!("127.0.0.1:5000/library/app@{digest}"));
+        // Nowait never fetches (nothing listens there, it would fail, not WouldBlock).
+        let mut buf = [0u8; 4];
+        assert_eq!(
+            b.read_at_nowait(&mut buf, 0).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
+        assert_eq!(b.requests(), 0);
+        for bad in ["sha256:AB", "md5:00", "sha256:../../etc/passwd", "sha256"] {
+            assert!(
+                RemoteBlob::new(reg.clone(), "busybox", bad, 1).is_err(),
+                "{bad}"
+            );
+        }
+        assert!(RemoteBlob::new(reg.clone(), "UPPER/Case:x:y", &digest, 1).is_err());
+        assert!(Registry::new(&RegistryConfig {
+            mirrors: vec![crate::config::MirrorConfig {
+                host: "docker.io".into(),
+                mirrors: vec!["ftp://x".into()],
+            }],
+            ..Default::default()
+        })
+        .is_err());
+        assert!(Registry::new(&RegistryConfig {
+            proxy: Some("::not a url".into()),
+            ..Default::default()
+        })
+        .is_err());
+    }
+
+    // ------------------------------------------------------------------- against a registry
+
+    #[test]
+    fn registry_reads_random_ranges() {
+        let (reg, data, digest) = registry_with_blob((3 << 20) + 17, 1);
+        let registry = Registry::new(&quick_config()).unwrap();
+        let blob = RemoteBlob::new(
+            registry.clone(),
+            &format!("{}/test/blob:v1", reg.addr),
+            &digest,
+            data.len() as u64,
+        )
+        .unwrap();
+        check_random_ranges(&blob, &data, 30, 7);
+        assert!(blob.fetched_bytes() > data.len() as u64);
+        let before = (blob.fetched_bytes(), blob.requests());
+        assert_eq!(read(&blob, 1000, 5000).unwrap(), &data[1000..6000]);
+        assert_eq!(blob.fetched_bytes() - before.0, 5000);
+        assert_eq!(blob.requests() - before.1, 1);
+        // A long read is split into concurrent pieces.
+        let before = blob.requests();
+        assert_eq!(read(&blob, 0, data.len()).unwrap(), data);
+        assert_eq!(
+            blob.requests() - before,
+            data.len().div_ceil(MAX_REQUEST_BYTES) as u64
+        );
+        // Several ranges at once.
+        let got = blob
+            .read_ranges(&[(5, 10), (3 << 20, 17), (100, 0)])
+            .unwrap();
+        assert_eq!(got[0], &data[5..15]);
+        assert_eq!(got[1], &data[3 << 20..]);
+        assert!(got[2].is_empty());
+        assert!(blob.read_ranges(&[(data.len() as u64 - 1, 2)]).is_err());
+        assert_eq!(registry.token_requests(), 0);
+
+        // A wrong size in the descriptor is caught by Content-Range.
+        let wrong = RemoteBlob::new(
+            registry.clone(),
+            &format!("{}/test/blob", reg.addr),
+            &digest,
+            data.len() as u64 + 1,
+        )
+        .unwrap();
+        let e = read(&wrong, 0, 10).unwrap_err().to_string();
+        assert!(e.contains("descriptor says"), "{e}");
+    }
+
+    #[test]
+    fn registry_not_found_fails_at_once() {
+        let (reg, data, _digest) = registry_with_blob(1000, 2);
+        let registry = Registry::new(&RegistryConfig {
+            retries: 5,
+            timeout_secs: 20.0,
+            ..quick_config()
+        })
+        .unwrap();
+        let missing = format!("sha256:{}", "0".repeat(64));
+        let blob = RemoteBlob::new(
+            registry.clone(),
+            &format!("{}/test/blob", reg.addr),
+            &missing,
+            data.len() as u64,
+        )
+        .unwrap();
+        let t = StdInstant::now();
+        let e = read(&blob, 0, 10).unwrap_err();
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&reg.addr) && msg.contains("test/blob") && msg.contains(&missing),
+            "{msg}"
+        );
+        assert!(msg.contains("404"), "{msg}");
+        assert_eq!(blob.requests(), 1);
+
+        // 403 as well.
+        let front = Front::start(&reg.addr, None);
+        *front.always.lock().unwrap() = Some(Fault::Status(403));
+        let blob = RemoteBlob::new(
+            registry,
+            &format!("{}/test/blob", front.addr),
+            &_digest,
+            data.len() as u64,
+        )
+        .unwrap();
+        let t = StdInstant::now();
+        let e = read(&blob, 0, 10).unwrap_err();
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
+        assert!(
+            e.to_string().contains("403") && e.to_string().contains(&_digest),
+            "{e}"
+        );
+        assert_eq!(blob.requests(), 1);
+    }
+
+    /// https with the ring provider and the platform's roots: a certificate nobody trusts is
+    /// a permanent failure (not retried), and a mirror with one is skipped for the host.
+    #[test]
+    fn registry_https_untrusted_certificate() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (cert, key) = (tmp.path().join("cert.pem"), tmp.path().join("key.pem"));
+        let ok = std::process::Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            ])
+            .args([
+                "-subj",
+                "/CN=127.0.0.1",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl (to make a test certificate)");
+        assert!(ok.success());
+        let tls = start_registry(&format!(
+            "  tls:\n    certificate: {}\n    key: {}\n",
+            cert.display(),
+            key.display()
+        ));
+        let registry = Registry::new(&quick_config()).unwrap();
+        let url = format!("https://{}/v2/", tls.addr);
+        let inner = registry.inner.clone();
+        let e = registry
+            .handle
+            .block_on(async move { inner.client.get(url).send().await })
+            .unwrap_err();
+        let f = http_failure("GET", e);
+        assert!(f.is_permanent(), "{f}");
+        assert!(
+            f.to_string().to_ascii_lowercase().contains("certificate"),
+            "{f}"
+        );
+
+        let (reg, data, digest) = registry_with_blob(100_000, 15);
+        let registry = Registry::new(&RegistryConfig {
+            mirrors: vec![crate::config::MirrorConfig {
+                host: reg.addr.clone(),
+                mirrors: vec![format!("https://{}", tls.addr)],
+            }],
+            ..quick_config()
+        })
+        .unwrap();
+        let blob = RemoteBlob::new(
+            registry,
+            &format!("{}/test/blob", reg.addr),
+            &digest,
+            data.len() as u64,
+        )
+        .unwrap();
+        assert_eq!(read(&blob, 10, 100).unwrap(), &data[10..110]);
+        assert_eq!(blob.requests(), 2);
+    }
+
+    /// htpasswd: Basic challenge, credentials from a config.json that is re-read when the
+    /// registry refuses: a password fixed in the file works without a new Registry.
+    #[test]
+    fn registry_basic_auth_and_rotated_password() {
+        // bcrypt of "ovbd-test-pass" (cost 4), as in image_io's tests.
+        const HASH: &str = "$2b$04$mZwH7wGeEVlhyQEKuXlAQu/wM/RzhODQOto7p4KjrEKXtv6/P1hL.";
+        let tmp = tempfile::tempdir().unwrap();
+        let htpasswd = tmp.path().join("htpasswd");
+        std::fs::write(&htpasswd, format!("ovbd:{HASH}\n")).unwrap();
+        let reg = start_registry(&format!(
+            "auth:\n  htpasswd:\n    realm: ovbd-test\n    path: {}\n",
+            htpasswd.display()
+        ));
+        let good = basic_header("ovbd", "ovbd-test-pass");
+        let data = random_bytes(600_000, 3);
+        let digest = push_blob(&reg.addr, "private/blob", &data, Some(&good));
+        let config = tmp.path().join("config.json");
+        let write_config = |key: &str, entry: serde_json::Value| {
+            std::fs::write(
+                &config,
+                serde_json::to_vec(&serde_json::json!({ "auths": { key: entry } })).unwrap(),
+            )
+            .unwrap();
+        };
+        let registry = Registry::new(&RegistryConfig {
+            docker_config: Some(config.clone()),
+            ..quick_config()
+        })
+        .unwrap();
+        let blob = RemoteBlob::new(
+            registry.clone(),
+            &format!("{}/private/blob:v1", reg.addr),
+            &digest,
+            data.len() as u64,
+        )
+        .unwrap();
+
+        // No config file: anonymous, refused at once.
+        let t = StdInstant::now();
+        let e = read(&blob, 0, 100).unwrap_err();
+        assert!(t.elapsed() < Duration::from_secs(2));
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
+        assert!(e.to_string().contains("Basic credentials"), "{e}");
+        assert!(e.to_string().contains(&digest), "{e}");
+
+        // A wrong password: refused at once.
+        write_config(
+            &reg.addr,
+            serde_json::json!({"username": "ovbd", "password": "wrong"}),
+        );
+        let e = read(&blob, 0, 100).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
+        assert!(e.to_string().contains("401"), "{e}");
+
+        // The password fixed in the file (base64 `auth`, https:// key): the same client works.
+        use base64::Engine as _;
+        let auth = base64::engine::general_purpose::STANDARD.encode("ovbd:ovbd-test-pass");
+        write_config(
+            &format!("https://{}", reg.addr),
+            serde_json::json!({ "auth": auth }),
+        );
+        check_random_ranges(&blob, &data, 10, 11);
+        // The Basic header is cached: no re-authentication per read.
+        let before = blob.requests();
+        read(&blob, 7, 7).unwrap();
+        assert_eq!(blob.requests() - before, 1);
+        // Rotated again to a wrong one: the cached header still works until refused.
+        write_config(
+            &reg.addr,
+            serde_json::json!({"username": "ovbd", "password": "nope"}),
+        );
+        assert_eq!(read(&blob, 8, 8).unwrap(), &data[8..16]);
+    }
+
+    /// A token server stand-in whose tokens are good for three requests: a 401 makes the
+    /// client fetch a new token (with the config.json's Basic credentials) and go on.
+    #[test]
+    fn registry_bearer_token_expires_and_is_refetched() {
+        let (reg, data, digest) = registry_with_blob(1 << 20, 4);
+        let front = Front::start(
+            &reg.addr,
+            Some(FrontAuth::Bearer {
+                uses: 3,
+                basic: Some(basic_header("alice", "s3cret")),
+            }),
+        );
+        let tmp = tempfile::tempdir().unwrap();
+        let config = tmp.path().join("config.json");
+        std::fs::write(
+            &config,
+            serde_json::to_vec(&serde_json::json!({
+                "auths": { (format!("http://{}", front.addr)): { "username": "alice", "password": "s3cret" } }
+            }))
+            .unwrap(),
+        )
+        .unwrap();
+        let registry = Registry::new(&RegistryConfig {
+            docker_config: Some(config.clone()),
+            ..quick_config()
+        })
+        .unwrap();
+        let blob = RemoteBlob::new(
+            registry.clone(),
+            &format!("{}/test/blob", front.addr),
+            &digest,
+            data.len() as u64,
+        )
+        .unwrap();
+        let mut rng = Rng(5);
+        for _ in 0..12 {
+            let off = rng.below(data.len() as u64 - 5000);
+            assert_eq!(
+                read(&blob, off, 5000).unwrap(),
+                &data[off as usize..off as usize + 5000]
+            );
+        }
+        // 12 reads, 3 per token: 4 tokens at least (the first after an anonymous 401).
+        let tokens = registry.token_requests();
+        assert!((4..=6).contains(&tokens), "{tokens} token requests");
+        let scopes = front.token_scopes.lock().unwrap().clone();
+        assert!(
+            scopes.iter().all(|s| s == "repository:test/blob:pull"),
+            "{scopes:?}"
+        );
+        // The registry itself saw bearer tokens only; the Basic credentials went to /token.
+        for s in front.seen.lock().unwrap().iter() {
+            match &s.authorization {
+                Some(a) if s.target.starts_with("/token") => assert!(a.starts_with("Basic ")),
+                Some(a) => assert!(a.starts_with("Bearer tok-"), "{a}"),
+                None => {}
+            }
+        }
+
+        // Without credentials the token server refuses: a clear, immediate error.
+        std::fs::write(&config, b"{}").unwrap();
+        let registry2 = Registry::new(&RegistryConfig {
+            docker_config: Some(config.clone()),
+            ..quick_config()
+        })
+        .unwrap();
+        let blob2 = RemoteBlob::new(
+            registry2,
+            &format!("{}/test/blob", front.addr),
+            &digest,
+            data.len() as u64,
+        )
+        .unwrap();
+        let t = StdInstant::now();
+        let e = read(&blob2, 0, 10).unwrap_err();
+        assert!(t.elapsed() < Duration::from_secs(2));
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
+        assert!(e.to_string().contains("token from"), "{e}");
+    }
+
+    /// Blob GETs redirected to another host (blob storage): followed, without our
+    /// Authorization.
+    #[test]
+    fn registry_redirect_drops_authorization() {
+        let (reg, data, digest) = registry_with_blob(700_000, 6);
+        let storage = Front::start(&reg.addr, None);
+        let front = Front::start(&reg.addr, Some(FrontAuth::Basic(basic_header("u", "p"))));
+        // `localhost` vs `127.0.0.1`: another host, not only another port.
+        let port = storage.addr.rsplit(':').next().unwrap();
+        *front.redirect.lock().unwrap() = Some(format!("http://localhost:{port}"));
+        let tmp = tempfile::tempdir().unwrap();
+        let config = tmp.path().join("config.json");
+        std::fs::write(
+            &config,
+            serde_json::to_vec(&serde_json::json!({
+                "auths": { (front.addr.clone()): { "username": "u", "password": "p" } }
+            }))
+            .unwrap(),
+        )
+        .unwrap();
+        let registry = Registry::new(&RegistryConfig {
+            docker_config: Some(config),
+            ..quick_config()
+        })
+        .unwrap();
+        let blob = RemoteBlob::new(
+            registry,
+            &format!("{}/test/blob", front.addr),
+            &digest,
+            data.len() as u64,
+        )
+        .unwrap();
+        check_random_ranges(&blob, &data, 5, 13);
+        let seen = storage.seen.lock().unwrap().clone();
+        assert!(seen.len() >= 5, "{seen:?}");
+        assert!(seen.iter().all(|s| s.authorization.is_none()), "{seen:?}");
+        assert!(seen.iter().all(|s| s.target.contains("signature=abc")));
+        assert!(front
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|s| s.authorization.as_deref() == Some(basic_header("u", "p").as_str())));
+    }
+
+    /// 503s, 429, resets, truncations and stalls are retried; the reads come back right.
+    #[test]
+    fn registry_retries_transient_faults() {
+        let (reg, data, digest) = registry_with_blob(2 << 20, 8);
+        let front = Front::start(&reg.addr, None);
+        let registry = Registry::new(&RegistryConfig {
+            timeout_secs: 20.0,
+            retries: 6,
+            stall_timeout_secs: 0.5,
+            ..quick_config()
+        })
+        .unwrap();
+        let blob = RemoteBlob::new(
+            registry,
+            &format!("{}/test/blob", front.addr),
+            &digest,
+            data.len() as u64,
+        )
+        .unwrap();
+        let cases: Vec<(&str, Vec<Fault>)> = vec![
+            ("503 x3", vec![Fault::Status(503); 3]),
+            (
+                "429, 502, 500",
+                vec![Fault::Status(429), Fault::Status(502), Fault::Status(500)],
+            ),
+            ("reset mid-body x2", vec![Fault::Reset, Fault::Reset]),
+            ("truncated body", vec![Fault::Truncate]),
+            ("stall mid-body", vec![Fault::Stall(Duration::from_secs(3))]),
+            (
+                "stall before headers",
+                vec![Fault::StallHeaders(Duration::from_secs(3))],
+            ),
+            (
+                "mixed",
+                vec![Fault::Reset, Fault::Status(503), Fault::Truncate],
+            ),
+        ];
+        for (i, (what, faults)) in cases.into_iter().enumerate() {
+            let k = faults.len() as u64;
+            front.push_faults(faults);
+            let before = (blob.requests(), blob.fetched_bytes());
+            let off = 1000 + i as u64 * 100_000;
+            let len = 300_000;
+            let t = StdInstant::now();
+            let got = read(&blob, off, len).unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert!(
+                got == data[off as usize..off as usize + len],
+                "{what}: wrong bytes"
+            );
+            assert!(
+                front.faults.lock().unwrap().is_empty(),
+                "{what}: faults left"
+            );
+            let requests = blob.requests() - before.0;
+            assert_eq!(requests, k + 1, "{what}: {requests} requests");
+            // Stalls are given up after the stall timeout, not waited out.
+            assert!(
+                t.elapsed() < Duration::from_secs(3),
+                "{what}: {:?}",
+                t.elapsed()
+            );
+            // A resumed read asks only for what is missing.
+            let fetched = blob.fetched_bytes() - before.1;
+            assert!(fetched < 2 * len as u64, "{what}: {fetched} bytes fetched");
+        }
+    }
+
+    /// A registry that keeps failing, hangs or is gone: the read fails within its deadline.
+    #[test]
+    fn registry_failures_end_at_the_deadline() {
+        let (reg, data, digest) = registry_with_blob(100_000, 9);
+        let front = Front::start(&reg.addr, None);
+        let deadline = Duration::from_millis(2500);
+        let slack = Duration::from_millis(1500);
+        let registry = Registry::new(&RegistryConfig {
+            timeout_secs: deadline.as_secs_f64(),
+            retries: 1000,
+            stall_timeout_secs: 30.0,
+            connect_timeout_secs: 1.0,
+            ..Default::default()
+        })
+        .unwrap();
+        let blob_at = |addr: &str| {
+            RemoteBlob::new(
+                registry.clone(),
+                &format!("{addr}/test/blob"),
+                &digest,
+                data.len() as u64,
+            )
+            .unwrap()
+        };
+        let blob = blob_at(&front.addr);
+        assert_eq!(read(&blob, 0, 1000).unwrap(), &data[..1000]);
+        for (what, fault) in [
+            ("always 503", Fault::Status(503)),
+            (
+                "hangs before headers",
+                Fault::StallHeaders(Duration::from_secs(60)),
+            ),
+            ("hangs mid-body", Fault::Stall(Duration::from_secs(60))),
+        ] {
+            *front.always.lock().unwrap() = Some(fault);
+            let t = StdInstant::now();
+            let e = read(&blob, 0, 50_000).unwrap_err();
+            let took = t.elapsed();
+            assert!(took < deadline + slack, "{what}: failed after {took:?}");
+            assert!(e.to_string().contains(&digest), "{what}: {e}");
+            assert!(e.to_string().contains("test/blob"), "{what}: {e}");
+        }
+        *front.always.lock().unwrap() = None;
+        assert_eq!(read(&blob, 5, 10).unwrap(), &data[5..15]);
+
+        // Gone: nothing listens any more.
+        let gone = blob_at(&reg.addr);
+        assert_eq!(read(&gone, 0, 10).unwrap(), &data[..10]);
+        drop(reg);
+        let t = StdInstant::now();
+        let e = read(&gone, 0, 10).unwrap_err();
+        assert!(t.elapsed() < deadline + slack, "{:?}", t.elapsed());
+        assert!(
+            e.to_string().contains("deadline") || e.to_string().contains("gave up"),
+            "{e}"
+        );
+        // The retries budget ends it before the deadline, too.
+        let few = Registry::new(&RegistryConfig {
+            timeout_secs: 60.0,
+            retries: 2,
+            ..quick_config()
+        })
+        .unwrap();
+        let b =
+            RemoteBlob::new(few, &format!("{}/test/blob", front.addr), &digest, 100_000).unwrap();
+        *front.always.lock().unwrap() = Some(Fault::Status(500));
+        let before = front.blob_gets();
+        let t = StdInstant::now();
+        let e = read(&b, 0, 10).unwrap_err();
+        assert!(t.elapsed() < Duration::from_secs(5));
+        assert!(e.to_string().contains("gave up after 3 attempt"), "{e}");
+        assert_eq!(front.blob_gets() - before, 3);
+    }
+
+    /// Mirrors in order, then the host: dead or empty mirrors are skipped.
+    #[test]
+    fn registry_mirrors_then_host() {
+        let (reg, data, digest) = registry_with_blob(300_000, 10);
+        let empty = start_registry("");
+        let dead = {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().to_string()
+        };
+        let front = Front::start(&reg.addr, None);
+        let registry = Registry::new(&RegistryConfig {
+            timeout_secs: 4.0,
+            retries: 1,
+            mirrors: vec![crate::config::MirrorConfig {
+                host: "registry.invalid".into(),
+                mirrors: vec![
+                    format!("http://{dead}"),
+                    empty.addr.clone(),
+                    format!("http://{}", front.addr),
+                ],
+            }],
+            ..quick_config()
+        })
+        .unwrap();
+        let blob = RemoteBlob::new(
+            registry.clone(),
+            "registry.invalid/test/blob:v1",
+            &digest,
+            data.len() as u64,
+        )
+        .unwrap();
+        assert_eq!(read(&blob, 10, 1000).unwrap(), &data[10..1010]);
+        // dead (refused), empty (404), front: three requests, the last one served.
+        assert_eq!(blob.requests(), 3);
+        assert_eq!(front.blob_gets(), 1);
+        // Every mirror failing and the host unreachable: an error naming the host.
+        *front.always.lock().unwrap() = Some(Fault::Status(404));
+        let e = read(&blob, 0, 10).unwrap_err().to_string();
+        assert!(e.contains("registry.invalid"), "{e}");
+
+        // A host of its own behind the mirrors: reached when they fail.
+        let registry = Registry::new(&RegistryConfig {
+            mirrors: vec![crate::config::MirrorConfig {
+                host: reg.addr.clone(),
+                mirrors: vec![empty.addr.clone()],
+            }],
+            ..quick_config()
+        })
+        .unwrap();
+        let blob = RemoteBlob::new(
+            registry,
+            &format!("{}/test/blob", reg.addr),
+            &digest,
+            300_000,
+        )
+        .unwrap();
+        check_random_ranges(&blob, &data, 3, 17);
+    }
+
+    /// Every request through the configured HTTP proxy (a P2P agent's place).
+    #[test]
+    fn registry_through_proxy() {
+        let (reg, data, digest) = registry_with_blob(400_000, 12);
+        let proxy = Front::start(&reg.addr, None);
+        let registry = Registry::new(&RegistryConfig {
+            proxy: Some(format!("http://{}", proxy.addr)),
+            ..quick_config()
+        })
+        .unwrap();
+        let blob = RemoteBlob::new(
+            registry,
+            &format!("{}/test/blob", reg.addr),
+            &digest,
+            data.len() as u64,
+        )
+        .unwrap();
+        check_random_ranges(&blob, &data, 5, 19);
+        let seen = proxy.seen.lock().unwrap().clone();
+        assert!(seen.len() >= 5);
+        let want = format!("http://{}/v2/test/blob/blobs/{digest}", reg.addr);
+        assert!(seen.iter().all(|s| s.target == want), "{seen:?}");
+    }
+
+    /// The pieces of a long read are fetched at the same time, not one after another.
+    #[test]
+    fn registry_long_reads_are_concurrent() {
+        let (reg, data, digest) = registry_with_blob(4 * MAX_REQUEST_BYTES, 14);
+        let front = Front::start(&reg.addr, None);
+        let registry = Registry::new(&quick_config()).unwrap();
+        let blob = RemoteBlob::new(
+            registry,
+            &format!("{}/test/blob", front.addr),
+            &digest,
+            data.len() as u64,
+        )
+        .unwrap();
+        let delay = Duration::from_millis(400);
+        front.push_faults(vec![Fault::Delay(delay); 4]);
+        let t = StdInstant::now();
+        assert!(read(&blob, 0, data.len()).unwrap() == data);
+        assert!(t.elapsed() < delay * 3, "{:?}", t.elapsed());
+        assert!(front.max_inflight.load(SeqCst) >= 2);
+        assert_eq!(blob.requests(), 4);
+    }
+}
