@@ -17,9 +17,15 @@ pub fn serve(cfg: Config) -> Result<()> {
 
 async fn run(cfg: Config) -> Result<()> {
     let socket = cfg.socket.clone();
+    // Lazy pulling: remote layers are read from their registry through the block cache.
+    let remote = Arc::new(
+        crate::remote_layer::RegistrySource::from_config(&cfg)
+            .context("setting up the registry source and block cache")?,
+    );
+    let for_snapshotter = remote.clone();
     let snap = Arc::new(
         tokio::task::spawn_blocking(move || -> Result<Snapshotter> {
-            let s = Snapshotter::open(cfg)?;
+            let s = Snapshotter::open(cfg)?.with_remote(for_snapshotter);
             s.reconcile().context("reconciling state at start")?;
             Ok(s)
         })
@@ -57,6 +63,10 @@ async fn run(cfg: Config) -> Result<()> {
         .await
         .context("serving gRPC")?;
     let _ = std::fs::remove_file(&socket);
+    // Devices outlive us (below): record the blocks fetched so far as cached for the next start.
+    if let Err(e) = remote.flush() {
+        log::warn!("flushing the block cache: {e}");
+    }
     // Devices stay attached: with USER_RECOVERY the kernel keeps them for the next start,
     // which re-attaches them in place (running containers keep their rootfs).
     Ok(())

@@ -218,7 +218,7 @@ fn attach_one(
     pool: &Arc<WorkerPool>,
 ) -> Result<(device::AttachedDevice, PathBuf)> {
     let cfg = ImageConfig::load(config_path)?;
-    let attached = cfg.open_image().and_then(|image| {
+    let attached = cfg.open_image(None).and_then(|image| {
         let writable = image.is_writable();
         let dev = device::attach(Arc::new(image), pool.clone(), AttachOptions { id, recover })?;
         Ok((dev, writable))

@@ -2,10 +2,18 @@
 //! tools work unchanged.
 
 use anyhow::{bail, Context, Result};
-use ovbd_format::layer::open_layer_file;
-use ovbd_format::{ImageStack, LayerStack, RwLayer};
+use ovbd_format::layer::{open_layer, open_layer_file};
+use ovbd_format::{ImageStack, LayerStack, ReadAt, RwLayer};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Opens a layer blob that is only in a registry (a lower with `digest` + `size` and no local
+/// file): the lazy-pull source, reading through the block cache.
+pub trait RemoteSource: Send + Sync {
+    /// `repo_blob_url` is `http[s]://HOST/v2/REPO/blobs` (spec §3.1).
+    fn open(&self, repo_blob_url: &str, digest: &str, size: u64) -> Result<Arc<dyn ReadAt>>;
+}
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -33,6 +41,10 @@ pub struct LowerConfig {
     pub digest: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<u64>,
+    /// This layer's own `repoBlobUrl` (an ovbd extension: a layer shared by images of several
+    /// repositories is read from the one it was pulled from); absent: the config's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repo_blob_url: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -52,13 +64,27 @@ impl ImageConfig {
         serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
     }
 
-    /// Opens every layer and builds the image the device serves.
-    pub fn open_image(&self) -> Result<ImageStack> {
+    /// Opens every layer and builds the image the device serves. Remote-only lowers need
+    /// `remote`.
+    pub fn open_image(&self, remote: Option<&dyn RemoteSource>) -> Result<ImageStack> {
         let mut lowers = Vec::with_capacity(self.lowers.len());
         for (i, l) in self.lowers.iter().enumerate() {
-            let path = l.local_path().with_context(|| format!("lowers[{i}]"))?;
-            let layer = open_layer_file(&path)
-                .with_context(|| format!("lowers[{i}]: opening {}", path.display()))?;
+            let layer = match l.remote_blob(self.repo_blob_url.as_deref()) {
+                Some((url, digest, size)) => {
+                    let Some(remote) = remote else {
+                        bail!("lowers[{i}]: layer {digest} is remote only and no registry source is configured");
+                    };
+                    let src = remote
+                        .open(url, digest, size)
+                        .with_context(|| format!("lowers[{i}]: opening {digest} from {url}"))?;
+                    open_layer(src).with_context(|| format!("lowers[{i}]: {digest} from {url}"))?
+                }
+                None => {
+                    let path = l.local_path().with_context(|| format!("lowers[{i}]"))?;
+                    open_layer_file(&path)
+                        .with_context(|| format!("lowers[{i}]: opening {}", path.display()))?
+                }
+            };
             lowers.push(layer.lsmt);
         }
         let lower = if lowers.is_empty() {
@@ -100,18 +126,37 @@ impl ImageConfig {
 }
 
 impl LowerConfig {
+    /// The layer file found in `dir`, if any.
+    fn file_in_dir(&self) -> Option<PathBuf> {
+        let d = self.dir.as_ref()?;
+        DIR_LAYER_NAMES
+            .iter()
+            .map(|n| d.join(n))
+            .find(|p| p.exists())
+    }
+
+    /// (repoBlobUrl, digest, size) when the layer is read from the registry: it has a digest
+    /// and size, and neither `file` nor a layer file in `dir` (a finished download wins).
+    pub fn remote_blob<'a>(
+        &'a self,
+        config_url: Option<&'a str>,
+    ) -> Option<(&'a str, &'a str, u64)> {
+        if self.file.is_some() || self.file_in_dir().is_some() {
+            return None;
+        }
+        let url = self.repo_blob_url.as_deref().or(config_url)?;
+        Some((url, self.digest.as_deref()?, self.size?))
+    }
+
     /// The local file of this layer: `file`, or the first layer file found in `dir`.
     pub fn local_path(&self) -> Result<PathBuf> {
         if let Some(f) = &self.file {
             return Ok(f.clone());
         }
+        if let Some(p) = self.file_in_dir() {
+            return Ok(p);
+        }
         if let Some(d) = &self.dir {
-            for name in DIR_LAYER_NAMES {
-                let p = d.join(name);
-                if p.exists() {
-                    return Ok(p);
-                }
-            }
             bail!(
                 "no layer file ({}) in {}",
                 DIR_LAYER_NAMES.join(", "),
@@ -119,7 +164,7 @@ impl LowerConfig {
             );
         }
         match &self.digest {
-            Some(d) => bail!("layer {d} is remote only; registry layers are not supported yet"),
+            Some(d) => bail!("layer {d} is remote only, and the config has no repoBlobUrl (or size) to fetch it from"),
             None => bail!("a lower needs `file` or `dir`"),
         }
     }

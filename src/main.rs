@@ -15,6 +15,8 @@ mod layer_tool;
 mod metadata;
 mod mount;
 mod registry;
+mod remote_layer;
+mod rpull;
 mod snapshotter;
 
 use anyhow::Result;
@@ -68,6 +70,23 @@ enum Cmd {
         /// Print a JSON summary (digests, sizes, seconds) on stdout.
         #[arg(long)]
         json: bool,
+    },
+    /// Pull an OverlayBD image lazily into containerd: only manifest and config are fetched;
+    /// ovbd reads the layers' blocks from the registry when a container does.
+    Rpull {
+        reference: String,
+        /// containerd's socket.
+        #[arg(long, default_value = "/run/containerd/containerd.sock")]
+        address: PathBuf,
+        #[arg(long, short, default_value = "default")]
+        namespace: String,
+        #[arg(long, default_value = "ovbd")]
+        snapshotter: String,
+        #[arg(long, default_value = "linux/amd64")]
+        platform: String,
+        /// Registries spoken to over plain http (host[:port]); loopback ones always are.
+        #[arg(long)]
+        insecure: Vec<String>,
     },
     /// Run the containerd snapshotter (proxy plugin) daemon.
     Serve {
@@ -268,6 +287,26 @@ fn run(cli: Cli) -> Result<()> {
                 workdir,
             },
             json,
+        ),
+        Cmd::Rpull {
+            reference,
+            address,
+            namespace,
+            snapshotter,
+            platform,
+            insecure,
+        } => rpull::run(
+            &reference,
+            rpull::RpullOptions {
+                address,
+                namespace,
+                snapshotter,
+                platform: platform.parse()?,
+                registry: image_io::RegistryOptions {
+                    insecure,
+                    ..Default::default()
+                },
+            },
         ),
         Cmd::Serve { config } => {
             let cfg = config::Config::load(config.as_deref())?;

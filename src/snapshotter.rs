@@ -7,7 +7,7 @@
 
 use crate::config::{Config, RootfsMode, WritableLayerType};
 use crate::device::{self, AttachOptions, AttachedDevice, WorkerPool};
-use crate::image_config::{ImageConfig, LowerConfig, UpperConfig};
+use crate::image_config::{ImageConfig, LowerConfig, RemoteSource, UpperConfig};
 use crate::metadata::{Kind, MetaError, MetaStore, Snapshot, Storage};
 use crate::mount;
 use anyhow::{anyhow, bail, Context, Result};
@@ -27,6 +27,16 @@ const LABEL_WRITABLE: &str = "containerd.io/snapshot/overlaybd.writable";
 const LABEL_VSIZE: &str = "containerd.io/snapshot/overlaybd/vsize";
 /// Written on committed OverlayBD layers, as upstream does.
 const LABEL_LOCAL_COMMIT: &str = "containerd.io/snapshot/overlaybd.localcommitpath";
+/// A remote layer: the blob in the registry (manifest layer annotations, passed on by
+/// containerd's unpacker) and the image it belongs to (set by rpull / nerdctl, or by CRI).
+const LABEL_BLOB_DIGEST: &str = "containerd.io/snapshot/overlaybd/blob-digest";
+const LABEL_BLOB_SIZE: &str = "containerd.io/snapshot/overlaybd/blob-size";
+const LABEL_IMAGE_REF: &str = "containerd.io/snapshot/image-ref";
+const LABEL_CRI_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
+/// Written on remote layers, as upstream does.
+const LABEL_REMOTE: &str = "containerd.io/snapshot/remote";
+/// Where a remote layer's blob is read from (ovbd's own label, kept with the layer).
+const LABEL_REPO_BLOB_URL: &str = "containerd.io/snapshot/overlaybd/repo-blob-url";
 
 /// Mode of a snapshot unpacking a layer onto OverlayBD parents: a plain bind of its `fs/`.
 /// A plain OCI layer unpacked this way cannot hide (whiteout) files of the OverlayBD layers
@@ -105,6 +115,71 @@ pub struct Snapshotter {
     meta: MetaStore,
     devices: Mutex<Devices>,
     pool: Arc<WorkerPool>,
+    /// Where remote layers are read from (registry + block cache); None: no lazy pulling.
+    remote: Option<Arc<dyn RemoteSource>>,
+}
+
+/// A layer pull that can be lazy (spec §4.4 rule 1): snapshot.ref + blob digest and size +
+/// an image reference.
+struct RemoteLayer {
+    name: String,
+    digest: String,
+    size: u64,
+    image_ref: String,
+}
+
+impl RemoteLayer {
+    fn from_labels(labels: &BTreeMap<String, String>) -> SnapResult<Option<RemoteLayer>> {
+        let (Some(name), Some(digest), Some(size)) = (
+            labels.get(LABEL_SNAPSHOT_REF),
+            labels.get(LABEL_BLOB_DIGEST),
+            labels.get(LABEL_BLOB_SIZE),
+        ) else {
+            return Ok(None);
+        };
+        let Some(image_ref) = labels
+            .get(LABEL_IMAGE_REF)
+            .or_else(|| labels.get(LABEL_CRI_IMAGE_REF))
+        else {
+            return Ok(None);
+        };
+        let size = size.parse::<u64>().map_err(|_| {
+            MetaError::InvalidArgument(format!("{LABEL_BLOB_SIZE}: {size:?} is not a size"))
+        })?;
+        if !digest.starts_with("sha256:") || digest.len() != 71 {
+            return Err(MetaError::InvalidArgument(format!(
+                "{LABEL_BLOB_DIGEST}: {digest:?} is not a sha256 digest"
+            ))
+            .into());
+        }
+        Ok(Some(RemoteLayer {
+            name: name.clone(),
+            digest: digest.clone(),
+            size,
+            image_ref: image_ref.clone(),
+        }))
+    }
+}
+
+/// `repoBlobUrl` (spec §3.1) of an image reference: `https://HOST/v2/REPO/blobs`, Docker Hub
+/// as `registry-1.docker.io` and `library/` for official images. The scheme is only a hint:
+/// the registry source speaks plain http to loopback and `insecure` hosts.
+fn repo_blob_url(image_ref: &str) -> SnapResult<String> {
+    let r = crate::image_io::ImageRef::parse(image_ref)
+        .map_err(|e| MetaError::InvalidArgument(format!("image reference {image_ref:?}: {e:#}")))?;
+    match r {
+        crate::image_io::ImageRef::Registry(r) => {
+            let host = match r.registry() {
+                "docker.io" | "index.docker.io" => "registry-1.docker.io",
+                h => h,
+            };
+            Ok(format!("https://{host}/v2/{}/blobs", r.repository()))
+        }
+        _ => Err(MetaError::InvalidArgument(format!(
+            "image reference {image_ref:?} is not a registry reference"
+        ))
+        .into()),
+    }
 }
 
 fn ts(nanos: u64) -> std::time::SystemTime {
@@ -149,7 +224,14 @@ impl Snapshotter {
             meta,
             devices: Mutex::new(Devices::default()),
             pool: WorkerPool::new(2, 256),
+            remote: None,
         })
+    }
+
+    /// Enables lazy pulling: remote layers are read through `remote`.
+    pub fn with_remote(mut self, remote: Arc<dyn RemoteSource>) -> Snapshotter {
+        self.remote = Some(remote);
+        self
     }
 
     fn dir(&self, id: u64) -> PathBuf {
@@ -238,6 +320,11 @@ impl Snapshotter {
         };
         let (normal, block) = split_chain(&chain)?;
         let unpack = is_unpack(key, &labels);
+        if kind == Kind::Active && normal.is_empty() && self.remote.is_some() {
+            if let Some(remote) = RemoteLayer::from_labels(&labels)? {
+                return Err(self.create_remote(key, parent, labels, remote));
+            }
+        }
         let mode = if kind == Kind::Active
             && !unpack
             && (!block.is_empty() || chain.is_empty())
@@ -286,6 +373,100 @@ impl Snapshotter {
                 let _ = std::fs::remove_dir_all(self.dir(snap.id));
                 Err(e)
             }
+        }
+    }
+
+    /// A lazy layer pull (spec §4.5): the snapshot is committed at once under the snapshot.ref
+    /// name as a remote layer and AlreadyExists returned, so containerd fetches and unpacks
+    /// nothing. Returns the error to give containerd (AlreadyExists when all went well).
+    fn create_remote(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+        remote: RemoteLayer,
+    ) -> SnapError {
+        let made = (|| -> SnapResult<()> {
+            let url = repo_blob_url(&remote.image_ref)?;
+            if self.meta.get(&remote.name).is_ok() {
+                return Ok(()); // pulled before: AlreadyExists
+            }
+            let snap = self.meta.create(
+                key,
+                parent,
+                Kind::Active,
+                labels,
+                |draft| -> SnapResult<Snapshot> {
+                    let dir = self.dir(draft.id);
+                    let _ = std::fs::remove_dir_all(&dir);
+                    std::fs::create_dir_all(dir.join("fs"))
+                        .with_context(|| format!("creating {}", dir.display()))?;
+                    Ok(draft.clone())
+                },
+            )?;
+            let committed = self.meta.commit(
+                key,
+                &remote.name,
+                BTreeMap::from([
+                    (LABEL_REMOTE.to_string(), "remote snapshot".to_string()),
+                    (LABEL_REPO_BLOB_URL.to_string(), url),
+                ]),
+                |c| -> SnapResult<()> {
+                    c.storage = Storage::Block;
+                    c.mode = None;
+                    c.usage = (0, 1);
+                    Ok(())
+                },
+            );
+            if let Err(e) = committed {
+                let _ = self.meta.remove(key);
+                let _ = std::fs::remove_dir_all(self.dir(snap.id));
+                return Err(e);
+            }
+            log::info!(
+                "remote layer {} ({} bytes of {}) committed as {}",
+                remote.digest,
+                remote.size,
+                remote.image_ref,
+                remote.name
+            );
+            Ok(())
+        })();
+        match made {
+            Ok(()) => MetaError::AlreadyExists(format!("{} (remote layer)", remote.name)).into(),
+            Err(e) => e,
+        }
+    }
+
+    /// How a device config names committed OverlayBD layer `l`: its directory, and for a
+    /// remote layer also the blob (read from the registry until a local file is in `fs/`).
+    fn lower_config(&self, l: &Snapshot) -> LowerConfig {
+        let mut lc = LowerConfig {
+            dir: Some(self.dir(l.id).join("fs")),
+            ..Default::default()
+        };
+        if l.labels.contains_key(LABEL_REMOTE) {
+            lc.digest = l.labels.get(LABEL_BLOB_DIGEST).cloned();
+            lc.size = l.labels.get(LABEL_BLOB_SIZE).and_then(|v| v.parse().ok());
+            lc.repo_blob_url = l.labels.get(LABEL_REPO_BLOB_URL).cloned();
+        }
+        lc
+    }
+
+    /// A device config over the OverlayBD layers `block` (bottom to top).
+    fn image_config(
+        &self,
+        block: &[Snapshot],
+        upper: Option<UpperConfig>,
+        bdir: &Path,
+    ) -> ImageConfig {
+        let lowers: Vec<LowerConfig> = block.iter().map(|l| self.lower_config(l)).collect();
+        ImageConfig {
+            // The image's own (the top remote layer's); each remote lower also names its own.
+            repo_blob_url: lowers.iter().rev().find_map(|l| l.repo_blob_url.clone()),
+            lowers,
+            upper,
+            result_file: Some(bdir.join("init-debug.log")),
         }
     }
 
@@ -385,17 +566,7 @@ impl Snapshotter {
         let bdir = self.dir(top.id).join("block");
         std::fs::create_dir_all(bdir.join("mountpoint"))
             .with_context(|| format!("creating {}", bdir.display()))?;
-        let cfg = ImageConfig {
-            lowers: block
-                .iter()
-                .map(|l| LowerConfig {
-                    dir: Some(self.dir(l.id).join("fs")),
-                    ..Default::default()
-                })
-                .collect(),
-            result_file: Some(bdir.join("init-debug.log")),
-            ..Default::default()
-        };
+        let cfg = self.image_config(block, None, &bdir);
         save_config(&cfg, &bdir.join("config.v1.json"))?;
         let dev = self.attach(&cfg, &bdir)?;
         let mountpoint = bdir.join("mountpoint");
@@ -447,18 +618,7 @@ impl Snapshotter {
             };
             RwLayer::create(&data, &index, vsize, mode, None)?;
         }
-        let cfg = ImageConfig {
-            lowers: block
-                .iter()
-                .map(|l| LowerConfig {
-                    dir: Some(self.dir(l.id).join("fs")),
-                    ..Default::default()
-                })
-                .collect(),
-            upper: Some(UpperConfig { index, data }),
-            result_file: Some(bdir.join("init-debug.log")),
-            ..Default::default()
-        };
+        let cfg = self.image_config(block, Some(UpperConfig { index, data }), &bdir);
         save_config(&cfg, &bdir.join("config.v1.json"))?;
         let dev = self.attach(&cfg, &bdir)?;
         let path = dev.block_path();
@@ -489,7 +649,7 @@ impl Snapshotter {
                 .strip_prefix("/dev/ublkb")
                 .and_then(|n| n.parse::<u32>().ok())
         });
-        let image = match cfg.open_image() {
+        let image = match cfg.open_image(self.remote.as_deref()) {
             Ok(i) => Arc::new(i),
             Err(e) => {
                 cfg.write_result(&Err(anyhow!("{e:#}")));
@@ -1072,6 +1232,117 @@ mod tests {
                 .count(),
             0
         );
+    }
+
+    /// Serves blobs from the fixture layout by digest, recording what was asked for.
+    #[derive(Default)]
+    struct FixtureRemote {
+        asked: Mutex<Vec<(String, String, u64)>>,
+    }
+
+    impl RemoteSource for FixtureRemote {
+        fn open(&self, url: &str, digest: &str, size: u64) -> Result<Arc<dyn ovbd_format::ReadAt>> {
+            self.asked
+                .lock()
+                .unwrap()
+                .push((url.to_owned(), digest.to_owned(), size));
+            let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/hello-world-oci/blobs/sha256")
+                .join(digest.trim_start_matches("sha256:"));
+            Ok(Arc::new(ovbd_format::source::FileSource::open(&path)?))
+        }
+    }
+
+    const HELLO_BLOB: &str =
+        "sha256:022231c3f1af70e0cc42f0c3781eabf174cff608210585bf93fc83e16d33672d";
+
+    fn remote_labels(name: &str, image_ref_label: &str) -> HashMap<String, String> {
+        HashMap::from([
+            (LABEL_SNAPSHOT_REF.into(), name.into()),
+            (LABEL_BLOB_DIGEST.into(), HELLO_BLOB.into()),
+            (LABEL_BLOB_SIZE.into(), "641024".into()),
+            (
+                image_ref_label.into(),
+                "127.0.0.1:5000/hello-world:obd".into(),
+            ),
+        ])
+    }
+
+    #[test]
+    fn remote_layer_is_committed_at_prepare_and_read_from_the_registry() {
+        let (_d, s) = snapshotter();
+        // Without a registry source, the same Prepare is an ordinary unpack.
+        let m = s
+            .create(
+                "k0",
+                "",
+                Kind::Active,
+                remote_labels("chain-0", LABEL_IMAGE_REF),
+            )
+            .unwrap();
+        assert_eq!(m[0].r#type, "bind");
+        s.remove("k0").unwrap();
+
+        let remote = Arc::new(FixtureRemote::default());
+        let s = s.with_remote(remote.clone());
+        for label in [LABEL_IMAGE_REF, LABEL_CRI_IMAGE_REF] {
+            let e = s
+                .create(
+                    "extract-1",
+                    "",
+                    Kind::Active,
+                    remote_labels("chain-1", label),
+                )
+                .unwrap_err();
+            assert_eq!(code(e), tonic::Code::AlreadyExists, "{label}");
+        }
+        assert!(
+            s.meta.get("extract-1").is_err(),
+            "no active snapshot is left"
+        );
+        let c = s.meta.get("chain-1").unwrap();
+        assert_eq!((c.kind, c.storage), (Kind::Committed, Storage::Block));
+        assert_eq!(c.labels[LABEL_REMOTE], "remote snapshot");
+        assert_eq!(
+            c.labels[LABEL_REPO_BLOB_URL],
+            "https://127.0.0.1:5000/v2/hello-world/blobs"
+        );
+        // Missing an image reference, or the blob annotations: not lazy.
+        let mut l = remote_labels("chain-2", LABEL_IMAGE_REF);
+        l.remove(LABEL_IMAGE_REF);
+        assert_eq!(
+            s.create("k2", "", Kind::Active, l).unwrap()[0].r#type,
+            "bind"
+        );
+        // A bad size is refused, naming the label.
+        let mut l = remote_labels("chain-3", LABEL_IMAGE_REF);
+        l.insert(LABEL_BLOB_SIZE.into(), "big".into());
+        let e = s.create("k3", "", Kind::Active, l).unwrap_err();
+        assert!(e.to_string().contains(LABEL_BLOB_SIZE), "{e}");
+
+        // The device config names the blob; the image opens through the registry source.
+        let bdir = s.dir(c.id).join("block");
+        let cfg = s.image_config(std::slice::from_ref(&c), None, &bdir);
+        assert_eq!(cfg.lowers[0].digest.as_deref(), Some(HELLO_BLOB));
+        assert_eq!(
+            cfg.repo_blob_url.as_deref(),
+            Some("https://127.0.0.1:5000/v2/hello-world/blobs")
+        );
+        let image = cfg.open_image(Some(&*remote)).unwrap();
+        assert_eq!(image.virtual_size(), 64 << 30);
+        assert_eq!(remote.asked.lock().unwrap().len(), 1);
+        let e = cfg.open_image(None).err().unwrap();
+        assert!(format!("{e:#}").contains("remote only"), "{e:#}");
+        // A finished download in fs/ wins over the registry.
+        let bytes = std::fs::read(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/hello-world-oci/blobs/sha256")
+                .join(&HELLO_BLOB[7..]),
+        )
+        .unwrap();
+        std::fs::write(s.dir(c.id).join("fs/overlaybd.commit"), bytes).unwrap();
+        let cfg = s.image_config(std::slice::from_ref(&c), None, &bdir);
+        cfg.open_image(None).unwrap();
     }
 
     #[test]

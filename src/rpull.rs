@@ -1,0 +1,452 @@
+//! `ovbd rpull REF`: a lazy pull through containerd, like `ctr rpull` / `ctr-remote image
+//! rpull` (spec §4.5). Only the manifest and config are downloaded: they go into containerd's
+//! content store and an image record; each layer is "unpacked" by a Prepare whose labels
+//! (snapshot.ref + blob digest/size + image-ref) make ovbd commit it at once as a remote layer
+//! and answer AlreadyExists. `ctr run --snapshotter ovbd REF` then finds the image unpacked.
+
+use crate::image_io::{ImageClient, ImageRef, Platform, RegistryOptions};
+use anyhow::{anyhow, bail, Context, Result};
+use containerd_client::services::v1::snapshots::{
+    snapshots_client::SnapshotsClient, PrepareSnapshotRequest, RemoveSnapshotRequest,
+    StatSnapshotRequest,
+};
+use containerd_client::services::v1::{
+    content_client::ContentClient, images_client::ImagesClient, leases_client::LeasesClient,
+    CreateImageRequest, CreateRequest as CreateLeaseRequest, DeleteRequest as DeleteLeaseRequest,
+    Image, Info, UpdateImageRequest, UpdateRequest as UpdateContentRequest, WriteAction,
+    WriteContentRequest,
+};
+use containerd_client::tonic::{self, transport::Channel, Code, Request};
+use containerd_client::types::Descriptor;
+use sha2::{Digest as _, Sha256};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+const LABEL_SNAPSHOT_REF: &str = "containerd.io/snapshot.ref";
+const LABEL_IMAGE_REF: &str = "containerd.io/snapshot/image-ref";
+const SNAPSHOT_LABEL_PREFIX: &str = "containerd.io/snapshot/";
+const LABEL_BLOB_DIGEST: &str = "containerd.io/snapshot/overlaybd/blob-digest";
+
+pub struct RpullOptions {
+    /// containerd's socket.
+    pub address: PathBuf,
+    pub namespace: String,
+    pub snapshotter: String,
+    pub platform: Platform,
+    pub registry: RegistryOptions,
+}
+
+/// Adds the namespace (and the lease, if any) to a containerd request.
+struct Ctx {
+    namespace: String,
+    lease: Option<String>,
+}
+
+impl Ctx {
+    fn req<T>(&self, msg: T) -> Result<Request<T>> {
+        let mut r = Request::new(msg);
+        r.metadata_mut().insert(
+            "containerd-namespace",
+            self.namespace.parse().map_err(|_| {
+                anyhow!("namespace {:?} is not a valid header value", self.namespace)
+            })?,
+        );
+        if let Some(l) = &self.lease {
+            r.metadata_mut().insert(
+                "containerd-lease",
+                l.parse().map_err(|_| anyhow!("bad lease id {l:?}"))?,
+            );
+        }
+        Ok(r)
+    }
+}
+
+pub fn run(reference: &str, opts: RpullOptions) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting a tokio runtime")?;
+    rt.block_on(rpull(reference, &opts))
+}
+
+async fn rpull(reference: &str, opts: &RpullOptions) -> Result<()> {
+    let t0 = Instant::now();
+    let r = ImageRef::parse(reference)?;
+    let ImageRef::Registry(reg) = &r else {
+        bail!("rpull needs a registry reference, not {reference}");
+    };
+    let name = reg.whole();
+    let img = ImageClient::new(opts.registry.clone())
+        .resolve(&r, &opts.platform)
+        .await?;
+    let config: serde_json::Value = serde_json::from_slice(&img.config_raw)
+        .with_context(|| format!("image config {} is not JSON", img.config.digest()))?;
+    let diff_ids: Vec<String> = config
+        .pointer("/rootfs/diff_ids")
+        .and_then(|v| v.as_array())
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    if diff_ids.len() != img.layers.len() || diff_ids.is_empty() {
+        bail!(
+            "image {name}: {} layers but {} diff_ids in its config",
+            img.layers.len(),
+            diff_ids.len()
+        );
+    }
+    for (i, l) in img.layers.iter().enumerate() {
+        let has = l
+            .annotations()
+            .as_ref()
+            .is_some_and(|a| a.contains_key(LABEL_BLOB_DIGEST));
+        if !has {
+            bail!(
+                "image {name}: layer {} ({}) is not an OverlayBD layer (no {LABEL_BLOB_DIGEST} annotation); \
+                 pull it with `ctr image pull` instead",
+                i + 1,
+                l.digest()
+            );
+        }
+    }
+    let chain = chain_ids(&diff_ids);
+
+    let channel = containerd_client::connect(&opts.address)
+        .await
+        .with_context(|| format!("connecting to containerd at {}", opts.address.display()))?;
+    let mut ctx = Ctx {
+        namespace: opts.namespace.clone(),
+        lease: None,
+    };
+    // A lease keeps what we write from containerd's GC until the image record holds it.
+    let lease_id = format!(
+        "ovbd-rpull-{}-{}",
+        std::process::id(),
+        t0.elapsed().as_nanos()
+    );
+    let mut leases = LeasesClient::new(channel.clone());
+    leases
+        .create(ctx.req(CreateLeaseRequest {
+            id: lease_id.clone(),
+            labels: HashMap::from([("containerd.io/gc.expire".to_string(), rfc3339_in(3600))]),
+        })?)
+        .await
+        .context("creating a containerd lease")?;
+    ctx.lease = Some(lease_id.clone());
+    let done = store_and_unpack(&channel, &ctx, reference, &name, &img, &chain, opts, t0).await;
+    ctx.lease = None;
+    let _ = leases
+        .delete(ctx.req(DeleteLeaseRequest {
+            id: lease_id,
+            sync: false,
+        })?)
+        .await;
+    done
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn store_and_unpack(
+    channel: &Channel,
+    ctx: &Ctx,
+    reference: &str,
+    name: &str,
+    img: &crate::image_io::ResolvedImage,
+    chain: &[String],
+    opts: &RpullOptions,
+    t0: Instant,
+) -> Result<()> {
+    let mut content = ContentClient::new(channel.clone());
+    let top = chain.last().cloned().unwrap_or_default();
+    // The config holds the image's snapshots (as containerd's unpacker labels it), the manifest
+    // holds the config.
+    write_content(
+        &mut content,
+        ctx,
+        img.config.digest().as_ref(),
+        &img.config_raw,
+        HashMap::from([(
+            format!("containerd.io/gc.ref.snapshot.{}", opts.snapshotter),
+            top.clone(),
+        )]),
+    )
+    .await?;
+    write_content(
+        &mut content,
+        ctx,
+        img.manifest_digest.as_ref(),
+        &img.manifest_raw,
+        HashMap::from([(
+            "containerd.io/gc.ref.content.config".to_string(),
+            img.config.digest().to_string(),
+        )]),
+    )
+    .await?;
+
+    let mut snapshots = SnapshotsClient::new(channel.clone());
+    let n = img.layers.len();
+    for (i, layer) in img.layers.iter().enumerate() {
+        let parent = if i == 0 {
+            String::new()
+        } else {
+            chain[i - 1].clone()
+        };
+        let mut labels: HashMap<String, String> = layer
+            .annotations()
+            .iter()
+            .flatten()
+            .filter(|(k, _)| k.starts_with(SNAPSHOT_LABEL_PREFIX))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        labels.insert(LABEL_SNAPSHOT_REF.into(), chain[i].clone());
+        labels.insert(LABEL_IMAGE_REF.into(), reference.to_owned());
+        let key = format!("ovbd-rpull-{}-{}", std::process::id(), chain[i]);
+        let prepared = snapshots
+            .prepare(ctx.req(PrepareSnapshotRequest {
+                snapshotter: opts.snapshotter.clone(),
+                key: key.clone(),
+                parent,
+                labels,
+            })?)
+            .await;
+        match prepared {
+            Err(s) if s.code() == Code::AlreadyExists => {}
+            Err(s) => bail!(
+                "layer {}/{n} ({}): snapshotter {} refused it: {}",
+                i + 1,
+                layer.digest(),
+                opts.snapshotter,
+                s.message()
+            ),
+            Ok(_) => {
+                let _ = snapshots
+                    .remove(ctx.req(RemoveSnapshotRequest {
+                        snapshotter: opts.snapshotter.clone(),
+                        key,
+                    })?)
+                    .await;
+                bail!(
+                    "layer {}/{n} ({}): snapshotter {} did not take it as a remote layer \
+                     (is it ovbd with a registry source?)",
+                    i + 1,
+                    layer.digest(),
+                    opts.snapshotter
+                );
+            }
+        }
+        snapshots
+            .stat(ctx.req(StatSnapshotRequest {
+                snapshotter: opts.snapshotter.clone(),
+                key: chain[i].clone(),
+            })?)
+            .await
+            .map_err(|s| {
+                anyhow!(
+                    "layer {}/{n}: snapshot {} is missing after the pull: {}",
+                    i + 1,
+                    chain[i],
+                    s.message()
+                )
+            })?;
+        eprintln!(
+            "layer {}/{n}: {} ({} bytes) remote, snapshot {}",
+            i + 1,
+            layer.digest(),
+            layer.size(),
+            short(&chain[i])
+        );
+    }
+
+    let mut images = ImagesClient::new(channel.clone());
+    let image = Image {
+        name: name.to_owned(),
+        labels: HashMap::new(),
+        target: Some(Descriptor {
+            media_type: img.manifest_media_type.clone(),
+            digest: img.manifest_digest.to_string(),
+            size: img.manifest_raw.len() as i64,
+            annotations: HashMap::new(),
+        }),
+        created_at: None,
+        updated_at: None,
+    };
+    match images
+        .create(ctx.req(CreateImageRequest {
+            image: Some(image.clone()),
+        })?)
+        .await
+    {
+        Ok(_) => {}
+        Err(s) if s.code() == Code::AlreadyExists => {
+            images
+                .update(ctx.req(UpdateImageRequest {
+                    image: Some(image),
+                    update_mask: Some(prost_types::FieldMask {
+                        paths: vec!["target".into()],
+                    }),
+                })?)
+                .await
+                .with_context(|| format!("updating image {name} in containerd"))?;
+        }
+        Err(s) => {
+            return Err(anyhow!(
+                "creating image {name} in containerd: {}",
+                s.message()
+            ))
+        }
+    }
+    eprintln!(
+        "pulled {name} lazily: manifest {}, {n} layers, {} + {} bytes fetched, {:.2} s",
+        img.manifest_digest,
+        img.manifest_raw.len(),
+        img.config_raw.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Writes one blob into containerd's content store with `labels` (or, if it is there already,
+/// sets the labels on it).
+async fn write_content(
+    content: &mut ContentClient<Channel>,
+    ctx: &Ctx,
+    digest: &str,
+    data: &[u8],
+    labels: HashMap<String, String>,
+) -> Result<()> {
+    let r#ref = format!("ovbd-rpull-{digest}");
+    let reqs = vec![
+        WriteContentRequest {
+            action: WriteAction::Write as i32,
+            r#ref: r#ref.clone(),
+            total: data.len() as i64,
+            expected: digest.to_owned(),
+            offset: 0,
+            data: data.to_vec(),
+            labels: HashMap::new(),
+        },
+        WriteContentRequest {
+            action: WriteAction::Commit as i32,
+            r#ref,
+            total: data.len() as i64,
+            expected: digest.to_owned(),
+            offset: data.len() as i64,
+            data: Vec::new(),
+            labels: labels.clone(),
+        },
+    ];
+    let request = ctx.req(tokio_stream::iter(reqs))?;
+    let written = async {
+        let mut responses = content.write(request).await?.into_inner();
+        while responses.message().await?.is_some() {}
+        Ok::<(), tonic::Status>(())
+    }
+    .await;
+    match written {
+        Ok(()) => Ok(()),
+        Err(s) if s.code() == Code::AlreadyExists => {
+            let paths = labels.keys().map(|k| format!("labels.{k}")).collect();
+            content
+                .update(ctx.req(UpdateContentRequest {
+                    info: Some(Info {
+                        digest: digest.to_owned(),
+                        size: data.len() as i64,
+                        created_at: None,
+                        updated_at: None,
+                        labels,
+                    }),
+                    update_mask: Some(prost_types::FieldMask { paths }),
+                })?)
+                .await
+                .with_context(|| format!("labelling {digest} in containerd's content store"))?;
+            Ok(())
+        }
+        Err(s) => Err(anyhow!(
+            "writing {digest} into containerd's content store: {}",
+            s.message()
+        )),
+    }
+}
+
+/// containerd's chain IDs of `diff_ids` (bottom first).
+fn chain_ids(diff_ids: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::with_capacity(diff_ids.len());
+    for d in diff_ids {
+        let id = match out.last() {
+            None => d.clone(),
+            Some(prev) => {
+                let h = Sha256::digest(format!("{prev} {d}").as_bytes());
+                format!(
+                    "sha256:{}",
+                    h.iter().map(|b| format!("{b:02x}")).collect::<String>()
+                )
+            }
+        };
+        out.push(id);
+    }
+    out
+}
+
+fn short(d: &str) -> &str {
+    let hex = d.strip_prefix("sha256:").unwrap_or(d);
+    hex.get(..12).unwrap_or(hex)
+}
+
+/// An RFC 3339 UTC time `secs` seconds from now (containerd's lease expiry label).
+fn rfc3339_in(secs: u64) -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+        + secs;
+    let (days, rem) = (t / 86400, t % 86400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chain_ids_as_containerd() {
+        // The hello-world OverlayBD fixture: one layer, chain ID = diff_id.
+        let one = chain_ids(&["sha256:aa".into()]);
+        assert_eq!(one, vec!["sha256:aa".to_string()]);
+        let two = chain_ids(&["sha256:aa".into(), "sha256:bb".into()]);
+        let want = Sha256::digest(b"sha256:aa sha256:bb");
+        assert_eq!(
+            two[1],
+            format!(
+                "sha256:{}",
+                want.iter().map(|b| format!("{b:02x}")).collect::<String>()
+            )
+        );
+    }
+
+    #[test]
+    fn lease_expiry_is_rfc3339() {
+        let t = rfc3339_in(0);
+        assert_eq!(t.len(), 20, "{t}");
+        assert!(
+            t.starts_with("20") && t.ends_with('Z') && t.as_bytes()[10] == b'T',
+            "{t}"
+        );
+    }
+}
