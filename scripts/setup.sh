@@ -17,6 +17,7 @@ packages=(
     containerd runc   # tests/e2e/containerd: a private containerd 1.6 (ctr included)
     docker-registry   # tests/e2e/containerd: the local registry
     skopeo            # tests/e2e/containerd: pushes OCI layouts to it
+    containernetworking-plugins # tests/e2e/containerd CRI mode (ctrd_start_cri): the loopback CNI plugin
     curl file python3 # tests/e2e/containerd: registry readiness, busybox check, image builder
 )
 

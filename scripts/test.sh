@@ -18,9 +18,10 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "cargo test (host)"
 cargo test --workspace
 
-step "containerd end to end on the host (plain OCI through ovbd; no ublk needed)"
-cargo build
+step "containerd end to end on the host (plain OCI through ovbd; CRI client and harness; no ublk needed)"
+cargo build --workspace --bins
 tests/e2e/containerd/host-ovbd.sh
+tests/e2e/containerd/cri-selftest.sh
 
 step "guest tests (QEMU, backports kernel with ublk): devices, recovery, containerd end to end"
 tests/e2e/run-guest-tests.sh

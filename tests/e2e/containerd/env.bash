@@ -5,9 +5,17 @@
 #
 #   ctrd_start DIR [SNAPSHOTTER_SOCKET]   containerd with its config/root/state/socket under DIR; with a
 #                                         socket, a proxy snapshotter named "ovbd" (or $CTRD_PROXY_NAME)
+#   ctrd_start_cri DIR [SNAPSHOTTER_SOCKET]   the same with containerd's CRI plugin on (host-network pods,
+#                                         loopback CNI, a local pause image pushed to $REGISTRY); its
+#                                         snapshotter: $CTRD_CRI_SNAPSHOTTER (default "ovbd" with a socket,
+#                                         else overlayfs). E2E_CRI=1 makes ctrd_start do this.
+#   cri_run [RUN_OPTS] IMAGE CMD...       runs CMD in a one-container pod through CRI (ovbd-e2e-cri run):
+#                                         prints its stdout, returns its exit code
+#   cri_pull IMAGE, cri_client SUBCMD ARGS...   CRI PullImage / any ovbd-e2e-cri subcommand
 #   ctrd_stop                             kill its tasks, stop it and its shims, unmount under DIR
 #   registry_start DIR [HOST:PORT]        docker-registry with storage under DIR (default 127.0.0.1:5000)
 #   registry_stop
+#   registry_blob_bytes                   bytes sent for blob GETs so far (E2E_REGISTRY_ACCESSLOG=1)
 #   push_hello_obd                        fixture tag amd64-converted -> $REGISTRY/hello-world:obd
 #   push_hello_plain DIR                  fixture tag amd64 (plain OCI)  -> $REGISTRY/hello-world:plain
 #   build_busybox_image DIR TAG           multi-layer busybox OCI layout in DIR -> $REGISTRY/busybox:TAG
@@ -38,6 +46,10 @@ E2E_BB_MOUNT="type=bind,src=$E2E_BUSYBOX,dst=/busybox,options=rbind:ro"
 E2E_READY_TIMEOUT=${E2E_READY_TIMEOUT:-60}
 E2E_CTR_TIMEOUT=${E2E_CTR_TIMEOUT:-300}
 CTRD_PROXY_NAME=${CTRD_PROXY_NAME:-ovbd}
+# CRI mode (ctrd_start_cri): the CRI client (tests/e2e/cri-client: cargo build -p ovbd-e2e-cri) and the
+# CNI plugin binaries (Debian's containernetworking-plugins).
+E2E_CRI_CLIENT=${E2E_CRI_CLIENT:-$E2E_REPO/target/debug/ovbd-e2e-cri}
+E2E_CNI_BIN_DIR=${E2E_CNI_BIN_DIR:-/usr/lib/cni}
 
 e2e_log() { echo "[e2e] $*" >&2; }
 e2e_fail() {
@@ -155,8 +167,17 @@ e2e_tmpdir() {
 # shim sockets are keyed by the containerd address and runc state by namespace, so the namespace is made
 # unique per run ($CTRD_NS, default e2e-<pid>) and concurrent runs on one host do not collide.
 ctrd_start() {
-    local dir=$1 snap_sock=${2:-}
-    [[ -n $dir ]] || e2e_fail "usage: ctrd_start DIR [SNAPSHOTTER_SOCKET]"
+    if [[ ${E2E_CRI:-} == 1 ]]; then
+        ctrd_start_cri "$@"
+        return
+    fi
+    _ctrd_start "" "$@"
+}
+
+# _ctrd_start CRI DIR [SNAPSHOTTER_SOCKET]: ctrd_start (CRI empty) or ctrd_start_cri (CRI = 1).
+_ctrd_start() {
+    local cri=$1 dir=$2 snap_sock=${3:-}
+    [[ -n $dir ]] || e2e_fail "usage: ctrd_start${cri:+_cri} DIR [SNAPSHOTTER_SOCKET]"
     [[ -z ${CTRD_PID:-} ]] || e2e_fail "ctrd_start: a containerd is already running (pid $CTRD_PID)"
     local b
     for b in containerd ctr runc containerd-shim-runc-v2; do
@@ -169,14 +190,21 @@ ctrd_start() {
     ((${#CTRD_ADDR} < 100)) || e2e_fail "ctrd_start: socket path too long for a unix socket: $CTRD_ADDR"
     CTRD_NS=${CTRD_NS:-e2e-$$}
     mkdir -p "$dir/root" "$dir/state" "$dir/opt"
+    local disabled_cri='
+  "io.containerd.grpc.v1.cri",'
+    CTRD_CRI=$cri
+    export CTRD_CRI
+    if [[ -n $cri ]]; then
+        disabled_cri=
+        _cri_prepare "$dir" "$snap_sock"
+    fi
     {
         cat <<EOF
 version = 2
 root = "$dir/root"
 state = "$dir/state"
 oom_score = 0
-disabled_plugins = [
-  "io.containerd.grpc.v1.cri",
+disabled_plugins = [$disabled_cri
   "io.containerd.snapshotter.v1.aufs",
   "io.containerd.snapshotter.v1.btrfs",
   "io.containerd.snapshotter.v1.devmapper",
@@ -200,6 +228,7 @@ disabled_plugins = [
   [plugins."io.containerd.runtime.v2.task"]
     platforms = ["linux/amd64"]
 EOF
+        [[ -z $cri ]] || _cri_config "$dir"
         if [[ -n $snap_sock ]]; then
             cat <<EOF
 
@@ -221,7 +250,159 @@ EOF
         tail -n 30 "$dir/containerd.log" >&2
         e2e_fail "containerd did not start (log: $dir/containerd.log)"
     fi
-    e2e_log "containerd pid $CTRD_PID at $CTRD_ADDR, namespace $CTRD_NS${snap_sock:+, proxy snapshotter $CTRD_PROXY_NAME -> $snap_sock}"
+    if [[ -n $cri ]] && ! e2e_wait "$E2E_READY_TIMEOUT" "the CRI plugin at $CTRD_ADDR" _cri_ready; then
+        ctrd_log_tail 30
+        cri_client images >&2 || true
+        e2e_fail "containerd's CRI plugin did not come up (log: $dir/containerd.log)"
+    fi
+    e2e_log "containerd pid $CTRD_PID at $CTRD_ADDR, namespace $CTRD_NS${snap_sock:+, proxy snapshotter $CTRD_PROXY_NAME -> $snap_sock}${cri:+, CRI (snapshotter $CTRD_CRI_SNAPSHOTTER, sandbox image $CTRD_SANDBOX_IMAGE)}"
+}
+
+# ------------------------------------------------------------------------------------------- CRI mode
+
+# ctrd_start_cri DIR [SNAPSHOTTER_SOCKET]: ctrd_start with containerd's CRI plugin enabled (same private
+# root, state and socket; CRI is served on the containerd socket: $CRI_ENDPOINT = $CTRD_ADDR), set up so
+# that a pod runs with nothing from the internet:
+#   * [plugins."io.containerd.grpc.v1.cri".containerd] snapshotter = $CTRD_CRI_SNAPSHOTTER (default: the
+#     proxy plugin's name $CTRD_PROXY_NAME when a socket is given, else "overlayfs") and
+#     disable_snapshot_annotations = false (the CRI labels containerd.io/snapshot/cri.* reach the
+#     snapshotter's Prepare: what a remote snapshotter needs to pull lazily);
+#   * restrict_oom_score_adj = true (root here has no CAP_SYS_RESOURCE), runc v2 with cgroupfs, no
+#     SELinux/AppArmor, the streaming server on 127.0.0.1 with a kernel-chosen port (concurrent runs);
+#   * CNI: a loopback-only conflist in DIR/cni/net.d, plugins from $E2E_CNI_BIN_DIR (/usr/lib/cni). Pods
+#     are meant to use the host network (ovbd-e2e-cri run does): CNI is not called for them;
+#   * registry hosts in DIR/certs.d (config_path, read at each pull): $REGISTRY over plain http
+#     (cri_registry_http HOST:PORT adds another);
+#   * sandbox_image = $CTRD_SANDBOX_IMAGE, default $REGISTRY/e2e-pause:v1, built here (mkimage.py pause:
+#     a static busybox that sleeps forever) and pushed: call registry_start first. The CRI plugin pulls
+#     it, through its snapshotter, at the first RunPodSandbox.
+# Waits until the CRI services answer (ovbd-e2e-cri images), so $E2E_CRI_CLIENT must be built
+# (cargo build -p ovbd-e2e-cri). Exports what ctrd_start does, plus CRI_ENDPOINT CTRD_CRI_SNAPSHOTTER
+# CTRD_SANDBOX_IMAGE and CTR_CRI (= $CTR in the CRI plugin's containerd namespace, k8s.io).
+ctrd_start_cri() {
+    _ctrd_start 1 "$@"
+}
+
+# _cri_prepare DIR SNAPSHOTTER_SOCKET: checks; the CNI conf dir, the registry hosts dir, the pause image.
+_cri_prepare() {
+    local dir=$1 snap_sock=$2
+    [[ -x $E2E_CRI_CLIENT ]] ||
+        e2e_fail "ctrd_start_cri: $E2E_CRI_CLIENT not built (cargo build -p ovbd-e2e-cri), or set E2E_CRI_CLIENT"
+    [[ -x $E2E_CNI_BIN_DIR/loopback ]] ||
+        e2e_fail "ctrd_start_cri: no $E2E_CNI_BIN_DIR/loopback (apt-get install containernetworking-plugins)"
+    if [[ -z ${CTRD_CRI_SNAPSHOTTER:-} ]]; then
+        CTRD_CRI_SNAPSHOTTER=overlayfs
+        [[ -z $snap_sock ]] || CTRD_CRI_SNAPSHOTTER=$CTRD_PROXY_NAME
+    fi
+    mkdir -p "$dir/cni/net.d" "$dir/certs.d"
+    cat >"$dir/cni/net.d/10-ovbd-e2e-loopback.conflist" <<EOF
+{
+  "cniVersion": "0.4.0",
+  "name": "ovbd-e2e-loopback",
+  "plugins": [{ "type": "loopback" }]
+}
+EOF
+    [[ -z ${REGISTRY:-} ]] || cri_registry_http "$REGISTRY" "$dir"
+    if [[ -z ${CTRD_SANDBOX_IMAGE:-} ]]; then
+        [[ -n ${REGISTRY:-} ]] ||
+            e2e_fail "ctrd_start_cri: no registry for the pause image (registry_start first, or set CTRD_SANDBOX_IMAGE)"
+        "$E2E_PYTHON" "$E2E_CTRD_LIB/mkimage.py" pause "$dir/pause-oci" v1 --busybox "$E2E_BUSYBOX" >/dev/null ||
+            e2e_fail "mkimage.py pause"
+        push_oci_layout "$dir/pause-oci" v1 e2e-pause:v1
+        CTRD_SANDBOX_IMAGE=$REGISTRY/e2e-pause:v1
+    fi
+    CRI_ENDPOINT=$dir/containerd.sock
+    CTR_CRI="ctr --address $CRI_ENDPOINT --namespace k8s.io"
+    export CTRD_CRI_SNAPSHOTTER CTRD_SANDBOX_IMAGE CRI_ENDPOINT CTR_CRI
+}
+
+# _cri_config DIR: the CRI plugin's part of DIR/config.toml (to stdout).
+_cri_config() {
+    cat <<EOF
+
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "$CTRD_SANDBOX_IMAGE"
+  restrict_oom_score_adj = true
+  enable_selinux = false
+  disable_apparmor = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "$CTRD_CRI_SNAPSHOTTER"
+    disable_snapshot_annotations = false
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "$E2E_CNI_BIN_DIR"
+    conf_dir = "$1/cni/net.d"
+    max_conf_num = 1
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "$1/certs.d"
+EOF
+}
+
+_cri_ready() {
+    kill -0 "$CTRD_PID" 2>/dev/null || return 0 # died: stop waiting (the next step fails)
+    "$E2E_CRI_CLIENT" images --endpoint "$CRI_ENDPOINT" --rpc-timeout 5
+}
+
+# cri_registry_http HOST:PORT [CTRD_DIR]: lets the CRI plugin pull from HOST:PORT over plain http (a
+# hosts.toml under CTRD_DIR/certs.d, default $CTRD_DIR; read at each pull, so it works after ctrd_start_cri).
+cri_registry_http() {
+    local host=$1 dir=${2:-${CTRD_DIR:-}}
+    [[ -n $host && -n $dir ]] || e2e_fail "usage: cri_registry_http HOST:PORT [CTRD_DIR]"
+    mkdir -p "$dir/certs.d/$host"
+    cat >"$dir/certs.d/$host/hosts.toml" <<EOF
+server = "http://$host"
+
+[host."http://$host"]
+  capabilities = ["pull", "resolve"]
+EOF
+}
+
+# cri_client SUBCMD ARGS...: `ovbd-e2e-cri SUBCMD --endpoint $CRI_ENDPOINT ARGS...` (pull, run, images,
+# rmi) under a timeout ($E2E_CTR_TIMEOUT + 30 s).
+cri_client() {
+    [[ -n ${CRI_ENDPOINT:-} ]] || e2e_fail "cri_client: no CRI containerd (ctrd_start_cri first)"
+    local sub=$1
+    shift
+    timeout -k 10 "$((E2E_CTR_TIMEOUT + 30))" "$E2E_CRI_CLIENT" "$sub" --endpoint "$CRI_ENDPOINT" "$@"
+}
+
+# cri_pull IMAGE: CRI PullImage (through $CTRD_CRI_SNAPSHOTTER, with the CRI snapshot labels).
+cri_pull() {
+    cri_client pull "$1"
+}
+
+# cri_run [RUN_OPTS...] IMAGE CMD...: `ovbd-e2e-cri run`: a pod (host network) with one container that
+# runs CMD in IMAGE (pulled first if missing), waited for (up to $E2E_CTR_TIMEOUT s); prints the
+# container's stdout (its stderr and the client's progress lines go to stderr) and returns its exit code
+# (125: the run itself failed). The pod is stopped and removed afterwards. RUN_OPTS (before IMAGE) go to
+# `ovbd-e2e-cri run`: --name N, --env K=V, --timeout S, --log-dir D, --raw-log.
+# The CRI plugin bind-mounts the pod's own /etc/hostname, /etc/hosts and /etc/resolv.conf over the
+# image's, and a host-network pod has the node's hostname: `cri_run IMAGE cat /etc/hostname` prints the
+# host's hostname (`hostname`), not the image's file. Read another file to see the image's rootfs.
+#   out=$(cri_run "$REGISTRY/lazy:obd" cat /etc/hostname)
+cri_run() {
+    local opts=()
+    while [[ ${1:-} == --* ]]; do
+        opts+=("$1")
+        shift
+        case ${opts[-1]} in
+        --raw-log | --*=*) ;;
+        *) # an option with a value
+            opts+=("$1")
+            shift
+            ;;
+        esac
+    done
+    [[ $# -ge 2 ]] || e2e_fail "usage: cri_run [RUN_OPTS...] IMAGE CMD..."
+    local image=$1
+    shift
+    cri_client run --image "$image" --timeout "$E2E_CTR_TIMEOUT" "${opts[@]}" -- "$@"
 }
 
 _ctrd_ready() {
@@ -269,7 +450,7 @@ ctrd_stop() {
     done
     e2e_umount_under "$CTRD_DIR"
     rmdir "/run/containerd/runc/$CTRD_NS" 2>/dev/null
-    unset CTRD_PID CONTAINERD_ADDRESS CONTAINERD_NAMESPACE
+    unset CTRD_PID CONTAINERD_ADDRESS CONTAINERD_NAMESPACE CRI_ENDPOINT CTRD_CRI
     return 0
 }
 
@@ -282,6 +463,9 @@ ctrd_restart() {
     CTRD_PID=$!
     export CTRD_PID
     e2e_wait "$E2E_READY_TIMEOUT" "containerd restart" _ctrd_ready || e2e_fail "containerd did not restart"
+    if [[ -n ${CTRD_CRI:-} ]]; then
+        e2e_wait "$E2E_READY_TIMEOUT" "the CRI plugin after the restart" _cri_ready || e2e_fail "CRI did not come back"
+    fi
 }
 
 # ctrd_log_tail [N]: the last N (40) lines of containerd's log, to stderr.
@@ -319,6 +503,13 @@ ctr_tree_digest() {
 
 # ---------------------------------------------------------------------------------------------- registry
 
+# registry_blob_bytes: bytes the registry has sent in answers to blob GETs so far (needs
+# E2E_REGISTRY_ACCESSLOG=1 before registry_start: the access log, combined format, in registry.log).
+registry_blob_bytes() {
+    awk '$6 == "\"GET" && $7 ~ /^\/v2\/.*\/blobs\// && $10 ~ /^[0-9]+$/ { n += $10 } END { print n + 0 }' \
+        "$REGISTRY_DIR/registry.log"
+}
+
 # registry_start DIR [HOST:PORT]: docker-registry (distribution 2.8) with filesystem storage under DIR,
 # listening on HOST:PORT (default $E2E_REGISTRY_ADDR or 127.0.0.1:5000; with no explicit address, a busy
 # port 5000 on the host moves it to the next free port up to 5099). Exports REGISTRY (host:port) and
@@ -339,12 +530,14 @@ registry_start() {
     fi
     mkdir -p "$dir/storage" || e2e_fail "mkdir $dir/storage"
     dir=$(realpath "$dir")
+    local accesslog_off=true
+    [[ -n ${E2E_REGISTRY_ACCESSLOG:-} ]] && accesslog_off=false
     cat >"$dir/config.yml" <<EOF
 version: 0.1
 log:
   level: warn
   accesslog:
-    disabled: true
+    disabled: $accesslog_off
 storage:
   filesystem:
     rootdirectory: $dir/storage

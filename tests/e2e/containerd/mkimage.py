@@ -1,9 +1,14 @@
 #!/usr/bin/env python3
 """OCI image layouts for the containerd end-to-end tests.
 
-  mkimage.py busybox OUT_DIR TAG [--busybox /bin/busybox] [--no-gzip]
+  mkimage.py busybox OUT_DIR TAG [--busybox /bin/busybox] [--no-gzip] [--large MIB]
       Build a small multi-layer image from a static busybox (layers below) into the OCI layout OUT_DIR
-      (created or added to) under TAG; prints the manifest digest.
+      (created or added to) under TAG; prints the manifest digest. --large adds a 4th layer with
+      /data/large.bin: MIB MiB of pseudo-random (incompressible, seeded) bytes, for lazy-pull tests.
+  mkimage.py pause OUT_DIR TAG [--busybox /bin/busybox]
+      A tiny "pause" image for the CRI plugin's sandbox_image: one layer with /bin/busybox (static) and
+      the entrypoint ["/bin/busybox", "sleep", "2147483647"]. Deterministic like the busybox image;
+      prints the manifest digest.
   mkimage.py from-docker SRC_LAYOUT SRC_TAG OUT_DIR TAG
       Copy the single-platform image SRC_TAG of SRC_LAYOUT, whose manifest has Docker media types, into
       OUT_DIR as TAG with OCI media types (config and layer blobs unchanged; a new manifest). skopeo 1.9
@@ -232,6 +237,44 @@ def from_docker(args):
     print(man_desc["digest"])
 
 
+def write_image(out, config, layer_descs, tag):
+    """Writes config and manifest into the layout `out`, tags the manifest; prints its digest."""
+    cfg = json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
+    cfg_desc = {"mediaType": "application/vnd.oci.image.config.v1+json", **write_blob(out, cfg)}
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": cfg_desc,
+        "layers": layer_descs,
+    }
+    man = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+    man_desc = {"mediaType": manifest["mediaType"], **write_blob(out, man)}
+    add_to_index(out, man_desc, tag, {"architecture": "amd64", "os": "linux"})
+    print(man_desc["digest"])
+
+
+def pause(args):
+    """The CRI sandbox ("pause") image: a static busybox that sleeps until it is killed."""
+    with open(args.busybox, "rb") as f:
+        bb = f.read()
+    layer = Layer()
+    layer.dir("/bin")
+    layer.file("/bin/busybox", bb, 0o755)
+    tar = layer.close()
+    init_layout(args.out)
+    blob = gzip.compress(tar, compresslevel=6, mtime=0)
+    layer_desc = {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", **write_blob(args.out, blob)}
+    config = {
+        "created": "2023-11-14T22:13:20Z",
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Entrypoint": ["/bin/busybox", "sleep", "2147483647"], "WorkingDir": "/"},
+        "rootfs": {"type": "layers", "diff_ids": [sha(tar)]},
+        "history": [{"created": "2023-11-14T22:13:20Z", "created_by": "ovbd e2e mkimage.py: pause"}],
+    }
+    write_image(args.out, config, [layer_desc], args.tag)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -240,19 +283,32 @@ def main():
     bb.add_argument("tag")
     bb.add_argument("--busybox", default="/bin/busybox")
     bb.add_argument("--no-gzip", dest="gzip", action="store_false", default=True)
+    pa = sub.add_parser("pause", help="build the CRI sandbox (pause) image")
+    pa.add_argument("out")
+    pa.add_argument("tag")
+    pa.add_argument("--busybox", default="/bin/busybox")
     fd = sub.add_parser("from-docker", help="copy a Docker-media-type image with OCI media types")
     fd.add_argument("src")
     fd.add_argument("src_tag")
     fd.add_argument("out")
     fd.add_argument("tag")
+    bb.add_argument("--large", type=int, default=0, metavar="MIB")
     args = ap.parse_args()
     if args.cmd == "from-docker":
         return from_docker(args)
+    if args.cmd == "pause":
+        return pause(args)
 
     init_layout(args.out)
 
+    all_layers = layers(args.busybox)
+    if args.large:
+        big = Layer()
+        big.dir("/data")
+        big.file("/data/large.bin", random.Random(20231114).randbytes(args.large << 20), 0o644)
+        all_layers.append(("large", big.close()))
     layer_descs, diff_ids, history = [], [], []
-    for name, tar in layers(args.busybox):
+    for name, tar in all_layers:
         diff_ids.append(sha(tar))
         if args.gzip:
             blob = gzip.compress(tar, compresslevel=6, mtime=0)
@@ -273,19 +329,7 @@ def main():
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
         "history": history,
     }
-    cfg = json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
-    cfg_desc = {"mediaType": "application/vnd.oci.image.config.v1+json", **write_blob(args.out, cfg)}
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": cfg_desc,
-        "layers": layer_descs,
-    }
-    man = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
-    man_desc = {"mediaType": "application/vnd.oci.image.manifest.v1+json", **write_blob(args.out, man)}
-
-    add_to_index(args.out, man_desc, args.tag, {"architecture": "amd64", "os": "linux"})
-    print(man_desc["digest"])
+    write_image(args.out, config, layer_descs, args.tag)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 # tests/e2e/containerd/host-ovbd.sh (plain OCI parts only, on the host). Sourced after env.bash.
 #
 #   ovbd_serve_setup BIN ROOT SOCKET [MODE]   write the config (ROOT, SOCKET, rootfs_mode MODE=overlayfs)
+#   (OVBD_SERVE_EXTRA_CONFIG: TOML appended to the config ovbd_serve_setup writes)
 #   ovbd_serve_start / ovbd_serve_stop / ovbd_serve_kill9     (pid kept in a file: survives subshells)
 #   run_part NAME DESCRIPTION FUNCTION        run one part, print "pass: NAME" or "FAIL: NAME"
 #   parts_summary                             "N passed, M failed"; returns 1 if any failed
@@ -44,6 +45,7 @@ root = "$OVBD_ROOT"
 socket = "$OVBD_SOCK"
 rootfs_mode = "$mode"
 log_level = "${OVBD_SERVE_LOG_LEVEL:-debug}"
+${OVBD_SERVE_EXTRA_CONFIG:-}
 EOF
     OVBD_SERVE_MISSING=
     if [[ ! -x $OVBD_SERVE_BIN ]]; then
