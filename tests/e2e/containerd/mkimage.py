@@ -305,7 +305,8 @@ def main():
     if args.large:
         big = Layer()
         big.dir("/data")
-        big.file("/data/large.bin", random.Random(20231114).randbytes(args.large << 20), 0o644)
+        rng = random.Random(20231114)  # in 1 MiB pieces: randbytes takes at most 2^31 bits
+        big.file("/data/large.bin", b"".join(rng.randbytes(1 << 20) for _ in range(args.large)), 0o644)
         all_layers.append(("large", big.close()))
     layer_descs, diff_ids, history = [], [], []
     for name, tar in all_layers:

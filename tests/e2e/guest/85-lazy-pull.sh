@@ -8,7 +8,8 @@
 #   4. the whole of /data/large.bin read through ovbd (blocks fetched on demand) has the sha256 of the
 #      original, and the snapshots are remote layers (no layer file in their directories);
 #   5. faults: with the registry frozen (SIGSTOP), reading an uncached part of /data/large.bin fails with an
-#      I/O error within the configured deadline while cached files still read (the device does not hang);
+#      I/O error within the configured deadline while cached files still read (the device does not hang)
+#      and another device (upstream's hello-world OverlayBD image, pulled normally) runs a container;
 #      once the registry is back, the same read works;
 #   6. a second container reads /etc/hostname again after ovbd serve restarts: from the block cache;
 #   7. CRI: containerd's CRI plugin (snapshotter ovbd, disable_snapshot_annotations = false) pulls another
@@ -45,6 +46,9 @@ oci_ref=$REGISTRY/lazy:oci obd_ref=$REGISTRY/lazy:obd
     fail "ovbd convert $oci_ref $obd_ref: $(tail -n 5 "$WORK/convert.log")"
 image_bytes=$(grep -o '"size": *[0-9]*' "$WORK/convert.json" | awk '{ s += $2 } END { print s + 0 }')
 note "converted $oci_ref -> $obd_ref (layer blobs $image_bytes bytes)"
+# Another image on another device for the fault part: upstream's hello-world, pulled normally (local layers).
+push_hello_obd
+ctr_pull "$HELLO_OBD_REF" "$E2E_SNAP" || fail "ctr image pull --snapshotter $E2E_SNAP $HELLO_OBD_REF"
 # A second image for the CRI part (other content, so other blobs: nothing of it is cached then).
 "$E2E_PYTHON" "$E2E_CTRD_LIB/mkimage.py" busybox "$WORK/lazy-oci" v2 --busybox "$E2E_BUSYBOX" --large 16 \
     >/dev/null || fail "mkimage.py busybox --large 16"
@@ -93,12 +97,14 @@ rc=0
 err=$(ctr_do task exec --exec-id e1 lazy-hold dd if=/data/large.bin of=/dev/null bs=1M skip=40 count=4 2>&1) || rc=$?
 took_fault=$((SECONDS - s0))
 cached=$(ctr_do task exec --exec-id e2 lazy-hold cat /etc/hostname 2>&1)
+hello=$(ctr_do run --rm --snapshotter "$E2E_SNAP" "$HELLO_OBD_REF" lazy-hello /hello 2>&1)
 kill -CONT "$REGISTRY_PID"
 ((rc != 0)) || fail "reading uncached data with the registry frozen succeeded?"
 grep -qi "error" <<<"$err" || fail "dd with the registry frozen: exit $rc, but: $err"
 ((took_fault <= deadline * 3 + 30)) || fail "the failing read took ${took_fault}s (deadline ${deadline}s)"
 [[ $cached == "$ref_out" ]] || fail "a cached file did not read while the registry was frozen: $cached"
-pass "registry frozen: uncached read failed in ${took_fault}s (${err//$'\n'/ }), cached files still read"
+grep -q "Hello from Docker!" <<<"$hello" || fail "another device did not work while the registry was frozen: $hello"
+pass "registry frozen: uncached read failed in ${took_fault}s (${err//$'\n'/ }), cached files still read, another device ran /hello"
 ctr_do task exec --exec-id e3 lazy-hold dd if=/data/large.bin of=/dev/null bs=1M skip=40 count=4 >/dev/null 2>&1 ||
     fail "the same read after the registry came back"
 pass "registry back: the same read works"
