@@ -62,6 +62,8 @@ pub struct Config {
     pub registry: RegistryConfig,
     /// The on-disk block cache in front of registry blobs (`[cache]`).
     pub cache: CacheConfig,
+    /// Background download of whole remote layers (`[download]`).
+    pub download: DownloadConfig,
 }
 
 impl Default for Config {
@@ -75,6 +77,7 @@ impl Default for Config {
             log_level: "info".into(),
             registry: RegistryConfig::default(),
             cache: CacheConfig::default(),
+            download: DownloadConfig::default(),
         }
     }
 }
@@ -172,6 +175,43 @@ impl RegistryConfig {
     }
 }
 
+/// `[download]`: remote layers downloaded whole in the background (upstream's `download`):
+/// the blob is written next to the layer, its sha256 checked, then reads switch to the file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DownloadConfig {
+    pub enable: bool,
+    /// Seconds after a remote layer is first opened before its download starts.
+    pub delay_secs: f64,
+    /// Bandwidth limit per download, MB/s (0: none).
+    pub max_mbps: f64,
+}
+
+impl Default for DownloadConfig {
+    fn default() -> Self {
+        DownloadConfig {
+            enable: false,
+            delay_secs: 300.0,
+            max_mbps: 100.0,
+        }
+    }
+}
+
+impl DownloadConfig {
+    pub fn validate(&self) -> Result<()> {
+        if !(self.delay_secs.is_finite() && self.delay_secs >= 0.0) {
+            bail!(
+                "[download] delay_secs must be >= 0, not {}",
+                self.delay_secs
+            );
+        }
+        if !(self.max_mbps.is_finite() && self.max_mbps >= 0.0) {
+            bail!("[download] max_mbps must be >= 0, not {}", self.max_mbps);
+        }
+        Ok(())
+    }
+}
+
 /// `[cache]`: the on-disk block cache of registry blobs (src/blob_cache.rs).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -239,6 +279,7 @@ mod tests {
         let sample: Config = toml::from_str(include_str!("../config/ovbd.toml")).unwrap();
         assert_eq!(sample.registry, RegistryConfig::default());
         assert_eq!(sample.cache, CacheConfig::default());
+        assert_eq!(sample.download, DownloadConfig::default());
         let c: Config = toml::from_str("").unwrap();
         assert_eq!(c.registry, RegistryConfig::default());
         assert_eq!(c.cache, CacheConfig::default());

@@ -11,8 +11,15 @@ use std::sync::Arc;
 /// Opens a layer blob that is only in a registry (a lower with `digest` + `size` and no local
 /// file): the lazy-pull source, reading through the block cache.
 pub trait RemoteSource: Send + Sync {
-    /// `repo_blob_url` is `http[s]://HOST/v2/REPO/blobs` (spec §3.1).
-    fn open(&self, repo_blob_url: &str, digest: &str, size: u64) -> Result<Arc<dyn ReadAt>>;
+    /// `repo_blob_url` is `http[s]://HOST/v2/REPO/blobs` (spec §3.1); `dir` is the layer's
+    /// directory, where a background download may put the whole blob (`overlaybd.commit`).
+    fn open(
+        &self,
+        repo_blob_url: &str,
+        digest: &str,
+        size: u64,
+        dir: Option<&Path>,
+    ) -> Result<Arc<dyn ReadAt>>;
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -75,7 +82,7 @@ impl ImageConfig {
                         bail!("lowers[{i}]: layer {digest} is remote only and no registry source is configured");
                     };
                     let src = remote
-                        .open(url, digest, size)
+                        .open(url, digest, size, l.dir.as_deref())
                         .with_context(|| format!("lowers[{i}]: opening {digest} from {url}"))?;
                     open_layer(src).with_context(|| format!("lowers[{i}]: {digest} from {url}"))?
                 }

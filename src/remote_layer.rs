@@ -1,18 +1,28 @@
 //! Remote layers for the device: a `config.v1.json` lower named by `repoBlobUrl` + digest +
 //! size is read from the registry ([`RemoteBlob`]) through the on-disk block cache
-//! ([`CachedBlob`]), so the device fetches only the blocks a container reads.
+//! ([`CachedBlob`]), so the device fetches only the blocks a container reads. With
+//! `[download] enable`, the whole blob is also downloaded in the background into the layer's
+//! directory (sha256 checked), and reads then switch to that file ([`SwitchingBlob`]).
 
 use crate::blob_cache::{BlobCache, CachedBlob};
-use crate::config::Config;
+use crate::config::{Config, DownloadConfig};
 use crate::image_config::RemoteSource;
 use crate::registry::{Registry, RemoteBlob};
-use anyhow::{bail, Result};
-use ovbd_format::ReadAt;
-use std::sync::Arc;
+use anyhow::{bail, Context, Result};
+use ovbd_format::{FileSource, ReadAt};
+use sha2::{Digest as _, Sha256};
+use std::collections::HashSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 pub struct RegistrySource {
     registry: Arc<Registry>,
     cache: Arc<BlobCache>,
+    download: DownloadConfig,
+    /// Layer directories with a download in progress (one per layer at a time).
+    downloading: Arc<Mutex<HashSet<PathBuf>>>,
 }
 
 impl RegistrySource {
@@ -20,9 +30,12 @@ impl RegistrySource {
     pub fn from_config(cfg: &Config) -> Result<RegistrySource> {
         cfg.registry.validate()?;
         cfg.cache.validate()?;
+        cfg.download.validate()?;
         Ok(RegistrySource {
             registry: Registry::new(&cfg.registry)?,
             cache: BlobCache::open(&cfg.cache, &cfg.root.join("cache"))?,
+            download: cfg.download.clone(),
+            downloading: Arc::default(),
         })
     }
 }
@@ -35,10 +48,184 @@ impl RegistrySource {
 }
 
 impl RemoteSource for RegistrySource {
-    fn open(&self, repo_blob_url: &str, digest: &str, size: u64) -> Result<Arc<dyn ReadAt>> {
+    fn open(
+        &self,
+        repo_blob_url: &str,
+        digest: &str,
+        size: u64,
+        dir: Option<&Path>,
+    ) -> Result<Arc<dyn ReadAt>> {
         let image_ref = image_ref_of_blob_url(repo_blob_url)?;
         let remote = RemoteBlob::new(self.registry.clone(), &image_ref, digest, size)?;
-        Ok(Arc::new(CachedBlob::new(self.cache.clone(), remote)?))
+        // The download reads the registry directly: a whole blob must not evict the cache.
+        let direct: Arc<dyn ReadAt> = Arc::new(remote.clone());
+        let cached: Arc<dyn ReadAt> = Arc::new(CachedBlob::new(self.cache.clone(), remote)?);
+        let (Some(dir), true) = (dir, self.download.enable) else {
+            return Ok(cached);
+        };
+        let blob = Arc::new(SwitchingBlob::new(cached));
+        if self
+            .downloading
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(dir.to_owned())
+        {
+            let job = Download {
+                source: direct,
+                digest: digest.to_owned(),
+                dir: dir.to_owned(),
+                delay: Duration::from_secs_f64(self.download.delay_secs),
+                max_bytes_per_sec: self.download.max_mbps * 1e6,
+            };
+            let (target, downloading) = (blob.clone(), self.downloading.clone());
+            std::thread::Builder::new()
+                .name("ovbd-download".into())
+                .spawn(move || {
+                    match job.run() {
+                        Ok(file) => {
+                            log::info!("downloaded {} to {}", job.digest, file.display());
+                            if let Err(e) = target.switch_to_file(&file) {
+                                log::warn!("{}: {e:#}", file.display());
+                            }
+                        }
+                        Err(e) => log::warn!("background download of {}: {e:#}", job.digest),
+                    }
+                    downloading
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&job.dir);
+                })
+                .context("starting a download thread")?;
+        }
+        Ok(blob)
+    }
+}
+
+/// A layer blob read from the registry (through the cache) until its download is done, then
+/// from the local file: the same bytes at the same offsets, so the layers above never notice.
+pub struct SwitchingBlob {
+    current: RwLock<Arc<dyn ReadAt>>,
+    name: String,
+    size: u64,
+}
+
+impl SwitchingBlob {
+    pub fn new(remote: Arc<dyn ReadAt>) -> SwitchingBlob {
+        SwitchingBlob {
+            name: remote.name().to_owned(),
+            size: remote.size(),
+            current: RwLock::new(remote),
+        }
+    }
+
+    fn get(&self) -> Arc<dyn ReadAt> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// From now on, reads come from `file` (which must hold the same bytes).
+    pub fn switch_to_file(&self, file: &Path) -> Result<()> {
+        let local = FileSource::open(file)?;
+        if local.size() != self.size {
+            bail!(
+                "{} is {} bytes, the blob {}",
+                file.display(),
+                local.size(),
+                self.size
+            );
+        }
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(local);
+        Ok(())
+    }
+}
+
+impl ReadAt for SwitchingBlob {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        self.get().read_at(buf, offset)
+    }
+    fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        self.get().read_at_nowait(buf, offset)
+    }
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn evict(&self, offset: u64, len: u64) {
+        self.get().evict(offset, len)
+    }
+}
+
+/// One background download: the blob to `DIR/.download`, sha256 checked against the digest,
+/// synced, then renamed to `DIR/overlaybd.commit` (as upstream). A failure leaves no file.
+struct Download {
+    source: Arc<dyn ReadAt>,
+    digest: String,
+    dir: PathBuf,
+    delay: Duration,
+    /// 0: unlimited.
+    max_bytes_per_sec: f64,
+}
+
+impl Download {
+    const CHUNK: usize = 4 << 20;
+
+    fn run(&self) -> Result<PathBuf> {
+        std::thread::sleep(self.delay);
+        let done = self.dir.join("overlaybd.commit");
+        if done.exists() {
+            return Ok(done);
+        }
+        let want = self
+            .digest
+            .strip_prefix("sha256:")
+            .with_context(|| format!("{} is not a sha256 digest", self.digest))?;
+        let tmp = self.dir.join(".download");
+        let result = self.fetch_to(&tmp, want);
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result?;
+        std::fs::rename(&tmp, &done)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), done.display()))?;
+        Ok(done)
+    }
+
+    fn fetch_to(&self, tmp: &Path, want_hex: &str) -> Result<()> {
+        let mut out =
+            std::fs::File::create(tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let (size, started) = (self.source.size(), Instant::now());
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; Self::CHUNK];
+        let mut off = 0u64;
+        while off < size {
+            let n = (size - off).min(Self::CHUNK as u64) as usize;
+            ovbd_format::source::read_exact_at(&*self.source, &mut buf[..n], off)?;
+            hasher.update(&buf[..n]);
+            out.write_all(&buf[..n])
+                .with_context(|| format!("writing {}", tmp.display()))?;
+            off += n as u64;
+            if self.max_bytes_per_sec > 0.0 {
+                let due = Duration::from_secs_f64(off as f64 / self.max_bytes_per_sec);
+                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+            }
+        }
+        let got: String = hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        if got != want_hex {
+            bail!("downloaded blob has sha256:{got}, not {}", self.digest);
+        }
+        out.sync_all()
+            .with_context(|| format!("syncing {}", tmp.display()))?;
+        Ok(())
     }
 }
 
@@ -70,6 +257,105 @@ fn image_ref_of_blob_url(url: &str) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ovbd_format::MemSource;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// Counts the reads that reach it.
+    struct Counting(MemSource, AtomicU64);
+    impl ReadAt for Counting {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+            self.1.fetch_add(1, Ordering::Relaxed);
+            self.0.read_at(buf, offset)
+        }
+        fn size(&self) -> u64 {
+            self.0.size()
+        }
+        fn name(&self) -> &str {
+            "counting"
+        }
+    }
+
+    fn blob(n: usize) -> (Vec<u8>, String) {
+        let data: Vec<u8> = (0..n)
+            .map(|i| (i.wrapping_mul(2654435761) >> 7) as u8)
+            .collect();
+        let hex: String = Sha256::digest(&data)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        (data, format!("sha256:{hex}"))
+    }
+
+    #[test]
+    fn download_checks_the_digest_then_reads_switch_to_the_file() {
+        let d = tempfile::tempdir().unwrap();
+        let (data, digest) = blob((9 << 20) + 123);
+        let remote = Arc::new(Counting(
+            MemSource::new(data.clone(), "blob"),
+            AtomicU64::new(0),
+        ));
+        let job = Download {
+            source: remote.clone(),
+            digest: digest.clone(),
+            dir: d.path().to_owned(),
+            delay: Duration::ZERO,
+            max_bytes_per_sec: 0.0,
+        };
+        let sw = SwitchingBlob::new(remote.clone());
+        let mut buf = vec![0u8; 1000];
+        sw.read_at(&mut buf, 5 << 20).unwrap();
+        let file = job.run().unwrap();
+        assert_eq!(file, d.path().join("overlaybd.commit"));
+        assert_eq!(std::fs::read(&file).unwrap(), data);
+        assert!(!d.path().join(".download").exists());
+        sw.switch_to_file(&file).unwrap();
+        let before = remote.1.load(Ordering::Relaxed);
+        sw.read_at(&mut buf, 7 << 20).unwrap();
+        assert_eq!(buf, data[7 << 20..(7 << 20) + 1000]);
+        assert_eq!(
+            remote.1.load(Ordering::Relaxed),
+            before,
+            "reads come from the file"
+        );
+
+        // A blob that does not match its digest leaves nothing behind.
+        let d2 = tempfile::tempdir().unwrap();
+        let mut bad = data.clone();
+        bad[4 << 20] ^= 1;
+        let job = Download {
+            source: Arc::new(MemSource::new(bad, "bad")),
+            digest,
+            dir: d2.path().to_owned(),
+            delay: Duration::ZERO,
+            max_bytes_per_sec: 0.0,
+        };
+        let e = job.run().unwrap_err();
+        assert!(format!("{e:#}").contains("not sha256:"), "{e:#}");
+        assert_eq!(std::fs::read_dir(d2.path()).unwrap().count(), 0);
+        // A file of the wrong size is refused as a switch target.
+        std::fs::write(d2.path().join("short"), b"x").unwrap();
+        assert!(sw.switch_to_file(&d2.path().join("short")).is_err());
+    }
+
+    #[test]
+    fn download_keeps_to_its_bandwidth_limit() {
+        let d = tempfile::tempdir().unwrap();
+        let (data, digest) = blob(3 << 20);
+        let job = Download {
+            source: Arc::new(MemSource::new(data, "blob")),
+            digest,
+            dir: d.path().to_owned(),
+            delay: Duration::ZERO,
+            max_bytes_per_sec: 6e6, // 3 MiB at 6 MB/s: at least 0.5 s
+        };
+        let t = Instant::now();
+        job.run().unwrap();
+        assert!(
+            t.elapsed() >= Duration::from_millis(500),
+            "{:?}",
+            t.elapsed()
+        );
+    }
 
     #[test]
     fn blob_urls_to_references() {

@@ -1241,7 +1241,13 @@ mod tests {
     }
 
     impl RemoteSource for FixtureRemote {
-        fn open(&self, url: &str, digest: &str, size: u64) -> Result<Arc<dyn ovbd_format::ReadAt>> {
+        fn open(
+            &self,
+            url: &str,
+            digest: &str,
+            size: u64,
+            _dir: Option<&Path>,
+        ) -> Result<Arc<dyn ovbd_format::ReadAt>> {
             self.asked
                 .lock()
                 .unwrap()

@@ -13,7 +13,9 @@
 #      once the registry is back, the same read works;
 #   6. a second container reads /etc/hostname again after ovbd serve restarts: from the block cache;
 #   7. CRI: containerd's CRI plugin (snapshotter ovbd, disable_snapshot_annotations = false) pulls another
-#      converted image lazily (its layers are never downloaded) and runs a pod that reads a file of it.
+#      converted image lazily (its layers are never downloaded) and runs a pod that reads a file of it;
+#   8. background download ([download] enable, no delay): after a restart, a container on lazy:obd makes
+#      ovbd download every remote layer whole into its directory, each file with its blob's sha256.
 # Prints wall times and bytes fetched (registry access log) of both pulls: the lazy-pull benchmark figures.
 set -uo pipefail
 # shellcheck source=lib/common.bash
@@ -145,6 +147,34 @@ want_doc=$(ctr_do run --rm "$oci_ref" lazy-ref-doc cat /usr/share/doc/e2e/readme
 [[ -n $cri_out && $cri_out == "$want_doc" ]] || fail "the CRI pod read '$cri_out', the original has '$want_doc'"
 ((cri_bytes < (16 << 20) / 2)) || fail "the CRI pull fetched $cri_bytes bytes: the layers were downloaded"
 pass "CRI (snapshotter ovbd): a pod read the image's readme.txt after a lazy pull ($cri_bytes bytes of blobs fetched)"
+
+# ---- background download: every remote layer of lazy:obd lands in its directory, digest-checked.
+ovbd_serve_stop || fail "stopping ovbd serve"
+cat >>"$OVBD_SERVE_CONFIG" <<'EOF'
+[download]
+enable = true
+delay_secs = 0
+max_mbps = 0
+EOF
+ovbd_serve_start || fail "ovbd serve did not restart with [download] enable"
+ctr_do run --rm --snapshotter "$E2E_SNAP" "$obd_ref" lazy-obd-dl "${cmd[@]}" >/dev/null || fail "ctr run (download)"
+mapfile -t layer_digests < <(grep -o '"digest": *"sha256:[0-9a-f]*"' "$WORK/convert.json" | grep -o 'sha256:[0-9a-f]*')
+((${#layer_digests[@]} == 4)) || fail "convert.json lists ${#layer_digests[@]} layer digests, not 4"
+downloaded=0
+for _ in $(seq 180); do
+    downloaded=0
+    for d in "${layer_digests[@]}"; do
+        for f in "$OVBD_ROOT"/snapshots/*/fs/overlaybd.commit; do
+            [[ -f $f && $(stat -c %s "$f") -gt 0 ]] || continue
+            [[ $(sha256sum "$f" | cut -d' ' -f1) == "${d#sha256:}" ]] && downloaded=$((downloaded + 1)) && break
+        done
+    done
+    ((downloaded == ${#layer_digests[@]})) && break
+    sleep 2
+done
+((downloaded == ${#layer_digests[@]})) ||
+    fail "background download: $downloaded of ${#layer_digests[@]} layers downloaded ($(ovbd_serve_log_tail 2>&1 | grep -i download | tail -n 5))"
+pass "background download: all ${#layer_digests[@]} layers of $obd_ref downloaded whole, each with its blob's sha256"
 
 ratio=$(awk -v a="$full_s" -v b="$lazy_s" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }')
 pct=$(awk -v a="$lazy_bytes" -v b="$image_bytes" 'BEGIN { printf "%.2f", 100 * a / b }')
