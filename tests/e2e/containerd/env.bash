@@ -585,7 +585,7 @@ push_oci_layout() {
     [[ -n ${REGISTRY:-} ]] || e2e_fail "push_oci_layout: no registry (registry_start first)"
     command -v skopeo >/dev/null || e2e_fail "skopeo not installed (scripts/setup.sh)"
     # A private policy (accept anything), so the host's /etc/containers/policy.json does not matter.
-    out=$(timeout 300 skopeo --policy "$REGISTRY_DIR/policy.json" copy --quiet --dest-tls-verify=false \
+    out=$(timeout 300 skopeo --policy "$REGISTRY_DIR/policy.json" copy --quiet --preserve-digests --dest-tls-verify=false \
         "oci:$layout:$tag" "docker://$REGISTRY/$dest" 2>&1) ||
         e2e_fail "skopeo copy oci:$layout:$tag docker://$REGISTRY/$dest: $out"
     e2e_log "pushed $layout:$tag as $REGISTRY/$dest"

@@ -80,7 +80,18 @@ ovbd_serve_start() {
         ovbd_serve_log_tail 30
         return 1
     fi
+    # containerd dials a proxy snapshotter lazily and backs off after a failed dial (up to a few
+    # seconds): wait until it reaches us, so the first real request does not meet the backoff.
+    if [[ -n ${CTR:-} ]] && ! e2e_wait "$E2E_READY_TIMEOUT" "containerd reaching ovbd serve" _ovbd_serve_reachable; then
+        echo "  containerd cannot reach ovbd serve on $OVBD_SOCK" >&2
+        return 1
+    fi
     e2e_log "ovbd serve pid $pid on $OVBD_SOCK (root $OVBD_ROOT)"
+}
+
+_ovbd_serve_reachable() {
+    # shellcheck disable=SC2086  # $CTR is a command line
+    $CTR snapshots --snapshotter "$CTRD_PROXY_NAME" ls >/dev/null 2>&1
 }
 
 _ovbd_serve_ready() {

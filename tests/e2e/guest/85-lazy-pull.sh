@@ -16,6 +16,7 @@
 #      converted image lazily (its layers are never downloaded) and runs a pod that reads a file of it;
 #   8. background download ([download] enable, no delay): after a restart, a container on lazy:obd makes
 #      ovbd download every remote layer whole into its directory, each file with its blob's sha256.
+#   9. upstream's own converted hello-world (made by overlaybd's tools) pulled lazily with ovbd rpull runs /hello.
 # Prints wall times and bytes fetched (registry access log) of both pulls: the lazy-pull benchmark figures.
 set -uo pipefail
 # shellcheck source=lib/common.bash
@@ -50,6 +51,15 @@ image_bytes=$(grep -o '"size": *[0-9]*' "$WORK/convert.json" | awk '{ s += $2 } 
 note "converted $oci_ref -> $obd_ref (layer blobs $image_bytes bytes)"
 # Another image on another device for the fault part: upstream's hello-world, pulled normally (local layers).
 push_hello_obd
+# (9) first, in a namespace of its own: the normal pull below must not find its layer there already.
+up_ctr="ctr --address $CTRD_ADDR --namespace e2e-upstream"
+"$OVBD" rpull --address "$CTRD_ADDR" --namespace e2e-upstream "$HELLO_OBD_REF" 2>"$WORK/rpull-hello.log" ||
+    fail "ovbd rpull $HELLO_OBD_REF: $(cat "$WORK/rpull-hello.log")"
+# shellcheck disable=SC2086  # $up_ctr is a command line
+hello_up=$(timeout 300 $up_ctr run --rm --snapshotter "$E2E_SNAP" "$HELLO_OBD_REF" up-hello /hello 2>&1) ||
+    fail "ctr run of upstream's hello-world after ovbd rpull: $hello_up"
+grep -q "Hello from Docker!" <<<"$hello_up" || fail "upstream's hello-world printed: $hello_up"
+pass "upstream's converted hello-world, pulled lazily with ovbd rpull, runs /hello: Hello from Docker!"
 ctr_pull "$HELLO_OBD_REF" "$E2E_SNAP" || fail "ctr image pull --snapshotter $E2E_SNAP $HELLO_OBD_REF"
 # A second image for the CRI part (other content, so other blobs: nothing of it is cached then).
 "$E2E_PYTHON" "$E2E_CTRD_LIB/mkimage.py" busybox "$WORK/lazy-oci" v2 --busybox "$E2E_BUSYBOX" --large 16 \
