@@ -6,6 +6,11 @@ use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Set by the signal thread before it removes the scratch directory: from then on the
+/// conversion's own I/O errors are a consequence of the interrupt, not something to report.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 pub fn run(src: &str, dst: &str, mut opts: ConvertOptions, json: bool) -> Result<()> {
     // The scratch directory is ours, so an interrupt (Ctrl-C, SIGTERM, SIGHUP) can remove it:
@@ -25,7 +30,15 @@ pub fn run(src: &str, dst: &str, mut opts: ConvertOptions, json: bool) -> Result
     } else {
         Box::new(Lines)
     };
-    let summary = convert(src, dst, &opts, &mut *progress)?;
+    let summary = convert(src, dst, &opts, &mut *progress);
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        // The signal thread is removing the scratch and will exit 130; returning here would
+        // race it with exit 1 (or 0) and an error about files it just removed.
+        loop {
+            std::thread::park();
+        }
+    }
+    let summary = summary?;
     if json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
@@ -118,11 +131,21 @@ fn remove_on_interrupt(dir: PathBuf) -> Result<()> {
             let mut sig: libc::c_int = 0;
             // SAFETY: `set` is a valid signal set; sigwait writes the signal number to `sig`.
             if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                INTERRUPTED.store(true, Ordering::SeqCst);
                 eprintln!(
                     "ovbd convert: interrupted (signal {sig}); removing {}",
                     dir.display()
                 );
-                let _ = std::fs::remove_dir_all(&dir);
+                // The conversion keeps running until it trips over the removal, and may create
+                // a file in a directory being removed: try again until the directory is gone.
+                for _ in 0..20 {
+                    match std::fs::remove_dir_all(&dir) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                            std::thread::sleep(std::time::Duration::from_millis(10))
+                        }
+                        _ => break,
+                    }
+                }
                 std::process::exit(130);
             }
         })

@@ -70,7 +70,13 @@ pub struct LayerOutput {
 
 /// Applies `tar` (uncompressed) as a new layer over `job.lowers`.
 pub fn convert_layer(job: &LayerJob, tar: impl Read) -> Result<LayerOutput> {
-    std::fs::create_dir_all(job.dir).with_context(|| format!("create {}", job.dir.display()))?;
+    // Not create_dir_all: the parent is the conversion's scratch, which an interrupt removes.
+    match std::fs::create_dir(job.dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+            return Err(e).with_context(|| format!("create {}", job.dir.display()));
+        }
+        _ => {}
+    }
     let lower = if job.lowers.is_empty() {
         None
     } else {

@@ -134,7 +134,8 @@ pub fn convert(
     for (i, desc) in img.layers.iter().enumerate() {
         let t0 = Instant::now();
         let dir = work.path().join(format!("{i:04}"));
-        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        // Not create_dir_all: after an interrupt removed the scratch, nothing may recreate it.
+        std::fs::create_dir(&dir).with_context(|| format!("create {}", dir.display()))?;
         let src_blob = dir.join("source");
         io.fetch_blob(&src_ref, desc, &src_blob)?;
         progress.layer_start(i, img.layers.len(), desc.digest().as_ref(), desc.size());
