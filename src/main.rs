@@ -1,26 +1,14 @@
 //! `ovbd`: the command line. Parsing stays here; the work lives in the modules below.
 
-mod blob_cache;
-mod config;
-mod convert;
 mod convert_tool;
 mod daemon;
-mod device;
 mod device_tool;
-mod extfs;
-mod filters;
-mod image_config;
-mod image_io;
 mod layer_tool;
-mod metadata;
-mod mount;
-mod registry;
-mod remote_layer;
 mod rpull;
-mod snapshotter;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
+use ovbd::{config, convert, image_io};
 use std::path::PathBuf;
 
 #[derive(Parser)]

@@ -4,7 +4,6 @@
 //! (snapshot.ref + blob digest/size + image-ref) make ovbd commit it at once as a remote layer
 //! and answer AlreadyExists. `ctr run --snapshotter ovbd REF` then finds the image unpacked.
 
-use crate::image_io::{ImageClient, ImageRef, Platform, RegistryOptions};
 use anyhow::{anyhow, bail, Context, Result};
 use containerd_client::services::v1::snapshots::{
     snapshots_client::SnapshotsClient, PrepareSnapshotRequest, RemoveSnapshotRequest,
@@ -18,6 +17,7 @@ use containerd_client::services::v1::{
 };
 use containerd_client::tonic::{self, transport::Channel, Code, Request};
 use containerd_client::types::Descriptor;
+use ovbd::image_io::{ImageClient, ImageRef, Platform, RegistryOptions};
 use sha2::{Digest as _, Sha256};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -153,7 +153,7 @@ async fn store_and_unpack(
     ctx: &Ctx,
     reference: &str,
     name: &str,
-    img: &crate::image_io::ResolvedImage,
+    img: &ovbd::image_io::ResolvedImage,
     chain: &[String],
     opts: &RpullOptions,
     t0: Instant,
