@@ -61,6 +61,9 @@ const DATA_MAGIC: &[u8; 8] = b"OVBDCDAT";
 const VERSION: u32 = 1;
 /// Header of a map file and trailer of a data file.
 const META_LEN: u64 = 4096;
+/// The largest blob the cache takes (1 TiB): sizes come from image descriptors, and a blob's
+/// per-block state is kept in memory.
+pub const MAX_BLOB_SIZE: u64 = 1 << 40;
 /// Rounds of "serve what is there, fetch what is missing, wait for the others" before a read
 /// gives up on the cache and reads the rest straight from the registry (only under heavy
 /// eviction churn).
@@ -428,13 +431,20 @@ impl BlobState {
 
     /// Reads a blob's cache from its files; `None` if they do not make a trustworthy pair.
     fn load(paths: (PathBuf, PathBuf), digest: &str, block: u64) -> Option<BlobState> {
-        let map = fs::read(&paths.1).ok()?;
-        let meta = Meta::decode(&map, MAP_MAGIC)?;
-        if meta.digest != digest || meta.block != block {
+        // The header first: the map's length follows from it, and nothing larger is read.
+        let map_file = File::open(&paths.1).ok()?;
+        let mut header = vec![0u8; META_LEN as usize];
+        map_file.read_exact_at(&mut header, 0).ok()?;
+        let meta = Meta::decode(&header, MAP_MAGIC)?;
+        if meta.digest != digest || meta.block != block || meta.size > MAX_BLOB_SIZE {
             return None;
         }
         let nblocks = meta.size.div_ceil(block);
-        let bits = map.get(META_LEN as usize..META_LEN as usize + bitmap_len(nblocks))?;
+        if map_file.metadata().ok()?.len() != META_LEN + bitmap_len(nblocks) as u64 {
+            return None;
+        }
+        let mut bits = vec![0u8; bitmap_len(nblocks)];
+        map_file.read_exact_at(&mut bits, META_LEN).ok()?;
         let data = File::open(&paths.0).ok()?;
         if data.metadata().ok()?.len() != data_len(meta.size) {
             return None;
@@ -965,6 +975,9 @@ impl BlobCache {
     /// The state of `digest`, made (with empty files) if new or unusable, its open count
     /// incremented (under the lock that keeps [`BlobCache::drop_empty_closed`] away).
     fn open_state(&self, digest: &str, size: u64) -> anyhow::Result<Arc<BlobState>> {
+        if size > MAX_BLOB_SIZE {
+            bail!("blob {digest} of {size} bytes is larger than the cache takes ({MAX_BLOB_SIZE})");
+        }
         let mut blobs = lock(&self.blobs);
         if let Some(s) = blobs.get(digest) {
             if s.size == size && (s.open.load(Relaxed) > 0 || s.data_path.exists()) {
@@ -1836,6 +1849,18 @@ mod tests {
                     .set_len(META_LEN)
                     .unwrap();
             }),
+            ("map extended", |_, map| {
+                let f = OpenOptions::new().write(true).open(map).unwrap();
+                let len = f.metadata().unwrap().len();
+                f.set_len(len + (1 << 30)).unwrap();
+            }),
+            ("map claiming a blob of 2^63 bytes", |_, map| {
+                let mut b = fs::read(map).unwrap();
+                b[24..32].copy_from_slice(&(1u64 << 63).to_le_bytes());
+                let crc = ovbd_format::crc::crc32c_raw(0, &b[..META_LEN as usize - 4]);
+                b[META_LEN as usize - 4..META_LEN as usize].copy_from_slice(&crc.to_le_bytes());
+                fs::write(map, b).unwrap();
+            }),
             ("map of another blob", |_, map| {
                 let mut b = fs::read(map).unwrap();
                 b[60] ^= 1; // inside the digest; the CRC is fixed up below
@@ -2236,6 +2261,28 @@ mod tests {
         let mut bad = Fake::new(10, 11);
         Arc::get_mut(&mut bad).unwrap().digest = "sha256:../../x".into();
         assert!(CachedBlob::with_source(cache.clone(), bad).is_err());
+        // A size no blob has (from a descriptor): refused, not allocated for.
+        struct Huge(Arc<Fake>);
+        impl BlockSource for Huge {
+            fn fetch_ranges(&self, r: &[(u64, usize)]) -> io::Result<Vec<Vec<u8>>> {
+                self.0.fetch_ranges(r)
+            }
+            fn size(&self) -> u64 {
+                MAX_BLOB_SIZE + 1
+            }
+            fn name(&self) -> &str {
+                self.0.name()
+            }
+            fn digest(&self) -> &str {
+                self.0.digest()
+            }
+        }
+        let huge = Arc::new(Huge(Fake::new(10, 12)));
+        let e = CachedBlob::with_source(cache.clone(), huge).err().unwrap();
+        assert!(
+            format!("{e:#}").contains("larger than the cache takes"),
+            "{e:#}"
+        );
         // Reads at or past the end, empty reads.
         assert_eq!(read(&blob, 2 * BS, 10).len(), 0);
         assert_eq!(read(&blob, 0, 0).len(), 0);

@@ -143,9 +143,16 @@ impl RemoteLayer {
         else {
             return Ok(None);
         };
-        let size = size.parse::<u64>().map_err(|_| {
-            MetaError::InvalidArgument(format!("{LABEL_BLOB_SIZE}: {size:?} is not a size"))
-        })?;
+        let size = size
+            .parse::<u64>()
+            .ok()
+            .filter(|&s| s <= crate::blob_cache::MAX_BLOB_SIZE)
+            .ok_or_else(|| {
+                MetaError::InvalidArgument(format!(
+                    "{LABEL_BLOB_SIZE}: {size:?} is not a size of at most {} bytes",
+                    crate::blob_cache::MAX_BLOB_SIZE
+                ))
+            })?;
         if !digest.starts_with("sha256:") || digest.len() != 71 {
             return Err(MetaError::InvalidArgument(format!(
                 "{LABEL_BLOB_DIGEST}: {digest:?} is not a sha256 digest"
@@ -1325,6 +1332,13 @@ mod tests {
         l.insert(LABEL_BLOB_SIZE.into(), "big".into());
         let e = s.create("k3", "", Kind::Active, l).unwrap_err();
         assert!(e.to_string().contains(LABEL_BLOB_SIZE), "{e}");
+        // So is a size no blob has: the cache keeps per-block state of what it is told.
+        let mut l = remote_labels("chain-3", LABEL_IMAGE_REF);
+        l.insert(LABEL_BLOB_SIZE.into(), (u64::MAX / 2).to_string());
+        let e = s.create("k3", "", Kind::Active, l).unwrap_err();
+        assert!(e.to_string().contains(LABEL_BLOB_SIZE), "{e}");
+        assert_eq!(code(e), tonic::Code::InvalidArgument);
+        assert!(s.meta.get("chain-3").is_err() && s.meta.get("k3").is_err());
 
         // The device config names the blob; the image opens through the registry source.
         let bdir = s.dir(c.id).join("block");
