@@ -233,6 +233,42 @@ fn punch_hole(f: &File, off: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// For the fuzz seeds ([`crate::fuzzing`]): the files of one blob's cache under `dir` as a
+/// clean stop leaves them, blocks `present` written (0x5a) and recorded.
+pub(crate) fn write_sample(
+    dir: &Path,
+    digest: &str,
+    size: u64,
+    block: u64,
+    present: &[u64],
+) -> anyhow::Result<()> {
+    let (algo, hex) = digest
+        .split_once(':')
+        .filter(|_| valid_digest(digest))
+        .ok_or_else(|| anyhow::anyhow!("{digest:?} is not a digest"))?;
+    let d = dir.join(algo);
+    fs::create_dir_all(&d)?;
+    let s = BlobState::create(
+        (d.join(format!("{hex}.data")), d.join(format!("{hex}.map"))),
+        digest,
+        size,
+        block,
+    )?;
+    let files = s.open_files()?;
+    for &b in present.iter().filter(|&&b| b < s.nblocks) {
+        let (start, end) = s.block_range(b);
+        files
+            .data
+            .write_all_at(&vec![0x5a; (end - start) as usize], start)?;
+        let mut inner = lock(&s.inner);
+        set_bit(&mut inner.present, b, true);
+        set_bit(&mut inner.durable, b, true);
+        inner.dirty_gen += 1;
+    }
+    s.persist(&files)?;
+    Ok(())
+}
+
 // -------------------------------------------------------------------------------- blob state
 
 /// A block being fetched or evicted: readers of it wait for the outcome.

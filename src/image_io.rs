@@ -107,6 +107,15 @@ impl ImageRef {
         let reference: Reference = name
             .parse()
             .map_err(|e| anyhow!("image reference {s:?}: {e}"))?;
+        // The parser takes `Host/x` (no dot, port or localhost) for a Docker Hub repository
+        // with a capital in it, which no registry accepts; Docker would take Host for a host.
+        ensure!(
+            !reference.repository().bytes().any(|b| b.is_ascii_uppercase()),
+            "image reference {s:?}: repository {:?} is not lowercase (a registry host needs a \
+             dot or a port, e.g. {}.local/...)",
+            reference.repository(),
+            name.split('/').next().unwrap_or(name)
+        );
         Ok(ImageRef::Registry(reference))
     }
 }
@@ -1282,8 +1291,13 @@ pub(crate) fn registry_auth(path: Option<&Path>, registry: &str) -> Result<Regis
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(RegistryAuth::Anonymous),
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
+    docker_config_auth(&text, path, registry)
+}
+
+/// [`registry_auth`] on the text of the docker config at `path` (named in errors).
+pub(crate) fn docker_config_auth(text: &[u8], path: &Path, registry: &str) -> Result<RegistryAuth> {
     let config: DockerConfig =
-        serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))?;
+        serde_json::from_slice(text).with_context(|| format!("parsing {}", path.display()))?;
     let want = normalize_registry_host(registry);
     if let Some((key, entry)) = config
         .auths
@@ -1471,6 +1485,7 @@ pub(crate) mod tests {
             ),
             ("", "image reference"),
             ("Busybox", "image reference"),
+            ("Jdock00/library/busybox", "is not lowercase"),
             ("a//b", "image reference"),
             ("busybox@sha256:abc", "image reference"),
             ("busybox:bad tag", "image reference"),

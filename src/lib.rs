@@ -15,3 +15,6 @@ pub mod mount;
 pub mod registry;
 pub mod remote_layer;
 pub mod snapshotter;
+
+#[doc(hidden)]
+pub mod fuzzing;

@@ -150,7 +150,7 @@ fn is_certificate_error(e: &(dyn std::error::Error + 'static)) -> bool {
 
 /// One challenge of a `WWW-Authenticate` header.
 #[derive(Clone, Debug, PartialEq, Eq)]
-enum Challenge {
+pub(crate) enum Challenge {
     Bearer {
         realm: String,
         service: Option<String>,
@@ -162,7 +162,7 @@ enum Challenge {
 /// The `Bearer` and `Basic` challenges of `WWW-Authenticate` header values (RFC 7235:
 /// `scheme param=value, param="quoted \" value", other-scheme ...`). Unknown schemes, token68
 /// forms and malformed parts are skipped; never panics.
-fn parse_challenges<'a>(values: impl IntoIterator<Item = &'a str>) -> Vec<Challenge> {
+pub(crate) fn parse_challenges<'a>(values: impl IntoIterator<Item = &'a str>) -> Vec<Challenge> {
     let mut out = Vec::new();
     for v in values {
         for (scheme, params) in split_challenges(v) {
@@ -1004,7 +1004,7 @@ impl Inner {
     }
 }
 
-fn retry_after(h: &HeaderMap) -> Option<Duration> {
+pub(crate) fn retry_after(h: &HeaderMap) -> Option<Duration> {
     h.get(header::RETRY_AFTER)?
         .to_str()
         .ok()?
@@ -1015,7 +1015,7 @@ fn retry_after(h: &HeaderMap) -> Option<Duration> {
 }
 
 /// `Content-Range: bytes a-b/total` → `(a, b, total)` (`None` total for `*`).
-fn parse_content_range(v: &str) -> Option<(u64, u64, Option<u64>)> {
+pub(crate) fn parse_content_range(v: &str) -> Option<(u64, u64, Option<u64>)> {
     let rest = v.trim().strip_prefix("bytes")?.trim_start();
     let (range, total) = rest.split_once('/')?;
     let (a, b) = range.trim().split_once('-')?;

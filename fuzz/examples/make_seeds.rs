@@ -1,5 +1,6 @@
 //! Writes the seed inputs in fuzz/seeds/<target>/ (small; the RW ones carry random UUIDs):
-//! `cd fuzz && cargo run --release --example make_seeds`.
+//! `cd fuzz && cargo run --release --example make_seeds [TARGET...]` (only those targets'
+//! seeds when targets are named).
 
 use ovbd_format::commit::{commit_compact, CommitInfo};
 use ovbd_format::layer::{write_blob, BlobOptions};
@@ -14,6 +15,10 @@ fn root() -> PathBuf {
 }
 
 fn put(target: &str, name: &str, bytes: &[u8]) {
+    let wanted: Vec<String> = std::env::args().skip(1).collect();
+    if !wanted.is_empty() && !wanted.iter().any(|w| w == target) {
+        return;
+    }
     let d = root().join(target);
     std::fs::create_dir_all(&d).unwrap();
     std::fs::write(d.join(name), bytes).unwrap();
@@ -162,4 +167,223 @@ fn main() {
     ))
     .unwrap();
     put("tar", "hello_world_prefix_8k.blob", &hello[..8192]);
+
+    registry_text_seeds();
+    oci_layout_seeds();
+    block_cache_seeds();
+    layer_tar_seeds();
+}
+
+fn registry_text_seeds() {
+    let seeds: [(&str, &[u8]); 7] = [
+        (
+            "bearer.txt",
+            br#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:library/busybox:pull""#,
+        ),
+        (
+            "two_challenges.txt",
+            b"Basic realm=\"x\", Bearer realm=\"http://127.0.0.1:1/t\",error=\"insufficient_scope\"\nNegotiate abc==",
+        ),
+        ("content_range.txt", b"bytes 262144-524287/641024"),
+        ("content_range_star.txt", b"bytes 0-0/*"),
+        ("retry_after.txt", b"120"),
+        (
+            "docker_config.json",
+            br#"{"auths":{"http://localhost:5000/v2/":{"auth":"YWxpY2U6czNjcmV0"},"other:1":{"username":"u","password":"p"}},"credHelpers":{"localhost:5000":"pass"}}"#,
+        ),
+        (
+            "image_refs.txt",
+            b"docker://localhost:5000/library/busybox:1.36@sha256:abababababababababababababababababababababababababababababababab",
+        ),
+    ];
+    for (name, bytes) in seeds {
+        put("registry_text", name, bytes);
+    }
+    put("registry_text", "oci_ref.txt", b"oci:/tmp/layout:v1");
+}
+
+/// Layouts in `ovbd_fuzz::write_layout`'s form: parts joined by NUL, `@N`/`#N` for blob N.
+fn oci_layout_seeds() {
+    let layer_tar = {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(3);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, "hello", &b"hi\n"[..]).unwrap();
+        b.into_inner().unwrap()
+    };
+    let config = br#"{"architecture":"amd64","os":"linux","created":"2024-05-01T12:34:56.789Z","rootfs":{"type":"layers","diff_ids":["sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"]},"config":{"Cmd":["/hello"]}}"#;
+    let manifest = |cfg: usize, layer: usize, docker: bool| {
+        let (m, c, l) = if docker {
+            (
+                "application/vnd.docker.distribution.manifest.v2+json",
+                "application/vnd.docker.container.image.v1+json",
+                "application/vnd.docker.image.rootfs.diff.tar.gzip",
+            )
+        } else {
+            (
+                "application/vnd.oci.image.manifest.v1+json",
+                "application/vnd.oci.image.config.v1+json",
+                "application/vnd.oci.image.layer.v1.tar",
+            )
+        };
+        format!(
+            r#"{{"schemaVersion":2,"mediaType":"{m}","config":{{"mediaType":"{c}","digest":"@{cfg}","size":#{cfg}}},"layers":[{{"mediaType":"{l}","digest":"@{layer}","size":#{layer}}}]}}"#
+        )
+    };
+    let tagged = |media: &str, n: usize, platform: &str| {
+        format!(
+            r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"{media}","digest":"@{n}","size":#{n}{platform},"annotations":{{"org.opencontainers.image.ref.name":"t"}}}}]}}"#
+        )
+    };
+    let join = |parts: &[&[u8]]| parts.join(&0u8);
+    let oci = "application/vnd.oci.image.manifest.v1+json";
+    put(
+        "oci_layout",
+        "manifest.layout",
+        &join(&[
+            tagged(oci, 1, "").as_bytes(),
+            manifest(2, 3, false).as_bytes(),
+            config,
+            &layer_tar,
+        ]),
+    );
+    put(
+        "oci_layout",
+        "docker_manifest.layout",
+        &join(&[
+            tagged(
+                "application/vnd.docker.distribution.manifest.v2+json",
+                1,
+                "",
+            )
+            .as_bytes(),
+            manifest(2, 3, true).as_bytes(),
+            config,
+            &layer_tar,
+        ]),
+    );
+    let index = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{{"mediaType":"{oci}","digest":"@3","size":#3,"platform":{{"architecture":"arm64","os":"linux","variant":"v8"}}}},{{"mediaType":"{oci}","digest":"@2","size":#2,"platform":{{"architecture":"amd64","os":"linux"}}}}]}}"#
+    );
+    put(
+        "oci_layout",
+        "nested_index.layout",
+        &join(&[
+            tagged("application/vnd.oci.image.index.v1+json", 1, "").as_bytes(),
+            index.as_bytes(),
+            manifest(4, 5, false).as_bytes(),
+            manifest(4, 5, false).as_bytes(),
+            config,
+            &layer_tar,
+        ]),
+    );
+}
+
+/// Cache files as a clean stop leaves them: a 600 KiB blob (3 blocks of 256 KiB), blocks 0
+/// and 2 recorded; the map whole, the data file as its length and its trailer.
+fn block_cache_seeds() {
+    use ovbd_fuzz::{encode_cache_files, CacheFile, CACHE_DIGESTS};
+    let tmp = tempfile::tempdir().unwrap();
+    let size = 600 << 10;
+    ovbd::fuzzing::block_cache_sample(tmp.path(), CACHE_DIGESTS[0], size, &[0, 2]).unwrap();
+    let hex = &CACHE_DIGESTS[0][7..];
+    let map = std::fs::read(tmp.path().join(format!("sha256/{hex}.map"))).unwrap();
+    let data = std::fs::read(tmp.path().join(format!("sha256/{hex}.data"))).unwrap();
+    let trailer_at = (size as usize).div_ceil(4096) * 4096;
+    let files = vec![
+        CacheFile {
+            kind: 0,
+            fix_crc: false,
+            len: map.len() as u64,
+            write_at: 0,
+            bytes: map.clone(),
+        },
+        CacheFile {
+            kind: 1,
+            fix_crc: false,
+            len: data.len() as u64,
+            write_at: trailer_at as u64,
+            bytes: data[trailer_at..].to_vec(),
+        },
+    ];
+    put("block_cache", "one_blob.cache", &encode_cache_files(&files));
+    let mut more = files.clone();
+    more.push(CacheFile {
+        kind: 6,
+        fix_crc: false,
+        len: 10,
+        write_at: 0,
+        bytes: b"tmp".to_vec(),
+    });
+    more.push(CacheFile {
+        kind: 3,
+        fix_crc: false,
+        len: 8192,
+        write_at: 0,
+        bytes: Vec::new(),
+    });
+    put(
+        "block_cache",
+        "with_strays.cache",
+        &encode_cache_files(&more),
+    );
+}
+
+/// Layer tars with every kind of entry `ovbd convert` handles.
+fn layer_tar_seeds() {
+    use tar::{EntryType, Header};
+    let mut b = tar::Builder::new(Vec::new());
+    let mut add = |path: &str, kind: EntryType, data: &[u8], link: Option<&str>, mode: u32| {
+        let mut h = Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_size(data.len() as u64);
+        h.set_mode(mode);
+        h.set_uid(1000);
+        h.set_gid(1000);
+        h.set_mtime(1_700_000_000);
+        if let Some(l) = link {
+            h.set_link_name(l).unwrap();
+        }
+        if kind == EntryType::Char {
+            h.set_device_major(1).unwrap();
+            h.set_device_minor(3).unwrap();
+        }
+        h.set_cksum();
+        b.append_data(&mut h, path, data).unwrap();
+    };
+    add("etc/", EntryType::Directory, b"", None, 0o755);
+    add(
+        "etc/passwd",
+        EntryType::Regular,
+        b"root:x:0:0::/root:/bin/sh\n",
+        None,
+        0o644,
+    );
+    add("etc/link", EntryType::Symlink, b"", Some("passwd"), 0o777);
+    add("etc/hard", EntryType::Link, b"", Some("etc/passwd"), 0o644);
+    add("dev/null", EntryType::Char, b"", None, 0o666);
+    add("run/fifo", EntryType::Fifo, b"", None, 0o600);
+    add("bin/sh", EntryType::Regular, &[0x7f; 5000], None, 0o4755);
+    add("old/.wh..wh..opq", EntryType::Regular, b"", None, 0o644);
+    add("etc/.wh.shadow", EntryType::Regular, b"", None, 0o644);
+    let mut pax = tar::Builder::new(Vec::new());
+    pax.append_pax_extensions([
+        ("SCHILY.xattr.user.k", &b"v"[..]),
+        ("mtime", &b"1700000000.5"[..]),
+        ("path", &b"pax/long-name"[..]),
+    ])
+    .unwrap();
+    let mut h = Header::new_ustar();
+    h.set_size(2);
+    h.set_mode(0o640);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(1_600_000_000);
+    h.set_cksum();
+    pax.append_data(&mut h, "pax/short", &b"ok"[..]).unwrap();
+    let kinds = b.into_inner().unwrap();
+    put("layer_tar", "kinds.tar", &kinds);
+    put("layer_tar", "pax.tar", &pax.into_inner().unwrap());
 }

@@ -9,22 +9,7 @@ use libfuzzer_sys::fuzz_target;
 use ovbd_format::index::Piece;
 use ovbd_format::{FileSource, LsmtFile, RwLayer};
 use ovbd_fuzz::BUDGET;
-use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
-
-fn dir() -> &'static PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let base = if std::path::Path::new("/dev/shm").is_dir() {
-            PathBuf::from("/dev/shm")
-        } else {
-            std::env::temp_dir()
-        };
-        let d = base.join(format!("ovbd-fuzz-rw-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    })
-}
+use std::sync::Arc;
 
 /// Reads every mapping within the budget: (sector offset, bytes) per piece read.
 fn read_all(layer: &RwLayer, vsize: u64) -> Vec<(u64, Vec<u8>)> {
@@ -60,7 +45,7 @@ fn read_all(layer: &RwLayer, vsize: u64) -> Vec<(u64, Vec<u8>)> {
 fn check_err_in(e: &ovbd_format::Error) {
     let msg = e.to_string();
     assert!(
-        msg.contains(dir().to_str().unwrap()),
+        msg.contains(ovbd_fuzz::scratch_dir("rw").to_str().unwrap()),
         "error does not name the file: {msg}"
     );
 }
@@ -71,7 +56,8 @@ fuzz_target!(|input: &[u8]| {
     }
     let split = u32::from_le_bytes(input[..4].try_into().unwrap()) as usize % (input.len() - 3);
     let (data, index) = input[4..].split_at(split);
-    let (d, i) = (dir().join("writable_data"), dir().join("writable_index"));
+    let dir = ovbd_fuzz::scratch_dir("rw");
+    let (d, i) = (dir.join("writable_data"), dir.join("writable_index"));
     std::fs::write(&d, data).unwrap();
     std::fs::write(&i, index).unwrap();
     let layer = match RwLayer::open(&d, &i) {

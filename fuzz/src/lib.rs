@@ -76,3 +76,170 @@ pub fn read_lsmt(lsmt: LsmtFile, budget: u64) -> Result<(), Error> {
     }
     Ok(())
 }
+
+/// This process's scratch directory in `/dev/shm` (else the temp dir), made empty on the
+/// first call (named for `target` then): libFuzzer exits without running destructors, so a
+/// target reuses one directory per run.
+pub fn scratch_dir(target: &str) -> &'static std::path::Path {
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let base = if std::path::Path::new("/dev/shm").is_dir() {
+            std::path::PathBuf::from("/dev/shm")
+        } else {
+            std::env::temp_dir()
+        };
+        let d = base.join(format!("ovbd-fuzz-{target}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).expect("creating the fuzz scratch directory");
+        d
+    })
+}
+
+// ------------------------------------------------------------------------- oci_layout input
+
+/// Splits an `oci_layout` input into its parts: `index.json`, then blobs 1, 2, ... (at most
+/// 9), separated by NUL bytes.
+pub fn layout_parts(data: &[u8]) -> Vec<Vec<u8>> {
+    data.split(|&b| b == 0)
+        .take(10)
+        .map(<[u8]>::to_vec)
+        .collect()
+}
+
+/// Writes an OCI layout from `parts` (see [`layout_parts`]) into `dir`. In each part, `@N`
+/// becomes `sha256:<digest of part N>` and `#N` its length, for N after the part itself (blob
+/// N is finished first), so a fuzzed index or manifest can point at real blobs.
+pub fn write_layout(dir: &std::path::Path, parts: &[Vec<u8>]) -> std::io::Result<()> {
+    use sha2::{Digest, Sha256};
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs)?;
+    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    let mut done: Vec<Option<(String, usize)>> = vec![None; parts.len()];
+    for i in (0..parts.len()).rev() {
+        let mut out = Vec::with_capacity(parts[i].len());
+        let p = &parts[i];
+        let mut k = 0;
+        while k < p.len() {
+            let target = p
+                .get(k + 1)
+                .filter(|c| c.is_ascii_digit())
+                .map(|c| (c - b'0') as usize)
+                .filter(|&n| n > i)
+                .and_then(|n| done.get(n).cloned().flatten());
+            match (p[k], target) {
+                (b'@', Some((hex, _))) => out.extend_from_slice(format!("sha256:{hex}").as_bytes()),
+                (b'#', Some((_, len))) => out.extend_from_slice(len.to_string().as_bytes()),
+                (c, _) => {
+                    out.push(c);
+                    k += 1;
+                    continue;
+                }
+            }
+            k += 2;
+        }
+        if i == 0 {
+            std::fs::write(dir.join("index.json"), &out)?;
+        } else {
+            let hex: String = Sha256::digest(&out)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            std::fs::write(blobs.join(&hex), &out)?;
+            done[i] = Some((hex, out.len()));
+        }
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------------ block_cache input
+
+/// The digests whose cache files a `block_cache` input writes: kinds 0/1 are the map and
+/// data file of the first, 2/3 of the second.
+pub const CACHE_DIGESTS: [&str; 2] = [
+    "sha256:abababababababababababababababababababababababababababababababab",
+    "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+];
+
+/// The largest file a `block_cache` input makes (sparse), and the most it writes in one.
+pub const CACHE_MAX_FILE: u64 = 64 << 20;
+
+/// One file of a `block_cache` input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheFile {
+    /// 0..=3, see [`CACHE_DIGESTS`]; other values: a stray file `.tmp-<kind>` / `junk.<kind>`.
+    pub kind: u8,
+    /// Recompute the CRC32C of the 4 KiB record written at `write_at` (`crc32c` of its first
+    /// 4092 bytes, stored LE in the last 4), so the fuzzer gets past the checksum.
+    pub fix_crc: bool,
+    pub len: u64,
+    pub write_at: u64,
+    pub bytes: Vec<u8>,
+}
+
+/// `block_cache` input: per file, a kind byte (bit 7: fix the CRC), then u32 LE length,
+/// u32 LE write offset, u32 LE byte count and the bytes.
+pub fn cache_files(mut data: &[u8]) -> Vec<CacheFile> {
+    let mut out = Vec::new();
+    while data.len() >= 13 && out.len() < 8 {
+        let u32_at =
+            |o: usize| u32::from_le_bytes([data[o], data[o + 1], data[o + 2], data[o + 3]]);
+        let (kind, len, at, n) = (data[0], u32_at(1), u32_at(5), u32_at(9) as usize);
+        let n = n.min(data.len() - 13);
+        out.push(CacheFile {
+            kind: kind & 0x7f,
+            fix_crc: kind & 0x80 != 0,
+            len: len as u64 % (CACHE_MAX_FILE + 1),
+            write_at: at as u64 % (CACHE_MAX_FILE + 1),
+            bytes: data[13..13 + n].to_vec(),
+        });
+        data = &data[13 + n..];
+    }
+    out
+}
+
+/// The inverse of [`cache_files`] (for the seeds).
+pub fn encode_cache_files(files: &[CacheFile]) -> Vec<u8> {
+    let mut v = Vec::new();
+    for f in files {
+        v.push(f.kind | if f.fix_crc { 0x80 } else { 0 });
+        v.extend_from_slice(&(f.len as u32).to_le_bytes());
+        v.extend_from_slice(&(f.write_at as u32).to_le_bytes());
+        v.extend_from_slice(&(f.bytes.len() as u32).to_le_bytes());
+        v.extend_from_slice(&f.bytes);
+    }
+    v
+}
+
+/// Writes `files` into a cache directory `dir` (`<dir>/sha256/...`).
+pub fn write_cache_files(dir: &std::path::Path, files: &[CacheFile]) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let d = dir.join("sha256");
+    std::fs::create_dir_all(&d)?;
+    for f in files {
+        let name = match f.kind {
+            0..=3 => {
+                let hex = &CACHE_DIGESTS[f.kind as usize / 2][7..];
+                format!("{hex}.{}", if f.kind % 2 == 0 { "map" } else { "data" })
+            }
+            k if k % 2 == 0 => format!(".tmp-{k}"),
+            k => format!("junk.{k}"),
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(d.join(name))?;
+        file.set_len(f.len)?;
+        file.write_all_at(&f.bytes, f.write_at)?;
+        if f.fix_crc {
+            let mut rec = vec![0u8; 4096];
+            let got = file.read_at(&mut rec, f.write_at)?;
+            if got == rec.len() {
+                let crc = ovbd_format::crc::crc32c_raw(0, &rec[..4092]);
+                file.write_all_at(&crc.to_le_bytes(), f.write_at + 4092)?;
+            }
+        }
+    }
+    Ok(())
+}

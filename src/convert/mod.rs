@@ -7,12 +7,13 @@
 //! of the input: times come from the image config's `created`, the ext4 UUID and hash seed
 //! from the first chain ID, and allocation from the order of the tar entries.
 
-mod apply;
+pub(crate) mod apply;
 mod layer;
 
 use crate::extfs::MkfsParams;
 use crate::image_io::{
-    ImageIo, ImageRef, ImageToWrite, LayerFile, Platform, RegistryOptions, MEDIA_OCI_MANIFEST,
+    ImageIo, ImageRef, ImageToWrite, LayerFile, Platform, RegistryOptions, ResolvedImage,
+    MEDIA_OCI_MANIFEST,
 };
 use anyhow::{anyhow, bail, Context, Result};
 use oci_spec::image::{Descriptor, Digest, MediaType};
@@ -71,18 +72,13 @@ pub trait Progress {
     fn layer_done(&mut self, s: &LayerSummary);
 }
 
-pub fn convert(
+/// The source image's config (to be rewritten), its diff_ids (one per layer, checked) and the
+/// time it was created (0 if it does not say), from which the output's times come.
+pub(crate) fn source_config(
+    img: &ResolvedImage,
     src: &str,
-    dst: &str,
-    opts: &ConvertOptions,
-    progress: &mut dyn Progress,
-) -> Result<Summary> {
-    let started = Instant::now();
-    let src_ref = ImageRef::parse(src)?;
-    let dst_ref = ImageRef::parse(dst)?;
-    let io = ImageIo::new(opts.registry.clone())?;
-    let img = io.resolve(&src_ref, &opts.platform)?;
-    let mut config: serde_json::Value = serde_json::from_slice(&img.config_raw)
+) -> Result<(serde_json::Value, Vec<String>, i64)> {
+    let config: serde_json::Value = serde_json::from_slice(&img.config_raw)
         .with_context(|| format!("image config {} is not JSON", img.config.digest()))?;
     let diff_ids: Vec<String> = config
         .pointer("/rootfs/diff_ids")
@@ -117,6 +113,21 @@ pub fn convert(
         .and_then(|v| v.as_str())
         .and_then(parse_rfc3339)
         .unwrap_or(0);
+    Ok((config, diff_ids, now))
+}
+
+pub fn convert(
+    src: &str,
+    dst: &str,
+    opts: &ConvertOptions,
+    progress: &mut dyn Progress,
+) -> Result<Summary> {
+    let started = Instant::now();
+    let src_ref = ImageRef::parse(src)?;
+    let dst_ref = ImageRef::parse(dst)?;
+    let io = ImageIo::new(opts.registry.clone())?;
+    let img = io.resolve(&src_ref, &opts.platform)?;
+    let (mut config, diff_ids, now) = source_config(&img, src)?;
     let chain_ids = chain_ids(&diff_ids);
     let fs_uuid = fs_uuid(&chain_ids[0]);
 

@@ -1,0 +1,155 @@
+//! Entry points for the fuzz targets in `fuzz/` (cargo-fuzz): each runs one parser of
+//! untrusted input (registry headers, docker config, image references and manifests, the
+//! block cache's records, layer tars) the way ovbd runs it. Not an API: `#[doc(hidden)]`.
+//!
+//! A function returns `Err` (or `None`) for input it rejects; a panic, hang or abort in any of
+//! them is a finding.
+
+use crate::blob_cache::BlobCache;
+use crate::config::CacheConfig;
+use crate::convert::apply::{Applier, ApplyStats};
+use crate::extfs::{BlockDevice, ExtFs, MkfsParams};
+use crate::image_io::{ImageIo, ImageRef, LayoutTarget, Platform, RegistryOptions};
+use anyhow::{Context, Result};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// What [`registry_headers`] made of one value.
+#[derive(Debug)]
+pub struct Headers {
+    /// `WWW-Authenticate` challenges understood (one value per line).
+    pub challenges: usize,
+    /// `Content-Range`: first, last, total (`None` for `*`).
+    pub content_range: Option<(u64, u64, Option<u64>)>,
+    /// `Retry-After`.
+    pub retry_after: Option<Duration>,
+}
+
+/// The same bytes as `WWW-Authenticate`, `Content-Range` and `Retry-After` header values.
+pub fn registry_headers(v: &[u8]) -> Headers {
+    let text = String::from_utf8_lossy(v);
+    let mut h = reqwest::header::HeaderMap::new();
+    if let Ok(value) = reqwest::header::HeaderValue::from_bytes(v) {
+        h.insert(reqwest::header::RETRY_AFTER, value);
+    }
+    Headers {
+        challenges: crate::registry::parse_challenges(text.split('\n')).len(),
+        content_range: crate::registry::parse_content_range(&text),
+        retry_after: crate::registry::retry_after(&h),
+    }
+}
+
+/// A docker `config.json`'s credentials for `registry`.
+pub fn docker_config(text: &[u8], registry: &str) -> Result<()> {
+    crate::image_io::docker_config_auth(text, Path::new("config.json"), registry).map(drop)
+}
+
+/// An image reference as `ovbd convert` / `ovbd rpull` take it, printed back.
+pub fn image_ref(s: &str) -> Result<String> {
+    ImageRef::parse(s).map(|r| r.to_string())
+}
+
+/// Resolves tag `t` of the OCI layout at `dir` (index.json, nested indexes, manifest, config:
+/// each size and digest checked) for linux/amd64, then reads the config as `ovbd convert`
+/// does. Returns the layer count.
+pub fn oci_layout(dir: &Path) -> Result<usize> {
+    thread_local! {
+        static IO: Result<ImageIo, String> =
+            ImageIo::new(RegistryOptions::default()).map_err(|e| format!("{e:#}"));
+    }
+    let r = ImageRef::Layout {
+        dir: dir.to_owned(),
+        target: LayoutTarget::Tag("t".into()),
+    };
+    let platform: Platform = "linux/amd64".parse()?;
+    IO.with(|io| {
+        let io = io.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let img = io.resolve(&r, &platform)?;
+        let (_, diff_ids, _) = crate::convert::source_config(&img, "fuzz")?;
+        Ok(diff_ids.len())
+    })
+}
+
+/// Opens a block cache at `dir` (size limit 1 MiB, 256 KiB blocks) over whatever files are
+/// there, as the daemon does at start (eviction included), closes it and opens it again;
+/// returns the bytes found cached each time.
+pub fn block_cache(dir: &Path) -> Result<(u64, u64)> {
+    let cfg = CacheConfig {
+        dir: Some(dir.to_owned()),
+        size_gb: 1.0 / 1024.0,
+        refill_kb: 256,
+    };
+    let first = BlobCache::open_with(&cfg, dir, Duration::from_secs(3600))?
+        .stats()
+        .cached_bytes;
+    let second = BlobCache::open_with(&cfg, dir, Duration::from_secs(3600))?
+        .stats()
+        .cached_bytes;
+    Ok((first, second))
+}
+
+/// An in-memory disk for [`layer_tar`].
+struct MemDisk(Mutex<Vec<u8>>);
+
+impl MemDisk {
+    /// Runs `f` on bytes `[offset, offset + len)` of the disk, or fails if they are not on it.
+    fn with_range<T>(
+        &self,
+        offset: u64,
+        len: usize,
+        f: impl FnOnce(&mut [u8]) -> T,
+    ) -> std::io::Result<T> {
+        let mut d = self
+            .0
+            .lock()
+            .map_err(|_| std::io::Error::other("poisoned"))?;
+        let range = usize::try_from(offset)
+            .ok()
+            .and_then(|o| d.get_mut(o..o.checked_add(len)?))
+            .ok_or_else(|| {
+                std::io::Error::other(format!("{len} bytes at {offset}: past the end"))
+            })?;
+        Ok(f(range))
+    }
+}
+
+impl BlockDevice for MemDisk {
+    fn size(&self) -> u64 {
+        self.0.lock().map_or(0, |d| d.len() as u64)
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.with_range(offset, buf.len(), |r| buf.copy_from_slice(r))
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.with_range(offset, buf.len(), |r| r.copy_from_slice(buf))
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Applies an uncompressed layer tar onto a new 8 MiB ext4 as `ovbd convert` does, closes
+/// the filesystem, opens it again and applies the same tar once more (as an upper layer: every
+/// entry now meets an existing one).
+pub fn layer_tar(tar: &[u8]) -> Result<(ApplyStats, ApplyStats)> {
+    let dev: Arc<dyn BlockDevice> = Arc::new(MemDisk(Mutex::new(vec![0; 8 << 20])));
+    let params = MkfsParams {
+        uuid: [7; 16],
+        now: 1_700_000_000,
+    };
+    let fs = ExtFs::mkfs(dev.clone(), &params)?;
+    let first = Applier::new(&fs, params.now).apply(tar);
+    fs.close().context("closing after the first apply")?;
+    let first = first?;
+    let fs = ExtFs::open(dev, params.now)?;
+    let second = Applier::new(&fs, params.now).apply(tar);
+    fs.close().context("closing after the second apply")?;
+    Ok((first, second?))
+}
+
+/// Leaves in `dir` what a cache with one blob of `size` bytes (digest `digest`) and blocks
+/// `present` written and recorded looks like after a clean stop: seeds for the cache target.
+pub fn block_cache_sample(dir: &Path, digest: &str, size: u64, present: &[u64]) -> Result<()> {
+    crate::blob_cache::write_sample(dir, digest, size, 256 << 10, present)
+}
