@@ -110,7 +110,10 @@ impl ImageRef {
         // The parser takes `Host/x` (no dot, port or localhost) for a Docker Hub repository
         // with a capital in it, which no registry accepts; Docker would take Host for a host.
         ensure!(
-            !reference.repository().bytes().any(|b| b.is_ascii_uppercase()),
+            !reference
+                .repository()
+                .bytes()
+                .any(|b| b.is_ascii_uppercase()),
             "image reference {s:?}: repository {:?} is not lowercase (a registry host needs a \
              dot or a port, e.g. {}.local/...)",
             reference.repository(),

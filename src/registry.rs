@@ -1458,6 +1458,11 @@ pub(crate) mod tests {
         }
     }
 
+    /// `ADDR/test/blob` (the repository [`registry_with_blob`] pushes to) through `registry`.
+    fn test_blob(registry: &Arc<Registry>, addr: &str, digest: &str, size: u64) -> RemoteBlob {
+        RemoteBlob::new(registry.clone(), &format!("{addr}/test/blob"), digest, size).unwrap()
+    }
+
     fn read(blob: &RemoteBlob, off: u64, len: usize) -> io::Result<Vec<u8>> {
         let mut buf = vec![0u8; len];
         let n = blob.read_at(&mut buf, off)?;
@@ -1998,13 +2003,7 @@ pub(crate) mod tests {
         assert_eq!(registry.token_requests(), 0);
 
         // A wrong size in the descriptor is caught by Content-Range.
-        let wrong = RemoteBlob::new(
-            registry.clone(),
-            &format!("{}/test/blob", reg.addr),
-            &digest,
-            data.len() as u64 + 1,
-        )
-        .unwrap();
+        let wrong = test_blob(&registry, &reg.addr, &digest, data.len() as u64 + 1);
         let e = read(&wrong, 0, 10).unwrap_err().to_string();
         assert!(e.contains("descriptor says"), "{e}");
     }
@@ -2019,13 +2018,7 @@ pub(crate) mod tests {
         })
         .unwrap();
         let missing = format!("sha256:{}", "0".repeat(64));
-        let blob = RemoteBlob::new(
-            registry.clone(),
-            &format!("{}/test/blob", reg.addr),
-            &missing,
-            data.len() as u64,
-        )
-        .unwrap();
+        let blob = test_blob(&registry, &reg.addr, &missing, data.len() as u64);
         let t = StdInstant::now();
         let e = read(&blob, 0, 10).unwrap_err();
         assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
@@ -2041,13 +2034,7 @@ pub(crate) mod tests {
         // 403 as well.
         let front = Front::start(&reg.addr, None);
         *front.always.lock().unwrap() = Some(Fault::Status(403));
-        let blob = RemoteBlob::new(
-            registry,
-            &format!("{}/test/blob", front.addr),
-            &_digest,
-            data.len() as u64,
-        )
-        .unwrap();
+        let blob = test_blob(&registry, &front.addr, &_digest, data.len() as u64);
         let t = StdInstant::now();
         let e = read(&blob, 0, 10).unwrap_err();
         assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
@@ -2112,13 +2099,7 @@ pub(crate) mod tests {
             ..quick_config()
         })
         .unwrap();
-        let blob = RemoteBlob::new(
-            registry,
-            &format!("{}/test/blob", reg.addr),
-            &digest,
-            data.len() as u64,
-        )
-        .unwrap();
+        let blob = test_blob(&registry, &reg.addr, &digest, data.len() as u64);
         assert_eq!(read(&blob, 10, 100).unwrap(), &data[10..110]);
         assert_eq!(blob.requests(), 2);
     }
@@ -2224,13 +2205,7 @@ pub(crate) mod tests {
             ..quick_config()
         })
         .unwrap();
-        let blob = RemoteBlob::new(
-            registry.clone(),
-            &format!("{}/test/blob", front.addr),
-            &digest,
-            data.len() as u64,
-        )
-        .unwrap();
+        let blob = test_blob(&registry, &front.addr, &digest, data.len() as u64);
         let mut rng = Rng(5);
         for _ in 0..12 {
             let off = rng.below(data.len() as u64 - 5000);
@@ -2263,13 +2238,7 @@ pub(crate) mod tests {
             ..quick_config()
         })
         .unwrap();
-        let blob2 = RemoteBlob::new(
-            registry2,
-            &format!("{}/test/blob", front.addr),
-            &digest,
-            data.len() as u64,
-        )
-        .unwrap();
+        let blob2 = test_blob(&registry2, &front.addr, &digest, data.len() as u64);
         let t = StdInstant::now();
         let e = read(&blob2, 0, 10).unwrap_err();
         assert!(t.elapsed() < Duration::from_secs(2));
@@ -2302,13 +2271,7 @@ pub(crate) mod tests {
             ..quick_config()
         })
         .unwrap();
-        let blob = RemoteBlob::new(
-            registry,
-            &format!("{}/test/blob", front.addr),
-            &digest,
-            data.len() as u64,
-        )
-        .unwrap();
+        let blob = test_blob(&registry, &front.addr, &digest, data.len() as u64);
         check_random_ranges(&blob, &data, 5, 13);
         let seen = storage.seen.lock().unwrap().clone();
         assert!(seen.len() >= 5, "{seen:?}");
@@ -2334,13 +2297,7 @@ pub(crate) mod tests {
             ..quick_config()
         })
         .unwrap();
-        let blob = RemoteBlob::new(
-            registry,
-            &format!("{}/test/blob", front.addr),
-            &digest,
-            data.len() as u64,
-        )
-        .unwrap();
+        let blob = test_blob(&registry, &front.addr, &digest, data.len() as u64);
         let cases: Vec<(&str, Vec<Fault>)> = vec![
             ("503 x3", vec![Fault::Status(503); 3]),
             (
@@ -2512,13 +2469,7 @@ pub(crate) mod tests {
             ..quick_config()
         })
         .unwrap();
-        let blob = RemoteBlob::new(
-            registry,
-            &format!("{}/test/blob", reg.addr),
-            &digest,
-            300_000,
-        )
-        .unwrap();
+        let blob = test_blob(&registry, &reg.addr, &digest, 300_000);
         check_random_ranges(&blob, &data, 3, 17);
     }
 
@@ -2532,13 +2483,7 @@ pub(crate) mod tests {
             ..quick_config()
         })
         .unwrap();
-        let blob = RemoteBlob::new(
-            registry,
-            &format!("{}/test/blob", reg.addr),
-            &digest,
-            data.len() as u64,
-        )
-        .unwrap();
+        let blob = test_blob(&registry, &reg.addr, &digest, data.len() as u64);
         check_random_ranges(&blob, &data, 5, 19);
         let seen = proxy.seen.lock().unwrap().clone();
         assert!(seen.len() >= 5);
@@ -2552,13 +2497,7 @@ pub(crate) mod tests {
         let (reg, data, digest) = registry_with_blob(4 * MAX_REQUEST_BYTES, 14);
         let front = Front::start(&reg.addr, None);
         let registry = Registry::new(&quick_config()).unwrap();
-        let blob = RemoteBlob::new(
-            registry,
-            &format!("{}/test/blob", front.addr),
-            &digest,
-            data.len() as u64,
-        )
-        .unwrap();
+        let blob = test_blob(&registry, &front.addr, &digest, data.len() as u64);
         let delay = Duration::from_millis(400);
         front.push_faults(vec![Fault::Delay(delay); 4]);
         let t = StdInstant::now();
