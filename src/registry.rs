@@ -1204,10 +1204,11 @@ impl RemoteBlob {
         digest: &str,
         size: u64,
     ) -> anyhow::Result<RemoteBlob> {
-        let name = image_ref.strip_prefix("docker://").unwrap_or(image_ref);
-        let r: oci_client::Reference = name
-            .parse()
-            .map_err(|e| anyhow::anyhow!("image reference {image_ref:?}: {e}"))?;
+        // The same parse as `ovbd convert` / `rpull` (and its checks), registry references only.
+        let crate::image_io::ImageRef::Registry(r) = crate::image_io::ImageRef::parse(image_ref)?
+        else {
+            anyhow::bail!("image reference {image_ref:?} is not a registry reference");
+        };
         anyhow::ensure!(
             valid_digest(digest),
             "blob digest {digest:?}: want sha256:<64 hex digits> (or sha512)"
@@ -1951,6 +1952,8 @@ pub(crate) mod tests {
             );
         }
         assert!(RemoteBlob::new(reg.clone(), "UPPER/Case:x:y", &digest, 1).is_err());
+        assert!(RemoteBlob::new(reg.clone(), "Jdock00/library/app", &digest, 1).is_err());
+        assert!(RemoteBlob::new(reg.clone(), "oci:/some/dir:v1", &digest, 1).is_err());
         assert!(Registry::new(&RegistryConfig {
             mirrors: vec![crate::config::MirrorConfig {
                 host: "docker.io".into(),
