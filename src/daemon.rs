@@ -47,7 +47,7 @@ async fn run(cfg: Config) -> Result<()> {
         "serving the containerd Snapshots API on {}",
         socket.display()
     );
-    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    let incoming = accepted_connections(listener);
     let shutdown = async {
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
@@ -57,12 +57,13 @@ async fn run(cfg: Config) -> Result<()> {
         }
         log::info!("shutting down");
     };
-    Server::builder()
+    let served = Server::builder()
         .add_service(containerd_snapshots::server(Arc::new(Service(snap))))
         .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
-        .context("serving gRPC")?;
+        .await;
+    // A socket nobody listens on reads as "connection refused"; gone, it reads as not running.
     let _ = std::fs::remove_file(&socket);
+    served.context("serving gRPC")?;
     // Devices outlive us (below): record the blocks fetched so far as cached for the next start.
     if let Err(e) = remote.flush() {
         log::warn!("flushing the block cache: {e}");
@@ -70,4 +71,34 @@ async fn run(cfg: Config) -> Result<()> {
     // Devices stay attached: with USER_RECOVERY the kernel keeps them for the next start,
     // which re-attaches them in place (running containers keep their rootfs).
     Ok(())
+}
+
+/// The connections accepted on `listener`. A failed accept (EMFILE when out of descriptors,
+/// ECONNABORTED) is logged and retried: tonic ends the whole server on the first accept error,
+/// which would leave containerd dialing a dead socket for good.
+fn accepted_connections(
+    listener: tokio::net::UnixListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::UnixStream>> {
+    async_stream::stream! {
+        let mut failed_accepts = 0u64;
+        loop {
+            match listener.accept().await {
+                Ok((conn, _)) => {
+                    if failed_accepts > 0 {
+                        log::info!("accepting connections again after {failed_accepts} failed accepts");
+                        failed_accepts = 0;
+                    }
+                    yield Ok(conn)
+                }
+                Err(e) => {
+                    // One line per episode: out of descriptors lasts until some close.
+                    if failed_accepts == 0 {
+                        log::warn!("accepting a connection on the snapshotter socket: {e} (retrying)");
+                    }
+                    failed_accepts += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
 }

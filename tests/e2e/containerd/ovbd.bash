@@ -122,6 +122,14 @@ ovbd_serve_kill9() {
 }
 
 ovbd_serve_log_tail() {
+    local pid
+    if pid=$(ovbd_serve_pid); then
+        if kill -0 "$pid" 2>/dev/null; then
+            echo "--- ovbd serve pid $pid is running" >&2
+        else
+            echo "--- ovbd serve pid $pid is GONE (its log ends below)" >&2
+        fi
+    fi
     [[ -s ${OVBD_SERVE_LOG:-} ]] || return 0
     echo "--- tail of $OVBD_SERVE_LOG" >&2
     tail -n "${1:-40}" "$OVBD_SERVE_LOG" >&2

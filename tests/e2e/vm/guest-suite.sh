@@ -13,6 +13,20 @@ repo=$(cd "$here/../../.." && pwd)
 export OVBD_REPO=$repo
 per_test_timeout=${OVBD_GUEST_TEST_TIMEOUT:-600}
 
+# What a failure may owe to the guest itself (the tmpfs /tmp and /var/tmp live in its RAM).
+mem_summary() {
+    local avail
+    avail=$(awk '$1 == "MemAvailable:" {print int($2 / 1024)}' /proc/meminfo)
+    echo "guest: ${avail} MiB available, $(df -m --output=used /tmp | tail -1 | tr -d ' ') MiB in /tmp," \
+        "$(df -m --output=used /var/tmp | tail -1 | tr -d ' ') MiB in /var/tmp"
+}
+# Processes the kernel killed or that crashed during the suite (OOM killer, segfaults, hung tasks).
+kernel_complaints() {
+    local lines
+    lines=$(dmesg 2>/dev/null | grep -iE 'out of memory|oom-kill|killed process|segfault|traps:|blocked for more than' | tail -n 10)
+    [[ -z $lines ]] || printf '  kernel log:\n%s\n' "$(sed 's/^/    /' <<<"$lines")"
+}
+
 passed=0
 failed=0
 for t in "$@"; do
@@ -21,12 +35,13 @@ for t in "$@"; do
     start=$SECONDS
     rc=0
     (cd "$repo" && exec timeout -k 10 "$per_test_timeout" bash "$t") </dev/null 2>&1 || rc=$?
-    echo "=== $name finished in $((SECONDS - start)) s"
+    echo "=== $name finished in $((SECONDS - start)) s ($(mem_summary))"
     if ((rc == 0)); then
         echo "ok $name"
         passed=$((passed + 1))
     else
         ((rc == 124)) && echo "$name: timed out after ${per_test_timeout} s"
+        kernel_complaints
         echo "FAIL $name (exit $rc)"
         failed=$((failed + 1))
     fi

@@ -1,0 +1,155 @@
+//! `ovbd serve` as a process: what containerd sees on its socket.
+
+use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
+use containerd_client::services::v1::snapshots::ListSnapshotsRequest;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// An `ovbd serve` child, killed when dropped.
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `ovbd serve` under `dir` with at most `max_fds` open descriptors.
+    fn start(dir: &Path, max_fds: u64) -> Daemon {
+        let socket = dir.join("ovbd.sock");
+        let log = dir.join("serve.log");
+        let config = dir.join("ovbd.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "root = {:?}\nsocket = {:?}\nlog_level = \"info\"\n",
+                dir.join("root"),
+                socket
+            ),
+        )
+        .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ovbd"));
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::create(dir.join("serve.err")).unwrap());
+        let limit = libc::rlimit {
+            rlim_cur: max_fds,
+            rlim_max: max_fds,
+        };
+        // SAFETY: setrlimit is async-signal-safe and touches nothing of the parent's.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut d = Daemon {
+            child: cmd.spawn().unwrap(),
+            socket,
+            log,
+        };
+        d.wait_for("the socket", |d| d.socket.exists());
+        d
+    }
+
+    fn logs(&self) -> String {
+        let err = std::fs::read_to_string(self.log.with_file_name("serve.err")).unwrap_or_default();
+        format!(
+            "{}{err}",
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        )
+    }
+
+    /// Waits (up to a minute) until `cond` holds; fails if the daemon exits meanwhile.
+    fn wait_for(&mut self, what: &str, cond: impl Fn(&Daemon) -> bool) {
+        let t0 = Instant::now();
+        while !cond(self) {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "ovbd serve exited ({status}) waiting for {what}; its log:\n{}",
+                    self.logs()
+                );
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "no {what} after 60 s; log:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The snapshotter's List over its socket, the way containerd calls it.
+    fn list_snapshots(&self) -> Result<usize, String> {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let channel = containerd_client::connect(&self.socket)
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
+            let mut stream = SnapshotsClient::new(channel)
+                .list(ListSnapshotsRequest {
+                    snapshotter: "ovbd".into(),
+                    filters: vec![],
+                })
+                .await
+                .map_err(|e| format!("list: {e}"))?
+                .into_inner();
+            let mut n = 0;
+            while let Some(page) = stream.message().await.map_err(|e| format!("list: {e}"))? {
+                n += page.info.len();
+            }
+            Ok(n)
+        })
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Out of descriptors (say, many containers' clients at once), accepts fail for a while: the
+/// daemon must keep its socket and serve again once descriptors free up, not exit.
+#[test]
+fn serve_survives_running_out_of_descriptors() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = Daemon::start(dir.path(), 64);
+    assert_eq!(daemon.list_snapshots(), Ok(0), "log:\n{}", daemon.logs());
+
+    // More connections than the daemon has descriptors: the rest wait in the listen backlog.
+    let clients: Vec<UnixStream> = (0..200)
+        .map(|i| {
+            UnixStream::connect(&daemon.socket)
+                .unwrap_or_else(|e| panic!("client {i}: connect: {e}; log:\n{}", daemon.logs()))
+        })
+        .collect();
+    daemon.wait_for("a failed accept in the log", |d| {
+        d.logs()
+            .contains("accepting a connection on the snapshotter socket")
+    });
+    drop(clients);
+
+    daemon.wait_for("the accepts to recover", |d| {
+        d.logs().contains("accepting connections again")
+    });
+    assert_eq!(
+        daemon.list_snapshots(),
+        Ok(0),
+        "after the descriptors freed up; log:\n{}",
+        daemon.logs()
+    );
+    assert!(
+        daemon.child.try_wait().unwrap().is_none(),
+        "ovbd serve exited; log:\n{}",
+        daemon.logs()
+    );
+}
