@@ -4,7 +4,8 @@ use anyhow::{Context, Result};
 use containerd_snapshots::tonic::transport::Server;
 use ovbd::config::Config;
 use ovbd::snapshotter::{Service, Snapshotter};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::Path;
 use std::sync::Arc;
 
 pub fn serve(cfg: Config) -> Result<()> {
@@ -34,15 +35,7 @@ async fn run(cfg: Config) -> Result<()> {
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    match std::fs::remove_file(&socket) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("removing stale {}", socket.display())),
-    }
-    let listener = tokio::net::UnixListener::bind(&socket)
-        .with_context(|| format!("binding {}", socket.display()))?;
-    // The socket is root's only: whoever talks to it can mount anything.
-    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
+    let listener = bind_published(&socket)?;
     log::info!(
         "serving the containerd Snapshots API on {}",
         socket.display()
@@ -73,6 +66,34 @@ async fn run(cfg: Config) -> Result<()> {
     Ok(())
 }
 
+/// Binds the unix socket `socket` so that the path appears only once it listens, and only as
+/// root's: bound in a private directory, chmod'ed, then renamed over the path (and over a stale
+/// socket left by a killed daemon). containerd polls a missing socket every 10 ms: it would
+/// catch the instant between bind and listen, get "connection refused" and back off for seconds.
+fn bind_published(socket: &Path) -> Result<tokio::net::UnixListener> {
+    let dir = socket.parent().unwrap_or(Path::new("."));
+    let private = dir.join(format!(".ovbd-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&private); // a previous daemon's with our pid
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .with_context(|| format!("creating {}", private.display()))?;
+    let staged = private.join("s");
+    let bound = tokio::net::UnixListener::bind(&staged)
+        .with_context(|| format!("binding {} (for {})", staged.display(), socket.display()))
+        .and_then(|listener| {
+            // Whoever talks to the socket can mount anything.
+            std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))
+                .and_then(|()| std::fs::rename(&staged, socket))
+                .with_context(|| {
+                    format!("publishing {} as {}", staged.display(), socket.display())
+                })?;
+            Ok(listener)
+        });
+    let _ = std::fs::remove_dir_all(&private);
+    bound
+}
+
 /// The connections accepted on `listener`. A failed accept (EMFILE when out of descriptors,
 /// ECONNABORTED) is logged and retried: tonic ends the whole server on the first accept error,
 /// which would leave containerd dialing a dead socket for good.
@@ -84,6 +105,8 @@ fn accepted_connections(
         loop {
             match listener.accept().await {
                 Ok((conn, _)) => {
+                    // Tests wait for this line: containerd's connection is up.
+                    log::debug!("accepted a connection on the snapshotter socket");
                     if failed_accepts > 0 {
                         log::info!("accepting connections again after {failed_accepts} failed accepts");
                         failed_accepts = 0;

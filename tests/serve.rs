@@ -18,6 +18,12 @@ struct Daemon {
 impl Daemon {
     /// Starts `ovbd serve` under `dir` with at most `max_fds` open descriptors.
     fn start(dir: &Path, max_fds: u64) -> Daemon {
+        let mut d = Daemon::spawn(dir, max_fds);
+        d.wait_for("the socket", |d| UnixStream::connect(&d.socket).is_ok());
+        d
+    }
+
+    fn spawn(dir: &Path, max_fds: u64) -> Daemon {
         let socket = dir.join("ovbd.sock");
         let log = dir.join("serve.log");
         let config = dir.join("ovbd.toml");
@@ -50,13 +56,11 @@ impl Daemon {
                 Ok(())
             });
         }
-        let mut d = Daemon {
+        Daemon {
             child: cmd.spawn().unwrap(),
             socket,
             log,
-        };
-        d.wait_for("the socket", |d| d.socket.exists());
-        d
+        }
     }
 
     fn logs(&self) -> String {
@@ -150,6 +154,59 @@ fn serve_survives_running_out_of_descriptors() {
     assert!(
         daemon.child.try_wait().unwrap().is_none(),
         "ovbd serve exited; log:\n{}",
+        daemon.logs()
+    );
+}
+
+/// containerd dials a missing socket every 10 ms until it appears: the socket must appear
+/// listening, or containerd meets "connection refused" and backs off for seconds. A stale
+/// socket left by a killed daemon is replaced.
+#[test]
+fn serve_socket_appears_listening_and_replaces_a_stale_one() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("ovbd.sock");
+    let dialer = {
+        let socket = socket.clone();
+        std::thread::spawn(move || {
+            let t0 = Instant::now();
+            loop {
+                match UnixStream::connect(&socket) {
+                    Ok(_) => return Ok(()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(format!("connect: {e}")),
+                }
+                if t0.elapsed() > Duration::from_secs(60) {
+                    return Err("no socket after 60 s".to_string());
+                }
+                std::thread::yield_now();
+            }
+        })
+    };
+    let mut daemon = Daemon::spawn(dir.path(), 1024);
+    let dialed = dialer.join().unwrap();
+    assert_eq!(dialed, Ok(()), "log:\n{}", daemon.logs());
+    let meta = std::fs::metadata(&socket).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600, "socket mode");
+    assert_eq!(daemon.list_snapshots(), Ok(0), "log:\n{}", daemon.logs());
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
+
+    // kill -9: the socket file stays behind, nobody listening on it.
+    daemon.child.kill().unwrap();
+    daemon.child.wait().unwrap();
+    assert!(socket.exists());
+    drop(daemon);
+    let daemon = Daemon::start(dir.path(), 1024);
+    assert_eq!(
+        daemon.list_snapshots(),
+        Ok(0),
+        "after a restart over the stale socket; log:\n{}",
         daemon.logs()
     );
 }

@@ -89,9 +89,18 @@ ovbd_serve_start() {
     e2e_log "ovbd serve pid $pid on $OVBD_SOCK (root $OVBD_ROOT)"
 }
 
+# containerd dials on its own schedule, backing off for up to 3 s after a failed dial, and a
+# `ctr snapshots ls` with no snapshots is answered from its own database: so wait until this
+# start of ovbd serve has logged containerd's connection (at debug, the level tests run at).
 _ovbd_serve_reachable() {
-    # shellcheck disable=SC2086  # $CTR is a command line
-    $CTR snapshots --snapshotter "$CTRD_PROXY_NAME" ls >/dev/null 2>&1
+    case ${OVBD_SERVE_LOG_LEVEL:-debug} in
+        debug | trace)
+            awk '/^=== ovbd serve start/ { n = 0 } /accepted a connection on the snapshotter socket/ { n++ }
+                END { exit n == 0 }' "$OVBD_SERVE_LOG"
+            ;;
+        *) # shellcheck disable=SC2086  # $CTR is a command line
+            $CTR snapshots --snapshotter "$CTRD_PROXY_NAME" ls >/dev/null 2>&1 ;;
+    esac
 }
 
 _ovbd_serve_ready() {
