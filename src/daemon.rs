@@ -36,6 +36,7 @@ async fn run(cfg: Config) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     let listener = bind_published(&socket)?;
+    let published = socket_identity(&socket);
     log::info!(
         "serving the containerd Snapshots API on {}",
         socket.display()
@@ -55,7 +56,10 @@ async fn run(cfg: Config) -> Result<()> {
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     // A socket nobody listens on reads as "connection refused"; gone, it reads as not running.
-    let _ = std::fs::remove_file(&socket);
+    // Unless a newer daemon has already put its own there.
+    if published.is_some() && socket_identity(&socket) == published {
+        let _ = std::fs::remove_file(&socket);
+    }
     served.context("serving gRPC")?;
     // Devices outlive us (below): record the blocks fetched so far as cached for the next start.
     if let Err(e) = remote.flush() {
@@ -92,6 +96,14 @@ fn bind_published(socket: &Path) -> Result<tokio::net::UnixListener> {
         });
     let _ = std::fs::remove_dir_all(&private);
     bound
+}
+
+/// Which file `path` is (device, inode), if any.
+fn socket_identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
 }
 
 /// The connections accepted on `listener`. A failed accept (EMFILE when out of descriptors,

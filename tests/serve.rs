@@ -24,7 +24,13 @@ impl Daemon {
     }
 
     fn spawn(dir: &Path, max_fds: u64) -> Daemon {
-        let socket = dir.join("ovbd.sock");
+        Daemon::spawn_on(dir, &dir.join("ovbd.sock"), max_fds)
+    }
+
+    /// Starts `ovbd serve` with its root, config and log under `dir`, serving on `socket`.
+    fn spawn_on(dir: &Path, socket: &Path, max_fds: u64) -> Daemon {
+        std::fs::create_dir_all(dir).unwrap();
+        let socket = socket.to_path_buf();
         let log = dir.join("serve.log");
         let config = dir.join("ovbd.toml");
         std::fs::write(
@@ -209,4 +215,34 @@ fn serve_socket_appears_listening_and_replaces_a_stale_one() {
         "after a restart over the stale socket; log:\n{}",
         daemon.logs()
     );
+}
+
+/// A daemon that stops after a newer one took the socket over (a restart that overlaps)
+/// leaves the newer one's socket alone; the last one removes its own.
+#[test]
+fn a_stopping_daemon_leaves_a_newer_daemons_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("ovbd.sock");
+    let mut old = Daemon::spawn_on(&dir.path().join("old"), &socket, 1024);
+    old.wait_for("the old daemon serving", |d| {
+        d.logs().contains("serving the containerd Snapshots API")
+    });
+    let mut new = Daemon::spawn_on(&dir.path().join("new"), &socket, 1024);
+    new.wait_for("the new daemon serving", |d| {
+        d.logs().contains("serving the containerd Snapshots API")
+    });
+    let stop = |d: &mut Daemon| {
+        // SAFETY: a plain kill(2) of our own child.
+        assert_eq!(unsafe { libc::kill(d.child.id() as i32, libc::SIGTERM) }, 0);
+        let status = d.child.wait().unwrap();
+        assert!(status.success(), "{status}; log:\n{}", d.logs());
+    };
+    stop(&mut old);
+    assert!(
+        socket.exists(),
+        "the old daemon removed the new one's socket"
+    );
+    assert_eq!(new.list_snapshots(), Ok(0), "log:\n{}", new.logs());
+    stop(&mut new);
+    assert!(!socket.exists(), "the last daemon left its socket behind");
 }
