@@ -96,6 +96,16 @@ impl Daemon {
         }
     }
 
+    /// Asserts that List over the socket answers (no snapshots); `when` names the moment.
+    fn assert_serves(&self, when: &str) {
+        assert_eq!(
+            self.list_snapshots(),
+            Ok(0),
+            "{when}; log:\n{}",
+            self.logs()
+        );
+    }
+
     /// The snapshotter's List over its socket, the way containerd calls it.
     fn list_snapshots(&self) -> Result<usize, String> {
         let rt = tokio::runtime::Runtime::new().unwrap();
@@ -133,7 +143,7 @@ impl Drop for Daemon {
 fn serve_survives_running_out_of_descriptors() {
     let dir = tempfile::tempdir().unwrap();
     let mut daemon = Daemon::start(dir.path(), 64);
-    assert_eq!(daemon.list_snapshots(), Ok(0), "log:\n{}", daemon.logs());
+    daemon.assert_serves("at start");
 
     // More connections than the daemon has descriptors: the rest wait in the listen backlog.
     let clients: Vec<UnixStream> = (0..200)
@@ -151,12 +161,7 @@ fn serve_survives_running_out_of_descriptors() {
     daemon.wait_for("the accepts to recover", |d| {
         d.logs().contains("accepting connections again")
     });
-    assert_eq!(
-        daemon.list_snapshots(),
-        Ok(0),
-        "after the descriptors freed up; log:\n{}",
-        daemon.logs()
-    );
+    daemon.assert_serves("after the descriptors freed up");
     assert!(
         daemon.child.try_wait().unwrap().is_none(),
         "ovbd serve exited; log:\n{}",
@@ -195,7 +200,7 @@ fn serve_socket_appears_listening_and_replaces_a_stale_one() {
     let meta = std::fs::metadata(&socket).unwrap();
     assert!(meta.file_type().is_socket());
     assert_eq!(meta.permissions().mode() & 0o777, 0o600, "socket mode");
-    assert_eq!(daemon.list_snapshots(), Ok(0), "log:\n{}", daemon.logs());
+    daemon.assert_serves("at start");
     let leftovers: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().file_name())
@@ -209,12 +214,7 @@ fn serve_socket_appears_listening_and_replaces_a_stale_one() {
     assert!(socket.exists());
     drop(daemon);
     let daemon = Daemon::start(dir.path(), 1024);
-    assert_eq!(
-        daemon.list_snapshots(),
-        Ok(0),
-        "after a restart over the stale socket; log:\n{}",
-        daemon.logs()
-    );
+    daemon.assert_serves("after a restart over the stale socket");
 }
 
 /// A daemon that stops after a newer one took the socket over (a restart that overlaps)
@@ -242,7 +242,7 @@ fn a_stopping_daemon_leaves_a_newer_daemons_socket() {
         socket.exists(),
         "the old daemon removed the new one's socket"
     );
-    assert_eq!(new.list_snapshots(), Ok(0), "log:\n{}", new.logs());
+    new.assert_serves("after the old daemon stopped");
     stop(&mut new);
     assert!(!socket.exists(), "the last daemon left its socket behind");
 }
