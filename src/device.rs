@@ -288,29 +288,28 @@ async fn io_task(
         // would wait goes to the pool, so a slow source still stalls no other tag, and so do
         // large reads, which decode faster in parallel there.
         if op == sys::UBLK_IO_OP_READ && len <= INLINE_READ_MAX {
-            let inline = match image.try_read(&mut buf.as_mut_slice()[..len], offset) {
-                Ok(true) => Some(len as i32),
-                Ok(false) => None,
-                Err(e) => Some(-e.errno()),
-            };
-            if let Some(res) = inline {
+            let dev_id = q.dev.dev_info.dev_id;
+            if let Some(res) =
+                try_read_inline(dev_id, &image, &mut buf.as_mut_slice()[..len], offset)
+            {
                 q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res)
                     .await?;
                 continue;
             }
         }
         let ptr = IoBufPtr(buf.as_mut_slice().as_mut_ptr(), len);
-        let (image, tx, kick) = (image.clone(), reply_tx.clone(), kick.clone());
+        let image = image.clone();
+        let reply = Reply {
+            tx: reply_tx.clone(),
+            kick: kick.clone(),
+            sent: false,
+        };
         let dev_id = q.dev.dev_info.dev_id;
         pool.submit(Box::new(move || {
-            let ptr = ptr;
+            let (ptr, mut reply) = (ptr, reply);
             // SAFETY: the tag's task waits for this reply before using the buffer again.
             let data = unsafe { std::slice::from_raw_parts_mut(ptr.0, ptr.1) };
-            let res = run_request(dev_id, &image, op, offset, nr_bytes, data);
-            let _ = tx.try_send(res);
-            let one = 1u64.to_ne_bytes();
-            // SAFETY: writing 8 bytes to our eventfd.
-            unsafe { libc::write(kick.as_raw_fd(), one.as_ptr().cast(), 8) };
+            reply.answer(run_request(dev_id, &image, op, offset, nr_bytes, data));
         }));
         let res = reply_rx.recv().await.unwrap_or(-libc::EIO);
         q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res)
@@ -318,16 +317,78 @@ async fn io_task(
     }
 }
 
-/// A worker's job for one request of device `dev_id`: [`handle_request_range`]'s answer.
+/// The answer to a tag's task, given exactly once: the job's result, or EIO if the job ends
+/// without one (dropped unrun, or lost to a panic), so no tag waits forever.
+struct Reply {
+    tx: smol::channel::Sender<i32>,
+    kick: Arc<OwnedFd>,
+    sent: bool,
+}
+
+impl Reply {
+    fn answer(&mut self, res: i32) {
+        if std::mem::replace(&mut self.sent, true) {
+            return;
+        }
+        let _ = self.tx.try_send(res);
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writing 8 bytes to our eventfd.
+        unsafe { libc::write(self.kick.as_raw_fd(), one.as_ptr().cast(), 8) };
+    }
+}
+
+impl Drop for Reply {
+    fn drop(&mut self) {
+        self.answer(-libc::EIO);
+    }
+}
+
+/// The text of a panic's payload.
+fn panic_text(p: &(dyn std::any::Any + Send)) -> &str {
+    p.downcast_ref::<&str>()
+        .copied()
+        .or_else(|| p.downcast_ref::<String>().map(|s| s.as_str()))
+        .unwrap_or("(no message)")
+}
+
+/// A worker's job for one request of device `dev_id`: [`handle_request_range`]'s answer, or
+/// EIO if serving it panics (a bug must fail one request, not hang its tag or kill a worker).
 pub fn run_request(
-    _dev_id: u32,
+    dev_id: u32,
     image: &ImageStack,
     op: u32,
     offset: u64,
     nr_bytes: u64,
     buf: &mut [u8],
 ) -> i32 {
-    handle_request_range(image, op, offset, nr_bytes, buf)
+    let run =
+        std::panic::AssertUnwindSafe(|| handle_request_range(image, op, offset, nr_bytes, buf));
+    std::panic::catch_unwind(run).unwrap_or_else(|p| {
+        log::error!(
+            "ublk device {dev_id}: op {op} at {offset} (+{nr_bytes}) panicked: {}; failing it with EIO",
+            panic_text(&*p)
+        );
+        -libc::EIO
+    })
+}
+
+/// A read served on the queue thread if its data is at hand: `None` if it would wait. A panic
+/// fails the read with EIO rather than take down the queue thread.
+fn try_read_inline(dev_id: u32, image: &ImageStack, buf: &mut [u8], offset: u64) -> Option<i32> {
+    let len = buf.len();
+    let run = std::panic::AssertUnwindSafe(|| image.try_read(buf, offset));
+    match std::panic::catch_unwind(run) {
+        Ok(Ok(true)) => Some(len as i32),
+        Ok(Ok(false)) => None,
+        Ok(Err(e)) => Some(-e.errno()),
+        Err(p) => {
+            log::error!(
+                "ublk device {dev_id}: read at {offset} (+{len}) panicked: {}; failing it with EIO",
+                panic_text(&*p)
+            );
+            Some(-libc::EIO)
+        }
+    }
 }
 
 /// Serves one block request against the image: the byte count on success, `-errno` on failure.
@@ -447,7 +508,10 @@ impl WorkerPool {
                     }
                 }
             };
-            job();
+            // A panicking job must not take its worker with it: the pool's count would leak.
+            if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)) {
+                log::error!("ovbd-io worker: a job panicked: {}", panic_text(&*p));
+            }
         }
     }
 }
@@ -615,6 +679,9 @@ mod tests {
         fn name(&self) -> &str {
             "panicking source"
         }
+        fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+            self.read_at(buf, offset)
+        }
     }
 
     #[test]
@@ -640,6 +707,36 @@ mod tests {
             run_request(7, &img, sys::UBLK_IO_OP_READ, 0, 4096, &mut buf),
             -libc::EIO
         );
+        // So does one served on the queue thread.
+        assert_eq!(try_read_inline(7, &img, &mut buf, 0), Some(-libc::EIO));
+    }
+
+    #[test]
+    fn a_job_lost_to_a_panic_answers_eio_and_kicks_the_queue() {
+        // SAFETY: eventfd returns a new descriptor we own, or -1.
+        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        assert!(raw >= 0);
+        let kick = Arc::new(unsafe { OwnedFd::from_raw_fd(raw) });
+        let (tx, rx) = smol::channel::bounded::<i32>(1);
+        let pool = WorkerPool::new(1, 1);
+        let reply = Reply {
+            tx,
+            kick: kick.clone(),
+            sent: false,
+        };
+        pool.submit(Box::new(move || {
+            let _reply = reply;
+            panic!("injected panic before answering");
+        }));
+        // One worker runs jobs in order: once this one ran, the panicked one has ended.
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        pool.submit(Box::new(move || done_tx.send(()).unwrap()));
+        done_rx.recv_timeout(Duration::from_secs(20)).unwrap();
+        assert_eq!(rx.try_recv(), Ok(-libc::EIO));
+        let mut counter = [0u8; 8];
+        // SAFETY: reading 8 bytes from our eventfd into `counter`.
+        let n = unsafe { libc::read(kick.as_raw_fd(), counter.as_mut_ptr().cast(), 8) };
+        assert_eq!((n, u64::from_ne_bytes(counter)), (8, 1));
     }
 
     #[test]
