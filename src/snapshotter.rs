@@ -1425,6 +1425,120 @@ mod tests {
         assert_eq!((normal.len(), block.len()), (1, 1));
     }
 
+    /// A registry that answers nothing until the test lets it (a blackholed host).
+    struct StuckRemote {
+        entered: Mutex<std::sync::mpsc::Sender<()>>,
+        gate: Mutex<std::sync::mpsc::Receiver<()>>,
+    }
+
+    impl RemoteSource for StuckRemote {
+        fn open(
+            &self,
+            url: &str,
+            _digest: &str,
+            _size: u64,
+            _dir: Option<&Path>,
+        ) -> Result<Arc<dyn ovbd_format::ReadAt>> {
+            let _ = self.entered.lock().unwrap().send(());
+            let _ = self.gate.lock().unwrap().recv();
+            bail!("{url}: no answer")
+        }
+    }
+
+    /// Commits `name` as a local OverlayBD layer (the hello-world fixture's ZFile).
+    fn local_overlaybd_layer(s: &Snapshotter, name: &str) {
+        let key = format!("{name}-extract");
+        let m = s
+            .create(
+                &key,
+                "",
+                Kind::Active,
+                HashMap::from([(LABEL_SNAPSHOT_REF.into(), name.into())]),
+            )
+            .unwrap();
+        let bytes = std::fs::read(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/hello-world-oci/blobs/sha256")
+                .join(&HELLO_BLOB[7..]),
+        )
+        .unwrap();
+        let fs = PathBuf::from(&m[0].source);
+        std::fs::write(fs.join("overlaybd.commit"), &bytes[1536..1536 + 639_491]).unwrap();
+        s.commit(name, &key, HashMap::new()).unwrap();
+        assert_eq!(s.meta.get(name).unwrap().storage, Storage::Block);
+    }
+
+    #[test]
+    fn a_stuck_registry_does_not_hold_up_other_images() {
+        let (entered_tx, entered_rx) = std::sync::mpsc::channel();
+        let (gate_tx, gate_rx) = std::sync::mpsc::channel::<()>();
+        let (_d, s) = snapshotter();
+        let s = Arc::new(s.with_remote(Arc::new(StuckRemote {
+            entered: Mutex::new(entered_tx),
+            gate: Mutex::new(gate_rx),
+        })));
+        // Image A: a remote layer; image B: a local OverlayBD layer.
+        let e = s
+            .create(
+                "extract-a",
+                "",
+                Kind::Active,
+                remote_labels("a", LABEL_IMAGE_REF),
+            )
+            .unwrap_err();
+        assert_eq!(code(e), tonic::Code::AlreadyExists);
+        local_overlaybd_layer(&s, "b");
+
+        let on_a = {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                s.create("ctr-a", "a", Kind::Active, HashMap::new())
+                    .map(|_| ())
+            })
+        };
+        entered_rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("Prepare on image A never asked the registry");
+
+        // While A waits for its registry, B's calls return (failing here for want of ublk).
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                let _ = s.create("ctr-b", "b", Kind::Active, HashMap::new());
+                let _ = s.create("view-b", "b", Kind::View, HashMap::new());
+                let _ = s.remove("ctr-b");
+                let _ = s.remove("view-b");
+                // A dev-mode container whose device is down (as after a restart) is removed.
+                s.meta
+                    .create(
+                        "dev-b",
+                        "b",
+                        Kind::Active,
+                        BTreeMap::new(),
+                        |d| -> SnapResult<Snapshot> {
+                            let mut d = d.clone();
+                            d.mode = Some("dev".into());
+                            d.storage = Storage::Block;
+                            Ok(d)
+                        },
+                    )
+                    .unwrap();
+                let _ = done_tx.send(s.remove("dev-b").map_err(|e| e.to_string()));
+            });
+        }
+        // A hang guard only: B never needs A's registry.
+        let on_b = done_rx.recv_timeout(Duration::from_secs(20));
+        // Let A's registry answer in any case, so nothing is left hanging.
+        drop(gate_tx);
+        let on_a = on_a.join().unwrap();
+        let on_b = on_b.expect("image B's calls waited for image A's registry");
+        assert_eq!(on_b, Ok(()));
+        let e = on_a.unwrap_err();
+        assert!(e.to_string().contains("no answer"), "{e}");
+        assert_eq!(code(s.stat("ctr-a").unwrap_err()), tonic::Code::NotFound);
+    }
+
     #[test]
     fn cleanup_removes_orphan_directories_only() {
         let (_d, s) = snapshotter();
