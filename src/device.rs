@@ -1,9 +1,9 @@
 //! The ublk frontend: serves an [`ImageStack`] as `/dev/ublkbN`.
 //!
 //! One control thread per device runs libublk's `run_target`; its queue thread receives
-//! requests and hands each to a shared, elastic worker pool, so a slow read (a registry fetch,
-//! a cold disk) never stalls other tags or other devices. Workers wake the queue's io_uring
-//! through an eventfd whose READ is always armed in that ring.
+//! requests and hands each to the device's own elastic worker pool, so a slow read (a registry
+//! fetch, a cold disk) never stalls other tags or other devices. Workers wake the queue's
+//! io_uring through an eventfd whose READ is always armed in that ring.
 
 use anyhow::{anyhow, Context, Result};
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
@@ -425,6 +425,14 @@ pub fn handle_request_range(
     }
 }
 
+/// A worker pool for one device. A device has at most `QUEUE_DEPTH` requests in flight, so
+/// with that many threads none of its requests waits for another, and a device whose reads
+/// are stuck (a registry that does not answer) holds threads of its own pool only.
+pub fn device_pool() -> Arc<WorkerPool> {
+    // No idle minimum: once the device is gone, its workers time out and the pool is freed.
+    WorkerPool::new(0, QUEUE_DEPTH as usize)
+}
+
 type Job = Box<dyn FnOnce() + Send>;
 
 /// Threads that run blocking requests. It grows when every worker is busy (so one stuck read
@@ -752,6 +760,30 @@ mod tests {
         rx.recv_timeout(Duration::from_secs(20))
             .expect("a job after panicking ones never ran");
         assert_eq!(pool.lock().threads, 1);
+    }
+
+    #[test]
+    fn a_device_pool_runs_a_job_for_every_tag_at_once() {
+        let pool = device_pool();
+        let gate = Arc::new((Mutex::new(false), Condvar::new()));
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        for _ in 0..QUEUE_DEPTH {
+            let (gate, started) = (gate.clone(), started_tx.clone());
+            pool.submit(Box::new(move || {
+                started.send(()).unwrap();
+                let (open, cv) = &*gate;
+                let mut g = open.lock().unwrap();
+                while !*g {
+                    g = cv.wait(g).unwrap();
+                }
+            }));
+        }
+        // Every tag's job runs while all the others are stuck (a hang guard only).
+        for _ in 0..QUEUE_DEPTH {
+            started_rx.recv_timeout(Duration::from_secs(20)).unwrap();
+        }
+        *gate.0.lock().unwrap() = true;
+        gate.1.notify_all();
     }
 
     #[test]

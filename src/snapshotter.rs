@@ -6,7 +6,7 @@
 //! `block/` a device's `config.v1.json`, result file, mountpoint and writable layer files.
 
 use crate::config::{Config, RootfsMode, WritableLayerType};
-use crate::device::{self, AttachOptions, AttachedDevice, WorkerPool};
+use crate::device::{self, AttachOptions, AttachedDevice};
 use crate::image_config::{ImageConfig, LowerConfig, RemoteSource, UpperConfig};
 use crate::metadata::{Kind, MetaError, MetaStore, Snapshot, Storage};
 use crate::mount;
@@ -102,19 +102,37 @@ struct SharedDevice {
     users: BTreeSet<u64>,
 }
 
+/// One device's place: empty until attached. Its own lock is held across the slow steps
+/// (opening the image, attach, mkfs, mount, unmount, stop), so users of the same device wait
+/// for one another and nobody else waits: a registry that does not answer for one image
+/// holds up no other image.
+type Slot<T> = Arc<Mutex<Option<T>>>;
+
 #[derive(Default)]
 struct Devices {
     /// By the id of the top committed OverlayBD snapshot of the image.
-    shared: HashMap<u64, SharedDevice>,
+    shared: HashMap<u64, Slot<SharedDevice>>,
     /// Writable (dir/dev mode) devices by the active snapshot's id.
-    writable: HashMap<u64, AttachedDevice>,
+    writable: HashMap<u64, Slot<AttachedDevice>>,
+}
+
+fn shared_slots(d: &mut Devices) -> &mut HashMap<u64, Slot<SharedDevice>> {
+    &mut d.shared
+}
+
+fn writable_slots(d: &mut Devices) -> &mut HashMap<u64, Slot<AttachedDevice>> {
+    &mut d.writable
+}
+
+fn lock_slot<T>(slot: &Mutex<Option<T>>) -> std::sync::MutexGuard<'_, Option<T>> {
+    slot.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 pub struct Snapshotter {
     cfg: Config,
     meta: MetaStore,
+    /// Held only to find a device's slot, never while a slot is locked.
     devices: Mutex<Devices>,
-    pool: Arc<WorkerPool>,
     /// Where remote layers are read from (registry + block cache); None: no lazy pulling.
     remote: Option<Arc<dyn RemoteSource>>,
 }
@@ -230,7 +248,6 @@ impl Snapshotter {
             cfg,
             meta,
             devices: Mutex::new(Devices::default()),
-            pool: WorkerPool::new(2, 256),
             remote: None,
         })
     }
@@ -247,6 +264,30 @@ impl Snapshotter {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Devices> {
         self.devices.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on the slot of device `key` in the map `pick` chooses, holding that slot's
+    /// lock only; drops the slot afterwards if it is empty and nobody else holds it.
+    fn with_slot<T, R>(
+        &self,
+        pick: fn(&mut Devices) -> &mut HashMap<u64, Slot<T>>,
+        key: u64,
+        f: impl FnOnce(&mut Option<T>) -> R,
+    ) -> R {
+        let slot = pick(&mut self.lock()).entry(key).or_default().clone();
+        let r = f(&mut lock_slot(&slot));
+        drop(slot);
+        let mut devs = self.lock();
+        let map = pick(&mut devs);
+        // Slots are handed out under the devices lock only: a count of 1 there means nobody
+        // else holds this one, so its lock is free.
+        let unused = map
+            .get(&key)
+            .is_some_and(|s| Arc::strong_count(s) == 1 && lock_slot(s).is_none());
+        if unused {
+            map.remove(&key);
+        }
+        r
     }
 
     pub fn stat(&self, key: &str) -> SnapResult<Info> {
@@ -565,11 +606,27 @@ impl Snapshotter {
     /// The read-only device of the image whose top layer is `top` (`block` bottom to top),
     /// attached and mounted once, shared by every user. Returns its mountpoint.
     fn ensure_shared(&self, top: &Snapshot, block: &[Snapshot], user: u64) -> SnapResult<PathBuf> {
-        let mut devs = self.lock();
-        if let Some(d) = devs.shared.get_mut(&top.id) {
-            d.users.insert(user);
-            return Ok(d.mountpoint.clone());
-        }
+        self.with_slot(shared_slots, top.id, |slot| {
+            if let Some(d) = slot {
+                d.users.insert(user);
+                return Ok(d.mountpoint.clone());
+            }
+            let (dev, mountpoint) = self.attach_shared(top, block)?;
+            *slot = Some(SharedDevice {
+                dev,
+                mountpoint: mountpoint.clone(),
+                users: BTreeSet::from([user]),
+            });
+            Ok(mountpoint)
+        })
+    }
+
+    /// Attaches and mounts the read-only device of the image whose top layer is `top`.
+    fn attach_shared(
+        &self,
+        top: &Snapshot,
+        block: &[Snapshot],
+    ) -> SnapResult<(AttachedDevice, PathBuf)> {
         let bdir = self.dir(top.id).join("block");
         std::fs::create_dir_all(bdir.join("mountpoint"))
             .with_context(|| format!("creating {}", bdir.display()))?;
@@ -585,26 +642,32 @@ impl Snapshotter {
                 return Err(e.into());
             }
         }
-        let users = BTreeSet::from([user]);
-        devs.shared.insert(
-            top.id,
-            SharedDevice {
-                dev,
-                mountpoint: mountpoint.clone(),
-                users,
-            },
-        );
-        Ok(mountpoint)
+        Ok((dev, mountpoint))
     }
 
     /// The writable device of a dir/dev snapshot; returns (device path, mountpoint).
     fn ensure_writable(&self, s: &Snapshot, block: &[Snapshot]) -> SnapResult<(String, PathBuf)> {
-        let mut devs = self.lock();
+        let mountpoint = self.dir(s.id).join("block/mountpoint");
+        self.with_slot(writable_slots, s.id, |slot| {
+            if let Some(d) = slot {
+                return Ok((d.block_path(), mountpoint));
+            }
+            let dev = self.attach_writable(s, block, &mountpoint)?;
+            let path = dev.block_path();
+            *slot = Some(dev);
+            Ok((path, mountpoint))
+        })
+    }
+
+    /// Makes (when new) and attaches the writable layer of `s`, formatted and mounted as its
+    /// mode asks.
+    fn attach_writable(
+        &self,
+        s: &Snapshot,
+        block: &[Snapshot],
+        mountpoint: &Path,
+    ) -> SnapResult<AttachedDevice> {
         let bdir = self.dir(s.id).join("block");
-        let mountpoint = bdir.join("mountpoint");
-        if let Some(d) = devs.writable.get(&s.id) {
-            return Ok((d.block_path(), mountpoint));
-        }
         let (data, index) = (bdir.join("writable_data"), bdir.join("writable_index"));
         let fresh = !data.exists();
         if fresh {
@@ -633,9 +696,9 @@ impl Snapshotter {
             if fresh && block.is_empty() {
                 mkfs_ext4(&path)?;
             }
-            if s.mode.as_deref() == Some("dir") && !mount::is_mounted(&mountpoint) {
-                std::fs::create_dir_all(&mountpoint)?;
-                mount::mount(&path, &mountpoint, "ext4", 0, "discard")?;
+            if s.mode.as_deref() == Some("dir") && !mount::is_mounted(mountpoint) {
+                std::fs::create_dir_all(mountpoint)?;
+                mount::mount(&path, mountpoint, "ext4", 0, "discard")?;
             }
             Ok(())
         })();
@@ -643,8 +706,7 @@ impl Snapshotter {
             let _ = device::stop_device(dev.id);
             return Err(e.into());
         }
-        devs.writable.insert(s.id, dev);
-        Ok((path, mountpoint))
+        Ok(dev)
     }
 
     /// Attaches `cfg`'s image, re-attaching the device recorded in `bdir` if the kernel kept it
@@ -668,7 +730,7 @@ impl Snapshotter {
             if Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists() {
                 match device::attach(
                     image.clone(),
-                    self.pool.clone(),
+                    device::device_pool(),
                     AttachOptions {
                         id: Some(id),
                         recover: true,
@@ -681,7 +743,7 @@ impl Snapshotter {
         }
         let dev = match attached {
             Some(d) => d,
-            None => match device::attach(image, self.pool.clone(), AttachOptions::default()) {
+            None => match device::attach(image, device::device_pool(), AttachOptions::default()) {
                 Ok(d) => d,
                 Err(e) => {
                     cfg.write_result(&Err(anyhow!("{e:#}")));
@@ -734,16 +796,17 @@ impl Snapshotter {
 
     fn detach_writable(&self, s: &Snapshot) -> Result<()> {
         let mountpoint = self.dir(s.id).join("block/mountpoint");
-        if mount::is_mounted(&mountpoint) {
-            mount::unmount(&mountpoint, false)?;
-        }
-        let dev = self.lock().writable.remove(&s.id);
-        if let Some(mut d) = dev {
-            device::stop_device(d.id)?;
-            d.join()?;
-            self.own_device(d.id, false);
-        }
-        Ok(())
+        self.with_slot(writable_slots, s.id, |slot| {
+            if mount::is_mounted(&mountpoint) {
+                mount::unmount(&mountpoint, false)?;
+            }
+            if let Some(mut d) = slot.take() {
+                device::stop_device(d.id)?;
+                d.join()?;
+                self.own_device(d.id, false);
+            }
+            Ok(())
+        })
     }
 
     /// Lets go of the devices snapshot `s` uses.
@@ -756,29 +819,22 @@ impl Snapshotter {
             return Ok(());
         }
         if let Some(top) = block.last() {
-            let done = {
-                let mut devs = self.lock();
-                match devs.shared.get_mut(&top.id) {
-                    Some(d) => {
-                        d.users.remove(&s.id);
-                        if d.users.is_empty() {
-                            devs.shared.remove(&top.id)
-                        } else {
-                            None
-                        }
+            self.with_slot(shared_slots, top.id, |slot| -> Result<()> {
+                let last = slot.as_mut().is_some_and(|d| {
+                    d.users.remove(&s.id);
+                    d.users.is_empty()
+                });
+                if let Some(mut d) = slot.take_if(|_| last) {
+                    if mount::is_mounted(&d.mountpoint) {
+                        mount::unmount(&d.mountpoint, false)
+                            .or_else(|_| mount::unmount(&d.mountpoint, true))?;
                     }
-                    None => None,
+                    device::stop_device(d.dev.id)?;
+                    d.dev.join()?;
+                    self.own_device(d.dev.id, false);
                 }
-            };
-            if let Some(mut d) = done {
-                if mount::is_mounted(&d.mountpoint) {
-                    mount::unmount(&d.mountpoint, false)
-                        .or_else(|_| mount::unmount(&d.mountpoint, true))?;
-                }
-                device::stop_device(d.dev.id)?;
-                d.dev.join()?;
-                self.own_device(d.dev.id, false);
-            }
+                Ok(())
+            })?;
         }
         Ok(())
     }
@@ -861,14 +917,22 @@ impl Snapshotter {
 
     /// Deletes devices we made that nothing re-attached at start.
     fn delete_orphan_devices(&self) {
-        let attached: BTreeSet<u32> = {
+        let (shared, writable): (Vec<_>, Vec<_>) = {
             let devs = self.lock();
-            devs.shared
-                .values()
-                .map(|d| d.dev.id)
-                .chain(devs.writable.values().map(|d| d.id))
-                .collect()
+            (
+                devs.shared.values().cloned().collect(),
+                devs.writable.values().cloned().collect(),
+            )
         };
+        let attached: BTreeSet<u32> = shared
+            .iter()
+            .filter_map(|s| lock_slot(s).as_ref().map(|d| d.dev.id))
+            .chain(
+                writable
+                    .iter()
+                    .filter_map(|s| lock_slot(s).as_ref().map(|d| d.id)),
+            )
+            .collect();
         let Ok(entries) = std::fs::read_dir(self.cfg.root.join("devices")) else {
             return;
         };
