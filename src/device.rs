@@ -44,6 +44,16 @@ pub struct AttachedDevice {
 }
 
 impl AttachedDevice {
+    /// A device with no server behind it, for tests of the bookkeeping around devices.
+    #[cfg(test)]
+    pub fn without_server(id: u32) -> AttachedDevice {
+        AttachedDevice {
+            id,
+            recoverable: false,
+            thread: None,
+        }
+    }
+
     pub fn block_path(&self) -> String {
         format!("/dev/ublkb{}", self.id)
     }
@@ -77,6 +87,29 @@ pub fn delete_device(id: u32) -> Result<()> {
     ctrl.del_dev_async()
         .map_err(|e| anyhow!("deleting ublk device {id}: {e}"))?;
     Ok(())
+}
+
+/// What tells a device of ours from another program's that got its id after a restart: the
+/// process that serves (or last served) it, and its size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DeviceIdentity {
+    pub pid: i32,
+    pub sectors: u64,
+}
+
+/// Who serves device `id` as the driver has it: `None` if there is no such device.
+pub fn identity(id: u32) -> Result<Option<DeviceIdentity>> {
+    if !std::path::Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists() {
+        return Ok(None);
+    }
+    let ctrl = UblkCtrl::new_simple(id as i32).map_err(|e| anyhow!("ublk device {id}: {e}"))?;
+    let mut params = sys::ublk_params::default();
+    ctrl.get_params(&mut params)
+        .map_err(|e| anyhow!("reading the parameters of ublk device {id}: {e}"))?;
+    Ok(Some(DeviceIdentity {
+        pid: ctrl.dev_info().ublksrv_pid,
+        sectors: params.basic.dev_sectors,
+    }))
 }
 
 /// Whether the kernel offers `UBLK_F_USER_RECOVERY`.

@@ -128,11 +128,46 @@ fn lock_slot<T>(slot: &Mutex<Option<T>>) -> std::sync::MutexGuard<'_, Option<T>>
     slot.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The system calls that take devices down and tell whose a device is; tests replace them
+/// (this host has no ublk).
+trait DeviceOps: Send + Sync {
+    fn is_mounted(&self, mountpoint: &Path) -> bool;
+    fn unmount(&self, mountpoint: &Path, lazy: bool) -> Result<()>;
+    /// Stops `dev` and waits until its server has deleted it.
+    fn stop(&self, dev: &mut AttachedDevice) -> Result<()>;
+    /// Who serves device `id`; `None` if there is no such device.
+    fn identity(&self, id: u32) -> Result<Option<device::DeviceIdentity>>;
+    /// Deletes device `id`, whose server is gone.
+    fn delete(&self, id: u32) -> Result<()>;
+}
+
+struct SystemDeviceOps;
+
+impl DeviceOps for SystemDeviceOps {
+    fn is_mounted(&self, mountpoint: &Path) -> bool {
+        mount::is_mounted(mountpoint)
+    }
+    fn unmount(&self, mountpoint: &Path, lazy: bool) -> Result<()> {
+        mount::unmount(mountpoint, lazy)
+    }
+    fn stop(&self, dev: &mut AttachedDevice) -> Result<()> {
+        device::stop_device(dev.id)?;
+        dev.join()
+    }
+    fn identity(&self, id: u32) -> Result<Option<device::DeviceIdentity>> {
+        device::identity(id)
+    }
+    fn delete(&self, id: u32) -> Result<()> {
+        device::delete_device(id)
+    }
+}
+
 pub struct Snapshotter {
     cfg: Config,
     meta: MetaStore,
     /// Held only to find a device's slot, never while a slot is locked.
     devices: Mutex<Devices>,
+    ops: Box<dyn DeviceOps>,
     /// Where remote layers are read from (registry + block cache); None: no lazy pulling.
     remote: Option<Arc<dyn RemoteSource>>,
 }
@@ -248,6 +283,7 @@ impl Snapshotter {
             cfg,
             meta,
             devices: Mutex::new(Devices::default()),
+            ops: Box::new(SystemDeviceOps),
             remote: None,
         })
     }
@@ -797,12 +833,11 @@ impl Snapshotter {
     fn detach_writable(&self, s: &Snapshot) -> Result<()> {
         let mountpoint = self.dir(s.id).join("block/mountpoint");
         self.with_slot(writable_slots, s.id, |slot| {
-            if mount::is_mounted(&mountpoint) {
-                mount::unmount(&mountpoint, false)?;
+            if self.ops.is_mounted(&mountpoint) {
+                self.ops.unmount(&mountpoint, false)?;
             }
             if let Some(mut d) = slot.take() {
-                device::stop_device(d.id)?;
-                d.join()?;
+                self.ops.stop(&mut d)?;
                 self.own_device(d.id, false);
             }
             Ok(())
@@ -825,12 +860,12 @@ impl Snapshotter {
                     d.users.is_empty()
                 });
                 if let Some(mut d) = slot.take_if(|_| last) {
-                    if mount::is_mounted(&d.mountpoint) {
-                        mount::unmount(&d.mountpoint, false)
-                            .or_else(|_| mount::unmount(&d.mountpoint, true))?;
+                    if self.ops.is_mounted(&d.mountpoint) {
+                        self.ops
+                            .unmount(&d.mountpoint, false)
+                            .or_else(|_| self.ops.unmount(&d.mountpoint, true))?;
                     }
-                    device::stop_device(d.dev.id)?;
-                    d.dev.join()?;
+                    self.ops.stop(&mut d.dev)?;
                     self.own_device(d.dev.id, false);
                 }
                 Ok(())
@@ -943,9 +978,16 @@ impl Snapshotter {
             if attached.contains(&id) {
                 continue;
             }
-            if Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists() {
-                log::info!("deleting orphaned /dev/ublkb{id}");
-                if let Err(err) = device::delete_device(id) {
+            match self.ops.identity(id) {
+                Ok(Some(_)) => {
+                    log::info!("deleting orphaned /dev/ublkb{id}");
+                    if let Err(err) = self.ops.delete(id) {
+                        log::warn!("{err:#}");
+                        continue;
+                    }
+                }
+                Ok(None) => {}
+                Err(err) => {
                     log::warn!("{err:#}");
                     continue;
                 }
