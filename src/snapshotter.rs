@@ -1645,6 +1645,186 @@ mod tests {
         assert_eq!(code(s.stat("ctr-a").unwrap_err()), tonic::Code::NotFound);
     }
 
+    /// Stands in for mounts and ublk: records what it is asked, fails as told.
+    #[derive(Default)]
+    struct FakeOps {
+        mounted: Mutex<BTreeSet<PathBuf>>,
+        /// While set, plain unmounts fail with EBUSY (a process still uses the filesystem).
+        busy: std::sync::atomic::AtomicBool,
+        /// How many stops are still to fail.
+        failing_stops: std::sync::atomic::AtomicUsize,
+        stopped: Mutex<Vec<u32>>,
+        lazy_unmounts: Mutex<Vec<PathBuf>>,
+        identities: Mutex<HashMap<u32, device::DeviceIdentity>>,
+        deleted: Mutex<Vec<u32>>,
+    }
+
+    impl DeviceOps for Arc<FakeOps> {
+        fn is_mounted(&self, mountpoint: &Path) -> bool {
+            self.mounted.lock().unwrap().contains(mountpoint)
+        }
+        fn unmount(&self, mountpoint: &Path, lazy: bool) -> Result<()> {
+            use std::sync::atomic::Ordering::SeqCst;
+            if !lazy && self.busy.load(SeqCst) {
+                return Err(std::io::Error::from_raw_os_error(libc::EBUSY))
+                    .with_context(|| format!("umount {}", mountpoint.display()));
+            }
+            if lazy {
+                self.lazy_unmounts
+                    .lock()
+                    .unwrap()
+                    .push(mountpoint.to_owned());
+            }
+            self.mounted.lock().unwrap().remove(mountpoint);
+            Ok(())
+        }
+        fn stop(&self, dev: &mut AttachedDevice) -> Result<()> {
+            use std::sync::atomic::Ordering::SeqCst;
+            let fail = self
+                .failing_stops
+                .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            if fail {
+                bail!("stopping ublk device {}: injected failure", dev.id);
+            }
+            self.stopped.lock().unwrap().push(dev.id);
+            Ok(())
+        }
+        fn identity(&self, id: u32) -> Result<Option<device::DeviceIdentity>> {
+            Ok(self.identities.lock().unwrap().get(&id).copied())
+        }
+        fn delete(&self, id: u32) -> Result<()> {
+            self.deleted.lock().unwrap().push(id);
+            Ok(())
+        }
+    }
+
+    fn fake_ops(s: &mut Snapshotter) -> Arc<FakeOps> {
+        let ops = Arc::new(FakeOps::default());
+        s.ops = Box::new(ops.clone());
+        ops
+    }
+
+    /// A dir-mode container `key` whose (server-less) device `id` is attached and mounted.
+    fn with_writable_device(s: &Snapshotter, ops: &FakeOps, key: &str, id: u32) -> Snapshot {
+        let snap = s
+            .meta
+            .create(
+                key,
+                "",
+                Kind::Active,
+                BTreeMap::new(),
+                |d| -> SnapResult<Snapshot> {
+                    let mut d = d.clone();
+                    std::fs::create_dir_all(s.dir(d.id).join("block/mountpoint"))?;
+                    d.mode = Some("dir".into());
+                    d.storage = Storage::Block;
+                    Ok(d)
+                },
+            )
+            .unwrap();
+        let mountpoint = s.dir(snap.id).join("block/mountpoint");
+        ops.mounted.lock().unwrap().insert(mountpoint);
+        s.own_device(id, true);
+        s.lock().writable.insert(
+            snap.id,
+            Arc::new(Mutex::new(Some(AttachedDevice::without_server(id)))),
+        );
+        snap
+    }
+
+    /// Ids of the devices the snapshotter holds.
+    fn held_devices(s: &Snapshotter) -> BTreeSet<u32> {
+        let devs = s.lock();
+        let shared = devs
+            .shared
+            .values()
+            .filter_map(|d| lock_slot(d).as_ref().map(|d| d.dev.id));
+        let writable = devs
+            .writable
+            .values()
+            .filter_map(|d| lock_slot(d).as_ref().map(|d| d.id));
+        shared.chain(writable).collect()
+    }
+
+    #[test]
+    fn cleanup_frees_devices_whose_release_failed() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let (_d, mut s) = snapshotter();
+        let ops = fake_ops(&mut s);
+        let gone = with_writable_device(&s, &ops, "gone", 41);
+        let live = with_writable_device(&s, &ops, "live", 42);
+
+        // Something still uses the removed container's filesystem: Remove cannot unmount it.
+        ops.busy.store(true, SeqCst);
+        s.remove("gone").unwrap();
+        assert!(ops.stopped.lock().unwrap().is_empty());
+        assert_eq!(held_devices(&s), BTreeSet::from([41, 42]));
+
+        // Cleanup frees it, with a lazy unmount as the last resort; the live one stays.
+        s.cleanup().unwrap();
+        assert_eq!(*ops.stopped.lock().unwrap(), vec![41]);
+        assert_eq!(
+            *ops.lazy_unmounts.lock().unwrap(),
+            vec![s.dir(gone.id).join("block/mountpoint")]
+        );
+        assert_eq!(held_devices(&s), BTreeSet::from([42]));
+        assert!(!s.cfg.root.join("devices/41").exists());
+        assert!(s.cfg.root.join("devices/42").exists());
+        assert!(!s.dir(gone.id).exists() && s.dir(live.id).exists());
+
+        // A device whose stop fails is kept until a stop works, and so is its directory.
+        ops.busy.store(false, SeqCst);
+        ops.failing_stops.store(2, SeqCst);
+        s.remove("live").unwrap();
+        s.cleanup().unwrap();
+        assert_eq!(held_devices(&s), BTreeSet::from([42]));
+        assert!(s.dir(live.id).exists());
+        s.cleanup().unwrap();
+        assert_eq!(*ops.stopped.lock().unwrap(), vec![41, 42]);
+        assert!(held_devices(&s).is_empty());
+        assert!(!s.cfg.root.join("devices/42").exists());
+        assert!(!s.dir(live.id).exists());
+    }
+
+    #[test]
+    fn cleanup_frees_a_shared_device_whose_release_failed() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let (_d, mut s) = snapshotter();
+        let ops = fake_ops(&mut s);
+        local_overlaybd_layer(&s, "img");
+        let img = s.meta.get("img").unwrap();
+        // A view on the image, served by its shared device 43.
+        let view = s
+            .meta
+            .create(
+                "v",
+                "img",
+                Kind::View,
+                BTreeMap::new(),
+                |d| -> SnapResult<Snapshot> { Ok(d.clone()) },
+            )
+            .unwrap();
+        let mountpoint = s.dir(img.id).join("block/mountpoint");
+        ops.mounted.lock().unwrap().insert(mountpoint.clone());
+        s.own_device(43, true);
+        s.lock().shared.insert(
+            img.id,
+            Arc::new(Mutex::new(Some(SharedDevice {
+                dev: AttachedDevice::without_server(43),
+                mountpoint,
+                users: BTreeSet::from([view.id]),
+            }))),
+        );
+        ops.failing_stops.store(1, SeqCst);
+        s.remove("v").unwrap();
+        assert_eq!(held_devices(&s), BTreeSet::from([43]));
+        s.cleanup().unwrap();
+        assert_eq!(*ops.stopped.lock().unwrap(), vec![43]);
+        assert!(held_devices(&s).is_empty());
+        assert!(!s.cfg.root.join("devices/43").exists());
+    }
+
     #[test]
     fn cleanup_removes_orphan_directories_only() {
         let (_d, s) = snapshotter();
