@@ -58,6 +58,11 @@ impl AttachedDevice {
         format!("/dev/ublkb{}", self.id)
     }
 
+    /// Whether its server still runs (the device is not yet stopped and deleted).
+    pub fn is_served(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
     /// Waits until the device stops (detached from elsewhere) and is deleted.
     pub fn join(&mut self) -> Result<()> {
         match self.thread.take() {

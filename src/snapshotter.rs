@@ -151,7 +151,10 @@ impl DeviceOps for SystemDeviceOps {
         mount::unmount(mountpoint, lazy)
     }
     fn stop(&self, dev: &mut AttachedDevice) -> Result<()> {
-        device::stop_device(dev.id)?;
+        // A retry after a failed wait: the device is gone already, only the wait is left.
+        if dev.is_served() {
+            device::stop_device(dev.id)?;
+        }
         dev.join()
     }
     fn identity(&self, id: u32) -> Result<Option<device::DeviceIdentity>> {
@@ -313,6 +316,31 @@ impl Snapshotter {
         let slot = pick(&mut self.lock()).entry(key).or_default().clone();
         let r = f(&mut lock_slot(&slot));
         drop(slot);
+        self.prune_slot(pick, key);
+        r
+    }
+
+    /// As [`Self::with_slot`] for a device already held, unless someone is busy with it
+    /// (attaching it, maybe waiting on a registry): then `None` at once.
+    fn with_free_slot<T, R>(
+        &self,
+        pick: fn(&mut Devices) -> &mut HashMap<u64, Slot<T>>,
+        key: u64,
+        f: impl FnOnce(&mut Option<T>) -> R,
+    ) -> Option<R> {
+        let slot = pick(&mut self.lock()).get(&key)?.clone();
+        let r = match slot.try_lock() {
+            Ok(mut g) => Some(f(&mut g)),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(f(&mut p.into_inner())),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        };
+        drop(slot);
+        self.prune_slot(pick, key);
+        r
+    }
+
+    /// Drops the slot of `key` if it is empty and nobody holds it.
+    fn prune_slot<T>(&self, pick: fn(&mut Devices) -> &mut HashMap<u64, Slot<T>>, key: u64) {
         let mut devs = self.lock();
         let map = pick(&mut devs);
         // Slots are handed out under the devices lock only: a count of 1 there means nobody
@@ -323,7 +351,6 @@ impl Snapshotter {
         if unused {
             map.remove(&key);
         }
-        r
     }
 
     pub fn stat(&self, key: &str) -> SnapResult<Info> {
@@ -643,10 +670,12 @@ impl Snapshotter {
     /// attached and mounted once, shared by every user. Returns its mountpoint.
     fn ensure_shared(&self, top: &Snapshot, block: &[Snapshot], user: u64) -> SnapResult<PathBuf> {
         self.with_slot(shared_slots, top.id, |slot| {
-            if let Some(d) = slot {
+            if let Some(d) = slot.as_mut().filter(|d| !d.users.is_empty()) {
                 d.users.insert(user);
                 return Ok(d.mountpoint.clone());
             }
+            // A device left by a failed release is finished off, not reused half torn down.
+            self.free_shared(slot)?;
             let (dev, mountpoint) = self.attach_shared(top, block)?;
             *slot = Some(SharedDevice {
                 dev,
@@ -831,17 +860,53 @@ impl Snapshotter {
     }
 
     fn detach_writable(&self, s: &Snapshot) -> Result<()> {
-        let mountpoint = self.dir(s.id).join("block/mountpoint");
         self.with_slot(writable_slots, s.id, |slot| {
-            if self.ops.is_mounted(&mountpoint) {
-                self.ops.unmount(&mountpoint, false)?;
-            }
-            if let Some(mut d) = slot.take() {
-                self.ops.stop(&mut d)?;
-                self.own_device(d.id, false);
-            }
-            Ok(())
+            self.free_writable(s.id, slot, false)
         })
+    }
+
+    /// Unmounts and stops the writable device of snapshot `id` in `slot`; it stays there if
+    /// that fails. `lazy_if_busy`: a busy filesystem is detached lazily (the snapshot is gone).
+    fn free_writable(
+        &self,
+        id: u64,
+        slot: &mut Option<AttachedDevice>,
+        lazy_if_busy: bool,
+    ) -> Result<()> {
+        self.unmount(&self.dir(id).join("block/mountpoint"), lazy_if_busy)?;
+        if let Some(d) = slot {
+            self.ops.stop(d)?;
+            self.own_device(d.id, false);
+        }
+        *slot = None;
+        Ok(())
+    }
+
+    /// Unmounts and stops the shared device in `slot`, which nobody uses any more; it stays
+    /// there if that fails.
+    fn free_shared(&self, slot: &mut Option<SharedDevice>) -> Result<()> {
+        if let Some(d) = slot {
+            self.unmount(&d.mountpoint, true)?;
+            self.ops.stop(&mut d.dev)?;
+            self.own_device(d.dev.id, false);
+        }
+        *slot = None;
+        Ok(())
+    }
+
+    /// Unmounts `mountpoint` if mounted; `lazy_if_busy`: detached lazily if a plain unmount
+    /// fails (the filesystem goes once its last user lets go).
+    fn unmount(&self, mountpoint: &Path, lazy_if_busy: bool) -> Result<()> {
+        if !self.ops.is_mounted(mountpoint) {
+            return Ok(());
+        }
+        match self.ops.unmount(mountpoint, false) {
+            Err(e) if lazy_if_busy => {
+                log::warn!("{e:#}; detaching it lazily");
+                self.ops.unmount(mountpoint, true)
+            }
+            r => r,
+        }
     }
 
     /// Lets go of the devices snapshot `s` uses.
@@ -859,14 +924,8 @@ impl Snapshotter {
                     d.users.remove(&s.id);
                     d.users.is_empty()
                 });
-                if let Some(mut d) = slot.take_if(|_| last) {
-                    if self.ops.is_mounted(&d.mountpoint) {
-                        self.ops
-                            .unmount(&d.mountpoint, false)
-                            .or_else(|_| self.ops.unmount(&d.mountpoint, true))?;
-                    }
-                    self.ops.stop(&mut d.dev)?;
-                    self.own_device(d.dev.id, false);
+                if last {
+                    self.free_shared(slot)?;
                 }
                 Ok(())
             })?;
@@ -892,10 +951,12 @@ impl Snapshotter {
         Ok(())
     }
 
-    /// Removes directories no snapshot owns (left by crashes or failed removals).
+    /// Frees devices whose release failed (a busy unmount, a failed stop), then removes
+    /// directories no snapshot owns (left by crashes or failed removals).
     pub fn cleanup(&self) -> SnapResult<()> {
         // Ids at or past `next` belong to creates still in flight: not orphans.
         let (live, next) = self.meta.ids()?;
+        let held = self.free_released_devices(&live, next);
         let dir = self.cfg.root.join("snapshots");
         for e in std::fs::read_dir(&dir)
             .with_context(|| format!("reading {}", dir.display()))?
@@ -904,13 +965,53 @@ impl Snapshotter {
             let Some(id) = e.file_name().to_str().and_then(|n| n.parse::<u64>().ok()) else {
                 continue;
             };
-            if id < next && !live.contains(&id) {
+            // A device still held may be serving files in the directory.
+            if id < next && !live.contains(&id) && !held.contains(&id) {
                 if let Err(err) = remove_snapshot_dir(&e.path()) {
                     log::warn!("cleanup of {}: {err:#}", e.path().display());
                 }
             }
         }
         Ok(())
+    }
+
+    /// Retries taking down the writable devices of removed snapshots and the shared devices
+    /// nobody uses; devices someone is busy with are left alone. Returns the ids of snapshots
+    /// whose device could not be freed.
+    fn free_released_devices(&self, live: &BTreeSet<u64>, next: u64) -> BTreeSet<u64> {
+        let (shared, writable): (Vec<u64>, Vec<u64>) = {
+            let devs = self.lock();
+            (
+                devs.shared.keys().copied().collect(),
+                devs.writable.keys().copied().collect(),
+            )
+        };
+        let mut held = BTreeSet::new();
+        for id in writable {
+            if id >= next || live.contains(&id) {
+                continue;
+            }
+            let freed = self.with_free_slot(writable_slots, id, |slot| {
+                self.free_writable(id, slot, true)
+            });
+            if let Some(Err(e)) = freed {
+                log::warn!("cleanup: device of removed snapshot {id}: {e:#}");
+                held.insert(id);
+            }
+        }
+        for id in shared {
+            let freed = self.with_free_slot(shared_slots, id, |slot| {
+                match slot.as_ref().is_some_and(|d| d.users.is_empty()) {
+                    true => self.free_shared(slot),
+                    false => Ok(()),
+                }
+            });
+            if let Some(Err(e)) = freed {
+                log::warn!("cleanup: image device of snapshot {id}: {e:#}");
+                held.insert(id);
+            }
+        }
+        held
     }
 
     /// At start: bring back what live snapshots need (devices the kernel kept are re-attached
@@ -1819,6 +1920,19 @@ mod tests {
         ops.failing_stops.store(1, SeqCst);
         s.remove("v").unwrap();
         assert_eq!(held_devices(&s), BTreeSet::from([43]));
+        // Cleanup passes over a device someone is busy with (a Prepare attaching it).
+        let s = Arc::new(s);
+        let slot = s.lock().shared[&img.id].clone();
+        let busy = slot.lock().unwrap();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        {
+            let s = s.clone();
+            std::thread::spawn(move || done_tx.send(s.cleanup().is_ok()));
+        }
+        // A hang guard only: Cleanup never waits for a busy device.
+        assert_eq!(done_rx.recv_timeout(Duration::from_secs(20)), Ok(true));
+        assert!(ops.stopped.lock().unwrap().is_empty());
+        drop(busy);
         s.cleanup().unwrap();
         assert_eq!(*ops.stopped.lock().unwrap(), vec![43]);
         assert!(held_devices(&s).is_empty());
