@@ -1940,6 +1940,40 @@ mod tests {
     }
 
     #[test]
+    fn orphan_devices_are_deleted_only_while_still_ours() {
+        let (_d, mut s) = snapshotter();
+        let ops = fake_ops(&mut s);
+        let ours = device::DeviceIdentity {
+            pid: 4000,
+            sectors: 1 << 20,
+        };
+        let devices = s.cfg.root.join("devices");
+        std::fs::create_dir_all(&devices).unwrap();
+        let record =
+            |id: u32, text: &str| std::fs::write(devices.join(id.to_string()), text).unwrap();
+        let json = serde_json::to_string(&ours).unwrap();
+        let mut ids = ops.identities.lock().unwrap();
+        // 1: ours, its server gone: the driver still names our old server and our size.
+        record(1, &json);
+        ids.insert(1, ours);
+        // 2 and 3: ids another program's devices got after a restart.
+        record(2, &json);
+        ids.insert(2, device::DeviceIdentity { pid: 5000, ..ours });
+        record(3, &json);
+        ids.insert(3, device::DeviceIdentity { sectors: 8, ..ours });
+        // 4: gone.
+        record(4, &json);
+        // 5: a record that tells nothing (an older ovbd's): the device is left alone.
+        record(5, "");
+        ids.insert(5, ours);
+        drop(ids);
+        s.delete_orphan_devices();
+        assert_eq!(*ops.deleted.lock().unwrap(), vec![1]);
+        // No record stays: the devices left alone are not ours any more, or cannot be told.
+        assert_eq!(std::fs::read_dir(&devices).unwrap().count(), 0);
+    }
+
+    #[test]
     fn cleanup_removes_orphan_directories_only() {
         let (_d, s) = snapshotter();
         s.create("a", "", Kind::Active, HashMap::new()).unwrap();
