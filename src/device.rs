@@ -40,6 +40,7 @@ pub struct AttachedDevice {
     pub id: u32,
     /// Whether the device survives this process dying (and can be re-attached).
     pub recoverable: bool,
+    identity: DeviceIdentity,
     thread: Option<JoinHandle<Result<()>>>,
 }
 
@@ -50,8 +51,17 @@ impl AttachedDevice {
         AttachedDevice {
             id,
             recoverable: false,
+            identity: DeviceIdentity {
+                pid: std::process::id() as i32,
+                sectors: 0,
+            },
             thread: None,
         }
+    }
+
+    /// What the driver reports of this device while this process serves it.
+    pub fn identity(&self) -> DeviceIdentity {
+        self.identity
     }
 
     pub fn block_path(&self) -> String {
@@ -129,6 +139,12 @@ pub fn attach(
     opts: AttachOptions,
 ) -> Result<AttachedDevice> {
     let recoverable = recovery_supported();
+    // The driver has the pid libublk passes at start or recovery (getpid) and the size `serve`
+    // sets.
+    let identity = DeviceIdentity {
+        pid: std::process::id() as i32,
+        sectors: image.virtual_size() >> 9,
+    };
     let (tx, rx) = std::sync::mpsc::channel::<Result<u32>>();
     let fail = tx.clone();
     let thread = std::thread::Builder::new()
@@ -145,6 +161,7 @@ pub fn attach(
         Ok(Ok(id)) => Ok(AttachedDevice {
             id,
             recoverable,
+            identity,
             thread: Some(thread),
         }),
         Ok(Err(e)) => {

@@ -124,6 +124,14 @@ fn writable_slots(d: &mut Devices) -> &mut HashMap<u64, Slot<AttachedDevice>> {
     &mut d.writable
 }
 
+/// A record in `<root>/devices/`: what the driver said of a device we made.
+#[derive(Debug, PartialEq)]
+enum Recorded {
+    Identity(device::DeviceIdentity),
+    /// Written by an older ovbd, which recorded nothing.
+    Unknown,
+}
+
 fn lock_slot<T>(slot: &Mutex<Option<T>>) -> std::sync::MutexGuard<'_, Option<T>> {
     slot.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -791,19 +799,18 @@ impl Snapshotter {
             }
         };
         let mut attached = None;
-        if let Some(id) = recorded {
-            if Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists() {
-                match device::attach(
-                    image.clone(),
-                    device::device_pool(),
-                    AttachOptions {
-                        id: Some(id),
-                        recover: true,
-                    },
-                ) {
-                    Ok(d) => attached = Some(d),
-                    Err(e) => log::warn!("re-attaching /dev/ublkb{id}: {e:#}; attaching anew"),
-                }
+        // Only a device still ours is recovered: after a restart the id may be another's.
+        if let Some(id) = recorded.filter(|&id| self.still_ours(id)) {
+            match device::attach(
+                image.clone(),
+                device::device_pool(),
+                AttachOptions {
+                    id: Some(id),
+                    recover: true,
+                },
+            ) {
+                Ok(d) => attached = Some(d),
+                Err(e) => log::warn!("re-attaching /dev/ublkb{id}: {e:#}; attaching anew"),
             }
         }
         let dev = match attached {
@@ -816,7 +823,7 @@ impl Snapshotter {
                 }
             },
         };
-        self.own_device(dev.id, true);
+        self.own_device(dev.id, Some(dev.identity()));
         std::fs::write(&mark, dev.block_path())
             .with_context(|| format!("writing {}", mark.display()))?;
         cfg.write_result(&Ok(()));
@@ -876,7 +883,7 @@ impl Snapshotter {
         self.unmount(&self.dir(id).join("block/mountpoint"), lazy_if_busy)?;
         if let Some(d) = slot {
             self.ops.stop(d)?;
-            self.own_device(d.id, false);
+            self.own_device(d.id, None);
         }
         *slot = None;
         Ok(())
@@ -888,7 +895,7 @@ impl Snapshotter {
         if let Some(d) = slot {
             self.unmount(&d.mountpoint, true)?;
             self.ops.stop(&mut d.dev)?;
-            self.own_device(d.dev.id, false);
+            self.own_device(d.dev.id, None);
         }
         *slot = None;
         Ok(())
@@ -1036,18 +1043,52 @@ impl Snapshotter {
         Ok(())
     }
 
-    /// Records (or forgets) that a ublk device is ours, so a later start can tell our orphans
-    /// (kept by the kernel for recovery, but no snapshot needs them any more) from other users'.
-    fn own_device(&self, id: u32, owned: bool) {
+    /// Records that ublk device `id` is ours and what the driver says of it (`None`: forgets
+    /// it), so a later start can tell our orphans (kept by the kernel for recovery, but no
+    /// snapshot needs them any more) from devices other programs made with a reused id.
+    fn own_device(&self, id: u32, identity: Option<device::DeviceIdentity>) {
         let dir = self.cfg.root.join("devices");
         let path = dir.join(id.to_string());
-        let r = if owned {
-            std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(&path, b""))
-        } else {
-            std::fs::remove_file(&path)
+        let r = match identity {
+            Some(i) => std::fs::create_dir_all(&dir).and_then(|_| {
+                std::fs::write(
+                    &path,
+                    serde_json::to_vec(&i).map_err(std::io::Error::other)?,
+                )
+            }),
+            None => std::fs::remove_file(&path),
         };
         if let Err(e) = r {
             log::warn!("{}: {e}", path.display());
+        }
+    }
+
+    /// What we recorded of device `id` when we made it: `None` if nothing.
+    fn recorded_device(&self, id: u32) -> Option<Recorded> {
+        let path = self.cfg.root.join("devices").join(id.to_string());
+        let text = std::fs::read(path).ok()?;
+        Some(match serde_json::from_slice(&text) {
+            Ok(i) => Recorded::Identity(i),
+            Err(_) => Recorded::Unknown,
+        })
+    }
+
+    /// Whether device `id` (named by a snapshot's backstore_mark) exists and is still the one
+    /// we recorded, so it may be recovered: the driver names the server and size we recorded.
+    /// A record of an older ovbd, which names neither, is trusted as that ovbd did.
+    fn still_ours(&self, id: u32) -> bool {
+        match self.ops.identity(id) {
+            Ok(Some(now)) => match self.recorded_device(id) {
+                Some(Recorded::Identity(r)) => r == now,
+                Some(Recorded::Unknown) => true,
+                // Released since: the id may be another program's now.
+                None => false,
+            },
+            Ok(None) => false,
+            Err(e) => {
+                log::warn!("{e:#}");
+                false
+            }
         }
     }
 
@@ -1079,21 +1120,30 @@ impl Snapshotter {
             if attached.contains(&id) {
                 continue;
             }
+            let recorded = self.recorded_device(id);
             match self.ops.identity(id) {
-                Ok(Some(_)) => {
+                Ok(Some(now)) if recorded == Some(Recorded::Identity(now)) => {
                     log::info!("deleting orphaned /dev/ublkb{id}");
                     if let Err(err) = self.ops.delete(id) {
                         log::warn!("{err:#}");
                         continue;
                     }
                 }
+                Ok(Some(_)) if recorded == Some(Recorded::Unknown) => log::warn!(
+                    "leaving /dev/ublkb{id} alone: an older ovbd recorded it without what tells it from another program's device; `ovbd device detach {id}` deletes it if it is ours"
+                ),
+                Ok(Some(now)) => log::warn!(
+                    "leaving /dev/ublkb{id} alone: another program's device now (served by pid {} with {} sectors, not as recorded)",
+                    now.pid,
+                    now.sectors
+                ),
                 Ok(None) => {}
                 Err(err) => {
                     log::warn!("{err:#}");
                     continue;
                 }
             }
-            self.own_device(id, false);
+            self.own_device(id, None);
         }
     }
 }
@@ -1826,11 +1876,11 @@ mod tests {
             .unwrap();
         let mountpoint = s.dir(snap.id).join("block/mountpoint");
         ops.mounted.lock().unwrap().insert(mountpoint);
-        s.own_device(id, true);
-        s.lock().writable.insert(
-            snap.id,
-            Arc::new(Mutex::new(Some(AttachedDevice::without_server(id)))),
-        );
+        let dev = AttachedDevice::without_server(id);
+        s.own_device(id, Some(dev.identity()));
+        s.lock()
+            .writable
+            .insert(snap.id, Arc::new(Mutex::new(Some(dev))));
         snap
     }
 
@@ -1908,11 +1958,12 @@ mod tests {
             .unwrap();
         let mountpoint = s.dir(img.id).join("block/mountpoint");
         ops.mounted.lock().unwrap().insert(mountpoint.clone());
-        s.own_device(43, true);
+        let dev = AttachedDevice::without_server(43);
+        s.own_device(43, Some(dev.identity()));
         s.lock().shared.insert(
             img.id,
             Arc::new(Mutex::new(Some(SharedDevice {
-                dev: AttachedDevice::without_server(43),
+                dev,
                 mountpoint,
                 users: BTreeSet::from([view.id]),
             }))),
@@ -1966,9 +2017,19 @@ mod tests {
         // 5: a record that tells nothing (an older ovbd's): the device is left alone.
         record(5, "");
         ids.insert(5, ours);
+        // 6: recorded as attach records it, and still ours.
+        s.own_device(6, Some(ours));
+        ids.insert(6, ours);
+        // 7: exists, but we released it (no record): another program may have it now.
+        ids.insert(7, ours);
         drop(ids);
+        // Those are the devices a snapshot may recover too (an older ovbd's record as before).
+        let recoverable: Vec<u32> = (1..=7).filter(|&id| s.still_ours(id)).collect();
+        assert_eq!(recoverable, vec![1, 5, 6]);
         s.delete_orphan_devices();
-        assert_eq!(*ops.deleted.lock().unwrap(), vec![1]);
+        let mut deleted = ops.deleted.lock().unwrap().clone();
+        deleted.sort();
+        assert_eq!(deleted, vec![1, 6]);
         // No record stays: the devices left alone are not ours any more, or cannot be told.
         assert_eq!(std::fs::read_dir(&devices).unwrap().count(), 0);
     }
