@@ -262,3 +262,55 @@ impl ReadAt for SubSource {
         self.inner.evict(self.base + offset, len)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+
+    fn mkfifo(path: &Path) {
+        let c = CString::new(path.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    }
+
+    #[test]
+    fn open_reads_regular_files_only() {
+        let d = tempfile::tempdir().unwrap();
+        let real = d.path().join("real");
+        std::fs::write(&real, b"layer bytes").unwrap();
+        let f = FileSource::open(&real).unwrap();
+        let mut buf = [0u8; 5];
+        read_exact_at(&f, &mut buf, 0).unwrap();
+        assert_eq!(&buf, b"layer");
+
+        // A symlink (to a regular file) is refused, naming the path.
+        let link = d.path().join("overlaybd.commit");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let e = FileSource::open(&link).err().unwrap().to_string();
+        assert!(e.contains(&link.display().to_string()), "{e}");
+        assert!(e.contains("symbolic link"), "{e}");
+
+        // A FIFO is refused at once (no writer: a plain open would wait for one forever).
+        let (tx, rx) = std::sync::mpsc::channel();
+        let fifo = d.path().join("fifo");
+        mkfifo(&fifo);
+        let p = fifo.clone();
+        std::thread::spawn(move || {
+            let r = FileSource::open(&p).err().map(|e| e.to_string());
+            let _ = tx.send(r);
+        });
+        let r = match rx.recv_timeout(std::time::Duration::from_secs(30)) {
+            Ok(r) => r,
+            Err(_) => {
+                // Hang detector: release the stuck open before failing.
+                let _w = std::fs::OpenOptions::new().write(true).open(&fifo);
+                panic!("FileSource::open of a FIFO did not return");
+            }
+        };
+        let e = r.expect("a FIFO must not open as a layer file");
+        assert!(e.contains(&fifo.display().to_string()), "{e}");
+        assert!(e.contains("not a regular file"), "{e}");
+    }
+}
