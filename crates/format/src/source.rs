@@ -136,10 +136,25 @@ pub struct FileSource {
 }
 
 impl FileSource {
+    /// Opens a regular file. A symlink or a special file (a FIFO would block the open, a
+    /// symlink may point anywhere on the node) is refused with an error naming the path.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let name = path.display().to_string();
-        let file = File::open(path).map_err(|e| Error::io(&name, 0, e))?;
+        let file = open_regular(path).map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) if path.is_symlink() => Error::Unsupported {
+                file: name.clone(),
+                what: "a symbolic link, not a regular file".into(),
+            },
+            _ => Error::io(&name, 0, e),
+        })?;
+        let kind = file.metadata().map_err(|e| Error::io(&name, 0, e))?.file_type();
+        if !kind.is_file() {
+            return Err(Error::Unsupported {
+                file: name,
+                what: format!("not a regular file ({})", file_kind(kind)),
+            });
+        }
         Self::from_file(file, name)
     }
 
@@ -184,6 +199,42 @@ impl ReadAt for FileSource {
     }
     fn name(&self) -> &str {
         &self.name
+    }
+}
+
+/// Opens `path` read-only without following a final symlink and without waiting for a FIFO's
+/// writer; O_NONBLOCK is cleared again so reads behave as usual.
+fn open_regular(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::io::AsRawFd;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on a descriptor we own.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(file)
+}
+
+/// What a non-regular file is, for error messages.
+fn file_kind(t: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_char_device() {
+        "a character device"
+    } else {
+        "a special file"
     }
 }
 
