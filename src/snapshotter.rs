@@ -1425,6 +1425,65 @@ mod tests {
         assert_eq!((normal.len(), block.len()), (1, 1));
     }
 
+    fn mkfifo(path: &Path) {
+        use std::os::unix::ffi::OsStrExt;
+        let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    }
+
+    /// The fixture's ZFile (the payload of its PAX tar), as containerd extracts it.
+    fn hello_zfile() -> Vec<u8> {
+        let bytes = std::fs::read(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/hello-world-oci/blobs/sha256")
+                .join(&HELLO_BLOB[7..]),
+        )
+        .unwrap();
+        bytes[1536..1536 + 639_491].to_vec()
+    }
+
+    #[test]
+    fn commit_takes_only_regular_files_as_overlaybd_layers() {
+        let (d, s) = snapshotter();
+        let unpack = || HashMap::from([(LABEL_SNAPSHOT_REF.to_string(), "x".to_string())]);
+        // overlaybd.commit as a symlink to an OverlayBD file elsewhere on the node: a plain layer.
+        let elsewhere = d.path().join("elsewhere.commit");
+        std::fs::write(&elsewhere, hello_zfile()).unwrap();
+        let m = s.create("sym-extract", "", Kind::Active, unpack()).unwrap();
+        let fs = PathBuf::from(&m[0].source);
+        std::os::unix::fs::symlink(&elsewhere, fs.join("overlaybd.commit")).unwrap();
+        s.commit("sym", "sym-extract", HashMap::new()).unwrap();
+        let c = s.meta.get("sym").unwrap();
+        assert_eq!(c.storage, Storage::Normal);
+        assert!(!c.labels.contains_key(LABEL_LOCAL_COMMIT));
+
+        // A FIFO of that name: Commit returns (a plain layer) and the store keeps working.
+        let m = s.create("fifo-extract", "", Kind::Active, unpack()).unwrap();
+        let fifo = PathBuf::from(&m[0].source).join("overlaybd.commit");
+        mkfifo(&fifo);
+        let s = Arc::new(s);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let s2 = s.clone();
+        std::thread::spawn(move || {
+            let r = s2.commit("fifo", "fifo-extract", HashMap::new());
+            let _ = tx.send(r.map_err(|e| e.to_string()));
+        });
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(r) => r.unwrap(),
+            Err(_) => {
+                // Hang detector: let the stuck open go before failing.
+                let _w = std::fs::OpenOptions::new().write(true).open(&fifo);
+                panic!("Commit of a layer with a FIFO overlaybd.commit did not return");
+            }
+        }
+        assert_eq!(s.meta.get("fifo").unwrap().storage, Storage::Normal);
+        s.create("next-extract", "fifo", Kind::Active, unpack())
+            .unwrap();
+        s.commit("next", "next-extract", HashMap::new()).unwrap();
+        s.remove("next").unwrap();
+    }
+
     #[test]
     fn cleanup_removes_orphan_directories_only() {
         let (_d, s) = snapshotter();
