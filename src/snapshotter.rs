@@ -13,7 +13,7 @@ use crate::mount;
 use anyhow::{anyhow, bail, Context, Result};
 use containerd_snapshots::{api::types::Mount, tonic, Info, Usage};
 use ovbd_format::layer::sniff;
-use ovbd_format::{RwLayer, RwMode};
+use ovbd_format::{FileSource, RwLayer, RwMode};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -709,24 +709,28 @@ impl Snapshotter {
                 .context("moving the sealed layer")?;
             let _ = std::fs::remove_file(&index);
         }
-        let labels: BTreeMap<String, String> = labels.into_iter().collect();
+        // Read the disk before the metadata transaction: a slow or stuck file must not hold
+        // the store's write lock (every other call would wait behind it).
+        let layer_file = block_layer_file(&dir.join("fs"));
+        let usage = disk_usage(&dir)?;
+        let mut labels: BTreeMap<String, String> = labels.into_iter().collect();
+        if let Some(file) = layer_file {
+            labels.insert(LABEL_LOCAL_COMMIT.into(), format!("{}/fs/{file}", s.id));
+        }
         self.meta.commit(key, name, labels, |c| -> SnapResult<()> {
+            if c.id != s.id {
+                return Err(MetaError::FailedPrecondition(format!(
+                    "{key} was replaced while it was being committed"
+                ))
+                .into());
+            }
             c.mode = None;
-            c.storage = if is_block_layer(&dir.join("fs")) {
+            c.storage = if layer_file.is_some() {
                 Storage::Block
             } else {
                 Storage::Normal
             };
-            if c.storage == Storage::Block {
-                let file = if dir.join("fs/overlaybd.commit").exists() {
-                    "overlaybd.commit"
-                } else {
-                    "overlaybd.sealed"
-                };
-                c.labels
-                    .insert(LABEL_LOCAL_COMMIT.into(), format!("{}/fs/{file}", c.id));
-            }
-            c.usage = disk_usage(&dir)?;
+            c.usage = usage;
             Ok(())
         })?;
         Ok(())
@@ -911,15 +915,18 @@ fn split_chain(chain: &[Snapshot]) -> SnapResult<(Vec<Snapshot>, Vec<Snapshot>)>
     Ok((normal.to_vec(), block))
 }
 
-/// Whether a layer directory holds an OverlayBD layer file (checked by magic, as upstream).
-fn is_block_layer(fs: &Path) -> bool {
-    ["overlaybd.commit", "overlaybd.sealed"].iter().any(|n| {
-        let mut head = [0u8; 24];
-        std::fs::File::open(fs.join(n))
-            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
-            .is_ok()
-            && sniff(&head).is_some()
-    })
+/// The OverlayBD layer file a layer directory holds, if any (checked by magic, as upstream).
+/// Only a regular file counts: a symlink may point anywhere on the node, a FIFO would block.
+fn block_layer_file(fs: &Path) -> Option<&'static str> {
+    ["overlaybd.commit", "overlaybd.sealed"]
+        .into_iter()
+        .find(|n| {
+            let mut head = [0u8; 24];
+            FileSource::open(fs.join(n))
+                .and_then(|f| ovbd_format::source::read_exact_at(&f, &mut head, 0))
+                .is_ok()
+                && sniff(&head).is_some()
+        })
 }
 
 fn save_config(cfg: &ImageConfig, path: &Path) -> Result<()> {
