@@ -1491,6 +1491,74 @@ mod tests {
         s.remove("next").unwrap();
     }
 
+    /// A dir-mode container snapshot as Prepare makes it, its writable layer holding `data` at
+    /// 1 MiB (made directly: this host has no ublk for the device).
+    fn writable_snapshot(s: &Snapshotter, key: &str, data: &[u8]) -> Snapshot {
+        let snap = s
+            .meta
+            .create(
+                key,
+                "",
+                Kind::Active,
+                BTreeMap::new(),
+                |draft| -> SnapResult<Snapshot> {
+                    let dir = s.dir(draft.id);
+                    for d in ["fs", "work", "block"] {
+                        std::fs::create_dir_all(dir.join(d))?;
+                    }
+                    let mut x = draft.clone();
+                    x.mode = Some(RootfsMode::Dir.as_str().to_string());
+                    x.storage = Storage::Block;
+                    Ok(x)
+                },
+            )
+            .unwrap();
+        let bdir = s.dir(snap.id).join("block");
+        let rw = RwLayer::create(
+            &bdir.join("writable_data"),
+            &bdir.join("writable_index"),
+            64 << 20,
+            RwMode::Append,
+            None,
+        )
+        .unwrap();
+        rw.write(data, 1 << 20).unwrap();
+        rw.flush().unwrap();
+        snap
+    }
+
+    #[test]
+    fn failed_commit_of_a_writable_layer_keeps_the_containers_data() {
+        let (_d, s) = snapshotter();
+        s.create("taken-extract", "", Kind::Active, HashMap::new())
+            .unwrap();
+        s.commit("taken", "taken-extract", HashMap::new()).unwrap();
+        let data: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
+        let snap = writable_snapshot(&s, "ctr", &data);
+        let bdir = s.dir(snap.id).join("block");
+
+        let e = s.commit("taken", "ctr", HashMap::new()).unwrap_err();
+        assert_eq!(code(e), tonic::Code::AlreadyExists);
+        // The container's layer is still its writable layer, holding what it wrote.
+        let rw = RwLayer::open(&bdir.join("writable_data"), &bdir.join("writable_index")).unwrap();
+        let img = ovbd_format::ImageStack::writable(None, rw).unwrap();
+        let mut buf = vec![0u8; data.len()];
+        img.read(&mut buf, 1 << 20).unwrap();
+        assert_eq!(buf, data);
+        drop(img);
+
+        // A retry under a free name commits it, every byte included.
+        s.commit("image-v2", "ctr", HashMap::new()).unwrap();
+        let c = s.meta.get("image-v2").unwrap();
+        assert_eq!((c.kind, c.storage), (Kind::Committed, Storage::Block));
+        let cfg = s.image_config(std::slice::from_ref(&c), None, &bdir);
+        let img = cfg.open_image(None).unwrap();
+        let mut buf = vec![0u8; data.len()];
+        img.read(&mut buf, 1 << 20).unwrap();
+        assert_eq!(buf, data);
+        assert!(!bdir.join("writable_data").exists());
+    }
+
     #[test]
     fn cleanup_removes_orphan_directories_only() {
         let (_d, s) = snapshotter();
