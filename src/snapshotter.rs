@@ -698,17 +698,40 @@ impl Snapshotter {
 
     pub fn commit(&self, name: &str, key: &str, labels: HashMap<String, String>) -> SnapResult<()> {
         let s = self.meta.get(key)?;
-        let dir = self.dir(s.id);
-        if s.kind == Kind::Active && matches!(s.mode.as_deref(), Some("dir") | Some("dev")) {
-            // Seal the writable layer into a read-only OverlayBD layer of this snapshot.
-            self.detach_writable(&s)?;
-            let bdir = dir.join("block");
-            let (data, index) = (bdir.join("writable_data"), bdir.join("writable_index"));
-            RwLayer::open(&data, &index)?.seal()?;
-            std::fs::rename(&data, dir.join("fs/overlaybd.sealed"))
-                .context("moving the sealed layer")?;
-            let _ = std::fs::remove_file(&index);
+        // A taken name is refused before the layer is touched (the metadata commit checks again).
+        if self.meta.get(name).is_ok() {
+            return Err(MetaError::AlreadyExists(name.to_string()).into());
         }
+        if s.kind == Kind::Active && matches!(s.mode.as_deref(), Some("dir") | Some("dev")) {
+            // Seal the writable layer into a read-only OverlayBD layer of this snapshot, undone
+            // if the commit fails: the container's data must outlive a failed Commit.
+            self.detach_writable(&s)?;
+            let sealed = SealedUpper::seal(&self.dir(s.id))?;
+            return match self.commit_meta(name, key, &s, labels) {
+                Ok(()) => {
+                    sealed.finish();
+                    Ok(())
+                }
+                Err(e) => {
+                    if let Err(undo) = sealed.undo() {
+                        log::error!("commit of {key} failed ({e}) and undoing its seal too: {undo:#}");
+                    }
+                    Err(e)
+                }
+            };
+        }
+        self.commit_meta(name, key, &s, labels)
+    }
+
+    /// Commits active snapshot `s` (`key`) as `name`, its layer as it is on disk now.
+    fn commit_meta(
+        &self,
+        name: &str,
+        key: &str,
+        s: &Snapshot,
+        labels: HashMap<String, String>,
+    ) -> SnapResult<()> {
+        let dir = self.dir(s.id);
         // Read the disk before the metadata transaction: a slow or stuck file must not hold
         // the store's write lock (every other call would wait behind it).
         let layer_file = block_layer_file(&dir.join("fs"));
@@ -913,6 +936,80 @@ fn split_chain(chain: &[Snapshot]) -> SnapResult<(Vec<Snapshot>, Vec<Snapshot>)>
     let mut block = block.to_vec();
     block.reverse();
     Ok((normal.to_vec(), block))
+}
+
+/// A dir/dev snapshot's writable layer sealed for Commit (`fs/overlaybd.sealed`, a hard link
+/// to `block/writable_data`); until the metadata commit succeeds it can be undone.
+struct SealedUpper {
+    data: PathBuf,
+    index: PathBuf,
+    sealed: PathBuf,
+    /// The data file's length before sealing: sealing only appends the index and a trailer.
+    len: u64,
+}
+
+impl SealedUpper {
+    fn seal(dir: &Path) -> SnapResult<SealedUpper> {
+        let bdir = dir.join("block");
+        let data = bdir.join("writable_data");
+        let len = std::fs::metadata(&data)
+            .with_context(|| format!("writable layer {}", data.display()))?
+            .len();
+        let u = SealedUpper {
+            index: bdir.join("writable_index"),
+            sealed: dir.join("fs/overlaybd.sealed"),
+            data,
+            len,
+        };
+        let done = (|| -> SnapResult<()> {
+            // A link left by an attempt that stopped before its metadata commit.
+            remove_if_present(&u.sealed)?;
+            RwLayer::open(&u.data, &u.index)?.seal()?;
+            std::fs::hard_link(&u.data, &u.sealed).with_context(|| {
+                format!("linking {} to {}", u.sealed.display(), u.data.display())
+            })?;
+            Ok(())
+        })();
+        match done {
+            Ok(()) => Ok(u),
+            Err(e) => {
+                if let Err(undo) = u.undo() {
+                    log::error!("undoing the seal of {}: {undo:#}", u.data.display());
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Back to a writable layer: the link goes, the data file is cut back to its old length.
+    fn undo(&self) -> Result<()> {
+        remove_if_present(&self.sealed)?;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&self.data)
+            .with_context(|| format!("opening {}", self.data.display()))?;
+        f.set_len(self.len)
+            .and_then(|()| f.sync_data())
+            .with_context(|| format!("truncating {} to {}", self.data.display(), self.len))
+    }
+
+    /// The commit is stored: the writable layer's own names go.
+    fn finish(self) {
+        for p in [&self.data, &self.index] {
+            if let Err(e) = remove_if_present(p) {
+                log::warn!("{e:#}");
+            }
+        }
+    }
+}
+
+fn remove_if_present(p: &Path) -> Result<()> {
+    match std::fs::remove_file(p) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing {}", p.display()))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// The OverlayBD layer file a layer directory holds, if any (checked by magic, as upstream).
@@ -1557,6 +1654,46 @@ mod tests {
         img.read(&mut buf, 1 << 20).unwrap();
         assert_eq!(buf, data);
         assert!(!bdir.join("writable_data").exists());
+    }
+
+    #[test]
+    fn a_seal_is_undone_or_redone_without_losing_data() {
+        let (_d, s) = snapshotter();
+        let data: Vec<u8> = (0..4096u32).map(|i| (i % 241) as u8).collect();
+        let snap = writable_snapshot(&s, "ctr", &data);
+        let dir = s.dir(snap.id);
+        let (wdata, windex) = (
+            dir.join("block/writable_data"),
+            dir.join("block/writable_index"),
+        );
+        let before = std::fs::read(&wdata).unwrap();
+        let read_upper = || {
+            let rw = RwLayer::open(&wdata, &windex).unwrap();
+            let img = ovbd_format::ImageStack::writable(None, rw).unwrap();
+            let mut buf = vec![0u8; data.len()];
+            img.read(&mut buf, 1 << 20).unwrap();
+            buf
+        };
+
+        // Undone (the metadata commit failed): the writable layer is as it was.
+        let u = SealedUpper::seal(&dir).unwrap();
+        assert!(block_layer_file(&dir.join("fs")).is_some());
+        u.undo().unwrap();
+        assert_eq!(std::fs::read(&wdata).unwrap(), before);
+        assert!(block_layer_file(&dir.join("fs")).is_none());
+        assert_eq!(read_upper(), data);
+
+        // Left sealed (the daemon stopped before the metadata commit): the layer still opens
+        // writable with its data, and a later Commit seals it again.
+        let u = SealedUpper::seal(&dir).unwrap();
+        drop(u);
+        assert_eq!(read_upper(), data);
+        s.commit("image", "ctr", HashMap::new()).unwrap();
+        let c = s.meta.get("image").unwrap();
+        let cfg = s.image_config(std::slice::from_ref(&c), None, &dir.join("block"));
+        let mut buf = vec![0u8; data.len()];
+        cfg.open_image(None).unwrap().read(&mut buf, 1 << 20).unwrap();
+        assert_eq!(buf, data);
     }
 
     #[test]
