@@ -1374,9 +1374,13 @@ mod tests {
         "sha256:022231c3f1af70e0cc42f0c3781eabf174cff608210585bf93fc83e16d33672d";
 
     fn remote_labels(name: &str, image_ref_label: &str) -> HashMap<String, String> {
+        remote_labels_of(name, HELLO_BLOB, image_ref_label)
+    }
+
+    fn remote_labels_of(name: &str, digest: &str, image_ref_label: &str) -> HashMap<String, String> {
         HashMap::from([
             (LABEL_SNAPSHOT_REF.into(), name.into()),
-            (LABEL_BLOB_DIGEST.into(), HELLO_BLOB.into()),
+            (LABEL_BLOB_DIGEST.into(), digest.into()),
             (LABEL_BLOB_SIZE.into(), "641024".into()),
             (
                 image_ref_label.into(),
@@ -1467,6 +1471,77 @@ mod tests {
         std::fs::write(s.dir(c.id).join("fs/overlaybd.commit"), bytes).unwrap();
         let cfg = s.image_config(std::slice::from_ref(&c), None, &bdir);
         cfg.open_image(None).unwrap();
+    }
+
+    /// The OCI chain ID of `diff_id` above `parent` (image-spec config.md).
+    fn oci_chain_id(parent: &str, diff_id: &str) -> String {
+        use sha2::Digest as _;
+        let h = sha2::Sha256::digest(format!("{parent} {diff_id}").as_bytes());
+        format!(
+            "sha256:{}",
+            h.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        )
+    }
+
+    #[test]
+    fn a_remote_layer_is_committed_only_under_its_blobs_chain_id() {
+        let (_d, s) = snapshotter();
+        let s = s.with_remote(Arc::new(FixtureRemote::default()));
+        let cri = LABEL_CRI_IMAGE_REF;
+        let is_lazy = |key: &str, parent: &str, name: &str, digest: &str| {
+            match s.create(key, parent, Kind::Active, remote_labels_of(name, digest, cri)) {
+                Err(e) => {
+                    assert_eq!(code(e), tonic::Code::AlreadyExists, "{key}");
+                    true
+                }
+                Ok(m) => {
+                    // The ordinary unpack: containerd fetches the blob and checks its diff ID.
+                    assert_eq!(m[0].r#type, "bind", "{key}");
+                    let remote = s.meta.get(name).map(|c| c.labels.contains_key(LABEL_REMOTE));
+                    assert!(!remote.unwrap_or(false), "{key}: no remote layer {name}");
+                    s.remove(key).unwrap();
+                    false
+                }
+            }
+        };
+        // A bottom layer's chain ID is its diff ID (for OverlayBD, the blob digest).
+        let victim = format!("sha256:{}", "ab".repeat(32));
+        assert!(!is_lazy("k1", "", &victim, HELLO_BLOB));
+        assert!(is_lazy("k2", "", HELLO_BLOB, HELLO_BLOB));
+        let c = s.meta.get(HELLO_BLOB).unwrap();
+        assert_eq!((c.kind, c.storage), (Kind::Committed, Storage::Block));
+        // Pulled before, from the same blob: AlreadyExists again.
+        assert!(is_lazy("k2b", "", HELLO_BLOB, HELLO_BLOB));
+
+        // Above a parent: sha256(parent chain + " " + digest).
+        let d2 = format!("sha256:{}", "cd".repeat(32));
+        assert!(!is_lazy("k3", HELLO_BLOB, &oci_chain_id(&victim, &d2), &d2));
+        assert!(!is_lazy("k4", HELLO_BLOB, &d2, &d2));
+        let right = oci_chain_id(HELLO_BLOB, &d2);
+        assert!(is_lazy("k5", HELLO_BLOB, &right, &d2));
+        let c = s.meta.get(&right).unwrap();
+        assert_eq!((c.kind, c.parent.as_str()), (Kind::Committed, HELLO_BLOB));
+        // Its parent named in containerd's namespaced form ("<ns>/<n>/<chain id>").
+        s.create("plain-extract", "", Kind::Active, HashMap::new())
+            .unwrap();
+        let d3 = format!("sha256:{}", "ef".repeat(32));
+        std::fs::write(
+            s.dir(s.meta.get("plain-extract").unwrap().id)
+                .join("fs/overlaybd.commit"),
+            hello_zfile(),
+        )
+        .unwrap();
+        s.commit(&format!("default/7/{d3}"), "plain-extract", HashMap::new())
+            .unwrap();
+        let d4 = format!("sha256:{}", "12".repeat(32));
+        assert!(is_lazy("k6", &format!("default/7/{d3}"), &oci_chain_id(&d3, &d4), &d4));
+
+        // A name taken by a snapshot not committed from that blob is not "already there".
+        s.create("other-extract", "", Kind::Active, HashMap::new())
+            .unwrap();
+        let d5 = format!("sha256:{}", "34".repeat(32));
+        s.commit(&d5, "other-extract", HashMap::new()).unwrap();
+        assert!(!is_lazy("k7", "", &d5, &d5));
     }
 
     #[test]
