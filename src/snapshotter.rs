@@ -168,6 +168,29 @@ impl RemoteLayer {
     }
 }
 
+/// The OCI chain ID of a layer with diff ID `diff_id` (an OverlayBD blob's digest) on `parent`
+/// (a snapshot key: bare, or containerd's `<namespace>/<n>/<chain id>`): the diff ID for a
+/// bottom layer, else `sha256(parent chain + " " + diff_id)`. None if `parent` names no chain ID.
+fn chain_id_above(parent: &str, diff_id: &str) -> Option<String> {
+    use sha2::Digest as _;
+    if parent.is_empty() {
+        return Some(diff_id.to_string());
+    }
+    let parent_chain = parent.rsplit('/').next().filter(|c| is_sha256_digest(c))?;
+    let h = sha2::Sha256::digest(format!("{parent_chain} {diff_id}").as_bytes());
+    Some(format!(
+        "sha256:{}",
+        h.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    ))
+}
+
+/// `sha256:` and 64 lowercase hex digits.
+fn is_sha256_digest(d: &str) -> bool {
+    d.strip_prefix("sha256:").is_some_and(|h| {
+        h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
 /// `repoBlobUrl` (spec §3.1) of an image reference: `https://HOST/v2/REPO/blobs`, Docker Hub
 /// as `registry-1.docker.io` and `library/` for official images. The scheme is only a hint:
 /// the registry source speaks plain http to loopback and `insecure` hosts.
@@ -329,7 +352,9 @@ impl Snapshotter {
         let unpack = is_unpack(key, &labels);
         if kind == Kind::Active && normal.is_empty() && self.remote.is_some() {
             if let Some(remote) = RemoteLayer::from_labels(&labels)? {
-                return Err(self.create_remote(key, parent, labels, remote));
+                if self.may_pull_lazily(&remote, parent) {
+                    return Err(self.create_remote(key, parent, labels, remote));
+                }
             }
         }
         let mode = if kind == Kind::Active
@@ -380,6 +405,40 @@ impl Snapshotter {
                 let _ = std::fs::remove_dir_all(self.dir(snap.id));
                 Err(e)
             }
+        }
+    }
+
+    /// Whether `remote` may be committed lazily on `parent`. containerd checks the diff IDs
+    /// of what it unpacks; a lazy layer is never unpacked, so its name must be the chain ID its
+    /// blob makes (an image cannot take another image's layer names by copying its diff IDs),
+    /// and a snapshot already under that name must be this same remote layer.
+    fn may_pull_lazily(&self, remote: &RemoteLayer, parent: &str) -> bool {
+        let chain = chain_id_above(parent, &remote.digest);
+        let name_chain = remote.name.rsplit('/').next().unwrap_or_default();
+        if chain.as_deref() != Some(name_chain) {
+            log::warn!(
+                "layer {} on {parent:?}: snapshot.ref {} is not its chain ID; unpacking it normally",
+                remote.digest,
+                remote.name
+            );
+            return false;
+        }
+        match self.meta.get(&remote.name) {
+            Ok(c) => {
+                let same = c.kind == Kind::Committed
+                    && c.parent == parent
+                    && c.labels.contains_key(LABEL_REMOTE)
+                    && c.labels.get(LABEL_BLOB_DIGEST) == Some(&remote.digest);
+                if !same {
+                    log::warn!(
+                        "layer {}: snapshot {} exists but is not that remote layer; unpacking it normally",
+                        remote.digest,
+                        remote.name
+                    );
+                }
+                same
+            }
+            Err(_) => true,
         }
     }
 
@@ -1412,7 +1471,7 @@ mod tests {
                     "extract-1",
                     "",
                     Kind::Active,
-                    remote_labels("chain-1", label),
+                    remote_labels(HELLO_BLOB, label),
                 )
                 .unwrap_err();
             assert_eq!(code(e), tonic::Code::AlreadyExists, "{label}");
@@ -1421,7 +1480,7 @@ mod tests {
             s.meta.get("extract-1").is_err(),
             "no active snapshot is left"
         );
-        let c = s.meta.get("chain-1").unwrap();
+        let c = s.meta.get(HELLO_BLOB).unwrap();
         assert_eq!((c.kind, c.storage), (Kind::Committed, Storage::Block));
         assert_eq!(c.labels[LABEL_REMOTE], "remote snapshot");
         assert_eq!(
