@@ -193,15 +193,7 @@ async fn store_and_unpack(
         } else {
             chain[i - 1].clone()
         };
-        let mut labels: HashMap<String, String> = layer
-            .annotations()
-            .iter()
-            .flatten()
-            .filter(|(k, _)| k.starts_with(SNAPSHOT_LABEL_PREFIX))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        labels.insert(LABEL_SNAPSHOT_REF.into(), chain[i].clone());
-        labels.insert(LABEL_IMAGE_REF.into(), reference.to_owned());
+        let labels = layer_labels(layer.annotations().as_ref(), &chain[i], reference);
         let key = format!("ovbd-rpull-{}-{}", std::process::id(), chain[i]);
         let prepared = snapshots
             .prepare(ctx.req(PrepareSnapshotRequest {
@@ -368,6 +360,24 @@ async fn write_content(
             s.message()
         )),
     }
+}
+
+/// The labels of a layer's Prepare, as containerd's unpacker makes them: the layer's
+/// `containerd.io/snapshot/` annotations, its chain ID as snapshot.ref, and the image reference.
+fn layer_labels(
+    annotations: Option<&HashMap<String, String>>,
+    chain_id: &str,
+    reference: &str,
+) -> HashMap<String, String> {
+    let mut labels: HashMap<String, String> = annotations
+        .into_iter()
+        .flatten()
+        .filter(|(k, _)| k.starts_with(SNAPSHOT_LABEL_PREFIX))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    labels.insert(LABEL_SNAPSHOT_REF.into(), chain_id.to_owned());
+    labels.insert(LABEL_IMAGE_REF.into(), reference.to_owned());
+    labels
 }
 
 /// containerd's chain IDs of `diff_ids` (bottom first).
