@@ -25,6 +25,7 @@ use std::time::Instant;
 
 const LABEL_SNAPSHOT_REF: &str = "containerd.io/snapshot.ref";
 const LABEL_IMAGE_REF: &str = "containerd.io/snapshot/image-ref";
+const LABEL_CRI_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
 const SNAPSHOT_LABEL_PREFIX: &str = "containerd.io/snapshot/";
 const LABEL_BLOB_DIGEST: &str = "containerd.io/snapshot/overlaybd/blob-digest";
 
@@ -448,6 +449,23 @@ mod tests {
                 want.iter().map(|b| format!("{b:02x}")).collect::<String>()
             )
         );
+    }
+
+    #[test]
+    fn layer_labels_name_the_image_as_the_client() {
+        let reference = "127.0.0.1:5000/hello-world:obd";
+        // The publisher's annotations may name any image; the client's reference wins.
+        let annotations = HashMap::from([
+            (LABEL_BLOB_DIGEST.to_string(), "sha256:aa".to_string()),
+            (LABEL_CRI_IMAGE_REF.to_string(), "127.0.0.1:6000/other:x".to_string()),
+            ("org.opencontainers.image.title".to_string(), "t".to_string()),
+        ]);
+        let l = layer_labels(Some(&annotations), "sha256:cc", reference);
+        assert_eq!(l[LABEL_CRI_IMAGE_REF], reference);
+        assert_eq!(l[LABEL_IMAGE_REF], reference);
+        assert_eq!(l[LABEL_SNAPSHOT_REF], "sha256:cc");
+        assert_eq!(l[LABEL_BLOB_DIGEST], "sha256:aa");
+        assert!(!l.contains_key("org.opencontainers.image.title"));
     }
 
     #[test]

@@ -1532,6 +1532,50 @@ mod tests {
         cfg.open_image(None).unwrap();
     }
 
+    #[test]
+    fn only_a_client_written_image_ref_makes_a_layer_lazy() {
+        let (d, s) = snapshotter();
+        let s = s.with_remote(Arc::new(FixtureRemote::default()));
+        // containerd copies the image's own containerd.io/snapshot/image-ref annotation into the
+        // labels: by default it is not trusted to say where the blob is read from.
+        let m = s
+            .create(
+                "k1",
+                "",
+                Kind::Active,
+                remote_labels(HELLO_BLOB, LABEL_IMAGE_REF),
+            )
+            .unwrap();
+        assert_eq!(m[0].r#type, "bind");
+        s.remove("k1").unwrap();
+        assert!(s.meta.get(HELLO_BLOB).is_err());
+        // cri.image-ref (CRI and rpull write it over the manifest's) is, whatever image-ref says.
+        let mut l = remote_labels(HELLO_BLOB, LABEL_CRI_IMAGE_REF);
+        l.insert(LABEL_IMAGE_REF.into(), "127.0.0.1:6000/elsewhere:x".into());
+        let e = s.create("k2", "", Kind::Active, l).unwrap_err();
+        assert_eq!(code(e), tonic::Code::AlreadyExists);
+        assert_eq!(
+            s.meta.get(HELLO_BLOB).unwrap().labels[LABEL_REPO_BLOB_URL],
+            "https://127.0.0.1:5000/v2/hello-world/blobs"
+        );
+
+        // For clients that overwrite image-ref (nerdctl), the operator may trust it.
+        let mut cfg: Config = toml::from_str("trust_image_ref_label = true").unwrap();
+        cfg.root = d.path().join("root2");
+        let s = Snapshotter::open(cfg)
+            .unwrap()
+            .with_remote(Arc::new(FixtureRemote::default()));
+        let e = s
+            .create(
+                "k3",
+                "",
+                Kind::Active,
+                remote_labels(HELLO_BLOB, LABEL_IMAGE_REF),
+            )
+            .unwrap_err();
+        assert_eq!(code(e), tonic::Code::AlreadyExists);
+    }
+
     /// The OCI chain ID of `diff_id` above `parent` (image-spec config.md).
     fn oci_chain_id(parent: &str, diff_id: &str) -> String {
         use sha2::Digest as _;
