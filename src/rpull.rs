@@ -1,7 +1,7 @@
 //! `ovbd rpull REF`: a lazy pull through containerd, like `ctr rpull` / `ctr-remote image
 //! rpull` (spec §4.5). Only the manifest and config are downloaded: they go into containerd's
 //! content store and an image record; each layer is "unpacked" by a Prepare whose labels
-//! (snapshot.ref + blob digest/size + image-ref) make ovbd commit it at once as a remote layer
+//! (snapshot.ref + blob digest/size + cri.image-ref) make ovbd commit it at once as a remote layer
 //! and answer AlreadyExists. `ctr run --snapshotter ovbd REF` then finds the image unpacked.
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -377,6 +377,8 @@ fn layer_labels(
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     labels.insert(LABEL_SNAPSHOT_REF.into(), chain_id.to_owned());
+    // As CRI does: the snapshotter trusts cri.image-ref, written over the manifest's.
+    labels.insert(LABEL_CRI_IMAGE_REF.into(), reference.to_owned());
     labels.insert(LABEL_IMAGE_REF.into(), reference.to_owned());
     labels
 }

@@ -28,7 +28,8 @@ const LABEL_VSIZE: &str = "containerd.io/snapshot/overlaybd/vsize";
 /// Written on committed OverlayBD layers, as upstream does.
 const LABEL_LOCAL_COMMIT: &str = "containerd.io/snapshot/overlaybd.localcommitpath";
 /// A remote layer: the blob in the registry (manifest layer annotations, passed on by
-/// containerd's unpacker) and the image it belongs to (set by rpull / nerdctl, or by CRI).
+/// containerd's unpacker) and the image it belongs to (`cri.image-ref`, set by CRI and rpull;
+/// `image-ref`, set by nerdctl but also copied from the manifest, only if configured).
 const LABEL_BLOB_DIGEST: &str = "containerd.io/snapshot/overlaybd/blob-digest";
 const LABEL_BLOB_SIZE: &str = "containerd.io/snapshot/overlaybd/blob-size";
 const LABEL_IMAGE_REF: &str = "containerd.io/snapshot/image-ref";
@@ -129,7 +130,12 @@ struct RemoteLayer {
 }
 
 impl RemoteLayer {
-    fn from_labels(labels: &BTreeMap<String, String>) -> SnapResult<Option<RemoteLayer>> {
+    /// `trust_image_ref`: whether the `image-ref` label (which containerd copies from the
+    /// image's own manifest) may name the image; `cri.image-ref` is written by the client.
+    fn from_labels(
+        labels: &BTreeMap<String, String>,
+        trust_image_ref: bool,
+    ) -> SnapResult<Option<RemoteLayer>> {
         let (Some(name), Some(digest), Some(size)) = (
             labels.get(LABEL_SNAPSHOT_REF),
             labels.get(LABEL_BLOB_DIGEST),
@@ -137,10 +143,14 @@ impl RemoteLayer {
         ) else {
             return Ok(None);
         };
-        let Some(image_ref) = labels
-            .get(LABEL_IMAGE_REF)
-            .or_else(|| labels.get(LABEL_CRI_IMAGE_REF))
-        else {
+        let image_ref = if trust_image_ref {
+            labels
+                .get(LABEL_IMAGE_REF)
+                .or_else(|| labels.get(LABEL_CRI_IMAGE_REF))
+        } else {
+            labels.get(LABEL_CRI_IMAGE_REF)
+        };
+        let Some(image_ref) = image_ref else {
             return Ok(None);
         };
         let size = size
@@ -351,7 +361,7 @@ impl Snapshotter {
         let (normal, block) = split_chain(&chain)?;
         let unpack = is_unpack(key, &labels);
         if kind == Kind::Active && normal.is_empty() && self.remote.is_some() {
-            if let Some(remote) = RemoteLayer::from_labels(&labels)? {
+            if let Some(remote) = RemoteLayer::from_labels(&labels, self.cfg.trust_image_ref_label)? {
                 if self.may_pull_lazily(&remote, parent) {
                     return Err(self.create_remote(key, parent, labels, remote));
                 }
@@ -1465,16 +1475,17 @@ mod tests {
 
         let remote = Arc::new(FixtureRemote::default());
         let s = s.with_remote(remote.clone());
-        for label in [LABEL_IMAGE_REF, LABEL_CRI_IMAGE_REF] {
+        // Pulled, then pulled again (already there).
+        for pull in ["first", "again"] {
             let e = s
                 .create(
                     "extract-1",
                     "",
                     Kind::Active,
-                    remote_labels(HELLO_BLOB, label),
+                    remote_labels(HELLO_BLOB, LABEL_CRI_IMAGE_REF),
                 )
                 .unwrap_err();
-            assert_eq!(code(e), tonic::Code::AlreadyExists, "{label}");
+            assert_eq!(code(e), tonic::Code::AlreadyExists, "{pull}");
         }
         assert!(
             s.meta.get("extract-1").is_err(),
@@ -1488,19 +1499,19 @@ mod tests {
             "https://127.0.0.1:5000/v2/hello-world/blobs"
         );
         // Missing an image reference, or the blob annotations: not lazy.
-        let mut l = remote_labels("chain-2", LABEL_IMAGE_REF);
-        l.remove(LABEL_IMAGE_REF);
+        let mut l = remote_labels("chain-2", LABEL_CRI_IMAGE_REF);
+        l.remove(LABEL_CRI_IMAGE_REF);
         assert_eq!(
             s.create("k2", "", Kind::Active, l).unwrap()[0].r#type,
             "bind"
         );
         // A bad size is refused, naming the label.
-        let mut l = remote_labels("chain-3", LABEL_IMAGE_REF);
+        let mut l = remote_labels("chain-3", LABEL_CRI_IMAGE_REF);
         l.insert(LABEL_BLOB_SIZE.into(), "big".into());
         let e = s.create("k3", "", Kind::Active, l).unwrap_err();
         assert!(e.to_string().contains(LABEL_BLOB_SIZE), "{e}");
         // So is a size no blob has: the cache keeps per-block state of what it is told.
-        let mut l = remote_labels("chain-3", LABEL_IMAGE_REF);
+        let mut l = remote_labels("chain-3", LABEL_CRI_IMAGE_REF);
         l.insert(LABEL_BLOB_SIZE.into(), (u64::MAX / 2).to_string());
         let e = s.create("k3", "", Kind::Active, l).unwrap_err();
         assert!(e.to_string().contains(LABEL_BLOB_SIZE), "{e}");
