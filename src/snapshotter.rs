@@ -1587,6 +1587,52 @@ mod tests {
         assert_eq!(code(e), tonic::Code::AlreadyExists);
     }
 
+    #[test]
+    fn prepare_refuses_malformed_digest_and_vsize_labels() {
+        let (_d, s) = snapshotter();
+        let s = s.with_remote(Arc::new(FixtureRemote::default()));
+        // 64 characters after "sha256:" are not enough: the digest ends up in paths and URLs.
+        for bad in [
+            format!("sha256:{}", "../".repeat(21) + "a"),
+            format!("sha256:{}", "A".repeat(64)),
+            format!("sha256:{}", "é".repeat(32)),
+            format!("sha256:{}", "g".repeat(64)),
+        ] {
+            let e = s
+                .create(
+                    "k",
+                    "",
+                    Kind::Active,
+                    remote_labels_of(&bad, &bad, LABEL_CRI_IMAGE_REF),
+                )
+                .unwrap_err();
+            assert!(e.to_string().contains(LABEL_BLOB_DIGEST), "{bad}: {e}");
+            assert_eq!(code(e), tonic::Code::InvalidArgument, "{bad}");
+            assert!(s.meta.get(&bad).is_err() && s.meta.get("k").is_err());
+        }
+
+        // The writable layer's size (GiB) is checked at Prepare, before anything is made.
+        let writable = |vsize: &str| {
+            HashMap::from([
+                (LABEL_WRITABLE.to_string(), "dir".to_string()),
+                (LABEL_VSIZE.to_string(), vsize.to_string()),
+            ])
+        };
+        for bad in ["18446744073709551615", "17179869184", "262145", "0", "-1", "1e3"] {
+            let e = s
+                .create("w", "", Kind::Active, writable(bad))
+                .unwrap_err();
+            assert!(e.to_string().contains(LABEL_VSIZE), "{bad}: {e}");
+            assert_eq!(code(e), tonic::Code::InvalidArgument, "{bad}");
+            assert!(s.meta.get("w").is_err());
+        }
+        // A sane size passes the check (the device then needs ublk, which this host may lack).
+        if let Err(e) = s.create("w", "", Kind::Active, writable("1")) {
+            let msg = e.to_string();
+            assert_ne!(code(e), tonic::Code::InvalidArgument, "{msg}");
+        }
+    }
+
     /// The OCI chain ID of `diff_id` above `parent` (image-spec config.md).
     fn oci_chain_id(parent: &str, diff_id: &str) -> String {
         use sha2::Digest as _;
