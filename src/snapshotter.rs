@@ -163,7 +163,8 @@ impl RemoteLayer {
                     crate::blob_cache::MAX_BLOB_SIZE
                 ))
             })?;
-        if !digest.starts_with("sha256:") || digest.len() != 71 {
+        // The digest names cache files and registry URLs: exactly `sha256:` + 64 lowercase hex.
+        if !is_sha256_digest(digest) {
             return Err(MetaError::InvalidArgument(format!(
                 "{LABEL_BLOB_DIGEST}: {digest:?} is not a sha256 digest"
             ))
@@ -192,6 +193,25 @@ fn chain_id_above(parent: &str, diff_id: &str) -> Option<String> {
         "sha256:{}",
         h.iter().map(|b| format!("{b:02x}")).collect::<String>()
     ))
+}
+
+/// The largest writable base layer, GiB (256 TiB).
+const MAX_VSIZE_GB: u64 = 256 << 10;
+
+/// Virtual size (bytes) of a new writable base layer: the vsize label (GiB) or the default.
+fn base_vsize(labels: &BTreeMap<String, String>, default_gb: u64) -> SnapResult<u64> {
+    let (gb, what) = match labels.get(LABEL_VSIZE) {
+        Some(v) => (v.parse::<u64>().ok(), format!("{LABEL_VSIZE}: {v:?}")),
+        None => (Some(default_gb), format!("default_vsize_gb {default_gb}")),
+    };
+    gb.filter(|g| (1..=MAX_VSIZE_GB).contains(g))
+        .and_then(|g| g.checked_mul(1 << 30))
+        .ok_or_else(|| {
+            MetaError::InvalidArgument(format!(
+                "{what} is not a size of 1 to {MAX_VSIZE_GB} GiB"
+            ))
+            .into()
+        })
 }
 
 /// `sha256:` and 64 lowercase hex digits.
@@ -382,6 +402,10 @@ impl Snapshotter {
         } else {
             None
         };
+        if mode.is_some() && block.is_empty() {
+            // A new base layer: its size is checked before anything is made.
+            base_vsize(&labels, self.cfg.default_vsize_gb)?;
+        }
         let snap =
             self.meta
                 .create(key, parent, kind, labels, |draft| -> SnapResult<Snapshot> {
@@ -678,13 +702,7 @@ impl Snapshotter {
         let fresh = !data.exists();
         if fresh {
             let vsize = if block.is_empty() {
-                let gb = match s.labels.get(LABEL_VSIZE) {
-                    Some(v) => v
-                        .parse::<u64>()
-                        .map_err(|_| MetaError::InvalidArgument(format!("{LABEL_VSIZE}: {v:?}")))?,
-                    None => self.cfg.default_vsize_gb,
-                };
-                gb << 30
+                base_vsize(&s.labels, self.cfg.default_vsize_gb)?
             } else {
                 0 // inherit the image's
             };
