@@ -459,8 +459,14 @@ mod tests {
         // The publisher's annotations may name any image; the client's reference wins.
         let annotations = HashMap::from([
             (LABEL_BLOB_DIGEST.to_string(), "sha256:aa".to_string()),
-            (LABEL_CRI_IMAGE_REF.to_string(), "127.0.0.1:6000/other:x".to_string()),
-            ("org.opencontainers.image.title".to_string(), "t".to_string()),
+            (
+                LABEL_CRI_IMAGE_REF.to_string(),
+                "127.0.0.1:6000/other:x".to_string(),
+            ),
+            (
+                "org.opencontainers.image.title".to_string(),
+                "t".to_string(),
+            ),
         ]);
         let l = layer_labels(Some(&annotations), "sha256:cc", reference);
         assert_eq!(l[LABEL_CRI_IMAGE_REF], reference);

@@ -207,17 +207,17 @@ fn base_vsize(labels: &BTreeMap<String, String>, default_gb: u64) -> SnapResult<
     gb.filter(|g| (1..=MAX_VSIZE_GB).contains(g))
         .and_then(|g| g.checked_mul(1 << 30))
         .ok_or_else(|| {
-            MetaError::InvalidArgument(format!(
-                "{what} is not a size of 1 to {MAX_VSIZE_GB} GiB"
-            ))
-            .into()
+            MetaError::InvalidArgument(format!("{what} is not a size of 1 to {MAX_VSIZE_GB} GiB"))
+                .into()
         })
 }
 
 /// `sha256:` and 64 lowercase hex digits.
 fn is_sha256_digest(d: &str) -> bool {
     d.strip_prefix("sha256:").is_some_and(|h| {
-        h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        h.len() == 64
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     })
 }
 
@@ -381,7 +381,8 @@ impl Snapshotter {
         let (normal, block) = split_chain(&chain)?;
         let unpack = is_unpack(key, &labels);
         if kind == Kind::Active && normal.is_empty() && self.remote.is_some() {
-            if let Some(remote) = RemoteLayer::from_labels(&labels, self.cfg.trust_image_ref_label)? {
+            if let Some(remote) = RemoteLayer::from_labels(&labels, self.cfg.trust_image_ref_label)?
+            {
                 if self.may_pull_lazily(&remote, parent) {
                     return Err(self.create_remote(key, parent, labels, remote));
                 }
@@ -801,7 +802,9 @@ impl Snapshotter {
                 }
                 Err(e) => {
                     if let Err(undo) = sealed.undo() {
-                        log::error!("commit of {key} failed ({e}) and undoing its seal too: {undo:#}");
+                        log::error!(
+                            "commit of {key} failed ({e}) and undoing its seal too: {undo:#}"
+                        );
                     }
                     Err(e)
                 }
@@ -1464,7 +1467,11 @@ mod tests {
         remote_labels_of(name, HELLO_BLOB, image_ref_label)
     }
 
-    fn remote_labels_of(name: &str, digest: &str, image_ref_label: &str) -> HashMap<String, String> {
+    fn remote_labels_of(
+        name: &str,
+        digest: &str,
+        image_ref_label: &str,
+    ) -> HashMap<String, String> {
         HashMap::from([
             (LABEL_SNAPSHOT_REF.into(), name.into()),
             (LABEL_BLOB_DIGEST.into(), digest.into()),
@@ -1636,10 +1643,15 @@ mod tests {
                 (LABEL_VSIZE.to_string(), vsize.to_string()),
             ])
         };
-        for bad in ["18446744073709551615", "17179869184", "262145", "0", "-1", "1e3"] {
-            let e = s
-                .create("w", "", Kind::Active, writable(bad))
-                .unwrap_err();
+        for bad in [
+            "18446744073709551615",
+            "17179869184",
+            "262145",
+            "0",
+            "-1",
+            "1e3",
+        ] {
+            let e = s.create("w", "", Kind::Active, writable(bad)).unwrap_err();
             assert!(e.to_string().contains(LABEL_VSIZE), "{bad}: {e}");
             assert_eq!(code(e), tonic::Code::InvalidArgument, "{bad}");
             assert!(s.meta.get("w").is_err());
@@ -1667,7 +1679,12 @@ mod tests {
         let s = s.with_remote(Arc::new(FixtureRemote::default()));
         let cri = LABEL_CRI_IMAGE_REF;
         let is_lazy = |key: &str, parent: &str, name: &str, digest: &str| {
-            match s.create(key, parent, Kind::Active, remote_labels_of(name, digest, cri)) {
+            match s.create(
+                key,
+                parent,
+                Kind::Active,
+                remote_labels_of(name, digest, cri),
+            ) {
                 Err(e) => {
                     assert_eq!(code(e), tonic::Code::AlreadyExists, "{key}");
                     true
@@ -1675,7 +1692,10 @@ mod tests {
                 Ok(m) => {
                     // The ordinary unpack: containerd fetches the blob and checks its diff ID.
                     assert_eq!(m[0].r#type, "bind", "{key}");
-                    let remote = s.meta.get(name).map(|c| c.labels.contains_key(LABEL_REMOTE));
+                    let remote = s
+                        .meta
+                        .get(name)
+                        .map(|c| c.labels.contains_key(LABEL_REMOTE));
                     assert!(!remote.unwrap_or(false), "{key}: no remote layer {name}");
                     s.remove(key).unwrap();
                     false
@@ -1712,7 +1732,12 @@ mod tests {
         s.commit(&format!("default/7/{d3}"), "plain-extract", HashMap::new())
             .unwrap();
         let d4 = format!("sha256:{}", "12".repeat(32));
-        assert!(is_lazy("k6", &format!("default/7/{d3}"), &oci_chain_id(&d3, &d4), &d4));
+        assert!(is_lazy(
+            "k6",
+            &format!("default/7/{d3}"),
+            &oci_chain_id(&d3, &d4),
+            &d4
+        ));
 
         // A name taken by a snapshot not committed from that blob is not "already there".
         s.create("other-extract", "", Kind::Active, HashMap::new())
@@ -1816,7 +1841,9 @@ mod tests {
         assert!(!c.labels.contains_key(LABEL_LOCAL_COMMIT));
 
         // A FIFO of that name: Commit returns (a plain layer) and the store keeps working.
-        let m = s.create("fifo-extract", "", Kind::Active, unpack()).unwrap();
+        let m = s
+            .create("fifo-extract", "", Kind::Active, unpack())
+            .unwrap();
         let fifo = PathBuf::from(&m[0].source).join("overlaybd.commit");
         mkfifo(&fifo);
         let s = Arc::new(s);
@@ -1945,7 +1972,10 @@ mod tests {
         let c = s.meta.get("image").unwrap();
         let cfg = s.image_config(std::slice::from_ref(&c), None, &dir.join("block"));
         let mut buf = vec![0u8; data.len()];
-        cfg.open_image(None).unwrap().read(&mut buf, 1 << 20).unwrap();
+        cfg.open_image(None)
+            .unwrap()
+            .read(&mut buf, 1 << 20)
+            .unwrap();
         assert_eq!(buf, data);
     }
 

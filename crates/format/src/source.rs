@@ -148,7 +148,10 @@ impl FileSource {
             },
             _ => Error::io(&name, 0, e),
         })?;
-        let kind = file.metadata().map_err(|e| Error::io(&name, 0, e))?.file_type();
+        let kind = file
+            .metadata()
+            .map_err(|e| Error::io(&name, 0, e))?
+            .file_type();
         if !kind.is_file() {
             return Err(Error::Unsupported {
                 file: name,
