@@ -58,6 +58,10 @@ pub struct Config {
     pub default_vsize_gb: u64,
     /// error, warn, info, debug or trace.
     pub log_level: String,
+    /// Whether a layer Prepare's `containerd.io/snapshot/image-ref` label may name the image a
+    /// lazily pulled layer is read from. containerd copies it from the image's own manifest, so
+    /// it is trusted only where every client overwrites it (nerdctl); `cri.image-ref` always is.
+    pub trust_image_ref_label: bool,
     /// How registries are reached for lazily pulled layers (`[registry]`).
     pub registry: RegistryConfig,
     /// The on-disk block cache in front of registry blobs (`[cache]`).
@@ -75,6 +79,7 @@ impl Default for Config {
             writable_layer_type: WritableLayerType::Append,
             default_vsize_gb: 64,
             log_level: "info".into(),
+            trust_image_ref_label: false,
             registry: RegistryConfig::default(),
             cache: CacheConfig::default(),
             download: DownloadConfig::default(),

@@ -1,7 +1,7 @@
 //! `ovbd rpull REF`: a lazy pull through containerd, like `ctr rpull` / `ctr-remote image
 //! rpull` (spec §4.5). Only the manifest and config are downloaded: they go into containerd's
 //! content store and an image record; each layer is "unpacked" by a Prepare whose labels
-//! (snapshot.ref + blob digest/size + image-ref) make ovbd commit it at once as a remote layer
+//! (snapshot.ref + blob digest/size + cri.image-ref) make ovbd commit it at once as a remote layer
 //! and answer AlreadyExists. `ctr run --snapshotter ovbd REF` then finds the image unpacked.
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -25,6 +25,7 @@ use std::time::Instant;
 
 const LABEL_SNAPSHOT_REF: &str = "containerd.io/snapshot.ref";
 const LABEL_IMAGE_REF: &str = "containerd.io/snapshot/image-ref";
+const LABEL_CRI_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
 const SNAPSHOT_LABEL_PREFIX: &str = "containerd.io/snapshot/";
 const LABEL_BLOB_DIGEST: &str = "containerd.io/snapshot/overlaybd/blob-digest";
 
@@ -193,15 +194,7 @@ async fn store_and_unpack(
         } else {
             chain[i - 1].clone()
         };
-        let mut labels: HashMap<String, String> = layer
-            .annotations()
-            .iter()
-            .flatten()
-            .filter(|(k, _)| k.starts_with(SNAPSHOT_LABEL_PREFIX))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        labels.insert(LABEL_SNAPSHOT_REF.into(), chain[i].clone());
-        labels.insert(LABEL_IMAGE_REF.into(), reference.to_owned());
+        let labels = layer_labels(layer.annotations().as_ref(), &chain[i], reference);
         let key = format!("ovbd-rpull-{}-{}", std::process::id(), chain[i]);
         let prepared = snapshots
             .prepare(ctx.req(PrepareSnapshotRequest {
@@ -370,6 +363,26 @@ async fn write_content(
     }
 }
 
+/// The labels of a layer's Prepare, as containerd's unpacker makes them: the layer's
+/// `containerd.io/snapshot/` annotations, its chain ID as snapshot.ref, and the image reference.
+fn layer_labels(
+    annotations: Option<&HashMap<String, String>>,
+    chain_id: &str,
+    reference: &str,
+) -> HashMap<String, String> {
+    let mut labels: HashMap<String, String> = annotations
+        .into_iter()
+        .flatten()
+        .filter(|(k, _)| k.starts_with(SNAPSHOT_LABEL_PREFIX))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    labels.insert(LABEL_SNAPSHOT_REF.into(), chain_id.to_owned());
+    // As CRI does: the snapshotter trusts cri.image-ref, written over the manifest's.
+    labels.insert(LABEL_CRI_IMAGE_REF.into(), reference.to_owned());
+    labels.insert(LABEL_IMAGE_REF.into(), reference.to_owned());
+    labels
+}
+
 /// containerd's chain IDs of `diff_ids` (bottom first).
 fn chain_ids(diff_ids: &[String]) -> Vec<String> {
     let mut out: Vec<String> = Vec::with_capacity(diff_ids.len());
@@ -438,6 +451,29 @@ mod tests {
                 want.iter().map(|b| format!("{b:02x}")).collect::<String>()
             )
         );
+    }
+
+    #[test]
+    fn layer_labels_name_the_image_as_the_client() {
+        let reference = "127.0.0.1:5000/hello-world:obd";
+        // The publisher's annotations may name any image; the client's reference wins.
+        let annotations = HashMap::from([
+            (LABEL_BLOB_DIGEST.to_string(), "sha256:aa".to_string()),
+            (
+                LABEL_CRI_IMAGE_REF.to_string(),
+                "127.0.0.1:6000/other:x".to_string(),
+            ),
+            (
+                "org.opencontainers.image.title".to_string(),
+                "t".to_string(),
+            ),
+        ]);
+        let l = layer_labels(Some(&annotations), "sha256:cc", reference);
+        assert_eq!(l[LABEL_CRI_IMAGE_REF], reference);
+        assert_eq!(l[LABEL_IMAGE_REF], reference);
+        assert_eq!(l[LABEL_SNAPSHOT_REF], "sha256:cc");
+        assert_eq!(l[LABEL_BLOB_DIGEST], "sha256:aa");
+        assert!(!l.contains_key("org.opencontainers.image.title"));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use crate::mount;
 use anyhow::{anyhow, bail, Context, Result};
 use containerd_snapshots::{api::types::Mount, tonic, Info, Usage};
 use ovbd_format::layer::sniff;
-use ovbd_format::{RwLayer, RwMode};
+use ovbd_format::{FileSource, RwLayer, RwMode};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -28,7 +28,8 @@ const LABEL_VSIZE: &str = "containerd.io/snapshot/overlaybd/vsize";
 /// Written on committed OverlayBD layers, as upstream does.
 const LABEL_LOCAL_COMMIT: &str = "containerd.io/snapshot/overlaybd.localcommitpath";
 /// A remote layer: the blob in the registry (manifest layer annotations, passed on by
-/// containerd's unpacker) and the image it belongs to (set by rpull / nerdctl, or by CRI).
+/// containerd's unpacker) and the image it belongs to (`cri.image-ref`, set by CRI and rpull;
+/// `image-ref`, set by nerdctl but also copied from the manifest, only if configured).
 const LABEL_BLOB_DIGEST: &str = "containerd.io/snapshot/overlaybd/blob-digest";
 const LABEL_BLOB_SIZE: &str = "containerd.io/snapshot/overlaybd/blob-size";
 const LABEL_IMAGE_REF: &str = "containerd.io/snapshot/image-ref";
@@ -193,7 +194,12 @@ struct RemoteLayer {
 }
 
 impl RemoteLayer {
-    fn from_labels(labels: &BTreeMap<String, String>) -> SnapResult<Option<RemoteLayer>> {
+    /// `trust_image_ref`: whether the `image-ref` label (which containerd copies from the
+    /// image's own manifest) may name the image; `cri.image-ref` is written by the client.
+    fn from_labels(
+        labels: &BTreeMap<String, String>,
+        trust_image_ref: bool,
+    ) -> SnapResult<Option<RemoteLayer>> {
         let (Some(name), Some(digest), Some(size)) = (
             labels.get(LABEL_SNAPSHOT_REF),
             labels.get(LABEL_BLOB_DIGEST),
@@ -201,10 +207,14 @@ impl RemoteLayer {
         ) else {
             return Ok(None);
         };
-        let Some(image_ref) = labels
-            .get(LABEL_IMAGE_REF)
-            .or_else(|| labels.get(LABEL_CRI_IMAGE_REF))
-        else {
+        let image_ref = if trust_image_ref {
+            labels
+                .get(LABEL_IMAGE_REF)
+                .or_else(|| labels.get(LABEL_CRI_IMAGE_REF))
+        } else {
+            labels.get(LABEL_CRI_IMAGE_REF)
+        };
+        let Some(image_ref) = image_ref else {
             return Ok(None);
         };
         let size = size
@@ -217,7 +227,8 @@ impl RemoteLayer {
                     crate::blob_cache::MAX_BLOB_SIZE
                 ))
             })?;
-        if !digest.starts_with("sha256:") || digest.len() != 71 {
+        // The digest names cache files and registry URLs: exactly `sha256:` + 64 lowercase hex.
+        if !is_sha256_digest(digest) {
             return Err(MetaError::InvalidArgument(format!(
                 "{LABEL_BLOB_DIGEST}: {digest:?} is not a sha256 digest"
             ))
@@ -230,6 +241,48 @@ impl RemoteLayer {
             image_ref: image_ref.clone(),
         }))
     }
+}
+
+/// The OCI chain ID of a layer with diff ID `diff_id` (an OverlayBD blob's digest) on `parent`
+/// (a snapshot key: bare, or containerd's `<namespace>/<n>/<chain id>`): the diff ID for a
+/// bottom layer, else `sha256(parent chain + " " + diff_id)`. None if `parent` names no chain ID.
+fn chain_id_above(parent: &str, diff_id: &str) -> Option<String> {
+    use sha2::Digest as _;
+    if parent.is_empty() {
+        return Some(diff_id.to_string());
+    }
+    let parent_chain = parent.rsplit('/').next().filter(|c| is_sha256_digest(c))?;
+    let h = sha2::Sha256::digest(format!("{parent_chain} {diff_id}").as_bytes());
+    Some(format!(
+        "sha256:{}",
+        h.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    ))
+}
+
+/// The largest writable base layer, GiB (256 TiB).
+const MAX_VSIZE_GB: u64 = 256 << 10;
+
+/// Virtual size (bytes) of a new writable base layer: the vsize label (GiB) or the default.
+fn base_vsize(labels: &BTreeMap<String, String>, default_gb: u64) -> SnapResult<u64> {
+    let (gb, what) = match labels.get(LABEL_VSIZE) {
+        Some(v) => (v.parse::<u64>().ok(), format!("{LABEL_VSIZE}: {v:?}")),
+        None => (Some(default_gb), format!("default_vsize_gb {default_gb}")),
+    };
+    gb.filter(|g| (1..=MAX_VSIZE_GB).contains(g))
+        .and_then(|g| g.checked_mul(1 << 30))
+        .ok_or_else(|| {
+            MetaError::InvalidArgument(format!("{what} is not a size of 1 to {MAX_VSIZE_GB} GiB"))
+                .into()
+        })
+}
+
+/// `sha256:` and 64 lowercase hex digits.
+fn is_sha256_digest(d: &str) -> bool {
+    d.strip_prefix("sha256:").is_some_and(|h| {
+        h.len() == 64
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
 }
 
 /// `repoBlobUrl` (spec §3.1) of an image reference: `https://HOST/v2/REPO/blobs`, Docker Hub
@@ -440,8 +493,11 @@ impl Snapshotter {
         let (normal, block) = split_chain(&chain)?;
         let unpack = is_unpack(key, &labels);
         if kind == Kind::Active && normal.is_empty() && self.remote.is_some() {
-            if let Some(remote) = RemoteLayer::from_labels(&labels)? {
-                return Err(self.create_remote(key, parent, labels, remote));
+            if let Some(remote) = RemoteLayer::from_labels(&labels, self.cfg.trust_image_ref_label)?
+            {
+                if self.may_pull_lazily(&remote, parent) {
+                    return Err(self.create_remote(key, parent, labels, remote));
+                }
             }
         }
         let mode = if kind == Kind::Active
@@ -459,6 +515,10 @@ impl Snapshotter {
         } else {
             None
         };
+        if mode.is_some() && block.is_empty() {
+            // A new base layer: its size is checked before anything is made.
+            base_vsize(&labels, self.cfg.default_vsize_gb)?;
+        }
         let snap =
             self.meta
                 .create(key, parent, kind, labels, |draft| -> SnapResult<Snapshot> {
@@ -492,6 +552,40 @@ impl Snapshotter {
                 let _ = std::fs::remove_dir_all(self.dir(snap.id));
                 Err(e)
             }
+        }
+    }
+
+    /// Whether `remote` may be committed lazily on `parent`. containerd checks the diff IDs
+    /// of what it unpacks; a lazy layer is never unpacked, so its name must be the chain ID its
+    /// blob makes (an image cannot take another image's layer names by copying its diff IDs),
+    /// and a snapshot already under that name must be this same remote layer.
+    fn may_pull_lazily(&self, remote: &RemoteLayer, parent: &str) -> bool {
+        let chain = chain_id_above(parent, &remote.digest);
+        let name_chain = remote.name.rsplit('/').next().unwrap_or_default();
+        if chain.as_deref() != Some(name_chain) {
+            log::warn!(
+                "layer {} on {parent:?}: snapshot.ref {} is not its chain ID; unpacking it normally",
+                remote.digest,
+                remote.name
+            );
+            return false;
+        }
+        match self.meta.get(&remote.name) {
+            Ok(c) => {
+                let same = c.kind == Kind::Committed
+                    && c.parent == parent
+                    && c.labels.contains_key(LABEL_REMOTE)
+                    && c.labels.get(LABEL_BLOB_DIGEST) == Some(&remote.digest);
+                if !same {
+                    log::warn!(
+                        "layer {}: snapshot {} exists but is not that remote layer; unpacking it normally",
+                        remote.digest,
+                        remote.name
+                    );
+                }
+                same
+            }
+            Err(_) => true,
         }
     }
 
@@ -745,13 +839,7 @@ impl Snapshotter {
         let fresh = !data.exists();
         if fresh {
             let vsize = if block.is_empty() {
-                let gb = match s.labels.get(LABEL_VSIZE) {
-                    Some(v) => v
-                        .parse::<u64>()
-                        .map_err(|_| MetaError::InvalidArgument(format!("{LABEL_VSIZE}: {v:?}")))?,
-                    None => self.cfg.default_vsize_gb,
-                };
-                gb << 30
+                base_vsize(&s.labels, self.cfg.default_vsize_gb)?
             } else {
                 0 // inherit the image's
             };
@@ -832,35 +920,64 @@ impl Snapshotter {
 
     pub fn commit(&self, name: &str, key: &str, labels: HashMap<String, String>) -> SnapResult<()> {
         let s = self.meta.get(key)?;
-        let dir = self.dir(s.id);
-        if s.kind == Kind::Active && matches!(s.mode.as_deref(), Some("dir") | Some("dev")) {
-            // Seal the writable layer into a read-only OverlayBD layer of this snapshot.
-            self.detach_writable(&s)?;
-            let bdir = dir.join("block");
-            let (data, index) = (bdir.join("writable_data"), bdir.join("writable_index"));
-            RwLayer::open(&data, &index)?.seal()?;
-            std::fs::rename(&data, dir.join("fs/overlaybd.sealed"))
-                .context("moving the sealed layer")?;
-            let _ = std::fs::remove_file(&index);
+        // A taken name is refused before the layer is touched (the metadata commit checks again).
+        if self.meta.get(name).is_ok() {
+            return Err(MetaError::AlreadyExists(name.to_string()).into());
         }
-        let labels: BTreeMap<String, String> = labels.into_iter().collect();
+        if s.kind == Kind::Active && matches!(s.mode.as_deref(), Some("dir") | Some("dev")) {
+            // Seal the writable layer into a read-only OverlayBD layer of this snapshot, undone
+            // if the commit fails: the container's data must outlive a failed Commit.
+            self.detach_writable(&s)?;
+            let sealed = SealedUpper::seal(&self.dir(s.id))?;
+            return match self.commit_meta(name, key, &s, labels) {
+                Ok(()) => {
+                    sealed.finish();
+                    Ok(())
+                }
+                Err(e) => {
+                    if let Err(undo) = sealed.undo() {
+                        log::error!(
+                            "commit of {key} failed ({e}) and undoing its seal too: {undo:#}"
+                        );
+                    }
+                    Err(e)
+                }
+            };
+        }
+        self.commit_meta(name, key, &s, labels)
+    }
+
+    /// Commits active snapshot `s` (`key`) as `name`, its layer as it is on disk now.
+    fn commit_meta(
+        &self,
+        name: &str,
+        key: &str,
+        s: &Snapshot,
+        labels: HashMap<String, String>,
+    ) -> SnapResult<()> {
+        let dir = self.dir(s.id);
+        // Read the disk before the metadata transaction: a slow or stuck file must not hold
+        // the store's write lock (every other call would wait behind it).
+        let layer_file = block_layer_file(&dir.join("fs"));
+        let usage = disk_usage(&dir)?;
+        let mut labels: BTreeMap<String, String> = labels.into_iter().collect();
+        if let Some(file) = layer_file {
+            labels.insert(LABEL_LOCAL_COMMIT.into(), format!("{}/fs/{file}", s.id));
+        }
         self.meta.commit(key, name, labels, |c| -> SnapResult<()> {
+            if c.id != s.id {
+                return Err(MetaError::FailedPrecondition(format!(
+                    "{key} was replaced while it was being committed"
+                ))
+                .into());
+            }
             c.mode = None;
-            c.storage = if is_block_layer(&dir.join("fs")) {
+            c.storage = if layer_file.is_some() {
                 Storage::Block
             } else {
                 Storage::Normal
             };
-            if c.storage == Storage::Block {
-                let file = if dir.join("fs/overlaybd.commit").exists() {
-                    "overlaybd.commit"
-                } else {
-                    "overlaybd.sealed"
-                };
-                c.labels
-                    .insert(LABEL_LOCAL_COMMIT.into(), format!("{}/fs/{file}", c.id));
-            }
-            c.usage = disk_usage(&dir)?;
+            c.usage = usage;
             Ok(())
         })?;
         Ok(())
@@ -1168,15 +1285,92 @@ fn split_chain(chain: &[Snapshot]) -> SnapResult<(Vec<Snapshot>, Vec<Snapshot>)>
     Ok((normal.to_vec(), block))
 }
 
-/// Whether a layer directory holds an OverlayBD layer file (checked by magic, as upstream).
-fn is_block_layer(fs: &Path) -> bool {
-    ["overlaybd.commit", "overlaybd.sealed"].iter().any(|n| {
-        let mut head = [0u8; 24];
-        std::fs::File::open(fs.join(n))
-            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
-            .is_ok()
-            && sniff(&head).is_some()
-    })
+/// A dir/dev snapshot's writable layer sealed for Commit (`fs/overlaybd.sealed`, a hard link
+/// to `block/writable_data`); until the metadata commit succeeds it can be undone.
+struct SealedUpper {
+    data: PathBuf,
+    index: PathBuf,
+    sealed: PathBuf,
+    /// The data file's length before sealing: sealing only appends the index and a trailer.
+    len: u64,
+}
+
+impl SealedUpper {
+    fn seal(dir: &Path) -> SnapResult<SealedUpper> {
+        let bdir = dir.join("block");
+        let data = bdir.join("writable_data");
+        let len = std::fs::metadata(&data)
+            .with_context(|| format!("writable layer {}", data.display()))?
+            .len();
+        let u = SealedUpper {
+            index: bdir.join("writable_index"),
+            sealed: dir.join("fs/overlaybd.sealed"),
+            data,
+            len,
+        };
+        let done = (|| -> SnapResult<()> {
+            // A link left by an attempt that stopped before its metadata commit.
+            remove_if_present(&u.sealed)?;
+            RwLayer::open(&u.data, &u.index)?.seal()?;
+            std::fs::hard_link(&u.data, &u.sealed).with_context(|| {
+                format!("linking {} to {}", u.sealed.display(), u.data.display())
+            })?;
+            Ok(())
+        })();
+        match done {
+            Ok(()) => Ok(u),
+            Err(e) => {
+                if let Err(undo) = u.undo() {
+                    log::error!("undoing the seal of {}: {undo:#}", u.data.display());
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Back to a writable layer: the link goes, the data file is cut back to its old length.
+    fn undo(&self) -> Result<()> {
+        remove_if_present(&self.sealed)?;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&self.data)
+            .with_context(|| format!("opening {}", self.data.display()))?;
+        f.set_len(self.len)
+            .and_then(|()| f.sync_data())
+            .with_context(|| format!("truncating {} to {}", self.data.display(), self.len))
+    }
+
+    /// The commit is stored: the writable layer's own names go.
+    fn finish(self) {
+        for p in [&self.data, &self.index] {
+            if let Err(e) = remove_if_present(p) {
+                log::warn!("{e:#}");
+            }
+        }
+    }
+}
+
+fn remove_if_present(p: &Path) -> Result<()> {
+    match std::fs::remove_file(p) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing {}", p.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The OverlayBD layer file a layer directory holds, if any (checked by magic, as upstream).
+/// Only a regular file counts: a symlink may point anywhere on the node, a FIFO would block.
+fn block_layer_file(fs: &Path) -> Option<&'static str> {
+    ["overlaybd.commit", "overlaybd.sealed"]
+        .into_iter()
+        .find(|n| {
+            let mut head = [0u8; 24];
+            FileSource::open(fs.join(n))
+                .and_then(|f| ovbd_format::source::read_exact_at(&f, &mut head, 0))
+                .is_ok()
+                && sniff(&head).is_some()
+        })
 }
 
 fn save_config(cfg: &ImageConfig, path: &Path) -> Result<()> {
@@ -1527,9 +1721,17 @@ mod tests {
         "sha256:022231c3f1af70e0cc42f0c3781eabf174cff608210585bf93fc83e16d33672d";
 
     fn remote_labels(name: &str, image_ref_label: &str) -> HashMap<String, String> {
+        remote_labels_of(name, HELLO_BLOB, image_ref_label)
+    }
+
+    fn remote_labels_of(
+        name: &str,
+        digest: &str,
+        image_ref_label: &str,
+    ) -> HashMap<String, String> {
         HashMap::from([
             (LABEL_SNAPSHOT_REF.into(), name.into()),
-            (LABEL_BLOB_DIGEST.into(), HELLO_BLOB.into()),
+            (LABEL_BLOB_DIGEST.into(), digest.into()),
             (LABEL_BLOB_SIZE.into(), "641024".into()),
             (
                 image_ref_label.into(),
@@ -1555,22 +1757,23 @@ mod tests {
 
         let remote = Arc::new(FixtureRemote::default());
         let s = s.with_remote(remote.clone());
-        for label in [LABEL_IMAGE_REF, LABEL_CRI_IMAGE_REF] {
+        // Pulled, then pulled again (already there).
+        for pull in ["first", "again"] {
             let e = s
                 .create(
                     "extract-1",
                     "",
                     Kind::Active,
-                    remote_labels("chain-1", label),
+                    remote_labels(HELLO_BLOB, LABEL_CRI_IMAGE_REF),
                 )
                 .unwrap_err();
-            assert_eq!(code(e), tonic::Code::AlreadyExists, "{label}");
+            assert_eq!(code(e), tonic::Code::AlreadyExists, "{pull}");
         }
         assert!(
             s.meta.get("extract-1").is_err(),
             "no active snapshot is left"
         );
-        let c = s.meta.get("chain-1").unwrap();
+        let c = s.meta.get(HELLO_BLOB).unwrap();
         assert_eq!((c.kind, c.storage), (Kind::Committed, Storage::Block));
         assert_eq!(c.labels[LABEL_REMOTE], "remote snapshot");
         assert_eq!(
@@ -1578,19 +1781,19 @@ mod tests {
             "https://127.0.0.1:5000/v2/hello-world/blobs"
         );
         // Missing an image reference, or the blob annotations: not lazy.
-        let mut l = remote_labels("chain-2", LABEL_IMAGE_REF);
-        l.remove(LABEL_IMAGE_REF);
+        let mut l = remote_labels("chain-2", LABEL_CRI_IMAGE_REF);
+        l.remove(LABEL_CRI_IMAGE_REF);
         assert_eq!(
             s.create("k2", "", Kind::Active, l).unwrap()[0].r#type,
             "bind"
         );
         // A bad size is refused, naming the label.
-        let mut l = remote_labels("chain-3", LABEL_IMAGE_REF);
+        let mut l = remote_labels("chain-3", LABEL_CRI_IMAGE_REF);
         l.insert(LABEL_BLOB_SIZE.into(), "big".into());
         let e = s.create("k3", "", Kind::Active, l).unwrap_err();
         assert!(e.to_string().contains(LABEL_BLOB_SIZE), "{e}");
         // So is a size no blob has: the cache keeps per-block state of what it is told.
-        let mut l = remote_labels("chain-3", LABEL_IMAGE_REF);
+        let mut l = remote_labels("chain-3", LABEL_CRI_IMAGE_REF);
         l.insert(LABEL_BLOB_SIZE.into(), (u64::MAX / 2).to_string());
         let e = s.create("k3", "", Kind::Active, l).unwrap_err();
         assert!(e.to_string().contains(LABEL_BLOB_SIZE), "{e}");
@@ -1620,6 +1823,185 @@ mod tests {
         std::fs::write(s.dir(c.id).join("fs/overlaybd.commit"), bytes).unwrap();
         let cfg = s.image_config(std::slice::from_ref(&c), None, &bdir);
         cfg.open_image(None).unwrap();
+    }
+
+    #[test]
+    fn only_a_client_written_image_ref_makes_a_layer_lazy() {
+        let (d, s) = snapshotter();
+        let s = s.with_remote(Arc::new(FixtureRemote::default()));
+        // containerd copies the image's own containerd.io/snapshot/image-ref annotation into the
+        // labels: by default it is not trusted to say where the blob is read from.
+        let m = s
+            .create(
+                "k1",
+                "",
+                Kind::Active,
+                remote_labels(HELLO_BLOB, LABEL_IMAGE_REF),
+            )
+            .unwrap();
+        assert_eq!(m[0].r#type, "bind");
+        s.remove("k1").unwrap();
+        assert!(s.meta.get(HELLO_BLOB).is_err());
+        // cri.image-ref (CRI and rpull write it over the manifest's) is, whatever image-ref says.
+        let mut l = remote_labels(HELLO_BLOB, LABEL_CRI_IMAGE_REF);
+        l.insert(LABEL_IMAGE_REF.into(), "127.0.0.1:6000/elsewhere:x".into());
+        let e = s.create("k2", "", Kind::Active, l).unwrap_err();
+        assert_eq!(code(e), tonic::Code::AlreadyExists);
+        assert_eq!(
+            s.meta.get(HELLO_BLOB).unwrap().labels[LABEL_REPO_BLOB_URL],
+            "https://127.0.0.1:5000/v2/hello-world/blobs"
+        );
+
+        // For clients that overwrite image-ref (nerdctl), the operator may trust it.
+        let mut cfg: Config = toml::from_str("trust_image_ref_label = true").unwrap();
+        cfg.root = d.path().join("root2");
+        let s = Snapshotter::open(cfg)
+            .unwrap()
+            .with_remote(Arc::new(FixtureRemote::default()));
+        let e = s
+            .create(
+                "k3",
+                "",
+                Kind::Active,
+                remote_labels(HELLO_BLOB, LABEL_IMAGE_REF),
+            )
+            .unwrap_err();
+        assert_eq!(code(e), tonic::Code::AlreadyExists);
+    }
+
+    #[test]
+    fn prepare_refuses_malformed_digest_and_vsize_labels() {
+        let (_d, s) = snapshotter();
+        let s = s.with_remote(Arc::new(FixtureRemote::default()));
+        // 64 characters after "sha256:" are not enough: the digest ends up in paths and URLs.
+        for bad in [
+            format!("sha256:{}", "../".repeat(21) + "a"),
+            format!("sha256:{}", "A".repeat(64)),
+            format!("sha256:{}", "é".repeat(32)),
+            format!("sha256:{}", "g".repeat(64)),
+        ] {
+            let e = s
+                .create(
+                    "k",
+                    "",
+                    Kind::Active,
+                    remote_labels_of(&bad, &bad, LABEL_CRI_IMAGE_REF),
+                )
+                .unwrap_err();
+            assert!(e.to_string().contains(LABEL_BLOB_DIGEST), "{bad}: {e}");
+            assert_eq!(code(e), tonic::Code::InvalidArgument, "{bad}");
+            assert!(s.meta.get(&bad).is_err() && s.meta.get("k").is_err());
+        }
+
+        // The writable layer's size (GiB) is checked at Prepare, before anything is made.
+        let writable = |vsize: &str| {
+            HashMap::from([
+                (LABEL_WRITABLE.to_string(), "dir".to_string()),
+                (LABEL_VSIZE.to_string(), vsize.to_string()),
+            ])
+        };
+        for bad in [
+            "18446744073709551615",
+            "17179869184",
+            "262145",
+            "0",
+            "-1",
+            "1e3",
+        ] {
+            let e = s.create("w", "", Kind::Active, writable(bad)).unwrap_err();
+            assert!(e.to_string().contains(LABEL_VSIZE), "{bad}: {e}");
+            assert_eq!(code(e), tonic::Code::InvalidArgument, "{bad}");
+            assert!(s.meta.get("w").is_err());
+        }
+        // A sane size passes the check (the device then needs ublk, which this host may lack).
+        if let Err(e) = s.create("w", "", Kind::Active, writable("1")) {
+            let msg = e.to_string();
+            assert_ne!(code(e), tonic::Code::InvalidArgument, "{msg}");
+        }
+    }
+
+    /// The OCI chain ID of `diff_id` above `parent` (image-spec config.md).
+    fn oci_chain_id(parent: &str, diff_id: &str) -> String {
+        use sha2::Digest as _;
+        let h = sha2::Sha256::digest(format!("{parent} {diff_id}").as_bytes());
+        format!(
+            "sha256:{}",
+            h.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        )
+    }
+
+    #[test]
+    fn a_remote_layer_is_committed_only_under_its_blobs_chain_id() {
+        let (_d, s) = snapshotter();
+        let s = s.with_remote(Arc::new(FixtureRemote::default()));
+        let cri = LABEL_CRI_IMAGE_REF;
+        let is_lazy = |key: &str, parent: &str, name: &str, digest: &str| {
+            match s.create(
+                key,
+                parent,
+                Kind::Active,
+                remote_labels_of(name, digest, cri),
+            ) {
+                Err(e) => {
+                    assert_eq!(code(e), tonic::Code::AlreadyExists, "{key}");
+                    true
+                }
+                Ok(m) => {
+                    // The ordinary unpack: containerd fetches the blob and checks its diff ID.
+                    assert_eq!(m[0].r#type, "bind", "{key}");
+                    let remote = s
+                        .meta
+                        .get(name)
+                        .map(|c| c.labels.contains_key(LABEL_REMOTE));
+                    assert!(!remote.unwrap_or(false), "{key}: no remote layer {name}");
+                    s.remove(key).unwrap();
+                    false
+                }
+            }
+        };
+        // A bottom layer's chain ID is its diff ID (for OverlayBD, the blob digest).
+        let victim = format!("sha256:{}", "ab".repeat(32));
+        assert!(!is_lazy("k1", "", &victim, HELLO_BLOB));
+        assert!(is_lazy("k2", "", HELLO_BLOB, HELLO_BLOB));
+        let c = s.meta.get(HELLO_BLOB).unwrap();
+        assert_eq!((c.kind, c.storage), (Kind::Committed, Storage::Block));
+        // Pulled before, from the same blob: AlreadyExists again.
+        assert!(is_lazy("k2b", "", HELLO_BLOB, HELLO_BLOB));
+
+        // Above a parent: sha256(parent chain + " " + digest).
+        let d2 = format!("sha256:{}", "cd".repeat(32));
+        assert!(!is_lazy("k3", HELLO_BLOB, &oci_chain_id(&victim, &d2), &d2));
+        assert!(!is_lazy("k4", HELLO_BLOB, &d2, &d2));
+        let right = oci_chain_id(HELLO_BLOB, &d2);
+        assert!(is_lazy("k5", HELLO_BLOB, &right, &d2));
+        let c = s.meta.get(&right).unwrap();
+        assert_eq!((c.kind, c.parent.as_str()), (Kind::Committed, HELLO_BLOB));
+        // Its parent named in containerd's namespaced form ("<ns>/<n>/<chain id>").
+        s.create("plain-extract", "", Kind::Active, HashMap::new())
+            .unwrap();
+        let d3 = format!("sha256:{}", "ef".repeat(32));
+        std::fs::write(
+            s.dir(s.meta.get("plain-extract").unwrap().id)
+                .join("fs/overlaybd.commit"),
+            hello_zfile(),
+        )
+        .unwrap();
+        s.commit(&format!("default/7/{d3}"), "plain-extract", HashMap::new())
+            .unwrap();
+        let d4 = format!("sha256:{}", "12".repeat(32));
+        assert!(is_lazy(
+            "k6",
+            &format!("default/7/{d3}"),
+            &oci_chain_id(&d3, &d4),
+            &d4
+        ));
+
+        // A name taken by a snapshot not committed from that blob is not "already there".
+        s.create("other-extract", "", Kind::Active, HashMap::new())
+            .unwrap();
+        let d5 = format!("sha256:{}", "34".repeat(32));
+        s.commit(&d5, "other-extract", HashMap::new()).unwrap();
+        assert!(!is_lazy("k7", "", &d5, &d5));
     }
 
     #[test]
@@ -1740,7 +2122,7 @@ mod tests {
                 "extract-a",
                 "",
                 Kind::Active,
-                remote_labels("a", LABEL_IMAGE_REF),
+                remote_labels(HELLO_BLOB, LABEL_CRI_IMAGE_REF),
             )
             .unwrap_err();
         assert_eq!(code(e), tonic::Code::AlreadyExists);
@@ -1749,7 +2131,7 @@ mod tests {
         let on_a = {
             let s = s.clone();
             std::thread::spawn(move || {
-                s.create("ctr-a", "a", Kind::Active, HashMap::new())
+                s.create("ctr-a", HELLO_BLOB, Kind::Active, HashMap::new())
                     .map(|_| ())
             })
         };
@@ -2032,6 +2414,178 @@ mod tests {
         assert_eq!(deleted, vec![1, 6]);
         // No record stays: the devices left alone are not ours any more, or cannot be told.
         assert_eq!(std::fs::read_dir(&devices).unwrap().count(), 0);
+    }
+
+    fn mkfifo(path: &Path) {
+        use std::os::unix::ffi::OsStrExt;
+        let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    }
+
+    /// The fixture's ZFile (the payload of its PAX tar), as containerd extracts it.
+    fn hello_zfile() -> Vec<u8> {
+        let bytes = std::fs::read(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/hello-world-oci/blobs/sha256")
+                .join(&HELLO_BLOB[7..]),
+        )
+        .unwrap();
+        bytes[1536..1536 + 639_491].to_vec()
+    }
+
+    #[test]
+    fn commit_takes_only_regular_files_as_overlaybd_layers() {
+        let (d, s) = snapshotter();
+        let unpack = || HashMap::from([(LABEL_SNAPSHOT_REF.to_string(), "x".to_string())]);
+        // overlaybd.commit as a symlink to an OverlayBD file elsewhere on the node: a plain layer.
+        let elsewhere = d.path().join("elsewhere.commit");
+        std::fs::write(&elsewhere, hello_zfile()).unwrap();
+        let m = s.create("sym-extract", "", Kind::Active, unpack()).unwrap();
+        let fs = PathBuf::from(&m[0].source);
+        std::os::unix::fs::symlink(&elsewhere, fs.join("overlaybd.commit")).unwrap();
+        s.commit("sym", "sym-extract", HashMap::new()).unwrap();
+        let c = s.meta.get("sym").unwrap();
+        assert_eq!(c.storage, Storage::Normal);
+        assert!(!c.labels.contains_key(LABEL_LOCAL_COMMIT));
+
+        // A FIFO of that name: Commit returns (a plain layer) and the store keeps working.
+        let m = s
+            .create("fifo-extract", "", Kind::Active, unpack())
+            .unwrap();
+        let fifo = PathBuf::from(&m[0].source).join("overlaybd.commit");
+        mkfifo(&fifo);
+        let s = Arc::new(s);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let s2 = s.clone();
+        std::thread::spawn(move || {
+            let r = s2.commit("fifo", "fifo-extract", HashMap::new());
+            let _ = tx.send(r.map_err(|e| e.to_string()));
+        });
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(r) => r.unwrap(),
+            Err(_) => {
+                // Hang detector: let the stuck open go before failing.
+                let _w = std::fs::OpenOptions::new().write(true).open(&fifo);
+                panic!("Commit of a layer with a FIFO overlaybd.commit did not return");
+            }
+        }
+        assert_eq!(s.meta.get("fifo").unwrap().storage, Storage::Normal);
+        s.create("next-extract", "fifo", Kind::Active, unpack())
+            .unwrap();
+        s.commit("next", "next-extract", HashMap::new()).unwrap();
+        s.remove("next").unwrap();
+    }
+
+    /// A dir-mode container snapshot as Prepare makes it, its writable layer holding `data` at
+    /// 1 MiB (made directly: this host has no ublk for the device).
+    fn writable_snapshot(s: &Snapshotter, key: &str, data: &[u8]) -> Snapshot {
+        let snap = s
+            .meta
+            .create(
+                key,
+                "",
+                Kind::Active,
+                BTreeMap::new(),
+                |draft| -> SnapResult<Snapshot> {
+                    let dir = s.dir(draft.id);
+                    for d in ["fs", "work", "block"] {
+                        std::fs::create_dir_all(dir.join(d))?;
+                    }
+                    let mut x = draft.clone();
+                    x.mode = Some(RootfsMode::Dir.as_str().to_string());
+                    x.storage = Storage::Block;
+                    Ok(x)
+                },
+            )
+            .unwrap();
+        let bdir = s.dir(snap.id).join("block");
+        let rw = RwLayer::create(
+            &bdir.join("writable_data"),
+            &bdir.join("writable_index"),
+            64 << 20,
+            RwMode::Append,
+            None,
+        )
+        .unwrap();
+        rw.write(data, 1 << 20).unwrap();
+        rw.flush().unwrap();
+        snap
+    }
+
+    #[test]
+    fn failed_commit_of_a_writable_layer_keeps_the_containers_data() {
+        let (_d, s) = snapshotter();
+        s.create("taken-extract", "", Kind::Active, HashMap::new())
+            .unwrap();
+        s.commit("taken", "taken-extract", HashMap::new()).unwrap();
+        let data: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
+        let snap = writable_snapshot(&s, "ctr", &data);
+        let bdir = s.dir(snap.id).join("block");
+
+        let e = s.commit("taken", "ctr", HashMap::new()).unwrap_err();
+        assert_eq!(code(e), tonic::Code::AlreadyExists);
+        // The container's layer is still its writable layer, holding what it wrote.
+        let rw = RwLayer::open(&bdir.join("writable_data"), &bdir.join("writable_index")).unwrap();
+        let img = ovbd_format::ImageStack::writable(None, rw).unwrap();
+        let mut buf = vec![0u8; data.len()];
+        img.read(&mut buf, 1 << 20).unwrap();
+        assert_eq!(buf, data);
+        drop(img);
+
+        // A retry under a free name commits it, every byte included.
+        s.commit("image-v2", "ctr", HashMap::new()).unwrap();
+        let c = s.meta.get("image-v2").unwrap();
+        assert_eq!((c.kind, c.storage), (Kind::Committed, Storage::Block));
+        let cfg = s.image_config(std::slice::from_ref(&c), None, &bdir);
+        let img = cfg.open_image(None).unwrap();
+        let mut buf = vec![0u8; data.len()];
+        img.read(&mut buf, 1 << 20).unwrap();
+        assert_eq!(buf, data);
+        assert!(!bdir.join("writable_data").exists());
+    }
+
+    #[test]
+    fn a_seal_is_undone_or_redone_without_losing_data() {
+        let (_d, s) = snapshotter();
+        let data: Vec<u8> = (0..4096u32).map(|i| (i % 241) as u8).collect();
+        let snap = writable_snapshot(&s, "ctr", &data);
+        let dir = s.dir(snap.id);
+        let (wdata, windex) = (
+            dir.join("block/writable_data"),
+            dir.join("block/writable_index"),
+        );
+        let before = std::fs::read(&wdata).unwrap();
+        let read_upper = || {
+            let rw = RwLayer::open(&wdata, &windex).unwrap();
+            let img = ovbd_format::ImageStack::writable(None, rw).unwrap();
+            let mut buf = vec![0u8; data.len()];
+            img.read(&mut buf, 1 << 20).unwrap();
+            buf
+        };
+
+        // Undone (the metadata commit failed): the writable layer is as it was.
+        let u = SealedUpper::seal(&dir).unwrap();
+        assert!(block_layer_file(&dir.join("fs")).is_some());
+        u.undo().unwrap();
+        assert_eq!(std::fs::read(&wdata).unwrap(), before);
+        assert!(block_layer_file(&dir.join("fs")).is_none());
+        assert_eq!(read_upper(), data);
+
+        // Left sealed (the daemon stopped before the metadata commit): the layer still opens
+        // writable with its data, and a later Commit seals it again.
+        let u = SealedUpper::seal(&dir).unwrap();
+        drop(u);
+        assert_eq!(read_upper(), data);
+        s.commit("image", "ctr", HashMap::new()).unwrap();
+        let c = s.meta.get("image").unwrap();
+        let cfg = s.image_config(std::slice::from_ref(&c), None, &dir.join("block"));
+        let mut buf = vec![0u8; data.len()];
+        cfg.open_image(None)
+            .unwrap()
+            .read(&mut buf, 1 << 20)
+            .unwrap();
+        assert_eq!(buf, data);
     }
 
     #[test]

@@ -136,10 +136,28 @@ pub struct FileSource {
 }
 
 impl FileSource {
+    /// Opens a regular file. A symlink or a special file (a FIFO would block the open, a
+    /// symlink may point anywhere on the node) is refused with an error naming the path.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let name = path.display().to_string();
-        let file = File::open(path).map_err(|e| Error::io(&name, 0, e))?;
+        let file = open_regular(path).map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) if path.is_symlink() => Error::Unsupported {
+                file: name.clone(),
+                what: "a symbolic link, not a regular file".into(),
+            },
+            _ => Error::io(&name, 0, e),
+        })?;
+        let kind = file
+            .metadata()
+            .map_err(|e| Error::io(&name, 0, e))?
+            .file_type();
+        if !kind.is_file() {
+            return Err(Error::Unsupported {
+                file: name,
+                what: format!("not a regular file ({})", file_kind(kind)),
+            });
+        }
         Self::from_file(file, name)
     }
 
@@ -184,6 +202,42 @@ impl ReadAt for FileSource {
     }
     fn name(&self) -> &str {
         &self.name
+    }
+}
+
+/// Opens `path` read-only without following a final symlink and without waiting for a FIFO's
+/// writer; O_NONBLOCK is cleared again so reads behave as usual.
+fn open_regular(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::io::AsRawFd;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on a descriptor we own.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(file)
+}
+
+/// What a non-regular file is, for error messages.
+fn file_kind(t: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_char_device() {
+        "a character device"
+    } else {
+        "a special file"
     }
 }
 
@@ -260,5 +314,57 @@ impl ReadAt for SubSource {
     }
     fn evict(&self, offset: u64, len: u64) {
         self.inner.evict(self.base + offset, len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+
+    fn mkfifo(path: &Path) {
+        let c = CString::new(path.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    }
+
+    #[test]
+    fn open_reads_regular_files_only() {
+        let d = tempfile::tempdir().unwrap();
+        let real = d.path().join("real");
+        std::fs::write(&real, b"layer bytes").unwrap();
+        let f = FileSource::open(&real).unwrap();
+        let mut buf = [0u8; 5];
+        read_exact_at(&f, &mut buf, 0).unwrap();
+        assert_eq!(&buf, b"layer");
+
+        // A symlink (to a regular file) is refused, naming the path.
+        let link = d.path().join("overlaybd.commit");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let e = FileSource::open(&link).err().unwrap().to_string();
+        assert!(e.contains(&link.display().to_string()), "{e}");
+        assert!(e.contains("symbolic link"), "{e}");
+
+        // A FIFO is refused at once (no writer: a plain open would wait for one forever).
+        let (tx, rx) = std::sync::mpsc::channel();
+        let fifo = d.path().join("fifo");
+        mkfifo(&fifo);
+        let p = fifo.clone();
+        std::thread::spawn(move || {
+            let r = FileSource::open(&p).err().map(|e| e.to_string());
+            let _ = tx.send(r);
+        });
+        let r = match rx.recv_timeout(std::time::Duration::from_secs(30)) {
+            Ok(r) => r,
+            Err(_) => {
+                // Hang detector: release the stuck open before failing.
+                let _w = std::fs::OpenOptions::new().write(true).open(&fifo);
+                panic!("FileSource::open of a FIFO did not return");
+            }
+        };
+        let e = r.expect("a FIFO must not open as a layer file");
+        assert!(e.contains(&fifo.display().to_string()), "{e}");
+        assert!(e.contains("not a regular file"), "{e}");
     }
 }
