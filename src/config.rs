@@ -111,8 +111,12 @@ impl Config {
 pub struct RegistryConfig {
     /// Per-host mirrors, tried in order before the host itself.
     pub mirrors: Vec<MirrorConfig>,
-    /// `host[:port]` of registries spoken to over plain http (loopback hosts always are).
+    /// `host[:port]` of registries spoken to over plain http (and allowed loopback hosts).
     pub insecure: Vec<String>,
+    /// `host[:port]` (no port: any) of registries, redirect targets and token servers that
+    /// may be loopback, link-local, private or cloud metadata addresses (refused otherwise).
+    /// Hosts in `insecure` and mirrors count as listed.
+    pub allow_hosts: Vec<String>,
     /// An HTTP proxy for every registry request (e.g. a P2P agent): `http://host:port`.
     pub proxy: Option<String>,
     /// Credentials: a docker `config.json` (`auths`). Default `$DOCKER_CONFIG/config.json`,
@@ -133,6 +137,7 @@ impl Default for RegistryConfig {
         RegistryConfig {
             mirrors: Vec::new(),
             insecure: Vec::new(),
+            allow_hosts: Vec::new(),
             proxy: None,
             docker_config: None,
             timeout_secs: 30.0,

@@ -374,6 +374,15 @@ impl fmt::Debug for Registry {
 
 impl Registry {
     pub fn new(cfg: &RegistryConfig) -> anyhow::Result<Arc<Registry>> {
+        Self::with_roots(cfg, Vec::new())
+    }
+
+    /// [`Registry::new`] trusting only `roots` for https, if there are some (tests: a
+    /// self-signed server).
+    fn with_roots(
+        cfg: &RegistryConfig,
+        roots: Vec<reqwest::Certificate>,
+    ) -> anyhow::Result<Arc<Registry>> {
         use anyhow::Context as _;
         cfg.validate()?;
         // reqwest is built without a default rustls provider; ring is ours. An error only says
@@ -418,6 +427,9 @@ impl Registry {
                 ),
                 None => b.no_proxy(),
             };
+            if !roots.is_empty() {
+                b = b.tls_certs_only(roots);
+            }
             b.build().context("making the registry HTTP client")?
         };
         Ok(Arc::new(Registry {
@@ -1449,13 +1461,117 @@ pub(crate) mod tests {
         (reg, data, digest)
     }
 
+    /// Short deadlines, and the tests' loopback registries (on 127.0.0.1) allowed.
     pub(crate) fn quick_config() -> RegistryConfig {
         RegistryConfig {
             timeout_secs: 10.0,
             retries: 5,
             stall_timeout_secs: 2.0,
             connect_timeout_secs: 2.0,
+            allow_hosts: vec!["127.0.0.1".into()],
             ..Default::default()
+        }
+    }
+
+    /// A self-signed certificate for 127.0.0.1 and its key, in `dir`: `(cert.pem, key.pem)`.
+    pub(crate) fn test_certificate(
+        dir: &std::path::Path,
+    ) -> (std::path::PathBuf, std::path::PathBuf) {
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        let ok = std::process::Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            ])
+            .args([
+                "-subj",
+                "/CN=127.0.0.1",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+                // A leaf certificate (trusted as its own root by the tests that trust it).
+                "-addext",
+                "basicConstraints=critical,CA:FALSE",
+                "-addext",
+                "extendedKeyUsage=serverAuth",
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl (to make a test certificate)");
+        assert!(ok.success());
+        (cert, key)
+    }
+
+    /// An https server on 127.0.0.1 answering every request with a 307 to `location` followed
+    /// by the request's path.
+    pub(crate) struct TlsRedirect {
+        pub(crate) addr: String,
+        pub(crate) hits: Arc<AtomicUsize>,
+    }
+
+    impl TlsRedirect {
+        pub(crate) fn start(
+            cert: &std::path::Path,
+            key: &std::path::Path,
+            location: &str,
+        ) -> TlsRedirect {
+            use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+            let certs = CertificateDer::pem_file_iter(cert)
+                .unwrap()
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap();
+            let key = PrivateKeyDer::from_pem_file(key).unwrap();
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let config = Arc::new(
+                rustls::ServerConfig::builder_with_provider(provider)
+                    .with_safe_default_protocol_versions()
+                    .unwrap()
+                    .with_no_client_auth()
+                    .with_single_cert(certs, key)
+                    .unwrap(),
+            );
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap().to_string();
+            let hits = Arc::new(AtomicUsize::new(0));
+            let (counter, location) = (hits.clone(), location.to_owned());
+            std::thread::spawn(move || {
+                for tcp in listener.incoming() {
+                    let Ok(tcp) = tcp else { continue };
+                    let Ok(conn) = rustls::ServerConnection::new(config.clone()) else {
+                        continue;
+                    };
+                    let (counter, location) = (counter.clone(), location.clone());
+                    std::thread::spawn(move || {
+                        let _ = tcp.set_read_timeout(Some(Duration::from_secs(10)));
+                        let mut tls = rustls::StreamOwned::new(conn, tcp);
+                        let mut request = String::new();
+                        {
+                            let mut reader = BufReader::new(&mut tls);
+                            if reader.read_line(&mut request).unwrap_or(0) == 0 {
+                                return;
+                            }
+                            let mut line = String::new();
+                            while reader.read_line(&mut line).unwrap_or(0) > 0 && line != "\r\n" {
+                                line.clear();
+                            }
+                        }
+                        counter.fetch_add(1, SeqCst);
+                        let path = request.split_whitespace().nth(1).unwrap_or("/").to_owned();
+                        let _ = write!(
+                            tls,
+                            "HTTP/1.1 307 Temporary Redirect\r\nLocation: {location}{path}\r\n\
+                             Content-Length: 0\r\nConnection: close\r\n\r\n"
+                        );
+                        let _ = tls.flush();
+                        tls.conn.send_close_notify();
+                        let _ = tls.flush();
+                    });
+                }
+            });
+            TlsRedirect { addr, hits }
         }
     }
 
@@ -2054,26 +2170,7 @@ pub(crate) mod tests {
     #[test]
     fn registry_https_untrusted_certificate() {
         let tmp = tempfile::tempdir().unwrap();
-        let (cert, key) = (tmp.path().join("cert.pem"), tmp.path().join("key.pem"));
-        let ok = std::process::Command::new("openssl")
-            .args([
-                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-            ])
-            .args([
-                "-subj",
-                "/CN=127.0.0.1",
-                "-addext",
-                "subjectAltName=IP:127.0.0.1",
-            ])
-            .arg("-keyout")
-            .arg(&key)
-            .arg("-out")
-            .arg(&cert)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .expect("openssl (to make a test certificate)");
-        assert!(ok.success());
+        let (cert, key) = test_certificate(tmp.path());
         let tls = start_registry(&format!(
             "  tls:\n    certificate: {}\n    key: {}\n",
             cert.display(),
@@ -2508,5 +2605,181 @@ pub(crate) mod tests {
         assert!(t.elapsed() < delay * 3, "{:?}", t.elapsed());
         assert!(front.max_inflight.load(SeqCst) >= 2);
         assert_eq!(blob.requests(), 4);
+    }
+
+    // ------------------------------------------------------------------- hostile references
+
+    /// The error of using `host/test/blob` through `registry`: at the blob's creation, else at
+    /// its first read (which must fail).
+    fn refusal(registry: &Arc<Registry>, host: &str, digest: &str, size: u64) -> io::Error {
+        match RemoteBlob::new(registry.clone(), &format!("{host}/test/blob"), digest, size) {
+            Err(e) => io::Error::new(io::ErrorKind::PermissionDenied, format!("{e:#}")),
+            Ok(blob) => match read(&blob, 0, 10) {
+                Err(e) => e,
+                Ok(_) => panic!("{host}: read through a registry that is not allowed"),
+            },
+        }
+    }
+
+    /// Image references name their registry: loopback, link-local, private, unspecified and
+    /// cloud metadata hosts are refused before anything is sent, unless `allow_hosts` (or
+    /// `insecure`) lists them.
+    #[test]
+    fn registry_refuses_loopback_private_and_metadata_hosts() {
+        let (reg, data, digest) = registry_with_blob(100_000, 31);
+        let front = Front::start(&reg.addr, None);
+        let port = front.addr.rsplit(':').next().unwrap().to_owned();
+        let strict = Registry::new(&RegistryConfig {
+            timeout_secs: 3.0,
+            retries: 0,
+            connect_timeout_secs: 1.0,
+            ..Default::default()
+        })
+        .unwrap();
+        for host in [
+            front.addr.clone(),
+            format!("localhost:{port}"),
+            format!("[::1]:{port}"),
+            format!("[::ffff:127.0.0.1]:{port}"),
+            format!("0.0.0.0:{port}"),
+            format!("[::]:{port}"),
+            "127.1.2.3:5000".into(),
+            "10.1.2.3:5000".into(),
+            "172.16.0.1:5000".into(),
+            "192.168.1.10".into(),
+            "100.64.0.1:5000".into(),
+            "169.254.169.254".into(),
+            "169.254.1.1:5000".into(),
+            "[fe80::1]:5000".into(),
+            "[fd00:ec2::254]".into(),
+            "metadata.google.internal".into(),
+        ] {
+            let e = refusal(&strict, &host, &digest, data.len() as u64);
+            assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{host}: {e}");
+            assert!(e.to_string().contains("allow_hosts"), "{host}: {e}");
+        }
+        assert!(
+            front.seen.lock().unwrap().is_empty(),
+            "a refused host got a request"
+        );
+
+        // Listed: read over plain http, as before. A host without a port: every port.
+        for allow in [front.addr.clone(), "127.0.0.1".into()] {
+            let registry = Registry::new(&RegistryConfig {
+                allow_hosts: vec![allow.clone()],
+                ..quick_config()
+            })
+            .unwrap();
+            let blob = test_blob(&registry, &front.addr, &digest, data.len() as u64);
+            assert_eq!(read(&blob, 5, 10).unwrap(), &data[5..15], "{allow}");
+        }
+        // Another port of the host, or another name for it: still refused.
+        for (allow, host) in [
+            ("127.0.0.1:1", front.addr.clone()),
+            ("localhost", front.addr.clone()),
+            ("127.0.0.1", format!("localhost:{port}")),
+        ] {
+            let registry = Registry::new(&RegistryConfig {
+                allow_hosts: vec![allow.into()],
+                ..quick_config()
+            })
+            .unwrap();
+            let e = refusal(&registry, &host, &digest, data.len() as u64);
+            assert_eq!(
+                e.kind(),
+                io::ErrorKind::PermissionDenied,
+                "{allow} {host}: {e}"
+            );
+        }
+        // A name listed is reached by name; a host listed `insecure` counts as allowed.
+        for (allow, insecure, host) in [
+            (
+                vec!["localhost".to_owned()],
+                vec![],
+                format!("localhost:{port}"),
+            ),
+            (vec![], vec![front.addr.clone()], front.addr.clone()),
+        ] {
+            let registry = Registry::new(&RegistryConfig {
+                allow_hosts: allow,
+                insecure,
+                ..quick_config()
+            })
+            .unwrap();
+            let blob = test_blob(&registry, &host, &digest, data.len() as u64);
+            assert_eq!(read(&blob, 0, 10).unwrap(), &data[..10], "{host}");
+        }
+    }
+
+    /// Redirect targets are checked like registries: no loopback, private or metadata address
+    /// that is not listed, and plain http only to `insecure` (or allowed loopback) hosts.
+    #[test]
+    fn registry_checks_every_redirect_target() {
+        let (reg, data, digest) = registry_with_blob(100_000, 33);
+        let storage = Front::start(&reg.addr, None);
+        let port = storage.addr.rsplit(':').next().unwrap().to_owned();
+        let front = Front::start(&reg.addr, None);
+        let registry = Registry::new(&RegistryConfig {
+            retries: 0,
+            timeout_secs: 3.0,
+            connect_timeout_secs: 1.0,
+            allow_hosts: vec!["127.0.0.1".into(), "10.1.2.3".into()],
+            ..quick_config()
+        })
+        .unwrap();
+        let blob = test_blob(&registry, &front.addr, &digest, data.len() as u64);
+        for (target, why) in [
+            (format!("http://localhost:{port}"), "allow_hosts"),
+            ("http://169.254.169.254".to_owned(), "allow_hosts"),
+            ("http://[fd00:ec2::254]".to_owned(), "allow_hosts"),
+            ("http://192.168.1.1:5000".to_owned(), "allow_hosts"),
+            ("http://10.1.2.3:9".to_owned(), "insecure"),
+        ] {
+            *front.redirect.lock().unwrap() = Some(target.clone());
+            let e = read(&blob, 0, 10).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{target}: {e}");
+            assert!(e.to_string().contains(why), "{target}: {e}");
+        }
+        assert!(storage.seen.lock().unwrap().is_empty());
+        // To an allowed loopback host, followed.
+        *front.redirect.lock().unwrap() = Some(format!("http://{}", storage.addr));
+        assert_eq!(read(&blob, 0, 10).unwrap(), &data[..10]);
+    }
+
+    /// A redirect from https to plain http is refused, even to an allowed host.
+    #[test]
+    fn registry_refuses_https_to_http_redirects() {
+        let (reg, data, digest) = registry_with_blob(100_000, 34);
+        let sink = Front::start(&reg.addr, None);
+        let tmp = tempfile::tempdir().unwrap();
+        let (cert, key) = test_certificate(tmp.path());
+        let tls = TlsRedirect::start(&cert, &key, &format!("http://{}", sink.addr));
+        let root = reqwest::Certificate::from_pem(&std::fs::read(&cert).unwrap()).unwrap();
+        // An https mirror (loopback registries are plain http) of a host that is not there.
+        let registry = Registry::with_roots(
+            &RegistryConfig {
+                retries: 0,
+                timeout_secs: 3.0,
+                connect_timeout_secs: 1.0,
+                mirrors: vec![crate::config::MirrorConfig {
+                    host: "registry.invalid".into(),
+                    mirrors: vec![format!("https://{}", tls.addr)],
+                }],
+                ..quick_config()
+            },
+            vec![root],
+        )
+        .unwrap();
+        let blob = RemoteBlob::new(
+            registry.clone(),
+            "registry.invalid/test/blob",
+            &digest,
+            data.len() as u64,
+        )
+        .unwrap();
+        let e = read(&blob, 0, 10).expect_err("read through an https -> http redirect");
+        assert_eq!(tls.hits.load(SeqCst), 1, "{e}");
+        assert!(e.to_string().contains("https to plain http"), "{e}");
+        assert!(sink.seen.lock().unwrap().is_empty());
     }
 }
