@@ -8,8 +8,9 @@
 //!
 //! A read `GET`s `<endpoint>/v2/<repo>/blobs/<digest>` with `Range: bytes=a-b`:
 //! - endpoints: the mirrors configured for the host, in order, then the host itself
-//!   (`docker.io` is `registry-1.docker.io`); plain http for loopback hosts and hosts listed
-//!   `insecure`, https otherwise; every request through the configured proxy, if any;
+//!   (`docker.io` is `registry-1.docker.io`); plain http for hosts listed `insecure` and
+//!   allowed loopback hosts, https otherwise; every request through the configured proxy, if
+//!   any;
 //! - a `206` whose `Content-Range` is exactly the range asked is required; a `200` is accepted
 //!   only when the whole blob was asked for;
 //! - redirects (to blob storage) are followed by hand, up to [`MAX_REDIRECTS`]; the
@@ -21,6 +22,20 @@
 //!   challenge makes us send the credentials. Credentials are re-read from the docker
 //!   config.json ([`crate::image_io::registry_auth`]) whenever authentication is needed, so a
 //!   rotated password works without a restart.
+//!
+//! Hosts: the registry of a lazily pulled layer comes from its image reference, which an
+//! image's publisher chooses, so every request (endpoint, redirect hop, token realm) is
+//! checked before it is sent (`HostPolicy`). Loopback (`localhost` too), link-local,
+//! private (RFC 1918, RFC 6598 shared, IPv6 unique local), unspecified, multicast/reserved
+//! and cloud metadata addresses (169.254.169.254, fd00:ec2::254, `metadata.google.internal`,
+//! ...) are refused unless `[registry] allow_hosts` lists the host (`host[:port]`, no port:
+//! every port); hosts listed `insecure` and the mirrors (root's configuration) count as
+//! listed. IP literals are checked as written (the URL parser has normalised `2130706433` and
+//! `::ffff:127.0.0.1`); names of hosts that are not listed go through a resolver that drops
+//! forbidden addresses (`PublicResolver`). Through a proxy the proxy resolves names: only
+//! literals and the names above are checked then. Plain http only to `insecure` hosts, http
+//! mirrors and allowed loopback hosts, and never after an https hop (an https registry may
+//! redirect to another host, not to http). A refusal is a permanent `PermissionDenied`.
 //!
 //! Faults: 5xx, 408, 429, connection errors, truncated bodies and stalls (no bytes for
 //! `stall_timeout_secs`) are retried, resuming after the bytes already received, with
@@ -39,6 +54,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -115,12 +131,37 @@ fn http_failure(what: &str, e: reqwest::Error) -> Failure {
     }
     if e.is_builder() {
         Failure::permanent(io::ErrorKind::InvalidInput, msg)
+    } else if let Some(refused) = find_in_chain::<RefusedAddress>(&e) {
+        // Our resolver refused the host's addresses: the same next time.
+        Failure::permanent(
+            io::ErrorKind::PermissionDenied,
+            format!("{what}: {refused}"),
+        )
     } else if is_certificate_error(&e) {
         // The same certificate next time: retrying will not help.
         Failure::permanent(io::ErrorKind::InvalidData, msg)
     } else {
         Failure::transient(msg)
     }
+}
+
+/// The first `E` in `e`'s chain (io::Error payloads included).
+fn find_in_chain<'a, E: std::error::Error + 'static>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a E> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(found) = err.downcast_ref::<E>() {
+            return Some(found);
+        }
+        if let Some(inner) = err.downcast_ref::<io::Error>().and_then(|io| io.get_ref()) {
+            if let Some(found) = find_in_chain::<E>(inner) {
+                return Some(found);
+            }
+        }
+        cur = err.source();
+    }
+    None
 }
 
 /// Whether a TLS certificate (the server's, or a CRL) was refused somewhere in `e`'s chain.
@@ -294,12 +335,339 @@ fn same_origin(a: &Url, b: &Url) -> bool {
         && a.port_or_known_default() == b.port_or_known_default()
 }
 
+/// `u` for messages and logs: without userinfo, query and fragment (a presigned URL carries
+/// its signature in the query).
+fn redact(u: &Url) -> String {
+    let mut r = u.clone();
+    let _ = r.set_username("");
+    let _ = r.set_password(None);
+    r.set_query(None);
+    r.set_fragment(None);
+    r.to_string()
+}
+
 /// `host[:port]` of a URL.
 fn host_port(u: &Url) -> String {
     match (u.host_str(), u.port()) {
         (Some(h), Some(p)) => format!("{h}:{p}"),
         (Some(h), None) => h.to_owned(),
         _ => String::new(),
+    }
+}
+
+// ------------------------------------------------------------------------------------- hosts
+
+/// Names of cloud metadata services (they resolve to link-local addresses in clouds).
+const METADATA_NAMES: &[&str] = &[
+    "metadata.google.internal",
+    "metadata.goog",
+    "metadata",
+    "instance-data",
+    "instance-data.ec2.internal",
+];
+
+/// A host of a URL or of the configuration: an IP address or a (lowercase) name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum HostName {
+    Ip(IpAddr),
+    Name(String),
+}
+
+impl HostName {
+    /// `name` (a trailing dot and case dropped) or an IP literal, `[v6]` or bare.
+    fn parse(s: &str) -> HostName {
+        let bare = s
+            .strip_prefix('[')
+            .and_then(|r| r.strip_suffix(']'))
+            .unwrap_or(s);
+        match bare.parse::<IpAddr>() {
+            // `::ffff:a.b.c.d` is a.b.c.d.
+            Ok(ip) => HostName::Ip(ip.to_canonical()),
+            Err(_) => HostName::Name(s.trim_end_matches('.').to_ascii_lowercase()),
+        }
+    }
+
+    /// Why an image-named registry may not be here (before any DNS lookup), if so.
+    fn forbidden(&self) -> Option<&'static str> {
+        match self {
+            HostName::Ip(ip) => forbidden_ip(*ip),
+            HostName::Name(n) if n == "localhost" || n.ends_with(".localhost") => Some("loopback"),
+            HostName::Name(n) if METADATA_NAMES.contains(&n.as_str()) => Some("cloud metadata"),
+            HostName::Name(_) => None,
+        }
+    }
+
+    fn is_loopback(&self) -> bool {
+        self.forbidden() == Some("loopback")
+    }
+}
+
+impl fmt::Display for HostName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostName::Ip(IpAddr::V6(ip)) => write!(f, "[{ip}]"),
+            HostName::Ip(ip) => write!(f, "{ip}"),
+            HostName::Name(n) => f.write_str(n),
+        }
+    }
+}
+
+/// The host of an http(s) URL.
+fn url_host(u: &Url) -> Option<HostName> {
+    // The URL parser has turned every IPv4 spelling (`0x7f.1`, `2130706433`) into a.b.c.d.
+    u.host_str().filter(|h| !h.is_empty()).map(HostName::parse)
+}
+
+/// What kind of address `ip` is, if no registry named by an image may be there: loopback,
+/// link-local, private (RFC 1918, shared, unique local), unspecified, multicast/reserved, and
+/// the cloud metadata services.
+fn forbidden_ip(ip: IpAddr) -> Option<&'static str> {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => forbidden_v4(v4),
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                // NAT64: the IPv4 address inside decides.
+                let [a, b] = s[6].to_be_bytes();
+                let [c, d] = s[7].to_be_bytes();
+                return forbidden_v4(Ipv4Addr::new(a, b, c, d));
+            }
+            if v6 == Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254) {
+                Some("cloud metadata")
+            } else if v6.is_unspecified() {
+                Some("unspecified")
+            } else if v6.is_loopback() {
+                Some("loopback")
+            } else if s[0] & 0xffc0 == 0xfe80 {
+                Some("link-local")
+            } else if s[0] & 0xfe00 == 0xfc00 || s[0] & 0xffc0 == 0xfec0 {
+                Some("private")
+            } else if v6.is_multicast() {
+                Some("multicast")
+            } else {
+                None
+            }
+        }
+    }
+}
+
+fn forbidden_v4(ip: Ipv4Addr) -> Option<&'static str> {
+    let o = ip.octets();
+    if matches!(
+        o,
+        [169, 254, 169, 254] | [169, 254, 170, 2] | [100, 100, 100, 200]
+    ) {
+        Some("cloud metadata")
+    } else if o[0] == 0 {
+        Some("unspecified")
+    } else if ip.is_loopback() {
+        Some("loopback")
+    } else if ip.is_link_local() {
+        Some("link-local")
+    } else if ip.is_private() || (o[0] == 100 && o[1] & 0xc0 == 64) {
+        // RFC 1918, and RFC 6598's shared space (carrier-grade NAT, some clouds' services).
+        Some("private")
+    } else if ip.is_multicast() || ip.is_broadcast() || o[0] >= 240 {
+        Some("multicast or reserved")
+    } else {
+        None
+    }
+}
+
+/// A `host[:port]` entry of the configuration; no port: every port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct HostPattern {
+    host: HostName,
+    port: Option<u16>,
+}
+
+impl HostPattern {
+    /// `host`, `host:port`, `[v6]`, `[v6]:port` or a bare IPv6 address; a scheme and a path
+    /// are ignored (as in `insecure`).
+    fn parse(s: &str) -> anyhow::Result<HostPattern> {
+        let t = s.trim();
+        let t = t
+            .strip_prefix("https://")
+            .or_else(|| t.strip_prefix("http://"))
+            .unwrap_or(t);
+        let t = t.split('/').next().unwrap_or("");
+        let (host, port) = if t.parse::<Ipv6Addr>().is_ok() {
+            (t, None)
+        } else if let Some(rest) = t.strip_prefix('[') {
+            let (h, after) = rest
+                .split_once(']')
+                .ok_or_else(|| anyhow::anyhow!("{s:?}: no closing ]"))?;
+            match after.strip_prefix(':') {
+                Some(p) => (h, Some(p)),
+                None if after.is_empty() => (h, None),
+                None => anyhow::bail!("{s:?}: junk after ]"),
+            }
+        } else {
+            match t.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (t, None),
+            }
+        };
+        let port = port
+            .map(|p| p.parse::<u16>().ok().filter(|&n| n > 0))
+            .map(|p| p.ok_or_else(|| anyhow::anyhow!("{s:?}: not a port number")))
+            .transpose()?;
+        let host = HostName::parse(host);
+        if let HostName::Name(n) = &host {
+            anyhow::ensure!(
+                !n.is_empty()
+                    && n.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_')),
+                "{s:?}: not a host name or IP address"
+            );
+        }
+        Ok(HostPattern { host, port })
+    }
+
+    fn matches(&self, host: &HostName, port: u16) -> bool {
+        self.host == *host && self.port.is_none_or(|p| p == port)
+    }
+}
+
+/// A refusal of our resolver: a name of a host that is not allowed resolved only to
+/// forbidden addresses. Found in a reqwest error's chain, it fails the request at once.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct RefusedAddress(String);
+
+/// The DNS resolver of requests to hosts that are not allowed: drops the forbidden addresses
+/// a name resolves to (a name may not lead where its IP literal could not go).
+struct PublicResolver {
+    /// Resolved as they are (the proxy's host).
+    trusted: Vec<String>,
+}
+
+impl reqwest::dns::Resolve for PublicResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let name = name.as_str().to_owned();
+        let trusted = self
+            .trusted
+            .iter()
+            .any(|t| *t == name.trim_end_matches('.').to_ascii_lowercase());
+        Box::pin(async move {
+            let addrs: Vec<SocketAddr> =
+                tokio::net::lookup_host((name.as_str(), 0)).await?.collect();
+            if trusted {
+                return Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs);
+            }
+            let (ok, refused): (Vec<_>, Vec<_>) = addrs
+                .into_iter()
+                .partition(|a| forbidden_ip(a.ip()).is_none());
+            match (ok.is_empty(), refused.first()) {
+                (true, Some(a)) => Err(Box::new(RefusedAddress(format!(
+                    "{name} resolves to {}, a {} address; {ALLOW_HINT}",
+                    a.ip(),
+                    forbidden_ip(a.ip()).unwrap_or("forbidden")
+                )))
+                    as Box<dyn std::error::Error + Send + Sync>),
+                _ => Ok(Box::new(ok.into_iter()) as reqwest::dns::Addrs),
+            }
+        })
+    }
+}
+
+/// What the refusal of a host says to do about it.
+const ALLOW_HINT: &str = "lazily pulled layers reach loopback, link-local, private and cloud \
+                          metadata addresses only on hosts listed in [registry] allow_hosts";
+
+/// Which hosts requests may go to, and over what (see the module doc).
+#[derive(Debug, Default)]
+struct HostPolicy {
+    /// `allow_hosts`, `insecure` and the mirrors' hosts.
+    allowed: Vec<HostPattern>,
+    /// `insecure`, normalised as [`normalize_registry_host`] does.
+    insecure: Vec<String>,
+    /// `(host, port)` of the mirrors configured `http://`.
+    http_mirrors: Vec<(HostName, u16)>,
+}
+
+impl HostPolicy {
+    fn new(cfg: &RegistryConfig, mirrors: &[(String, Vec<Url>)]) -> anyhow::Result<HostPolicy> {
+        let mut p = HostPolicy::default();
+        for (key, list) in [
+            ("allow_hosts", &cfg.allow_hosts),
+            ("insecure", &cfg.insecure),
+        ] {
+            for s in list {
+                p.allowed.push(
+                    HostPattern::parse(s)
+                        .map_err(|e| anyhow::anyhow!("[registry] {key} entry {e}"))?,
+                );
+            }
+        }
+        p.insecure = cfg
+            .insecure
+            .iter()
+            .map(|h| normalize_registry_host(h))
+            .collect();
+        for u in mirrors.iter().flat_map(|(_, urls)| urls) {
+            let (Some(host), Some(port)) = (url_host(u), u.port_or_known_default()) else {
+                continue;
+            };
+            if u.scheme() == "http" {
+                p.http_mirrors.push((host.clone(), port));
+            }
+            p.allowed.push(HostPattern {
+                host,
+                port: Some(port),
+            });
+        }
+        Ok(p)
+    }
+
+    /// Whether the configuration lists `u`'s host (and port).
+    fn allows(&self, u: &Url) -> bool {
+        match (url_host(u), u.port_or_known_default()) {
+            (Some(h), Some(port)) => self.allowed.iter().any(|a| a.matches(&h, port)),
+            _ => false,
+        }
+    }
+
+    /// Why no request may go to `u`'s host, if so (DNS names: see [`PublicResolver`]).
+    fn refusal(&self, u: &Url) -> Option<String> {
+        let host = url_host(u)?;
+        let why = host.forbidden()?;
+        (!self.allows(u)).then(|| format!("{host} is a {why} address; {ALLOW_HINT}"))
+    }
+
+    /// Whether `u` may be plain http: an `insecure` host, an http mirror, or an allowed
+    /// loopback host.
+    fn plain_http_ok(&self, u: &Url) -> bool {
+        let (Some(host), Some(port)) = (url_host(u), u.port_or_known_default()) else {
+            return false;
+        };
+        self.insecure
+            .contains(&normalize_registry_host(&host_port(u)))
+            || self.http_mirrors.contains(&(host.clone(), port))
+            || (host.is_loopback() && self.allows(u))
+    }
+
+    /// Checks one request's URL; `from_https`: an earlier hop (or the endpoint) was https.
+    /// `Ok(true)`: an allowed host (resolved as it is).
+    fn check(&self, u: &Url, from_https: bool) -> Result<bool, String> {
+        if let Some(why) = self.refusal(u) {
+            return Err(why);
+        }
+        match u.scheme() {
+            "https" => {}
+            "http" if from_https => {
+                return Err("refusing to go from https to plain http".into());
+            }
+            "http" if !self.plain_http_ok(u) => {
+                return Err(format!(
+                    "refusing plain http to {}: not listed in [registry] insecure",
+                    host_port(u)
+                ));
+            }
+            "http" => {}
+            other => return Err(format!("refusing a {other}: URL (http or https only)")),
+        }
+        Ok(self.allows(u))
     }
 }
 
@@ -348,8 +716,12 @@ pub struct Registry {
 type AuthSlots = HashMap<(String, String), Arc<tokio::sync::Mutex<AuthSlot>>>;
 
 struct Inner {
+    /// For hosts that are not allowed: their names may not resolve to forbidden addresses.
     client: reqwest::Client,
-    /// Loopback and `insecure` hosts → http; also where credentials come from.
+    /// For hosts the configuration allows (`allow_hosts`, `insecure`, mirrors).
+    trusted_client: reqwest::Client,
+    policy: HostPolicy,
+    /// `insecure` hosts → http; also where credentials come from.
     opts: RegistryOptions,
     /// Mirrors by normalised host.
     mirrors: Vec<(String, Vec<Url>)>,
@@ -411,7 +783,17 @@ impl Registry {
             .build()
             .context("starting the registry client's runtime")?;
         let handle = rt.handle().clone();
-        let client = {
+        let policy = HostPolicy::new(cfg, &mirrors)?;
+        let proxy_host =
+            match &cfg.proxy {
+                Some(p) => Some(Url::parse(p).ok().and_then(|u| url_host(&u)).ok_or_else(
+                    || anyhow::anyhow!("[registry] proxy {p:?}: not a URL with a host"),
+                )?),
+                None => None,
+            };
+        // Two clients: requests to allowed hosts resolve names as they are; the others through
+        // a resolver that drops forbidden addresses. (The pools are per host anyway.)
+        let make_client = |resolver: Option<PublicResolver>| -> anyhow::Result<reqwest::Client> {
             let _enter = rt.enter();
             let mut b = reqwest::Client::builder()
                 .redirect(reqwest::redirect::Policy::none())
@@ -427,16 +809,29 @@ impl Registry {
                 ),
                 None => b.no_proxy(),
             };
-            if !roots.is_empty() {
-                b = b.tls_certs_only(roots);
+            if let Some(r) = resolver {
+                b = b.dns_resolver(r);
             }
-            b.build().context("making the registry HTTP client")?
+            if !roots.is_empty() {
+                b = b.tls_certs_only(roots.clone());
+            }
+            b.build().context("making the registry HTTP client")
         };
+        let client = make_client(Some(PublicResolver {
+            // The proxy is root's choice, wherever it is.
+            trusted: match &proxy_host {
+                Some(HostName::Name(n)) => vec![n.clone()],
+                _ => Vec::new(),
+            },
+        }))?;
+        let trusted_client = make_client(None)?;
         Ok(Arc::new(Registry {
             rt: Some(rt),
             handle,
             inner: Arc::new(Inner {
                 client,
+                trusted_client,
+                policy,
                 opts,
                 mirrors,
                 timeout: Duration::from_secs_f64(cfg.timeout_secs),
@@ -475,13 +870,23 @@ impl Registry {
         } else {
             registry.to_ascii_lowercase()
         };
-        let scheme = if self.inner.opts.uses_plain_http(registry) {
-            "http"
-        } else {
-            "https"
+        let url = |scheme: &str| {
+            Url::parse(&format!("{scheme}://{host}"))
+                .map_err(|e| anyhow::anyhow!("registry host {registry:?}: {e}"))
         };
-        let base = Url::parse(&format!("{scheme}://{host}"))
-            .map_err(|e| anyhow::anyhow!("registry host {registry:?}: {e}"))?;
+        // Plain http for `insecure` hosts and allowed loopback ones (as docker does).
+        let http = url("http")?;
+        let base = if self.inner.policy.plain_http_ok(&http) {
+            http
+        } else {
+            url("https")?
+        };
+        // Refused now, unless a mirror may serve it.
+        if out.is_empty() {
+            if let Some(why) = self.inner.policy.refusal(&base) {
+                anyhow::bail!("registry {registry}: {why}");
+            }
+        }
         out.push(Endpoint {
             base,
             cred_host: registry.to_owned(),
@@ -660,7 +1065,21 @@ impl Inner {
             }
             q.append_pair("scope", &format!("repository:{repo}:pull"));
         }
-        let mut rb = self.client.get(url.clone());
+        let trusted = self
+            .policy
+            .check(&url, ep.base.scheme() == "https")
+            .map_err(|why| {
+                Failure::permanent(
+                    io::ErrorKind::PermissionDenied,
+                    format!("{}: token realm {}: {why}", ep.label(), redact(&url)),
+                )
+            })?;
+        let client = if trusted {
+            &self.trusted_client
+        } else {
+            &self.client
+        };
+        let mut rb = client.get(url.clone());
         if let RegistryAuth::Basic(u, p) = creds {
             rb = rb.header(header::AUTHORIZATION, basic_header(u, p));
         }
@@ -770,10 +1189,24 @@ impl Inner {
         end: u64,
     ) -> Result<(reqwest::Response, bool), Failure> {
         let mut cur = url.clone();
+        let mut from_https = false;
+        let mut from: Option<Url> = None;
         for _ in 0..=MAX_REDIRECTS {
+            let trusted = self.policy.check(&cur, from_https).map_err(|why| {
+                let msg = match &from {
+                    Some(f) => format!("GET {}: redirected to {}: {why}", redact(f), redact(&cur)),
+                    None => format!("GET {}: {why}", redact(&cur)),
+                };
+                Failure::permanent(io::ErrorKind::PermissionDenied, msg)
+            })?;
+            from_https |= cur.scheme() == "https";
+            let client = if trusted {
+                &self.trusted_client
+            } else {
+                &self.client
+            };
             let foreign = !same_origin(&cur, url);
-            let mut rb = self
-                .client
+            let mut rb = client
                 .get(cur.clone())
                 .header(header::RANGE, format!("bytes={start}-{end}"));
             if let (false, Some(a)) = (foreign, auth) {
@@ -812,7 +1245,7 @@ impl Inner {
                     ));
                 }
                 log::trace!("{what}: redirected to {}", next.host_str().unwrap_or("?"));
-                cur = next;
+                from = Some(std::mem::replace(&mut cur, next));
                 continue;
             }
             return Ok((resp, foreign));
@@ -2007,6 +2440,7 @@ pub(crate) mod tests {
                     "localhost:5001".into(),
                 ],
             }],
+            allow_hosts: vec!["127.0.0.1:5000".into()],
             ..Default::default()
         })
         .unwrap();
@@ -2039,6 +2473,12 @@ pub(crate) mod tests {
             urls("127.0.0.1:5000"),
             ["http://127.0.0.1:5000/v2/library/busybox/blobs/sha256:00"]
         );
+        // Loopback and private hosts that are not allowed (mirrors count): refused.
+        for r in ["127.0.0.1:5001", "localhost:5000", "10.0.0.2:5000"] {
+            let e = reg.endpoints(r).unwrap_err().to_string();
+            assert!(e.contains("allow_hosts"), "{r}: {e}");
+        }
+        assert_eq!(urls("10.0.0.1:5000").len(), 1);
         assert_eq!(
             urls("ghcr.io"),
             ["https://ghcr.io/v2/library/busybox/blobs/sha256:00"]
@@ -2368,6 +2808,8 @@ pub(crate) mod tests {
         .unwrap();
         let registry = Registry::new(&RegistryConfig {
             docker_config: Some(config),
+            // The storage's name is a loopback one too.
+            allow_hosts: vec!["127.0.0.1".into(), "localhost".into()],
             ..quick_config()
         })
         .unwrap();
@@ -2458,6 +2900,7 @@ pub(crate) mod tests {
             retries: 1000,
             stall_timeout_secs: 30.0,
             connect_timeout_secs: 1.0,
+            allow_hosts: vec!["127.0.0.1".into()],
             ..Default::default()
         })
         .unwrap();
@@ -2639,10 +3082,7 @@ pub(crate) mod tests {
         for host in [
             front.addr.clone(),
             format!("localhost:{port}"),
-            format!("[::1]:{port}"),
-            format!("[::ffff:127.0.0.1]:{port}"),
             format!("0.0.0.0:{port}"),
-            format!("[::]:{port}"),
             "127.1.2.3:5000".into(),
             "10.1.2.3:5000".into(),
             "172.16.0.1:5000".into(),
@@ -2650,8 +3090,6 @@ pub(crate) mod tests {
             "100.64.0.1:5000".into(),
             "169.254.169.254".into(),
             "169.254.1.1:5000".into(),
-            "[fe80::1]:5000".into(),
-            "[fd00:ec2::254]".into(),
             "metadata.google.internal".into(),
         ] {
             let e = refusal(&strict, &host, &digest, data.len() as u64);
@@ -2781,5 +3219,145 @@ pub(crate) mod tests {
         assert_eq!(tls.hits.load(SeqCst), 1, "{e}");
         assert!(e.to_string().contains("https to plain http"), "{e}");
         assert!(sink.seen.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn registry_host_patterns_and_forbidden_addresses() {
+        for (ip, want) in [
+            ("127.0.0.1", Some("loopback")),
+            ("127.255.0.9", Some("loopback")),
+            ("::1", Some("loopback")),
+            ("::ffff:127.0.0.1", Some("loopback")),
+            ("64:ff9b::7f00:1", Some("loopback")),
+            ("169.254.169.254", Some("cloud metadata")),
+            ("fd00:ec2::254", Some("cloud metadata")),
+            ("100.100.100.200", Some("cloud metadata")),
+            ("169.254.1.1", Some("link-local")),
+            ("fe80::1", Some("link-local")),
+            ("10.0.0.1", Some("private")),
+            ("172.31.255.255", Some("private")),
+            ("192.168.0.1", Some("private")),
+            ("100.64.0.1", Some("private")),
+            ("fd12::1", Some("private")),
+            ("0.0.0.0", Some("unspecified")),
+            ("0.1.2.3", Some("unspecified")),
+            ("::", Some("unspecified")),
+            ("224.0.0.1", Some("multicast or reserved")),
+            ("255.255.255.255", Some("multicast or reserved")),
+            ("ff02::1", Some("multicast")),
+            ("1.2.3.4", None),
+            ("172.32.0.1", None),
+            ("100.128.0.1", None),
+            ("2001:db8::1", None),
+        ] {
+            assert_eq!(forbidden_ip(ip.parse().unwrap()), want, "{ip}");
+        }
+        let p = |s: &str| HostPattern::parse(s).unwrap();
+        let ip = |s: &str| HostName::Ip(s.parse().unwrap());
+        let name = |s: &str| HostName::Name(s.into());
+        assert_eq!(
+            p("127.0.0.1:5000"),
+            HostPattern {
+                host: ip("127.0.0.1"),
+                port: Some(5000)
+            }
+        );
+        assert_eq!(
+            p("localhost"),
+            HostPattern {
+                host: name("localhost"),
+                port: None
+            }
+        );
+        assert_eq!(
+            p("[::1]:5000"),
+            HostPattern {
+                host: ip("::1"),
+                port: Some(5000)
+            }
+        );
+        assert_eq!(
+            p("::1"),
+            HostPattern {
+                host: ip("::1"),
+                port: None
+            }
+        );
+        assert_eq!(
+            p("[::1]"),
+            HostPattern {
+                host: ip("::1"),
+                port: None
+            }
+        );
+        assert_eq!(
+            p("::ffff:127.0.0.1"),
+            HostPattern {
+                host: ip("127.0.0.1"),
+                port: None
+            }
+        );
+        assert_eq!(
+            p(" Reg.Local.:5000"),
+            HostPattern {
+                host: name("reg.local"),
+                port: Some(5000)
+            }
+        );
+        assert_eq!(
+            p("http://reg.local:5000/x"),
+            HostPattern {
+                host: name("reg.local"),
+                port: Some(5000)
+            }
+        );
+        for bad in [
+            "",
+            "reg:x",
+            "reg:0",
+            "reg:99999",
+            "[::1",
+            "[::1]x",
+            "a b",
+            ":5000",
+        ] {
+            assert!(HostPattern::parse(bad).is_err(), "{bad:?}");
+        }
+        assert!(p("127.0.0.1").matches(&ip("127.0.0.1"), 1));
+        assert!(p("127.0.0.1:5000").matches(&ip("127.0.0.1"), 5000));
+        assert!(!p("127.0.0.1:5000").matches(&ip("127.0.0.1"), 5001));
+        assert!(!p("localhost").matches(&ip("127.0.0.1"), 80));
+        let e = Registry::new(&RegistryConfig {
+            allow_hosts: vec!["reg:x".into()],
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("[registry] allow_hosts"), "{e:#}");
+    }
+
+    /// Names of hosts that are not allowed may not resolve to forbidden addresses (checked
+    /// here below the name check: `localhost` resolves to 127.0.0.1); allowed hosts' may.
+    #[test]
+    fn registry_resolver_drops_forbidden_addresses() {
+        let reg = start_registry("");
+        let port = reg.addr.rsplit(':').next().unwrap().to_owned();
+        let registry = Registry::new(&quick_config()).unwrap();
+        let url = format!("http://localhost:{port}/v2/");
+        let (inner, u) = (registry.inner.clone(), url.clone());
+        let e = registry
+            .handle
+            .block_on(async move { inner.client.get(u).send().await })
+            .unwrap_err();
+        let f = http_failure("GET", e);
+        assert!(f.is_permanent(), "{f}");
+        assert_eq!(f.kind(), io::ErrorKind::PermissionDenied, "{f}");
+        assert!(f.to_string().contains("resolves to 127.0.0.1"), "{f}");
+        let inner = registry.inner.clone();
+        let status = registry
+            .handle
+            .block_on(async move { inner.trusted_client.get(url).send().await })
+            .unwrap()
+            .status();
+        assert_eq!(status, StatusCode::OK);
     }
 }
