@@ -2,6 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 pub const DEFAULT_CONFIG: &str = "/etc/ovbd/config.toml";
@@ -117,6 +118,10 @@ pub struct RegistryConfig {
     /// may be loopback, link-local, private or cloud metadata addresses (refused otherwise).
     /// Hosts in `insecure` and mirrors count as listed.
     pub allow_hosts: Vec<String>,
+    /// Token servers on another host than their registry that may receive its credentials:
+    /// registry `host[:port]` (as in image references) → realm `host[:port]`s (no port: any).
+    /// Built in: Docker Hub's.
+    pub auth_realms: BTreeMap<String, Vec<String>>,
     /// An HTTP proxy for every registry request (e.g. a P2P agent): `http://host:port`.
     pub proxy: Option<String>,
     /// Credentials: a docker `config.json` (`auths`). Default `$DOCKER_CONFIG/config.json`,
@@ -138,6 +143,7 @@ impl Default for RegistryConfig {
             mirrors: Vec::new(),
             insecure: Vec::new(),
             allow_hosts: Vec::new(),
+            auth_realms: BTreeMap::new(),
             proxy: None,
             docker_config: None,
             timeout_secs: 30.0,

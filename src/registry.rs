@@ -2061,6 +2061,8 @@ pub(crate) mod tests {
         pub(crate) always: Mutex<Option<Fault>>,
         auth: Option<FrontAuth>,
         pub(crate) redirect: Mutex<Option<String>>,
+        /// The token realm of the Bearer challenge, if not `http://ADDR/token`.
+        pub(crate) realm: Mutex<Option<String>>,
         pub(crate) seen: Mutex<Vec<Seen>>,
         tokens: Mutex<HashMap<String, usize>>,
         pub(crate) token_scopes: Mutex<Vec<String>>,
@@ -2079,6 +2081,7 @@ pub(crate) mod tests {
                 always: Mutex::new(None),
                 auth,
                 redirect: Mutex::new(None),
+                realm: Mutex::new(None),
                 seen: Mutex::new(Vec::new()),
                 tokens: Mutex::new(HashMap::new()),
                 token_scopes: Mutex::new(Vec::new()),
@@ -2208,9 +2211,10 @@ pub(crate) mod tests {
                             }
                         });
                     if !ok {
+                        let realm = self.realm.lock().unwrap().clone();
+                        let realm = realm.unwrap_or_else(|| format!("http://{}/token", self.addr));
                         let challenge = format!(
-                            "WWW-Authenticate: Bearer realm=\"http://{}/token\",service=\"front\"\r\n",
-                            self.addr
+                            "WWW-Authenticate: Bearer realm=\"{realm}\",service=\"front\"\r\n"
                         );
                         return respond(conn, "401 Unauthorized", &challenge, b"");
                     }
@@ -3359,5 +3363,139 @@ pub(crate) mod tests {
             .unwrap()
             .status();
         assert_eq!(status, StatusCode::OK);
+    }
+
+    /// A registry's Basic credentials go to its token server only on the registry's own host,
+    /// or on one `auth_realms` maps it to: a registry (or whoever answers for it) cannot have
+    /// them sent elsewhere by naming another realm.
+    #[test]
+    fn registry_credentials_only_to_the_registrys_realm() {
+        let (reg, data, digest) = registry_with_blob(100_000, 35);
+        let front = Front::start(
+            &reg.addr,
+            Some(FrontAuth::Bearer {
+                uses: 1000,
+                basic: Some(basic_header("alice", "s3cret")),
+            }),
+        );
+        let port = front.addr.rsplit(':').next().unwrap().to_owned();
+        // The same token server under another host name (its tokens work for the front).
+        *front.realm.lock().unwrap() = Some(format!("http://localhost:{port}/token"));
+        let tmp = tempfile::tempdir().unwrap();
+        let config = tmp.path().join("config.json");
+        std::fs::write(
+            &config,
+            serde_json::to_vec(&serde_json::json!({
+                "auths": { (front.addr.clone()): { "username": "alice", "password": "s3cret" } }
+            }))
+            .unwrap(),
+        )
+        .unwrap();
+        let cfg = RegistryConfig {
+            docker_config: Some(config),
+            allow_hosts: vec!["127.0.0.1".into(), "localhost".into()],
+            retries: 0,
+            ..quick_config()
+        };
+        let token_auths = |front: &Front| -> Vec<Option<String>> {
+            let seen = front.seen.lock().unwrap();
+            seen.iter()
+                .filter(|s| s.target.starts_with("/token"))
+                .map(|s| s.authorization.clone())
+                .collect()
+        };
+        let registry = Registry::new(&cfg).unwrap();
+        let blob = test_blob(&registry, &front.addr, &digest, data.len() as u64);
+        let e = read(&blob, 0, 10).expect_err("credentials went to another host's realm");
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
+        assert!(e.to_string().contains("auth_realms"), "{e}");
+        let auths = token_auths(&front);
+        assert!(
+            !auths.is_empty() && auths.iter().all(|a| a.is_none()),
+            "{auths:?}"
+        );
+
+        // Mapped by the configuration: sent, and the read works.
+        let registry = Registry::new(&RegistryConfig {
+            auth_realms: [(front.addr.clone(), vec![format!("localhost:{port}")])].into(),
+            ..cfg.clone()
+        })
+        .unwrap();
+        let blob = test_blob(&registry, &front.addr, &digest, data.len() as u64);
+        assert_eq!(read(&blob, 0, 10).unwrap(), &data[..10]);
+        let want = basic_header("alice", "s3cret");
+        assert!(token_auths(&front).contains(&Some(want)));
+
+        // A realm at a forbidden address is not even asked.
+        *front.realm.lock().unwrap() = Some("http://169.254.169.254/token".into());
+        let registry = Registry::new(&cfg).unwrap();
+        let blob = test_blob(&registry, &front.addr, &digest, data.len() as u64);
+        let e = read(&blob, 0, 10).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
+        assert!(e.to_string().contains("allow_hosts"), "{e}");
+    }
+
+    /// Credentials are looked up for the endpoint asked: a mirror never gets the upstream
+    /// host's, nor the upstream host the mirror's.
+    #[test]
+    fn registry_mirror_and_host_credentials_stay_apart() {
+        let (reg, data, digest) = registry_with_blob(100_000, 36);
+        let host = Front::start(
+            &reg.addr,
+            Some(FrontAuth::Basic(basic_header("up", "up-pw"))),
+        );
+        let mirror = Front::start(
+            &reg.addr,
+            Some(FrontAuth::Basic(basic_header("mi", "mi-pw"))),
+        );
+        let tmp = tempfile::tempdir().unwrap();
+        let config = tmp.path().join("config.json");
+        let registry = Registry::new(&RegistryConfig {
+            docker_config: Some(config.clone()),
+            retries: 0,
+            mirrors: vec![crate::config::MirrorConfig {
+                host: host.addr.clone(),
+                mirrors: vec![mirror.addr.clone()],
+            }],
+            ..quick_config()
+        })
+        .unwrap();
+        let blob = test_blob(&registry, &host.addr, &digest, data.len() as u64);
+        let write = |key: &str, user: &str, pass: &str| {
+            std::fs::write(
+                &config,
+                serde_json::to_vec(&serde_json::json!({
+                    "auths": { key: { "username": user, "password": pass } }
+                }))
+                .unwrap(),
+            )
+            .unwrap();
+        };
+        let auths = |f: &Front| -> Vec<String> {
+            let seen = f.seen.lock().unwrap();
+            seen.iter()
+                .filter_map(|s| s.authorization.clone())
+                .collect()
+        };
+        // Only the host's credentials: the mirror asks in vain, the host serves.
+        write(&host.addr, "up", "up-pw");
+        assert_eq!(read(&blob, 0, 10).unwrap(), &data[..10]);
+        assert!(auths(&mirror).is_empty(), "{:?}", auths(&mirror));
+        assert!(!auths(&host).is_empty());
+        // Only the mirror's: the mirror serves; when it fails, the host is read with its own
+        // (cached) credentials, never the mirror's.
+        write(&mirror.addr, "mi", "mi-pw");
+        assert_eq!(read(&blob, 20, 10).unwrap(), &data[20..30]);
+        assert!(auths(&mirror).contains(&basic_header("mi", "mi-pw")));
+        *mirror.always.lock().unwrap() = Some(Fault::Status(404));
+        let before = auths(&host).len();
+        assert_eq!(read(&blob, 40, 10).unwrap(), &data[40..50]);
+        let sent = auths(&host)[before..].to_vec();
+        assert!(!sent.is_empty(), "the host was not asked");
+        assert!(
+            sent.iter().all(|a| *a == basic_header("up", "up-pw")),
+            "{sent:?}"
+        );
+        assert!(!auths(&host).contains(&basic_header("mi", "mi-pw")));
     }
 }
