@@ -302,6 +302,7 @@ mod tests {
             r#"
 [registry]
 insecure = ["reg.local:5000"]
+allow_hosts = ["127.0.0.1:5000", "reg.lan"]
 proxy = "http://127.0.0.1:65001"
 docker_config = "/etc/ovbd/auth.json"
 timeout_secs = 10
@@ -310,6 +311,8 @@ retries = 2
 [[registry.mirrors]]
 host = "docker.io"
 mirrors = ["https://mirror.example.com", "http://10.0.0.1:5000"]
+[registry.auth_realms]
+"reg.lan" = ["auth.lan", "auth2.lan:8443"]
 [cache]
 dir = "/var/cache/ovbd"
 size_gb = 0.5
@@ -318,6 +321,11 @@ refill_kb = 1024
         )
         .unwrap();
         assert_eq!(c.registry.insecure, ["reg.local:5000"]);
+        assert_eq!(c.registry.allow_hosts, ["127.0.0.1:5000", "reg.lan"]);
+        assert_eq!(
+            c.registry.auth_realms["reg.lan"],
+            ["auth.lan", "auth2.lan:8443"]
+        );
         assert_eq!(c.registry.proxy.as_deref(), Some("http://127.0.0.1:65001"));
         assert_eq!(c.registry.timeout_secs, 10.0);
         assert_eq!(c.registry.stall_timeout_secs, 2.5);

@@ -17,7 +17,9 @@
 //!   `Authorization` header goes only to the endpoint's own scheme/host/port;
 //! - auth: anonymous first; a `401` challenge `Bearer realm,service` makes us fetch a token
 //!   (`GET realm?service=..&scope=repository:<repo>:pull`, with the config.json's Basic
-//!   credentials if it has some; `token` or `access_token`), cached per (endpoint, repo),
+//!   credentials if it has some and the realm is on the endpoint's host (any port) or
+//!   `[registry.auth_realms]` names it for the registry (built in: Docker Hub's), else
+//!   anonymously; `token` or `access_token`), cached per (endpoint, repo),
 //!   refreshed when it expires (`expires_in`) or a request gets `401` again; a `Basic`
 //!   challenge makes us send the credentials. Credentials are re-read from the docker
 //!   config.json ([`crate::image_io::registry_auth`]) whenever authentication is needed, so a
@@ -474,6 +476,10 @@ fn forbidden_v4(ip: Ipv4Addr) -> Option<&'static str> {
     }
 }
 
+/// Token servers on another host than their registry that may have its credentials, built
+/// in: Docker Hub's (`auth_realms` adds others).
+const BUILTIN_AUTH_REALMS: &[(&str, &str)] = &[("docker.io", "auth.docker.io")];
+
 /// A `host[:port]` entry of the configuration; no port: every port.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct HostPattern {
@@ -584,6 +590,9 @@ struct HostPolicy {
     insecure: Vec<String>,
     /// `(host, port)` of the mirrors configured `http://`.
     http_mirrors: Vec<(HostName, u16)>,
+    /// Registry (normalised as [`normalize_registry_host`] does) → token servers on other
+    /// hosts that may receive its credentials.
+    auth_realms: Vec<(String, HostPattern)>,
 }
 
 impl HostPolicy {
@@ -598,6 +607,17 @@ impl HostPolicy {
                     HostPattern::parse(s)
                         .map_err(|e| anyhow::anyhow!("[registry] {key} entry {e}"))?,
                 );
+            }
+        }
+        for (reg, realm) in BUILTIN_AUTH_REALMS {
+            p.auth_realms
+                .push((reg.to_string(), HostPattern::parse(realm)?));
+        }
+        for (reg, realms) in &cfg.auth_realms {
+            for r in realms {
+                let pattern = HostPattern::parse(r)
+                    .map_err(|e| anyhow::anyhow!("[registry.auth_realms] {reg:?}: {e}"))?;
+                p.auth_realms.push((normalize_registry_host(reg), pattern));
             }
         }
         p.insecure = cfg
@@ -645,6 +665,21 @@ impl HostPolicy {
             .contains(&normalize_registry_host(&host_port(u)))
             || self.http_mirrors.contains(&(host.clone(), port))
             || (host.is_loopback() && self.allows(u))
+    }
+
+    /// Whether `ep`'s credentials may go to the token server at `realm`: on the endpoint's own
+    /// host (any port), or one `auth_realms` names for it.
+    fn creds_may_go_to(&self, ep: &Endpoint, realm: &Url) -> bool {
+        let (Some(host), Some(port)) = (url_host(realm), realm.port_or_known_default()) else {
+            return false;
+        };
+        if url_host(&ep.base).as_ref() == Some(&host) {
+            return true;
+        }
+        let key = normalize_registry_host(&ep.cred_host);
+        self.auth_realms
+            .iter()
+            .any(|(reg, p)| *reg == key && p.matches(&host, port))
     }
 
     /// Checks one request's URL; `from_https`: an earlier hop (or the endpoint) was https.
@@ -1079,8 +1114,20 @@ impl Inner {
         } else {
             &self.client
         };
+        // Credentials only to the registry's own host, or a realm configured for them.
+        let withheld =
+            matches!(creds, RegistryAuth::Basic(..)) && !self.policy.creds_may_go_to(ep, &url);
+        if withheld {
+            log::warn!(
+                "{}: token realm {} is not on the registry's host: asking it without the \
+                 credentials for {} (see [registry.auth_realms])",
+                ep.label(),
+                redact(&url),
+                ep.cred_host
+            );
+        }
         let mut rb = client.get(url.clone());
-        if let RegistryAuth::Basic(u, p) = creds {
+        if let (false, RegistryAuth::Basic(u, p)) = (withheld, creds) {
             rb = rb.header(header::AUTHORIZATION, basic_header(u, p));
         }
         self.token_requests.fetch_add(1, Relaxed);
@@ -1093,7 +1140,16 @@ impl Inner {
         if !status.is_success() {
             let msg = format!(
                 "{what}: HTTP {status}{}",
-                if matches!(creds, RegistryAuth::Anonymous) {
+                if withheld {
+                    format!(
+                        " (the credentials for {} in {} were not sent: the realm is not on \
+                         the registry's host, and [registry.auth_realms] does not name it for \
+                         {})",
+                        ep.cred_host,
+                        self.config_name(),
+                        normalize_registry_host(&ep.cred_host)
+                    )
+                } else if matches!(creds, RegistryAuth::Anonymous) {
                     format!(
                         " (anonymous: {} has no credentials for {})",
                         self.config_name(),
@@ -3497,5 +3553,48 @@ pub(crate) mod tests {
             "{sent:?}"
         );
         assert!(!auths(&host).contains(&basic_header("mi", "mi-pw")));
+    }
+
+    /// Which token servers may have a registry's credentials: its own host's, the ones
+    /// `auth_realms` names for it, and the built-in one for Docker Hub.
+    #[test]
+    fn registry_auth_realms_per_registry() {
+        let (hub, hub_realm) = BUILTIN_AUTH_REALMS[0];
+        let reg = Registry::new(&RegistryConfig {
+            auth_realms: [(
+                "reg.invalid:5000".to_owned(),
+                vec!["auth.invalid".to_owned()],
+            )]
+            .into(),
+            ..Default::default()
+        })
+        .unwrap();
+        let policy = &reg.inner.policy;
+        let url = |s: &str| Url::parse(s).unwrap();
+        let hub_ep = reg.endpoints(hub).unwrap().pop().unwrap();
+        let ep = reg.endpoints("reg.invalid:5000").unwrap().pop().unwrap();
+        let other = reg.endpoints("other.invalid").unwrap().pop().unwrap();
+        for (ep, realm, ok) in [
+            (&hub_ep, format!("https://{hub_realm}/token"), true),
+            (&hub_ep, "https://auth.invalid/token".into(), false),
+            (&ep, "https://reg.invalid:5001/token".into(), true),
+            (&ep, "https://auth.invalid:8443/token".into(), true),
+            (&ep, "https://sub.auth.invalid/token".into(), false),
+            (&ep, format!("https://{hub_realm}/token"), false),
+            (&other, "https://auth.invalid/token".into(), false),
+            (&other, "https://other.invalid/token".into(), true),
+        ] {
+            assert_eq!(
+                policy.creds_may_go_to(ep, &url(&realm)),
+                ok,
+                "{} {realm}",
+                ep.label()
+            );
+        }
+        assert!(Registry::new(&RegistryConfig {
+            auth_realms: [("x".to_owned(), vec!["bad host".to_owned()])].into(),
+            ..Default::default()
+        })
+        .is_err());
     }
 }
