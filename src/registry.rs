@@ -3597,4 +3597,72 @@ pub(crate) mod tests {
         })
         .is_err());
     }
+
+    /// A registry that accepts connections and never answers holds only its own request slots:
+    /// reads from another registry complete while its reads are all still pending.
+    #[test]
+    fn registry_blackholed_host_does_not_stall_others() {
+        use std::sync::mpsc::{channel, TryRecvError};
+        let (reg, data, digest) = registry_with_blob(100_000, 37);
+        // Accepts, never answers; hands each connection over (kept open while held).
+        let hole = TcpListener::bind("127.0.0.1:0").unwrap();
+        let hole_addr = hole.local_addr().unwrap().to_string();
+        let (conn_tx, conn_rx) = channel::<TcpStream>();
+        std::thread::spawn(move || {
+            for c in hole.incoming() {
+                let Ok(c) = c else { return };
+                if conn_tx.send(c).is_err() {
+                    return;
+                }
+            }
+        });
+        let registry = Registry::new(&RegistryConfig {
+            timeout_secs: 3600.0,
+            stall_timeout_secs: 3600.0,
+            retries: 0,
+            ..quick_config()
+        })
+        .unwrap();
+        // Registry A: more reads at once than one host has request slots.
+        let a = test_blob(&registry, &hole_addr, &digest, data.len() as u64);
+        let (a_tx, a_rx) = channel();
+        let ranges = vec![(0u64, 10usize); MAX_CONCURRENT_REQUESTS + 4];
+        std::thread::spawn(move || {
+            let _ = a_tx.send(a.read_ranges(&ranges));
+        });
+        // (Hang guards only: on time, these come at once.)
+        let guard = Duration::from_secs(120);
+        let mut held = Vec::new();
+        for i in 0..MAX_CONCURRENT_REQUESTS {
+            held.push(
+                conn_rx
+                    .recv_timeout(guard)
+                    .unwrap_or_else(|_| panic!("only {i} of A's requests connected")),
+            );
+        }
+        // Registry B, meanwhile: read.
+        let b = test_blob(&registry, &reg.addr, &digest, data.len() as u64);
+        let (b_tx, b_rx) = channel();
+        std::thread::spawn(move || {
+            let _ = b_tx.send(read(&b, 100, 1000));
+        });
+        let got = b_rx
+            .recv_timeout(guard)
+            .expect("registry B's read waited for registry A's request slots");
+        assert_eq!(got.unwrap(), &data[100..1100]);
+        // ... and A's are all still pending, on no more connections than its slots.
+        assert!(matches!(a_rx.try_recv(), Err(TryRecvError::Empty)));
+        assert!(
+            conn_rx.try_recv().is_err(),
+            "more requests to A than its slots"
+        );
+        // A's connections closed (and no more taken): its reads fail.
+        drop(held);
+        drop(conn_rx);
+        let e = a_rx
+            .recv_timeout(guard)
+            .expect("A's reads did not end")
+            .unwrap_err();
+        assert!(e.to_string().contains(&hole_addr), "{e}");
+    }
 }
