@@ -39,6 +39,10 @@
 //! mirrors and allowed loopback hosts, and never after an https hop (an https registry may
 //! redirect to another host, not to http). A refusal is a permanent `PermissionDenied`.
 //!
+//! At most `MAX_CONCURRENT_REQUESTS` (32) requests are in flight to one endpoint (scheme, host,
+//! port); each endpoint has its own slots, so a registry that never answers delays only the
+//! reads of its own blobs.
+//!
 //! Faults: 5xx, 408, 429, connection errors, truncated bodies and stalls (no bytes for
 //! `stall_timeout_secs`) are retried, resuming after the bytes already received, with
 //! exponential backoff (100 ms doubling to 3 s, jittered; `Retry-After` honoured), at most
@@ -66,8 +70,10 @@ use tokio::time::Instant;
 pub const MAX_REDIRECTS: usize = 5;
 /// A long read is split into range requests of at most this many bytes, fetched concurrently.
 pub const MAX_REQUEST_BYTES: usize = 4 << 20;
-/// Requests in flight at once, all blobs together.
+/// Requests in flight at once to one endpoint (scheme, host, port), all blobs together.
 const MAX_CONCURRENT_REQUESTS: usize = 32;
+/// Request slot tables kept for endpoints with no request in flight.
+const MAX_IDLE_LIMITS: usize = 1024;
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(3);
 /// A token is refreshed this long before the `expires_in` the token server gave.
@@ -764,7 +770,8 @@ struct Inner {
     stall: Duration,
     retries: u32,
     auth: Mutex<AuthSlots>,
-    limit: tokio::sync::Semaphore,
+    /// Request slots by endpoint origin: a slow or hostile registry holds only its own.
+    limits: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
     token_requests: AtomicU64,
     jitter: AtomicU64,
 }
@@ -873,7 +880,7 @@ impl Registry {
                 stall: Duration::from_secs_f64(cfg.stall_timeout_secs),
                 retries: cfg.retries,
                 auth: Mutex::new(HashMap::new()),
-                limit: tokio::sync::Semaphore::new(MAX_CONCURRENT_REQUESTS),
+                limits: Mutex::new(HashMap::new()),
                 token_requests: AtomicU64::new(0),
                 jitter: AtomicU64::new(0x9E37_79B9_7F4A_7C15),
             }),
@@ -998,6 +1005,19 @@ impl Inner {
         let key = (ep.base.as_str().to_owned(), repo.to_owned());
         let mut map = self.auth.lock().unwrap_or_else(|e| e.into_inner());
         map.entry(key).or_default().clone()
+    }
+
+    /// The request slots of `ep`'s origin.
+    fn limit(&self, ep: &Endpoint) -> Arc<tokio::sync::Semaphore> {
+        let key = ep.base.origin().ascii_serialization();
+        let mut map = self.limits.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= MAX_IDLE_LIMITS && !map.contains_key(&key) {
+            // Image references name the hosts: forget the ones nobody is reading from.
+            map.retain(|_, s| Arc::strong_count(s) > 1);
+        }
+        map.entry(key)
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_REQUESTS)))
+            .clone()
     }
 
     fn backoff(&self, attempt: u32) -> Duration {
@@ -1395,19 +1415,6 @@ impl Inner {
                 ),
             )
         };
-        let _permit = match tokio::time::timeout_at(deadline, self.limit.acquire()).await {
-            Ok(Ok(p)) => p,
-            Ok(Err(_)) => return Err(fail(io::ErrorKind::Other, "client closed".into())),
-            Err(_) => {
-                return Err(fail(
-                    io::ErrorKind::TimedOut,
-                    format!(
-                        "deadline ({:?}) passed waiting for a connection slot",
-                        self.timeout
-                    ),
-                ))
-            }
-        };
         let mut out = Vec::with_capacity(len);
         // The failures of this round of endpoints, and of the round before.
         let mut round: Vec<(String, Failure)> = Vec::new();
@@ -1429,6 +1436,24 @@ impl Inner {
                 prev = std::mem::take(&mut round);
             }
             for ep in &t.endpoints {
+                let limit = self.limit(ep);
+                let _permit = match tokio::time::timeout_at(deadline, limit.acquire_owned()).await {
+                    Ok(Ok(p)) => p,
+                    Ok(Err(_)) => return Err(fail(io::ErrorKind::Other, "client closed".into())),
+                    Err(_) => {
+                        return Err(fail(
+                            io::ErrorKind::TimedOut,
+                            format!(
+                                "deadline ({:?}) passed waiting for a request slot for {} \
+                                 ({MAX_CONCURRENT_REQUESTS} requests in flight there); last \
+                                 errors: {}",
+                                self.timeout,
+                                ep.label(),
+                                describe(&round, &prev)
+                            ),
+                        ))
+                    }
+                };
                 match tokio::time::timeout_at(
                     deadline,
                     self.get_range(&t, ep, offset, len, &mut out),
