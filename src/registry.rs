@@ -2313,7 +2313,10 @@ pub(crate) mod tests {
             let is_blob_get = method == "GET" && route.contains("/blobs/");
             if is_blob_get {
                 if let Some(base) = self.redirect.lock().unwrap().clone() {
-                    let extra = format!("Location: {base}{route}?signature=abc\r\n");
+                    // Presigned like S3's: the signature is in the query.
+                    let extra = format!(
+                        "Location: {base}{route}?X-Amz-Signature=secret-sig&signature=abc\r\n"
+                    );
                     return respond(conn, "307 Temporary Redirect", &extra, b"");
                 }
             }
@@ -3689,5 +3692,62 @@ pub(crate) mod tests {
             .expect("A's reads did not end")
             .unwrap_err();
         assert!(e.to_string().contains(&hole_addr), "{e}");
+    }
+
+    /// Presigned redirect URLs carry their signature in the query, mirror URLs may carry a
+    /// password: errors (and log lines) name URLs without query and userinfo.
+    #[test]
+    fn registry_errors_hide_url_queries_and_userinfo() {
+        let (reg, data, digest) = registry_with_blob(100_000, 38);
+        let storage = Front::start(&reg.addr, None);
+        let front = Front::start(&reg.addr, None);
+        let dead = {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().to_string()
+        };
+        let registry = Registry::new(&RegistryConfig {
+            retries: 1,
+            timeout_secs: 5.0,
+            ..quick_config()
+        })
+        .unwrap();
+        let blob = test_blob(&registry, &front.addr, &digest, data.len() as u64);
+        for (what, target, fault, named) in [
+            (
+                "404",
+                storage.addr.clone(),
+                Some(Fault::Status(404)),
+                storage.addr.clone(),
+            ),
+            (
+                "503",
+                storage.addr.clone(),
+                Some(Fault::Status(503)),
+                storage.addr.clone(),
+            ),
+            ("refused", dead.clone(), None, dead.clone()),
+            ("bad Location", "[zz".into(), None, "Location".into()),
+        ] {
+            *front.redirect.lock().unwrap() = Some(format!("http://{target}"));
+            *storage.always.lock().unwrap() = fault;
+            let e = read(&blob, 0, 10).unwrap_err().to_string();
+            assert!(!e.contains("secret"), "{what}: {e}");
+            assert!(e.contains(&named), "{what}: {e}");
+        }
+        // Userinfo in a mirror URL.
+        let registry = Registry::new(&RegistryConfig {
+            retries: 0,
+            timeout_secs: 5.0,
+            mirrors: vec![crate::config::MirrorConfig {
+                host: "registry.invalid".into(),
+                mirrors: vec![format!("http://mirror-user:mirror-secret@{dead}")],
+            }],
+            ..quick_config()
+        })
+        .unwrap();
+        let blob = RemoteBlob::new(registry, "registry.invalid/test/blob", &digest, 100).unwrap();
+        let e = read(&blob, 0, 10).unwrap_err().to_string();
+        assert!(!e.contains("secret"), "{e}");
+        assert!(e.contains(&dead), "{e}");
     }
 }
