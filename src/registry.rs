@@ -50,6 +50,8 @@
 //! skipped for the next endpoint. 404, 403, 416, auth failures and protocol violations from the
 //! host itself fail at once. Every failure is an `io::Error` naming host, repository, digest and
 //! range; a read never hangs (the deadline bounds it, and a guard on the caller's wait as well).
+//! Errors and log lines name URLs without their query and userinfo (a presigned redirect
+//! carries its signature in the query).
 
 use crate::config::RegistryConfig;
 use crate::image_io::{normalize_registry_host, registry_auth, RegistryOptions};
@@ -130,6 +132,8 @@ impl Failure {
 /// A request error from reqwest: the connection, a timeout, the body. All worth retrying
 /// except a request we could not even build.
 fn http_failure(what: &str, e: reqwest::Error) -> Failure {
+    // Its URL may be a presigned one: `what` names it, redacted.
+    let e = e.without_url();
     // The chain carries the cause (connection refused, reset by peer, ...).
     let mut msg = format!("{what}: {e}");
     let mut src = std::error::Error::source(&e);
@@ -326,13 +330,16 @@ impl Endpoint {
         Url::parse(&format!("{base}/v2/{repo}/blobs/{digest}")).map_err(|e| {
             Failure::permanent(
                 io::ErrorKind::InvalidInput,
-                format!("bad blob URL from {base}, {repo}, {digest}: {e}"),
+                format!(
+                    "bad blob URL from {}, {repo}, {digest}: {e}",
+                    redact(&self.base)
+                ),
             )
         })
     }
     fn label(&self) -> String {
         let kind = if self.is_mirror { "mirror " } else { "" };
-        format!("{kind}{}", self.base.as_str().trim_end_matches('/'))
+        format!("{kind}{}", redact(&self.base).trim_end_matches('/'))
     }
 }
 
@@ -352,6 +359,22 @@ fn redact(u: &Url) -> String {
     r.set_query(None);
     r.set_fragment(None);
     r.to_string()
+}
+
+/// [`redact`] of a URL that may not parse: cut at the query, without userinfo.
+fn redact_str(s: &str) -> String {
+    if let Ok(u) = Url::parse(s) {
+        return redact(&u);
+    }
+    let s = s.split(['?', '#']).next().unwrap_or("");
+    match s.split_once("://") {
+        Some((scheme, rest)) => {
+            let (auth, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            let host = auth.rsplit('@').next().unwrap_or(auth);
+            format!("{scheme}://{host}{path}")
+        }
+        None => s.to_owned(),
+    }
 }
 
 /// `host[:port]` of a URL.
@@ -811,10 +834,9 @@ impl Registry {
         for m in &cfg.mirrors {
             let mut urls = Vec::new();
             for s in &m.mirrors {
-                urls.push(
-                    mirror_url(s, &opts)
-                        .with_context(|| format!("[registry] mirror {s:?} of {}", m.host))?,
-                );
+                urls.push(mirror_url(s, &opts).with_context(|| {
+                    format!("[registry] mirror {:?} of {}", redact_str(s), m.host)
+                })?);
             }
             mirrors.push((normalize_registry_host(&m.host), urls));
         }
@@ -1104,13 +1126,21 @@ impl Inner {
         let mut url = Url::parse(realm).map_err(|e| {
             Failure::permanent(
                 io::ErrorKind::InvalidData,
-                format!("{}: bad token realm {realm:?}: {e}", ep.label()),
+                format!(
+                    "{}: bad token realm {:?}: {e}",
+                    ep.label(),
+                    redact_str(realm)
+                ),
             )
         })?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err(Failure::permanent(
                 io::ErrorKind::InvalidData,
-                format!("{}: token realm {realm:?} is not http(s)", ep.label()),
+                format!(
+                    "{}: token realm {} is not http(s)",
+                    ep.label(),
+                    redact(&url)
+                ),
             ));
         }
         {
@@ -1151,7 +1181,7 @@ impl Inner {
             rb = rb.header(header::AUTHORIZATION, basic_header(u, p));
         }
         self.token_requests.fetch_add(1, Relaxed);
-        let what = format!("token from {}", url.as_str());
+        let what = format!("token from {}", redact(&url));
         let mut resp = tokio::time::timeout(self.stall, rb.send())
             .await
             .map_err(|_| Failure::transient(format!("{what}: no answer within {:?}", self.stall)))?
@@ -1289,7 +1319,7 @@ impl Inner {
                 rb = rb.header(header::AUTHORIZATION, a);
             }
             t.requests.fetch_add(1, Relaxed);
-            let what = format!("GET {cur}");
+            let what = format!("GET {}", redact(&cur));
             let resp = tokio::time::timeout(self.stall, rb.send())
                 .await
                 .map_err(|_| {
@@ -1311,13 +1341,16 @@ impl Inner {
                 let next = cur.join(loc).map_err(|e| {
                     Failure::permanent(
                         io::ErrorKind::InvalidData,
-                        format!("{what}: HTTP {status} to a bad Location {loc:?}: {e}"),
+                        format!(
+                            "{what}: HTTP {status} to a bad Location {:?}: {e}",
+                            redact_str(loc)
+                        ),
                     )
                 })?;
                 if !matches!(next.scheme(), "http" | "https") {
                     return Err(Failure::permanent(
                         io::ErrorKind::InvalidData,
-                        format!("{what}: redirect to {next}, not http(s)"),
+                        format!("{what}: redirect to {}, not http(s)", redact(&next)),
                     ));
                 }
                 log::trace!("{what}: redirected to {}", next.host_str().unwrap_or("?"));
@@ -1328,7 +1361,7 @@ impl Inner {
         }
         Err(Failure::permanent(
             io::ErrorKind::InvalidData,
-            format!("GET {url}: more than {MAX_REDIRECTS} redirects"),
+            format!("GET {}: more than {MAX_REDIRECTS} redirects", redact(url)),
         ))
     }
 
@@ -1365,8 +1398,9 @@ impl Inner {
                     return Err(Failure::permanent(
                         io::ErrorKind::PermissionDenied,
                         format!(
-                            "GET {url}: HTTP 401 Unauthorized even after authenticating \
+                            "GET {}: HTTP 401 Unauthorized even after authenticating \
                              (credentials for {} from {})",
+                            redact(&url),
                             ep.cred_host,
                             self.config_name()
                         ),
@@ -1380,7 +1414,10 @@ impl Inner {
                     .ok_or_else(|| {
                         Failure::permanent(
                             io::ErrorKind::PermissionDenied,
-                            format!("GET {url}: HTTP 401 without a Bearer or Basic challenge"),
+                            format!(
+                                "GET {}: HTTP 401 without a Bearer or Basic challenge",
+                                redact(&url)
+                            ),
                         )
                     })?;
                 self.authenticate(ep, &t.repo, &challenge, &mut s).await?;
@@ -1391,7 +1428,7 @@ impl Inner {
         }
         Err(Failure::permanent(
             io::ErrorKind::PermissionDenied,
-            format!("GET {url}: authentication did not settle"),
+            format!("GET {}: authentication did not settle", redact(&url)),
         ))
     }
 
@@ -1562,7 +1599,7 @@ async fn read_body(
     stall: Duration,
 ) -> Result<(), Failure> {
     let status = resp.status();
-    let what = format!("GET {}", resp.url());
+    let what = format!("GET {}", redact(resp.url()));
     let want = (end - start + 1) as usize;
     match status {
         StatusCode::PARTIAL_CONTENT => {
@@ -3307,6 +3344,18 @@ pub(crate) mod tests {
         assert_eq!(tls.hits.load(SeqCst), 1, "{e}");
         assert!(e.to_string().contains("https to plain http"), "{e}");
         assert!(sink.seen.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn registry_redacts_urls() {
+        for (u, want) in [
+            ("http://u:p@h:1/a/b?sig=x#f", "http://h:1/a/b"),
+            ("https://h/a?X-Amz-Signature=x", "https://h/a"),
+            ("http://u:p@[zz/a?sig=x", "http://[zz/a"),
+            ("no url?sig=x", "no url"),
+        ] {
+            assert_eq!(redact_str(u), want, "{u}");
+        }
     }
 
     #[test]
