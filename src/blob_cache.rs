@@ -1662,6 +1662,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let registry = Registry::new(&RegistryConfig {
             timeout_secs: 10.0,
+            allow_hosts: vec!["127.0.0.1".into()],
             ..Default::default()
         })
         .unwrap();
@@ -2148,6 +2149,7 @@ mod tests {
             timeout_secs: deadline.as_secs_f64(),
             retries: 100,
             stall_timeout_secs: 0.5,
+            allow_hosts: vec!["127.0.0.1".into()],
             ..Default::default()
         })
         .unwrap();

@@ -2,6 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 pub const DEFAULT_CONFIG: &str = "/etc/ovbd/config.toml";
@@ -116,8 +117,16 @@ impl Config {
 pub struct RegistryConfig {
     /// Per-host mirrors, tried in order before the host itself.
     pub mirrors: Vec<MirrorConfig>,
-    /// `host[:port]` of registries spoken to over plain http (loopback hosts always are).
+    /// `host[:port]` of registries spoken to over plain http (and allowed loopback hosts).
     pub insecure: Vec<String>,
+    /// `host[:port]` (no port: any) of registries, redirect targets and token servers that
+    /// may be loopback, link-local, private or cloud metadata addresses (refused otherwise).
+    /// Hosts in `insecure` and mirrors count as listed.
+    pub allow_hosts: Vec<String>,
+    /// Token servers on another host than their registry that may receive its credentials:
+    /// registry `host[:port]` (as in image references) → realm `host[:port]`s (no port: any).
+    /// Built in: Docker Hub's.
+    pub auth_realms: BTreeMap<String, Vec<String>>,
     /// An HTTP proxy for every registry request (e.g. a P2P agent): `http://host:port`.
     pub proxy: Option<String>,
     /// Credentials: a docker `config.json` (`auths`). Default `$DOCKER_CONFIG/config.json`,
@@ -138,6 +147,8 @@ impl Default for RegistryConfig {
         RegistryConfig {
             mirrors: Vec::new(),
             insecure: Vec::new(),
+            allow_hosts: Vec::new(),
+            auth_realms: BTreeMap::new(),
             proxy: None,
             docker_config: None,
             timeout_secs: 30.0,
@@ -296,6 +307,7 @@ mod tests {
             r#"
 [registry]
 insecure = ["reg.local:5000"]
+allow_hosts = ["127.0.0.1:5000", "reg.lan"]
 proxy = "http://127.0.0.1:65001"
 docker_config = "/etc/ovbd/auth.json"
 timeout_secs = 10
@@ -304,6 +316,8 @@ retries = 2
 [[registry.mirrors]]
 host = "docker.io"
 mirrors = ["https://mirror.example.com", "http://10.0.0.1:5000"]
+[registry.auth_realms]
+"reg.lan" = ["auth.lan", "auth2.lan:8443"]
 [cache]
 dir = "/var/cache/ovbd"
 size_gb = 0.5
@@ -312,6 +326,11 @@ refill_kb = 1024
         )
         .unwrap();
         assert_eq!(c.registry.insecure, ["reg.local:5000"]);
+        assert_eq!(c.registry.allow_hosts, ["127.0.0.1:5000", "reg.lan"]);
+        assert_eq!(
+            c.registry.auth_realms["reg.lan"],
+            ["auth.lan", "auth2.lan:8443"]
+        );
         assert_eq!(c.registry.proxy.as_deref(), Some("http://127.0.0.1:65001"));
         assert_eq!(c.registry.timeout_secs, 10.0);
         assert_eq!(c.registry.stall_timeout_secs, 2.5);

@@ -8,19 +8,40 @@
 //!
 //! A read `GET`s `<endpoint>/v2/<repo>/blobs/<digest>` with `Range: bytes=a-b`:
 //! - endpoints: the mirrors configured for the host, in order, then the host itself
-//!   (`docker.io` is `registry-1.docker.io`); plain http for loopback hosts and hosts listed
-//!   `insecure`, https otherwise; every request through the configured proxy, if any;
+//!   (`docker.io` is `registry-1.docker.io`); plain http for hosts listed `insecure` and
+//!   allowed loopback hosts, https otherwise; every request through the configured proxy, if
+//!   any;
 //! - a `206` whose `Content-Range` is exactly the range asked is required; a `200` is accepted
 //!   only when the whole blob was asked for;
 //! - redirects (to blob storage) are followed by hand, up to [`MAX_REDIRECTS`]; the
 //!   `Authorization` header goes only to the endpoint's own scheme/host/port;
 //! - auth: anonymous first; a `401` challenge `Bearer realm,service` makes us fetch a token
 //!   (`GET realm?service=..&scope=repository:<repo>:pull`, with the config.json's Basic
-//!   credentials if it has some; `token` or `access_token`), cached per (endpoint, repo),
+//!   credentials if it has some and the realm is on the endpoint's host (any port) or
+//!   `[registry.auth_realms]` names it for the registry (built in: Docker Hub's), else
+//!   anonymously; `token` or `access_token`), cached per (endpoint, repo),
 //!   refreshed when it expires (`expires_in`) or a request gets `401` again; a `Basic`
 //!   challenge makes us send the credentials. Credentials are re-read from the docker
 //!   config.json ([`crate::image_io::registry_auth`]) whenever authentication is needed, so a
 //!   rotated password works without a restart.
+//!
+//! Hosts: the registry of a lazily pulled layer comes from its image reference, which an
+//! image's publisher chooses, so every request (endpoint, redirect hop, token realm) is
+//! checked before it is sent (`HostPolicy`). Loopback (`localhost` too), link-local,
+//! private (RFC 1918, RFC 6598 shared, IPv6 unique local), unspecified, multicast/reserved
+//! and cloud metadata addresses (169.254.169.254, fd00:ec2::254, `metadata.google.internal`,
+//! ...) are refused unless `[registry] allow_hosts` lists the host (`host[:port]`, no port:
+//! every port); hosts listed `insecure` and the mirrors (root's configuration) count as
+//! listed. IP literals are checked as written (the URL parser has normalised `2130706433` and
+//! `::ffff:127.0.0.1`); names of hosts that are not listed go through a resolver that drops
+//! forbidden addresses (`PublicResolver`). Through a proxy the proxy resolves names: only
+//! literals and the names above are checked then. Plain http only to `insecure` hosts, http
+//! mirrors and allowed loopback hosts, and never after an https hop (an https registry may
+//! redirect to another host, not to http). A refusal is a permanent `PermissionDenied`.
+//!
+//! At most `MAX_CONCURRENT_REQUESTS` (32) requests are in flight to one endpoint (scheme, host,
+//! port); each endpoint has its own slots, so a registry that never answers delays only the
+//! reads of its own blobs.
 //!
 //! Faults: 5xx, 408, 429, connection errors, truncated bodies and stalls (no bytes for
 //! `stall_timeout_secs`) are retried, resuming after the bytes already received, with
@@ -29,6 +50,8 @@
 //! skipped for the next endpoint. 404, 403, 416, auth failures and protocol violations from the
 //! host itself fail at once. Every failure is an `io::Error` naming host, repository, digest and
 //! range; a read never hangs (the deadline bounds it, and a guard on the caller's wait as well).
+//! Errors and log lines name URLs without their query and userinfo (a presigned redirect
+//! carries its signature in the query).
 
 use crate::config::RegistryConfig;
 use crate::image_io::{normalize_registry_host, registry_auth, RegistryOptions};
@@ -39,6 +62,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -48,8 +72,10 @@ use tokio::time::Instant;
 pub const MAX_REDIRECTS: usize = 5;
 /// A long read is split into range requests of at most this many bytes, fetched concurrently.
 pub const MAX_REQUEST_BYTES: usize = 4 << 20;
-/// Requests in flight at once, all blobs together.
+/// Requests in flight at once to one endpoint (scheme, host, port), all blobs together.
 const MAX_CONCURRENT_REQUESTS: usize = 32;
+/// Request slot tables kept for endpoints with no request in flight.
+const MAX_IDLE_LIMITS: usize = 1024;
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(3);
 /// A token is refreshed this long before the `expires_in` the token server gave.
@@ -106,6 +132,8 @@ impl Failure {
 /// A request error from reqwest: the connection, a timeout, the body. All worth retrying
 /// except a request we could not even build.
 fn http_failure(what: &str, e: reqwest::Error) -> Failure {
+    // Its URL may be a presigned one: `what` names it, redacted.
+    let e = e.without_url();
     // The chain carries the cause (connection refused, reset by peer, ...).
     let mut msg = format!("{what}: {e}");
     let mut src = std::error::Error::source(&e);
@@ -115,12 +143,37 @@ fn http_failure(what: &str, e: reqwest::Error) -> Failure {
     }
     if e.is_builder() {
         Failure::permanent(io::ErrorKind::InvalidInput, msg)
+    } else if let Some(refused) = find_in_chain::<RefusedAddress>(&e) {
+        // Our resolver refused the host's addresses: the same next time.
+        Failure::permanent(
+            io::ErrorKind::PermissionDenied,
+            format!("{what}: {refused}"),
+        )
     } else if is_certificate_error(&e) {
         // The same certificate next time: retrying will not help.
         Failure::permanent(io::ErrorKind::InvalidData, msg)
     } else {
         Failure::transient(msg)
     }
+}
+
+/// The first `E` in `e`'s chain (io::Error payloads included).
+fn find_in_chain<'a, E: std::error::Error + 'static>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a E> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(found) = err.downcast_ref::<E>() {
+            return Some(found);
+        }
+        if let Some(inner) = err.downcast_ref::<io::Error>().and_then(|io| io.get_ref()) {
+            if let Some(found) = find_in_chain::<E>(inner) {
+                return Some(found);
+            }
+        }
+        cur = err.source();
+    }
+    None
 }
 
 /// Whether a TLS certificate (the server's, or a CRL) was refused somewhere in `e`'s chain.
@@ -277,13 +330,16 @@ impl Endpoint {
         Url::parse(&format!("{base}/v2/{repo}/blobs/{digest}")).map_err(|e| {
             Failure::permanent(
                 io::ErrorKind::InvalidInput,
-                format!("bad blob URL from {base}, {repo}, {digest}: {e}"),
+                format!(
+                    "bad blob URL from {}, {repo}, {digest}: {e}",
+                    redact(&self.base)
+                ),
             )
         })
     }
     fn label(&self) -> String {
         let kind = if self.is_mirror { "mirror " } else { "" };
-        format!("{kind}{}", self.base.as_str().trim_end_matches('/'))
+        format!("{kind}{}", redact(&self.base).trim_end_matches('/'))
     }
 }
 
@@ -294,12 +350,388 @@ fn same_origin(a: &Url, b: &Url) -> bool {
         && a.port_or_known_default() == b.port_or_known_default()
 }
 
+/// `u` for messages and logs: without userinfo, query and fragment (a presigned URL carries
+/// its signature in the query).
+fn redact(u: &Url) -> String {
+    let mut r = u.clone();
+    let _ = r.set_username("");
+    let _ = r.set_password(None);
+    r.set_query(None);
+    r.set_fragment(None);
+    r.to_string()
+}
+
+/// [`redact`] of a URL that may not parse: cut at the query, without userinfo.
+fn redact_str(s: &str) -> String {
+    if let Ok(u) = Url::parse(s) {
+        return redact(&u);
+    }
+    let s = s.split(['?', '#']).next().unwrap_or("");
+    match s.split_once("://") {
+        Some((scheme, rest)) => {
+            let (auth, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            let host = auth.rsplit('@').next().unwrap_or(auth);
+            format!("{scheme}://{host}{path}")
+        }
+        None => s.to_owned(),
+    }
+}
+
 /// `host[:port]` of a URL.
 fn host_port(u: &Url) -> String {
     match (u.host_str(), u.port()) {
         (Some(h), Some(p)) => format!("{h}:{p}"),
         (Some(h), None) => h.to_owned(),
         _ => String::new(),
+    }
+}
+
+// ------------------------------------------------------------------------------------- hosts
+
+/// Names of cloud metadata services (they resolve to link-local addresses in clouds).
+const METADATA_NAMES: &[&str] = &[
+    "metadata.google.internal",
+    "metadata.goog",
+    "metadata",
+    "instance-data",
+    "instance-data.ec2.internal",
+];
+
+/// A host of a URL or of the configuration: an IP address or a (lowercase) name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum HostName {
+    Ip(IpAddr),
+    Name(String),
+}
+
+impl HostName {
+    /// `name` (a trailing dot and case dropped) or an IP literal, `[v6]` or bare.
+    fn parse(s: &str) -> HostName {
+        let bare = s
+            .strip_prefix('[')
+            .and_then(|r| r.strip_suffix(']'))
+            .unwrap_or(s);
+        match bare.parse::<IpAddr>() {
+            // `::ffff:a.b.c.d` is a.b.c.d.
+            Ok(ip) => HostName::Ip(ip.to_canonical()),
+            Err(_) => HostName::Name(s.trim_end_matches('.').to_ascii_lowercase()),
+        }
+    }
+
+    /// Why an image-named registry may not be here (before any DNS lookup), if so.
+    fn forbidden(&self) -> Option<&'static str> {
+        match self {
+            HostName::Ip(ip) => forbidden_ip(*ip),
+            HostName::Name(n) if n == "localhost" || n.ends_with(".localhost") => Some("loopback"),
+            HostName::Name(n) if METADATA_NAMES.contains(&n.as_str()) => Some("cloud metadata"),
+            HostName::Name(_) => None,
+        }
+    }
+
+    fn is_loopback(&self) -> bool {
+        self.forbidden() == Some("loopback")
+    }
+}
+
+impl fmt::Display for HostName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostName::Ip(IpAddr::V6(ip)) => write!(f, "[{ip}]"),
+            HostName::Ip(ip) => write!(f, "{ip}"),
+            HostName::Name(n) => f.write_str(n),
+        }
+    }
+}
+
+/// The host of an http(s) URL.
+fn url_host(u: &Url) -> Option<HostName> {
+    // The URL parser has turned every IPv4 spelling (`0x7f.1`, `2130706433`) into a.b.c.d.
+    u.host_str().filter(|h| !h.is_empty()).map(HostName::parse)
+}
+
+/// What kind of address `ip` is, if no registry named by an image may be there: loopback,
+/// link-local, private (RFC 1918, shared, unique local), unspecified, multicast/reserved, and
+/// the cloud metadata services.
+fn forbidden_ip(ip: IpAddr) -> Option<&'static str> {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => forbidden_v4(v4),
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                // NAT64: the IPv4 address inside decides.
+                let [a, b] = s[6].to_be_bytes();
+                let [c, d] = s[7].to_be_bytes();
+                return forbidden_v4(Ipv4Addr::new(a, b, c, d));
+            }
+            if v6 == Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254) {
+                Some("cloud metadata")
+            } else if v6.is_unspecified() {
+                Some("unspecified")
+            } else if v6.is_loopback() {
+                Some("loopback")
+            } else if s[0] & 0xffc0 == 0xfe80 {
+                Some("link-local")
+            } else if s[0] & 0xfe00 == 0xfc00 || s[0] & 0xffc0 == 0xfec0 {
+                Some("private")
+            } else if v6.is_multicast() {
+                Some("multicast")
+            } else {
+                None
+            }
+        }
+    }
+}
+
+fn forbidden_v4(ip: Ipv4Addr) -> Option<&'static str> {
+    let o = ip.octets();
+    if matches!(
+        o,
+        [169, 254, 169, 254] | [169, 254, 170, 2] | [100, 100, 100, 200]
+    ) {
+        Some("cloud metadata")
+    } else if o[0] == 0 {
+        Some("unspecified")
+    } else if ip.is_loopback() {
+        Some("loopback")
+    } else if ip.is_link_local() {
+        Some("link-local")
+    } else if ip.is_private() || (o[0] == 100 && o[1] & 0xc0 == 64) {
+        // RFC 1918, and RFC 6598's shared space (carrier-grade NAT, some clouds' services).
+        Some("private")
+    } else if ip.is_multicast() || ip.is_broadcast() || o[0] >= 240 {
+        Some("multicast or reserved")
+    } else {
+        None
+    }
+}
+
+/// Token servers on another host than their registry that may have its credentials, built
+/// in: Docker Hub's (`auth_realms` adds others).
+const BUILTIN_AUTH_REALMS: &[(&str, &str)] = &[("docker.io", "auth.docker.io")];
+
+/// A `host[:port]` entry of the configuration; no port: every port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct HostPattern {
+    host: HostName,
+    port: Option<u16>,
+}
+
+impl HostPattern {
+    /// `host`, `host:port`, `[v6]`, `[v6]:port` or a bare IPv6 address; a scheme and a path
+    /// are ignored (as in `insecure`).
+    fn parse(s: &str) -> anyhow::Result<HostPattern> {
+        let t = s.trim();
+        let t = t
+            .strip_prefix("https://")
+            .or_else(|| t.strip_prefix("http://"))
+            .unwrap_or(t);
+        let t = t.split('/').next().unwrap_or("");
+        let (host, port) = if t.parse::<Ipv6Addr>().is_ok() {
+            (t, None)
+        } else if let Some(rest) = t.strip_prefix('[') {
+            let (h, after) = rest
+                .split_once(']')
+                .ok_or_else(|| anyhow::anyhow!("{s:?}: no closing ]"))?;
+            match after.strip_prefix(':') {
+                Some(p) => (h, Some(p)),
+                None if after.is_empty() => (h, None),
+                None => anyhow::bail!("{s:?}: junk after ]"),
+            }
+        } else {
+            match t.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (t, None),
+            }
+        };
+        let port = port
+            .map(|p| p.parse::<u16>().ok().filter(|&n| n > 0))
+            .map(|p| p.ok_or_else(|| anyhow::anyhow!("{s:?}: not a port number")))
+            .transpose()?;
+        let host = HostName::parse(host);
+        if let HostName::Name(n) = &host {
+            anyhow::ensure!(
+                !n.is_empty()
+                    && n.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_')),
+                "{s:?}: not a host name or IP address"
+            );
+        }
+        Ok(HostPattern { host, port })
+    }
+
+    fn matches(&self, host: &HostName, port: u16) -> bool {
+        self.host == *host && self.port.is_none_or(|p| p == port)
+    }
+}
+
+/// A refusal of our resolver: a name of a host that is not allowed resolved only to
+/// forbidden addresses. Found in a reqwest error's chain, it fails the request at once.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct RefusedAddress(String);
+
+/// The DNS resolver of requests to hosts that are not allowed: drops the forbidden addresses
+/// a name resolves to (a name may not lead where its IP literal could not go).
+struct PublicResolver {
+    /// Resolved as they are (the proxy's host).
+    trusted: Vec<String>,
+}
+
+impl reqwest::dns::Resolve for PublicResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let name = name.as_str().to_owned();
+        let trusted = self
+            .trusted
+            .iter()
+            .any(|t| *t == name.trim_end_matches('.').to_ascii_lowercase());
+        Box::pin(async move {
+            let addrs: Vec<SocketAddr> =
+                tokio::net::lookup_host((name.as_str(), 0)).await?.collect();
+            if trusted {
+                return Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs);
+            }
+            let (ok, refused): (Vec<_>, Vec<_>) = addrs
+                .into_iter()
+                .partition(|a| forbidden_ip(a.ip()).is_none());
+            match (ok.is_empty(), refused.first()) {
+                (true, Some(a)) => Err(Box::new(RefusedAddress(format!(
+                    "{name} resolves to {}, a {} address; {ALLOW_HINT}",
+                    a.ip(),
+                    forbidden_ip(a.ip()).unwrap_or("forbidden")
+                )))
+                    as Box<dyn std::error::Error + Send + Sync>),
+                _ => Ok(Box::new(ok.into_iter()) as reqwest::dns::Addrs),
+            }
+        })
+    }
+}
+
+/// What the refusal of a host says to do about it.
+const ALLOW_HINT: &str = "lazily pulled layers reach loopback, link-local, private and cloud \
+                          metadata addresses only on hosts listed in [registry] allow_hosts";
+
+/// Which hosts requests may go to, and over what (see the module doc).
+#[derive(Debug, Default)]
+struct HostPolicy {
+    /// `allow_hosts`, `insecure` and the mirrors' hosts.
+    allowed: Vec<HostPattern>,
+    /// `insecure`, normalised as [`normalize_registry_host`] does.
+    insecure: Vec<String>,
+    /// `(host, port)` of the mirrors configured `http://`.
+    http_mirrors: Vec<(HostName, u16)>,
+    /// Registry (normalised as [`normalize_registry_host`] does) → token servers on other
+    /// hosts that may receive its credentials.
+    auth_realms: Vec<(String, HostPattern)>,
+}
+
+impl HostPolicy {
+    fn new(cfg: &RegistryConfig, mirrors: &[(String, Vec<Url>)]) -> anyhow::Result<HostPolicy> {
+        let mut p = HostPolicy::default();
+        for (key, list) in [
+            ("allow_hosts", &cfg.allow_hosts),
+            ("insecure", &cfg.insecure),
+        ] {
+            for s in list {
+                p.allowed.push(
+                    HostPattern::parse(s)
+                        .map_err(|e| anyhow::anyhow!("[registry] {key} entry {e}"))?,
+                );
+            }
+        }
+        for (reg, realm) in BUILTIN_AUTH_REALMS {
+            p.auth_realms
+                .push((reg.to_string(), HostPattern::parse(realm)?));
+        }
+        for (reg, realms) in &cfg.auth_realms {
+            for r in realms {
+                let pattern = HostPattern::parse(r)
+                    .map_err(|e| anyhow::anyhow!("[registry.auth_realms] {reg:?}: {e}"))?;
+                p.auth_realms.push((normalize_registry_host(reg), pattern));
+            }
+        }
+        p.insecure = cfg
+            .insecure
+            .iter()
+            .map(|h| normalize_registry_host(h))
+            .collect();
+        for u in mirrors.iter().flat_map(|(_, urls)| urls) {
+            let (Some(host), Some(port)) = (url_host(u), u.port_or_known_default()) else {
+                continue;
+            };
+            if u.scheme() == "http" {
+                p.http_mirrors.push((host.clone(), port));
+            }
+            p.allowed.push(HostPattern {
+                host,
+                port: Some(port),
+            });
+        }
+        Ok(p)
+    }
+
+    /// Whether the configuration lists `u`'s host (and port).
+    fn allows(&self, u: &Url) -> bool {
+        match (url_host(u), u.port_or_known_default()) {
+            (Some(h), Some(port)) => self.allowed.iter().any(|a| a.matches(&h, port)),
+            _ => false,
+        }
+    }
+
+    /// Why no request may go to `u`'s host, if so (DNS names: see [`PublicResolver`]).
+    fn refusal(&self, u: &Url) -> Option<String> {
+        let host = url_host(u)?;
+        let why = host.forbidden()?;
+        (!self.allows(u)).then(|| format!("{host} is a {why} address; {ALLOW_HINT}"))
+    }
+
+    /// Whether `u` may be plain http: an `insecure` host, an http mirror, or an allowed
+    /// loopback host.
+    fn plain_http_ok(&self, u: &Url) -> bool {
+        let (Some(host), Some(port)) = (url_host(u), u.port_or_known_default()) else {
+            return false;
+        };
+        self.insecure
+            .contains(&normalize_registry_host(&host_port(u)))
+            || self.http_mirrors.contains(&(host.clone(), port))
+            || (host.is_loopback() && self.allows(u))
+    }
+
+    /// Whether `ep`'s credentials may go to the token server at `realm`: on the endpoint's own
+    /// host (any port), or one `auth_realms` names for it.
+    fn creds_may_go_to(&self, ep: &Endpoint, realm: &Url) -> bool {
+        let (Some(host), Some(port)) = (url_host(realm), realm.port_or_known_default()) else {
+            return false;
+        };
+        if url_host(&ep.base).as_ref() == Some(&host) {
+            return true;
+        }
+        let key = normalize_registry_host(&ep.cred_host);
+        self.auth_realms
+            .iter()
+            .any(|(reg, p)| *reg == key && p.matches(&host, port))
+    }
+
+    /// Checks one request's URL; `from_https`: an earlier hop (or the endpoint) was https.
+    /// `Ok(true)`: an allowed host (resolved as it is).
+    fn check(&self, u: &Url, from_https: bool) -> Result<bool, String> {
+        if let Some(why) = self.refusal(u) {
+            return Err(why);
+        }
+        match u.scheme() {
+            "https" => {}
+            "http" if from_https => {
+                return Err("refusing to go from https to plain http".into());
+            }
+            "http" if !self.plain_http_ok(u) => {
+                return Err(format!(
+                    "refusing plain http to {}: not listed in [registry] insecure",
+                    host_port(u)
+                ));
+            }
+            "http" => {}
+            other => return Err(format!("refusing a {other}: URL (http or https only)")),
+        }
+        Ok(self.allows(u))
     }
 }
 
@@ -348,8 +780,12 @@ pub struct Registry {
 type AuthSlots = HashMap<(String, String), Arc<tokio::sync::Mutex<AuthSlot>>>;
 
 struct Inner {
+    /// For hosts that are not allowed: their names may not resolve to forbidden addresses.
     client: reqwest::Client,
-    /// Loopback and `insecure` hosts → http; also where credentials come from.
+    /// For hosts the configuration allows (`allow_hosts`, `insecure`, mirrors).
+    trusted_client: reqwest::Client,
+    policy: HostPolicy,
+    /// `insecure` hosts → http; also where credentials come from.
     opts: RegistryOptions,
     /// Mirrors by normalised host.
     mirrors: Vec<(String, Vec<Url>)>,
@@ -357,7 +793,8 @@ struct Inner {
     stall: Duration,
     retries: u32,
     auth: Mutex<AuthSlots>,
-    limit: tokio::sync::Semaphore,
+    /// Request slots by endpoint origin: a slow or hostile registry holds only its own.
+    limits: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
     token_requests: AtomicU64,
     jitter: AtomicU64,
 }
@@ -374,6 +811,15 @@ impl fmt::Debug for Registry {
 
 impl Registry {
     pub fn new(cfg: &RegistryConfig) -> anyhow::Result<Arc<Registry>> {
+        Self::with_roots(cfg, Vec::new())
+    }
+
+    /// [`Registry::new`] trusting only `roots` for https, if there are some (tests: a
+    /// self-signed server).
+    fn with_roots(
+        cfg: &RegistryConfig,
+        roots: Vec<reqwest::Certificate>,
+    ) -> anyhow::Result<Arc<Registry>> {
         use anyhow::Context as _;
         cfg.validate()?;
         // reqwest is built without a default rustls provider; ring is ours. An error only says
@@ -388,10 +834,9 @@ impl Registry {
         for m in &cfg.mirrors {
             let mut urls = Vec::new();
             for s in &m.mirrors {
-                urls.push(
-                    mirror_url(s, &opts)
-                        .with_context(|| format!("[registry] mirror {s:?} of {}", m.host))?,
-                );
+                urls.push(mirror_url(s, &opts).with_context(|| {
+                    format!("[registry] mirror {:?} of {}", redact_str(s), m.host)
+                })?);
             }
             mirrors.push((normalize_registry_host(&m.host), urls));
         }
@@ -402,7 +847,17 @@ impl Registry {
             .build()
             .context("starting the registry client's runtime")?;
         let handle = rt.handle().clone();
-        let client = {
+        let policy = HostPolicy::new(cfg, &mirrors)?;
+        let proxy_host =
+            match &cfg.proxy {
+                Some(p) => Some(Url::parse(p).ok().and_then(|u| url_host(&u)).ok_or_else(
+                    || anyhow::anyhow!("[registry] proxy {p:?}: not a URL with a host"),
+                )?),
+                None => None,
+            };
+        // Two clients: requests to allowed hosts resolve names as they are; the others through
+        // a resolver that drops forbidden addresses. (The pools are per host anyway.)
+        let make_client = |resolver: Option<PublicResolver>| -> anyhow::Result<reqwest::Client> {
             let _enter = rt.enter();
             let mut b = reqwest::Client::builder()
                 .redirect(reqwest::redirect::Policy::none())
@@ -418,20 +873,36 @@ impl Registry {
                 ),
                 None => b.no_proxy(),
             };
-            b.build().context("making the registry HTTP client")?
+            if let Some(r) = resolver {
+                b = b.dns_resolver(r);
+            }
+            if !roots.is_empty() {
+                b = b.tls_certs_only(roots.clone());
+            }
+            b.build().context("making the registry HTTP client")
         };
+        let client = make_client(Some(PublicResolver {
+            // The proxy is root's choice, wherever it is.
+            trusted: match &proxy_host {
+                Some(HostName::Name(n)) => vec![n.clone()],
+                _ => Vec::new(),
+            },
+        }))?;
+        let trusted_client = make_client(None)?;
         Ok(Arc::new(Registry {
             rt: Some(rt),
             handle,
             inner: Arc::new(Inner {
                 client,
+                trusted_client,
+                policy,
                 opts,
                 mirrors,
                 timeout: Duration::from_secs_f64(cfg.timeout_secs),
                 stall: Duration::from_secs_f64(cfg.stall_timeout_secs),
                 retries: cfg.retries,
                 auth: Mutex::new(HashMap::new()),
-                limit: tokio::sync::Semaphore::new(MAX_CONCURRENT_REQUESTS),
+                limits: Mutex::new(HashMap::new()),
                 token_requests: AtomicU64::new(0),
                 jitter: AtomicU64::new(0x9E37_79B9_7F4A_7C15),
             }),
@@ -463,13 +934,23 @@ impl Registry {
         } else {
             registry.to_ascii_lowercase()
         };
-        let scheme = if self.inner.opts.uses_plain_http(registry) {
-            "http"
-        } else {
-            "https"
+        let url = |scheme: &str| {
+            Url::parse(&format!("{scheme}://{host}"))
+                .map_err(|e| anyhow::anyhow!("registry host {registry:?}: {e}"))
         };
-        let base = Url::parse(&format!("{scheme}://{host}"))
-            .map_err(|e| anyhow::anyhow!("registry host {registry:?}: {e}"))?;
+        // Plain http for `insecure` hosts and allowed loopback ones (as docker does).
+        let http = url("http")?;
+        let base = if self.inner.policy.plain_http_ok(&http) {
+            http
+        } else {
+            url("https")?
+        };
+        // Refused now, unless a mirror may serve it.
+        if out.is_empty() {
+            if let Some(why) = self.inner.policy.refusal(&base) {
+                anyhow::bail!("registry {registry}: {why}");
+            }
+        }
         out.push(Endpoint {
             base,
             cred_host: registry.to_owned(),
@@ -546,6 +1027,19 @@ impl Inner {
         let key = (ep.base.as_str().to_owned(), repo.to_owned());
         let mut map = self.auth.lock().unwrap_or_else(|e| e.into_inner());
         map.entry(key).or_default().clone()
+    }
+
+    /// The request slots of `ep`'s origin.
+    fn limit(&self, ep: &Endpoint) -> Arc<tokio::sync::Semaphore> {
+        let key = ep.base.origin().ascii_serialization();
+        let mut map = self.limits.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= MAX_IDLE_LIMITS && !map.contains_key(&key) {
+            // Image references name the hosts: forget the ones nobody is reading from.
+            map.retain(|_, s| Arc::strong_count(s) > 1);
+        }
+        map.entry(key)
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_REQUESTS)))
+            .clone()
     }
 
     fn backoff(&self, attempt: u32) -> Duration {
@@ -632,13 +1126,21 @@ impl Inner {
         let mut url = Url::parse(realm).map_err(|e| {
             Failure::permanent(
                 io::ErrorKind::InvalidData,
-                format!("{}: bad token realm {realm:?}: {e}", ep.label()),
+                format!(
+                    "{}: bad token realm {:?}: {e}",
+                    ep.label(),
+                    redact_str(realm)
+                ),
             )
         })?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err(Failure::permanent(
                 io::ErrorKind::InvalidData,
-                format!("{}: token realm {realm:?} is not http(s)", ep.label()),
+                format!(
+                    "{}: token realm {} is not http(s)",
+                    ep.label(),
+                    redact(&url)
+                ),
             ));
         }
         {
@@ -648,12 +1150,38 @@ impl Inner {
             }
             q.append_pair("scope", &format!("repository:{repo}:pull"));
         }
-        let mut rb = self.client.get(url.clone());
-        if let RegistryAuth::Basic(u, p) = creds {
+        let trusted = self
+            .policy
+            .check(&url, ep.base.scheme() == "https")
+            .map_err(|why| {
+                Failure::permanent(
+                    io::ErrorKind::PermissionDenied,
+                    format!("{}: token realm {}: {why}", ep.label(), redact(&url)),
+                )
+            })?;
+        let client = if trusted {
+            &self.trusted_client
+        } else {
+            &self.client
+        };
+        // Credentials only to the registry's own host, or a realm configured for them.
+        let withheld =
+            matches!(creds, RegistryAuth::Basic(..)) && !self.policy.creds_may_go_to(ep, &url);
+        if withheld {
+            log::warn!(
+                "{}: token realm {} is not on the registry's host: asking it without the \
+                 credentials for {} (see [registry.auth_realms])",
+                ep.label(),
+                redact(&url),
+                ep.cred_host
+            );
+        }
+        let mut rb = client.get(url.clone());
+        if let (false, RegistryAuth::Basic(u, p)) = (withheld, creds) {
             rb = rb.header(header::AUTHORIZATION, basic_header(u, p));
         }
         self.token_requests.fetch_add(1, Relaxed);
-        let what = format!("token from {}", url.as_str());
+        let what = format!("token from {}", redact(&url));
         let mut resp = tokio::time::timeout(self.stall, rb.send())
             .await
             .map_err(|_| Failure::transient(format!("{what}: no answer within {:?}", self.stall)))?
@@ -662,7 +1190,16 @@ impl Inner {
         if !status.is_success() {
             let msg = format!(
                 "{what}: HTTP {status}{}",
-                if matches!(creds, RegistryAuth::Anonymous) {
+                if withheld {
+                    format!(
+                        " (the credentials for {} in {} were not sent: the realm is not on \
+                         the registry's host, and [registry.auth_realms] does not name it for \
+                         {})",
+                        ep.cred_host,
+                        self.config_name(),
+                        normalize_registry_host(&ep.cred_host)
+                    )
+                } else if matches!(creds, RegistryAuth::Anonymous) {
                     format!(
                         " (anonymous: {} has no credentials for {})",
                         self.config_name(),
@@ -758,17 +1295,31 @@ impl Inner {
         end: u64,
     ) -> Result<(reqwest::Response, bool), Failure> {
         let mut cur = url.clone();
+        let mut from_https = false;
+        let mut from: Option<Url> = None;
         for _ in 0..=MAX_REDIRECTS {
+            let trusted = self.policy.check(&cur, from_https).map_err(|why| {
+                let msg = match &from {
+                    Some(f) => format!("GET {}: redirected to {}: {why}", redact(f), redact(&cur)),
+                    None => format!("GET {}: {why}", redact(&cur)),
+                };
+                Failure::permanent(io::ErrorKind::PermissionDenied, msg)
+            })?;
+            from_https |= cur.scheme() == "https";
+            let client = if trusted {
+                &self.trusted_client
+            } else {
+                &self.client
+            };
             let foreign = !same_origin(&cur, url);
-            let mut rb = self
-                .client
+            let mut rb = client
                 .get(cur.clone())
                 .header(header::RANGE, format!("bytes={start}-{end}"));
             if let (false, Some(a)) = (foreign, auth) {
                 rb = rb.header(header::AUTHORIZATION, a);
             }
             t.requests.fetch_add(1, Relaxed);
-            let what = format!("GET {cur}");
+            let what = format!("GET {}", redact(&cur));
             let resp = tokio::time::timeout(self.stall, rb.send())
                 .await
                 .map_err(|_| {
@@ -790,24 +1341,27 @@ impl Inner {
                 let next = cur.join(loc).map_err(|e| {
                     Failure::permanent(
                         io::ErrorKind::InvalidData,
-                        format!("{what}: HTTP {status} to a bad Location {loc:?}: {e}"),
+                        format!(
+                            "{what}: HTTP {status} to a bad Location {:?}: {e}",
+                            redact_str(loc)
+                        ),
                     )
                 })?;
                 if !matches!(next.scheme(), "http" | "https") {
                     return Err(Failure::permanent(
                         io::ErrorKind::InvalidData,
-                        format!("{what}: redirect to {next}, not http(s)"),
+                        format!("{what}: redirect to {}, not http(s)", redact(&next)),
                     ));
                 }
                 log::trace!("{what}: redirected to {}", next.host_str().unwrap_or("?"));
-                cur = next;
+                from = Some(std::mem::replace(&mut cur, next));
                 continue;
             }
             return Ok((resp, foreign));
         }
         Err(Failure::permanent(
             io::ErrorKind::InvalidData,
-            format!("GET {url}: more than {MAX_REDIRECTS} redirects"),
+            format!("GET {}: more than {MAX_REDIRECTS} redirects", redact(url)),
         ))
     }
 
@@ -844,8 +1398,9 @@ impl Inner {
                     return Err(Failure::permanent(
                         io::ErrorKind::PermissionDenied,
                         format!(
-                            "GET {url}: HTTP 401 Unauthorized even after authenticating \
+                            "GET {}: HTTP 401 Unauthorized even after authenticating \
                              (credentials for {} from {})",
+                            redact(&url),
                             ep.cred_host,
                             self.config_name()
                         ),
@@ -859,7 +1414,10 @@ impl Inner {
                     .ok_or_else(|| {
                         Failure::permanent(
                             io::ErrorKind::PermissionDenied,
-                            format!("GET {url}: HTTP 401 without a Bearer or Basic challenge"),
+                            format!(
+                                "GET {}: HTTP 401 without a Bearer or Basic challenge",
+                                redact(&url)
+                            ),
                         )
                     })?;
                 self.authenticate(ep, &t.repo, &challenge, &mut s).await?;
@@ -870,7 +1428,7 @@ impl Inner {
         }
         Err(Failure::permanent(
             io::ErrorKind::PermissionDenied,
-            format!("GET {url}: authentication did not settle"),
+            format!("GET {}: authentication did not settle", redact(&url)),
         ))
     }
 
@@ -894,19 +1452,6 @@ impl Inner {
                 ),
             )
         };
-        let _permit = match tokio::time::timeout_at(deadline, self.limit.acquire()).await {
-            Ok(Ok(p)) => p,
-            Ok(Err(_)) => return Err(fail(io::ErrorKind::Other, "client closed".into())),
-            Err(_) => {
-                return Err(fail(
-                    io::ErrorKind::TimedOut,
-                    format!(
-                        "deadline ({:?}) passed waiting for a connection slot",
-                        self.timeout
-                    ),
-                ))
-            }
-        };
         let mut out = Vec::with_capacity(len);
         // The failures of this round of endpoints, and of the round before.
         let mut round: Vec<(String, Failure)> = Vec::new();
@@ -928,6 +1473,24 @@ impl Inner {
                 prev = std::mem::take(&mut round);
             }
             for ep in &t.endpoints {
+                let limit = self.limit(ep);
+                let _permit = match tokio::time::timeout_at(deadline, limit.acquire_owned()).await {
+                    Ok(Ok(p)) => p,
+                    Ok(Err(_)) => return Err(fail(io::ErrorKind::Other, "client closed".into())),
+                    Err(_) => {
+                        return Err(fail(
+                            io::ErrorKind::TimedOut,
+                            format!(
+                                "deadline ({:?}) passed waiting for a request slot for {} \
+                                 ({MAX_CONCURRENT_REQUESTS} requests in flight there); last \
+                                 errors: {}",
+                                self.timeout,
+                                ep.label(),
+                                describe(&round, &prev)
+                            ),
+                        ))
+                    }
+                };
                 match tokio::time::timeout_at(
                     deadline,
                     self.get_range(&t, ep, offset, len, &mut out),
@@ -1036,7 +1599,7 @@ async fn read_body(
     stall: Duration,
 ) -> Result<(), Failure> {
     let status = resp.status();
-    let what = format!("GET {}", resp.url());
+    let what = format!("GET {}", redact(resp.url()));
     let want = (end - start + 1) as usize;
     match status {
         StatusCode::PARTIAL_CONTENT => {
@@ -1449,13 +2012,117 @@ pub(crate) mod tests {
         (reg, data, digest)
     }
 
+    /// Short deadlines, and the tests' loopback registries (on 127.0.0.1) allowed.
     pub(crate) fn quick_config() -> RegistryConfig {
         RegistryConfig {
             timeout_secs: 10.0,
             retries: 5,
             stall_timeout_secs: 2.0,
             connect_timeout_secs: 2.0,
+            allow_hosts: vec!["127.0.0.1".into()],
             ..Default::default()
+        }
+    }
+
+    /// A self-signed certificate for 127.0.0.1 and its key, in `dir`: `(cert.pem, key.pem)`.
+    pub(crate) fn test_certificate(
+        dir: &std::path::Path,
+    ) -> (std::path::PathBuf, std::path::PathBuf) {
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        let ok = std::process::Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            ])
+            .args([
+                "-subj",
+                "/CN=127.0.0.1",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+                // A leaf certificate (trusted as its own root by the tests that trust it).
+                "-addext",
+                "basicConstraints=critical,CA:FALSE",
+                "-addext",
+                "extendedKeyUsage=serverAuth",
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl (to make a test certificate)");
+        assert!(ok.success());
+        (cert, key)
+    }
+
+    /// An https server on 127.0.0.1 answering every request with a 307 to `location` followed
+    /// by the request's path.
+    pub(crate) struct TlsRedirect {
+        pub(crate) addr: String,
+        pub(crate) hits: Arc<AtomicUsize>,
+    }
+
+    impl TlsRedirect {
+        pub(crate) fn start(
+            cert: &std::path::Path,
+            key: &std::path::Path,
+            location: &str,
+        ) -> TlsRedirect {
+            use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+            let certs = CertificateDer::pem_file_iter(cert)
+                .unwrap()
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap();
+            let key = PrivateKeyDer::from_pem_file(key).unwrap();
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let config = Arc::new(
+                rustls::ServerConfig::builder_with_provider(provider)
+                    .with_safe_default_protocol_versions()
+                    .unwrap()
+                    .with_no_client_auth()
+                    .with_single_cert(certs, key)
+                    .unwrap(),
+            );
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap().to_string();
+            let hits = Arc::new(AtomicUsize::new(0));
+            let (counter, location) = (hits.clone(), location.to_owned());
+            std::thread::spawn(move || {
+                for tcp in listener.incoming() {
+                    let Ok(tcp) = tcp else { continue };
+                    let Ok(conn) = rustls::ServerConnection::new(config.clone()) else {
+                        continue;
+                    };
+                    let (counter, location) = (counter.clone(), location.clone());
+                    std::thread::spawn(move || {
+                        let _ = tcp.set_read_timeout(Some(Duration::from_secs(10)));
+                        let mut tls = rustls::StreamOwned::new(conn, tcp);
+                        let mut request = String::new();
+                        {
+                            let mut reader = BufReader::new(&mut tls);
+                            if reader.read_line(&mut request).unwrap_or(0) == 0 {
+                                return;
+                            }
+                            let mut line = String::new();
+                            while reader.read_line(&mut line).unwrap_or(0) > 0 && line != "\r\n" {
+                                line.clear();
+                            }
+                        }
+                        counter.fetch_add(1, SeqCst);
+                        let path = request.split_whitespace().nth(1).unwrap_or("/").to_owned();
+                        let _ = write!(
+                            tls,
+                            "HTTP/1.1 307 Temporary Redirect\r\nLocation: {location}{path}\r\n\
+                             Content-Length: 0\r\nConnection: close\r\n\r\n"
+                        );
+                        let _ = tls.flush();
+                        tls.conn.send_close_notify();
+                        let _ = tls.flush();
+                    });
+                }
+            });
+            TlsRedirect { addr, hits }
         }
     }
 
@@ -1512,6 +2179,8 @@ pub(crate) mod tests {
         pub(crate) always: Mutex<Option<Fault>>,
         auth: Option<FrontAuth>,
         pub(crate) redirect: Mutex<Option<String>>,
+        /// The token realm of the Bearer challenge, if not `http://ADDR/token`.
+        pub(crate) realm: Mutex<Option<String>>,
         pub(crate) seen: Mutex<Vec<Seen>>,
         tokens: Mutex<HashMap<String, usize>>,
         pub(crate) token_scopes: Mutex<Vec<String>>,
@@ -1530,6 +2199,7 @@ pub(crate) mod tests {
                 always: Mutex::new(None),
                 auth,
                 redirect: Mutex::new(None),
+                realm: Mutex::new(None),
                 seen: Mutex::new(Vec::new()),
                 tokens: Mutex::new(HashMap::new()),
                 token_scopes: Mutex::new(Vec::new()),
@@ -1659,9 +2329,10 @@ pub(crate) mod tests {
                             }
                         });
                     if !ok {
+                        let realm = self.realm.lock().unwrap().clone();
+                        let realm = realm.unwrap_or_else(|| format!("http://{}/token", self.addr));
                         let challenge = format!(
-                            "WWW-Authenticate: Bearer realm=\"http://{}/token\",service=\"front\"\r\n",
-                            self.addr
+                            "WWW-Authenticate: Bearer realm=\"{realm}\",service=\"front\"\r\n"
                         );
                         return respond(conn, "401 Unauthorized", &challenge, b"");
                     }
@@ -1679,7 +2350,10 @@ pub(crate) mod tests {
             let is_blob_get = method == "GET" && route.contains("/blobs/");
             if is_blob_get {
                 if let Some(base) = self.redirect.lock().unwrap().clone() {
-                    let extra = format!("Location: {base}{route}?signature=abc\r\n");
+                    // Presigned like S3's: the signature is in the query.
+                    let extra = format!(
+                        "Location: {base}{route}?X-Amz-Signature=secret-sig&signature=abc\r\n"
+                    );
                     return respond(conn, "307 Temporary Redirect", &extra, b"");
                 }
             }
@@ -1891,6 +2565,7 @@ pub(crate) mod tests {
                     "localhost:5001".into(),
                 ],
             }],
+            allow_hosts: vec!["127.0.0.1:5000".into()],
             ..Default::default()
         })
         .unwrap();
@@ -1923,6 +2598,12 @@ pub(crate) mod tests {
             urls("127.0.0.1:5000"),
             ["http://127.0.0.1:5000/v2/library/busybox/blobs/sha256:00"]
         );
+        // Loopback and private hosts that are not allowed (mirrors count): refused.
+        for r in ["127.0.0.1:5001", "localhost:5000", "10.0.0.2:5000"] {
+            let e = reg.endpoints(r).unwrap_err().to_string();
+            assert!(e.contains("allow_hosts"), "{r}: {e}");
+        }
+        assert_eq!(urls("10.0.0.1:5000").len(), 1);
         assert_eq!(
             urls("ghcr.io"),
             ["https://ghcr.io/v2/library/busybox/blobs/sha256:00"]
@@ -2054,26 +2735,7 @@ pub(crate) mod tests {
     #[test]
     fn registry_https_untrusted_certificate() {
         let tmp = tempfile::tempdir().unwrap();
-        let (cert, key) = (tmp.path().join("cert.pem"), tmp.path().join("key.pem"));
-        let ok = std::process::Command::new("openssl")
-            .args([
-                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-            ])
-            .args([
-                "-subj",
-                "/CN=127.0.0.1",
-                "-addext",
-                "subjectAltName=IP:127.0.0.1",
-            ])
-            .arg("-keyout")
-            .arg(&key)
-            .arg("-out")
-            .arg(&cert)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .expect("openssl (to make a test certificate)");
-        assert!(ok.success());
+        let (cert, key) = test_certificate(tmp.path());
         let tls = start_registry(&format!(
             "  tls:\n    certificate: {}\n    key: {}\n",
             cert.display(),
@@ -2271,6 +2933,8 @@ pub(crate) mod tests {
         .unwrap();
         let registry = Registry::new(&RegistryConfig {
             docker_config: Some(config),
+            // The storage's name is a loopback one too.
+            allow_hosts: vec!["127.0.0.1".into(), "localhost".into()],
             ..quick_config()
         })
         .unwrap();
@@ -2361,6 +3025,7 @@ pub(crate) mod tests {
             retries: 1000,
             stall_timeout_secs: 30.0,
             connect_timeout_secs: 1.0,
+            allow_hosts: vec!["127.0.0.1".into()],
             ..Default::default()
         })
         .unwrap();
@@ -2508,5 +3173,630 @@ pub(crate) mod tests {
         assert!(t.elapsed() < delay * 3, "{:?}", t.elapsed());
         assert!(front.max_inflight.load(SeqCst) >= 2);
         assert_eq!(blob.requests(), 4);
+    }
+
+    // ------------------------------------------------------------------- hostile references
+
+    /// The error of using `host/test/blob` through `registry`: at the blob's creation, else at
+    /// its first read (which must fail).
+    fn refusal(registry: &Arc<Registry>, host: &str, digest: &str, size: u64) -> io::Error {
+        match RemoteBlob::new(registry.clone(), &format!("{host}/test/blob"), digest, size) {
+            Err(e) => io::Error::new(io::ErrorKind::PermissionDenied, format!("{e:#}")),
+            Ok(blob) => match read(&blob, 0, 10) {
+                Err(e) => e,
+                Ok(_) => panic!("{host}: read through a registry that is not allowed"),
+            },
+        }
+    }
+
+    /// Image references name their registry: loopback, link-local, private, unspecified and
+    /// cloud metadata hosts are refused before anything is sent, unless `allow_hosts` (or
+    /// `insecure`) lists them.
+    #[test]
+    fn registry_refuses_loopback_private_and_metadata_hosts() {
+        let (reg, data, digest) = registry_with_blob(100_000, 31);
+        let front = Front::start(&reg.addr, None);
+        let port = front.addr.rsplit(':').next().unwrap().to_owned();
+        let strict = Registry::new(&RegistryConfig {
+            timeout_secs: 3.0,
+            retries: 0,
+            connect_timeout_secs: 1.0,
+            ..Default::default()
+        })
+        .unwrap();
+        for host in [
+            front.addr.clone(),
+            format!("localhost:{port}"),
+            format!("0.0.0.0:{port}"),
+            "127.1.2.3:5000".into(),
+            "10.1.2.3:5000".into(),
+            "172.16.0.1:5000".into(),
+            "192.168.1.10".into(),
+            "100.64.0.1:5000".into(),
+            "169.254.169.254".into(),
+            "169.254.1.1:5000".into(),
+            "metadata.google.internal".into(),
+        ] {
+            let e = refusal(&strict, &host, &digest, data.len() as u64);
+            assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{host}: {e}");
+            assert!(e.to_string().contains("allow_hosts"), "{host}: {e}");
+        }
+        assert!(
+            front.seen.lock().unwrap().is_empty(),
+            "a refused host got a request"
+        );
+
+        // Listed: read over plain http, as before. A host without a port: every port.
+        for allow in [front.addr.clone(), "127.0.0.1".into()] {
+            let registry = Registry::new(&RegistryConfig {
+                allow_hosts: vec![allow.clone()],
+                ..quick_config()
+            })
+            .unwrap();
+            let blob = test_blob(&registry, &front.addr, &digest, data.len() as u64);
+            assert_eq!(read(&blob, 5, 10).unwrap(), &data[5..15], "{allow}");
+        }
+        // Another port of the host, or another name for it: still refused.
+        for (allow, host) in [
+            ("127.0.0.1:1", front.addr.clone()),
+            ("localhost", front.addr.clone()),
+            ("127.0.0.1", format!("localhost:{port}")),
+        ] {
+            let registry = Registry::new(&RegistryConfig {
+                allow_hosts: vec![allow.into()],
+                ..quick_config()
+            })
+            .unwrap();
+            let e = refusal(&registry, &host, &digest, data.len() as u64);
+            assert_eq!(
+                e.kind(),
+                io::ErrorKind::PermissionDenied,
+                "{allow} {host}: {e}"
+            );
+        }
+        // A name listed is reached by name; a host listed `insecure` counts as allowed.
+        for (allow, insecure, host) in [
+            (
+                vec!["localhost".to_owned()],
+                vec![],
+                format!("localhost:{port}"),
+            ),
+            (vec![], vec![front.addr.clone()], front.addr.clone()),
+        ] {
+            let registry = Registry::new(&RegistryConfig {
+                allow_hosts: allow,
+                insecure,
+                ..quick_config()
+            })
+            .unwrap();
+            let blob = test_blob(&registry, &host, &digest, data.len() as u64);
+            assert_eq!(read(&blob, 0, 10).unwrap(), &data[..10], "{host}");
+        }
+    }
+
+    /// Redirect targets are checked like registries: no loopback, private or metadata address
+    /// that is not listed, and plain http only to `insecure` (or allowed loopback) hosts.
+    #[test]
+    fn registry_checks_every_redirect_target() {
+        let (reg, data, digest) = registry_with_blob(100_000, 33);
+        let storage = Front::start(&reg.addr, None);
+        let port = storage.addr.rsplit(':').next().unwrap().to_owned();
+        let front = Front::start(&reg.addr, None);
+        let registry = Registry::new(&RegistryConfig {
+            retries: 0,
+            timeout_secs: 3.0,
+            connect_timeout_secs: 1.0,
+            allow_hosts: vec!["127.0.0.1".into(), "10.1.2.3".into()],
+            ..quick_config()
+        })
+        .unwrap();
+        let blob = test_blob(&registry, &front.addr, &digest, data.len() as u64);
+        for (target, why) in [
+            (format!("http://localhost:{port}"), "allow_hosts"),
+            ("http://169.254.169.254".to_owned(), "allow_hosts"),
+            ("http://[fd00:ec2::254]".to_owned(), "allow_hosts"),
+            ("http://192.168.1.1:5000".to_owned(), "allow_hosts"),
+            ("http://10.1.2.3:9".to_owned(), "insecure"),
+        ] {
+            *front.redirect.lock().unwrap() = Some(target.clone());
+            let e = read(&blob, 0, 10).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{target}: {e}");
+            assert!(e.to_string().contains(why), "{target}: {e}");
+        }
+        assert!(storage.seen.lock().unwrap().is_empty());
+        // To an allowed loopback host, followed.
+        *front.redirect.lock().unwrap() = Some(format!("http://{}", storage.addr));
+        assert_eq!(read(&blob, 0, 10).unwrap(), &data[..10]);
+    }
+
+    /// A redirect from https to plain http is refused, even to an allowed host.
+    #[test]
+    fn registry_refuses_https_to_http_redirects() {
+        let (reg, data, digest) = registry_with_blob(100_000, 34);
+        let sink = Front::start(&reg.addr, None);
+        let tmp = tempfile::tempdir().unwrap();
+        let (cert, key) = test_certificate(tmp.path());
+        let tls = TlsRedirect::start(&cert, &key, &format!("http://{}", sink.addr));
+        let root = reqwest::Certificate::from_pem(&std::fs::read(&cert).unwrap()).unwrap();
+        // An https mirror (loopback registries are plain http) of a host that is not there.
+        let registry = Registry::with_roots(
+            &RegistryConfig {
+                retries: 0,
+                timeout_secs: 3.0,
+                connect_timeout_secs: 1.0,
+                mirrors: vec![crate::config::MirrorConfig {
+                    host: "registry.invalid".into(),
+                    mirrors: vec![format!("https://{}", tls.addr)],
+                }],
+                ..quick_config()
+            },
+            vec![root],
+        )
+        .unwrap();
+        let blob = RemoteBlob::new(
+            registry.clone(),
+            "registry.invalid/test/blob",
+            &digest,
+            data.len() as u64,
+        )
+        .unwrap();
+        let e = read(&blob, 0, 10).expect_err("read through an https -> http redirect");
+        assert_eq!(tls.hits.load(SeqCst), 1, "{e}");
+        assert!(e.to_string().contains("https to plain http"), "{e}");
+        assert!(sink.seen.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn registry_redacts_urls() {
+        for (u, want) in [
+            ("http://u:p@h:1/a/b?sig=x#f", "http://h:1/a/b"),
+            ("https://h/a?X-Amz-Signature=x", "https://h/a"),
+            ("http://u:p@[zz/a?sig=x", "http://[zz/a"),
+            ("no url?sig=x", "no url"),
+        ] {
+            assert_eq!(redact_str(u), want, "{u}");
+        }
+    }
+
+    #[test]
+    fn registry_host_patterns_and_forbidden_addresses() {
+        for (ip, want) in [
+            ("127.0.0.1", Some("loopback")),
+            ("127.255.0.9", Some("loopback")),
+            ("::1", Some("loopback")),
+            ("::ffff:127.0.0.1", Some("loopback")),
+            ("64:ff9b::7f00:1", Some("loopback")),
+            ("169.254.169.254", Some("cloud metadata")),
+            ("fd00:ec2::254", Some("cloud metadata")),
+            ("100.100.100.200", Some("cloud metadata")),
+            ("169.254.1.1", Some("link-local")),
+            ("fe80::1", Some("link-local")),
+            ("10.0.0.1", Some("private")),
+            ("172.31.255.255", Some("private")),
+            ("192.168.0.1", Some("private")),
+            ("100.64.0.1", Some("private")),
+            ("fd12::1", Some("private")),
+            ("0.0.0.0", Some("unspecified")),
+            ("0.1.2.3", Some("unspecified")),
+            ("::", Some("unspecified")),
+            ("224.0.0.1", Some("multicast or reserved")),
+            ("255.255.255.255", Some("multicast or reserved")),
+            ("ff02::1", Some("multicast")),
+            ("1.2.3.4", None),
+            ("172.32.0.1", None),
+            ("100.128.0.1", None),
+            ("2001:db8::1", None),
+        ] {
+            assert_eq!(forbidden_ip(ip.parse().unwrap()), want, "{ip}");
+        }
+        let p = |s: &str| HostPattern::parse(s).unwrap();
+        let ip = |s: &str| HostName::Ip(s.parse().unwrap());
+        let name = |s: &str| HostName::Name(s.into());
+        assert_eq!(
+            p("127.0.0.1:5000"),
+            HostPattern {
+                host: ip("127.0.0.1"),
+                port: Some(5000)
+            }
+        );
+        assert_eq!(
+            p("localhost"),
+            HostPattern {
+                host: name("localhost"),
+                port: None
+            }
+        );
+        assert_eq!(
+            p("[::1]:5000"),
+            HostPattern {
+                host: ip("::1"),
+                port: Some(5000)
+            }
+        );
+        assert_eq!(
+            p("::1"),
+            HostPattern {
+                host: ip("::1"),
+                port: None
+            }
+        );
+        assert_eq!(
+            p("[::1]"),
+            HostPattern {
+                host: ip("::1"),
+                port: None
+            }
+        );
+        assert_eq!(
+            p("::ffff:127.0.0.1"),
+            HostPattern {
+                host: ip("127.0.0.1"),
+                port: None
+            }
+        );
+        assert_eq!(
+            p(" Reg.Local.:5000"),
+            HostPattern {
+                host: name("reg.local"),
+                port: Some(5000)
+            }
+        );
+        assert_eq!(
+            p("http://reg.local:5000/x"),
+            HostPattern {
+                host: name("reg.local"),
+                port: Some(5000)
+            }
+        );
+        for bad in [
+            "",
+            "reg:x",
+            "reg:0",
+            "reg:99999",
+            "[::1",
+            "[::1]x",
+            "a b",
+            ":5000",
+        ] {
+            assert!(HostPattern::parse(bad).is_err(), "{bad:?}");
+        }
+        assert!(p("127.0.0.1").matches(&ip("127.0.0.1"), 1));
+        assert!(p("127.0.0.1:5000").matches(&ip("127.0.0.1"), 5000));
+        assert!(!p("127.0.0.1:5000").matches(&ip("127.0.0.1"), 5001));
+        assert!(!p("localhost").matches(&ip("127.0.0.1"), 80));
+        let e = Registry::new(&RegistryConfig {
+            allow_hosts: vec!["reg:x".into()],
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("[registry] allow_hosts"), "{e:#}");
+    }
+
+    /// Names of hosts that are not allowed may not resolve to forbidden addresses (checked
+    /// here below the name check: `localhost` resolves to 127.0.0.1); allowed hosts' may.
+    #[test]
+    fn registry_resolver_drops_forbidden_addresses() {
+        let reg = start_registry("");
+        let port = reg.addr.rsplit(':').next().unwrap().to_owned();
+        let registry = Registry::new(&quick_config()).unwrap();
+        let url = format!("http://localhost:{port}/v2/");
+        let (inner, u) = (registry.inner.clone(), url.clone());
+        let e = registry
+            .handle
+            .block_on(async move { inner.client.get(u).send().await })
+            .unwrap_err();
+        let f = http_failure("GET", e);
+        assert!(f.is_permanent(), "{f}");
+        assert_eq!(f.kind(), io::ErrorKind::PermissionDenied, "{f}");
+        assert!(f.to_string().contains("resolves to 127.0.0.1"), "{f}");
+        let inner = registry.inner.clone();
+        let status = registry
+            .handle
+            .block_on(async move { inner.trusted_client.get(url).send().await })
+            .unwrap()
+            .status();
+        assert_eq!(status, StatusCode::OK);
+    }
+
+    /// A registry's Basic credentials go to its token server only on the registry's own host,
+    /// or on one `auth_realms` maps it to: a registry (or whoever answers for it) cannot have
+    /// them sent elsewhere by naming another realm.
+    #[test]
+    fn registry_credentials_only_to_the_registrys_realm() {
+        let (reg, data, digest) = registry_with_blob(100_000, 35);
+        let front = Front::start(
+            &reg.addr,
+            Some(FrontAuth::Bearer {
+                uses: 1000,
+                basic: Some(basic_header("alice", "s3cret")),
+            }),
+        );
+        let port = front.addr.rsplit(':').next().unwrap().to_owned();
+        // The same token server under another host name (its tokens work for the front).
+        *front.realm.lock().unwrap() = Some(format!("http://localhost:{port}/token"));
+        let tmp = tempfile::tempdir().unwrap();
+        let config = tmp.path().join("config.json");
+        std::fs::write(
+            &config,
+            serde_json::to_vec(&serde_json::json!({
+                "auths": { (front.addr.clone()): { "username": "alice", "password": "s3cret" } }
+            }))
+            .unwrap(),
+        )
+        .unwrap();
+        let cfg = RegistryConfig {
+            docker_config: Some(config),
+            allow_hosts: vec!["127.0.0.1".into(), "localhost".into()],
+            retries: 0,
+            ..quick_config()
+        };
+        let token_auths = |front: &Front| -> Vec<Option<String>> {
+            let seen = front.seen.lock().unwrap();
+            seen.iter()
+                .filter(|s| s.target.starts_with("/token"))
+                .map(|s| s.authorization.clone())
+                .collect()
+        };
+        let registry = Registry::new(&cfg).unwrap();
+        let blob = test_blob(&registry, &front.addr, &digest, data.len() as u64);
+        let e = read(&blob, 0, 10).expect_err("credentials went to another host's realm");
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
+        assert!(e.to_string().contains("auth_realms"), "{e}");
+        let auths = token_auths(&front);
+        assert!(
+            !auths.is_empty() && auths.iter().all(|a| a.is_none()),
+            "{auths:?}"
+        );
+
+        // Mapped by the configuration: sent, and the read works.
+        let registry = Registry::new(&RegistryConfig {
+            auth_realms: [(front.addr.clone(), vec![format!("localhost:{port}")])].into(),
+            ..cfg.clone()
+        })
+        .unwrap();
+        let blob = test_blob(&registry, &front.addr, &digest, data.len() as u64);
+        assert_eq!(read(&blob, 0, 10).unwrap(), &data[..10]);
+        let want = basic_header("alice", "s3cret");
+        assert!(token_auths(&front).contains(&Some(want)));
+
+        // A realm at a forbidden address is not even asked.
+        *front.realm.lock().unwrap() = Some("http://169.254.169.254/token".into());
+        let registry = Registry::new(&cfg).unwrap();
+        let blob = test_blob(&registry, &front.addr, &digest, data.len() as u64);
+        let e = read(&blob, 0, 10).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
+        assert!(e.to_string().contains("allow_hosts"), "{e}");
+    }
+
+    /// Credentials are looked up for the endpoint asked: a mirror never gets the upstream
+    /// host's, nor the upstream host the mirror's.
+    #[test]
+    fn registry_mirror_and_host_credentials_stay_apart() {
+        let (reg, data, digest) = registry_with_blob(100_000, 36);
+        let host = Front::start(
+            &reg.addr,
+            Some(FrontAuth::Basic(basic_header("up", "up-pw"))),
+        );
+        let mirror = Front::start(
+            &reg.addr,
+            Some(FrontAuth::Basic(basic_header("mi", "mi-pw"))),
+        );
+        let tmp = tempfile::tempdir().unwrap();
+        let config = tmp.path().join("config.json");
+        let registry = Registry::new(&RegistryConfig {
+            docker_config: Some(config.clone()),
+            retries: 0,
+            mirrors: vec![crate::config::MirrorConfig {
+                host: host.addr.clone(),
+                mirrors: vec![mirror.addr.clone()],
+            }],
+            ..quick_config()
+        })
+        .unwrap();
+        let blob = test_blob(&registry, &host.addr, &digest, data.len() as u64);
+        let write = |key: &str, user: &str, pass: &str| {
+            std::fs::write(
+                &config,
+                serde_json::to_vec(&serde_json::json!({
+                    "auths": { key: { "username": user, "password": pass } }
+                }))
+                .unwrap(),
+            )
+            .unwrap();
+        };
+        let auths = |f: &Front| -> Vec<String> {
+            let seen = f.seen.lock().unwrap();
+            seen.iter()
+                .filter_map(|s| s.authorization.clone())
+                .collect()
+        };
+        // Only the host's credentials: the mirror asks in vain, the host serves.
+        write(&host.addr, "up", "up-pw");
+        assert_eq!(read(&blob, 0, 10).unwrap(), &data[..10]);
+        assert!(auths(&mirror).is_empty(), "{:?}", auths(&mirror));
+        assert!(!auths(&host).is_empty());
+        // Only the mirror's: the mirror serves; when it fails, the host is read with its own
+        // (cached) credentials, never the mirror's.
+        write(&mirror.addr, "mi", "mi-pw");
+        assert_eq!(read(&blob, 20, 10).unwrap(), &data[20..30]);
+        assert!(auths(&mirror).contains(&basic_header("mi", "mi-pw")));
+        *mirror.always.lock().unwrap() = Some(Fault::Status(404));
+        let before = auths(&host).len();
+        assert_eq!(read(&blob, 40, 10).unwrap(), &data[40..50]);
+        let sent = auths(&host)[before..].to_vec();
+        assert!(!sent.is_empty(), "the host was not asked");
+        assert!(
+            sent.iter().all(|a| *a == basic_header("up", "up-pw")),
+            "{sent:?}"
+        );
+        assert!(!auths(&host).contains(&basic_header("mi", "mi-pw")));
+    }
+
+    /// Which token servers may have a registry's credentials: its own host's, the ones
+    /// `auth_realms` names for it, and the built-in one for Docker Hub.
+    #[test]
+    fn registry_auth_realms_per_registry() {
+        let (hub, hub_realm) = BUILTIN_AUTH_REALMS[0];
+        let reg = Registry::new(&RegistryConfig {
+            auth_realms: [(
+                "reg.invalid:5000".to_owned(),
+                vec!["auth.invalid".to_owned()],
+            )]
+            .into(),
+            ..Default::default()
+        })
+        .unwrap();
+        let policy = &reg.inner.policy;
+        let url = |s: &str| Url::parse(s).unwrap();
+        let hub_ep = reg.endpoints(hub).unwrap().pop().unwrap();
+        let ep = reg.endpoints("reg.invalid:5000").unwrap().pop().unwrap();
+        let other = reg.endpoints("other.invalid").unwrap().pop().unwrap();
+        for (ep, realm, ok) in [
+            (&hub_ep, format!("https://{hub_realm}/token"), true),
+            (&hub_ep, "https://auth.invalid/token".into(), false),
+            (&ep, "https://reg.invalid:5001/token".into(), true),
+            (&ep, "https://auth.invalid:8443/token".into(), true),
+            (&ep, "https://sub.auth.invalid/token".into(), false),
+            (&ep, format!("https://{hub_realm}/token"), false),
+            (&other, "https://auth.invalid/token".into(), false),
+            (&other, "https://other.invalid/token".into(), true),
+        ] {
+            assert_eq!(
+                policy.creds_may_go_to(ep, &url(&realm)),
+                ok,
+                "{} {realm}",
+                ep.label()
+            );
+        }
+        assert!(Registry::new(&RegistryConfig {
+            auth_realms: [("x".to_owned(), vec!["bad host".to_owned()])].into(),
+            ..Default::default()
+        })
+        .is_err());
+    }
+
+    /// A registry that accepts connections and never answers holds only its own request slots:
+    /// reads from another registry complete while its reads are all still pending.
+    #[test]
+    fn registry_blackholed_host_does_not_stall_others() {
+        use std::sync::mpsc::{channel, TryRecvError};
+        let (reg, data, digest) = registry_with_blob(100_000, 37);
+        // Accepts, never answers; hands each connection over (kept open while held).
+        let hole = TcpListener::bind("127.0.0.1:0").unwrap();
+        let hole_addr = hole.local_addr().unwrap().to_string();
+        let (conn_tx, conn_rx) = channel::<TcpStream>();
+        std::thread::spawn(move || {
+            for c in hole.incoming() {
+                let Ok(c) = c else { return };
+                if conn_tx.send(c).is_err() {
+                    return;
+                }
+            }
+        });
+        let registry = Registry::new(&RegistryConfig {
+            timeout_secs: 3600.0,
+            stall_timeout_secs: 3600.0,
+            retries: 0,
+            ..quick_config()
+        })
+        .unwrap();
+        // Registry A: more reads at once than one host has request slots.
+        let a = test_blob(&registry, &hole_addr, &digest, data.len() as u64);
+        let (a_tx, a_rx) = channel();
+        let ranges = vec![(0u64, 10usize); MAX_CONCURRENT_REQUESTS + 4];
+        std::thread::spawn(move || {
+            let _ = a_tx.send(a.read_ranges(&ranges));
+        });
+        // (Hang guards only: on time, these come at once.)
+        let guard = Duration::from_secs(120);
+        let mut held = Vec::new();
+        for i in 0..MAX_CONCURRENT_REQUESTS {
+            held.push(
+                conn_rx
+                    .recv_timeout(guard)
+                    .unwrap_or_else(|_| panic!("only {i} of A's requests connected")),
+            );
+        }
+        // Registry B, meanwhile: read.
+        let b = test_blob(&registry, &reg.addr, &digest, data.len() as u64);
+        let (b_tx, b_rx) = channel();
+        std::thread::spawn(move || {
+            let _ = b_tx.send(read(&b, 100, 1000));
+        });
+        let got = b_rx
+            .recv_timeout(guard)
+            .expect("registry B's read waited for registry A's request slots");
+        assert_eq!(got.unwrap(), &data[100..1100]);
+        // ... and A's are all still pending, on no more connections than its slots.
+        assert!(matches!(a_rx.try_recv(), Err(TryRecvError::Empty)));
+        assert!(
+            conn_rx.try_recv().is_err(),
+            "more requests to A than its slots"
+        );
+        // A's connections closed (and no more taken): its reads fail.
+        drop(held);
+        drop(conn_rx);
+        let e = a_rx
+            .recv_timeout(guard)
+            .expect("A's reads did not end")
+            .unwrap_err();
+        assert!(e.to_string().contains(&hole_addr), "{e}");
+    }
+
+    /// Presigned redirect URLs carry their signature in the query, mirror URLs may carry a
+    /// password: errors (and log lines) name URLs without query and userinfo.
+    #[test]
+    fn registry_errors_hide_url_queries_and_userinfo() {
+        let (reg, data, digest) = registry_with_blob(100_000, 38);
+        let storage = Front::start(&reg.addr, None);
+        let front = Front::start(&reg.addr, None);
+        let dead = {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().to_string()
+        };
+        let registry = Registry::new(&RegistryConfig {
+            retries: 1,
+            timeout_secs: 5.0,
+            ..quick_config()
+        })
+        .unwrap();
+        let blob = test_blob(&registry, &front.addr, &digest, data.len() as u64);
+        for (what, target, fault, named) in [
+            (
+                "404",
+                storage.addr.clone(),
+                Some(Fault::Status(404)),
+                storage.addr.clone(),
+            ),
+            (
+                "503",
+                storage.addr.clone(),
+                Some(Fault::Status(503)),
+                storage.addr.clone(),
+            ),
+            ("refused", dead.clone(), None, dead.clone()),
+            ("bad Location", "[zz".into(), None, "Location".into()),
+        ] {
+            *front.redirect.lock().unwrap() = Some(format!("http://{target}"));
+            *storage.always.lock().unwrap() = fault;
+            let e = read(&blob, 0, 10).unwrap_err().to_string();
+            assert!(!e.contains("secret"), "{what}: {e}");
+            assert!(e.contains(&named), "{what}: {e}");
+        }
+        // Userinfo in a mirror URL.
+        let registry = Registry::new(&RegistryConfig {
+            retries: 0,
+            timeout_secs: 5.0,
+            mirrors: vec![crate::config::MirrorConfig {
+                host: "registry.invalid".into(),
+                mirrors: vec![format!("http://mirror-user:mirror-secret@{dead}")],
+            }],
+            ..quick_config()
+        })
+        .unwrap();
+        let blob = RemoteBlob::new(registry, "registry.invalid/test/blob", &digest, 100).unwrap();
+        let e = read(&blob, 0, 10).unwrap_err().to_string();
+        assert!(!e.contains("secret"), "{e}");
+        assert!(e.contains(&dead), "{e}");
     }
 }

@@ -4,7 +4,8 @@
 # tests/e2e/containerd/host-ovbd.sh (plain OCI parts only, on the host). Sourced after env.bash.
 #
 #   ovbd_serve_setup BIN ROOT SOCKET [MODE]   write the config (ROOT, SOCKET, rootfs_mode MODE=overlayfs)
-#   (OVBD_SERVE_EXTRA_CONFIG: TOML appended to the config ovbd_serve_setup writes)
+#   (OVBD_SERVE_REGISTRY_CONFIG: keys added to its [registry] section, which allows the local registry;
+#    OVBD_SERVE_EXTRA_CONFIG: TOML tables appended to the config ovbd_serve_setup writes)
 #   ovbd_serve_start / ovbd_serve_stop / ovbd_serve_kill9     (pid kept in a file: survives subshells)
 #   run_part NAME DESCRIPTION FUNCTION        run one part, print "pass: NAME" or "FAIL: NAME"
 #   parts_summary                             "N passed, M failed"; returns 1 if any failed
@@ -45,6 +46,11 @@ root = "$OVBD_ROOT"
 socket = "$OVBD_SOCK"
 rootfs_mode = "$mode"
 log_level = "${OVBD_SERVE_LOG_LEVEL:-debug}"
+[registry]
+# The local registry (registry_start: \$E2E_REGISTRY_ADDR, else 127.0.0.1, port 5000-5099) is loopback:
+# lazily pulled layers reach it only if it is allowed.
+allow_hosts = ["${E2E_REGISTRY_ADDR:-127.0.0.1}"]
+${OVBD_SERVE_REGISTRY_CONFIG:-}
 ${OVBD_SERVE_EXTRA_CONFIG:-}
 EOF
     OVBD_SERVE_MISSING=

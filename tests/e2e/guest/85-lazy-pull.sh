@@ -34,7 +34,7 @@ t0=$SECONDS
 root_parent= && e2e_tmpdir root_parent /var/tmp
 # A short read deadline for the fault part (the default is 30 s).
 deadline=8
-OVBD_SERVE_EXTRA_CONFIG=$'[registry]\ntimeout_secs = '$deadline$'\nstall_timeout_secs = 2\nretries = 3'
+OVBD_SERVE_REGISTRY_CONFIG=$'timeout_secs = '$deadline$'\nstall_timeout_secs = 2\nretries = 3'
 ovbd_serve_setup "$OVBD" "$root_parent/root" "$WORK/ovbd/ovbd.sock"
 [[ -z $OVBD_SERVE_MISSING ]] || fail "$OVBD_SERVE_MISSING"
 E2E_REGISTRY_ACCESSLOG=1 registry_start "$WORK/registry"
