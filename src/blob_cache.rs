@@ -87,6 +87,11 @@ pub(crate) trait BlockSource: Send + Sync {
     fn size(&self) -> u64;
     fn name(&self) -> &str;
     fn digest(&self) -> &str;
+    /// Who serves the bytes (registry host and repository): the scope in which unverified
+    /// cached blocks may be shared.
+    fn origin(&self) -> String {
+        self.name().to_owned()
+    }
 }
 
 impl BlockSource for RemoteBlob {
@@ -1541,7 +1546,7 @@ impl ovbd_format::ReadAt for CachedBlob {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::RegistryConfig;
     use crate::registry::tests::{check_random_ranges, random_bytes, registry_with_blob, Rng};
@@ -1561,10 +1566,11 @@ mod tests {
     }
 
     /// An in-memory blob that counts what is fetched from it.
-    struct Fake {
-        data: Vec<u8>,
-        digest: String,
+    pub(crate) struct Fake {
+        pub(crate) data: Vec<u8>,
+        pub(crate) digest: String,
         name: String,
+        origin: String,
         calls: AtomicU64,
         fetched: AtomicU64,
         ranges: Mutex<Vec<Vec<(u64, usize)>>>,
@@ -1579,6 +1585,7 @@ mod tests {
             let digest = crate::image_io::sha256_digest(&data).to_string();
             Arc::new(Fake {
                 name: format!("fake@{digest}"),
+                origin: "127.0.0.1:5000/fake".into(),
                 data,
                 digest,
                 calls: AtomicU64::new(0),
@@ -1589,8 +1596,20 @@ mod tests {
                 fail: AtomicBool::new(false),
             })
         }
-        fn fetched(&self) -> u64 {
+        pub(crate) fn fetched(&self) -> u64 {
             self.fetched.load(SeqCst)
+        }
+
+        /// The blob `data` served by registry repository `origin` under `digest` (a tampered
+        /// copy when `data` does not hash to it).
+        pub(crate) fn served(data: Vec<u8>, digest: &str, origin: &str) -> Arc<Fake> {
+            let mut f = Fake::new(0, 0);
+            let m = Arc::get_mut(&mut f).unwrap();
+            m.name = format!("{origin}@{digest}");
+            m.origin = origin.into();
+            m.digest = digest.into();
+            m.data = data;
+            f
         }
     }
 
@@ -1630,9 +1649,12 @@ mod tests {
         fn digest(&self) -> &str {
             &self.digest
         }
+        fn origin(&self) -> String {
+            self.origin.clone()
+        }
     }
 
-    fn cached(cache: &Arc<BlobCache>, fake: &Arc<Fake>) -> CachedBlob {
+    pub(crate) fn cached(cache: &Arc<BlobCache>, fake: &Arc<Fake>) -> CachedBlob {
         CachedBlob::with_source(cache.clone(), fake.clone()).unwrap()
     }
 
@@ -2323,5 +2345,84 @@ mod tests {
         assert_eq!(read(&blob, 2 * BS, 10).len(), 0);
         assert_eq!(read(&blob, 0, 0).len(), 0);
         assert_eq!(nowait(&blob, 5 * BS, 10).unwrap().len(), 0);
+    }
+
+    /// Blocks cached from one registry repository are not served to a reader of the same
+    /// digest from another: a hostile registry that served a tampered copy under the real
+    /// digest poisons its own entry only, also after a restart.
+    #[test]
+    fn blob_cache_origins_do_not_share_unverified_blocks() {
+        let tmp = tempfile::tempdir().unwrap();
+        let honest = Fake::new(8 * BS as usize, 31);
+        let mut bad = honest.data.clone();
+        for b in 0..8 {
+            bad[(b * BS + 100) as usize] ^= 0xff;
+        }
+        let evil = Fake::served(bad.clone(), &honest.digest, "127.0.0.1:6000/evil/app");
+        let honest = Fake::served(honest.data.clone(), &honest.digest, "127.0.0.1:5000/app");
+        {
+            let cache = BlobCache::open(&cfg(tmp.path(), 1 << 30, BS), tmp.path()).unwrap();
+            let e = cached(&cache, &evil);
+            assert!(read(&e, 0, 8 * BS as usize) == bad, "its own bytes");
+            cache.flush().unwrap();
+            let h = cached(&cache, &honest);
+            assert!(
+                is_would_block(nowait(&h, 0, 200)),
+                "the other origin's block is served"
+            );
+            assert!(read(&h, 0, 8 * BS as usize) == honest.data);
+            assert_eq!(honest.fetched(), 8 * BS, "fetched its own bytes");
+            // Both entries live side by side.
+            assert!(nowait(&e, 0, 8 * BS as usize).unwrap() == bad);
+            assert!(nowait(&h, 0, 8 * BS as usize).unwrap() == honest.data);
+        }
+        // After a restart, each origin still gets its own bytes only.
+        let cache = BlobCache::open(&cfg(tmp.path(), 1 << 30, BS), tmp.path()).unwrap();
+        let third = Fake::served(honest.data.clone(), &honest.digest, "127.0.0.1:7000/other");
+        let t = cached(&cache, &third);
+        assert!(is_would_block(nowait(&t, 0, 200)));
+        assert!(read(&t, 3 * BS, BS as usize) == honest.data[3 * BS as usize..4 * BS as usize]);
+        let h = cached(&cache, &honest);
+        assert!(nowait(&h, 0, 8 * BS as usize).unwrap() == honest.data);
+    }
+
+    /// One image's size claim for a digest cannot break another's entry: the two sizes are
+    /// two entries, each works (or fails) alone, in either order, open or closed.
+    #[test]
+    fn blob_cache_size_lie_does_not_break_another_entry() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = BlobCache::open(&cfg(tmp.path(), 1 << 30, BS), tmp.path()).unwrap();
+        let real = Fake::new(4 * BS as usize, 41);
+        let honest = Fake::served(real.data.clone(), &real.digest, "127.0.0.1:5000/app");
+        let mut long = real.data.clone();
+        long.extend_from_slice(&random_bytes(2 * BS as usize, 42));
+        for origin in ["127.0.0.1:6000/evil", "127.0.0.1:5000/app"] {
+            let liar = Fake::served(long.clone(), &real.digest, origin);
+            // The liar first, still open: the honest open and reads work.
+            let l = cached(&cache, &liar);
+            assert!(read(&l, 0, 6 * BS as usize) == long);
+            let h = CachedBlob::with_source(cache.clone(), honest.clone())
+                .unwrap_or_else(|e| panic!("{origin}: honest open: {e:#}"));
+            assert!(read(&h, 0, 4 * BS as usize) == real.data, "{origin}");
+            // The honest entry, closed, survives the liar's next open.
+            drop(h);
+            drop(l);
+            let before = honest.fetched();
+            let l = cached(&cache, &liar);
+            let h = cached(&cache, &honest);
+            assert!(
+                nowait(&h, 0, 4 * BS as usize).unwrap() == real.data,
+                "{origin}: the honest entry was dropped"
+            );
+            assert!(read(&l, 4 * BS, 2 * BS as usize) == long[4 * BS as usize..]);
+            assert_eq!(honest.fetched(), before, "{origin}");
+            drop(h);
+            drop(l);
+            // The honest entry first, then the liar: the same.
+            let h = cached(&cache, &honest);
+            let l = cached(&cache, &liar);
+            assert!(nowait(&h, 0, 4 * BS as usize).unwrap() == real.data);
+            assert_eq!(read(&l, 5 * BS, 10), &long[5 * BS as usize..5 * BS as usize + 10]);
+        }
     }
 }
