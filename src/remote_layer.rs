@@ -59,11 +59,11 @@ impl RemoteSource for RegistrySource {
         let remote = RemoteBlob::new(self.registry.clone(), &image_ref, digest, size)?;
         // The download reads the registry directly: a whole blob must not evict the cache.
         let direct: Arc<dyn ReadAt> = Arc::new(remote.clone());
-        let cached: Arc<dyn ReadAt> = Arc::new(CachedBlob::new(self.cache.clone(), remote)?);
+        let cached = Arc::new(CachedBlob::new(self.cache.clone(), remote)?);
         let (Some(dir), true) = (dir, self.download.enable) else {
             return Ok(cached);
         };
-        let blob = Arc::new(SwitchingBlob::new(cached));
+        let blob = Arc::new(SwitchingBlob::new(cached.clone()));
         if self
             .downloading
             .lock()
@@ -81,15 +81,8 @@ impl RemoteSource for RegistrySource {
             std::thread::Builder::new()
                 .name("ovbd-download".into())
                 .spawn(move || {
-                    match job.run() {
-                        Ok(file) => {
-                            log::info!("downloaded {} to {}", job.digest, file.display());
-                            if let Err(e) = target.switch_to_file(&file) {
-                                log::warn!("{}: {e:#}", file.display());
-                            }
-                        }
-                        Err(e) => log::warn!("background download of {}: {e:#}", job.digest),
-                    }
+                    let result = job.run();
+                    finish_download(&job, result, &target, &cached, &image_ref);
                     downloading
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
@@ -98,6 +91,25 @@ impl RemoteSource for RegistrySource {
                 .context("starting a download thread")?;
         }
         Ok(blob)
+    }
+}
+
+/// What a finished download changes: reads of the layer go to the file.
+fn finish_download(
+    job: &Download,
+    result: Result<PathBuf>,
+    target: &SwitchingBlob,
+    _cached: &CachedBlob,
+    _image_ref: &str,
+) {
+    match result {
+        Ok(file) => {
+            log::info!("downloaded {} to {}", job.digest, file.display());
+            if let Err(e) = target.switch_to_file(&file) {
+                log::warn!("{}: {e:#}", file.display());
+            }
+        }
+        Err(e) => log::warn!("background download of {}: {e:#}", job.digest),
     }
 }
 
@@ -335,6 +347,54 @@ mod tests {
         // A file of the wrong size is refused as a switch target.
         std::fs::write(d2.path().join("short"), b"x").unwrap();
         assert!(sw.switch_to_file(&d2.path().join("short")).is_err());
+    }
+
+    /// A download whose sha256 does not match drops what the layer's registry repository
+    /// had cached of the blob (bytes no one can check), and the layer's reads fail with EIO
+    /// from then on (the registry lied; its blocks are all suspect).
+    #[test]
+    fn download_mismatch_purges_the_cache_and_fails_the_layer() {
+        use crate::blob_cache::tests::Fake;
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = BlobCache::open(&crate::config::CacheConfig::default(), tmp.path()).unwrap();
+        let (data, digest) = blob((3 << 20) + 5);
+        let mut bad = data.clone();
+        bad[(1 << 20) + 7] ^= 1;
+        let origin = "127.0.0.1:6000/evil/app";
+        let fake = Fake::served(bad.clone(), &digest, origin);
+        let cached = Arc::new(CachedBlob::with_source(cache.clone(), fake.clone()).unwrap());
+        let layer = SwitchingBlob::new(cached.clone());
+        let mut buf = vec![0u8; 2 << 20];
+        layer.read_at(&mut buf, 0).unwrap();
+        assert!(
+            buf == bad[..2 << 20],
+            "lazily read blocks cannot be checked"
+        );
+        assert_eq!(cached.cached_bytes(), 2 << 20);
+        let d = tempfile::tempdir().unwrap();
+        let job = Download {
+            source: Arc::new(MemSource::new(bad.clone(), "evil")),
+            digest: digest.clone(),
+            dir: d.path().to_owned(),
+            delay: Duration::ZERO,
+            max_bytes_per_sec: 0.0,
+        };
+        let result = job.run();
+        assert!(result.is_err());
+        finish_download(&job, result, &layer, &cached, origin);
+        assert_eq!(cached.cached_bytes(), 0, "the suspect blocks are kept");
+        assert_eq!(cache.stats().cached_bytes, 0);
+        let fetched = fake.fetched();
+        for r in [
+            layer.read_at(&mut buf, 0),
+            layer.read_at_nowait(&mut buf, 3 << 20),
+        ] {
+            let e = r.unwrap_err();
+            // The device completes a request that fails without an errno with EIO.
+            assert_eq!(e.raw_os_error().unwrap_or(libc::EIO), libc::EIO, "{e}");
+            assert!(e.to_string().contains(&digest), "{e}");
+        }
+        assert_eq!(fake.fetched(), fetched, "read from the registry again");
     }
 
     #[test]
