@@ -1688,6 +1688,28 @@ impl CachedBlob {
         self.state.cached.load(Relaxed)
     }
 
+    /// `file` holds this blob (checked: its hash must match the digest): the cache shares it
+    /// with every origin from now on ([`BlobCache::add_verified`]).
+    pub fn mark_verified(&self, file: &Path) -> anyhow::Result<()> {
+        self.cache
+            .add_verified(&self.state.digest, file, Some(self))
+    }
+
+    /// Drops every cached block of this blob's entry: its origin sent bytes that do not match
+    /// the digest. A verified entry keeps its blocks (each matched the verified blob). Returns
+    /// the bytes dropped.
+    pub fn purge(&self) -> u64 {
+        let st = &*self.state;
+        if st.is_verified() {
+            return 0;
+        }
+        let blocks: Vec<(u64, Option<u64>)> = lock(&st.inner)
+            .present_blocks()
+            .map(|b| (b, None))
+            .collect();
+        st.evict_blocks(&self.cache, &blocks)
+    }
+
     /// Whether this reads the digest's verified entry (shared by every origin).
     #[allow(dead_code)] // API for the daemon's stats and tests
     pub fn is_verified(&self) -> bool {

@@ -177,6 +177,9 @@ impl RegistryConfig {
 
 /// `[download]`: remote layers downloaded whole in the background (upstream's `download`):
 /// the blob is written next to the layer, its sha256 checked, then reads switch to the file.
+/// On by default (as stargz and SOCI fetch whole layers in the background): the download is
+/// the only check of a lazily pulled blob against its digest, and a verified blob is what the
+/// block cache shares between registries.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DownloadConfig {
@@ -190,7 +193,7 @@ pub struct DownloadConfig {
 impl Default for DownloadConfig {
     fn default() -> Self {
         DownloadConfig {
-            enable: false,
+            enable: true,
             delay_secs: 300.0,
             max_mbps: 100.0,
         }
