@@ -551,6 +551,9 @@ struct BlobState {
     persisted: Mutex<u64>,
     cached: AtomicU64,
     open: AtomicUsize,
+    /// Makes the next sync of the data file fail (tests of the failure path).
+    #[cfg(test)]
+    fail_sync: AtomicBool,
 }
 
 impl BlobState {
@@ -630,6 +633,8 @@ impl BlobState {
             persisted: Mutex::new(0),
             cached: AtomicU64::new(cached),
             open: AtomicUsize::new(0),
+            #[cfg(test)]
+            fail_sync: AtomicBool::new(false),
         }
     }
 
@@ -780,7 +785,7 @@ impl BlobState {
             return Ok(());
         }
         let synced = self.files(false).and_then(|files| {
-            files.data.sync_data()?;
+            self.sync_data(&files.data)?;
             Ok(files)
         });
         let files = match synced {
@@ -810,6 +815,15 @@ impl BlobState {
             }
         }
         self.persist(&files)
+    }
+
+    /// `fdatasync` of the data file.
+    fn sync_data(&self, data: &File) -> io::Result<()> {
+        #[cfg(test)]
+        if self.fail_sync.swap(false, Relaxed) {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        data.sync_data()
     }
 
     /// Writes the map's bitmap as of now and syncs it (if a later write has not already).
@@ -853,7 +867,7 @@ impl BlobState {
                 files.data.write_all_at(&buf[..n], s)?;
                 bytes += n as u64;
             }
-            files.data.sync_data()?;
+            self.sync_data(&files.data)?;
             {
                 let mut inner = lock(&self.inner);
                 for &(b, stamp) in &blocks {
@@ -3087,5 +3101,38 @@ pub(crate) mod tests {
         assert!(!omap.exists() && !odata.exists());
         let r = cached(&cache, &other);
         assert!(is_would_block(nowait(&r, 0, 10)));
+    }
+
+    /// A failed sync of the data file loses the blocks written before it (Linux reports a
+    /// writeback error once and marks the pages clean, so a later sync succeeds over lost
+    /// data): they are not recorded, not served, and a read fetches them again.
+    #[test]
+    fn blob_cache_drops_blocks_whose_sync_failed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("cache");
+        let cache =
+            BlobCache::open_with(&cfg(&dir, 1 << 30, BS), &dir, Duration::from_secs(3600)).unwrap();
+        let fake = Fake::new(4 * BS as usize, 81);
+        let blob = cached(&cache, &fake);
+        let map = paths_of(&cache, &fake).1;
+        let on_disk = || fs::read(&map).unwrap()[META_LEN as usize];
+        let _ = read(&blob, 0, 2 * BS as usize);
+        blob.state.fail_sync.store(true, SeqCst);
+        let e = cache.flush().unwrap_err();
+        assert!(e.to_string().contains(&fake.digest), "{e}");
+        // The next sync succeeds: the lost blocks must not be recorded.
+        cache.flush().unwrap();
+        assert_eq!(on_disk(), 0, "blocks whose sync failed were recorded");
+        assert!(
+            is_would_block(nowait(&blob, 0, 10)),
+            "served after a failed sync"
+        );
+        assert_eq!(blob.cached_bytes(), 0);
+        assert_eq!(cache.stats().cached_bytes, 0);
+        let before = fake.fetched();
+        assert!(read(&blob, 0, 2 * BS as usize) == fake.data[..2 * BS as usize]);
+        assert_eq!(fake.fetched() - before, 2 * BS, "fetched again");
+        cache.flush().unwrap();
+        assert_eq!(on_disk(), 0b11);
     }
 }
