@@ -773,8 +773,9 @@ impl BlobState {
     }
 
     /// Syncs the data of the blocks written since the last flush, then records them in the
-    /// map (a block goes into the map only once its data is on disk).
-    fn flush(&self) -> io::Result<()> {
+    /// map (a block goes into the map only once its data is on disk). If the sync fails the
+    /// blocks are dropped (and `total`, the cache's byte count, lowered).
+    fn flush(&self, total: &AtomicU64) -> io::Result<()> {
         let taken: Vec<u64> = {
             let mut inner = lock(&self.inner);
             let taken = std::mem::take(&mut inner.pending);
@@ -791,8 +792,23 @@ impl BlobState {
         let files = match synced {
             Ok(f) => f,
             Err(e) => {
-                // Try again next time.
-                lock(&self.inner).pending.extend(taken);
+                // Not again next time: Linux reports a writeback error once and marks the pages
+                // clean, so a later sync would succeed over lost data. Fetched again if read.
+                let mut dropped = 0;
+                {
+                    let mut inner = lock(&self.inner);
+                    for b in taken {
+                        // Being evicted: gone anyway. Written again since: that write may
+                        // have been lost too.
+                        if inner.is_present(b) && !inner.inflight.contains_key(&b) {
+                            set_bit(&mut inner.present, b, false);
+                            inner.pending.remove(&b);
+                            dropped += self.block_len(b);
+                        }
+                    }
+                }
+                self.cached.fetch_sub(dropped, Relaxed);
+                total.fetch_sub(dropped, Relaxed);
                 return Err(e);
             }
         };
@@ -1028,6 +1044,8 @@ struct FlushQueue {
     state: Mutex<FlushState>,
     cv: Condvar,
     delay: Duration,
+    /// The cache's byte count (lowered when a failed sync drops blocks).
+    total: Arc<AtomicU64>,
 }
 
 #[derive(Default)]
@@ -1037,11 +1055,12 @@ struct FlushState {
 }
 
 impl Flusher {
-    fn start(delay: Duration) -> io::Result<Flusher> {
+    fn start(delay: Duration, total: Arc<AtomicU64>) -> io::Result<Flusher> {
         let queue = Arc::new(FlushQueue {
             state: Mutex::new(FlushState::default()),
             cv: Condvar::new(),
             delay,
+            total,
         });
         let q = queue.clone();
         let thread = std::thread::Builder::new()
@@ -1095,16 +1114,15 @@ impl FlushQueue {
             let dirty = std::mem::take(&mut st.dirty);
             drop(st);
             for s in dirty.values() {
-                // On failure the blocks stay pending: the next write, the last handle's drop
-                // or the cache's drop tries again.
-                if let Err(e) = s.flush() {
+                // On failure the blocks are dropped: read again, they are fetched again.
+                if let Err(e) = s.flush(&self.total) {
                     log::warn!("block cache: syncing the blocks of {}: {e}", s.digest);
                 }
             }
             if stop {
                 let rest = std::mem::take(&mut lock(&self.state).dirty);
                 for s in rest.values() {
-                    if let Err(e) = s.flush() {
+                    if let Err(e) = s.flush(&self.total) {
                         log::warn!("block cache: syncing the blocks of {}: {e}", s.digest);
                     }
                 }
@@ -1123,7 +1141,8 @@ pub struct BlobCache {
     low_water: u64,
     block: u64,
     blobs: Mutex<HashMap<Key, Arc<BlobState>>>,
-    total: AtomicU64,
+    /// Bytes of present blocks, all entries (shared with the flusher).
+    total: Arc<AtomicU64>,
     clock: AtomicU64,
     evicting: Mutex<()>,
     hits: AtomicU64,
@@ -1222,13 +1241,14 @@ impl BlobCache {
         }
         let block = cfg.refill_bytes();
         let limit = cfg.size_bytes().max(1);
+        let total = Arc::new(AtomicU64::new(0));
         let cache = Arc::new(BlobCache {
             dir: dir.clone(),
             limit,
             low_water: limit / 100 * LOW_WATER_PERCENT,
             block,
             blobs: Mutex::new(HashMap::new()),
-            total: AtomicU64::new(0),
+            total: total.clone(),
             clock: AtomicU64::new(0),
             evicting: Mutex::new(()),
             hits: AtomicU64::new(0),
@@ -1236,7 +1256,7 @@ impl BlobCache {
             evicted: AtomicU64::new(0),
             punch_warned: AtomicBool::new(false),
             verifying: Mutex::new(()),
-            flusher: Flusher::start(flush_delay).context("starting the cache flusher")?,
+            flusher: Flusher::start(flush_delay, total).context("starting the cache flusher")?,
             _lock: lock_file,
         });
         cache.scan()?;
@@ -1593,7 +1613,7 @@ impl BlobCache {
         let blobs: Vec<Arc<BlobState>> = lock(&self.blobs).values().cloned().collect();
         let mut first_err = None;
         for s in blobs {
-            if let Err(e) = s.flush() {
+            if let Err(e) = s.flush(&self.total) {
                 first_err.get_or_insert(io::Error::new(
                     e.kind(),
                     format!("syncing the cached blocks of {}: {e}", s.digest),
@@ -1999,7 +2019,7 @@ impl CachedBlob {
 impl Drop for CachedBlob {
     fn drop(&mut self) {
         if self.state.open.fetch_sub(1, Relaxed) == 1 {
-            if let Err(e) = self.state.flush() {
+            if let Err(e) = self.state.flush(&self.cache.total) {
                 log::warn!("{}: syncing its cached blocks: {e}", self.name);
             }
             // The last handle: close the files (an evictor holds its own). Checked again
