@@ -1548,12 +1548,14 @@ impl BlobCache {
         let blobs: Vec<Arc<BlobState>> = lock(&self.blobs).values().cloned().collect();
         let mut candidates = Vec::new();
         for (i, s) in blobs.iter().enumerate() {
+            // The set bits only: a large blob with few blocks cached costs little.
             let inner = lock(&s.inner);
-            for b in 0..s.nblocks {
-                if inner.is_present(b) && !inner.inflight.contains_key(&b) {
-                    candidates.push((inner.stamp[b as usize], i, b));
-                }
-            }
+            candidates.extend(
+                inner
+                    .present_blocks()
+                    .filter(|b| !inner.inflight.contains_key(b))
+                    .map(|b| (inner.stamp[b as usize], i, b)),
+            );
         }
         candidates.sort_unstable();
         let mut chosen: Vec<Vec<(u64, Option<u64>)>> = vec![Vec::new(); blobs.len()];
@@ -1661,7 +1663,8 @@ impl BlobCache {
         let blobs: Vec<Arc<BlobState>> = lock(&self.blobs).values().cloned().collect();
         let mut freed = 0;
         for s in blobs {
-            let all: Vec<(u64, Option<u64>)> = (0..s.nblocks).map(|b| (b, None)).collect();
+            let all: Vec<(u64, Option<u64>)> =
+                lock(&s.inner).present_blocks().map(|b| (b, None)).collect();
             freed += s.evict_blocks(self, &all);
         }
         self.drop_empty_closed();
@@ -3154,5 +3157,69 @@ pub(crate) mod tests {
         assert_eq!(fake.fetched() - before, 2 * BS, "fetched again");
         cache.flush().unwrap();
         assert_eq!(on_disk(), 0b11);
+    }
+
+    /// Eviction over a large blob with few blocks cached (candidates are its set bits) still
+    /// takes the least recently used blocks, and they come back right.
+    #[test]
+    fn blob_cache_evicts_lru_blocks_of_a_large_sparse_blob() {
+        /// 16 GiB of bytes made from their offsets.
+        struct Synth(AtomicU64);
+        const SIZE: u64 = 16 << 30;
+        fn byte(o: u64) -> u8 {
+            (o.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8
+        }
+        impl BlockSource for Synth {
+            fn fetch_ranges(&self, ranges: &[(u64, usize)]) -> io::Result<Vec<Vec<u8>>> {
+                self.0.fetch_add(ranges.len() as u64, SeqCst);
+                Ok(ranges
+                    .iter()
+                    .map(|&(off, len)| (off..off + len as u64).map(byte).collect())
+                    .collect())
+            }
+            fn size(&self) -> u64 {
+                SIZE
+            }
+            fn name(&self) -> &str {
+                "synth"
+            }
+            fn digest(&self) -> &str {
+                "sha256:5555555555555555555555555555555555555555555555555555555555555555"
+            }
+            fn origin(&self) -> String {
+                "127.0.0.1:5000/synth".into()
+            }
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = BlobCache::open(&cfg(tmp.path(), 4 * BS, BS), tmp.path()).unwrap();
+        let src = Arc::new(Synth(AtomicU64::new(0)));
+        let blob = CachedBlob::with_source(cache.clone(), src.clone()).unwrap();
+        let last = SIZE / BS - 1;
+        let check = |b: u64| {
+            let got = read(&blob, b * BS + 3, 100);
+            assert!(
+                got.iter().zip(b * BS + 3..).all(|(&v, o)| v == byte(o)),
+                "block {b}"
+            );
+        };
+        for b in [7, 100_000, 200_000, last, 7] {
+            check(b);
+        }
+        assert_eq!(cache.stats().cached_bytes, 4 * BS);
+        // Over the limit: down to 90% of it, the two least recently used go.
+        check(150_000);
+        for (b, kept) in [
+            (7, true),
+            (100_000, false),
+            (200_000, false),
+            (last, true),
+            (150_000, true),
+        ] {
+            assert_eq!(nowait(&blob, b * BS, 10).is_ok(), kept, "block {b}");
+        }
+        assert_eq!(cache.stats().cached_bytes, 3 * BS);
+        let calls = src.0.load(SeqCst);
+        check(100_000);
+        assert_eq!(src.0.load(SeqCst), calls + 1, "fetched again");
     }
 }
