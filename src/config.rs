@@ -328,4 +328,36 @@ refill_kb = 1024
         let bad: Config = toml::from_str("[registry]\ntimeout_secs = 0").unwrap();
         assert!(bad.registry.validate().is_err());
     }
+
+    /// `[download]` values that would overflow a duration (or stop the download for good) are
+    /// refused by validate(), naming the key; the limits themselves pass.
+    #[test]
+    fn download_values_are_bounded() {
+        let d = DownloadConfig::default();
+        assert!(d.enable, "the verifying download is on by default");
+        d.validate().unwrap();
+        for (bad, key) in [
+            ("delay_secs = 1e30", "delay_secs"),
+            ("delay_secs = 604801", "delay_secs"),
+            ("delay_secs = -1", "delay_secs"),
+            ("delay_secs = nan", "delay_secs"),
+            ("max_mbps = 1e-300", "max_mbps"),
+            ("max_mbps = -1", "max_mbps"),
+            ("max_mbps = inf", "max_mbps"),
+        ] {
+            let c: Config = toml::from_str(&format!("[download]\n{bad}")).unwrap();
+            let e = c.download.validate().expect_err(bad).to_string();
+            assert!(e.contains(&format!("[download] {key}")), "{bad}: {e}");
+        }
+        for good in [
+            "delay_secs = 0",
+            "delay_secs = 604800",
+            "max_mbps = 0",
+            "max_mbps = 0.001",
+            "max_mbps = 1e6",
+        ] {
+            let c: Config = toml::from_str(&format!("[download]\n{good}")).unwrap();
+            c.download.validate().expect(good);
+        }
+    }
 }
