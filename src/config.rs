@@ -184,9 +184,9 @@ impl RegistryConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct DownloadConfig {
     pub enable: bool,
-    /// Seconds after a remote layer is first opened before its download starts.
+    /// Seconds after a remote layer is first opened before its download starts (at most a week).
     pub delay_secs: f64,
-    /// Bandwidth limit per download, MB/s (0: none).
+    /// Bandwidth limit per download, MB/s (0: none, else at least [`Self::MIN_MBPS`]).
     pub max_mbps: f64,
 }
 
@@ -201,15 +201,31 @@ impl Default for DownloadConfig {
 }
 
 impl DownloadConfig {
+    /// The longest `delay_secs` (a week): beyond, durations overflow; to never download, set
+    /// `enable = false`.
+    pub const MAX_DELAY_SECS: f64 = 7.0 * 86400.0;
+    /// The lowest non-zero `max_mbps` (1 kB/s): below, the pacing of a large blob overflows a
+    /// duration.
+    pub const MIN_MBPS: f64 = 0.001;
+
     pub fn validate(&self) -> Result<()> {
-        if !(self.delay_secs.is_finite() && self.delay_secs >= 0.0) {
+        if !(self.delay_secs.is_finite()
+            && self.delay_secs >= 0.0
+            && self.delay_secs <= Self::MAX_DELAY_SECS)
+        {
             bail!(
-                "[download] delay_secs must be >= 0, not {}",
+                "[download] delay_secs must be between 0 and {} (a week), not {}",
+                Self::MAX_DELAY_SECS,
                 self.delay_secs
             );
         }
-        if !(self.max_mbps.is_finite() && self.max_mbps >= 0.0) {
-            bail!("[download] max_mbps must be >= 0, not {}", self.max_mbps);
+        if !(self.max_mbps.is_finite() && (self.max_mbps == 0.0 || self.max_mbps >= Self::MIN_MBPS))
+        {
+            bail!(
+                "[download] max_mbps must be 0 (no limit) or at least {}, not {}",
+                Self::MIN_MBPS,
+                self.max_mbps
+            );
         }
         Ok(())
     }

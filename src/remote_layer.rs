@@ -77,7 +77,9 @@ impl RemoteSource for RegistrySource {
                 source: direct,
                 digest: digest.to_owned(),
                 dir: dir.to_owned(),
-                delay: Duration::from_secs_f64(self.download.delay_secs),
+                // Bounded by validate(); a value it did not see waits the longest it allows.
+                delay: Duration::try_from_secs_f64(self.download.delay_secs)
+                    .unwrap_or(Duration::from_secs_f64(DownloadConfig::MAX_DELAY_SECS)),
                 max_bytes_per_sec: self.download.max_mbps * 1e6,
             };
             let (target, downloading) = (blob.clone(), self.downloading.clone());
@@ -273,7 +275,8 @@ impl Download {
                 .with_context(|| format!("writing {}", tmp.display()))?;
             off += n as u64;
             if self.max_bytes_per_sec > 0.0 {
-                let due = Duration::from_secs_f64(off as f64 / self.max_bytes_per_sec);
+                let due = Duration::try_from_secs_f64(off as f64 / self.max_bytes_per_sec)
+                    .with_context(|| format!("pacing at {} bytes/s", self.max_bytes_per_sec))?;
                 if let Some(wait) = due.checked_sub(started.elapsed()) {
                     std::thread::sleep(wait);
                 }
