@@ -5,11 +5,25 @@
 //! present ones are read from it. One [`BlobCache`] (a directory, a size limit) is shared by
 //! every device; a [`CachedBlob`] is one blob seen through it ([`ovbd_format::ReadAt`]).
 //!
-//! Files, per blob, under `<dir>/<algo>/` (`<dir>/sha256/<hex>...`):
-//! - `<hex>.data`: sparse; the blob's bytes at their own offsets, then at
-//!   `round_up(size, 4096)` a 4 KiB trailer (magic, digest, size, a random 128-bit nonce, CRC).
-//! - `<hex>.map`: a 4 KiB header (magic, digest, size, block size, the same nonce, CRC), then
-//!   the bitmap of present blocks (bit `b` = byte `b / 8`, bit `b % 8`).
+//! Whose bytes (a registry may serve anything under any digest, and lazily fetched blocks
+//! cannot be checked against it): an entry is keyed by (scope, digest, size claimed). Blocks
+//! fetched from one registry repository (origin: normalized `host/repo`) are served to readers
+//! of that origin only; a blob whose whole download matched its digest gets one *verified*
+//! entry that every origin shares, each of whose blocks is checked against the block hashes
+//! taken from that download before it is cached or served. Two size claims for one digest are
+//! two entries: a lie breaks only the image that tells it.
+//!
+//! Files, per entry, under `<dir>/origin/<sha256 of the origin>/<algo>/` or
+//! `<dir>/verified/<algo>/`, named `<hex>-<size>`:
+//! - `.data`: sparse; the blob's bytes at their own offsets, then at `round_up(size, 4096)` a
+//!   4 KiB trailer (magic, scope, digest, size, a random 128-bit nonce, CRC).
+//! - `.map`: a 4 KiB header (magic, scope, digest, size, block size, the same nonce, CRC),
+//!   then the bitmap of present blocks (bit `b` = byte `b / 8`, bit `b % 8`).
+//! - `.sums` (verified entries): a header as the map's, the sha256 of each block, then the
+//!   sha256 of all that.
+//!
+//! Files of earlier versions (`<dir>/sha256/`, one entry per digest for every origin) are
+//! deleted at start, never trusted.
 //!
 //! Crash safety (the cache may lose blocks, never serve a block not completely written):
 //! - a fetched block is written to the data file and served from then on, but goes into the
@@ -24,27 +38,34 @@
 //! - at start a record is used only if its header is intact, it belongs to the digest, its
 //!   block size is the configured one, and the data file has exactly the expected length and a
 //!   trailer with the record's nonce. Anything else (a truncated or extended data file, a data
-//!   file made anew, a torn header) drops the blob's cache. Files are made through a temporary
-//!   file and a rename, the data file first.
+//!   file made anew, a torn header, a record in another scope's directory, a verified entry
+//!   without intact block hashes) drops the entry. Files are made through a temporary file
+//!   and a rename, the data file first, the map last.
 //!
 //! Reading: `read_at_nowait` serves a range only if every block of it is present (`pread` with
 //! `RWF_NOWAIT`, plain `pread` where the filesystem cannot tell); `WouldBlock` otherwise.
 //! `read_at` serves the present blocks and claims the missing ones: the missing runs of one
 //! read are fetched together ([`crate::registry::RemoteBlob::read_ranges`]: concurrent range
 //! requests, one per run, long runs split). A block claimed by one reader is waited for by any
-//! other reader (of any [`CachedBlob`] of the same digest): never two fetches of one block.
+//! other reader (of any [`CachedBlob`] of the same entry): never two fetches of one block.
 //! `evict(offset, len)` drops blocks (the ZFile layer calls it when a block's CRC fails, then
 //! reads again).
 //!
 //! Eviction: every access stamps the block with a global counter; when the cache grows over
 //! its limit, the least recently stamped blocks of all blobs are evicted (holes punched, bits
-//! cleared) down to 90% of it. After a restart all blocks are equally old. Blobs with no block
-//! left and no open handle are deleted. The directory is locked (`flock`): one process at a
+//! cleared) down to 90% of it (candidates: the set bits of the present bitmaps). After a
+//! restart all blocks are equally old. Entries with no block left and no open handle are
+//! deleted.
+//!
+//! A failed `fdatasync` of a data file drops the blocks written before it (Linux reports a
+//! writeback error once and marks the pages clean: a later sync would succeed over lost
+//! data); they are fetched again when read. The directory is locked (`flock`): one process at a
 //! time.
 
 use crate::config::CacheConfig;
 use crate::registry::{valid_digest, RemoteBlob};
 use anyhow::{anyhow, bail, Context};
+use sha2::{Digest as _, Sha256, Sha512};
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -58,7 +79,11 @@ use std::time::{Duration, Instant};
 
 const MAP_MAGIC: &[u8; 8] = b"OVBDCMAP";
 const DATA_MAGIC: &[u8; 8] = b"OVBDCDAT";
-const VERSION: u32 = 1;
+const SUMS_MAGIC: &[u8; 8] = b"OVBDCSUM";
+/// 2: entries per origin and verified entries (1 had one entry per digest for every origin).
+const VERSION: u32 = 2;
+/// Bytes of one block hash in a `.sums` file.
+const SUM_LEN: u64 = 32;
 /// Header of a map file and trailer of a data file.
 const META_LEN: u64 = 4096;
 /// The largest blob the cache takes (1 TiB): sizes come from image descriptors, and a blob's
@@ -87,6 +112,9 @@ pub(crate) trait BlockSource: Send + Sync {
     fn size(&self) -> u64;
     fn name(&self) -> &str;
     fn digest(&self) -> &str;
+    /// Who serves the bytes (`registry-host/repository`): the scope in which unverified cached
+    /// blocks may be shared.
+    fn origin(&self) -> String;
 }
 
 impl BlockSource for RemoteBlob {
@@ -102,6 +130,52 @@ impl BlockSource for RemoteBlob {
     fn digest(&self) -> &str {
         RemoteBlob::digest(self)
     }
+    fn origin(&self) -> String {
+        // The name is `host/repo@digest` (registry host and repository as parsed from the
+        // image reference); whatever it is, it names the host and repository.
+        let name = ovbd_format::ReadAt::name(self);
+        name.strip_suffix(RemoteBlob::digest(self))
+            .and_then(|n| n.strip_suffix('@'))
+            .unwrap_or(name)
+            .to_owned()
+    }
+}
+
+// ---------------------------------------------------------------------------------- scopes
+
+/// Whose bytes an entry holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Scope {
+    /// Fetched from one origin (the sha256 of its normalized `host/repo`), served to it only.
+    Origin([u8; 32]),
+    /// Checked block by block against hashes taken from a download that matched the digest.
+    // An entry of its own, not the downloaded file: that goes with its layer's snapshot, and
+    // block hashes let any origin refill evicted blocks safely.
+    Verified,
+}
+
+impl Scope {
+    /// The scope of `origin` (`host[:port]/repo`; the host is case-insensitive).
+    fn of_origin(origin: &str) -> Scope {
+        let o = origin.trim();
+        let normalized = match o.split_once('/') {
+            Some((host, repo)) => format!("{}/{repo}", host.to_ascii_lowercase()),
+            None => o.to_ascii_lowercase(),
+        };
+        Scope::Origin(Sha256::digest(normalized.as_bytes()).into())
+    }
+}
+
+/// One cache entry: a blob as one scope has it, at the size an image claims for it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Key {
+    scope: Scope,
+    digest: String,
+    size: u64,
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 // ------------------------------------------------------------------------------ on-disk meta
@@ -109,6 +183,7 @@ impl BlockSource for RemoteBlob {
 /// What a map header or data trailer says.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Meta {
+    scope: Scope,
     digest: String,
     size: u64,
     block: u64,
@@ -120,6 +195,10 @@ impl Meta {
         let mut b = vec![0u8; META_LEN as usize];
         b[0..8].copy_from_slice(magic);
         b[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        if let Scope::Origin(h) = self.scope {
+            b[12] = 1;
+            b[192..224].copy_from_slice(&h);
+        }
         b[16..24].copy_from_slice(&self.block.to_le_bytes());
         b[24..32].copy_from_slice(&self.size.to_le_bytes());
         b[32..48].copy_from_slice(&self.nonce);
@@ -146,7 +225,13 @@ impl Meta {
         }
         let dlen = u16::from_le_bytes(b.get(48..50)?.try_into().ok()?) as usize;
         let digest = std::str::from_utf8(b.get(50..50 + dlen)?).ok()?.to_owned();
+        let scope = match b[12] {
+            0 => Scope::Verified,
+            1 => Scope::Origin(b.get(192..224)?.try_into().ok()?),
+            _ => return None,
+        };
         Some(Meta {
+            scope,
             digest,
             block: u64_at(16)?,
             size: u64_at(24)?,
@@ -233,27 +318,109 @@ fn punch_hole(f: &File, off: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// For the fuzz seeds ([`crate::fuzzing`]): the files of one blob's cache under `dir` as a
-/// clean stop leaves them, blocks `present` written (0x5a) and recorded.
+/// The data and map file of an entry in the cache at `dir` (`key.digest` is valid: `algo:hex`,
+/// both safe in file names; a scope is a fixed name or hex).
+fn entry_paths(dir: &Path, key: &Key) -> (PathBuf, PathBuf) {
+    let (algo, hex_digest) = key
+        .digest
+        .split_once(':')
+        .unwrap_or(("sha256", &key.digest));
+    let d = match key.scope {
+        Scope::Origin(h) => dir.join("origin").join(hex(&h)),
+        Scope::Verified => dir.join("verified"),
+    }
+    .join(algo);
+    let stem = format!("{hex_digest}-{}", key.size);
+    (
+        d.join(format!("{stem}.data")),
+        d.join(format!("{stem}.map")),
+    )
+}
+
+/// The block hashes of a verified entry, next to its map.
+fn sums_path(map: &Path) -> PathBuf {
+    map.with_extension("sums")
+}
+
+/// Whether the `.sums` file at `path` is whole and belongs to the entry `meta` describes.
+fn sums_intact(path: &Path, meta: &Meta, nblocks: u64) -> bool {
+    let check = || -> io::Result<bool> {
+        let f = File::open(path)?;
+        let body_len = META_LEN + nblocks * SUM_LEN;
+        if f.metadata()?.len() != body_len + SUM_LEN {
+            return Ok(false);
+        }
+        let mut header = vec![0u8; META_LEN as usize];
+        f.read_exact_at(&mut header, 0)?;
+        if Meta::decode(&header, SUMS_MAGIC).as_ref() != Some(meta) {
+            return Ok(false);
+        }
+        // Streamed: the file has one hash per block, which can be many.
+        let mut h = Sha256::new_with_prefix(&header);
+        let mut buf = vec![0u8; 1 << 20];
+        let mut off = META_LEN;
+        while off < body_len {
+            let n = (body_len - off).min(buf.len() as u64) as usize;
+            f.read_exact_at(&mut buf[..n], off)?;
+            h.update(&buf[..n]);
+            off += n as u64;
+        }
+        let mut want = [0u8; 32];
+        f.read_exact_at(&mut want, body_len)?;
+        Ok(h.finalize()[..] == want)
+    };
+    check().unwrap_or(false)
+}
+
+/// For the fuzz target ([`crate::fuzzing`]): the data, map and sums paths of an entry
+/// (`origin` `None`: verified).
+pub(crate) fn sample_paths(
+    dir: &Path,
+    origin: Option<&str>,
+    digest: &str,
+    size: u64,
+) -> (PathBuf, PathBuf, PathBuf) {
+    let key = Key {
+        scope: origin.map_or(Scope::Verified, Scope::of_origin),
+        digest: digest.to_owned(),
+        size,
+    };
+    let (data, map) = entry_paths(dir, &key);
+    let sums = sums_path(&map);
+    (data, map, sums)
+}
+
+/// For the fuzz seeds ([`crate::fuzzing`]): the files of one entry under `dir` as a clean stop
+/// leaves them (`origin` `None`: a verified entry), blocks `present` written (0x5a) and
+/// recorded. Returns the data, map and (verified entries) sums paths.
 pub(crate) fn write_sample(
     dir: &Path,
+    origin: Option<&str>,
     digest: &str,
     size: u64,
     block: u64,
     present: &[u64],
-) -> anyhow::Result<()> {
-    let (algo, hex) = digest
-        .split_once(':')
-        .filter(|_| valid_digest(digest))
-        .ok_or_else(|| anyhow::anyhow!("{digest:?} is not a digest"))?;
-    let d = dir.join(algo);
-    fs::create_dir_all(&d)?;
-    let s = BlobState::create(
-        (d.join(format!("{hex}.data")), d.join(format!("{hex}.map"))),
-        digest,
+) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
+    anyhow::ensure!(valid_digest(digest), "{digest:?} is not a digest");
+    let key = Key {
+        scope: origin.map_or(Scope::Verified, Scope::of_origin),
+        digest: digest.to_owned(),
         size,
-        block,
-    )?;
+    };
+    let paths = entry_paths(dir, &key);
+    if let Some(d) = paths.1.parent() {
+        fs::create_dir_all(d)?;
+    }
+    let sums = origin.is_none().then(|| {
+        let nblocks = size.div_ceil(block);
+        (0..nblocks)
+            .map(|b| {
+                let len = ((b + 1) * block).min(size) - b * block;
+                Sha256::digest(vec![0x5a; len as usize]).into()
+            })
+            .collect::<Vec<[u8; 32]>>()
+    });
+    let s = BlobState::create(paths.clone(), &key, block, sums.as_deref())?;
     let files = s.open_files()?;
     for &b in present.iter().filter(|&&b| b < s.nblocks) {
         let (start, end) = s.block_range(b);
@@ -266,7 +433,8 @@ pub(crate) fn write_sample(
         inner.dirty_gen += 1;
     }
     s.persist(&files)?;
-    Ok(())
+    let sums = sums_path(&paths.1);
+    Ok((paths.0, paths.1, sums))
 }
 
 // -------------------------------------------------------------------------------- blob state
@@ -305,6 +473,8 @@ impl Flight {
 struct Files {
     data: File,
     map: File,
+    /// A verified entry's block hashes.
+    sums: Option<File>,
 }
 
 struct Inner {
@@ -343,6 +513,21 @@ impl Inner {
     fn is_present(&self, b: u64) -> bool {
         get_bit(&self.present, b)
     }
+    /// The present blocks, in order: the set bits, found word by word (a large sparse blob
+    /// costs its number of words, not of blocks).
+    fn present_blocks(&self) -> impl Iterator<Item = u64> + '_ {
+        self.present.iter().enumerate().flat_map(|(i, &w)| {
+            let mut w = w;
+            std::iter::from_fn(move || {
+                if w == 0 {
+                    return None;
+                }
+                let bit = w.trailing_zeros() as u64;
+                w &= w - 1;
+                Some(i as u64 * 64 + bit)
+            })
+        })
+    }
     /// The on-disk form of `durable`.
     fn bitmap_bytes(&self, nblocks: u64) -> Vec<u8> {
         let mut out: Vec<u8> = self.durable.iter().flat_map(|w| w.to_le_bytes()).collect();
@@ -351,8 +536,9 @@ impl Inner {
     }
 }
 
-/// One blob's cache: shared by every [`CachedBlob`] of its digest.
+/// One entry's cache: shared by every [`CachedBlob`] of its scope, digest and size.
 struct BlobState {
+    scope: Scope,
     digest: String,
     size: u64,
     block: u64,
@@ -367,9 +553,24 @@ struct BlobState {
     persisted: Mutex<u64>,
     cached: AtomicU64,
     open: AtomicUsize,
+    /// Makes the next sync of the data file fail (tests of the failure path).
+    #[cfg(test)]
+    fail_sync: AtomicBool,
 }
 
 impl BlobState {
+    fn key(&self) -> Key {
+        Key {
+            scope: self.scope,
+            digest: self.digest.clone(),
+            size: self.size,
+        }
+    }
+
+    fn is_verified(&self) -> bool {
+        self.scope == Scope::Verified
+    }
+
     fn block_range(&self, b: u64) -> (u64, u64) {
         let start = b * self.block;
         (start, (start + self.block).min(self.size))
@@ -382,6 +583,7 @@ impl BlobState {
 
     fn meta(&self) -> Meta {
         Meta {
+            scope: self.scope,
             digest: self.digest.clone(),
             size: self.size,
             block: self.block,
@@ -391,12 +593,12 @@ impl BlobState {
 
     fn new_state(
         paths: (PathBuf, PathBuf),
-        digest: &str,
-        size: u64,
+        key: &Key,
         block: u64,
         nonce: [u8; 16],
         present: Vec<u64>,
     ) -> BlobState {
+        let size = key.size;
         let nblocks = size.div_ceil(block);
         let words = nblocks.div_ceil(64) as usize;
         let mut present = present;
@@ -412,7 +614,8 @@ impl BlobState {
             .map(|b| ((b + 1) * block).min(size) - b * block)
             .sum();
         BlobState {
-            digest: digest.to_owned(),
+            scope: key.scope,
+            digest: key.digest.clone(),
             size,
             block,
             nblocks,
@@ -432,26 +635,46 @@ impl BlobState {
             persisted: Mutex::new(0),
             cached: AtomicU64::new(cached),
             open: AtomicUsize::new(0),
+            #[cfg(test)]
+            fail_sync: AtomicBool::new(false),
         }
     }
 
-    /// Makes the files of a new, empty cache of this blob: data file (with its trailer)
-    /// first, then the map.
+    /// Makes the files of a new, empty entry: data file (with its trailer) first, then (a
+    /// verified entry, `sums` given) the block hashes, then the map.
     fn create(
         paths: (PathBuf, PathBuf),
-        digest: &str,
-        size: u64,
+        key: &Key,
         block: u64,
+        sums: Option<&[[u8; 32]]>,
     ) -> io::Result<BlobState> {
         let _ = fs::remove_file(&paths.1);
-        let s = BlobState::new_state(paths, digest, size, block, random_nonce(), Vec::new());
+        let s = BlobState::new_state(paths, key, block, random_nonce(), Vec::new());
         let meta = s.meta();
         let trailer = meta.encode(DATA_MAGIC);
         write_new_file(
             &s.data_path,
-            data_len(size),
-            &[(round_up(size, META_LEN), &trailer)],
+            data_len(s.size),
+            &[(round_up(s.size, META_LEN), &trailer)],
         )?;
+        match (s.is_verified(), sums) {
+            (true, Some(sums)) if sums.len() as u64 == s.nblocks => {
+                let mut body = meta.encode(SUMS_MAGIC);
+                for sum in sums {
+                    body.extend_from_slice(sum);
+                }
+                let check: [u8; 32] = Sha256::digest(&body).into();
+                body.extend_from_slice(&check);
+                write_new_file(&sums_path(&s.map_path), body.len() as u64, &[(0, &body)])?;
+            }
+            (false, None) => {}
+            _ => {
+                return Err(io::Error::other(format!(
+                    "{}: block hashes go with verified entries, one per block",
+                    s.map_path.display()
+                )))
+            }
+        }
         let header = meta.encode(MAP_MAGIC);
         let bitmap = vec![0u8; bitmap_len(s.nblocks)];
         write_new_file(
@@ -465,14 +688,20 @@ impl BlobState {
         Ok(s)
     }
 
-    /// Reads a blob's cache from its files; `None` if they do not make a trustworthy pair.
-    fn load(paths: (PathBuf, PathBuf), digest: &str, block: u64) -> Option<BlobState> {
+    /// Reads an entry from its files; `None` if they do not make a trustworthy set (of the
+    /// entry `key`: its scope, digest and size).
+    fn load(paths: (PathBuf, PathBuf), key: &Key, block: u64) -> Option<BlobState> {
         // The header first: the map's length follows from it, and nothing larger is read.
         let map_file = File::open(&paths.1).ok()?;
         let mut header = vec![0u8; META_LEN as usize];
         map_file.read_exact_at(&mut header, 0).ok()?;
         let meta = Meta::decode(&header, MAP_MAGIC)?;
-        if meta.digest != digest || meta.block != block || meta.size > MAX_BLOB_SIZE {
+        if meta.digest != key.digest
+            || meta.scope != key.scope
+            || meta.size != key.size
+            || meta.block != block
+            || meta.size > MAX_BLOB_SIZE
+        {
             return None;
         }
         let nblocks = meta.size.div_ceil(block);
@@ -491,21 +720,35 @@ impl BlobState {
         if Meta::decode(&trailer, DATA_MAGIC)? != meta {
             return None;
         }
+        if meta.scope == Scope::Verified && !sums_intact(&sums_path(&paths.1), &meta, nblocks) {
+            return None;
+        }
         let mut present = vec![0u64; nblocks.div_ceil(64) as usize];
         for (i, byte) in bits.iter().enumerate() {
             present[i / 8] |= (*byte as u64) << ((i % 8) * 8);
         }
-        Some(BlobState::new_state(
-            paths, digest, meta.size, block, meta.nonce, present,
-        ))
+        Some(BlobState::new_state(paths, key, block, meta.nonce, present))
     }
 
     /// Opens the files, checking that they are still this state's (not made anew since).
     fn open_files(&self) -> io::Result<Files> {
         let rw = |p: &Path| OpenOptions::new().read(true).write(true).open(p);
+        let sums = if self.is_verified() {
+            let path = sums_path(&self.map_path);
+            let f = File::open(&path)?;
+            let mut header = vec![0u8; META_LEN as usize];
+            f.read_exact_at(&mut header, 0)?;
+            if Meta::decode(&header, SUMS_MAGIC).as_ref() != Some(&self.meta()) {
+                return Err(io::Error::other(format!("{} was replaced", path.display())));
+            }
+            Some(f)
+        } else {
+            None
+        };
         let files = Files {
             data: rw(&self.data_path)?,
             map: rw(&self.map_path)?,
+            sums,
         };
         let mut header = vec![0u8; META_LEN as usize];
         files.map.read_exact_at(&mut header, 0)?;
@@ -532,8 +775,9 @@ impl BlobState {
     }
 
     /// Syncs the data of the blocks written since the last flush, then records them in the
-    /// map (a block goes into the map only once its data is on disk).
-    fn flush(&self) -> io::Result<()> {
+    /// map (a block goes into the map only once its data is on disk). If the sync fails the
+    /// blocks are dropped (and `total`, the cache's byte count, lowered).
+    fn flush(&self, total: &AtomicU64) -> io::Result<()> {
         let taken: Vec<u64> = {
             let mut inner = lock(&self.inner);
             let taken = std::mem::take(&mut inner.pending);
@@ -544,14 +788,29 @@ impl BlobState {
             return Ok(());
         }
         let synced = self.files(false).and_then(|files| {
-            files.data.sync_data()?;
+            self.sync_data(&files.data)?;
             Ok(files)
         });
         let files = match synced {
             Ok(f) => f,
             Err(e) => {
-                // Try again next time.
-                lock(&self.inner).pending.extend(taken);
+                // Not again next time: Linux reports a writeback error once and marks the pages
+                // clean, so a later sync would succeed over lost data. Fetched again if read.
+                let mut dropped = 0;
+                {
+                    let mut inner = lock(&self.inner);
+                    for b in taken {
+                        // Being evicted: gone anyway. Written again since: that write may
+                        // have been lost too.
+                        if inner.is_present(b) && !inner.inflight.contains_key(&b) {
+                            set_bit(&mut inner.present, b, false);
+                            inner.pending.remove(&b);
+                            dropped += self.block_len(b);
+                        }
+                    }
+                }
+                self.cached.fetch_sub(dropped, Relaxed);
+                total.fetch_sub(dropped, Relaxed);
                 return Err(e);
             }
         };
@@ -576,6 +835,15 @@ impl BlobState {
         self.persist(&files)
     }
 
+    /// `fdatasync` of the data file.
+    fn sync_data(&self, data: &File) -> io::Result<()> {
+        #[cfg(test)]
+        if self.fail_sync.swap(false, Relaxed) {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        data.sync_data()
+    }
+
     /// Writes the map's bitmap as of now and syncs it (if a later write has not already).
     fn persist(&self, files: &Files) -> io::Result<()> {
         let mut persisted = lock(&self.persisted);
@@ -590,6 +858,52 @@ impl BlobState {
         files.map.sync_data()?;
         *persisted = generation;
         Ok(())
+    }
+
+    /// Copies into this new entry (not yet seen by readers) the blocks `other` has present,
+    /// with their stamps, reading them from `src` (the verified blob); synced and recorded.
+    /// Returns the bytes copied; on failure the entry's files are removed.
+    fn copy_blocks_from(&self, other: &BlobState, src: &File) -> io::Result<u64> {
+        let blocks: Vec<(u64, u64)> = {
+            let inner = lock(&other.inner);
+            inner
+                .present_blocks()
+                .map(|b| (b, inner.stamp[b as usize]))
+                .collect()
+        };
+        if blocks.is_empty() {
+            return Ok(0);
+        }
+        let copy = || -> io::Result<u64> {
+            let files = self.open_files()?;
+            let mut buf = vec![0u8; self.block as usize];
+            let mut bytes = 0;
+            for &(b, _) in &blocks {
+                let (s, e) = self.block_range(b);
+                let n = (e - s) as usize;
+                src.read_exact_at(&mut buf[..n], s)?;
+                files.data.write_all_at(&buf[..n], s)?;
+                bytes += n as u64;
+            }
+            self.sync_data(&files.data)?;
+            {
+                let mut inner = lock(&self.inner);
+                for &(b, stamp) in &blocks {
+                    set_bit(&mut inner.present, b, true);
+                    set_bit(&mut inner.durable, b, true);
+                    inner.stamp[b as usize] = stamp;
+                }
+                inner.dirty_gen += 1;
+            }
+            self.cached.fetch_add(bytes, Relaxed);
+            self.persist(&files)?;
+            Ok(bytes)
+        };
+        copy().inspect_err(|_| {
+            let _ = fs::remove_file(&self.map_path);
+            let _ = fs::remove_file(&self.data_path);
+            let _ = fs::remove_file(sums_path(&self.map_path));
+        })
     }
 
     /// Evicts `blocks` that are present and not in flight (and, where a stamp is given, not
@@ -732,20 +1046,23 @@ struct FlushQueue {
     state: Mutex<FlushState>,
     cv: Condvar,
     delay: Duration,
+    /// The cache's byte count (lowered when a failed sync drops blocks).
+    total: Arc<AtomicU64>,
 }
 
 #[derive(Default)]
 struct FlushState {
-    dirty: HashMap<String, Arc<BlobState>>,
+    dirty: HashMap<Key, Arc<BlobState>>,
     stop: bool,
 }
 
 impl Flusher {
-    fn start(delay: Duration) -> io::Result<Flusher> {
+    fn start(delay: Duration, total: Arc<AtomicU64>) -> io::Result<Flusher> {
         let queue = Arc::new(FlushQueue {
             state: Mutex::new(FlushState::default()),
             cv: Condvar::new(),
             delay,
+            total,
         });
         let q = queue.clone();
         let thread = std::thread::Builder::new()
@@ -760,7 +1077,7 @@ impl Flusher {
     /// `s` has blocks to flush.
     fn mark(&self, s: &Arc<BlobState>) {
         let mut st = lock(&self.queue.state);
-        if st.dirty.insert(s.digest.clone(), s.clone()).is_none() {
+        if st.dirty.insert(s.key(), s.clone()).is_none() {
             self.queue.cv.notify_all();
         }
     }
@@ -799,16 +1116,15 @@ impl FlushQueue {
             let dirty = std::mem::take(&mut st.dirty);
             drop(st);
             for s in dirty.values() {
-                // On failure the blocks stay pending: the next write, the last handle's drop
-                // or the cache's drop tries again.
-                if let Err(e) = s.flush() {
+                // On failure the blocks are dropped: read again, they are fetched again.
+                if let Err(e) = s.flush(&self.total) {
                     log::warn!("block cache: syncing the blocks of {}: {e}", s.digest);
                 }
             }
             if stop {
                 let rest = std::mem::take(&mut lock(&self.state).dirty);
                 for s in rest.values() {
-                    if let Err(e) = s.flush() {
+                    if let Err(e) = s.flush(&self.total) {
                         log::warn!("block cache: syncing the blocks of {}: {e}", s.digest);
                     }
                 }
@@ -826,14 +1142,17 @@ pub struct BlobCache {
     limit: u64,
     low_water: u64,
     block: u64,
-    blobs: Mutex<HashMap<String, Arc<BlobState>>>,
-    total: AtomicU64,
+    blobs: Mutex<HashMap<Key, Arc<BlobState>>>,
+    /// Bytes of present blocks, all entries (shared with the flusher).
+    total: Arc<AtomicU64>,
     clock: AtomicU64,
     evicting: Mutex<()>,
     hits: AtomicU64,
     fetched: AtomicU64,
     evicted: AtomicU64,
     punch_warned: AtomicBool,
+    /// One verified entry made at a time.
+    verifying: Mutex<()>,
     flusher: Flusher,
     /// Holds the directory's flock.
     _lock: File,
@@ -880,6 +1199,8 @@ pub struct CacheStats {
 pub struct BlobStats {
     pub digest: String,
     pub size: u64,
+    /// Shared by every origin (checked against the digest), or one origin's.
+    pub verified: bool,
     pub cached_bytes: u64,
     /// Disk space the data file takes (allocated blocks).
     pub disk_bytes: u64,
@@ -922,20 +1243,22 @@ impl BlobCache {
         }
         let block = cfg.refill_bytes();
         let limit = cfg.size_bytes().max(1);
+        let total = Arc::new(AtomicU64::new(0));
         let cache = Arc::new(BlobCache {
             dir: dir.clone(),
             limit,
             low_water: limit / 100 * LOW_WATER_PERCENT,
             block,
             blobs: Mutex::new(HashMap::new()),
-            total: AtomicU64::new(0),
+            total: total.clone(),
             clock: AtomicU64::new(0),
             evicting: Mutex::new(()),
             hits: AtomicU64::new(0),
             fetched: AtomicU64::new(0),
             evicted: AtomicU64::new(0),
             punch_warned: AtomicBool::new(false),
-            flusher: Flusher::start(flush_delay).context("starting the cache flusher")?,
+            verifying: Mutex::new(()),
+            flusher: Flusher::start(flush_delay, total).context("starting the cache flusher")?,
             _lock: lock_file,
         });
         cache.scan()?;
@@ -949,18 +1272,66 @@ impl BlobCache {
         Ok(cache)
     }
 
-    fn paths(&self, digest: &str) -> (PathBuf, PathBuf) {
-        // `digest` is valid: `algo:hex`, both safe in file names.
-        let (algo, hex) = digest.split_once(':').unwrap_or(("sha256", digest));
-        let d = self.dir.join(algo);
-        (d.join(format!("{hex}.data")), d.join(format!("{hex}.map")))
+    fn paths(&self, key: &Key) -> (PathBuf, PathBuf) {
+        entry_paths(&self.dir, key)
     }
 
-    /// Loads every blob left by an earlier run; removes temporary files, orphans and records
-    /// that do not check out.
+    /// Loads every entry left by an earlier run; removes temporary files, orphans, records
+    /// that do not check out and the files of earlier versions.
     fn scan(&self) -> anyhow::Result<()> {
         for algo in ["sha256", "sha512"] {
-            let d = self.dir.join(algo);
+            // Version 1: one entry per digest for every origin; nothing says whose bytes.
+            let old = self.dir.join(algo);
+            if old.is_dir() {
+                log::info!(
+                    "block cache: deleting {}, left by an earlier version",
+                    old.display()
+                );
+                // Never read either way: what cannot be deleted is left alone.
+                if let Err(e) = fs::remove_dir_all(&old) {
+                    log::warn!("block cache: removing {}: {e}", old.display());
+                }
+            }
+        }
+        self.scan_scope(Scope::Verified)?;
+        let origins = self.dir.join("origin");
+        let entries = match fs::read_dir(&origins) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", origins.display())),
+        };
+        for e in entries {
+            let e = e.with_context(|| format!("reading {}", origins.display()))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let hash = (name.len() == 64)
+                .then(|| {
+                    (0..32)
+                        .map(|i| u8::from_str_radix(name.get(2 * i..2 * i + 2)?, 16).ok())
+                        .collect::<Option<Vec<u8>>>()
+                })
+                .flatten()
+                .and_then(|v| <[u8; 32]>::try_from(v).ok());
+            // Only names this version makes (lowercase hex) are read; anything else is left.
+            match hash {
+                Some(h) if hex(&h) == name => self.scan_scope(Scope::Origin(h))?,
+                _ => continue,
+            }
+            let _ = fs::remove_dir(e.path());
+        }
+        Ok(())
+    }
+
+    /// Loads the entries of one scope (see [`BlobCache::scan`]).
+    fn scan_scope(&self, scope: Scope) -> anyhow::Result<()> {
+        for algo in ["sha256", "sha512"] {
+            let probe = Key {
+                scope,
+                digest: format!("{algo}:x"),
+                size: 0,
+            };
+            let Some(d) = self.paths(&probe).1.parent().map(Path::to_path_buf) else {
+                continue;
+            };
             let entries = match fs::read_dir(&d) {
                 Ok(e) => e,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
@@ -973,75 +1344,189 @@ impl BlobCache {
             }
             for name in &names {
                 let path = d.join(name);
-                let Some((hex, ext)) = name.rsplit_once('.') else {
-                    continue;
-                };
-                let digest = format!("{algo}:{hex}");
-                if name.starts_with(".tmp-") || !valid_digest(&digest) {
-                    if name.starts_with(".tmp-") {
-                        let _ = fs::remove_file(&path);
-                    }
+                if name.starts_with(".tmp-") {
+                    let _ = fs::remove_file(&path);
                     continue;
                 }
-                let paths = self.paths(&digest);
+                let Some((stem, ext)) = name.rsplit_once('.') else {
+                    continue;
+                };
+                let Some((hex_digest, size)) = stem.split_once('-') else {
+                    continue;
+                };
+                let digest = format!("{algo}:{hex_digest}");
+                // Only the names this version makes (a size in decimal, as written).
+                let size = match size.parse::<u64>() {
+                    Ok(v) if v.to_string() == size && valid_digest(&digest) => v,
+                    _ => continue,
+                };
+                let key = Key {
+                    scope,
+                    digest,
+                    size,
+                };
+                let paths = self.paths(&key);
                 match ext {
-                    "map" => match BlobState::load(paths.clone(), &digest, self.block) {
+                    "map" => match BlobState::load(paths.clone(), &key, self.block) {
                         Some(s) => {
                             self.total.fetch_add(s.cached.load(Relaxed), Relaxed);
-                            lock(&self.blobs).insert(digest, Arc::new(s));
+                            lock(&self.blobs).insert(key, Arc::new(s));
                         }
                         None => {
                             log::warn!(
-                                "block cache: dropping the cache of {digest}: its record does not match its data file"
+                                "block cache: dropping the cache of {} ({size} bytes): its record does not match its data file",
+                                key.digest
                             );
                             let _ = fs::remove_file(&paths.1);
                             let _ = fs::remove_file(&paths.0);
+                            let _ = fs::remove_file(sums_path(&paths.1));
                         }
                     },
-                    "data" if !paths.1.exists() => {
-                        let _ = fs::remove_file(&paths.0);
+                    "data" | "sums" if !paths.1.exists() => {
+                        let _ = fs::remove_file(&path);
                     }
                     _ => {}
                 }
             }
+            let _ = fs::remove_dir(&d);
         }
         Ok(())
     }
 
-    /// The state of `digest`, made (with empty files) if new or unusable, its open count
-    /// incremented (under the lock that keeps [`BlobCache::drop_empty_closed`] away).
-    fn open_state(&self, digest: &str, size: u64) -> anyhow::Result<Arc<BlobState>> {
+    /// The entry a reader from `origin` gets for `digest` at `size`: the verified one if the
+    /// digest has one (an image that claims another size for it gets an error), else the
+    /// origin's own; made (with empty files) if new or unusable, its open count incremented
+    /// (under the lock that keeps [`BlobCache::drop_empty_closed`] away).
+    fn open_state(&self, origin: &str, digest: &str, size: u64) -> anyhow::Result<Arc<BlobState>> {
         if size > MAX_BLOB_SIZE {
             bail!("blob {digest} of {size} bytes is larger than the cache takes ({MAX_BLOB_SIZE})");
         }
         let mut blobs = lock(&self.blobs);
-        if let Some(s) = blobs.get(digest) {
-            if s.size == size && (s.open.load(Relaxed) > 0 || s.data_path.exists()) {
+        let verified = blobs
+            .iter()
+            .find(|(k, _)| k.scope == Scope::Verified && k.digest == digest)
+            .map(|(k, s)| (k.clone(), s.clone()));
+        if let Some((k, s)) = verified {
+            if s.open.load(Relaxed) > 0 || s.data_path.exists() {
+                if k.size != size {
+                    bail!(
+                        "blob {digest} from {origin}: the image says {size} bytes, but its \
+                         download matched the digest at {} bytes",
+                        k.size
+                    );
+                }
+                s.open.fetch_add(1, Relaxed);
+                return Ok(s);
+            }
+            // Its files are gone: the origin's own entry serves.
+            self.total.fetch_sub(s.cached.load(Relaxed), Relaxed);
+            blobs.remove(&k);
+        }
+        let key = Key {
+            scope: Scope::of_origin(origin),
+            digest: digest.to_owned(),
+            size,
+        };
+        if let Some(s) = blobs.get(&key) {
+            if s.open.load(Relaxed) > 0 || s.data_path.exists() {
                 s.open.fetch_add(1, Relaxed);
                 return Ok(s.clone());
             }
-            if s.open.load(Relaxed) > 0 {
-                bail!(
-                    "blob {digest} is open in the cache as {} bytes; now asked for as {size}",
-                    s.size
-                );
-            }
-            // Another size (a bad descriptor earlier) or files gone: start again.
+            // Files gone: start again.
             self.total.fetch_sub(s.cached.load(Relaxed), Relaxed);
-            blobs.remove(digest);
+            blobs.remove(&key);
         }
-        let dir = self
-            .dir
-            .join(digest.split_once(':').map_or("sha256", |d| d.0));
+        let paths = self.paths(&key);
+        let dir = paths.1.parent().map(Path::to_path_buf).unwrap_or_default();
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let s = Arc::new(
-            BlobState::create(self.paths(digest), digest, size, self.block).with_context(|| {
+            BlobState::create(paths, &key, self.block, None).with_context(|| {
                 format!("creating the cache files of {digest} in {}", dir.display())
             })?,
         );
         s.open.fetch_add(1, Relaxed);
-        blobs.insert(digest.to_owned(), s.clone());
+        blobs.insert(key, s.clone());
         Ok(s)
+    }
+
+    /// Makes `file`, checked here to hold the blob `digest` (its whole hash must match), the
+    /// reference of the digest's verified entry: readers from every origin share that entry
+    /// from now on, and a block fetched into it must hash as the file's block does. The blocks
+    /// `from` (the downloading origin's entry) has cached are copied in, from `file`.
+    /// Nothing is done if the digest already has a verified entry.
+    pub fn add_verified(
+        &self,
+        digest: &str,
+        file: &Path,
+        from: Option<&CachedBlob>,
+    ) -> anyhow::Result<()> {
+        anyhow::ensure!(valid_digest(digest), "{digest:?} is not a digest");
+        let _one = lock(&self.verifying);
+        if lock(&self.blobs)
+            .keys()
+            .any(|k| k.scope == Scope::Verified && k.digest == digest)
+        {
+            return Ok(());
+        }
+        let src = File::open(file).with_context(|| format!("opening {}", file.display()))?;
+        let size = src.metadata()?.len();
+        if size > MAX_BLOB_SIZE {
+            bail!(
+                "{} of {size} bytes is larger than the cache takes",
+                file.display()
+            );
+        }
+        // Block hashes, and the whole hash to check them by, in one read of the file.
+        let sha512 = digest.starts_with("sha512:");
+        let (mut h256, mut h512) = (Sha256::new(), Sha512::new());
+        let mut sums: Vec<[u8; 32]> = Vec::with_capacity(size.div_ceil(self.block) as usize);
+        let mut buf = vec![0u8; self.block as usize];
+        let mut off = 0;
+        while off < size {
+            let n = (size - off).min(self.block) as usize;
+            src.read_exact_at(&mut buf[..n], off)
+                .with_context(|| format!("reading {} at {off}", file.display()))?;
+            if sha512 {
+                h512.update(&buf[..n]);
+            } else {
+                h256.update(&buf[..n]);
+            }
+            sums.push(Sha256::digest(&buf[..n]).into());
+            off += n as u64;
+        }
+        let got = if sha512 {
+            format!("sha512:{}", hex(&h512.finalize()))
+        } else {
+            format!("sha256:{}", hex(&h256.finalize()))
+        };
+        if got != digest {
+            bail!("{} has {got}, not {digest}", file.display());
+        }
+        let key = Key {
+            scope: Scope::Verified,
+            digest: digest.to_owned(),
+            size,
+        };
+        let paths = self.paths(&key);
+        let dir = paths.1.parent().map(Path::to_path_buf).unwrap_or_default();
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let s = BlobState::create(paths, &key, self.block, Some(&sums))
+            .with_context(|| format!("creating the verified cache files of {digest}"))?;
+        // Not visible to readers yet: filled, synced and recorded before it is.
+        let copied = match from.filter(|f| f.state.size == size && f.state.digest == digest) {
+            Some(f) => s.copy_blocks_from(&f.state, &src).with_context(|| {
+                format!(
+                    "copying the cached blocks of {digest} from {}",
+                    file.display()
+                )
+            })?,
+            None => 0,
+        };
+        self.total.fetch_add(copied, Relaxed);
+        lock(&self.blobs).insert(key, Arc::new(s));
+        log::info!("block cache: {digest} verified ({size} bytes): shared by every registry from now on, {copied} bytes cached");
+        self.maybe_evict();
+        Ok(())
     }
 
     fn tick(&self) -> u64 {
@@ -1068,12 +1553,14 @@ impl BlobCache {
         let blobs: Vec<Arc<BlobState>> = lock(&self.blobs).values().cloned().collect();
         let mut candidates = Vec::new();
         for (i, s) in blobs.iter().enumerate() {
+            // The set bits only: a large blob with few blocks cached costs little.
             let inner = lock(&s.inner);
-            for b in 0..s.nblocks {
-                if inner.is_present(b) && !inner.inflight.contains_key(&b) {
-                    candidates.push((inner.stamp[b as usize], i, b));
-                }
-            }
+            candidates.extend(
+                inner
+                    .present_blocks()
+                    .filter(|b| !inner.inflight.contains_key(b))
+                    .map(|b| (inner.stamp[b as usize], i, b)),
+            );
         }
         candidates.sort_unstable();
         let mut chosen: Vec<Vec<(u64, Option<u64>)>> = vec![Vec::new(); blobs.len()];
@@ -1111,6 +1598,15 @@ impl BlobCache {
             if !keep {
                 let _ = fs::remove_file(&s.map_path);
                 let _ = fs::remove_file(&s.data_path);
+                let _ = fs::remove_file(sums_path(&s.map_path));
+                // The algo and origin directories, if that emptied them.
+                let algo_dir = s.map_path.parent();
+                for d in [algo_dir, algo_dir.and_then(Path::parent)]
+                    .into_iter()
+                    .flatten()
+                {
+                    let _ = fs::remove_dir(d);
+                }
             }
             keep
         });
@@ -1124,7 +1620,7 @@ impl BlobCache {
         let blobs: Vec<Arc<BlobState>> = lock(&self.blobs).values().cloned().collect();
         let mut first_err = None;
         for s in blobs {
-            if let Err(e) = s.flush() {
+            if let Err(e) = s.flush(&self.total) {
                 first_err.get_or_insert(io::Error::new(
                     e.kind(),
                     format!("syncing the cached blocks of {}: {e}", s.digest),
@@ -1143,6 +1639,7 @@ impl BlobCache {
             .map(|s| BlobStats {
                 digest: s.digest.clone(),
                 size: s.size,
+                verified: s.is_verified(),
                 cached_bytes: s.cached.load(Relaxed),
                 disk_bytes: fs::metadata(&s.data_path)
                     .map(|m| m.blocks() * 512)
@@ -1150,7 +1647,7 @@ impl BlobCache {
                 open: s.open.load(Relaxed) > 0,
             })
             .collect();
-        blobs.sort_by(|a, b| a.digest.cmp(&b.digest));
+        blobs.sort_by(|a, b| (&a.digest, a.size, a.verified).cmp(&(&b.digest, b.size, b.verified)));
         CacheStats {
             dir: self.dir.clone(),
             limit_bytes: self.limit,
@@ -1171,7 +1668,8 @@ impl BlobCache {
         let blobs: Vec<Arc<BlobState>> = lock(&self.blobs).values().cloned().collect();
         let mut freed = 0;
         for s in blobs {
-            let all: Vec<(u64, Option<u64>)> = (0..s.nblocks).map(|b| (b, None)).collect();
+            let all: Vec<(u64, Option<u64>)> =
+                lock(&s.inner).present_blocks().map(|b| (b, None)).collect();
             freed += s.evict_blocks(self, &all);
         }
         self.drop_empty_closed();
@@ -1212,7 +1710,7 @@ impl CachedBlob {
         if !valid_digest(&digest) {
             bail!("blob digest {digest:?} is not sha256:<hex> or sha512:<hex>");
         }
-        let state = cache.open_state(&digest, source.size())?;
+        let state = cache.open_state(&source.origin(), &digest, source.size())?;
         // From here on, Drop undoes the open count.
         let blob = CachedBlob {
             name: source.name().to_owned(),
@@ -1230,6 +1728,69 @@ impl CachedBlob {
     #[allow(dead_code)] // API for the daemon's stats
     pub fn cached_bytes(&self) -> u64 {
         self.state.cached.load(Relaxed)
+    }
+
+    /// `file` holds this blob (checked: its hash must match the digest): the cache shares it
+    /// with every origin from now on ([`BlobCache::add_verified`]).
+    pub fn mark_verified(&self, file: &Path) -> anyhow::Result<()> {
+        self.cache
+            .add_verified(&self.state.digest, file, Some(self))
+    }
+
+    /// Drops every cached block of this blob's entry: its origin sent bytes that do not match
+    /// the digest. A verified entry keeps its blocks (each matched the verified blob). Returns
+    /// the bytes dropped.
+    pub fn purge(&self) -> u64 {
+        let st = &*self.state;
+        if st.is_verified() {
+            return 0;
+        }
+        let blocks: Vec<(u64, Option<u64>)> = lock(&st.inner)
+            .present_blocks()
+            .map(|b| (b, None))
+            .collect();
+        st.evict_blocks(&self.cache, &blocks)
+    }
+
+    /// Whether this reads the digest's verified entry (shared by every origin).
+    #[allow(dead_code)] // API for the daemon's stats and tests
+    pub fn is_verified(&self) -> bool {
+        self.state.is_verified()
+    }
+
+    /// A verified entry takes a fetched block only if it hashes as the verified blob's block
+    /// did; `ranges` start on blocks and `data` holds them.
+    fn check_blocks(
+        &self,
+        files: &Files,
+        ranges: &[(u64, usize)],
+        data: &[Vec<u8>],
+    ) -> io::Result<()> {
+        let Some(sums) = &files.sums else {
+            return Ok(());
+        };
+        let st = &*self.state;
+        for (r, d) in ranges.iter().zip(data) {
+            for (i, bytes) in d.chunks(st.block as usize).enumerate() {
+                let b = r.0 / st.block + i as u64;
+                let mut want = [0u8; SUM_LEN as usize];
+                sums.read_exact_at(&mut want, META_LEN + b * SUM_LEN)
+                    .map_err(|e| self.io_err(b * st.block, "reading its block hash", e))?;
+                if Sha256::digest(bytes)[..] != want {
+                    let e = io::Error::other(format!(
+                        "{} ({}): block at offset {} does not match the blob verified against \
+                         {}: the registry served other bytes",
+                        self.name,
+                        self.source.origin(),
+                        b * st.block,
+                        st.digest
+                    ));
+                    log::warn!("{e}");
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
     }
 
     fn io_err(&self, offset: u64, what: &str, e: impl fmt::Display) -> io::Error {
@@ -1301,6 +1862,9 @@ impl CachedBlob {
                 return Err(fail(claim, e));
             }
         };
+        if let Err(e) = self.check_blocks(&files, &ranges, &data) {
+            return Err(fail(claim, e));
+        }
         // Not synced here: the flusher syncs before it records the blocks in the map.
         let written = (|| {
             for (r, d) in ranges.iter().zip(&data) {
@@ -1446,6 +2010,13 @@ impl CachedBlob {
             })
             .collect();
         let data = self.source.fetch_ranges(&ranges)?;
+        if data.len() != ranges.len() || data.iter().zip(&ranges).any(|(d, r)| d.len() != r.1) {
+            return Err(self.io_err(offset, "fetching", "the source returned short ranges"));
+        }
+        let files = st
+            .files(true)
+            .map_err(|e| self.io_err(offset, "opening", e))?;
+        self.check_blocks(&files, &ranges, &data)?;
         for (r, d) in ranges.iter().zip(&data) {
             Self::copy_overlap(buf, offset, r.0, d);
         }
@@ -1456,7 +2027,7 @@ impl CachedBlob {
 impl Drop for CachedBlob {
     fn drop(&mut self) {
         if self.state.open.fetch_sub(1, Relaxed) == 1 {
-            if let Err(e) = self.state.flush() {
+            if let Err(e) = self.state.flush(&self.cache.total) {
                 log::warn!("{}: syncing its cached blocks: {e}", self.name);
             }
             // The last handle: close the files (an evictor holds its own). Checked again
@@ -1541,7 +2112,7 @@ impl ovbd_format::ReadAt for CachedBlob {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::RegistryConfig;
     use crate::registry::tests::{check_random_ranges, random_bytes, registry_with_blob, Rng};
@@ -1561,10 +2132,11 @@ mod tests {
     }
 
     /// An in-memory blob that counts what is fetched from it.
-    struct Fake {
-        data: Vec<u8>,
-        digest: String,
+    pub(crate) struct Fake {
+        pub(crate) data: Vec<u8>,
+        pub(crate) digest: String,
         name: String,
+        origin: String,
         calls: AtomicU64,
         fetched: AtomicU64,
         ranges: Mutex<Vec<Vec<(u64, usize)>>>,
@@ -1579,6 +2151,7 @@ mod tests {
             let digest = crate::image_io::sha256_digest(&data).to_string();
             Arc::new(Fake {
                 name: format!("fake@{digest}"),
+                origin: "127.0.0.1:5000/fake".into(),
                 data,
                 digest,
                 calls: AtomicU64::new(0),
@@ -1589,8 +2162,20 @@ mod tests {
                 fail: AtomicBool::new(false),
             })
         }
-        fn fetched(&self) -> u64 {
+        pub(crate) fn fetched(&self) -> u64 {
             self.fetched.load(SeqCst)
+        }
+
+        /// The blob `data` served by registry repository `origin` under `digest` (a tampered
+        /// copy when `data` does not hash to it).
+        pub(crate) fn served(data: Vec<u8>, digest: &str, origin: &str) -> Arc<Fake> {
+            let mut f = Fake::new(0, 0);
+            let m = Arc::get_mut(&mut f).unwrap();
+            m.name = format!("{origin}@{digest}");
+            m.origin = origin.into();
+            m.digest = digest.into();
+            m.data = data;
+            f
         }
     }
 
@@ -1630,9 +2215,21 @@ mod tests {
         fn digest(&self) -> &str {
             &self.digest
         }
+        fn origin(&self) -> String {
+            self.origin.clone()
+        }
     }
 
-    fn cached(cache: &Arc<BlobCache>, fake: &Arc<Fake>) -> CachedBlob {
+    /// The data and map file of `fake`'s entry (its origin's).
+    fn paths_of(cache: &BlobCache, fake: &Fake) -> (PathBuf, PathBuf) {
+        cache.paths(&Key {
+            scope: Scope::of_origin(&fake.origin),
+            digest: fake.digest.clone(),
+            size: fake.data.len() as u64,
+        })
+    }
+
+    pub(crate) fn cached(cache: &Arc<BlobCache>, fake: &Arc<Fake>) -> CachedBlob {
         CachedBlob::with_source(cache.clone(), fake.clone()).unwrap()
     }
 
@@ -1669,6 +2266,11 @@ mod tests {
         let image = format!("{}/test/blob:v1", reg.addr);
         let remote = RemoteBlob::new(registry.clone(), &image, &digest, data.len() as u64).unwrap();
         let counter = remote.clone();
+        // Its origin: registry host and repository, the tag left out.
+        assert_eq!(
+            BlockSource::origin(&remote),
+            format!("{}/test/blob", reg.addr)
+        );
         let cache = BlobCache::open(&CacheConfig::default(), &tmp.path().join("cache")).unwrap();
         let blob = CachedBlob::new(cache.clone(), remote).unwrap();
         assert_eq!(blob.size(), data.len() as u64);
@@ -1914,7 +2516,7 @@ mod tests {
                 let blob = cached(&cache, &fake);
                 let _ = read(&blob, 0, 6 * BS as usize);
                 assert_eq!(blob.cached_bytes(), 6 * BS);
-                cache.paths(&fake.digest)
+                paths_of(&cache, &fake)
             };
             damage(&data_path, &map_path);
             let fetched = fake.fetched();
@@ -1994,7 +2596,7 @@ mod tests {
         assert!(cache.stats().cached_bytes <= limit);
         // Blobs with nothing left and no handle are deleted.
         drop(blob2);
-        let (data2, map2) = cache.paths(&other.digest);
+        let (data2, map2) = paths_of(&cache, &other);
         let freed = cache.clear();
         assert!(freed > 0);
         assert!(!data2.exists() && !map2.exists());
@@ -2013,7 +2615,7 @@ mod tests {
         let blob = cached(&cache, &fake);
         let _ = read(&blob, 0, 8 * BS as usize);
         // The cached copy of block 3 goes bad on disk.
-        let (data_path, _) = cache.paths(&fake.digest);
+        let (data_path, _) = paths_of(&cache, &fake);
         let f = OpenOptions::new().write(true).open(&data_path).unwrap();
         f.write_all_at(&[0xEE; 100], 3 * BS + 50).unwrap();
         assert_ne!(
@@ -2217,15 +2819,15 @@ mod tests {
             BlobCache::open_with(&cfg(&dir, 1 << 30, BS), &dir, Duration::from_secs(3600)).unwrap();
         let fake = Fake::new(8 * BS as usize, 12);
         let blob = cached(&cache, &fake);
-        let (data_path, map_path) = cache.paths(&fake.digest);
+        let (data_path, map_path) = paths_of(&cache, &fake);
         let on_disk = || fs::read(&map_path).unwrap()[META_LEN as usize];
         // What a restart after a crash right now would find: a copy of the files.
         let crash_copy = |name: &str| -> (tempfile::TempDir, Arc<BlobCache>) {
             let t = tempfile::tempdir().unwrap();
-            let d = t.path().join(name).join("sha256");
-            fs::create_dir_all(&d).unwrap();
             for p in [&data_path, &map_path] {
-                fs::copy(p, d.join(p.file_name().unwrap())).unwrap();
+                let copy = t.path().join(name).join(p.strip_prefix(&dir).unwrap());
+                fs::create_dir_all(copy.parent().unwrap()).unwrap();
+                fs::copy(p, copy).unwrap();
             }
             let root = t.path().join(name);
             let c = BlobCache::open(&cfg(&root, 1 << 30, BS), &root).unwrap();
@@ -2267,7 +2869,7 @@ mod tests {
                 .unwrap();
         let blob = cached(&cache, &fake);
         let _ = read(&blob, 2 * BS, 10);
-        let map2 = cache.paths(&fake.digest).1;
+        let map2 = paths_of(&cache, &fake).1;
         let deadline = Instant::now() + Duration::from_secs(5);
         while fs::read(&map2).unwrap()[META_LEN as usize] != 0b100 {
             assert!(Instant::now() < deadline, "not flushed in the background");
@@ -2285,13 +2887,12 @@ mod tests {
         let cache = BlobCache::open(&cfg(tmp.path(), 1 << 30, BS), tmp.path()).unwrap();
         let fake = Fake::new(BS as usize, 10);
         let blob = cached(&cache, &fake);
-        // The same digest with another size while open: refused.
+        // The same digest with another size (one of them is wrong): an entry of its own.
         let mut other = Fake::new(2 * BS as usize, 10);
         Arc::get_mut(&mut other).unwrap().digest = fake.digest.clone();
-        assert!(CachedBlob::with_source(cache.clone(), other.clone()).is_err());
-        drop(blob);
-        // Not open any more: the record is made anew for the new size.
+        let first = blob;
         let blob = CachedBlob::with_source(cache.clone(), other.clone()).unwrap();
+        assert_eq!(read(&first, 0, 10), &fake.data[..10]);
         assert_eq!(
             read(&blob, BS, 10),
             &other.data[BS as usize..BS as usize + 10]
@@ -2314,6 +2915,9 @@ mod tests {
             fn digest(&self) -> &str {
                 self.0.digest()
             }
+            fn origin(&self) -> String {
+                self.0.origin()
+            }
         }
         let huge = Arc::new(Huge(Fake::new(10, 12)));
         let e = CachedBlob::with_source(cache.clone(), huge).err().unwrap();
@@ -2325,5 +2929,304 @@ mod tests {
         assert_eq!(read(&blob, 2 * BS, 10).len(), 0);
         assert_eq!(read(&blob, 0, 0).len(), 0);
         assert_eq!(nowait(&blob, 5 * BS, 10).unwrap().len(), 0);
+    }
+
+    /// Blocks cached from one registry repository are not served to a reader of the same
+    /// digest from another: a hostile registry that served a tampered copy under the real
+    /// digest poisons its own entry only, also after a restart.
+    #[test]
+    fn blob_cache_origins_do_not_share_unverified_blocks() {
+        let tmp = tempfile::tempdir().unwrap();
+        let honest = Fake::new(8 * BS as usize, 31);
+        let mut bad = honest.data.clone();
+        for b in 0..8 {
+            bad[(b * BS + 100) as usize] ^= 0xff;
+        }
+        let evil = Fake::served(bad.clone(), &honest.digest, "127.0.0.1:6000/evil/app");
+        let honest = Fake::served(honest.data.clone(), &honest.digest, "127.0.0.1:5000/app");
+        {
+            let cache = BlobCache::open(&cfg(tmp.path(), 1 << 30, BS), tmp.path()).unwrap();
+            let e = cached(&cache, &evil);
+            assert!(read(&e, 0, 8 * BS as usize) == bad, "its own bytes");
+            cache.flush().unwrap();
+            let h = cached(&cache, &honest);
+            assert!(
+                is_would_block(nowait(&h, 0, 200)),
+                "the other origin's block is served"
+            );
+            assert!(read(&h, 0, 8 * BS as usize) == honest.data);
+            assert_eq!(honest.fetched(), 8 * BS, "fetched its own bytes");
+            // Both entries live side by side.
+            assert!(nowait(&e, 0, 8 * BS as usize).unwrap() == bad);
+            assert!(nowait(&h, 0, 8 * BS as usize).unwrap() == honest.data);
+        }
+        // After a restart, each origin still gets its own bytes only.
+        let cache = BlobCache::open(&cfg(tmp.path(), 1 << 30, BS), tmp.path()).unwrap();
+        let third = Fake::served(honest.data.clone(), &honest.digest, "127.0.0.1:7000/other");
+        let t = cached(&cache, &third);
+        assert!(is_would_block(nowait(&t, 0, 200)));
+        assert!(read(&t, 3 * BS, BS as usize) == honest.data[3 * BS as usize..4 * BS as usize]);
+        let h = cached(&cache, &honest);
+        assert!(nowait(&h, 0, 8 * BS as usize).unwrap() == honest.data);
+    }
+
+    /// One image's size claim for a digest cannot break another's entry: the two sizes are
+    /// two entries, each works (or fails) alone, in either order, open or closed.
+    #[test]
+    fn blob_cache_size_lie_does_not_break_another_entry() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = BlobCache::open(&cfg(tmp.path(), 1 << 30, BS), tmp.path()).unwrap();
+        let real = Fake::new(4 * BS as usize, 41);
+        let honest = Fake::served(real.data.clone(), &real.digest, "127.0.0.1:5000/app");
+        let mut long = real.data.clone();
+        long.extend_from_slice(&random_bytes(2 * BS as usize, 42));
+        for origin in ["127.0.0.1:6000/evil", "127.0.0.1:5000/app"] {
+            let liar = Fake::served(long.clone(), &real.digest, origin);
+            // The liar first, still open: the honest open and reads work.
+            let l = cached(&cache, &liar);
+            assert!(read(&l, 0, 6 * BS as usize) == long);
+            let h = CachedBlob::with_source(cache.clone(), honest.clone())
+                .unwrap_or_else(|e| panic!("{origin}: honest open: {e:#}"));
+            assert!(read(&h, 0, 4 * BS as usize) == real.data, "{origin}");
+            // The honest entry, closed, survives the liar's next open.
+            drop(h);
+            drop(l);
+            let before = honest.fetched();
+            let l = cached(&cache, &liar);
+            let h = cached(&cache, &honest);
+            assert!(
+                nowait(&h, 0, 4 * BS as usize).unwrap() == real.data,
+                "{origin}: the honest entry was dropped"
+            );
+            assert!(read(&l, 4 * BS, 2 * BS as usize) == long[4 * BS as usize..]);
+            assert_eq!(honest.fetched(), before, "{origin}");
+            drop(h);
+            drop(l);
+            // The honest entry first, then the liar: the same.
+            let h = cached(&cache, &honest);
+            let l = cached(&cache, &liar);
+            assert!(nowait(&h, 0, 4 * BS as usize).unwrap() == real.data);
+            assert_eq!(
+                read(&l, 5 * BS, 10),
+                &long[5 * BS as usize..5 * BS as usize + 10]
+            );
+        }
+    }
+
+    /// Once a whole download matched the digest, every origin shares one verified entry: the
+    /// blocks the downloading origin had cached are copied in from the download, and a block
+    /// fetched into it must hash as the download's did (a tampered one fails, uncached).
+    #[test]
+    fn blob_cache_verified_blob_is_shared_across_origins() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("cache");
+        let real = Fake::new(8 * BS as usize + 500, 61);
+        let a = Fake::served(real.data.clone(), &real.digest, "127.0.0.1:5000/a");
+        let b = Fake::served(real.data.clone(), &real.digest, "127.0.0.1:5001/b");
+        let mut bad = real.data.clone();
+        bad[6 * BS as usize + 1] ^= 1;
+        let evil = Fake::served(bad, &real.digest, "127.0.0.1:6000/evil");
+        let file = tmp.path().join("download");
+        fs::write(&file, &real.data).unwrap();
+        {
+            let cache = BlobCache::open(&cfg(&dir, 1 << 30, BS), &dir).unwrap();
+            let ra = cached(&cache, &a);
+            assert!(!ra.is_verified());
+            let _ = read(&ra, 0, 3 * BS as usize);
+            // A file that is not the blob verifies nothing.
+            let wrong = tmp.path().join("wrong");
+            fs::write(&wrong, &real.data[1..]).unwrap();
+            let e = cache
+                .add_verified(&real.digest, &wrong, Some(&ra))
+                .unwrap_err();
+            assert!(format!("{e:#}").contains("not sha256:"), "{e:#}");
+            assert!(!cached(&cache, &b).is_verified());
+
+            cache.add_verified(&real.digest, &file, Some(&ra)).unwrap();
+            let rb = cached(&cache, &b);
+            assert!(rb.is_verified());
+            assert!(nowait(&rb, 0, 3 * BS as usize).unwrap() == real.data[..3 * BS as usize]);
+            assert_eq!(b.fetched(), 0, "copied from the download");
+            assert!(read(&rb, 5 * BS, 10) == real.data[5 * BS as usize..5 * BS as usize + 10]);
+            assert_eq!(b.fetched(), BS);
+            // Another origin reads what b fetched, and cannot put its tampered block in.
+            let re = cached(&cache, &evil);
+            assert!(re.is_verified());
+            assert!(
+                nowait(&re, 5 * BS, 10).unwrap()
+                    == real.data[5 * BS as usize..5 * BS as usize + 10]
+            );
+            let mut buf = vec![0u8; 10];
+            let e = re.read_at(&mut buf, 6 * BS).unwrap_err();
+            assert!(e.to_string().contains("does not match"), "{e}");
+            assert!(is_would_block(nowait(&re, 6 * BS, 10)));
+            assert!(read(&rb, 6 * BS, 10) == real.data[6 * BS as usize..6 * BS as usize + 10]);
+            // An image that claims another size for a verified digest is refused.
+            let liar = Fake::served(
+                real.data[..4 * BS as usize].to_vec(),
+                &real.digest,
+                "127.0.0.1:6000/evil",
+            );
+            let e = CachedBlob::with_source(cache.clone(), liar).unwrap_err();
+            assert!(format!("{e:#}").contains("matched the digest"), "{e:#}");
+        }
+        // After a restart: the same, for a new origin too.
+        let cache = BlobCache::open(&cfg(&dir, 1 << 30, BS), &dir).unwrap();
+        let c = Fake::served(real.data.clone(), &real.digest, "127.0.0.1:5002/c");
+        let rc = cached(&cache, &c);
+        assert!(rc.is_verified());
+        assert!(
+            nowait(&rc, 5 * BS, 2 * BS as usize).unwrap()
+                == real.data[5 * BS as usize..7 * BS as usize]
+        );
+        assert_eq!(c.fetched(), 0);
+        // Damaged block hashes drop the verified entry (never trusted, never wrongly refusing).
+        let sums = sums_path(&rc.state.map_path);
+        drop(rc);
+        drop(cache);
+        let f = OpenOptions::new().write(true).open(&sums).unwrap();
+        f.write_all_at(&[0xAA; 4], META_LEN + 40).unwrap();
+        let cache = BlobCache::open(&cfg(&dir, 1 << 30, BS), &dir).unwrap();
+        assert!(!sums.exists());
+        let rc = cached(&cache, &c);
+        assert!(!rc.is_verified());
+        assert!(is_would_block(nowait(&rc, 0, 10)));
+    }
+
+    /// Files of the earlier layout (one entry per digest, whoever served it) are deleted at
+    /// start; an entry moved into another origin's directory is not taken as that origin's.
+    #[test]
+    fn blob_cache_does_not_trust_old_or_moved_entries() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("cache");
+        let fake = Fake::new(4 * BS as usize, 71);
+        let other = Fake::served(fake.data.clone(), &fake.digest, "127.0.0.1:7000/other");
+        let (data, map) = {
+            let cache = BlobCache::open(&cfg(&dir, 1 << 30, BS), &dir).unwrap();
+            let _ = read(&cached(&cache, &fake), 0, 4 * BS as usize);
+            paths_of(&cache, &fake)
+        };
+        let old = dir.join("sha256");
+        fs::create_dir_all(&old).unwrap();
+        let hex_digest = &fake.digest[7..];
+        fs::copy(&data, old.join(format!("{hex_digest}.data"))).unwrap();
+        fs::copy(&map, old.join(format!("{hex_digest}.map"))).unwrap();
+        // The entry's files under the other origin's name.
+        let (odata, omap) = {
+            let c = BlobCache::open(
+                &cfg(&tmp.path().join("x"), 1 << 30, BS),
+                &tmp.path().join("x"),
+            )
+            .unwrap();
+            let p = paths_of(&c, &other);
+            let rel = |p: &Path| dir.join(p.strip_prefix(tmp.path().join("x")).unwrap());
+            (rel(&p.0), rel(&p.1))
+        };
+        fs::create_dir_all(omap.parent().unwrap()).unwrap();
+        fs::rename(&data, &odata).unwrap();
+        fs::rename(&map, &omap).unwrap();
+        let cache = BlobCache::open(&cfg(&dir, 1 << 30, BS), &dir).unwrap();
+        assert!(!old.exists(), "the earlier version's files are left");
+        assert_eq!(cache.stats().cached_bytes, 0);
+        assert!(!omap.exists() && !odata.exists());
+        let r = cached(&cache, &other);
+        assert!(is_would_block(nowait(&r, 0, 10)));
+    }
+
+    /// A failed sync of the data file loses the blocks written before it (Linux reports a
+    /// writeback error once and marks the pages clean, so a later sync succeeds over lost
+    /// data): they are not recorded, not served, and a read fetches them again.
+    #[test]
+    fn blob_cache_drops_blocks_whose_sync_failed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("cache");
+        let cache =
+            BlobCache::open_with(&cfg(&dir, 1 << 30, BS), &dir, Duration::from_secs(3600)).unwrap();
+        let fake = Fake::new(4 * BS as usize, 81);
+        let blob = cached(&cache, &fake);
+        let map = paths_of(&cache, &fake).1;
+        let on_disk = || fs::read(&map).unwrap()[META_LEN as usize];
+        let _ = read(&blob, 0, 2 * BS as usize);
+        blob.state.fail_sync.store(true, SeqCst);
+        let e = cache.flush().unwrap_err();
+        assert!(e.to_string().contains(&fake.digest), "{e}");
+        // The next sync succeeds: the lost blocks must not be recorded.
+        cache.flush().unwrap();
+        assert_eq!(on_disk(), 0, "blocks whose sync failed were recorded");
+        assert!(
+            is_would_block(nowait(&blob, 0, 10)),
+            "served after a failed sync"
+        );
+        assert_eq!(blob.cached_bytes(), 0);
+        assert_eq!(cache.stats().cached_bytes, 0);
+        let before = fake.fetched();
+        assert!(read(&blob, 0, 2 * BS as usize) == fake.data[..2 * BS as usize]);
+        assert_eq!(fake.fetched() - before, 2 * BS, "fetched again");
+        cache.flush().unwrap();
+        assert_eq!(on_disk(), 0b11);
+    }
+
+    /// Eviction over a large blob with few blocks cached (candidates are its set bits) still
+    /// takes the least recently used blocks, and they come back right.
+    #[test]
+    fn blob_cache_evicts_lru_blocks_of_a_large_sparse_blob() {
+        /// 16 GiB of bytes made from their offsets.
+        struct Synth(AtomicU64);
+        const SIZE: u64 = 16 << 30;
+        fn byte(o: u64) -> u8 {
+            (o.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8
+        }
+        impl BlockSource for Synth {
+            fn fetch_ranges(&self, ranges: &[(u64, usize)]) -> io::Result<Vec<Vec<u8>>> {
+                self.0.fetch_add(ranges.len() as u64, SeqCst);
+                Ok(ranges
+                    .iter()
+                    .map(|&(off, len)| (off..off + len as u64).map(byte).collect())
+                    .collect())
+            }
+            fn size(&self) -> u64 {
+                SIZE
+            }
+            fn name(&self) -> &str {
+                "synth"
+            }
+            fn digest(&self) -> &str {
+                "sha256:5555555555555555555555555555555555555555555555555555555555555555"
+            }
+            fn origin(&self) -> String {
+                "127.0.0.1:5000/synth".into()
+            }
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = BlobCache::open(&cfg(tmp.path(), 4 * BS, BS), tmp.path()).unwrap();
+        let src = Arc::new(Synth(AtomicU64::new(0)));
+        let blob = CachedBlob::with_source(cache.clone(), src.clone()).unwrap();
+        let last = SIZE / BS - 1;
+        let check = |b: u64| {
+            let got = read(&blob, b * BS + 3, 100);
+            assert!(
+                got.iter().zip(b * BS + 3..).all(|(&v, o)| v == byte(o)),
+                "block {b}"
+            );
+        };
+        for b in [7, 100_000, 200_000, last, 7] {
+            check(b);
+        }
+        assert_eq!(cache.stats().cached_bytes, 4 * BS);
+        // Over the limit: down to 90% of it, the two least recently used go.
+        check(150_000);
+        for (b, kept) in [
+            (7, true),
+            (100_000, false),
+            (200_000, false),
+            (last, true),
+            (150_000, true),
+        ] {
+            assert_eq!(nowait(&blob, b * BS, 10).is_ok(), kept, "block {b}");
+        }
+        assert_eq!(cache.stats().cached_bytes, 3 * BS);
+        let calls = src.0.load(SeqCst);
+        check(100_000);
+        assert_eq!(src.0.load(SeqCst), calls + 1, "fetched again");
     }
 }

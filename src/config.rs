@@ -193,20 +193,23 @@ impl RegistryConfig {
 
 /// `[download]`: remote layers downloaded whole in the background (upstream's `download`):
 /// the blob is written next to the layer, its sha256 checked, then reads switch to the file.
+/// On by default (as stargz and SOCI fetch whole layers in the background): the download is
+/// the only check of a lazily pulled blob against its digest, and a verified blob is what the
+/// block cache shares between registries.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DownloadConfig {
     pub enable: bool,
-    /// Seconds after a remote layer is first opened before its download starts.
+    /// Seconds after a remote layer is first opened before its download starts (at most a week).
     pub delay_secs: f64,
-    /// Bandwidth limit per download, MB/s (0: none).
+    /// Bandwidth limit per download, MB/s (0: none, else at least [`Self::MIN_MBPS`]).
     pub max_mbps: f64,
 }
 
 impl Default for DownloadConfig {
     fn default() -> Self {
         DownloadConfig {
-            enable: false,
+            enable: true,
             delay_secs: 300.0,
             max_mbps: 100.0,
         }
@@ -214,15 +217,31 @@ impl Default for DownloadConfig {
 }
 
 impl DownloadConfig {
+    /// The longest `delay_secs` (a week): beyond, durations overflow; to never download, set
+    /// `enable = false`.
+    pub const MAX_DELAY_SECS: f64 = 7.0 * 86400.0;
+    /// The lowest non-zero `max_mbps` (1 kB/s): below, the pacing of a large blob overflows a
+    /// duration.
+    pub const MIN_MBPS: f64 = 0.001;
+
     pub fn validate(&self) -> Result<()> {
-        if !(self.delay_secs.is_finite() && self.delay_secs >= 0.0) {
+        if !(self.delay_secs.is_finite()
+            && self.delay_secs >= 0.0
+            && self.delay_secs <= Self::MAX_DELAY_SECS)
+        {
             bail!(
-                "[download] delay_secs must be >= 0, not {}",
+                "[download] delay_secs must be between 0 and {} (a week), not {}",
+                Self::MAX_DELAY_SECS,
                 self.delay_secs
             );
         }
-        if !(self.max_mbps.is_finite() && self.max_mbps >= 0.0) {
-            bail!("[download] max_mbps must be >= 0, not {}", self.max_mbps);
+        if !(self.max_mbps.is_finite() && (self.max_mbps == 0.0 || self.max_mbps >= Self::MIN_MBPS))
+        {
+            bail!(
+                "[download] max_mbps must be 0 (no limit) or at least {}, not {}",
+                Self::MIN_MBPS,
+                self.max_mbps
+            );
         }
         Ok(())
     }
@@ -348,5 +367,37 @@ refill_kb = 1024
         assert!(bad.cache.validate().is_err());
         let bad: Config = toml::from_str("[registry]\ntimeout_secs = 0").unwrap();
         assert!(bad.registry.validate().is_err());
+    }
+
+    /// `[download]` values that would overflow a duration (or stop the download for good) are
+    /// refused by validate(), naming the key; the limits themselves pass.
+    #[test]
+    fn download_values_are_bounded() {
+        let d = DownloadConfig::default();
+        assert!(d.enable, "the verifying download is on by default");
+        d.validate().unwrap();
+        for (bad, key) in [
+            ("delay_secs = 1e30", "delay_secs"),
+            ("delay_secs = 604801", "delay_secs"),
+            ("delay_secs = -1", "delay_secs"),
+            ("delay_secs = nan", "delay_secs"),
+            ("max_mbps = 1e-300", "max_mbps"),
+            ("max_mbps = -1", "max_mbps"),
+            ("max_mbps = inf", "max_mbps"),
+        ] {
+            let c: Config = toml::from_str(&format!("[download]\n{bad}")).unwrap();
+            let e = c.download.validate().expect_err(bad).to_string();
+            assert!(e.contains(&format!("[download] {key}")), "{bad}: {e}");
+        }
+        for good in [
+            "delay_secs = 0",
+            "delay_secs = 604800",
+            "max_mbps = 0",
+            "max_mbps = 0.001",
+            "max_mbps = 1e6",
+        ] {
+            let c: Config = toml::from_str(&format!("[download]\n{good}")).unwrap();
+            c.download.validate().expect(good);
+        }
     }
 }

@@ -11,7 +11,7 @@ use crate::convert::apply::{Applier, ApplyStats};
 use crate::extfs::{BlockDevice, ExtFs, MkfsParams};
 use crate::image_io::{ImageIo, ImageRef, LayoutTarget, Platform, RegistryOptions};
 use anyhow::{Context, Result};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -148,8 +148,26 @@ pub fn layer_tar(tar: &[u8]) -> Result<(ApplyStats, ApplyStats)> {
     Ok((first, second?))
 }
 
-/// Leaves in `dir` what a cache with one blob of `size` bytes (digest `digest`) and blocks
-/// `present` written and recorded looks like after a clean stop: seeds for the cache target.
-pub fn block_cache_sample(dir: &Path, digest: &str, size: u64, present: &[u64]) -> Result<()> {
-    crate::blob_cache::write_sample(dir, digest, size, 256 << 10, present)
+/// Leaves in `dir` what a cache with one entry of a blob of `size` bytes (digest `digest`; from
+/// `origin`, or verified if `None`) and blocks `present` written and recorded looks like after a
+/// clean stop: seeds for the cache target. Returns its data, map and (verified) sums paths.
+pub fn block_cache_sample(
+    dir: &Path,
+    origin: Option<&str>,
+    digest: &str,
+    size: u64,
+    present: &[u64],
+) -> Result<(PathBuf, PathBuf, PathBuf)> {
+    crate::blob_cache::write_sample(dir, origin, digest, size, 256 << 10, present)
+}
+
+/// Where the cache at `dir` keeps the data, map and (verified) sums files of an entry: blob
+/// `digest` (valid) of `size` bytes, from `origin` or verified (`None`).
+pub fn block_cache_paths(
+    dir: &Path,
+    origin: Option<&str>,
+    digest: &str,
+    size: u64,
+) -> (PathBuf, PathBuf, PathBuf) {
+    crate::blob_cache::sample_paths(dir, origin, digest, size)
 }

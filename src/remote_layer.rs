@@ -1,8 +1,11 @@
 //! Remote layers for the device: a `config.v1.json` lower named by `repoBlobUrl` + digest +
 //! size is read from the registry ([`RemoteBlob`]) through the on-disk block cache
 //! ([`CachedBlob`]), so the device fetches only the blocks a container reads. With
-//! `[download] enable`, the whole blob is also downloaded in the background into the layer's
-//! directory (sha256 checked), and reads then switch to that file ([`SwitchingBlob`]).
+//! `[download] enable` (the default), the whole blob is also downloaded in the background into
+//! the layer's directory (sha256 checked), and reads then switch to that file
+//! ([`SwitchingBlob`]); the cache then shares the blob with every registry that serves it
+//! (checked block by block). A download that does not match its digest drops the blocks the
+//! registry repository sent for it and fails the layer's reads from then on.
 
 use crate::blob_cache::{BlobCache, CachedBlob};
 use crate::config::{Config, DownloadConfig};
@@ -59,11 +62,11 @@ impl RemoteSource for RegistrySource {
         let remote = RemoteBlob::new(self.registry.clone(), &image_ref, digest, size)?;
         // The download reads the registry directly: a whole blob must not evict the cache.
         let direct: Arc<dyn ReadAt> = Arc::new(remote.clone());
-        let cached: Arc<dyn ReadAt> = Arc::new(CachedBlob::new(self.cache.clone(), remote)?);
+        let cached = Arc::new(CachedBlob::new(self.cache.clone(), remote)?);
         let (Some(dir), true) = (dir, self.download.enable) else {
             return Ok(cached);
         };
-        let blob = Arc::new(SwitchingBlob::new(cached));
+        let blob = Arc::new(SwitchingBlob::new(cached.clone()));
         if self
             .downloading
             .lock()
@@ -74,22 +77,17 @@ impl RemoteSource for RegistrySource {
                 source: direct,
                 digest: digest.to_owned(),
                 dir: dir.to_owned(),
-                delay: Duration::from_secs_f64(self.download.delay_secs),
+                // Bounded by validate(); a value it did not see waits the longest it allows.
+                delay: Duration::try_from_secs_f64(self.download.delay_secs)
+                    .unwrap_or(Duration::from_secs_f64(DownloadConfig::MAX_DELAY_SECS)),
                 max_bytes_per_sec: self.download.max_mbps * 1e6,
             };
             let (target, downloading) = (blob.clone(), self.downloading.clone());
             std::thread::Builder::new()
                 .name("ovbd-download".into())
                 .spawn(move || {
-                    match job.run() {
-                        Ok(file) => {
-                            log::info!("downloaded {} to {}", job.digest, file.display());
-                            if let Err(e) = target.switch_to_file(&file) {
-                                log::warn!("{}: {e:#}", file.display());
-                            }
-                        }
-                        Err(e) => log::warn!("background download of {}: {e:#}", job.digest),
-                    }
+                    let result = job.run();
+                    finish_download(&job, result, &target, &cached, &image_ref);
                     downloading
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
@@ -101,12 +99,68 @@ impl RemoteSource for RegistrySource {
     }
 }
 
+/// What a finished download of layer blob `job.digest` of `image_ref` (`host/repo`) changes:
+/// on success the cache takes the file as the blob's verified copy and reads of the layer go
+/// to the file; if the bytes do not match the digest, the registry lied: what it sent for the
+/// blob is dropped from the cache and the layer's reads fail.
+fn finish_download(
+    job: &Download,
+    result: Result<PathBuf>,
+    target: &SwitchingBlob,
+    cached: &CachedBlob,
+    image_ref: &str,
+) {
+    let registry = image_ref.split('/').next().unwrap_or(image_ref);
+    match result {
+        Ok(file) => {
+            log::info!("downloaded {} to {}", job.digest, file.display());
+            if let Err(e) = cached.mark_verified(&file) {
+                log::warn!("block cache: {} of {image_ref}: {e:#}", job.digest);
+            }
+            if let Err(e) = target.switch_to_file(&file) {
+                log::warn!("{}: {e:#}", file.display());
+            }
+        }
+        Err(e) if e.downcast_ref::<DigestMismatch>().is_some() => {
+            let freed = cached.purge();
+            let why = format!(
+                "image {image_ref}: layer blob {}: registry {registry} served bytes that do not \
+                 match the digest ({e:#})",
+                job.digest
+            );
+            log::error!(
+                "{why}: dropped its {freed} cached bytes; reads of the layer fail from now on"
+            );
+            target.fail(why);
+        }
+        Err(e) => log::warn!(
+            "background download of {} of {image_ref}: {e:#}",
+            job.digest
+        ),
+    }
+}
+
+/// The downloaded bytes of a blob have another digest than the one they were asked for by.
+#[derive(Debug, thiserror::Error)]
+#[error("downloaded blob has {got}, not {want}")]
+struct DigestMismatch {
+    got: String,
+    want: String,
+}
+
 /// A layer blob read from the registry (through the cache) until its download is done, then
 /// from the local file: the same bytes at the same offsets, so the layers above never notice.
+/// If the download shows the registry's bytes are not the blob's, every read fails (EIO).
 pub struct SwitchingBlob {
-    current: RwLock<Arc<dyn ReadAt>>,
+    current: RwLock<Current>,
     name: String,
     size: u64,
+}
+
+enum Current {
+    Reading(Arc<dyn ReadAt>),
+    /// Why the layer cannot be read.
+    Failed(String),
 }
 
 impl SwitchingBlob {
@@ -114,15 +168,21 @@ impl SwitchingBlob {
         SwitchingBlob {
             name: remote.name().to_owned(),
             size: remote.size(),
-            current: RwLock::new(remote),
+            current: RwLock::new(Current::Reading(remote)),
         }
     }
 
-    fn get(&self) -> Arc<dyn ReadAt> {
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+    fn get(&self) -> std::io::Result<Arc<dyn ReadAt>> {
+        match &*self.current.read().unwrap_or_else(|p| p.into_inner()) {
+            Current::Reading(r) => Ok(r.clone()),
+            // No errno: the device completes the request with EIO.
+            Current::Failed(why) => Err(std::io::Error::other(format!("{}: {why}", self.name))),
+        }
+    }
+
+    /// From now on, every read fails with `why`.
+    pub fn fail(&self, why: String) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Current::Failed(why);
     }
 
     /// From now on, reads come from `file` (which must hold the same bytes).
@@ -136,17 +196,21 @@ impl SwitchingBlob {
                 self.size
             );
         }
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(local);
+        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        if let Current::Failed(why) = &*current {
+            bail!("{}: {why}", self.name);
+        }
+        *current = Current::Reading(Arc::new(local));
         Ok(())
     }
 }
 
 impl ReadAt for SwitchingBlob {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
-        self.get().read_at(buf, offset)
+        self.get()?.read_at(buf, offset)
     }
     fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
-        self.get().read_at_nowait(buf, offset)
+        self.get()?.read_at_nowait(buf, offset)
     }
     fn size(&self) -> u64 {
         self.size
@@ -155,7 +219,9 @@ impl ReadAt for SwitchingBlob {
         &self.name
     }
     fn evict(&self, offset: u64, len: u64) {
-        self.get().evict(offset, len)
+        if let Ok(r) = self.get() {
+            r.evict(offset, len)
+        }
     }
 }
 
@@ -209,7 +275,8 @@ impl Download {
                 .with_context(|| format!("writing {}", tmp.display()))?;
             off += n as u64;
             if self.max_bytes_per_sec > 0.0 {
-                let due = Duration::from_secs_f64(off as f64 / self.max_bytes_per_sec);
+                let due = Duration::try_from_secs_f64(off as f64 / self.max_bytes_per_sec)
+                    .with_context(|| format!("pacing at {} bytes/s", self.max_bytes_per_sec))?;
                 if let Some(wait) = due.checked_sub(started.elapsed()) {
                     std::thread::sleep(wait);
                 }
@@ -221,7 +288,11 @@ impl Download {
             .map(|b| format!("{b:02x}"))
             .collect();
         if got != want_hex {
-            bail!("downloaded blob has sha256:{got}, not {}", self.digest);
+            return Err(DigestMismatch {
+                got: format!("sha256:{got}"),
+                want: self.digest.clone(),
+            }
+            .into());
         }
         out.sync_all()
             .with_context(|| format!("syncing {}", tmp.display()))?;
@@ -335,6 +406,91 @@ mod tests {
         // A file of the wrong size is refused as a switch target.
         std::fs::write(d2.path().join("short"), b"x").unwrap();
         assert!(sw.switch_to_file(&d2.path().join("short")).is_err());
+    }
+
+    /// A download whose sha256 does not match drops what the layer's registry repository
+    /// had cached of the blob (bytes no one can check), and the layer's reads fail with EIO
+    /// from then on (the registry lied; its blocks are all suspect).
+    #[test]
+    fn download_mismatch_purges_the_cache_and_fails_the_layer() {
+        use crate::blob_cache::tests::Fake;
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = BlobCache::open(&crate::config::CacheConfig::default(), tmp.path()).unwrap();
+        let (data, digest) = blob((3 << 20) + 5);
+        let mut bad = data.clone();
+        bad[(1 << 20) + 7] ^= 1;
+        let origin = "127.0.0.1:6000/evil/app";
+        let fake = Fake::served(bad.clone(), &digest, origin);
+        let cached = Arc::new(CachedBlob::with_source(cache.clone(), fake.clone()).unwrap());
+        let layer = SwitchingBlob::new(cached.clone());
+        let mut buf = vec![0u8; 2 << 20];
+        layer.read_at(&mut buf, 0).unwrap();
+        assert!(
+            buf == bad[..2 << 20],
+            "lazily read blocks cannot be checked"
+        );
+        assert_eq!(cached.cached_bytes(), 2 << 20);
+        let d = tempfile::tempdir().unwrap();
+        let job = Download {
+            source: Arc::new(MemSource::new(bad.clone(), "evil")),
+            digest: digest.clone(),
+            dir: d.path().to_owned(),
+            delay: Duration::ZERO,
+            max_bytes_per_sec: 0.0,
+        };
+        let result = job.run();
+        assert!(result.is_err());
+        finish_download(&job, result, &layer, &cached, origin);
+        assert_eq!(cached.cached_bytes(), 0, "the suspect blocks are kept");
+        assert_eq!(cache.stats().cached_bytes, 0);
+        let fetched = fake.fetched();
+        for r in [
+            layer.read_at(&mut buf, 0),
+            layer.read_at_nowait(&mut buf, 3 << 20),
+        ] {
+            let e = r.unwrap_err();
+            // The device completes a request that fails without an errno with EIO.
+            assert_eq!(e.raw_os_error().unwrap_or(libc::EIO), libc::EIO, "{e}");
+            assert!(e.to_string().contains(&digest), "{e}");
+        }
+        assert_eq!(fake.fetched(), fetched, "read from the registry again");
+    }
+
+    /// A download that matches its digest makes the blob verified in the cache: a reader of
+    /// the digest from another registry gets the blocks this layer had cached, unfetched; the
+    /// layer reads the file.
+    #[test]
+    fn matching_download_shares_the_blob_in_the_cache() {
+        use crate::blob_cache::tests::Fake;
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = BlobCache::open(&crate::config::CacheConfig::default(), tmp.path()).unwrap();
+        let (data, digest) = blob((3 << 20) + 5);
+        let origin = "127.0.0.1:5000/app";
+        let a = Fake::served(data.clone(), &digest, origin);
+        let cached = Arc::new(CachedBlob::with_source(cache.clone(), a.clone()).unwrap());
+        let layer = SwitchingBlob::new(cached.clone());
+        let mut buf = vec![0u8; 1 << 20];
+        layer.read_at(&mut buf, 0).unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let job = Download {
+            source: Arc::new(MemSource::new(data.clone(), "blob")),
+            digest: digest.clone(),
+            dir: d.path().to_owned(),
+            delay: Duration::ZERO,
+            max_bytes_per_sec: 0.0,
+        };
+        let result = job.run();
+        finish_download(&job, result, &layer, &cached, origin);
+        let fetched = a.fetched();
+        layer.read_at(&mut buf, 2 << 20).unwrap();
+        assert!(buf == data[2 << 20..3 << 20]);
+        assert_eq!(a.fetched(), fetched, "read from the file");
+        let b = Fake::served(data.clone(), &digest, "127.0.0.1:5001/other");
+        let other = CachedBlob::with_source(cache.clone(), b.clone()).unwrap();
+        assert!(other.is_verified());
+        assert_eq!(other.read_at_nowait(&mut buf, 0).unwrap(), 1 << 20);
+        assert!(buf == data[..1 << 20]);
+        assert_eq!(b.fetched(), 0);
     }
 
     #[test]

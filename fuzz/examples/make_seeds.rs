@@ -281,33 +281,47 @@ fn oci_layout_seeds() {
     );
 }
 
-/// Cache files as a clean stop leaves them: a 600 KiB blob (3 blocks of 256 KiB), blocks 0
-/// and 2 recorded; the map whole, the data file as its length and its trailer.
+/// Cache files as a clean stop leaves them: a 600 KiB blob (3 blocks of 256 KiB) from one
+/// origin, blocks 0 and 2 recorded, and another as a verified entry with block 1; the maps and
+/// block hashes whole, the data files as their length and trailer.
 fn block_cache_seeds() {
-    use ovbd_fuzz::{encode_cache_files, CacheFile, CACHE_DIGESTS};
+    use ovbd_fuzz::{encode_cache_files, CacheFile, CACHE_BLOB_SIZE, CACHE_DIGESTS, CACHE_ORIGIN};
     let tmp = tempfile::tempdir().unwrap();
-    let size = 600 << 10;
-    ovbd::fuzzing::block_cache_sample(tmp.path(), CACHE_DIGESTS[0], size, &[0, 2]).unwrap();
-    let hex = &CACHE_DIGESTS[0][7..];
-    let map = std::fs::read(tmp.path().join(format!("sha256/{hex}.map"))).unwrap();
-    let data = std::fs::read(tmp.path().join(format!("sha256/{hex}.data"))).unwrap();
+    let size = CACHE_BLOB_SIZE;
     let trailer_at = (size as usize).div_ceil(4096) * 4096;
-    let files = vec![
-        CacheFile {
-            kind: 0,
-            fix_crc: false,
-            len: map.len() as u64,
-            write_at: 0,
-            bytes: map.clone(),
-        },
-        CacheFile {
-            kind: 1,
-            fix_crc: false,
-            len: data.len() as u64,
-            write_at: trailer_at as u64,
-            bytes: data[trailer_at..].to_vec(),
-        },
-    ];
+    let entry = |origin, digest, present: &[u64], kinds: [u8; 3]| {
+        let (data, map, sums) =
+            ovbd::fuzzing::block_cache_sample(tmp.path(), origin, digest, size, present).unwrap();
+        let (map, data) = (std::fs::read(map).unwrap(), std::fs::read(data).unwrap());
+        let mut files = vec![
+            CacheFile {
+                kind: kinds[0],
+                fix_crc: false,
+                len: map.len() as u64,
+                write_at: 0,
+                bytes: map.clone(),
+            },
+            CacheFile {
+                kind: kinds[1],
+                fix_crc: false,
+                len: data.len() as u64,
+                write_at: trailer_at as u64,
+                bytes: data[trailer_at..].to_vec(),
+            },
+        ];
+        if origin.is_none() {
+            let sums = std::fs::read(sums).unwrap();
+            files.push(CacheFile {
+                kind: kinds[2],
+                fix_crc: false,
+                len: sums.len() as u64,
+                write_at: 0,
+                bytes: sums,
+            });
+        }
+        files
+    };
+    let files = entry(Some(CACHE_ORIGIN), CACHE_DIGESTS[0], &[0, 2], [0, 1, 0]);
     put("block_cache", "one_blob.cache", &encode_cache_files(&files));
     let mut more = files.clone();
     more.push(CacheFile {
@@ -329,6 +343,9 @@ fn block_cache_seeds() {
         "with_strays.cache",
         &encode_cache_files(&more),
     );
+    let mut both = files;
+    both.extend(entry(None, CACHE_DIGESTS[1], &[1], [2, 3, 5]));
+    put("block_cache", "verified.cache", &encode_cache_files(&both));
 }
 
 /// Layer tars with every kind of entry `ovbd convert` handles.

@@ -154,11 +154,18 @@ pub fn write_layout(dir: &std::path::Path, parts: &[Vec<u8>]) -> std::io::Result
 // ------------------------------------------------------------------------ block_cache input
 
 /// The digests whose cache files a `block_cache` input writes: kinds 0/1 are the map and
-/// data file of the first, 2/3 of the second.
+/// data file of the first (an entry of [`CACHE_ORIGIN`]), 2/3 of the second (a verified
+/// entry) and 5 its block hashes (`.sums`). Both entries are of [`CACHE_BLOB_SIZE`] bytes.
 pub const CACHE_DIGESTS: [&str; 2] = [
     "sha256:abababababababababababababababababababababababababababababababab",
     "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
 ];
+
+/// The registry repository whose entry kinds 0/1 make.
+pub const CACHE_ORIGIN: &str = "127.0.0.1:5000/fuzz";
+
+/// The blob size in the names of the entries' files (a record of another size is dropped).
+pub const CACHE_BLOB_SIZE: u64 = 600 << 10;
 
 /// The largest file a `block_cache` input makes (sparse), and the most it writes in one.
 pub const CACHE_MAX_FILE: u64 = 64 << 20;
@@ -166,7 +173,8 @@ pub const CACHE_MAX_FILE: u64 = 64 << 20;
 /// One file of a `block_cache` input.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CacheFile {
-    /// 0..=3, see [`CACHE_DIGESTS`]; other values: a stray file `.tmp-<kind>` / `junk.<kind>`.
+    /// 0..=3 and 5, see [`CACHE_DIGESTS`]; other values: a stray file `.tmp-<kind>` /
+    /// `junk.<kind>` next to the first entry's files.
     pub kind: u8,
     /// Recompute the CRC32C of the 4 KiB record written at `write_at` (`crc32c` of its first
     /// 4092 bytes, stored LE in the last 4), so the fuzzer gets past the checksum.
@@ -210,26 +218,37 @@ pub fn encode_cache_files(files: &[CacheFile]) -> Vec<u8> {
     v
 }
 
-/// Writes `files` into a cache directory `dir` (`<dir>/sha256/...`).
+/// Writes `files` into a cache directory `dir` (where the cache keeps them).
 pub fn write_cache_files(dir: &std::path::Path, files: &[CacheFile]) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
-    let d = dir.join("sha256");
-    std::fs::create_dir_all(&d)?;
+    let paths = |i: usize| {
+        let origin = (i == 0).then_some(CACHE_ORIGIN);
+        ovbd::fuzzing::block_cache_paths(dir, origin, CACHE_DIGESTS[i], CACHE_BLOB_SIZE)
+    };
+    let (first_data, first_map, _) = paths(0);
+    let (second_data, second_map, second_sums) = paths(1);
     for f in files {
-        let name = match f.kind {
-            0..=3 => {
-                let hex = &CACHE_DIGESTS[f.kind as usize / 2][7..];
-                format!("{hex}.{}", if f.kind % 2 == 0 { "map" } else { "data" })
-            }
-            k if k % 2 == 0 => format!(".tmp-{k}"),
-            k => format!("junk.{k}"),
+        let path = match f.kind {
+            0 => first_map.clone(),
+            1 => first_data.clone(),
+            2 => second_map.clone(),
+            3 => second_data.clone(),
+            5 => second_sums.clone(),
+            k => first_map.with_file_name(if k % 2 == 0 {
+                format!(".tmp-{k}")
+            } else {
+                format!("junk.{k}")
+            }),
         };
+        if let Some(d) = path.parent() {
+            std::fs::create_dir_all(d)?;
+        }
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
-            .open(d.join(name))?;
+            .open(path)?;
         file.set_len(f.len)?;
         file.write_all_at(&f.bytes, f.write_at)?;
         if f.fix_crc {

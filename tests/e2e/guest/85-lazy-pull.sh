@@ -32,9 +32,11 @@ large_mib=${OVBD_LAZY_LARGE_MIB:-64}
 t0=$SECONDS
 
 root_parent= && e2e_tmpdir root_parent /var/tmp
-# A short read deadline for the fault part (the default is 30 s).
+# A short read deadline for the fault part (the default is 30 s). No background download until part 8 (it is
+# on by default): a download would add to the bytes fetched that parts 3 and 7 measure.
 deadline=8
 OVBD_SERVE_REGISTRY_CONFIG=$'timeout_secs = '$deadline$'\nstall_timeout_secs = 2\nretries = 3'
+OVBD_SERVE_EXTRA_CONFIG=$'[download]\nenable = false'
 ovbd_serve_setup "$OVBD" "$root_parent/root" "$WORK/ovbd/ovbd.sock"
 [[ -z $OVBD_SERVE_MISSING ]] || fail "$OVBD_SERVE_MISSING"
 E2E_REGISTRY_ACCESSLOG=1 registry_start "$WORK/registry"
@@ -160,12 +162,8 @@ pass "CRI (snapshotter ovbd): a pod read the image's readme.txt after a lazy pul
 
 # ---- background download: every remote layer of lazy:obd lands in its directory, digest-checked.
 ovbd_serve_stop || fail "stopping ovbd serve"
-cat >>"$OVBD_SERVE_CONFIG" <<'EOF'
-[download]
-enable = true
-delay_secs = 0
-max_mbps = 0
-EOF
+sed -i 's/^enable = false$/enable = true\ndelay_secs = 0\nmax_mbps = 0/' "$OVBD_SERVE_CONFIG"
+grep -qx 'delay_secs = 0' "$OVBD_SERVE_CONFIG" || fail "could not turn [download] on in $OVBD_SERVE_CONFIG"
 ovbd_serve_start || fail "ovbd serve did not restart with [download] enable"
 ctr_do run --rm --snapshotter "$E2E_SNAP" "$obd_ref" lazy-obd-dl "${cmd[@]}" >/dev/null || fail "ctr run (download)"
 mapfile -t layer_digests < <(grep -o '"digest": *"sha256:[0-9a-f]*"' "$WORK/convert.json" | grep -o 'sha256:[0-9a-f]*')
