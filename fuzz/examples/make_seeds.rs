@@ -133,6 +133,30 @@ fn main() {
     put("lsmt", "sealed_rw.lsmt", &std::fs::read(&d).unwrap());
     std::fs::remove_dir_all(&dir).unwrap();
 
+    // Stacks (u32 LE length + layer, bottom first): layers that overlap, cut and hide each
+    // other, with zeroed mappings on top of data and an empty layer in between.
+    let upper = lsmt(&[
+        (2, 4, false),
+        (10, 1, true),
+        (17, 2, false),
+        (44, 30, false),
+    ]);
+    let top = lsmt(&[(0, 1, true), (12, 20, false), (41, 2, true)]);
+    let stack = |layers: &[&[u8]]| -> Vec<u8> {
+        let mut v = Vec::new();
+        for l in layers {
+            v.extend_from_slice(&(l.len() as u32).to_le_bytes());
+            v.extend_from_slice(l);
+        }
+        v
+    };
+    put("stack", "three.stack", &stack(&[&small, &upper, &top]));
+    put(
+        "stack",
+        "with_empty.stack",
+        &stack(&[&upper, &lsmt(&[]), &small, &top]),
+    );
+
     let z = blob(&small, Some(lz4), false);
     put("zfile", "small_lz4.zfile", &z);
     let zstd = ZFileOptions {

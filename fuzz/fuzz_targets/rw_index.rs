@@ -1,14 +1,14 @@
 //! An RW layer pair (writable_data + writable_index) from arbitrary bytes: RwLayer::open, read
 //! every mapping (budgeted), then seal it and check the sealed file opens read-only and reads
-//! the same.
+//! the same, also from a source that claims more bytes than the file holds.
 //!
 //! Input: a u32 (LE) split point, then the data file's bytes up to it and the index file's after.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use ovbd_format::index::Piece;
-use ovbd_format::{FileSource, LsmtFile, RwLayer};
-use ovbd_fuzz::BUDGET;
+use ovbd_format::{FileSource, LsmtFile, ReadAt, RwLayer};
+use ovbd_fuzz::{Liar, BUDGET};
 use std::sync::Arc;
 
 /// Reads every mapping within the budget: (sector offset, bytes) per piece read.
@@ -74,17 +74,25 @@ fuzz_target!(|input: &[u8]| {
     if let Err(e) = layer.seal() {
         return check_err_in(&e);
     }
-    let sealed = match LsmtFile::open(Arc::new(FileSource::open(&d).unwrap())) {
-        Ok(l) => l,
-        Err(e) => panic!("a layer that opened and sealed does not open read-only: {e}"),
-    };
-    let stack = ovbd_format::LayerStack::new(vec![sealed]).unwrap();
-    for (sector, want) in before {
-        let mut got = vec![0u8; want.len()];
-        stack.read(&mut got, sector * 512).unwrap();
-        assert!(
-            got == want,
-            "sealed layer reads differently at sector {sector}"
-        );
+    let file: Arc<dyn ReadAt> = Arc::new(FileSource::open(&d).unwrap());
+    // As a file, and from a source claiming 1 TiB with the trailer at the claimed end (the
+    // index read in pieces from a size that is not the file's): both read the same.
+    for src in [
+        file.clone(),
+        Arc::new(Liar::new(file, 4096)) as Arc<dyn ReadAt>,
+    ] {
+        let sealed = match LsmtFile::open(src) {
+            Ok(l) => l,
+            Err(e) => panic!("a layer that opened and sealed does not open read-only: {e}"),
+        };
+        let stack = ovbd_format::LayerStack::new(vec![sealed]).unwrap();
+        for (sector, want) in &before {
+            let mut got = vec![0u8; want.len()];
+            stack.read(&mut got, sector * 512).unwrap();
+            assert!(
+                got == *want,
+                "sealed layer reads differently at sector {sector}"
+            );
+        }
     }
 });

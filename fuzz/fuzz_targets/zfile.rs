@@ -1,13 +1,24 @@
-//! ZFileReader::open on arbitrary bytes, then reads over its whole (budgeted) range.
+//! ZFileReader::open on arbitrary bytes, then reads over its whole (budgeted) range; the same
+//! from a source that claims more bytes than it holds.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use ovbd_format::source::read_exact_at;
 use ovbd_format::{MemSource, ReadAt, ZFileReader};
-use ovbd_fuzz::{check_err, read_source, BUDGET, NAME};
+use ovbd_fuzz::{check_err, read_source, Liar, BUDGET, NAME};
 use std::sync::Arc;
 
 fuzz_target!(|data: &[u8]| {
+    // The same bytes from a source claiming 1 TiB (trailer at the claimed end): sizes the
+    // header takes from that claim must not turn into allocations (-malloc_limit_mb).
+    match ZFileReader::open(Arc::new(Liar::bytes(data, 512))) {
+        Ok(z) => {
+            if let Err(e) = read_source(&z, BUDGET) {
+                check_err(&e);
+            }
+        }
+        Err(e) => check_err(&e),
+    }
     let src = Arc::new(MemSource::new(data.to_vec(), NAME));
     let z = match ZFileReader::open(src) {
         Ok(z) => z,

@@ -77,6 +77,53 @@ pub fn read_lsmt(lsmt: LsmtFile, budget: u64) -> Result<(), Error> {
     Ok(())
 }
 
+/// What a [`Liar`] claims to hold: 1 TiB.
+pub const LIAR_SIZE: u64 = 1 << 40;
+
+/// A source whose size claims more than it holds, as a blob whose registry or manifest lies
+/// about its length: `inner` but for its last `tail` bytes at 0, those at the claimed end
+/// (where trailers are read), and nothing in between (reads there find the end of the data).
+pub struct Liar {
+    inner: std::sync::Arc<dyn ReadAt>,
+    tail: u64,
+}
+
+impl Liar {
+    pub fn new(inner: std::sync::Arc<dyn ReadAt>, tail: u64) -> Liar {
+        let tail = tail.min(inner.size());
+        Liar { inner, tail }
+    }
+
+    /// The input bytes, lying.
+    pub fn bytes(data: &[u8], tail: u64) -> Liar {
+        Liar::new(
+            std::sync::Arc::new(ovbd_format::MemSource::new(data.to_vec(), NAME)),
+            tail,
+        )
+    }
+}
+
+impl ReadAt for Liar {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        let head = self.inner.size() - self.tail;
+        if offset < head {
+            let n = (buf.len() as u64).min(head - offset) as usize;
+            return self.inner.read_at(&mut buf[..n], offset);
+        }
+        let tail_at = LIAR_SIZE - self.tail;
+        if offset >= tail_at && offset < LIAR_SIZE {
+            return self.inner.read_at(buf, head + (offset - tail_at));
+        }
+        Ok(0)
+    }
+    fn size(&self) -> u64 {
+        LIAR_SIZE
+    }
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+}
+
 /// This process's scratch directory in `/dev/shm` (else the temp dir), made empty on the
 /// first call (named for `target` then): libFuzzer exits without running destructors, so a
 /// target reuses one directory per run.

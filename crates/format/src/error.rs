@@ -49,6 +49,23 @@ impl Error {
         }
     }
 
+    /// Says which structure a corrupt read was reading (`index (N entries at O)`), so an
+    /// "unexpected end of data" names the field whose bytes are missing.
+    pub(crate) fn within(self, what: impl std::fmt::Display) -> Self {
+        match self {
+            Error::Corrupt {
+                file,
+                offset,
+                what: inner,
+            } => Error::Corrupt {
+                file,
+                offset,
+                what: format!("{what}: {inner}"),
+            },
+            e => e,
+        }
+    }
+
     pub(crate) fn io(file: &str, offset: u64, source: io::Error) -> Self {
         Error::Io {
             file: file.to_string(),

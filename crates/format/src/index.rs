@@ -258,9 +258,22 @@ fn pad(v: &mut Vec<u64>) {
 /// Merges `top` over `bottom` (each sorted, non-overlapping): the result holds all of `top`
 /// plus the parts of `bottom` that `top` does not cover.
 pub fn merge_over(top: &[Segment], bottom: &[Segment]) -> Vec<Segment> {
-    let mut uncovered = Vec::with_capacity(bottom.len());
+    merge_over_limited(top, bottom, usize::MAX).unwrap_or_default()
+}
+
+/// As [`merge_over`], but `None` as soon as the result would pass `limit` entries.
+fn merge_over_limited(top: &[Segment], bottom: &[Segment], limit: usize) -> Option<Vec<Segment>> {
+    if top.len() > limit {
+        return None;
+    }
+    let room = limit - top.len();
+    let mut uncovered = Vec::with_capacity(bottom.len().min(room));
     let mut j = 0usize;
     for b in bottom {
+        // Checked per bottom segment: each adds at most one piece more than the top ones in it.
+        if uncovered.len() > room {
+            return None;
+        }
         while j < top.len() && top[j].end() <= b.offset {
             j += 1;
         }
@@ -282,6 +295,9 @@ pub fn merge_over(top: &[Segment], bottom: &[Segment]) -> Vec<Segment> {
             }
         }
     }
+    if uncovered.len() > room {
+        return None;
+    }
     let mut out = Vec::with_capacity(top.len() + uncovered.len());
     let (mut i, mut k) = (0usize, 0usize);
     while i < top.len() && k < uncovered.len() {
@@ -295,37 +311,52 @@ pub fn merge_over(top: &[Segment], bottom: &[Segment]) -> Vec<Segment> {
     }
     out.extend_from_slice(&top[i..]);
     out.extend_from_slice(&uncovered[k..]);
-    out
+    Some(out)
 }
 
 /// Merges whole layers, `layers[0]` the top. Each layer's segments get `tag` = its position.
 /// Pairwise reduction keeps the work at O(total · log layers).
 pub fn merge_layers(layers: Vec<Vec<Segment>>) -> Vec<Segment> {
-    let mut parts: Vec<Vec<Segment>> = layers
+    merge_layers_limited(layers, usize::MAX).unwrap_or_default()
+}
+
+/// As [`merge_layers`], but stops as soon as the merged index passes `limit` entries, with the
+/// position of the topmost layer whose entries were being added. Only merges that include the
+/// top layer are checked: their counts only grow toward the final one, while a merge of lower
+/// layers alone may exceed it (layers above can hide it) yet holds at most twice their entries.
+pub fn merge_layers_limited(
+    layers: Vec<Vec<Segment>>,
+    limit: usize,
+) -> Result<Vec<Segment>, usize> {
+    // (position of the group's top layer, its merged segments)
+    let mut parts: Vec<(usize, Vec<Segment>)> = layers
         .into_iter()
         .enumerate()
         .map(|(i, mut segs)| {
             for s in &mut segs {
                 s.tag = i as u8;
             }
-            segs
+            (i, segs)
         })
         .collect();
-    if parts.is_empty() {
-        return Vec::new();
+    if parts.first().is_some_and(|(_, segs)| segs.len() > limit) {
+        return Err(0);
     }
     while parts.len() > 1 {
         let mut next = Vec::with_capacity(parts.len().div_ceil(2));
         let mut it = parts.into_iter();
-        while let Some(upper) = it.next() {
+        while let Some((top, upper)) = it.next() {
             match it.next() {
-                Some(lower) => next.push(merge_over(&upper, &lower)),
-                None => next.push(upper),
+                Some((below, lower)) => {
+                    let cap = if top == 0 { limit } else { usize::MAX };
+                    next.push((top, merge_over_limited(&upper, &lower, cap).ok_or(below)?))
+                }
+                None => next.push((top, upper)),
             }
         }
         parts = next;
     }
-    parts.pop().unwrap_or_default()
+    Ok(parts.pop().map(|(_, segs)| segs).unwrap_or_default())
 }
 
 #[cfg(test)]

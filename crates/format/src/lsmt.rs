@@ -15,6 +15,8 @@ pub const MAX_MOFFSET: u64 = (1 << 55) - 1;
 pub const MAX_RO_INDEX_SIZE: u64 = 1_000_000;
 pub const MAX_RW_INDEX_SIZE: u64 = 128_000_000;
 pub const MAX_STACK_LAYERS: usize = 255;
+/// A read-only index is read and checked this many entries (64 KiB) at a time.
+const INDEX_CHUNK: u64 = 4096;
 /// Writes are split into entries of at most this many bytes.
 pub const MAX_IO_SIZE: u64 = 4 << 20;
 
@@ -360,9 +362,31 @@ impl LsmtFile {
                 ),
             ));
         }
-        let mut raw = vec![0u8; (trailer.index_size * 16) as usize];
-        read_exact_at(&*source, &mut raw, trailer.index_offset)?;
-        let segments = validate_index(&raw, &name, trailer.index_offset)?;
+        // Read in pieces: memory follows the entries that actually arrive, not the count the
+        // trailer claims (a source may claim more bytes than it has).
+        let mut segments = Vec::new();
+        let mut raw = Vec::new();
+        let mut done = 0u64;
+        while done < trailer.index_size {
+            let n = (trailer.index_size - done).min(INDEX_CHUNK);
+            raw.resize(16 * n as usize, 0);
+            read_exact_at(&*source, &mut raw, trailer.index_offset + 16 * done).map_err(|e| {
+                e.within(format_args!(
+                    "index ({} entries at {})",
+                    trailer.index_size, trailer.index_offset
+                ))
+            })?;
+            segments.try_reserve(n as usize).map_err(|_| {
+                Error::corrupt(
+                    &name,
+                    toff + 40,
+                    format!("no memory for an index of {} entries", trailer.index_size),
+                )
+            })?;
+            validate_index(&raw, done, &name, trailer.index_offset, &mut segments)?;
+            done += n;
+        }
+        segments.shrink_to_fit();
         Ok(LsmtFile {
             index_entries: trailer.index_size,
             header,
@@ -381,12 +405,19 @@ impl LsmtFile {
     }
 }
 
-/// Decodes a committed index: drops padding, resets tags, checks order and bounds.
-fn validate_index(raw: &[u8], name: &str, index_offset: u64) -> Result<Vec<Segment>> {
+/// Decodes entries `first..` of a committed index onto `out`: drops padding, resets tags,
+/// checks order and bounds.
+fn validate_index(
+    raw: &[u8],
+    first: u64,
+    name: &str,
+    index_offset: u64,
+    out: &mut Vec<Segment>,
+) -> Result<()> {
     let data_end = index_offset / SECTOR;
-    let mut out: Vec<Segment> = Vec::with_capacity(raw.len() / 16);
-    for (i, chunk) in raw.chunks_exact(16).enumerate() {
-        let at = index_offset + 16 * i as u64;
+    for (k, chunk) in raw.chunks_exact(16).enumerate() {
+        let i = first + k as u64;
+        let at = index_offset + 16 * i;
         let mut e = [0u8; 16];
         e.copy_from_slice(chunk);
         let Some(mut s) = Segment::decode(&e) else {
@@ -423,7 +454,7 @@ fn validate_index(raw: &[u8], name: &str, index_offset: u64) -> Result<Vec<Segme
         }
         out.push(s);
     }
-    Ok(out)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -25,7 +25,12 @@ const FLAG_MASK: u64 = 0x3f;
 
 pub const MIN_BLOCK_SIZE: u32 = 4096;
 pub const MAX_BLOCK_SIZE: u32 = 65536;
-pub const MAX_INDEX_SIZE: u64 = 1_000_000_000;
+/// Jump-table entries, at most: the kernel module's 1 GiB table, 1 TiB of 4 KiB blocks in one
+/// layer. Upstream's user space allows 1e9 (12 GB of tables here); no real image comes near.
+pub const MAX_INDEX_SIZE: u64 = 1 << 28;
+/// The jump table is read and checked this many entries at a time, so memory follows the bytes
+/// that actually arrive, not the count a header claims.
+const TABLE_CHUNK: u64 = 64 * 1024;
 /// Compressed bytes fetched from the source in one read, at most (unless one block is larger).
 const MAX_READ: u64 = 64 * 1024;
 /// A block whose CRC fails is read again this many times before the read fails.
@@ -239,14 +244,21 @@ impl ZFileReader {
             });
         }
         let bs = info.block_size as u64;
-        if info.index_size > MAX_INDEX_SIZE
-            || info.index_size != info.original_file_size.div_ceil(bs)
-        {
+        if info.index_size != info.original_file_size.div_ceil(bs) {
             return Err(bad(
                 48,
                 format!(
                     "jump table of {} entries does not match the original size {} in {bs}-byte blocks",
                     info.index_size, info.original_file_size
+                ),
+            ));
+        }
+        if info.index_size > MAX_INDEX_SIZE {
+            return Err(bad(
+                48,
+                format!(
+                    "jump table of {} entries exceeds the limit of {MAX_INDEX_SIZE}",
+                    info.index_size
                 ),
             ));
         }
@@ -260,39 +272,80 @@ impl ZFileReader {
                 ),
             ));
         }
-        let mut table = vec![0u8; (info.index_size * 4) as usize];
-        read_exact_at(&*src, &mut table, info.index_offset)?;
-        if info.has(FLAG_DIGEST) {
-            let crc = crc32c_raw(0, &table);
-            if crc != info.index_crc {
-                return Err(bad(
-                    64,
-                    format!(
-                        "jump table CRC {crc:#010x} does not match {:#010x}",
-                        info.index_crc
-                    ),
-                ));
-            }
-        }
         let min_len = if info.verify { 5 } else { 1 };
+        // Every block takes at least min_len bytes between the header and the table.
+        if info.index_size * min_len > info.index_offset - HEADER_SIZE {
+            return Err(bad(
+                48,
+                format!(
+                    "{} blocks of at least {min_len} bytes each do not fit between the header and the jump table at {}",
+                    info.index_size, info.index_offset
+                ),
+            ));
+        }
         let max_len = max_compressed(algo, info.block_size) + 4;
-        let mut starts = Vec::with_capacity(info.index_size as usize + 1);
+        let mut starts: Vec<u64> = Vec::new();
         let mut pos = HEADER_SIZE;
         starts.push(pos);
-        for (i, e) in table.chunks_exact(4).enumerate() {
-            let len = u32::from_le_bytes([e[0], e[1], e[2], e[3]]) as u64;
-            if len < min_len || len > max_len {
-                return Err(Error::corrupt(
-                    &name,
-                    info.index_offset + 4 * i as u64,
-                    format!(
-                        "jump table entry {i}: block length {len} outside [{min_len}, {max_len}]"
-                    ),
-                ));
+        let mut table = Vec::new();
+        let mut crc = 0u32;
+        // The first bad entry, reported once the CRC (if any) has been checked: a damaged
+        // table should say so rather than blame one of its entries.
+        let mut bad_entry: Option<Error> = None;
+        let mut done = 0u64;
+        while done < info.index_size {
+            let n = (info.index_size - done).min(TABLE_CHUNK);
+            table.resize(4 * n as usize, 0);
+            read_exact_at(&*src, &mut table, info.index_offset + 4 * done).map_err(|e| {
+                e.within(format_args!(
+                    "jump table ({} entries at {})",
+                    info.index_size, info.index_offset
+                ))
+            })?;
+            crc = crc32c_raw(crc, &table);
+            if bad_entry.is_none() {
+                // Grown only by entries read, so a false count costs at most one chunk.
+                starts.try_reserve(n as usize).map_err(|_| {
+                    bad(
+                        48,
+                        format!("no memory for a jump table of {} entries", info.index_size),
+                    )
+                })?;
+                for (k, e) in table.chunks_exact(4).enumerate() {
+                    let i = done + k as u64;
+                    let len = u32::from_le_bytes([e[0], e[1], e[2], e[3]]) as u64;
+                    if len < min_len || len > max_len {
+                        bad_entry = Some(Error::corrupt(
+                            &name,
+                            info.index_offset + 4 * i,
+                            format!(
+                                "jump table entry {i}: block length {len} outside [{min_len}, {max_len}]"
+                            ),
+                        ));
+                        break;
+                    }
+                    pos += len;
+                    starts.push(pos);
+                }
             }
-            pos += len;
-            starts.push(pos);
+            if bad_entry.is_some() && !info.has(FLAG_DIGEST) {
+                break;
+            }
+            done += n;
         }
+        if info.has(FLAG_DIGEST) && crc != info.index_crc {
+            return Err(bad(
+                64,
+                format!(
+                    "jump table CRC {crc:#010x} does not match {:#010x}",
+                    info.index_crc
+                ),
+            ));
+        }
+        if let Some(e) = bad_entry {
+            return Err(e);
+        }
+        starts.shrink_to_fit();
         if pos > info.index_offset {
             return Err(bad(
                 40,

@@ -13,6 +13,8 @@ use ovbd_format::zfile::{Algorithm, ZFileHeader, ZFileOptions, ZFileReader};
 use ovbd_format::{Error, FileSource, LayerStack, LsmtFile, MemSource, ReadAt, RwLayer, RwMode};
 use std::sync::{Arc, OnceLock};
 
+mod common;
+
 const NAME: &str = "sha256:bad-input-under-test";
 const HELLO: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -1183,4 +1185,50 @@ fn rw_write_inside_a_discard_seals_to_an_openable_layer() {
         want[5120..5632].fill(0x42);
         assert!(got == want, "reopen={reopen}");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sources that claim more than they hold (a registry or manifest lying about a blob's length)
+
+/// A ZFile whose jump table the source claims to hold (1 TiB) but does not: the table is read
+/// as it arrives, so the error comes at the table and names it (tests/alloc_limits.rs checks
+/// that nothing sized by the claim is allocated first).
+#[test]
+fn lying_source_zfile_jump_table() {
+    // At the limit (2^28 entries: 1 TiB of 4 KiB blocks), placed where its blocks fit.
+    let at = 1u64 << 39;
+    let liar: Arc<dyn ReadAt> = Arc::new(common::lying_zfile(1 << 28, at, NAME));
+    assert_corrupt(ZFileReader::open(liar.clone()), at, "jump table");
+    assert_corrupt(open_layer(liar), at, "jump table");
+    // Past the limit: refused from the header alone.
+    for n in [(1u64 << 28) + 1, 1_000_000_000] {
+        let liar = Arc::new(common::lying_zfile(n, 512, NAME));
+        assert_corrupt(ZFileReader::open(liar), 48, "exceeds");
+    }
+    // More blocks than fit between the header and the table, even at 5 bytes each.
+    let liar = Arc::new(common::lying_zfile(1 << 20, 512 + 5 * (1 << 20) - 1, NAME));
+    assert_corrupt(ZFileReader::open(liar), 48, "do not fit");
+}
+
+/// An LSMT index the source claims to hold but does not: the error comes where its data ends
+/// and names the index.
+#[test]
+fn lying_source_lsmt_index() {
+    let liar: Arc<dyn ReadAt> = Arc::new(common::lying_lsmt(1_000_000, &[], NAME));
+    assert_corrupt(LsmtFile::open(liar.clone()), 4096, "index");
+    assert_corrupt(open_layer(liar), 4096, "index");
+    // The first 300 entries are there (valid, zeroed): the error is at the 301st.
+    let mut held = Vec::new();
+    for i in 0..300u64 {
+        let s = Segment {
+            offset: i * 16,
+            length: 8,
+            moffset: 8,
+            zeroed: true,
+            tag: 0,
+        };
+        held.extend_from_slice(&s.encode());
+    }
+    let liar = Arc::new(common::lying_lsmt(1_000_000, &held, NAME));
+    assert_corrupt(LsmtFile::open(liar), 4096 + 300 * 16, "index");
 }

@@ -98,3 +98,90 @@ pub enum LayerWrite {
 pub fn open_mem(bytes: Vec<u8>, name: &str) -> LsmtFile {
     LsmtFile::open(Arc::new(MemSource::new(bytes, name))).expect("open layer")
 }
+
+/// A source whose `size()` claims far more than it holds, as a blob whose registry or manifest
+/// lies about its length: `head` at 0, `tail` at the claimed end, and nothing in between (reads
+/// there find the end of the data, like a truncated download).
+pub struct Liar {
+    pub head: Vec<u8>,
+    pub tail: Vec<u8>,
+    pub size: u64,
+    pub name: String,
+}
+
+impl ReadAt for Liar {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        let tail_at = self.size - self.tail.len() as u64;
+        let (part, at) = if offset < self.head.len() as u64 {
+            (&self.head, offset as usize)
+        } else if offset >= tail_at && offset < self.size {
+            (&self.tail, (offset - tail_at) as usize)
+        } else {
+            return Ok(0);
+        };
+        let n = buf.len().min(part.len() - at);
+        buf[..n].copy_from_slice(&part[at..at + n]);
+        Ok(n)
+    }
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// One TiB: what a lying source claims.
+pub const LIAR_SIZE: u64 = 1 << 40;
+
+/// A ZFile header (final index information in the header) claiming a jump table of `entries`
+/// 4 KiB blocks at `index_offset`, followed by 4 KiB of bytes: all a liar holds.
+pub fn lying_zfile(entries: u64, index_offset: u64, name: &str) -> Liar {
+    use ovbd_format::zfile::*;
+    let h = ZFileHeader {
+        digest: 0,
+        flags: FLAG_HEADER | FLAG_DATA | FLAG_HEADER_OVERWRITE | FLAG_DIGEST,
+        index_offset,
+        index_size: entries,
+        original_file_size: entries * 4096,
+        index_crc: 0,
+        block_size: 4096,
+        algo: Algorithm::Lz4.code(),
+        level: 0,
+        use_dict: 0,
+        dict_size: 0,
+        verify: true,
+    };
+    let mut head = h.encode().to_vec();
+    head.extend_from_slice(&[0x11; 4096]);
+    Liar {
+        head,
+        tail: Vec::new(),
+        size: LIAR_SIZE,
+        name: name.into(),
+    }
+}
+
+/// An LSMT layer whose trailer, at the claimed end, says `entries` index entries start at 4096;
+/// the liar holds the header, `index` (the start of the index) and the trailer.
+pub fn lying_lsmt(entries: u64, index: &[u8], name: &str) -> Liar {
+    use ovbd_format::lsmt::*;
+    let mut head = LsmtHeader::new(
+        FLAG_HEADER | FLAG_DATA | FLAG_SEALED,
+        1 << 30,
+        NIL_UUID,
+        NIL_UUID,
+    )
+    .encode()
+    .to_vec();
+    head.extend_from_slice(index);
+    let mut t = LsmtHeader::new(FLAG_DATA | FLAG_SEALED, 1 << 30, NIL_UUID, NIL_UUID);
+    t.index_offset = HEADER_SIZE;
+    t.index_size = entries;
+    Liar {
+        head,
+        tail: t.encode().to_vec(),
+        size: LIAR_SIZE,
+        name: name.into(),
+    }
+}
