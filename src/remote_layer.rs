@@ -301,7 +301,7 @@ impl Download {
 }
 
 /// `HOST/REPO` of a `repoBlobUrl` (`http[s]://HOST/v2/REPO/blobs`). The scheme is dropped: the
-/// registry source decides http or https per host (loopback and `insecure` hosts are http).
+/// registry source decides http or https per host (`insecure` and allowed loopback hosts are http).
 fn image_ref_of_blob_url(url: &str) -> Result<String> {
     let rest = url
         .strip_prefix("https://")

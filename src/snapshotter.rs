@@ -287,7 +287,7 @@ fn is_sha256_digest(d: &str) -> bool {
 
 /// `repoBlobUrl` (spec §3.1) of an image reference: `https://HOST/v2/REPO/blobs`, Docker Hub
 /// as `registry-1.docker.io` and `library/` for official images. The scheme is only a hint:
-/// the registry source speaks plain http to loopback and `insecure` hosts.
+/// the registry source speaks plain http to `insecure` and allowed loopback hosts.
 fn repo_blob_url(image_ref: &str) -> SnapResult<String> {
     let r = crate::image_io::ImageRef::parse(image_ref)
         .map_err(|e| MetaError::InvalidArgument(format!("image reference {image_ref:?}: {e:#}")))?;
