@@ -2238,24 +2238,32 @@ mod tests {
         ops
     }
 
-    /// A dir-mode container `key` whose (server-less) device `id` is attached and mounted.
-    fn with_writable_device(s: &Snapshotter, ops: &FakeOps, key: &str, id: u32) -> Snapshot {
-        let snap = s
-            .meta
+    /// A dir-mode container snapshot's metadata and directories, as Prepare makes them.
+    fn dir_mode_snapshot(s: &Snapshotter, key: &str) -> Snapshot {
+        s.meta
             .create(
                 key,
                 "",
                 Kind::Active,
                 BTreeMap::new(),
-                |d| -> SnapResult<Snapshot> {
-                    let mut d = d.clone();
-                    std::fs::create_dir_all(s.dir(d.id).join("block/mountpoint"))?;
-                    d.mode = Some("dir".into());
-                    d.storage = Storage::Block;
-                    Ok(d)
+                |draft| -> SnapResult<Snapshot> {
+                    let dir = s.dir(draft.id);
+                    for d in ["fs", "work", "block"] {
+                        std::fs::create_dir_all(dir.join(d))?;
+                    }
+                    let mut x = draft.clone();
+                    x.mode = Some(RootfsMode::Dir.as_str().to_string());
+                    x.storage = Storage::Block;
+                    Ok(x)
                 },
             )
-            .unwrap();
+            .unwrap()
+    }
+
+    /// A dir-mode container `key` whose (server-less) device `id` is attached and mounted.
+    fn with_writable_device(s: &Snapshotter, ops: &FakeOps, key: &str, id: u32) -> Snapshot {
+        let snap = dir_mode_snapshot(s, key);
+        std::fs::create_dir_all(s.dir(snap.id).join("block/mountpoint")).unwrap();
         let mountpoint = s.dir(snap.id).join("block/mountpoint");
         ops.mounted.lock().unwrap().insert(mountpoint);
         let dev = AttachedDevice::without_server(id);
@@ -2480,25 +2488,7 @@ mod tests {
     /// A dir-mode container snapshot as Prepare makes it, its writable layer holding `data` at
     /// 1 MiB (made directly: this host has no ublk for the device).
     fn writable_snapshot(s: &Snapshotter, key: &str, data: &[u8]) -> Snapshot {
-        let snap = s
-            .meta
-            .create(
-                key,
-                "",
-                Kind::Active,
-                BTreeMap::new(),
-                |draft| -> SnapResult<Snapshot> {
-                    let dir = s.dir(draft.id);
-                    for d in ["fs", "work", "block"] {
-                        std::fs::create_dir_all(dir.join(d))?;
-                    }
-                    let mut x = draft.clone();
-                    x.mode = Some(RootfsMode::Dir.as_str().to_string());
-                    x.storage = Storage::Block;
-                    Ok(x)
-                },
-            )
-            .unwrap();
+        let snap = dir_mode_snapshot(s, key);
         let bdir = s.dir(snap.id).join("block");
         let rw = RwLayer::create(
             &bdir.join("writable_data"),
