@@ -241,3 +241,31 @@ fn bad_input_fails_with_file_and_offset() {
         "a failed command must not leave output behind"
     );
 }
+
+/// A virtual size that does not fit in bytes is refused as a usage error naming the option,
+/// not wrapped around (`GiB << 30` of 2^34 GiB is 0).
+#[test]
+fn vsize_options_are_bounded() {
+    let d = tempfile::tempdir().unwrap();
+    let src = format!("oci:{}:x", d.path().join("src").display());
+    let dst = format!("oci:{}:y", d.path().join("dst").display());
+    let (data, index) = (d.path().join("data"), d.path().join("index"));
+    for args in [
+        vec!["convert", "--vsize", "17179869184", &src, &dst],
+        vec!["convert", "--vsize", "0", &src, &dst],
+        vec![
+            "layer",
+            "create",
+            s(&data),
+            s(&index),
+            "--vsize-gb",
+            "17179869184",
+        ],
+    ] {
+        let o = ovbd(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("--vsize"), "{args:?}: {err}");
+    }
+    assert!(!data.exists() && !index.exists());
+}
