@@ -8,6 +8,7 @@ mod rpull;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
+use ovbd::snapshotter::MAX_VSIZE_GB;
 use ovbd::{config, convert, image_io};
 use std::path::PathBuf;
 
@@ -38,8 +39,8 @@ enum Cmd {
     Convert {
         src: String,
         dst: String,
-        /// Virtual disk size in GiB.
-        #[arg(long, default_value_t = 64)]
+        /// Virtual disk size in GiB (1 to 262144: 256 TiB).
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=MAX_VSIZE_GB))]
         vsize: u64,
         #[arg(long, value_enum, default_value = "lz4")]
         algo: Algo,
@@ -144,8 +145,8 @@ enum LayerCmd {
     Create {
         data: PathBuf,
         index: PathBuf,
-        /// Virtual size in GiB (0: inherit from the lowers when stacked).
-        #[arg(long, default_value_t = 64)]
+        /// Virtual size in GiB (0: inherit from the lowers when stacked; at most 262144).
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(0..=MAX_VSIZE_GB))]
         vsize_gb: u64,
         /// Sparse mode: writes in place instead of appended.
         #[arg(long)]

@@ -259,8 +259,8 @@ fn chain_id_above(parent: &str, diff_id: &str) -> Option<String> {
     ))
 }
 
-/// The largest writable base layer, GiB (256 TiB).
-const MAX_VSIZE_GB: u64 = 256 << 10;
+/// The largest virtual disk, GiB (256 TiB): writable base layers, `ovbd convert --vsize`.
+pub const MAX_VSIZE_GB: u64 = 256 << 10;
 
 /// Virtual size (bytes) of a new writable base layer: the vsize label (GiB) or the default.
 fn base_vsize(labels: &BTreeMap<String, String>, default_gb: u64) -> SnapResult<u64> {
