@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Guest test: at start `ovbd serve` deletes ublk devices it made that no snapshot needs any more
-# (kept by the kernel for recovery after the daemon died), and leaves other ublk devices alone.
+# (kept by the kernel for recovery after the daemon died), and leaves other ublk devices alone,
+# also one whose id it once recorded but which the driver now reports with another server.
 set -euo pipefail
 
 fail() {
@@ -38,9 +39,13 @@ ours=${devs[0]#/dev/ublkb}
 theirs=${devs[1]#/dev/ublkb}
 [[ -e /sys/class/ublk-char/ublkc$ours && -e /sys/class/ublk-char/ublkc$theirs ]] || fail "devices not kept after the server died"
 
-# The snapshotter recorded the first as its own; no snapshot needs it.
+# The snapshotter recorded the first as its own (its server's pid and its size, as the driver
+# reports them); no snapshot needs it. The record of the second names another server: its id was
+# reused by another program after a restart, so it must be left alone.
 mkdir -p "$work/root/devices"
-: >"$work/root/devices/$ours"
+sectors=$(cat "/sys/block/ublkb$ours/size")
+echo "{\"pid\":$server,\"sectors\":$sectors}" >"$work/root/devices/$ours"
+echo "{\"pid\":$((server + 1)),\"sectors\":$sectors}" >"$work/root/devices/$theirs"
 cat >"$work/ovbd.toml" <<TOML
 root = "$work/root"
 socket = "$work/ovbd.sock"
@@ -53,6 +58,7 @@ timeout 30 bash -c "while [[ -e /sys/class/ublk-char/ublkc$ours ]]; do sleep 0.2
     fail "our orphaned /dev/ublkb$ours was not deleted: $(cat "$work/serve.log")"
 [[ ! -e $work/root/devices/$ours ]] || fail "the record of the deleted device stayed"
 [[ -e /sys/class/ublk-char/ublkc$theirs ]] || fail "a ublk device that is not ours was deleted"
+[[ ! -e $work/root/devices/$theirs ]] || fail "the stale record of device $theirs stayed"
 pass "serve deleted its orphaned device $ours and kept device $theirs"
 
 "$ovbd" device detach "$theirs"
