@@ -111,7 +111,7 @@ impl Config {
     }
 }
 
-/// `[registry]`: how layer blobs are read from registries (src/registry.rs).
+/// `[registry]`: how layer blobs are read from registries (src/registry/).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RegistryConfig {
@@ -247,7 +247,7 @@ impl DownloadConfig {
     }
 }
 
-/// `[cache]`: the on-disk block cache of registry blobs (src/blob_cache.rs).
+/// `[cache]`: the on-disk block cache of registry blobs (src/source/cache/).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CacheConfig {

@@ -5,11 +5,11 @@
 //! A function returns `Err` (or `None`) for input it rejects; a panic, hang or abort in any of
 //! them is a finding.
 
-use crate::blob_cache::BlobCache;
 use crate::config::CacheConfig;
 use crate::convert::apply::{Applier, ApplyStats};
 use crate::extfs::{BlockDevice, ExtFs, MkfsParams};
-use crate::image_io::{ImageIo, ImageRef, LayoutTarget, Platform, RegistryOptions};
+use crate::oci::{ImageIo, ImageRef, LayoutTarget, Platform, RegistryOptions};
+use crate::source::cache::BlobCache;
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -42,7 +42,7 @@ pub fn registry_headers(v: &[u8]) -> Headers {
 
 /// A docker `config.json`'s credentials for `registry`.
 pub fn docker_config(text: &[u8], registry: &str) -> Result<()> {
-    crate::image_io::docker_config_auth(text, Path::new("config.json"), registry).map(drop)
+    crate::oci::docker_config_auth(text, Path::new("config.json"), registry).map(drop)
 }
 
 /// An image reference as `ovbd convert` / `ovbd rpull` take it, printed back.
@@ -158,7 +158,7 @@ pub fn block_cache_sample(
     size: u64,
     present: &[u64],
 ) -> Result<(PathBuf, PathBuf, PathBuf)> {
-    crate::blob_cache::write_sample(dir, origin, digest, size, 256 << 10, present)
+    crate::source::cache::write_sample(dir, origin, digest, size, 256 << 10, present)
 }
 
 /// Where the cache at `dir` keeps the data, map and (verified) sums files of an entry: blob
@@ -169,5 +169,5 @@ pub fn block_cache_paths(
     digest: &str,
     size: u64,
 ) -> (PathBuf, PathBuf, PathBuf) {
-    crate::blob_cache::sample_paths(dir, origin, digest, size)
+    crate::source::cache::sample_paths(dir, origin, digest, size)
 }

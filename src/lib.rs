@@ -1,20 +1,17 @@
-//! ovbd's library: the OverlayBD snapshotter, device, converter and lazy-pull machinery.
-//! The `ovbd` binary (src/main.rs and its `*_tool` modules) is the command line over it; the
-//! library is split out so the fuzz targets (fuzz/) can reach the parsers of untrusted input.
+//! ovbd: the OverlayBD snapshotter daemon. The modules follow the data path, one way:
+//! `snapshotter` → `device` → image stack (`ovbd_format`) → `source` (file, cache, remote) →
+//! `registry`. `cli` is the command line over all of them; `oci` and `convert` build images.
 
-pub mod blob_cache;
+pub mod cli;
 pub mod config;
 pub mod convert;
 pub mod device;
 pub mod extfs;
-pub mod filters;
-pub mod image_config;
-pub mod image_io;
-pub mod metadata;
 pub mod mount;
+pub mod oci;
 pub mod registry;
-pub mod remote_layer;
 pub mod snapshotter;
+pub mod source;
 
 #[doc(hidden)]
 pub mod fuzzing;

@@ -11,7 +11,7 @@ pub(crate) mod apply;
 mod layer;
 
 use crate::extfs::MkfsParams;
-use crate::image_io::{
+use crate::oci::{
     ImageIo, ImageRef, ImageToWrite, LayerFile, Platform, RegistryOptions, ResolvedImage,
     MEDIA_OCI_MANIFEST,
 };

@@ -2,7 +2,7 @@
 //! filters = or. Fields: name, parent, kind, labels.<key>; operators ==, !=, ~= (regexp) and a
 //! bare field for "present".
 
-use crate::metadata::{Kind, Snapshot};
+use crate::snapshotter::metadata::{Kind, Snapshot};
 use anyhow::{bail, Result};
 
 #[derive(Debug)]

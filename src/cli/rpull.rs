@@ -4,6 +4,7 @@
 //! (snapshot.ref + blob digest/size + cri.image-ref) make ovbd commit it at once as a remote layer
 //! and answer AlreadyExists. `ctr run --snapshotter ovbd REF` then finds the image unpacked.
 
+use crate::oci::{ImageClient, ImageRef, Platform, RegistryOptions};
 use anyhow::{anyhow, bail, Context, Result};
 use containerd_client::services::v1::snapshots::{
     snapshots_client::SnapshotsClient, PrepareSnapshotRequest, RemoveSnapshotRequest,
@@ -17,7 +18,6 @@ use containerd_client::services::v1::{
 };
 use containerd_client::tonic::{self, transport::Channel, Code, Request};
 use containerd_client::types::Descriptor;
-use ovbd::image_io::{ImageClient, ImageRef, Platform, RegistryOptions};
 use sha2::{Digest as _, Sha256};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -154,7 +154,7 @@ async fn store_and_unpack(
     ctx: &Ctx,
     reference: &str,
     name: &str,
-    img: &ovbd::image_io::ResolvedImage,
+    img: &crate::oci::ResolvedImage,
     chain: &[String],
     opts: &RpullOptions,
     t0: Instant,

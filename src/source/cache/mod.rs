@@ -2148,7 +2148,7 @@ pub(crate) mod tests {
     impl Fake {
         fn new(size: usize, seed: u64) -> Arc<Fake> {
             let data = random_bytes(size, seed);
-            let digest = crate::image_io::sha256_digest(&data).to_string();
+            let digest = crate::oci::sha256_digest(&data).to_string();
             Arc::new(Fake {
                 name: format!("fake@{digest}"),
                 origin: "127.0.0.1:5000/fake".into(),

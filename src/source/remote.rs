@@ -7,10 +7,10 @@
 //! (checked block by block). A download that does not match its digest drops the blocks the
 //! registry repository sent for it and fails the layer's reads from then on.
 
-use crate::blob_cache::{BlobCache, CachedBlob};
 use crate::config::{Config, DownloadConfig};
-use crate::image_config::RemoteSource;
 use crate::registry::{Registry, RemoteBlob};
+use crate::source::cache::{BlobCache, CachedBlob};
+use crate::source::config::RemoteSource;
 use anyhow::{bail, Context, Result};
 use ovbd_format::{FileSource, ReadAt};
 use sha2::{Digest as _, Sha256};
@@ -413,7 +413,7 @@ mod tests {
     /// from then on (the registry lied; its blocks are all suspect).
     #[test]
     fn download_mismatch_purges_the_cache_and_fails_the_layer() {
-        use crate::blob_cache::tests::Fake;
+        use crate::source::cache::tests::Fake;
         let tmp = tempfile::tempdir().unwrap();
         let cache = BlobCache::open(&crate::config::CacheConfig::default(), tmp.path()).unwrap();
         let (data, digest) = blob((3 << 20) + 5);
@@ -461,7 +461,7 @@ mod tests {
     /// layer reads the file.
     #[test]
     fn matching_download_shares_the_blob_in_the_cache() {
-        use crate::blob_cache::tests::Fake;
+        use crate::source::cache::tests::Fake;
         let tmp = tempfile::tempdir().unwrap();
         let cache = BlobCache::open(&crate::config::CacheConfig::default(), tmp.path()).unwrap();
         let (data, digest) = blob((3 << 20) + 5);

@@ -1,8 +1,8 @@
 //! The `ovbd device` verbs: attach a `config.v1.json` image as a ublk device, list, detach.
 
+use crate::device::{self, AttachOptions, WorkerPool};
+use crate::source::config::ImageConfig;
 use anyhow::{bail, Context, Result};
-use ovbd::device::{self, AttachOptions, WorkerPool};
-use ovbd::image_config::ImageConfig;
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};

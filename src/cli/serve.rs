@@ -1,9 +1,9 @@
 //! `ovbd serve`: the snapshotter daemon on its unix socket.
 
+use crate::config::Config;
+use crate::snapshotter::{Service, Snapshotter};
 use anyhow::{Context, Result};
 use containerd_snapshots::tonic::transport::Server;
-use ovbd::config::Config;
-use ovbd::snapshotter::{Service, Snapshotter};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
@@ -20,7 +20,7 @@ async fn run(cfg: Config) -> Result<()> {
     let socket = cfg.socket.clone();
     // Lazy pulling: remote layers are read from their registry through the block cache.
     let remote = Arc::new(
-        ovbd::remote_layer::RegistrySource::from_config(&cfg)
+        crate::source::remote::RegistrySource::from_config(&cfg)
             .context("setting up the registry source and block cache")?,
     );
     let for_snapshotter = remote.clone();

@@ -22,7 +22,7 @@
 //!   anonymously; `token` or `access_token`), cached per (endpoint, repo),
 //!   refreshed when it expires (`expires_in`) or a request gets `401` again; a `Basic`
 //!   challenge makes us send the credentials. Credentials are re-read from the docker
-//!   config.json ([`crate::image_io::registry_auth`]) whenever authentication is needed, so a
+//!   config.json ([`crate::oci::registry_auth`]) whenever authentication is needed, so a
 //!   rotated password works without a restart.
 //!
 //! Hosts: the registry of a lazily pulled layer comes from its image reference, which an
@@ -54,7 +54,7 @@
 //! carries its signature in the query).
 
 use crate::config::RegistryConfig;
-use crate::image_io::{normalize_registry_host, registry_auth, RegistryOptions};
+use crate::oci::{normalize_registry_host, registry_auth, RegistryOptions};
 use oci_client::secrets::RegistryAuth;
 use reqwest::header::{self, HeaderMap};
 use reqwest::{StatusCode, Url};
@@ -1768,8 +1768,7 @@ impl RemoteBlob {
         size: u64,
     ) -> anyhow::Result<RemoteBlob> {
         // The same parse as `ovbd convert` / `rpull` (and its checks), registry references only.
-        let crate::image_io::ImageRef::Registry(r) = crate::image_io::ImageRef::parse(image_ref)?
-        else {
+        let crate::oci::ImageRef::Registry(r) = crate::oci::ImageRef::parse(image_ref)? else {
             anyhow::bail!("image reference {image_ref:?} is not a registry reference");
         };
         anyhow::ensure!(
@@ -1902,8 +1901,8 @@ impl ovbd_format::ReadAt for RemoteBlob {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::image_io::sha256_digest;
-    use crate::image_io::tests::{start_registry, TestRegistry};
+    use crate::oci::sha256_digest;
+    use crate::oci::tests::{start_registry, TestRegistry};
     use ovbd_format::ReadAt;
     use std::collections::VecDeque;
     use std::io::{BufRead, BufReader, Read, Write};

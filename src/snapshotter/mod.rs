@@ -5,11 +5,14 @@
 //! layer's files (or its `overlaybd.commit` / `overlaybd.sealed`), `work/` overlayfs' workdir,
 //! `block/` a device's `config.v1.json`, result file, mountpoint and writable layer files.
 
+pub mod filters;
+pub mod metadata;
+
 use crate::config::{Config, RootfsMode, WritableLayerType};
 use crate::device::{self, AttachOptions, AttachedDevice};
-use crate::image_config::{ImageConfig, LowerConfig, RemoteSource, UpperConfig};
-use crate::metadata::{Kind, MetaError, MetaStore, Snapshot, Storage};
 use crate::mount;
+use crate::snapshotter::metadata::{Kind, MetaError, MetaStore, Snapshot, Storage};
+use crate::source::config::{ImageConfig, LowerConfig, RemoteSource, UpperConfig};
 use anyhow::{anyhow, bail, Context, Result};
 use containerd_snapshots::{api::types::Mount, tonic, Info, Usage};
 use ovbd_format::layer::sniff;
@@ -220,11 +223,11 @@ impl RemoteLayer {
         let size = size
             .parse::<u64>()
             .ok()
-            .filter(|&s| s <= crate::blob_cache::MAX_BLOB_SIZE)
+            .filter(|&s| s <= crate::source::cache::MAX_BLOB_SIZE)
             .ok_or_else(|| {
                 MetaError::InvalidArgument(format!(
                     "{LABEL_BLOB_SIZE}: {size:?} is not a size of at most {} bytes",
-                    crate::blob_cache::MAX_BLOB_SIZE
+                    crate::source::cache::MAX_BLOB_SIZE
                 ))
             })?;
         // The digest names cache files and registry URLs: exactly `sha256:` + 64 lowercase hex.
@@ -289,10 +292,10 @@ fn is_sha256_digest(d: &str) -> bool {
 /// as `registry-1.docker.io` and `library/` for official images. The scheme is only a hint:
 /// the registry source speaks plain http to `insecure` and allowed loopback hosts.
 fn repo_blob_url(image_ref: &str) -> SnapResult<String> {
-    let r = crate::image_io::ImageRef::parse(image_ref)
+    let r = crate::oci::ImageRef::parse(image_ref)
         .map_err(|e| MetaError::InvalidArgument(format!("image reference {image_ref:?}: {e:#}")))?;
     match r {
-        crate::image_io::ImageRef::Registry(r) => {
+        crate::oci::ImageRef::Registry(r) => {
             let host = match r.registry() {
                 "docker.io" | "index.docker.io" => "registry-1.docker.io",
                 h => h,
@@ -465,7 +468,7 @@ impl Snapshotter {
     }
 
     pub fn list(&self, filters: &[String]) -> SnapResult<Vec<Info>> {
-        let f = crate::filters::Filters::parse(filters)
+        let f = crate::snapshotter::filters::Filters::parse(filters)
             .map_err(|e| MetaError::InvalidArgument(e.to_string()))?;
         Ok(self
             .meta

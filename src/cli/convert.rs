@@ -1,9 +1,9 @@
 //! `ovbd convert` at the terminal: a progress bar per layer on a TTY, plain lines otherwise,
 //! and the `--json` summary.
 
+use crate::convert::{convert, ConvertOptions, LayerSummary, Progress};
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use ovbd::convert::{convert, ConvertOptions, LayerSummary, Progress};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -1,0 +1,312 @@
+//! The command line: clap types and dispatch here, one file per verb beside it. The work lives
+//! in the library's modules; nothing below the CLI imports it.
+
+mod convert;
+mod device;
+mod layer;
+mod rpull;
+mod serve;
+
+use crate::snapshotter::MAX_VSIZE_GB;
+use crate::{config, oci};
+use anyhow::Result;
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "ovbd",
+    version,
+    about = "OverlayBD images for containerd: layers, devices, snapshotter"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Inspect, convert and build single layers.
+    #[command(subcommand)]
+    Layer(LayerCmd),
+    /// Whole images (stacks of layers).
+    #[command(subcommand)]
+    Image(ImageCmd),
+    /// Block devices (ublk) serving images.
+    #[command(subcommand)]
+    Device(DeviceCmd),
+    /// Convert an OCI/Docker image to an OverlayBD image. SRC and DST are registry references
+    /// (`host/repo:tag`) or OCI layouts (`oci:DIR:TAG`).
+    Convert {
+        src: String,
+        dst: String,
+        /// Virtual disk size in GiB (1 to 262144: 256 TiB).
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=MAX_VSIZE_GB))]
+        vsize: u64,
+        #[arg(long, value_enum, default_value = "lz4")]
+        algo: Algo,
+        /// ZFile block size in bytes: 4096, 8192, 16384, 32768 or 65536.
+        #[arg(long, default_value_t = 4096)]
+        block_size: u32,
+        /// Platform to pick from a multi-platform source: os/arch[/variant].
+        #[arg(long, default_value = "linux/amd64")]
+        platform: String,
+        /// Registries spoken to over plain http (host[:port]); loopback ones always are.
+        #[arg(long)]
+        insecure: Vec<String>,
+        /// Scratch directory (default $TMPDIR).
+        #[arg(long)]
+        workdir: Option<PathBuf>,
+        /// Print a JSON summary (digests, sizes, seconds) on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pull an OverlayBD image lazily into containerd: only manifest and config are fetched;
+    /// ovbd reads the layers' blocks from the registry when a container does.
+    Rpull {
+        reference: String,
+        /// containerd's socket.
+        #[arg(long, default_value = "/run/containerd/containerd.sock")]
+        address: PathBuf,
+        #[arg(long, short, default_value = "default")]
+        namespace: String,
+        #[arg(long, default_value = "ovbd")]
+        snapshotter: String,
+        #[arg(long, default_value = "linux/amd64")]
+        platform: String,
+        /// Registries spoken to over plain http (host[:port]); loopback ones always are.
+        #[arg(long)]
+        insecure: Vec<String>,
+    },
+    /// Run the containerd snapshotter (proxy plugin) daemon.
+    Serve {
+        /// Configuration file (default /etc/ovbd/config.toml; see config/ovbd.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeviceCmd {
+    /// Serve the images described by overlaybd `config.v1.json` files as /dev/ublkbN devices
+    /// (printed one per line), all from one process.
+    Attach {
+        #[arg(required = true)]
+        configs: Vec<PathBuf>,
+        /// Return once the device is up; a background process serves it.
+        #[arg(long)]
+        background: bool,
+        /// Device id (default: the kernel picks).
+        #[arg(long)]
+        id: Option<u32>,
+        /// Re-attach device --id whose server died (needs UBLK_F_USER_RECOVERY).
+        #[arg(long)]
+        recover: bool,
+    },
+    /// List devices attached by ovbd.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop and delete a device.
+    Detach { id: u32 },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Algo {
+    Lz4,
+    Zstd,
+}
+
+#[derive(Subcommand)]
+enum LayerCmd {
+    /// Show what a layer blob or file is: wrapper, ZFile, LSMT header and index; checks every
+    /// block CRC.
+    Inspect {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Strip the tar wrapper and ZFile compression: write the raw LSMT.
+    Decompress { blob: PathBuf, out: PathBuf },
+    /// ZFile-compress a raw LSMT and wrap it in the PAX tar (as `overlaybd-commit -z -t`).
+    Compress {
+        lsmt: PathBuf,
+        out: PathBuf,
+        #[arg(long, value_enum, default_value = "lz4")]
+        algo: Algo,
+        /// ZFile block size in bytes: 4096, 8192, 16384, 32768 or 65536.
+        #[arg(long, default_value_t = 4096)]
+        block_size: u32,
+        /// Write the bare ZFile, without the tar wrapper.
+        #[arg(long)]
+        no_tar: bool,
+    },
+    /// Create an empty writable layer (as `overlaybd-create`).
+    Create {
+        data: PathBuf,
+        index: PathBuf,
+        /// Virtual size in GiB (0: inherit from the lowers when stacked; at most 262144).
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(0..=MAX_VSIZE_GB))]
+        vsize_gb: u64,
+        /// Sparse mode: writes in place instead of appended.
+        #[arg(long)]
+        sparse: bool,
+        #[arg(long)]
+        parent_uuid: Option<String>,
+    },
+    /// Seal a writable layer in place: append its index and a trailer to DATA.
+    Seal { data: PathBuf, index: PathBuf },
+    /// Commit a writable layer to a compact read-only layer (as `overlaybd-commit`).
+    Commit {
+        data: PathBuf,
+        index: PathBuf,
+        out: PathBuf,
+        #[arg(long)]
+        uuid: Option<String>,
+        /// Defaults to the writable layer's own parent UUID.
+        #[arg(long)]
+        parent_uuid: Option<String>,
+        /// Also ZFile-compress (LZ4, 4 KiB) and PAX-wrap the result: a registry layer blob.
+        #[arg(short = 'z', long)]
+        compress: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImageCmd {
+    /// Write the flattened virtual disk of LAYERS (bottom to top) to OUT as a sparse raw file.
+    Export {
+        #[arg(required = true, num_args = 2..)]
+        paths: Vec<PathBuf>,
+    },
+}
+
+/// Entry point of the `ovbd` binary.
+pub fn main() {
+    let cli = Cli::parse();
+    // The daemon logs at its configured level; tools only warn. OVBD_LOG overrides both.
+    let level = match &cli.cmd {
+        Cmd::Serve { config } => config::Config::load(config.as_deref())
+            .map(|c| c.log_level)
+            .unwrap_or_else(|_| "info".into()),
+        _ => "warn".into(),
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().filter_or("OVBD_LOG", level)).init();
+    if let Err(e) = run(cli) {
+        eprintln!("ovbd: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    use ovbd_format::zfile::{Algorithm, ZFileOptions};
+    let zopts = |algo: Algo, block_size| ZFileOptions {
+        algorithm: match algo {
+            Algo::Lz4 => Algorithm::Lz4,
+            Algo::Zstd => Algorithm::Zstd,
+        },
+        block_size,
+    };
+    match cli.cmd {
+        Cmd::Layer(LayerCmd::Inspect { file, json }) => layer::inspect(&file, json),
+        Cmd::Layer(LayerCmd::Decompress { blob, out }) => layer::decompress(&blob, &out),
+        Cmd::Layer(LayerCmd::Compress {
+            lsmt,
+            out,
+            algo,
+            block_size,
+            no_tar,
+        }) => layer::compress(&lsmt, &out, zopts(algo, block_size), !no_tar),
+        Cmd::Layer(LayerCmd::Create {
+            data,
+            index,
+            vsize_gb,
+            sparse,
+            parent_uuid,
+        }) => layer::create(
+            &data,
+            &index,
+            vsize_gb << 30,
+            sparse,
+            parent_uuid.as_deref(),
+        ),
+        Cmd::Layer(LayerCmd::Seal { data, index }) => layer::seal(&data, &index),
+        Cmd::Layer(LayerCmd::Commit {
+            data,
+            index,
+            out,
+            uuid,
+            parent_uuid,
+            compress,
+        }) => layer::commit(
+            &data,
+            &index,
+            &out,
+            uuid.as_deref(),
+            parent_uuid.as_deref(),
+            compress.then(ZFileOptions::default),
+        ),
+        Cmd::Device(DeviceCmd::Attach {
+            configs,
+            background,
+            id,
+            recover,
+        }) => device::attach(&configs, background, id, recover),
+        Cmd::Device(DeviceCmd::List { json }) => device::list(json),
+        Cmd::Convert {
+            src,
+            dst,
+            vsize,
+            algo,
+            block_size,
+            platform,
+            insecure,
+            workdir,
+            json,
+        } => convert::run(
+            &src,
+            &dst,
+            crate::convert::ConvertOptions {
+                vsize: vsize << 30,
+                zfile: zopts(algo, block_size),
+                platform: platform.parse()?,
+                registry: oci::RegistryOptions {
+                    insecure,
+                    ..Default::default()
+                },
+                workdir,
+            },
+            json,
+        ),
+        Cmd::Rpull {
+            reference,
+            address,
+            namespace,
+            snapshotter,
+            platform,
+            insecure,
+        } => rpull::run(
+            &reference,
+            rpull::RpullOptions {
+                address,
+                namespace,
+                snapshotter,
+                platform: platform.parse()?,
+                registry: oci::RegistryOptions {
+                    insecure,
+                    ..Default::default()
+                },
+            },
+        ),
+        Cmd::Serve { config } => {
+            let cfg = config::Config::load(config.as_deref())?;
+            serve::serve(cfg)
+        }
+        Cmd::Device(DeviceCmd::Detach { id }) => device::detach(id),
+        Cmd::Image(ImageCmd::Export { mut paths }) => {
+            let out = paths.pop().unwrap_or_default();
+            layer::export(&paths, &out)
+        }
+    }
+}
