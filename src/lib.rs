@@ -3,15 +3,15 @@
 //! `registry`. `cli` is the command line over all of them; `oci` and `convert` build images.
 
 pub mod cli;
-pub mod config;
-pub mod convert;
-pub mod device;
-pub mod extfs;
-pub mod mount;
-pub mod oci;
-pub mod registry;
-pub mod snapshotter;
-pub mod source;
+pub(crate) mod config;
+pub(crate) mod convert;
+pub(crate) mod device;
+pub(crate) mod extfs;
+pub(crate) mod mount;
+pub(crate) mod oci;
+pub(crate) mod registry;
+pub(crate) mod snapshotter;
+pub(crate) mod source;
 
 #[doc(hidden)]
 pub mod fuzzing;
