@@ -13,5 +13,8 @@ pub(crate) mod registry;
 pub(crate) mod snapshotter;
 pub(crate) mod source;
 
+#[cfg(test)]
+mod testing;
+
 #[doc(hidden)]
 pub mod fuzzing;

@@ -1361,12 +1361,13 @@ fn auth_from_entry(entry: &AuthEntry) -> Result<RegistryAuth> {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
+    use crate::testing::*;
     use std::io::{BufRead, BufReader};
     use std::net::{TcpListener, TcpStream};
-    use std::process::{Child, Command, Stdio};
-    use std::time::{Duration, Instant};
+
+    use std::time::Duration;
 
     const FIXTURE: &str = concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -1949,97 +1950,6 @@ pub(crate) mod tests {
     }
 
     // ---------------------------------------------------------------------------- registries
-
-    /// A `docker-registry` (distribution 2.8, Debian's package) on a free loopback port, storage
-    /// in a temporary directory; killed on drop.
-    pub(crate) struct TestRegistry {
-        child: Child,
-        pub(crate) addr: String,
-        dir: tempfile::TempDir,
-    }
-
-    impl Drop for TestRegistry {
-        fn drop(&mut self) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-
-    fn find_docker_registry() -> PathBuf {
-        let path = std::env::var_os("PATH").unwrap_or_default();
-        std::env::split_paths(&path)
-            .chain([PathBuf::from("/usr/bin")])
-            .map(|d| d.join("docker-registry"))
-            .find(|p| p.is_file())
-            .unwrap_or_else(|| {
-                panic!(
-                    "docker-registry is not installed: the registry tests need it \
-                     (Debian package docker-registry; scripts/setup.sh installs it)"
-                )
-            })
-    }
-
-    fn free_port() -> u16 {
-        TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    }
-
-    /// The status code of `GET path` over plain http/1.0.
-    fn http_status(addr: &str, path: &str) -> Option<u16> {
-        let mut s = TcpStream::connect(addr).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
-        let mut line = String::new();
-        BufReader::new(s).read_line(&mut line).ok()?;
-        line.split_whitespace().nth(1)?.parse().ok()
-    }
-
-    pub(crate) fn start_registry(extra_config: &str) -> TestRegistry {
-        let bin = find_docker_registry();
-        let dir = tempfile::tempdir().unwrap();
-        let addr = format!("127.0.0.1:{}", free_port());
-        let config = dir.path().join("config.yml");
-        fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\n\
-                 storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
-                 http:\n  addr: {addr}\n{extra_config}",
-                dir.path().join("storage").display()
-            ),
-        )
-        .unwrap();
-        let log = File::create(dir.path().join("registry.log")).unwrap();
-        let child = Command::new(&bin)
-            .arg("serve")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
-        let mut reg = TestRegistry { child, addr, dir };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if http_status(&reg.addr, "/v2/").is_some() {
-                return reg;
-            }
-            let log = fs::read_to_string(reg.dir.path().join("registry.log")).unwrap_or_default();
-            if let Ok(Some(status)) = reg.child.try_wait() {
-                panic!("docker-registry exited ({status}): {log}");
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "docker-registry did not answer at {} within 30 s: {log}",
-                    reg.addr
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
 
     fn registry_ref(addr: &str, name: &str) -> ImageRef {
         ImageRef::parse(&format!("{addr}/{name}")).unwrap()

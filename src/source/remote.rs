@@ -328,6 +328,7 @@ fn image_ref_of_blob_url(url: &str) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
     use ovbd_format::MemSource;
     use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -413,7 +414,7 @@ mod tests {
     /// from then on (the registry lied; its blocks are all suspect).
     #[test]
     fn download_mismatch_purges_the_cache_and_fails_the_layer() {
-        use crate::source::cache::tests::Fake;
+        use crate::testing::Fake;
         let tmp = tempfile::tempdir().unwrap();
         let cache = BlobCache::open(&crate::config::CacheConfig::default(), tmp.path()).unwrap();
         let (data, digest) = blob((3 << 20) + 5);
@@ -461,7 +462,7 @@ mod tests {
     /// layer reads the file.
     #[test]
     fn matching_download_shares_the_blob_in_the_cache() {
-        use crate::source::cache::tests::Fake;
+        use crate::testing::Fake;
         let tmp = tempfile::tempdir().unwrap();
         let cache = BlobCache::open(&crate::config::CacheConfig::default(), tmp.path()).unwrap();
         let (data, digest) = blob((3 << 20) + 5);

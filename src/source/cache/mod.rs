@@ -2112,16 +2112,15 @@ impl ovbd_format::ReadAt for CachedBlob {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
     use crate::config::RegistryConfig;
-    use crate::registry::tests::{check_random_ranges, random_bytes, registry_with_blob, Rng};
     use crate::registry::Registry;
+    use crate::testing::*;
+    use crate::testing::{check_random_ranges, random_bytes, registry_with_blob, Rng};
     use ovbd_format::ReadAt;
     use std::sync::atomic::Ordering::SeqCst;
     use std::time::Duration;
-
-    const BS: u64 = 64 << 10;
 
     fn cfg(dir: &Path, limit: u64, block: u64) -> CacheConfig {
         CacheConfig {
@@ -2131,96 +2130,6 @@ pub(crate) mod tests {
         }
     }
 
-    /// An in-memory blob that counts what is fetched from it.
-    pub(crate) struct Fake {
-        pub(crate) data: Vec<u8>,
-        pub(crate) digest: String,
-        name: String,
-        origin: String,
-        calls: AtomicU64,
-        fetched: AtomicU64,
-        ranges: Mutex<Vec<Vec<(u64, usize)>>>,
-        per_block: Mutex<HashMap<u64, usize>>,
-        delay: Mutex<Duration>,
-        fail: AtomicBool,
-    }
-
-    impl Fake {
-        fn new(size: usize, seed: u64) -> Arc<Fake> {
-            let data = random_bytes(size, seed);
-            let digest = crate::oci::sha256_digest(&data).to_string();
-            Arc::new(Fake {
-                name: format!("fake@{digest}"),
-                origin: "127.0.0.1:5000/fake".into(),
-                data,
-                digest,
-                calls: AtomicU64::new(0),
-                fetched: AtomicU64::new(0),
-                ranges: Mutex::new(Vec::new()),
-                per_block: Mutex::new(HashMap::new()),
-                delay: Mutex::new(Duration::ZERO),
-                fail: AtomicBool::new(false),
-            })
-        }
-        pub(crate) fn fetched(&self) -> u64 {
-            self.fetched.load(SeqCst)
-        }
-
-        /// The blob `data` served by registry repository `origin` under `digest` (a tampered
-        /// copy when `data` does not hash to it).
-        pub(crate) fn served(data: Vec<u8>, digest: &str, origin: &str) -> Arc<Fake> {
-            let mut f = Fake::new(0, 0);
-            let m = Arc::get_mut(&mut f).unwrap();
-            m.name = format!("{origin}@{digest}");
-            m.origin = origin.into();
-            m.digest = digest.into();
-            m.data = data;
-            f
-        }
-    }
-
-    impl BlockSource for Fake {
-        fn fetch_ranges(&self, ranges: &[(u64, usize)]) -> io::Result<Vec<Vec<u8>>> {
-            self.calls.fetch_add(1, SeqCst);
-            let delay = *lock(&self.delay);
-            if !delay.is_zero() {
-                std::thread::sleep(delay);
-            }
-            if self.fail.load(SeqCst) {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "fake: registry down",
-                ));
-            }
-            lock(&self.ranges).push(ranges.to_vec());
-            let mut out = Vec::new();
-            for &(off, len) in ranges {
-                assert_eq!(off % BS, 0, "ranges start on a block");
-                assert!(len as u64 & (BS - 1) == 0 || off + len as u64 == self.data.len() as u64);
-                let mut pb = lock(&self.per_block);
-                for b in (off..off + len as u64).step_by(BS as usize) {
-                    *pb.entry(b / BS).or_default() += 1;
-                }
-                self.fetched.fetch_add(len as u64, SeqCst);
-                out.push(self.data[off as usize..off as usize + len].to_vec());
-            }
-            Ok(out)
-        }
-        fn size(&self) -> u64 {
-            self.data.len() as u64
-        }
-        fn name(&self) -> &str {
-            &self.name
-        }
-        fn digest(&self) -> &str {
-            &self.digest
-        }
-        fn origin(&self) -> String {
-            self.origin.clone()
-        }
-    }
-
-    /// The data and map file of `fake`'s entry (its origin's).
     fn paths_of(cache: &BlobCache, fake: &Fake) -> (PathBuf, PathBuf) {
         cache.paths(&Key {
             scope: Scope::of_origin(&fake.origin),
@@ -2743,7 +2652,7 @@ pub(crate) mod tests {
     /// within the deadline, are not cached, and work once the registry is back.
     #[test]
     fn blob_cache_over_a_failing_registry() {
-        use crate::registry::tests::{Fault, Front};
+        use crate::testing::{Fault, Front};
         let (reg, data, digest) = registry_with_blob(2 << 20, 41);
         let front = Front::start(&reg.addr, None);
         let deadline = Duration::from_millis(2500);
