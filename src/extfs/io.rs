@@ -174,6 +174,21 @@ unsafe fn span(chan: sys::io_channel, block: u64, count: c_int) -> (u64, usize) 
     (block * bs, len)
 }
 
+/// libext2fs wants an error code; the device's error is kept for the caller's message.
+fn errcode<E: std::fmt::Display>(
+    r: Result<(), E>,
+    what: impl FnOnce() -> String,
+    code: sys::errcode_t,
+) -> sys::errcode_t {
+    match r {
+        Ok(()) => 0,
+        Err(e) => {
+            set_device_error(format!("{}: {e}", what()));
+            code
+        }
+    }
+}
+
 unsafe fn dev_of(chan: sys::io_channel) -> &'static dyn BlockDevice {
     &*(*((*chan).private_data as *const Channel)).dev
 }
@@ -186,13 +201,11 @@ unsafe extern "C" fn read_blk64(
 ) -> sys::errcode_t {
     let (off, len) = span(chan, block, count);
     let buf = std::slice::from_raw_parts_mut(data as *mut u8, len);
-    match dev_of(chan).read_at(buf, off) {
-        Ok(()) => 0,
-        Err(e) => {
-            set_device_error(format!("reading {len} bytes at {off}: {e}"));
-            sys::EXT2_ET_SHORT_READ as sys::errcode_t
-        }
-    }
+    errcode(
+        dev_of(chan).read_at(buf, off),
+        || format!("reading {len} bytes at {off}"),
+        sys::EXT2_ET_SHORT_READ as sys::errcode_t,
+    )
 }
 
 unsafe extern "C" fn write_blk64(
@@ -203,13 +216,11 @@ unsafe extern "C" fn write_blk64(
 ) -> sys::errcode_t {
     let (off, len) = span(chan, block, count);
     let buf = std::slice::from_raw_parts(data as *const u8, len);
-    match dev_of(chan).write_at(buf, off) {
-        Ok(()) => 0,
-        Err(e) => {
-            set_device_error(format!("writing {len} bytes at {off}: {e}"));
-            sys::EXT2_ET_SHORT_WRITE as sys::errcode_t
-        }
-    }
+    errcode(
+        dev_of(chan).write_at(buf, off),
+        || format!("writing {len} bytes at {off}"),
+        sys::EXT2_ET_SHORT_WRITE as sys::errcode_t,
+    )
 }
 
 unsafe extern "C" fn read_blk(
@@ -231,11 +242,9 @@ unsafe extern "C" fn write_blk(
 }
 
 unsafe extern "C" fn flush(chan: sys::io_channel) -> sys::errcode_t {
-    match dev_of(chan).flush() {
-        Ok(()) => 0,
-        Err(e) => {
-            set_device_error(format!("flush: {e}"));
-            libc::EIO as sys::errcode_t
-        }
-    }
+    errcode(
+        dev_of(chan).flush(),
+        || "flush".to_owned(),
+        libc::EIO as sys::errcode_t,
+    )
 }
