@@ -27,6 +27,7 @@ mod tests;
 pub use service::Service;
 
 use crate::config::{Config, RootfsMode};
+use crate::labels::{LABEL_LOCAL_COMMIT, LABEL_SNAPSHOT_REF, LABEL_VSIZE, LABEL_WRITABLE};
 use crate::snapshotter::metadata::{Kind, MetaError, MetaStore, Snapshot, Storage};
 use crate::source::config::RemoteSource;
 use anyhow::{anyhow, Context, Result};
@@ -39,26 +40,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
-
-/// containerd's label on a Prepare that unpacks a layer.
-const LABEL_SNAPSHOT_REF: &str = "containerd.io/snapshot.ref";
-/// Per-container rootfs mode (`dir` or `dev`).
-const LABEL_WRITABLE: &str = "containerd.io/snapshot/overlaybd.writable";
-/// Virtual size (GiB) of a new writable base layer.
-const LABEL_VSIZE: &str = "containerd.io/snapshot/overlaybd/vsize";
-/// Written on committed OverlayBD layers, as upstream does.
-const LABEL_LOCAL_COMMIT: &str = "containerd.io/snapshot/overlaybd.localcommitpath";
-/// A remote layer: the blob in the registry (manifest layer annotations, passed on by
-/// containerd's unpacker) and the image it belongs to (`cri.image-ref`, set by CRI and rpull;
-/// `image-ref`, set by nerdctl but also copied from the manifest, only if configured).
-const LABEL_BLOB_DIGEST: &str = "containerd.io/snapshot/overlaybd/blob-digest";
-const LABEL_BLOB_SIZE: &str = "containerd.io/snapshot/overlaybd/blob-size";
-const LABEL_IMAGE_REF: &str = "containerd.io/snapshot/image-ref";
-const LABEL_CRI_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
-/// Written on remote layers, as upstream does.
-const LABEL_REMOTE: &str = "containerd.io/snapshot/remote";
-/// Where a remote layer's blob is read from (ovbd's own label, kept with the layer).
-const LABEL_REPO_BLOB_URL: &str = "containerd.io/snapshot/overlaybd/repo-blob-url";
 
 /// Mode of a snapshot unpacking a layer onto OverlayBD parents: a plain bind of its `fs/`.
 /// A plain OCI layer unpacked this way cannot hide (whiteout) files of the OverlayBD layers

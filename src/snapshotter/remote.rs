@@ -3,10 +3,12 @@
 //! the blob from the registry until a download lands in its `fs/`.
 
 use super::error::{SnapError, SnapResult};
-use super::{
-    Snapshotter, LABEL_BLOB_DIGEST, LABEL_BLOB_SIZE, LABEL_CRI_IMAGE_REF, LABEL_IMAGE_REF,
-    LABEL_REMOTE, LABEL_REPO_BLOB_URL, LABEL_SNAPSHOT_REF,
+use super::Snapshotter;
+use crate::labels::{
+    LABEL_BLOB_DIGEST, LABEL_BLOB_SIZE, LABEL_CRI_IMAGE_REF, LABEL_IMAGE_REF, LABEL_REMOTE,
+    LABEL_REPO_BLOB_URL, LABEL_SNAPSHOT_REF,
 };
+use crate::oci::digest::{chain_id_above, is_sha256_digest};
 use crate::snapshotter::metadata::{Kind, MetaError, Snapshot, Storage};
 use crate::source::config::LowerConfig;
 use anyhow::Context;
@@ -71,29 +73,15 @@ impl RemoteLayer {
     }
 }
 
-/// The OCI chain ID of a layer with diff ID `diff_id` (an OverlayBD blob's digest) on `parent`
-/// (a snapshot key: bare, or containerd's `<namespace>/<n>/<chain id>`): the diff ID for a
-/// bottom layer, else `sha256(parent chain + " " + diff_id)`. None if `parent` names no chain ID.
-fn chain_id_above(parent: &str, diff_id: &str) -> Option<String> {
-    use sha2::Digest as _;
+/// The chain ID of a layer with diff ID `diff_id` (an OverlayBD blob's digest) on snapshot
+/// `parent` (a bare chain ID, or containerd's `<namespace>/<n>/<chain id>`; empty for a bottom
+/// layer). None if `parent` names no chain ID.
+fn chain_id_on(parent: &str, diff_id: &str) -> Option<String> {
     if parent.is_empty() {
         return Some(diff_id.to_string());
     }
     let parent_chain = parent.rsplit('/').next().filter(|c| is_sha256_digest(c))?;
-    let h = sha2::Sha256::digest(format!("{parent_chain} {diff_id}").as_bytes());
-    Some(format!(
-        "sha256:{}",
-        h.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    ))
-}
-
-/// `sha256:` and 64 lowercase hex digits.
-fn is_sha256_digest(d: &str) -> bool {
-    d.strip_prefix("sha256:").is_some_and(|h| {
-        h.len() == 64
-            && h.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    })
+    Some(chain_id_above(parent_chain, diff_id))
 }
 
 /// `repoBlobUrl` (spec §3.1) of an image reference: `https://HOST/v2/REPO/blobs`, Docker Hub
@@ -123,7 +111,7 @@ impl Snapshotter {
     /// blob makes (an image cannot take another image's layer names by copying its diff IDs),
     /// and a snapshot already under that name must be this same remote layer.
     pub(super) fn may_pull_lazily(&self, remote: &RemoteLayer, parent: &str) -> bool {
-        let chain = chain_id_above(parent, &remote.digest);
+        let chain = chain_id_on(parent, &remote.digest);
         let name_chain = remote.name.rsplit('/').next().unwrap_or_default();
         if chain.as_deref() != Some(name_chain) {
             log::warn!(

@@ -10,6 +10,8 @@ use super::disk::{block_layer_file, SealedUpper};
 use super::error::{SnapError, SnapResult};
 use super::*;
 use crate::device::{self, AttachedDevice};
+use crate::labels::*;
+use crate::oci::digest::chain_id_above;
 use anyhow::{bail, Context};
 use containerd_snapshots::tonic;
 use ovbd_format::{RwLayer, RwMode};

@@ -182,16 +182,6 @@ fn prepare_refuses_malformed_digest_and_vsize_labels() {
     }
 }
 
-/// The OCI chain ID of `diff_id` above `parent` (image-spec config.md).
-fn oci_chain_id(parent: &str, diff_id: &str) -> String {
-    use sha2::Digest as _;
-    let h = sha2::Sha256::digest(format!("{parent} {diff_id}").as_bytes());
-    format!(
-        "sha256:{}",
-        h.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    )
-}
-
 #[test]
 fn a_remote_layer_is_committed_only_under_its_blobs_chain_id() {
     let (_d, s) = snapshotter();
@@ -232,9 +222,14 @@ fn a_remote_layer_is_committed_only_under_its_blobs_chain_id() {
 
     // Above a parent: sha256(parent chain + " " + digest).
     let d2 = format!("sha256:{}", "cd".repeat(32));
-    assert!(!is_lazy("k3", HELLO_BLOB, &oci_chain_id(&victim, &d2), &d2));
+    assert!(!is_lazy(
+        "k3",
+        HELLO_BLOB,
+        &chain_id_above(&victim, &d2),
+        &d2
+    ));
     assert!(!is_lazy("k4", HELLO_BLOB, &d2, &d2));
-    let right = oci_chain_id(HELLO_BLOB, &d2);
+    let right = chain_id_above(HELLO_BLOB, &d2);
     assert!(is_lazy("k5", HELLO_BLOB, &right, &d2));
     let c = s.meta.get(&right).unwrap();
     assert_eq!((c.kind, c.parent.as_str()), (Kind::Committed, HELLO_BLOB));
@@ -254,7 +249,7 @@ fn a_remote_layer_is_committed_only_under_its_blobs_chain_id() {
     assert!(is_lazy(
         "k6",
         &format!("default/7/{d3}"),
-        &oci_chain_id(&d3, &d4),
+        &chain_id_above(&d3, &d4),
         &d4
     ));
 
