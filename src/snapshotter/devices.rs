@@ -3,11 +3,11 @@
 //! writable layer of a dir/dev container, and the records telling our devices from others'.
 
 use super::error::SnapResult;
-use super::{base_vsize, split_chain, Snapshotter, UNPACK_BIND};
+use super::{base_vsize, split_chain, Snapshotter};
 use crate::config::WritableLayerType;
 use crate::device::{self, AttachOptions, AttachedDevice};
 use crate::mount;
-use crate::snapshotter::metadata::Snapshot;
+use crate::snapshotter::metadata::{Snapshot, SnapshotMode};
 use crate::source::config::{ImageConfig, LowerConfig, UpperConfig};
 use anyhow::{anyhow, bail, Context, Result};
 use ovbd_format::{RwLayer, RwMode};
@@ -262,7 +262,7 @@ impl Snapshotter {
             if fresh && block.is_empty() {
                 mkfs_ext4(&path)?;
             }
-            if s.mode.as_deref() == Some("dir") && !mount::is_mounted(mountpoint) {
+            if s.mode == Some(SnapshotMode::Dir) && !mount::is_mounted(mountpoint) {
                 std::fs::create_dir_all(mountpoint)?;
                 mount::mount(&path, mountpoint, "ext4", 0, "discard")?;
             }
@@ -375,11 +375,11 @@ impl Snapshotter {
 
     /// Lets go of the devices snapshot `s` uses.
     pub(super) fn release(&self, s: &Snapshot, chain: &[Snapshot]) -> Result<()> {
-        if matches!(s.mode.as_deref(), Some("dir") | Some("dev")) {
+        if s.mode.is_some_and(SnapshotMode::has_writable_device) {
             self.detach_writable(s)?;
         }
         let (_, block) = split_chain(chain).map_err(|e| anyhow!("{e}"))?;
-        if s.mode.as_deref() == Some(UNPACK_BIND) {
+        if s.mode == Some(SnapshotMode::UnpackBind) {
             return Ok(());
         }
         if let Some(top) = block.last() {

@@ -28,7 +28,7 @@ pub use service::Service;
 
 use crate::config::{Config, RootfsMode};
 use crate::labels::{LABEL_LOCAL_COMMIT, LABEL_SNAPSHOT_REF, LABEL_VSIZE, LABEL_WRITABLE};
-use crate::snapshotter::metadata::{Kind, MetaError, MetaStore, Snapshot, Storage};
+use crate::snapshotter::metadata::{Kind, MetaError, MetaStore, Snapshot, SnapshotMode, Storage};
 use crate::source::config::RemoteSource;
 use anyhow::{anyhow, Context, Result};
 use containerd_snapshots::{api::types::Mount, Info, Usage};
@@ -40,11 +40,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
-
-/// Mode of a snapshot unpacking a layer onto OverlayBD parents: a plain bind of its `fs/`.
-/// A plain OCI layer unpacked this way cannot hide (whiteout) files of the OverlayBD layers
-/// below it; upstream has the same limit.
-const UNPACK_BIND: &str = "unpack";
 
 /// Whether a Prepare unpacks a layer (containerd's unpacker labels it, and `ctr pull` names
 /// it `extract-<n>-<chain id>`) rather than making a container rootfs.
@@ -227,7 +222,7 @@ impl Snapshotter {
                 None if block.is_empty() => RootfsMode::Overlayfs,
                 None => self.cfg.rootfs_mode,
             };
-            (m != RootfsMode::Overlayfs).then_some(m)
+            SnapshotMode::of_rootfs(m)
         } else {
             None
         };
@@ -249,13 +244,13 @@ impl Snapshotter {
                     }
                     if let Some(m) = mode {
                         std::fs::create_dir_all(dir.join("block"))?;
-                        s.mode = Some(m.as_str().to_string());
+                        s.mode = Some(m);
                         s.storage = Storage::Block;
                     }
                     if unpack && !block.is_empty() {
                         // Unpacking onto an OverlayBD image (as upstream): the layer's own directory,
                         // no device for its parents. An OverlayBD layer only drops its file here.
-                        s.mode = Some(UNPACK_BIND.to_string());
+                        s.mode = Some(SnapshotMode::UnpackBind);
                     }
                     Ok(s)
                 })?;
@@ -301,7 +296,7 @@ impl Snapshotter {
         if self.meta.get(name).is_ok() {
             return Err(MetaError::AlreadyExists(name.to_string()).into());
         }
-        if s.kind == Kind::Active && matches!(s.mode.as_deref(), Some("dir") | Some("dev")) {
+        if s.kind == Kind::Active && s.mode.is_some_and(SnapshotMode::has_writable_device) {
             // Seal the writable layer into a read-only OverlayBD layer of this snapshot, undone
             // if the commit fails: the container's data must outlive a failed Commit.
             self.detach_writable(&s)?;
@@ -413,7 +408,7 @@ impl Snapshotter {
                 self.chain_from(&s.parent).map_err(|e| anyhow!("{e}"))?
             };
             let (_, block) = split_chain(&chain).map_err(|e| anyhow!("{e}"))?;
-            if s.mode.as_deref() != Some(UNPACK_BIND) && (s.mode.is_some() || !block.is_empty()) {
+            if s.mode != Some(SnapshotMode::UnpackBind) && (s.mode.is_some() || !block.is_empty()) {
                 if let Err(e) = self.mounts_of(s, &chain) {
                     log::error!("restoring snapshot {}: {e}", s.key);
                 }

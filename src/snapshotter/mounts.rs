@@ -2,9 +2,8 @@
 //! its parents (an image's shared device as the bottom lower), or its writable device.
 
 use super::error::SnapResult;
-use super::{split_chain, Snapshotter, UNPACK_BIND};
-use crate::config::RootfsMode;
-use crate::snapshotter::metadata::{Kind, Snapshot};
+use super::{split_chain, Snapshotter};
+use crate::snapshotter::metadata::{Kind, Snapshot, SnapshotMode};
 use containerd_snapshots::api::types::Mount;
 use std::path::{Path, PathBuf};
 
@@ -23,19 +22,19 @@ impl Snapshotter {
     pub(super) fn mounts_of(&self, s: &Snapshot, chain: &[Snapshot]) -> SnapResult<Vec<Mount>> {
         let dir = self.dir(s.id);
         let (normal, block) = split_chain(chain)?;
-        if s.mode.as_deref() == Some(UNPACK_BIND) {
-            return Ok(vec![mnt(
-                "bind",
-                &dir.join("fs"),
-                vec!["rw".into(), "rbind".into()],
-            )]);
-        }
-        match s.mode.as_deref().map(RootfsMode::parse).transpose()? {
-            Some(RootfsMode::Dir) => {
+        match s.mode {
+            Some(SnapshotMode::UnpackBind) => {
+                return Ok(vec![mnt(
+                    "bind",
+                    &dir.join("fs"),
+                    vec!["rw".into(), "rbind".into()],
+                )]);
+            }
+            Some(SnapshotMode::Dir) => {
                 let (_dev, mp) = self.ensure_writable(s, &block)?;
                 return Ok(vec![mnt("bind", &mp, vec!["rw".into(), "rbind".into()])]);
             }
-            Some(RootfsMode::Dev) => {
+            Some(SnapshotMode::Dev) => {
                 let (dev, _) = self.ensure_writable(s, &block)?;
                 return Ok(vec![mnt(
                     "ext4",
@@ -43,7 +42,7 @@ impl Snapshotter {
                     vec!["rw".into(), "discard".into()],
                 )]);
             }
-            _ => {}
+            None => {}
         }
         let mut lowers: Vec<PathBuf> = normal.iter().map(|p| self.dir(p.id).join("fs")).collect();
         if let Some(top) = block.last() {

@@ -171,7 +171,7 @@ fn dir_mode_snapshot(s: &Snapshotter, key: &str) -> Snapshot {
                     std::fs::create_dir_all(dir.join(d))?;
                 }
                 let mut x = draft.clone();
-                x.mode = Some(RootfsMode::Dir.as_str().to_string());
+                x.mode = Some(SnapshotMode::Dir);
                 x.storage = Storage::Block;
                 Ok(x)
             },

@@ -354,7 +354,7 @@ fn a_stuck_registry_does_not_hold_up_other_images() {
                     BTreeMap::new(),
                     |d| -> SnapResult<Snapshot> {
                         let mut d = d.clone();
-                        d.mode = Some("dev".into());
+                        d.mode = Some(SnapshotMode::Dev);
                         d.storage = Storage::Block;
                         Ok(d)
                     },
