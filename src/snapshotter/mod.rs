@@ -34,7 +34,7 @@ use anyhow::{anyhow, Context, Result};
 use containerd_snapshots::{api::types::Mount, Info, Usage};
 use devices::{DeviceOps, Devices, SystemDeviceOps};
 use disk::{block_layer_file, disk_usage, remove_snapshot_dir, SealedUpper};
-use error::SnapResult;
+use error::{SnapResult, SnapshotterError};
 use remote::RemoteLayer;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -73,8 +73,9 @@ fn base_vsize(labels: &BTreeMap<String, String>, default_gb: u64) -> SnapResult<
     gb.filter(|g| (1..=MAX_VSIZE_GB).contains(g))
         .and_then(|g| g.checked_mul(1 << 30))
         .ok_or_else(|| {
-            MetaError::InvalidArgument(format!("{what} is not a size of 1 to {MAX_VSIZE_GB} GiB"))
-                .into()
+            SnapshotterError::InvalidArgument(format!(
+                "{what} is not a size of 1 to {MAX_VSIZE_GB} GiB"
+            ))
         })
 }
 
@@ -177,7 +178,7 @@ impl Snapshotter {
 
     pub fn list(&self, filters: &[String]) -> SnapResult<Vec<Info>> {
         let f = crate::snapshotter::filters::Filters::parse(filters)
-            .map_err(|e| MetaError::InvalidArgument(e.to_string()))?;
+            .map_err(|e| SnapshotterError::InvalidArgument(e.to_string()))?;
         Ok(self
             .meta
             .list()?
@@ -217,8 +218,9 @@ impl Snapshotter {
             && normal.is_empty()
         {
             let m = match labels.get(LABEL_WRITABLE) {
-                Some(v) => RootfsMode::parse(v)
-                    .map_err(|e| MetaError::InvalidArgument(format!("{LABEL_WRITABLE}: {e}")))?,
+                Some(v) => RootfsMode::parse(v).map_err(|e| {
+                    SnapshotterError::InvalidArgument(format!("{LABEL_WRITABLE}: {e}"))
+                })?,
                 None if block.is_empty() => RootfsMode::Overlayfs,
                 None => self.cfg.rootfs_mode,
             };
@@ -269,10 +271,9 @@ impl Snapshotter {
     pub fn mounts(&self, key: &str) -> SnapResult<Vec<Mount>> {
         let s = self.meta.get(key)?;
         if s.kind == Kind::Committed {
-            return Err(MetaError::FailedPrecondition(format!(
+            return Err(SnapshotterError::FailedPrecondition(format!(
                 "{key} is committed: it has no mounts"
-            ))
-            .into());
+            )));
         }
         let chain = if s.parent.is_empty() {
             Vec::new()
@@ -338,10 +339,9 @@ impl Snapshotter {
         }
         self.meta.commit(key, name, labels, |c| -> SnapResult<()> {
             if c.id != s.id {
-                return Err(MetaError::FailedPrecondition(format!(
+                return Err(SnapshotterError::FailedPrecondition(format!(
                     "{key} was replaced while it was being committed"
-                ))
-                .into());
+                )));
             }
             c.mode = None;
             c.storage = if layer_file.is_some() {
@@ -429,11 +429,10 @@ fn split_chain(chain: &[Snapshot]) -> SnapResult<(Vec<Snapshot>, Vec<Snapshot>)>
         .unwrap_or(chain.len());
     let (normal, block) = chain.split_at(first_block);
     if let Some(s) = block.iter().find(|s| s.storage != Storage::Block) {
-        return Err(MetaError::FailedPrecondition(format!(
+        return Err(SnapshotterError::FailedPrecondition(format!(
             "unsupported image: plain OCI layer {} lies below OverlayBD layers (OverlayBD layers must be at the bottom)",
             s.key
-        ))
-        .into());
+        )));
     }
     let mut block = block.to_vec();
     block.reverse();

@@ -2,14 +2,14 @@
 //! committed at once as a remote layer, bound to the chain ID its blob makes; its device reads
 //! the blob from the registry until a download lands in its `fs/`.
 
-use super::error::{SnapError, SnapResult};
+use super::error::{SnapResult, SnapshotterError};
 use super::Snapshotter;
 use crate::labels::{
     LABEL_BLOB_DIGEST, LABEL_BLOB_SIZE, LABEL_CRI_IMAGE_REF, LABEL_IMAGE_REF, LABEL_REMOTE,
     LABEL_REPO_BLOB_URL, LABEL_SNAPSHOT_REF,
 };
 use crate::oci::digest::{chain_id_above, is_sha256_digest};
-use crate::snapshotter::metadata::{Kind, MetaError, Snapshot, Storage};
+use crate::snapshotter::metadata::{Kind, Snapshot, Storage};
 use crate::source::config::LowerConfig;
 use anyhow::Context;
 use std::collections::BTreeMap;
@@ -52,17 +52,16 @@ impl RemoteLayer {
             .ok()
             .filter(|&s| s <= crate::source::cache::MAX_BLOB_SIZE)
             .ok_or_else(|| {
-                MetaError::InvalidArgument(format!(
+                SnapshotterError::InvalidArgument(format!(
                     "{LABEL_BLOB_SIZE}: {size:?} is not a size of at most {} bytes",
                     crate::source::cache::MAX_BLOB_SIZE
                 ))
             })?;
         // The digest names cache files and registry URLs: exactly `sha256:` + 64 lowercase hex.
         if !is_sha256_digest(digest) {
-            return Err(MetaError::InvalidArgument(format!(
+            return Err(SnapshotterError::InvalidArgument(format!(
                 "{LABEL_BLOB_DIGEST}: {digest:?} is not a sha256 digest"
-            ))
-            .into());
+            )));
         }
         Ok(Some(RemoteLayer {
             name: name.clone(),
@@ -88,8 +87,9 @@ fn chain_id_on(parent: &str, diff_id: &str) -> Option<String> {
 /// as `registry-1.docker.io` and `library/` for official images. The scheme is only a hint:
 /// the registry source speaks plain http to `insecure` and allowed loopback hosts.
 fn repo_blob_url(image_ref: &str) -> SnapResult<String> {
-    let r = crate::oci::ImageRef::parse(image_ref)
-        .map_err(|e| MetaError::InvalidArgument(format!("image reference {image_ref:?}: {e:#}")))?;
+    let r = crate::oci::ImageRef::parse(image_ref).map_err(|e| {
+        SnapshotterError::InvalidArgument(format!("image reference {image_ref:?}: {e:#}"))
+    })?;
     match r {
         crate::oci::ImageRef::Registry(r) => {
             let host = match r.registry() {
@@ -98,10 +98,9 @@ fn repo_blob_url(image_ref: &str) -> SnapResult<String> {
             };
             Ok(format!("https://{host}/v2/{}/blobs", r.repository()))
         }
-        _ => Err(MetaError::InvalidArgument(format!(
+        _ => Err(SnapshotterError::InvalidArgument(format!(
             "image reference {image_ref:?} is not a registry reference"
-        ))
-        .into()),
+        ))),
     }
 }
 
@@ -149,7 +148,7 @@ impl Snapshotter {
         parent: &str,
         labels: BTreeMap<String, String>,
         remote: RemoteLayer,
-    ) -> SnapError {
+    ) -> SnapshotterError {
         let made = (|| -> SnapResult<()> {
             let url = repo_blob_url(&remote.image_ref)?;
             if self.meta.get(&remote.name).is_ok() {
@@ -197,7 +196,7 @@ impl Snapshotter {
             Ok(())
         })();
         match made {
-            Ok(()) => MetaError::AlreadyExists(format!("{} (remote layer)", remote.name)).into(),
+            Ok(()) => SnapshotterError::RemoteLayerCommitted(remote.name),
             Err(e) => e,
         }
     }

@@ -1,28 +1,44 @@
-//! The gRPC adapter: containerd's Snapshots service over [`Snapshotter`].
+//! The gRPC adapter: containerd's Snapshots service over [`Snapshotter`]. Each call runs the
+//! (blocking) operation off the async threads; a failure goes back as its gRPC code
+//! ([`SnapshotterError::code`]) and is logged with the call and the snapshot key, since
+//! containerd often reports no more than the code.
 
-use super::error::SnapResult;
+use super::error::{SnapResult, SnapshotterError};
 use super::Snapshotter;
 use crate::snapshotter::metadata::Kind;
 use containerd_snapshots::{api::types::Mount, tonic, Info, Usage};
 use std::collections::HashMap;
 use std::sync::Arc;
 
-/// The gRPC face: each call runs the (blocking) snapshotter operation off the async threads.
 pub struct Service(pub Arc<Snapshotter>);
 
-async fn blocking<T: Send + 'static>(
-    s: &Arc<Snapshotter>,
-    f: impl FnOnce(&Snapshotter) -> SnapResult<T> + Send + 'static,
-) -> Result<T, tonic::Status> {
-    let s = s.clone();
-    match tokio::task::spawn_blocking(move || f(&s)).await {
-        Ok(r) => r.map_err(|e| {
-            log::debug!("{e}");
+impl Service {
+    /// Runs `f` for call `method` on snapshot `key` (as the log names them).
+    async fn call<T: Send + 'static>(
+        &self,
+        method: &'static str,
+        key: String,
+        f: impl FnOnce(&Snapshotter) -> SnapResult<T> + Send + 'static,
+    ) -> Result<T, tonic::Status> {
+        let s = self.0.clone();
+        let done = match tokio::task::spawn_blocking(move || f(&s)).await {
+            Ok(r) => r,
+            Err(e) => Err(SnapshotterError::Internal(anyhow::anyhow!(
+                "snapshotter task failed: {e}"
+            ))),
+        };
+        done.map_err(|e| {
+            log_failure(method, &key, &e);
             e.into()
-        }),
-        Err(e) => Err(tonic::Status::internal(format!(
-            "snapshotter task failed: {e}"
-        ))),
+        })
+    }
+}
+
+fn log_failure(method: &str, key: &str, e: &SnapshotterError) {
+    match e {
+        // A lazy pull's answer, not a failure.
+        SnapshotterError::RemoteLayerCommitted(_) => log::info!("{method} {key}: {e}"),
+        _ => log::warn!("{method} {key}: {:?}: {e}", e.code()),
     }
 }
 
@@ -31,7 +47,7 @@ impl containerd_snapshots::Snapshotter for Service {
     type Error = tonic::Status;
 
     async fn stat(&self, key: String) -> Result<Info, Self::Error> {
-        blocking(&self.0, move |s| s.stat(&key)).await
+        self.call("stat", key.clone(), move |s| s.stat(&key)).await
     }
 
     async fn update(
@@ -39,15 +55,20 @@ impl containerd_snapshots::Snapshotter for Service {
         info: Info,
         fieldpaths: Option<Vec<String>>,
     ) -> Result<Info, Self::Error> {
-        blocking(&self.0, move |s| s.update(info, fieldpaths)).await
+        self.call("update", info.name.clone(), move |s| {
+            s.update(info, fieldpaths)
+        })
+        .await
     }
 
     async fn usage(&self, key: String) -> Result<Usage, Self::Error> {
-        blocking(&self.0, move |s| s.usage(&key)).await
+        self.call("usage", key.clone(), move |s| s.usage(&key))
+            .await
     }
 
     async fn mounts(&self, key: String) -> Result<Vec<Mount>, Self::Error> {
-        blocking(&self.0, move |s| s.mounts(&key)).await
+        self.call("mounts", key.clone(), move |s| s.mounts(&key))
+            .await
     }
 
     async fn prepare(
@@ -57,7 +78,7 @@ impl containerd_snapshots::Snapshotter for Service {
         labels: HashMap<String, String>,
     ) -> Result<Vec<Mount>, Self::Error> {
         log::info!("prepare {key} (parent {parent:?})");
-        blocking(&self.0, move |s| {
+        self.call("prepare", key.clone(), move |s| {
             s.create(&key, &parent, Kind::Active, labels)
         })
         .await
@@ -70,7 +91,7 @@ impl containerd_snapshots::Snapshotter for Service {
         labels: HashMap<String, String>,
     ) -> Result<Vec<Mount>, Self::Error> {
         log::info!("view {key} (parent {parent:?})");
-        blocking(&self.0, move |s| {
+        self.call("view", key.clone(), move |s| {
             s.create(&key, &parent, Kind::View, labels)
         })
         .await
@@ -83,16 +104,21 @@ impl containerd_snapshots::Snapshotter for Service {
         labels: HashMap<String, String>,
     ) -> Result<(), Self::Error> {
         log::info!("commit {key} as {name}");
-        blocking(&self.0, move |s| s.commit(&name, &key, labels)).await
+        self.call("commit", format!("{key} (as {name})"), move |s| {
+            s.commit(&name, &key, labels)
+        })
+        .await
     }
 
     async fn remove(&self, key: String) -> Result<(), Self::Error> {
         log::info!("remove {key}");
-        blocking(&self.0, move |s| s.remove(&key)).await
+        self.call("remove", key.clone(), move |s| s.remove(&key))
+            .await
     }
 
     async fn clear(&self) -> Result<(), Self::Error> {
-        blocking(&self.0, |s| s.cleanup()).await
+        self.call("cleanup", "(all snapshots)".into(), |s| s.cleanup())
+            .await
     }
 
     type InfoStream = std::pin::Pin<
@@ -104,7 +130,8 @@ impl containerd_snapshots::Snapshotter for Service {
         _snapshotter: String,
         filters: Vec<String>,
     ) -> Result<Self::InfoStream, Self::Error> {
-        let infos = blocking(&self.0, move |s| s.list(&filters)).await?;
+        let what = format!("(filters {filters:?})");
+        let infos = self.call("list", what, move |s| s.list(&filters)).await?;
         Ok(Box::pin(tokio_stream::iter(infos.into_iter().map(Ok))))
     }
 }

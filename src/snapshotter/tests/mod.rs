@@ -4,10 +4,11 @@
 mod contract;
 mod devices;
 mod remote;
+mod service;
 
 use super::devices::{lock_slot, DeviceOps, SharedDevice};
 use super::disk::{block_layer_file, SealedUpper};
-use super::error::{SnapError, SnapResult};
+use super::error::{SnapResult, SnapshotterError};
 use super::*;
 use crate::device::{self, AttachedDevice};
 use crate::labels::*;
@@ -27,7 +28,7 @@ fn snapshotter() -> (tempfile::TempDir, Snapshotter) {
     (d, Snapshotter::open(cfg).unwrap())
 }
 
-fn code(e: SnapError) -> tonic::Code {
+fn code(e: SnapshotterError) -> tonic::Code {
     tonic::Status::from(e).code()
 }
 
