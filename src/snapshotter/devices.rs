@@ -378,7 +378,7 @@ impl Snapshotter {
         if s.mode.is_some_and(SnapshotMode::has_writable_device) {
             self.detach_writable(s)?;
         }
-        let (_, block) = split_chain(chain).map_err(|e| anyhow!("{e}"))?;
+        let (_, block) = split_chain(chain)?;
         if s.mode == Some(SnapshotMode::UnpackBind) {
             return Ok(());
         }

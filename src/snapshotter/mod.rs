@@ -30,7 +30,7 @@ use crate::config::{Config, RootfsMode};
 use crate::labels::{LABEL_LOCAL_COMMIT, LABEL_SNAPSHOT_REF, LABEL_VSIZE, LABEL_WRITABLE};
 use crate::snapshotter::metadata::{Kind, MetaError, MetaStore, Snapshot, SnapshotMode, Storage};
 use crate::source::config::RemoteSource;
-use anyhow::{anyhow, Context, Result};
+use anyhow::{Context, Result};
 use containerd_snapshots::{api::types::Mount, Info, Usage};
 use devices::{DeviceOps, Devices, SystemDeviceOps};
 use disk::{block_layer_file, disk_usage, remove_snapshot_dir, SealedUpper};
@@ -405,16 +405,16 @@ impl Snapshotter {
             let chain = if s.parent.is_empty() {
                 Vec::new()
             } else {
-                self.chain_from(&s.parent).map_err(|e| anyhow!("{e}"))?
+                self.chain_from(&s.parent)?
             };
-            let (_, block) = split_chain(&chain).map_err(|e| anyhow!("{e}"))?;
+            let (_, block) = split_chain(&chain)?;
             if s.mode != Some(SnapshotMode::UnpackBind) && (s.mode.is_some() || !block.is_empty()) {
                 if let Err(e) = self.mounts_of(s, &chain) {
                     log::error!("restoring snapshot {}: {e}", s.key);
                 }
             }
         }
-        self.cleanup().map_err(|e| anyhow!("{e}"))?;
+        self.cleanup()?;
         self.delete_orphan_devices();
         Ok(())
     }
