@@ -29,13 +29,6 @@ impl RootfsMode {
             _ => bail!("unknown rootfs mode {s:?} (overlayfs, dir or dev)"),
         }
     }
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RootfsMode::Overlayfs => "overlayfs",
-            RootfsMode::Dir => "dir",
-            RootfsMode::Dev => "dev",
-        }
-    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]

@@ -7,6 +7,7 @@ pub(crate) mod config;
 pub(crate) mod convert;
 pub(crate) mod device;
 pub(crate) mod extfs;
+pub(crate) mod labels;
 pub(crate) mod mount;
 pub(crate) mod oci;
 pub(crate) mod registry;

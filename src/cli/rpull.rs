@@ -4,6 +4,11 @@
 //! (snapshot.ref + blob digest/size + cri.image-ref) make ovbd commit it at once as a remote layer
 //! and answer AlreadyExists. `ctr run --snapshotter ovbd REF` then finds the image unpacked.
 
+use crate::labels::{
+    LABEL_BLOB_DIGEST, LABEL_CRI_IMAGE_REF, LABEL_IMAGE_REF, LABEL_SNAPSHOT_REF,
+    SNAPSHOT_LABEL_PREFIX,
+};
+use crate::oci::digest::chain_ids;
 use crate::oci::{ImageClient, ImageRef, Platform, RegistryOptions};
 use anyhow::{anyhow, bail, Context, Result};
 use containerd_client::services::v1::snapshots::{
@@ -18,16 +23,9 @@ use containerd_client::services::v1::{
 };
 use containerd_client::tonic::{self, transport::Channel, Code, Request};
 use containerd_client::types::Descriptor;
-use sha2::{Digest as _, Sha256};
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::time::Instant;
-
-const LABEL_SNAPSHOT_REF: &str = "containerd.io/snapshot.ref";
-const LABEL_IMAGE_REF: &str = "containerd.io/snapshot/image-ref";
-const LABEL_CRI_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
-const SNAPSHOT_LABEL_PREFIX: &str = "containerd.io/snapshot/";
-const LABEL_BLOB_DIGEST: &str = "containerd.io/snapshot/overlaybd/blob-digest";
+use std::time::{Duration, Instant, SystemTime};
 
 pub struct RpullOptions {
     /// containerd's socket.
@@ -383,25 +381,6 @@ fn layer_labels(
     labels
 }
 
-/// containerd's chain IDs of `diff_ids` (bottom first).
-fn chain_ids(diff_ids: &[String]) -> Vec<String> {
-    let mut out: Vec<String> = Vec::with_capacity(diff_ids.len());
-    for d in diff_ids {
-        let id = match out.last() {
-            None => d.clone(),
-            Some(prev) => {
-                let h = Sha256::digest(format!("{prev} {d}").as_bytes());
-                format!(
-                    "sha256:{}",
-                    h.iter().map(|b| format!("{b:02x}")).collect::<String>()
-                )
-            }
-        };
-        out.push(id);
-    }
-    out
-}
-
 fn short(d: &str) -> &str {
     let hex = d.strip_prefix("sha256:").unwrap_or(d);
     hex.get(..12).unwrap_or(hex)
@@ -409,49 +388,17 @@ fn short(d: &str) -> &str {
 
 /// An RFC 3339 UTC time `secs` seconds from now (containerd's lease expiry label).
 fn rfc3339_in(secs: u64) -> String {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-        + secs;
-    let (days, rem) = (t / 86400, t % 86400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    rfc3339_utc(SystemTime::now() + Duration::from_secs(secs))
+}
+
+/// `t` in RFC 3339, UTC, whole seconds (`1996-12-20T00:39:57Z`), as Go's `time.RFC3339` reads it.
+fn rfc3339_utc(t: SystemTime) -> String {
+    chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn chain_ids_as_containerd() {
-        // The hello-world OverlayBD fixture: one layer, chain ID = diff_id.
-        let one = chain_ids(&["sha256:aa".into()]);
-        assert_eq!(one, vec!["sha256:aa".to_string()]);
-        let two = chain_ids(&["sha256:aa".into(), "sha256:bb".into()]);
-        let want = Sha256::digest(b"sha256:aa sha256:bb");
-        assert_eq!(
-            two[1],
-            format!(
-                "sha256:{}",
-                want.iter().map(|b| format!("{b:02x}")).collect::<String>()
-            )
-        );
-    }
 
     #[test]
     fn layer_labels_name_the_image_as_the_client() {
@@ -477,12 +424,30 @@ mod tests {
     }
 
     #[test]
-    fn lease_expiry_is_rfc3339() {
-        let t = rfc3339_in(0);
-        assert_eq!(t.len(), 20, "{t}");
-        assert!(
-            t.starts_with("20") && t.ends_with('Z') && t.as_bytes()[10] == b'T',
-            "{t}"
+    fn lease_expiry_is_rfc3339_utc() {
+        use std::time::UNIX_EPOCH;
+        // RFC 3339 §5.8's examples, in UTC; seconds from `date -u -d '...' +%s`.
+        let at = |secs: i64| {
+            let d = Duration::from_secs(secs.unsigned_abs());
+            if secs < 0 {
+                UNIX_EPOCH - d
+            } else {
+                UNIX_EPOCH + d
+            }
+        };
+        assert_eq!(rfc3339_utc(at(0)), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339_utc(at(482_196_050)), "1985-04-12T23:20:50Z");
+        // 1996-12-19T16:39:57-08:00
+        assert_eq!(rfc3339_utc(at(851_042_397)), "1996-12-20T00:39:57Z");
+        // 1937-01-01T12:00:27.87+00:20, fraction dropped
+        assert_eq!(rfc3339_utc(at(-1_041_337_173)), "1937-01-01T11:40:27Z");
+        assert_eq!(rfc3339_utc(at(951_782_400)), "2000-02-29T00:00:00Z");
+        // Sub-second parts are not written: containerd parses the label with time.RFC3339.
+        assert_eq!(
+            rfc3339_utc(at(482_196_050) + Duration::from_millis(520)),
+            "1985-04-12T23:20:50Z"
         );
+        let later = rfc3339_in(3600);
+        assert!(later.ends_with('Z') && later.len() == 20, "{later}");
     }
 }

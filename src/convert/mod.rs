@@ -11,6 +11,8 @@ pub(crate) mod apply;
 mod layer;
 
 use crate::extfs::MkfsParams;
+use crate::labels::{LABEL_BLOB_DIGEST, LABEL_BLOB_SIZE, LABEL_VERSION};
+use crate::oci::digest::{chain_ids, digest_of, digest_of_hashed};
 use crate::oci::{
     ImageIo, ImageRef, ImageToWrite, LayerFile, Platform, RegistryOptions, ResolvedImage,
     MEDIA_OCI_MANIFEST,
@@ -28,9 +30,6 @@ use std::time::Instant;
 
 pub const MEDIA_LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
 pub const MEDIA_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-pub const LABEL_BLOB_DIGEST: &str = "containerd.io/snapshot/overlaybd/blob-digest";
-pub const LABEL_BLOB_SIZE: &str = "containerd.io/snapshot/overlaybd/blob-size";
-pub const LABEL_VERSION: &str = "containerd.io/snapshot/overlaybd/version";
 
 pub struct ConvertOptions {
     pub vsize: u64,
@@ -180,7 +179,7 @@ pub fn convert(
                 .with_context(|| format!("converting layer {} ({})", i + 1, desc.digest()))?;
             std::io::copy(&mut tar, &mut std::io::sink())
                 .with_context(|| format!("reading layer {}", desc.digest()))?;
-            (out, hex_digest(tar.hasher))
+            (out, digest_of_hashed(tar.hasher))
         };
         if got != diff_ids[i] {
             bail!(
@@ -224,7 +223,7 @@ pub fn convert(
         .pointer_mut("/rootfs/diff_ids")
         .ok_or_else(|| anyhow!("image config lost rootfs.diff_ids"))? = new_ids.into();
     let config_raw = serde_json::to_vec(&config)?;
-    let config_digest = sha256_hex(&config_raw);
+    let config_digest = digest_of(&config_raw);
     let manifest = Manifest {
         schema_version: 2,
         media_type: MEDIA_OCI_MANIFEST,
@@ -290,20 +289,6 @@ struct ManifestDescriptor {
     annotations: Option<BTreeMap<String, String>>,
 }
 
-/// Chain IDs (OCI image spec): the first is the first diff_id, then
-/// sha256(previous + " " + diff_id).
-fn chain_ids(diff_ids: &[String]) -> Vec<String> {
-    let mut out: Vec<String> = Vec::with_capacity(diff_ids.len());
-    for d in diff_ids {
-        let next = match out.last() {
-            None => d.clone(),
-            Some(prev) => sha256_hex(format!("{prev} {d}").as_bytes()),
-        };
-        out.push(next);
-    }
-    out
-}
-
 /// The ext4 UUID (also its directory hash seed): a v4-shaped UUID from the first chain ID,
 /// so the same source gives the same filesystem.
 fn fs_uuid(chain_id: &str) -> [u8; 16] {
@@ -315,15 +300,6 @@ fn fs_uuid(chain_id: &str) -> [u8; 16] {
     u
 }
 
-fn hex_digest(h: Sha256) -> String {
-    let hex: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
-    format!("sha256:{hex}")
-}
-
-fn sha256_hex(data: &[u8]) -> String {
-    hex_digest(Sha256::new_with_prefix(data))
-}
-
 fn parse_digest(s: &str) -> Result<Digest> {
     Digest::try_from(s.to_owned()).map_err(|e| anyhow!("digest {s}: {e}"))
 }
@@ -332,7 +308,7 @@ fn file_digest(path: &std::path::Path) -> Result<(String, u64)> {
     let mut f = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
     let mut h = Sha256::new();
     let n = std::io::copy(&mut f, &mut h).with_context(|| format!("read {}", path.display()))?;
-    Ok((hex_digest(h), n))
+    Ok((digest_of_hashed(h), n))
 }
 
 /// A layer blob's tar stream: gzip and zstd are recognised by their magic, anything else is
@@ -379,42 +355,9 @@ impl<R: Read> Read for Counting<'_, R> {
 /// Seconds since the epoch of an RFC 3339 time (`2023-05-04T17:37:03.872958712Z`, or with an
 /// offset); fractions are dropped.
 fn parse_rfc3339(s: &str) -> Option<i64> {
-    let b = s.as_bytes();
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
-        return None;
-    }
-    let num = |r: std::ops::Range<usize>| -> Option<i64> { s.get(r)?.parse().ok() };
-    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    let mut rest = &s[19..];
-    if let Some(r) = rest.strip_prefix('.') {
-        rest = r.trim_start_matches(|c: char| c.is_ascii_digit());
-    }
-    let offset = match rest {
-        "Z" | "z" => 0,
-        _ => {
-            let sign = match rest.as_bytes().first()? {
-                b'+' => 1,
-                b'-' => -1,
-                _ => return None,
-            };
-            let oh: i64 = rest.get(1..3)?.parse().ok()?;
-            let om: i64 = rest.get(4..6)?.parse().ok()?;
-            sign * (oh * 3600 + om * 60)
-        }
-    };
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
-        return None;
-    }
-    // Days from civil (Howard Hinnant's algorithm).
-    let y = if mo <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (mo + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146097 + doe - 719468;
-    Some(days * 86400 + h * 3600 + mi * 60 + sec - offset)
+    chrono::DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|t| t.timestamp())
 }
 
 #[cfg(test)]
@@ -422,24 +365,36 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rfc3339() {
-        assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some(0));
+    fn rfc3339_as_unix_seconds() {
+        // RFC 3339 §5.8's examples and docker's nanosecond form; the seconds come from
+        // `date -u -d '<the time in UTC>' +%s`.
+        for (text, secs) in [
+            ("1970-01-01T00:00:00Z", 0),
+            ("1985-04-12T23:20:50.52Z", 482_196_050),
+            ("1996-12-19T16:39:57-08:00", 851_042_397),
+            ("1937-01-01T12:00:27.87+00:20", -1_041_337_173),
+            ("2023-05-04T17:37:03.872958712Z", 1_683_221_823),
+            ("2023-05-04T19:37:03+02:00", 1_683_221_823),
+            ("2000-02-29T00:00:00Z", 951_782_400),
+            // Lower-case separators (RFC 3339 §5.6 allows them).
+            ("1985-04-12t23:20:50z", 482_196_050),
+        ] {
+            assert_eq!(parse_rfc3339(text), Some(secs), "{text}");
+        }
+        // The leap second, in UTC and at -08:00: the last second of 1990 (1990-12-31 23:59:59).
+        assert_eq!(parse_rfc3339("1990-12-31T23:59:60Z"), Some(662_687_999));
         assert_eq!(
-            parse_rfc3339("2023-05-04T17:37:03.872958712Z"),
-            Some(1_683_221_823)
+            parse_rfc3339("1990-12-31T15:59:60-08:00"),
+            Some(662_687_999)
         );
-        assert_eq!(
-            parse_rfc3339("2023-05-04T19:37:03+02:00"),
-            Some(1_683_221_823)
-        );
-        assert_eq!(parse_rfc3339("2000-02-29T00:00:00Z"), Some(951_782_400));
-        assert_eq!(parse_rfc3339("yesterday"), None);
-    }
-
-    #[test]
-    fn chain_ids_as_the_image_spec() {
-        let ids = chain_ids(&["sha256:aa".into(), "sha256:bb".into()]);
-        assert_eq!(ids[0], "sha256:aa");
-        assert_eq!(ids[1], sha256_hex(b"sha256:aa sha256:bb"));
+        for bad in [
+            "yesterday",
+            "2023-02-30T00:00:00Z",
+            "2023-05-04T17:37:03",
+            "2023-05-04T24:00:00Z",
+            "2023-05-04",
+        ] {
+            assert_eq!(parse_rfc3339(bad), None, "{bad}");
+        }
     }
 }

@@ -31,6 +31,7 @@
 
 // The converter is being written alongside this module: not every item is used by it yet.
 
+pub(crate) mod digest;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use oci_client::client::{ClientConfig, ClientProtocol, LayerDescriptor};
 use oci_client::secrets::RegistryAuth;

@@ -2,6 +2,7 @@
 //! Every change is one transaction, so a crash never leaves a half-made snapshot behind;
 //! directories made before a transaction that never committed are orphans `Cleanup` removes.
 
+use crate::config::RootfsMode;
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -28,6 +29,39 @@ pub enum Storage {
     Block,
 }
 
+/// How an active snapshot is served when not as an overlay of its parents (the default, stored
+/// as no mode). Stored as the strings ovbd has always written: metadata.db files keep opening.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapshotMode {
+    /// A writable block layer on the image, its ext4 mounted and bind-mounted.
+    #[serde(rename = "dir")]
+    Dir,
+    /// As `Dir`, but the block device is handed out unmounted (for VMs).
+    #[serde(rename = "dev")]
+    Dev,
+    /// A layer unpacked onto OverlayBD parents: a plain bind of its own `fs/`, no device for
+    /// its parents (as upstream). A plain OCI layer unpacked so cannot hide (whiteout) files
+    /// of the OverlayBD layers below it; upstream has the same limit.
+    #[serde(rename = "unpack")]
+    UnpackBind,
+}
+
+impl SnapshotMode {
+    /// The mode of a container rootfs served as `m`; None for overlayfs.
+    pub fn of_rootfs(m: RootfsMode) -> Option<SnapshotMode> {
+        match m {
+            RootfsMode::Overlayfs => None,
+            RootfsMode::Dir => Some(SnapshotMode::Dir),
+            RootfsMode::Dev => Some(SnapshotMode::Dev),
+        }
+    }
+
+    /// Whether the snapshot has a writable block device of its own.
+    pub fn has_writable_device(self) -> bool {
+        matches!(self, SnapshotMode::Dir | SnapshotMode::Dev)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Snapshot {
     pub id: u64,
@@ -41,9 +75,9 @@ pub struct Snapshot {
     pub updated: u64,
     #[serde(default)]
     pub storage: Storage,
-    /// Rootfs mode of an active snapshot on block parents: "overlayfs", "dir" or "dev".
+    /// How an active snapshot is served; None: an overlay of its parents (or committed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mode: Option<String>,
+    pub mode: Option<SnapshotMode>,
     /// Disk usage recorded at commit (bytes, inodes).
     #[serde(default)]
     pub usage: (i64, i64),
@@ -393,5 +427,63 @@ mod tests {
         let m = MetaStore::open(&path).unwrap();
         assert!(matches!(m.get("x"), Err(MetaError::NotFound(_))));
         assert_eq!(m.get("y").unwrap().labels["k"], "v");
+    }
+
+    #[test]
+    fn records_written_with_mode_strings_still_open() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("metadata.db");
+        // Records as ovbd wrote them when the mode was a string, straight into the table.
+        let old = |id: u64, key: &str, mode: &str| {
+            format!(
+                r#"{{"id":{id},"key":"{key}","kind":"Active","parent":"","labels":{{}},"created":1,"updated":2,"storage":"Block","mode":"{mode}","usage":[0,0]}}"#
+            )
+        };
+        let records = [
+            ("ctr-dir", old(1, "ctr-dir", "dir")),
+            ("ctr-dev", old(2, "ctr-dev", "dev")),
+            ("layer-unpack", old(3, "layer-unpack", "unpack")),
+            (
+                "ctr-overlay",
+                r#"{"id":4,"key":"ctr-overlay","kind":"Active","parent":"","labels":{},"created":1,"updated":2}"#.to_string(),
+            ),
+        ];
+        {
+            let db = Database::create(&path).unwrap();
+            let tx = db.begin_write().unwrap();
+            {
+                let mut t = tx.open_table(SNAPSHOTS).unwrap();
+                for (key, json) in &records {
+                    t.insert(*key, json.as_bytes()).unwrap();
+                }
+            }
+            tx.commit().unwrap();
+        }
+        let m = MetaStore::open(&path).unwrap();
+        let mode = |key: &str| m.get(key).unwrap().mode;
+        assert_eq!(mode("ctr-dir"), Some(SnapshotMode::Dir));
+        assert_eq!(mode("ctr-dev"), Some(SnapshotMode::Dev));
+        assert_eq!(mode("layer-unpack"), Some(SnapshotMode::UnpackBind));
+        assert_eq!(mode("ctr-overlay"), None);
+        assert_eq!(m.get("ctr-overlay").unwrap().storage, Storage::Normal);
+        // Written back, a record keeps the same strings: an older ovbd still reads it.
+        m.update("ctr-dir", |_| {}).unwrap();
+        m.update("ctr-overlay", |_| {}).unwrap();
+        drop(m);
+        let db = Database::create(&path).unwrap();
+        let tx = db.begin_read().unwrap();
+        let t = tx.open_table(SNAPSHOTS).unwrap();
+        let raw = |key: &str| -> serde_json::Value {
+            serde_json::from_slice(t.get(key).unwrap().unwrap().value()).unwrap()
+        };
+        assert_eq!(raw("ctr-dir")["mode"], "dir");
+        assert!(raw("ctr-overlay").get("mode").is_none());
+        for (mode, text) in [
+            (SnapshotMode::Dir, "dir"),
+            (SnapshotMode::Dev, "dev"),
+            (SnapshotMode::UnpackBind, "unpack"),
+        ] {
+            assert_eq!(serde_json::to_value(mode).unwrap(), text);
+        }
     }
 }
