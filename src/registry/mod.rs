@@ -219,6 +219,8 @@ pub(crate) enum Challenge {
 /// The `Bearer` and `Basic` challenges of `WWW-Authenticate` header values (RFC 7235:
 /// `scheme param=value, param="quoted \" value", other-scheme ...`). Unknown schemes, token68
 /// forms and malformed parts are skipped; never panics.
+// Not the http-auth crate: its parser stops at the first token68 (`Negotiate abc==`), non-ASCII
+// byte or double space after a scheme, losing the challenges after it.
 pub(crate) fn parse_challenges<'a>(values: impl IntoIterator<Item = &'a str>) -> Vec<Challenge> {
     let mut out = Vec::new();
     for v in values {
