@@ -385,6 +385,16 @@ impl CredentialStore {
         }
     }
 
+    /// Uses these helper directories and timeout from now on (tests: no change to `$PATH`).
+    #[cfg(test)]
+    pub(crate) fn set_helpers(&self, helpers: HelperSetup) {
+        *self.helpers.lock().unwrap_or_else(|e| e.into_inner()) = helpers;
+        self.answers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
     fn read_config(&self) -> Result<Option<(&Path, DockerConfig)>, CredentialError> {
         let Some(path) = self.config.as_deref() else {
             return Ok(None);

@@ -918,6 +918,12 @@ impl Registry {
         }))
     }
 
+    /// The credential store (tests: where its helpers are looked for).
+    #[cfg(test)]
+    pub(crate) fn credential_store(&self) -> &CredentialStore {
+        &self.inner.creds
+    }
+
     /// Token requests made so far (all endpoints).
     #[allow(dead_code)] // API for the daemon's stats, benchmarks and tests
     pub fn token_requests(&self) -> u64 {

@@ -1,4 +1,8 @@
 use super::*;
+use crate::config::RegistryConfig;
+use crate::registry::{basic_header, Registry, RemoteBlob};
+use crate::testing::*;
+use ovbd_format::ReadAt;
 use std::fs;
 use std::os::unix::fs::PermissionsExt as _;
 
@@ -71,6 +75,40 @@ fn lookup(config: &serde_json::Value, host: &str) -> Result<Lookup, CredentialEr
     let text = serde_json::to_vec(config).unwrap();
     let path = Path::new("/etc/ovbd/config.json");
     DockerConfig::parse(&text, path)?.lookup(path, host)
+}
+
+fn read(blob: &RemoteBlob, off: u64, len: usize) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    let n = blob.read_at(&mut buf, off)?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
+/// A registry client reading credentials from `config`, helpers from `helpers`.
+fn registry_client(config: &Path, helpers: HelperSetup) -> Arc<Registry> {
+    let registry = Registry::new(&RegistryConfig {
+        docker_config: Some(config.to_owned()),
+        ..quick_config()
+    })
+    .unwrap();
+    registry.credential_store().set_helpers(helpers);
+    registry
+}
+
+fn blob_at(
+    registry: &Arc<Registry>,
+    addr: &str,
+    repo: &str,
+    digest: &str,
+    size: usize,
+) -> RemoteBlob {
+    RemoteBlob::new(
+        registry.clone(),
+        &format!("{addr}/{repo}"),
+        digest,
+        size as u64,
+    )
+    .unwrap()
 }
 
 // ------------------------------------------------------------------------------- the file
@@ -391,4 +429,281 @@ fn credentials_helper_protocol() {
             "{e}"
         );
     }
+}
+
+// ------------------------------------------------------------------- through the registry
+
+/// (a) A `credHelpers` helper answers for a Basic-auth registry: asked with the server URL,
+/// once for many reads and repositories, and again after the registry refuses its answer.
+#[test]
+fn registry_credential_helper_per_host() {
+    let (reg, data, digest) = registry_with_blob(700_000, 21);
+    let digest2 = push_blob(&reg.addr, "test/other", &data[..1000], None);
+    let front = Front::start(
+        &reg.addr,
+        Some(FrontAuth::Basic(basic_header("alice", "s3cret"))),
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("config.json");
+    write_json(
+        &config,
+        serde_json::json!({ "credHelpers": { (front.addr.clone()): "xyz" } }),
+    );
+    recording_helper(tmp.path(), "xyz", "alice", "s3cret");
+    let registry = registry_client(&config, helpers_in(tmp.path(), HELPER_TIMEOUT));
+    let blob = blob_at(&registry, &front.addr, "test/blob", &digest, data.len());
+    check_random_ranges(&blob, &data, 10, 22);
+    let other = blob_at(&registry, &front.addr, "test/other", &digest2, 1000);
+    assert_eq!(read(&other, 0, 1000).unwrap(), &data[..1000]);
+    assert_eq!(asked(tmp.path(), "xyz"), vec![front.addr.clone()]);
+    for s in front.seen.lock().unwrap().iter() {
+        if let Some(a) = &s.authorization {
+            assert_eq!(*a, basic_header("alice", "s3cret"));
+        }
+    }
+
+    // The helper's answer is refused (a new registry client: no cached header): the read fails
+    // naming the helper; fixed in the helper's store, the next read asks it again and works.
+    fs::write(tmp.path().join("xyz.secret"), "wrong").unwrap();
+    let registry = registry_client(&config, helpers_in(tmp.path(), HELPER_TIMEOUT));
+    let blob = blob_at(&registry, &front.addr, "test/blob", &digest, data.len());
+    let e = read(&blob, 0, 10).unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
+    assert!(e.to_string().contains("docker-credential-xyz"), "{e}");
+    assert!(!e.to_string().contains("wrong"), "{e}");
+    fs::write(tmp.path().join("xyz.secret"), "s3cret").unwrap();
+    assert_eq!(read(&blob, 5, 10).unwrap(), &data[5..15]);
+    assert_eq!(asked(tmp.path(), "xyz").len(), 3);
+}
+
+/// (b) `credsStore` for every host; its Basic credentials go to the token realm only.
+#[test]
+fn registry_creds_store_with_token_server() {
+    let (reg, data, digest) = registry_with_blob(600_000, 23);
+    let front = Front::start(
+        &reg.addr,
+        Some(FrontAuth::Bearer {
+            uses: 1000,
+            basic: Some(basic_header("bob", "store-pw")),
+        }),
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("config.json");
+    write_json(
+        &config,
+        serde_json::json!({ "auths": { (front.addr.clone()): {} }, "credsStore": "store" }),
+    );
+    recording_helper(tmp.path(), "store", "bob", "store-pw");
+    let registry = registry_client(&config, helpers_in(tmp.path(), HELPER_TIMEOUT));
+    let blob = blob_at(&registry, &front.addr, "test/blob", &digest, data.len());
+    check_random_ranges(&blob, &data, 10, 24);
+    assert_eq!(asked(tmp.path(), "store"), vec![front.addr.clone()]);
+    assert_eq!(registry.token_requests(), 1);
+    for s in front.seen.lock().unwrap().iter() {
+        match &s.authorization {
+            Some(a) if s.target.starts_with("/token") => {
+                assert_eq!(*a, basic_header("bob", "store-pw"))
+            }
+            Some(a) => assert!(a.starts_with("Bearer tok-"), "{a}"),
+            None => {}
+        }
+    }
+}
+
+/// (c) An identity token (from `auths`, then from a helper's `<token>` answer) is POSTed to
+/// the token realm as an OAuth2 refresh_token grant, never sent as Basic.
+#[test]
+fn registry_identity_token_refresh_grant() {
+    let (reg, data, digest) = registry_with_blob(600_000, 25);
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("config.json");
+    for from_helper in [false, true] {
+        let front = Front::start(
+            &reg.addr,
+            Some(FrontAuth::Bearer {
+                uses: 4,
+                basic: None,
+            }),
+        );
+        let realm = front.oauth_realm("refresh-abc");
+        let entry = if from_helper {
+            recording_helper(tmp.path(), "oauth", IDENTITY_TOKEN_USERNAME, "refresh-abc");
+            serde_json::json!({ "credHelpers": { (front.addr.clone()): "oauth" } })
+        } else {
+            serde_json::json!({
+                "auths": { (front.addr.clone()): {
+                    "auth": b64("00000000-0000-0000-0000-000000000000:"),
+                    "identitytoken": "refresh-abc",
+                } }
+            })
+        };
+        write_json(&config, entry);
+        let registry = registry_client(&config, helpers_in(tmp.path(), HELPER_TIMEOUT));
+        let blob = blob_at(&registry, &front.addr, "test/blob", &digest, data.len());
+        check_random_ranges(&blob, &data, 8, 26);
+        let grants = realm.grants.lock().unwrap().clone();
+        assert!(!grants.is_empty());
+        for g in &grants {
+            assert_eq!(g.method, "POST", "{g:?}");
+            assert_eq!(
+                g.content_type.as_deref(),
+                Some("application/x-www-form-urlencoded")
+            );
+            assert_eq!(g.authorization, None, "{g:?}");
+            let field = |k: &str| g.fields.get(k).map(String::as_str);
+            assert_eq!(field("grant_type"), Some("refresh_token"));
+            assert_eq!(field("refresh_token"), Some("refresh-abc"));
+            assert_eq!(field("client_id"), Some("ovbd"));
+            assert_eq!(field("service"), Some("front"));
+            assert_eq!(field("scope"), Some("repository:test/blob:pull"));
+        }
+        assert_eq!(grants.len() as u64, registry.token_requests());
+        for s in front.seen.lock().unwrap().iter() {
+            if let Some(a) = &s.authorization {
+                assert!(a.starts_with("Bearer tok-oauth-"), "{a}");
+            }
+        }
+    }
+
+    // A refresh token the realm refuses: a clear error, not a fall-back to anything else.
+    let front = Front::start(
+        &reg.addr,
+        Some(FrontAuth::Bearer {
+            uses: 4,
+            basic: None,
+        }),
+    );
+    let realm = front.oauth_realm("another-token");
+    write_json(
+        &config,
+        serde_json::json!({ "auths": { (front.addr.clone()): { "identitytoken": "refresh-abc" } } }),
+    );
+    let registry = registry_client(&config, helpers_in(tmp.path(), HELPER_TIMEOUT));
+    let blob = blob_at(&registry, &front.addr, "test/blob", &digest, data.len());
+    let e = read(&blob, 0, 10).unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
+    let e = e.to_string();
+    assert!(
+        e.contains("refresh_token grant") && e.contains("401") && e.contains("identity token"),
+        "{e}"
+    );
+    assert!(!e.contains("refresh-abc"), "{e}");
+    let grants = realm.grants.lock().unwrap().clone();
+    assert!(
+        grants
+            .iter()
+            .all(|g| g.method == "POST" && g.authorization.is_none()),
+        "{grants:?}"
+    );
+}
+
+/// (d) A helper that hangs, or floods its output, is killed: the read fails naming it, and
+/// reads from other hosts go on meanwhile.
+#[test]
+fn registry_helper_hangs_or_floods() {
+    let (reg, data, digest) = registry_with_blob(300_000, 27);
+    let hung = Front::start(&reg.addr, Some(FrontAuth::Basic(basic_header("u", "p"))));
+    let flooded = Front::start(&reg.addr, Some(FrontAuth::Basic(basic_header("u", "p"))));
+    let fine = Front::start(&reg.addr, Some(FrontAuth::Basic(basic_header("u", "p"))));
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().display();
+    write_helper(
+        tmp.path(),
+        "hang",
+        &format!("echo $$ > '{d}/hang.pid'\nexec sleep 600"),
+    );
+    write_helper(
+        tmp.path(),
+        "flood",
+        "exec yes '{\"Username\":\"u\",\"Secret\":\"p\"}'",
+    );
+    recording_helper(tmp.path(), "good", "u", "p");
+    let config = tmp.path().join("config.json");
+    write_json(
+        &config,
+        serde_json::json!({ "credHelpers": {
+            (hung.addr.clone()): "hang",
+            (flooded.addr.clone()): "flood",
+            (fine.addr.clone()): "good",
+        } }),
+    );
+    let timeout = Duration::from_secs(4);
+    let registry = registry_client(&config, helpers_in(tmp.path(), timeout));
+    let blob = |front: &Front| blob_at(&registry, &front.addr, "test/blob", &digest, data.len());
+
+    let hung_blob = blob(&hung);
+    let waiting = std::thread::spawn(move || read(&hung_blob, 0, 10));
+    let pid_file = tmp.path().join("hang.pid");
+    while !pid_file.exists() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The hanging helper runs: another host's reads (and its helper) are not held up.
+    assert_eq!(read(&blob(&fine), 0, 100).unwrap(), &data[..100]);
+    assert!(!waiting.is_finished(), "the hanging helper answered?");
+    let e = waiting.join().unwrap().unwrap_err().to_string();
+    assert!(
+        e.contains("docker-credential-hang")
+            && e.contains(&hung.addr)
+            && e.contains(&format!("no answer within {timeout:?} (killed)")),
+        "{e}"
+    );
+    // Killed, not left behind.
+    let pid: i32 = fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // SAFETY: signal 0 only checks that the process exists.
+    while unsafe { libc::kill(pid, 0) } == 0 {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    let e = read(&blob(&flooded), 0, 10).unwrap_err().to_string();
+    assert!(
+        e.contains("docker-credential-flood")
+            && e.contains(&flooded.addr)
+            && e.contains(&format!(
+                "wrote more than {MAX_HELPER_OUTPUT} bytes (killed)"
+            )),
+        "{e}"
+    );
+    assert_eq!(
+        hung.blob_gets() + flooded.blob_gets(),
+        2,
+        "one anonymous try each"
+    );
+}
+
+/// (e) A helper that fails: the read's error names the helper and the host, not the secret.
+#[test]
+fn registry_helper_failure_is_named() {
+    let (reg, data, digest) = registry_with_blob(300_000, 29);
+    let front = Front::start(
+        &reg.addr,
+        Some(FrontAuth::Basic(basic_header("u", "topsecret"))),
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    write_helper(
+        tmp.path(),
+        "broken",
+        r#"cat >/dev/null; echo '{"ServerURL":"x","Username":"u","Secret":"topsecret"}'; exit 2"#,
+    );
+    let config = tmp.path().join("config.json");
+    write_json(
+        &config,
+        serde_json::json!({ "credHelpers": { (front.addr.clone()): "broken" } }),
+    );
+    let registry = registry_client(&config, helpers_in(tmp.path(), HELPER_TIMEOUT));
+    let blob = blob_at(&registry, &front.addr, "test/blob", &digest, data.len());
+    let e = read(&blob, 0, 10).unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
+    let e = e.to_string();
+    assert!(
+        e.contains("docker-credential-broken")
+            && e.contains(&format!("credentials for {}", front.addr))
+            && e.contains("exit status: 2")
+            && e.contains(&digest),
+        "{e}"
+    );
+    assert!(!e.contains("topsecret"), "{e}");
 }
