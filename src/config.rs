@@ -122,8 +122,9 @@ pub struct RegistryConfig {
     pub auth_realms: BTreeMap<String, Vec<String>>,
     /// An HTTP proxy for every registry request (e.g. a P2P agent): `http://host:port`.
     pub proxy: Option<String>,
-    /// Credentials: a docker `config.json` (`auths`). Default `$DOCKER_CONFIG/config.json`,
-    /// else `~/.docker/config.json`. Re-read whenever a registry asks for authentication.
+    /// Credentials: a docker `config.json` (`auths`, `credHelpers`, `credsStore`; see
+    /// `registry::credentials`). Default `$DOCKER_CONFIG/config.json`, else
+    /// `~/.docker/config.json`. Re-read whenever a registry asks for authentication.
     pub docker_config: Option<PathBuf>,
     /// Deadline of one read, retries included (seconds; fractions allowed).
     pub timeout_secs: f64,

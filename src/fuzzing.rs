@@ -40,9 +40,13 @@ pub fn registry_headers(v: &[u8]) -> Headers {
     }
 }
 
-/// A docker `config.json`'s credentials for `registry`.
+/// Where a docker `config.json` has the credentials for `registry` (its helpers are not run).
 pub fn docker_config(text: &[u8], registry: &str) -> Result<()> {
-    crate::oci::docker_config_auth(text, Path::new("config.json"), registry).map(drop)
+    let path = Path::new("config.json");
+    crate::registry::credentials::DockerConfig::parse(text, path)?
+        .lookup(path, registry)
+        .map(drop)
+        .map_err(Into::into)
 }
 
 /// An image reference as `ovbd convert` / `ovbd rpull` take it, printed back.

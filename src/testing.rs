@@ -758,3 +758,141 @@ impl BlockSource for Fake {
         self.origin.clone()
     }
 }
+
+// ------------------------------------------------------------ OAuth2 token realm (issue 11)
+// The token endpoint of docker's and containerd's identity tokens: a POSTed OAuth2
+// `refresh_token` grant answered with an `access_token` that a `Front` accepts.
+
+/// One request to an [`OAuthRealm`].
+#[derive(Clone, Debug)]
+pub(crate) struct Grant {
+    pub(crate) method: String,
+    pub(crate) content_type: Option<String>,
+    pub(crate) authorization: Option<String>,
+    /// The form fields (decoded) of a POST, the query's of anything else.
+    pub(crate) fields: HashMap<String, String>,
+}
+
+/// A token realm on its own port for a [`Front`] with [`FrontAuth::Bearer`]: a POST of the
+/// `refresh_token` grant with the refresh token it was made for gets an `access_token` good at
+/// the front (for the front's `uses`); anything else gets 401. Records every request.
+pub(crate) struct OAuthRealm {
+    pub(crate) addr: String,
+    pub(crate) grants: Mutex<Vec<Grant>>,
+    refresh_token: String,
+    front: Arc<Front>,
+}
+
+impl Front {
+    /// Starts an [`OAuthRealm`] for `refresh_token` and names it in this front's challenges.
+    pub(crate) fn oauth_realm(self: &Arc<Self>, refresh_token: &str) -> Arc<OAuthRealm> {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let realm = Arc::new(OAuthRealm {
+            addr: listener.local_addr().unwrap().to_string(),
+            grants: Mutex::new(Vec::new()),
+            refresh_token: refresh_token.to_owned(),
+            front: self.clone(),
+        });
+        *self.realm.lock().unwrap() = Some(format!("http://{}/token", realm.addr));
+        let weak = Arc::downgrade(&realm);
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Some(realm) = weak.upgrade() else { return };
+                let Ok(conn) = conn else { continue };
+                std::thread::spawn(move || {
+                    let _ = realm.serve(conn);
+                });
+            }
+        });
+        realm
+    }
+}
+
+impl OAuthRealm {
+    fn serve(&self, mut conn: TcpStream) -> io::Result<()> {
+        conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut reader = BufReader::new(conn.try_clone()?);
+        let mut request = String::new();
+        reader.read_line(&mut request)?;
+        let mut headers = Vec::new();
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line)? == 0 || line == "\r\n" {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':') {
+                headers.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
+            }
+        }
+        let header = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        };
+        let mut parts = request.split_whitespace();
+        let method = parts.next().unwrap_or("").to_owned();
+        let target = parts.next().unwrap_or("").to_owned();
+        let len: usize = header("content-length")
+            .and_then(|l| l.parse().ok())
+            .unwrap_or(0);
+        let mut body = vec![0u8; len.min(1 << 16)];
+        reader.read_exact(&mut body)?;
+        let encoded = if method == "POST" {
+            String::from_utf8_lossy(&body).into_owned()
+        } else {
+            target.split_once('?').map_or("", |(_, q)| q).to_owned()
+        };
+        let fields: HashMap<String, String> =
+            reqwest::Url::parse(&format!("http://form/?{encoded}"))
+                .unwrap()
+                .query_pairs()
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect();
+        let grant = Grant {
+            method: method.clone(),
+            content_type: header("content-type"),
+            authorization: header("authorization"),
+            fields: fields.clone(),
+        };
+        self.grants.lock().unwrap().push(grant);
+        let field = |k: &str| fields.get(k).map(String::as_str);
+        let good = method == "POST"
+            && target.split('?').next() == Some("/token")
+            && field("grant_type") == Some("refresh_token")
+            && field("refresh_token") == Some(self.refresh_token.as_str());
+        let (status, body) = if good {
+            let uses = match &self.front.auth {
+                Some(FrontAuth::Bearer { uses, .. }) => *uses,
+                _ => 1,
+            };
+            let n = self.front.token_count.fetch_add(1, SeqCst) + 1;
+            let token = format!("tok-oauth-{n}");
+            self.front
+                .tokens
+                .lock()
+                .unwrap()
+                .insert(token.clone(), uses);
+            (
+                "200 OK",
+                format!(
+                    r#"{{"access_token":"{token}","expires_in":300,"scope":"{}","refresh_token":"{}"}}"#,
+                    field("scope").unwrap_or(""),
+                    self.refresh_token
+                ),
+            )
+        } else {
+            (
+                "401 Unauthorized",
+                r#"{"error":"invalid_grant"}"#.to_owned(),
+            )
+        };
+        write!(
+            conn,
+            "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+             Connection: close\r\n\r\n{body}",
+            body.len()
+        )?;
+        conn.flush()
+    }
+}

@@ -16,14 +16,16 @@
 //! - redirects (to blob storage) are followed by hand, up to [`MAX_REDIRECTS`]; the
 //!   `Authorization` header goes only to the endpoint's own scheme/host/port;
 //! - auth: anonymous first; a `401` challenge `Bearer realm,service` makes us fetch a token
-//!   (`GET realm?service=..&scope=repository:<repo>:pull`, with the config.json's Basic
+//!   (`GET realm?service=..&scope=repository:<repo>:pull`, with the host's Basic
 //!   credentials if it has some and the realm is on the endpoint's host (any port) or
 //!   `[registry.auth_realms]` names it for the registry (built in: Docker Hub's), else
-//!   anonymously; `token` or `access_token`), cached per (endpoint, repo),
+//!   anonymously; with an identity token instead, `POST realm` an OAuth2 `refresh_token`
+//!   grant; `token` or `access_token`), cached per (endpoint, repo),
 //!   refreshed when it expires (`expires_in`) or a request gets `401` again; a `Basic`
-//!   challenge makes us send the credentials. Credentials are re-read from the docker
-//!   config.json ([`crate::oci::registry_auth`]) whenever authentication is needed, so a
-//!   rotated password works without a restart.
+//!   challenge makes us send the credentials. Credentials ([`credentials`]: the docker
+//!   config.json, re-read whenever authentication is needed, so a rotated password works
+//!   without a restart; or the credential helpers it names, whose answers are kept a minute
+//!   and forgotten when refused).
 //!
 //! Hosts: the registry of a lazily pulled layer comes from its image reference, which an
 //! image's publisher chooses, so every request (endpoint, redirect hop, token realm) is
@@ -53,9 +55,11 @@
 //! Errors and log lines name URLs without their query and userinfo (a presigned redirect
 //! carries its signature in the query).
 
+pub(crate) mod credentials;
+
 use crate::config::RegistryConfig;
-use crate::oci::{normalize_registry_host, registry_auth, RegistryOptions};
-use oci_client::secrets::RegistryAuth;
+use crate::oci::{normalize_registry_host, RegistryOptions};
+use credentials::{Credential, CredentialStore, HelperSetup};
 use reqwest::header::{self, HeaderMap};
 use reqwest::{StatusCode, Url};
 use std::collections::HashMap;
@@ -215,6 +219,8 @@ pub(crate) enum Challenge {
 /// The `Bearer` and `Basic` challenges of `WWW-Authenticate` header values (RFC 7235:
 /// `scheme param=value, param="quoted \" value", other-scheme ...`). Unknown schemes, token68
 /// forms and malformed parts are skipped; never panics.
+// Not the http-auth crate: its parser stops at the first token68 (`Negotiate abc==`), non-ASCII
+// byte or double space after a scheme, losing the challenges after it.
 pub(crate) fn parse_challenges<'a>(values: impl IntoIterator<Item = &'a str>) -> Vec<Challenge> {
     let mut out = Vec::new();
     for v in values {
@@ -785,8 +791,10 @@ struct Inner {
     /// For hosts the configuration allows (`allow_hosts`, `insecure`, mirrors).
     trusted_client: reqwest::Client,
     policy: HostPolicy,
-    /// `insecure` hosts → http; also where credentials come from.
+    /// `insecure` hosts → http.
     opts: RegistryOptions,
+    /// The hosts' credentials: docker config.json, credential helpers.
+    creds: CredentialStore,
     /// Mirrors by normalised host.
     mirrors: Vec<(String, Vec<Url>)>,
     timeout: Duration,
@@ -896,6 +904,7 @@ impl Registry {
                 client,
                 trusted_client,
                 policy,
+                creds: CredentialStore::new(opts.docker_config_path(), HelperSetup::from_env()),
                 opts,
                 mirrors,
                 timeout: Duration::from_secs_f64(cfg.timeout_secs),
@@ -907,6 +916,12 @@ impl Registry {
                 jitter: AtomicU64::new(0x9E37_79B9_7F4A_7C15),
             }),
         }))
+    }
+
+    /// The credential store (tests: where its helpers are looked for).
+    #[cfg(test)]
+    pub(crate) fn credential_store(&self) -> &CredentialStore {
+        &self.inner.creds
     }
 
     /// Token requests made so far (all endpoints).
@@ -1055,22 +1070,19 @@ impl Inner {
         exp.mul_f64(frac)
     }
 
-    /// The credentials the docker config.json has for `ep`, read now.
-    fn credentials(&self, ep: &Endpoint) -> Result<RegistryAuth, Failure> {
-        let path = self.opts.docker_config_path();
-        registry_auth(path.as_deref(), &ep.cred_host).map_err(|e| {
+    /// The credentials for `ep`: the docker config.json read now, or its helper's answer.
+    async fn credentials(&self, ep: &Endpoint) -> Result<Credential, Failure> {
+        self.creds.get(&ep.cred_host).await.map_err(|e| {
             Failure::permanent(
                 io::ErrorKind::PermissionDenied,
-                format!("credentials for {}: {e:#}", ep.cred_host),
+                format!("credentials for {}: {e}", ep.cred_host),
             )
         })
     }
 
-    fn config_name(&self) -> String {
-        self.opts
-            .docker_config_path()
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|| "(no docker config.json)".into())
+    /// Where `ep`'s credentials come from: the config file, or the helper it names.
+    fn config_name(&self, ep: &Endpoint) -> String {
+        self.creds.source_name(&ep.cred_host)
     }
 
     /// Authenticates to `ep` for `repo` after `challenge`: fills `slot`.
@@ -1081,20 +1093,29 @@ impl Inner {
         challenge: &Challenge,
         slot: &mut AuthSlot,
     ) -> Result<(), Failure> {
-        let creds = self.credentials(ep)?;
+        let creds = self.credentials(ep).await?;
         let (header, expires) = match (challenge, &creds) {
-            (_, RegistryAuth::Bearer(token)) => (format!("Bearer {token}"), None),
-            (Challenge::Basic, RegistryAuth::Basic(u, p)) => (basic_header(u, p), None),
-            (Challenge::Basic, RegistryAuth::Anonymous) => {
+            (_, Credential::RegistryToken(token)) => (format!("Bearer {token}"), None),
+            (Challenge::Basic, Credential::Basic { username, password }) => {
+                (basic_header(username, password), None)
+            }
+            (Challenge::Basic, Credential::Anonymous | Credential::IdentityToken(_)) => {
+                // A refused or missing credential: the helper is asked again next time.
+                self.creds.forget(&ep.cred_host);
                 return Err(Failure::permanent(
                     io::ErrorKind::PermissionDenied,
                     format!(
-                        "{} wants Basic credentials and {} has none for {}",
+                        "{} wants Basic credentials and {} has none for {}{}",
                         ep.label(),
-                        self.config_name(),
-                        ep.cred_host
+                        self.config_name(ep),
+                        ep.cred_host,
+                        if creds.is_anonymous() {
+                            ""
+                        } else {
+                            " (only an identity token, which goes to a Bearer token realm)"
+                        }
                     ),
-                ))
+                ));
             }
             (
                 Challenge::Bearer {
@@ -1104,7 +1125,10 @@ impl Inner {
                 },
                 creds,
             ) => {
-                let (token, expires) = self.fetch_token(ep, repo, realm, service, creds).await?;
+                let (token, expires) = self
+                    .fetch_token(ep, repo, realm, service, creds)
+                    .await
+                    .inspect_err(|_| self.creds.forget(&ep.cred_host))?;
                 (format!("Bearer {token}"), expires)
             }
         };
@@ -1121,7 +1145,7 @@ impl Inner {
         repo: &str,
         realm: &str,
         service: &Option<String>,
-        creds: &RegistryAuth,
+        creds: &Credential,
     ) -> Result<(String, Option<Instant>), Failure> {
         let mut url = Url::parse(realm).map_err(|e| {
             Failure::permanent(
@@ -1143,12 +1167,15 @@ impl Inner {
                 ),
             ));
         }
+        // The realm as given: an identity token's grant is POSTed there, in a form.
+        let realm_url = url.clone();
+        let scope = format!("repository:{repo}:pull");
         {
             let mut q = url.query_pairs_mut();
             if let Some(s) = service {
                 q.append_pair("service", s);
             }
-            q.append_pair("scope", &format!("repository:{repo}:pull"));
+            q.append_pair("scope", &scope);
         }
         let trusted = self
             .policy
@@ -1165,8 +1192,10 @@ impl Inner {
             &self.client
         };
         // Credentials only to the registry's own host, or a realm configured for them.
-        let withheld =
-            matches!(creds, RegistryAuth::Basic(..)) && !self.policy.creds_may_go_to(ep, &url);
+        let withheld = matches!(
+            creds,
+            Credential::Basic { .. } | Credential::IdentityToken(_)
+        ) && !self.policy.creds_may_go_to(ep, &url);
         if withheld {
             log::warn!(
                 "{}: token realm {} is not on the registry's host: asking it without the \
@@ -1176,12 +1205,29 @@ impl Inner {
                 ep.cred_host
             );
         }
-        let mut rb = client.get(url.clone());
-        if let (false, RegistryAuth::Basic(u, p)) = (withheld, creds) {
-            rb = rb.header(header::AUTHORIZATION, basic_header(u, p));
-        }
+        let (rb, what) = match (withheld, creds) {
+            (false, Credential::Basic { username, password }) => (
+                client
+                    .get(url.clone())
+                    .header(header::AUTHORIZATION, basic_header(username, password)),
+                format!("token from {}", redact(&url)),
+            ),
+            (false, Credential::IdentityToken(refresh_token)) => (
+                credentials::refresh_token_grant(
+                    client,
+                    realm_url.clone(),
+                    service.as_deref(),
+                    &scope,
+                    refresh_token,
+                ),
+                format!("token from {} (refresh_token grant)", redact(&realm_url)),
+            ),
+            _ => (
+                client.get(url.clone()),
+                format!("token from {}", redact(&url)),
+            ),
+        };
         self.token_requests.fetch_add(1, Relaxed);
-        let what = format!("token from {}", redact(&url));
         let mut resp = tokio::time::timeout(self.stall, rb.send())
             .await
             .map_err(|_| Failure::transient(format!("{what}: no answer within {:?}", self.stall)))?
@@ -1196,20 +1242,26 @@ impl Inner {
                          the registry's host, and [registry.auth_realms] does not name it for \
                          {})",
                         ep.cred_host,
-                        self.config_name(),
+                        self.config_name(ep),
                         normalize_registry_host(&ep.cred_host)
                     )
-                } else if matches!(creds, RegistryAuth::Anonymous) {
+                } else if creds.is_anonymous() {
                     format!(
                         " (anonymous: {} has no credentials for {})",
-                        self.config_name(),
+                        self.config_name(ep),
                         ep.cred_host
+                    )
+                } else if matches!(creds, Credential::IdentityToken(_)) {
+                    format!(
+                        " (with the identity token for {} from {})",
+                        ep.cred_host,
+                        self.config_name(ep)
                     )
                 } else {
                     format!(
                         " (with the credentials for {} in {})",
                         ep.cred_host,
-                        self.config_name()
+                        self.config_name(ep)
                     )
                 }
             );
@@ -1402,7 +1454,7 @@ impl Inner {
                              (credentials for {} from {})",
                             redact(&url),
                             ep.cred_host,
-                            self.config_name()
+                            self.config_name(ep)
                         ),
                     ));
                 }
@@ -1420,6 +1472,10 @@ impl Inner {
                             ),
                         )
                     })?;
+                if auth.is_some() {
+                    // What we sent was refused: a credential helper is asked again.
+                    self.creds.forget(&ep.cred_host);
+                }
                 self.authenticate(ep, &t.repo, &challenge, &mut s).await?;
                 refreshed = true;
                 continue;
