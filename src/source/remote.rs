@@ -9,7 +9,7 @@
 
 use crate::config::{Config, DownloadConfig};
 use crate::registry::{Registry, RemoteBlob};
-use crate::source::cache::{BlobCache, CachedBlob};
+use crate::source::cache::{BlobCache, CacheError, CachedBlob};
 use crate::source::config::RemoteSource;
 use anyhow::{bail, Context, Result};
 use ovbd_format::{FileSource, ReadAt};
@@ -45,7 +45,7 @@ impl RegistrySource {
 
 impl RegistrySource {
     /// Makes every block fetched so far durable in the cache (at shutdown).
-    pub fn flush(&self) -> std::io::Result<()> {
+    pub fn flush(&self) -> Result<(), CacheError> {
         self.cache.flush()
     }
 }

@@ -1,6 +1,7 @@
 //! The cache as a whole ([`BlobCache`]): its directory (locked), the entries found there at
 //! start, the entry a reader gets, flushing and counters.
 
+use super::error::CacheError;
 use super::flusher::Flusher;
 use super::lock;
 use super::record::*;
@@ -8,7 +9,6 @@ use super::state::BlobState;
 use super::MAX_BLOB_SIZE;
 use crate::config::CacheConfig;
 use crate::registry::valid_digest;
-use anyhow::{bail, Context};
 use std::collections::HashMap;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -99,7 +99,7 @@ pub struct BlobStats {
 impl BlobCache {
     /// Opens (creating it if needed) the cache at `cfg.dir`, else `default_dir`; reads what
     /// an earlier run left there, dropping whatever cannot be trusted.
-    pub fn open(cfg: &CacheConfig, default_dir: &Path) -> anyhow::Result<Arc<BlobCache>> {
+    pub fn open(cfg: &CacheConfig, default_dir: &Path) -> Result<Arc<BlobCache>, CacheError> {
         Self::open_with(cfg, default_dir, FLUSH_DELAY)
     }
 
@@ -109,10 +109,11 @@ impl BlobCache {
         cfg: &CacheConfig,
         default_dir: &Path,
         flush_delay: Duration,
-    ) -> anyhow::Result<Arc<BlobCache>> {
-        cfg.validate()?;
+    ) -> Result<Arc<BlobCache>, CacheError> {
+        cfg.validate()
+            .map_err(|e| CacheError::Config(format!("{e:#}")))?;
         let dir = cfg.dir.clone().unwrap_or_else(|| default_dir.to_path_buf());
-        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        fs::create_dir_all(&dir).map_err(|e| CacheError::io("creating", &dir, e))?;
         let lock_path = dir.join(".lock");
         let lock_file = OpenOptions::new()
             .read(true)
@@ -120,14 +121,13 @@ impl BlobCache {
             .create(true)
             .truncate(false)
             .open(&lock_path)
-            .with_context(|| format!("opening {}", lock_path.display()))?;
+            .map_err(|e| CacheError::io("opening", &lock_path, e))?;
         // SAFETY: flock on a valid fd.
         if unsafe { libc::flock(lock_file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let e = io::Error::last_os_error();
-            bail!(
-                "block cache {} is in use by another process (or another cache in this one): {e}",
-                dir.display()
-            );
+            return Err(CacheError::Busy {
+                dir,
+                source: io::Error::last_os_error(),
+            });
         }
         let block = cfg.refill_bytes();
         let limit = cfg.size_bytes().max(1);
@@ -146,7 +146,8 @@ impl BlobCache {
             evicted: AtomicU64::new(0),
             punch_warned: AtomicBool::new(false),
             verifying: Mutex::new(()),
-            flusher: Flusher::start(flush_delay, total).context("starting the cache flusher")?,
+            flusher: Flusher::start(flush_delay, total)
+                .map_err(|e| CacheError::io("starting the flusher thread of", &dir, e))?,
             _lock: lock_file,
         });
         cache.scan()?;
@@ -166,7 +167,7 @@ impl BlobCache {
 
     /// Loads every entry left by an earlier run; removes temporary files, orphans, records
     /// that do not check out and the files of earlier versions.
-    pub(super) fn scan(&self) -> anyhow::Result<()> {
+    pub(super) fn scan(&self) -> Result<(), CacheError> {
         for algo in ["sha256", "sha512"] {
             // Version 1: one entry per digest for every origin; nothing says whose bytes.
             let old = self.dir.join(algo);
@@ -186,10 +187,10 @@ impl BlobCache {
         let entries = match fs::read_dir(&origins) {
             Ok(e) => e,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", origins.display())),
+            Err(e) => return Err(CacheError::io("reading", &origins, e)),
         };
         for e in entries {
-            let e = e.with_context(|| format!("reading {}", origins.display()))?;
+            let e = e.map_err(|e| CacheError::io("reading", &origins, e))?;
             let name = e.file_name().to_string_lossy().into_owned();
             let hash = (name.len() == 64)
                 .then(|| {
@@ -210,7 +211,7 @@ impl BlobCache {
     }
 
     /// Loads the entries of one scope (see [`BlobCache::scan`]).
-    pub(super) fn scan_scope(&self, scope: Scope) -> anyhow::Result<()> {
+    pub(super) fn scan_scope(&self, scope: Scope) -> Result<(), CacheError> {
         for algo in ["sha256", "sha512"] {
             let probe = Key {
                 scope,
@@ -223,11 +224,11 @@ impl BlobCache {
             let entries = match fs::read_dir(&d) {
                 Ok(e) => e,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(e).with_context(|| format!("reading {}", d.display())),
+                Err(e) => return Err(CacheError::io("reading", &d, e)),
             };
             let mut names = Vec::new();
             for e in entries {
-                let e = e.with_context(|| format!("reading {}", d.display()))?;
+                let e = e.map_err(|e| CacheError::io("reading", &d, e))?;
                 names.push(e.file_name().to_string_lossy().into_owned());
             }
             for name in &names {
@@ -256,13 +257,13 @@ impl BlobCache {
                 let paths = self.paths(&key);
                 match ext {
                     "map" => match BlobState::load(paths.clone(), &key, self.block) {
-                        Some(s) => {
+                        Ok(s) => {
                             self.total.fetch_add(s.cached.load(Relaxed), Relaxed);
                             lock(&self.blobs).insert(key, Arc::new(s));
                         }
-                        None => {
+                        Err(e) => {
                             log::warn!(
-                                "block cache: dropping the cache of {} ({size} bytes): its record does not match its data file",
+                                "block cache: dropping the cache of {} ({size} bytes): {e}",
                                 key.digest
                             );
                             let _ = fs::remove_file(&paths.1);
@@ -290,9 +291,12 @@ impl BlobCache {
         origin: &str,
         digest: &str,
         size: u64,
-    ) -> anyhow::Result<Arc<BlobState>> {
+    ) -> Result<Arc<BlobState>, CacheError> {
         if size > MAX_BLOB_SIZE {
-            bail!("blob {digest} of {size} bytes is larger than the cache takes ({MAX_BLOB_SIZE})");
+            return Err(CacheError::TooLarge {
+                what: format!("blob {digest}"),
+                size,
+            });
         }
         let mut blobs = lock(&self.blobs);
         let verified = blobs
@@ -302,11 +306,12 @@ impl BlobCache {
         if let Some((k, s)) = verified {
             if s.open.load(Relaxed) > 0 || s.data_path.exists() {
                 if k.size != size {
-                    bail!(
-                        "blob {digest} from {origin}: the image says {size} bytes, but its \
-                         download matched the digest at {} bytes",
-                        k.size
-                    );
+                    return Err(CacheError::SizeLie {
+                        digest: digest.to_owned(),
+                        origin: origin.to_owned(),
+                        claimed: size,
+                        verified: k.size,
+                    });
                 }
                 s.open.fetch_add(1, Relaxed);
                 return Ok(s);
@@ -331,12 +336,8 @@ impl BlobCache {
         }
         let paths = self.paths(&key);
         let dir = paths.1.parent().map(Path::to_path_buf).unwrap_or_default();
-        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let s = Arc::new(
-            BlobState::create(paths, &key, self.block, None).with_context(|| {
-                format!("creating the cache files of {digest} in {}", dir.display())
-            })?,
-        );
+        fs::create_dir_all(&dir).map_err(|e| CacheError::io("creating", &dir, e))?;
+        let s = Arc::new(BlobState::create(paths, &key, self.block, None)?);
         s.open.fetch_add(1, Relaxed);
         blobs.insert(key, s.clone());
         Ok(s)
@@ -346,15 +347,15 @@ impl BlobCache {
     /// about a second after a write anyway, and when a blob's last handle or the cache is
     /// dropped). Blocks not flushed when the process dies are lost, never wrong.
     #[allow(dead_code)] // API for the daemon's shutdown
-    pub fn flush(&self) -> io::Result<()> {
+    pub fn flush(&self) -> Result<(), CacheError> {
         let blobs: Vec<Arc<BlobState>> = lock(&self.blobs).values().cloned().collect();
         let mut first_err = None;
         for s in blobs {
             if let Err(e) = s.flush(&self.total) {
-                first_err.get_or_insert(io::Error::new(
-                    e.kind(),
-                    format!("syncing the cached blocks of {}: {e}", s.digest),
-                ));
+                first_err.get_or_insert(CacheError::Sync {
+                    digest: s.digest.clone(),
+                    source: Box::new(e),
+                });
             }
         }
         first_err.map_or(Ok(()), Err)

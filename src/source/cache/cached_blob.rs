@@ -4,11 +4,11 @@
 
 use super::blob_cache::BlobCache;
 use super::block_source::BlockSource;
+use super::error::CacheError;
 use super::fetch::Claim;
 use super::lock;
 use super::state::{BlobState, Flight};
 use crate::registry::{valid_digest, RemoteBlob};
-use anyhow::{anyhow, bail};
 use std::fmt;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -38,7 +38,7 @@ impl fmt::Debug for CachedBlob {
 }
 
 impl CachedBlob {
-    pub fn new(cache: Arc<BlobCache>, remote: RemoteBlob) -> anyhow::Result<CachedBlob> {
+    pub fn new(cache: Arc<BlobCache>, remote: RemoteBlob) -> Result<CachedBlob, CacheError> {
         CachedBlob::with_source(cache, Arc::new(remote))
     }
 
@@ -46,10 +46,10 @@ impl CachedBlob {
     pub(crate) fn with_source(
         cache: Arc<BlobCache>,
         source: Arc<dyn BlockSource>,
-    ) -> anyhow::Result<CachedBlob> {
+    ) -> Result<CachedBlob, CacheError> {
         let digest = source.digest().to_owned();
         if !valid_digest(&digest) {
-            bail!("blob digest {digest:?} is not sha256:<hex> or sha512:<hex>");
+            return Err(CacheError::BadDigest { digest });
         }
         let state = cache.open_state(&source.origin(), &digest, source.size())?;
         // From here on, Drop undoes the open count.
@@ -59,9 +59,7 @@ impl CachedBlob {
             state,
             source,
         };
-        blob.state
-            .files(true)
-            .map_err(|e| anyhow!("opening the cache files of {digest}: {e}"))?;
+        blob.state.files(true)?;
         Ok(blob)
     }
 
@@ -92,12 +90,25 @@ impl CachedBlob {
         self.state.is_verified()
     }
 
-    pub(super) fn io_err(&self, offset: u64, what: &str, e: impl fmt::Display) -> io::Error {
-        io::Error::other(format!(
-            "cache of {} ({}) at offset {offset}: {what}: {e}",
-            self.name,
-            self.state.data_path.display()
-        ))
+    /// A read's I/O error on the data file, naming the blob, the file and the offset.
+    pub(super) fn io_err(&self, offset: u64, what: &'static str, source: io::Error) -> io::Error {
+        CacheError::Blob {
+            name: self.name.clone(),
+            path: self.state.data_path.clone(),
+            offset,
+            what,
+            source,
+        }
+        .into()
+    }
+
+    /// The source answered with other lengths than the `ranges` of a read at `offset`.
+    pub(super) fn short_fetch(&self, offset: u64) -> io::Error {
+        CacheError::ShortFetch {
+            name: self.name.clone(),
+            offset,
+        }
+        .into()
     }
 
     /// Blocks `first..=last` of a read of `n` bytes at `offset`.
@@ -164,9 +175,7 @@ impl CachedBlob {
                 if !serve.is_empty() {
                     let files = match files {
                         Some(f) => f,
-                        None => st
-                            .files(true)
-                            .map_err(|e| self.io_err(offset, "opening", e))?,
+                        None => st.files(true)?,
                     };
                     let end = offset + n as u64;
                     let mut served = 0u64;
@@ -224,11 +233,9 @@ impl CachedBlob {
             .collect();
         let data = self.source.fetch_ranges(&ranges)?;
         if data.len() != ranges.len() || data.iter().zip(&ranges).any(|(d, r)| d.len() != r.1) {
-            return Err(self.io_err(offset, "fetching", "the source returned short ranges"));
+            return Err(self.short_fetch(offset));
         }
-        let files = st
-            .files(true)
-            .map_err(|e| self.io_err(offset, "opening", e))?;
+        let files = st.files(true)?;
         self.check_blocks(&files, &ranges, &data)?;
         for (r, d) in ranges.iter().zip(&data) {
             Self::copy_overlap(buf, offset, r.0, d);

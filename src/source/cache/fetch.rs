@@ -86,7 +86,7 @@ impl CachedBlob {
                 d
             }
             Ok(_) => {
-                let e = self.io_err(offset, "fetching", "the source returned short ranges");
+                let e = self.short_fetch(offset);
                 return Err(fail(claim, e));
             }
             Err(e) => return Err(fail(claim, e)),
@@ -94,7 +94,7 @@ impl CachedBlob {
         let files = match st.files(true) {
             Ok(f) => f,
             Err(e) => {
-                let e = self.io_err(offset, "opening", e);
+                let e = io::Error::from(e);
                 return Err(fail(claim, e));
             }
         };

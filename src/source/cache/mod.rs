@@ -62,7 +62,7 @@
 //! data); they are fetched again when read. The directory is locked (`flock`): one process at a
 //! time.
 //!
-//! Files: [`record`] (the on-disk format), [`state`] (one entry: present/durable bitmaps,
+//! Files: [`error`] ([`CacheError`]), [`record`] (the on-disk format), [`state`] (one entry: present/durable bitmaps,
 //! stamps, flush into the map), [`blob_cache`] (the directory, its entries, [`BlobCache`]),
 //! [`cached_blob`] (the read path, [`CachedBlob`]), [`fetch`] (claiming and filling missing
 //! blocks), [`lru`] (eviction), [`flusher`] (the background sync), [`verified`] (entries
@@ -71,6 +71,7 @@
 mod blob_cache;
 mod block_source;
 mod cached_blob;
+mod error;
 mod fetch;
 mod flusher;
 mod lru;
@@ -84,6 +85,7 @@ pub use blob_cache::{BlobStats, CacheStats};
 #[cfg(test)] // the test fixtures' stand-in source
 pub(crate) use block_source::BlockSource;
 pub use cached_blob::CachedBlob;
+pub use error::CacheError;
 pub(crate) use record::{sample_paths, write_sample};
 
 use std::sync::{Mutex, MutexGuard};

@@ -1,6 +1,7 @@
 //! The on-disk format of an entry: its scope and key, the header of its map (and trailer of its
 //! data file, and header of its block hashes), where its files are, and how they are written.
 
+use super::error::CacheError;
 use super::lock;
 use super::state::{set_bit, BlobState};
 use crate::registry::valid_digest;
@@ -90,31 +91,61 @@ impl Meta {
         b
     }
 
-    pub(super) fn decode(b: &[u8], magic: &[u8; 8]) -> Option<Meta> {
-        if b.len() < META_LEN as usize || &b[0..8] != magic {
-            return None;
+    /// Reads a header written by [`Meta::encode`]; what is wrong otherwise, at which offset
+    /// of the header.
+    pub(super) fn decode(b: &[u8], magic: &[u8; 8]) -> Result<Meta, (u64, String)> {
+        if b.len() < META_LEN as usize {
+            return Err((0, format!("{} bytes: shorter than a header", b.len())));
         }
-        let u32_at = |o: usize| Some(u32::from_le_bytes(b.get(o..o + 4)?.try_into().ok()?));
-        let u64_at = |o: usize| Some(u64::from_le_bytes(b.get(o..o + 8)?.try_into().ok()?));
-        let crc = u32_at(META_LEN as usize - 4)?;
-        if crc != ovbd_format::crc::crc32c_raw(0, &b[..META_LEN as usize - 4])
-            || u32_at(8)? != VERSION
-        {
-            return None;
+        if &b[0..8] != magic {
+            return Err((0, "bad magic".into()));
         }
-        let dlen = u16::from_le_bytes(b.get(48..50)?.try_into().ok()?) as usize;
-        let digest = std::str::from_utf8(b.get(50..50 + dlen)?).ok()?.to_owned();
+        // In bounds: `b` holds a whole header.
+        let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+        let u64_at = |o: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b[o..o + 8]);
+            u64::from_le_bytes(a)
+        };
+        let crc_at = META_LEN as usize - 4;
+        if u32_at(crc_at) != ovbd_format::crc::crc32c_raw(0, &b[..crc_at]) {
+            return Err((
+                crc_at as u64,
+                "header CRC does not match (torn or damaged)".into(),
+            ));
+        }
+        let version = u32_at(8);
+        if version != VERSION {
+            return Err((8, format!("version {version}, not {VERSION}")));
+        }
+        let dlen = u16::from_le_bytes([b[48], b[49]]) as usize;
+        let digest = b
+            .get(50..50 + dlen)
+            .and_then(|d| std::str::from_utf8(d).ok())
+            .ok_or_else(|| {
+                (
+                    48,
+                    format!("digest of {dlen} bytes is not text inside the header"),
+                )
+            })?
+            .to_owned();
         let scope = match b[12] {
             0 => Scope::Verified,
-            1 => Scope::Origin(b.get(192..224)?.try_into().ok()?),
-            _ => return None,
+            1 => {
+                let mut h = [0u8; 32];
+                h.copy_from_slice(&b[192..224]);
+                Scope::Origin(h)
+            }
+            other => return Err((12, format!("unknown scope {other}"))),
         };
-        Some(Meta {
+        let mut nonce = [0u8; 16];
+        nonce.copy_from_slice(&b[32..48]);
+        Ok(Meta {
             scope,
             digest,
-            block: u64_at(16)?,
-            size: u64_at(24)?,
-            nonce: b.get(32..48)?.try_into().ok()?,
+            block: u64_at(16),
+            size: u64_at(24),
+            nonce,
         })
     }
 }
@@ -249,8 +280,12 @@ pub(crate) fn write_sample(
     size: u64,
     block: u64,
     present: &[u64],
-) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
-    anyhow::ensure!(valid_digest(digest), "{digest:?} is not a digest");
+) -> Result<(PathBuf, PathBuf, PathBuf), CacheError> {
+    if !valid_digest(digest) {
+        return Err(CacheError::BadDigest {
+            digest: digest.to_owned(),
+        });
+    }
     let key = Key {
         scope: origin.map_or(Scope::Verified, Scope::of_origin),
         digest: digest.to_owned(),
@@ -258,7 +293,7 @@ pub(crate) fn write_sample(
     };
     let paths = entry_paths(dir, &key);
     if let Some(d) = paths.1.parent() {
-        fs::create_dir_all(d)?;
+        fs::create_dir_all(d).map_err(|e| CacheError::io("creating", d, e))?;
     }
     let sums = origin.is_none().then(|| {
         let nblocks = size.div_ceil(block);
@@ -275,7 +310,8 @@ pub(crate) fn write_sample(
         let (start, end) = s.block_range(b);
         files
             .data
-            .write_all_at(&vec![0x5a; (end - start) as usize], start)?;
+            .write_all_at(&vec![0x5a; (end - start) as usize], start)
+            .map_err(|e| CacheError::io_at("writing", &s.data_path, start, e))?;
         let mut inner = lock(&s.inner);
         set_bit(&mut inner.present, b, true);
         set_bit(&mut inner.durable, b, true);

@@ -2,9 +2,10 @@
 //! their access stamps, the blocks in flight, the open files; loading and checking an entry's
 //! files, and syncing written blocks into its map.
 
+use super::error::CacheError;
 use super::lock;
 use super::record::*;
-use super::verified::sums_intact;
+use super::verified::check_sums;
 use super::MAX_BLOB_SIZE;
 use sha2::{Digest as _, Sha256};
 use std::collections::{HashMap, HashSet};
@@ -225,7 +226,7 @@ impl BlobState {
         key: &Key,
         block: u64,
         sums: Option<&[[u8; 32]]>,
-    ) -> io::Result<BlobState> {
+    ) -> Result<BlobState, CacheError> {
         let _ = fs::remove_file(&paths.1);
         let s = BlobState::new_state(paths, key, block, random_nonce(), Vec::new());
         let meta = s.meta();
@@ -234,7 +235,9 @@ impl BlobState {
             &s.data_path,
             data_len(s.size),
             &[(round_up(s.size, META_LEN), &trailer)],
-        )?;
+        )
+        .map_err(|e| CacheError::io("writing", &s.data_path, e))?;
+        let sums_file = sums_path(&s.map_path);
         match (s.is_verified(), sums) {
             (true, Some(sums)) if sums.len() as u64 == s.nblocks => {
                 let mut body = meta.encode(SUMS_MAGIC);
@@ -243,15 +246,11 @@ impl BlobState {
                 }
                 let check: [u8; 32] = Sha256::digest(&body).into();
                 body.extend_from_slice(&check);
-                write_new_file(&sums_path(&s.map_path), body.len() as u64, &[(0, &body)])?;
+                write_new_file(&sums_file, body.len() as u64, &[(0, &body)])
+                    .map_err(|e| CacheError::io("writing", &sums_file, e))?;
             }
             (false, None) => {}
-            _ => {
-                return Err(io::Error::other(format!(
-                    "{}: block hashes go with verified entries, one per block",
-                    s.map_path.display()
-                )))
-            }
+            _ => return Err(CacheError::MisplacedSums { path: sums_file }),
         }
         let header = meta.encode(MAP_MAGIC);
         let bitmap = vec![0u8; bitmap_len(s.nblocks)];
@@ -259,66 +258,142 @@ impl BlobState {
             &s.map_path,
             META_LEN + bitmap.len() as u64,
             &[(0, &header), (META_LEN, &bitmap)],
-        )?;
+        )
+        .map_err(|e| CacheError::io("writing", &s.map_path, e))?;
         if let Some(dir) = s.map_path.parent() {
             sync_dir(dir);
         }
         Ok(s)
     }
 
-    /// Reads an entry from its files; `None` if they do not make a trustworthy set (of the
-    /// entry `key`: its scope, digest and size).
-    pub(super) fn load(paths: (PathBuf, PathBuf), key: &Key, block: u64) -> Option<BlobState> {
+    /// Reads an entry from its files; an error (naming the file and offset) if they do not
+    /// make a trustworthy set of the entry `key` (its scope, digest and size).
+    pub(super) fn load(
+        paths: (PathBuf, PathBuf),
+        key: &Key,
+        block: u64,
+    ) -> Result<BlobState, CacheError> {
+        let (data_path, map_path) = (&paths.0, &paths.1);
+        let bad_map = |at: u64, why: String| CacheError::bad_record(map_path, at, why);
         // The header first: the map's length follows from it, and nothing larger is read.
-        let map_file = File::open(&paths.1).ok()?;
+        let map_file = File::open(map_path).map_err(|e| CacheError::io("opening", map_path, e))?;
         let mut header = vec![0u8; META_LEN as usize];
-        map_file.read_exact_at(&mut header, 0).ok()?;
-        let meta = Meta::decode(&header, MAP_MAGIC)?;
-        if meta.digest != key.digest
-            || meta.scope != key.scope
-            || meta.size != key.size
-            || meta.block != block
-            || meta.size > MAX_BLOB_SIZE
-        {
-            return None;
+        map_file
+            .read_exact_at(&mut header, 0)
+            .map_err(|e| CacheError::io_at("reading", map_path, 0, e))?;
+        let meta = Meta::decode(&header, MAP_MAGIC).map_err(|(at, why)| bad_map(at, why))?;
+        if meta.digest != key.digest {
+            return Err(bad_map(
+                50,
+                format!("records {}, not {} (its name)", meta.digest, key.digest),
+            ));
+        }
+        if meta.scope != key.scope {
+            return Err(bad_map(
+                12,
+                "records another scope than its directory's".into(),
+            ));
+        }
+        if meta.size != key.size {
+            return Err(bad_map(
+                24,
+                format!("records {} bytes, its name {}", meta.size, key.size),
+            ));
+        }
+        if meta.block != block {
+            return Err(bad_map(
+                16,
+                format!("block size {} is not the configured {block}", meta.block),
+            ));
+        }
+        if meta.size > MAX_BLOB_SIZE {
+            return Err(bad_map(
+                24,
+                format!(
+                    "{} bytes: larger than the cache takes ({MAX_BLOB_SIZE})",
+                    meta.size
+                ),
+            ));
         }
         let nblocks = meta.size.div_ceil(block);
-        if map_file.metadata().ok()?.len() != META_LEN + bitmap_len(nblocks) as u64 {
-            return None;
+        let map_len = map_file
+            .metadata()
+            .map_err(|e| CacheError::io("reading the metadata of", map_path, e))?
+            .len();
+        let want = META_LEN + bitmap_len(nblocks) as u64;
+        if map_len != want {
+            return Err(bad_map(
+                META_LEN,
+                format!("{map_len} bytes, not the {want} of a map of {nblocks} blocks"),
+            ));
         }
         let mut bits = vec![0u8; bitmap_len(nblocks)];
-        map_file.read_exact_at(&mut bits, META_LEN).ok()?;
-        let data = File::open(&paths.0).ok()?;
-        if data.metadata().ok()?.len() != data_len(meta.size) {
-            return None;
+        map_file
+            .read_exact_at(&mut bits, META_LEN)
+            .map_err(|e| CacheError::io_at("reading", map_path, META_LEN, e))?;
+        let data = File::open(data_path).map_err(|e| CacheError::io("opening", data_path, e))?;
+        let data_size = data
+            .metadata()
+            .map_err(|e| CacheError::io("reading the metadata of", data_path, e))?
+            .len();
+        let trailer_at = round_up(meta.size, META_LEN);
+        if data_size != data_len(meta.size) {
+            return Err(CacheError::bad_record(
+                data_path,
+                trailer_at,
+                format!(
+                    "{data_size} bytes, not the {} its record says (truncated or extended)",
+                    data_len(meta.size)
+                ),
+            ));
         }
         let mut trailer = vec![0u8; META_LEN as usize];
-        data.read_exact_at(&mut trailer, round_up(meta.size, META_LEN))
-            .ok()?;
-        if Meta::decode(&trailer, DATA_MAGIC)? != meta {
-            return None;
+        data.read_exact_at(&mut trailer, trailer_at)
+            .map_err(|e| CacheError::io_at("reading", data_path, trailer_at, e))?;
+        let bad_trailer = |at: u64, why: String| CacheError::bad_record(data_path, at, why);
+        let found = Meta::decode(&trailer, DATA_MAGIC)
+            .map_err(|(at, why)| bad_trailer(trailer_at + at, format!("trailer: {why}")))?;
+        if found != meta {
+            return Err(bad_trailer(
+                trailer_at,
+                "trailer is not its map's (the data file was made anew)".into(),
+            ));
         }
-        if meta.scope == Scope::Verified && !sums_intact(&sums_path(&paths.1), &meta, nblocks) {
-            return None;
+        if meta.scope == Scope::Verified {
+            check_sums(&sums_path(map_path), &meta, nblocks)?;
         }
         let mut present = vec![0u64; nblocks.div_ceil(64) as usize];
         for (i, byte) in bits.iter().enumerate() {
             present[i / 8] |= (*byte as u64) << ((i % 8) * 8);
         }
-        Some(BlobState::new_state(paths, key, block, meta.nonce, present))
+        Ok(BlobState::new_state(paths, key, block, meta.nonce, present))
     }
 
     /// Opens the files, checking that they are still this state's (not made anew since).
-    pub(super) fn open_files(&self) -> io::Result<Files> {
-        let rw = |p: &Path| OpenOptions::new().read(true).write(true).open(p);
+    pub(super) fn open_files(&self) -> Result<Files, CacheError> {
+        let rw = |p: &Path| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(p)
+                .map_err(|e| CacheError::io("opening", p, e))
+        };
+        // Whether the header of `f` (at `path`) is still this state's.
+        let check = |f: &File, path: &Path, magic: &[u8; 8]| {
+            let mut header = vec![0u8; META_LEN as usize];
+            f.read_exact_at(&mut header, 0)
+                .map_err(|e| CacheError::io_at("reading", path, 0, e))?;
+            if Meta::decode(&header, magic).ok() != Some(self.meta()) {
+                return Err(CacheError::Replaced {
+                    path: path.to_owned(),
+                });
+            }
+            Ok(())
+        };
         let sums = if self.is_verified() {
             let path = sums_path(&self.map_path);
-            let f = File::open(&path)?;
-            let mut header = vec![0u8; META_LEN as usize];
-            f.read_exact_at(&mut header, 0)?;
-            if Meta::decode(&header, SUMS_MAGIC).as_ref() != Some(&self.meta()) {
-                return Err(io::Error::other(format!("{} was replaced", path.display())));
-            }
+            let f = File::open(&path).map_err(|e| CacheError::io("opening", &path, e))?;
+            check(&f, &path, SUMS_MAGIC)?;
             Some(f)
         } else {
             None
@@ -328,19 +403,12 @@ impl BlobState {
             map: rw(&self.map_path)?,
             sums,
         };
-        let mut header = vec![0u8; META_LEN as usize];
-        files.map.read_exact_at(&mut header, 0)?;
-        if Meta::decode(&header, MAP_MAGIC).as_ref() != Some(&self.meta()) {
-            return Err(io::Error::other(format!(
-                "{} was replaced",
-                self.map_path.display()
-            )));
-        }
+        check(&files.map, &self.map_path, MAP_MAGIC)?;
         Ok(files)
     }
 
     /// The open files, or freshly opened ones (kept if `keep`).
-    pub(super) fn files(&self, keep: bool) -> io::Result<Arc<Files>> {
+    pub(super) fn files(&self, keep: bool) -> Result<Arc<Files>, CacheError> {
         let mut inner = lock(&self.inner);
         if let Some(f) = &inner.files {
             return Ok(f.clone());
@@ -355,7 +423,7 @@ impl BlobState {
     /// Syncs the data of the blocks written since the last flush, then records them in the
     /// map (a block goes into the map only once its data is on disk). If the sync fails the
     /// blocks are dropped (and `total`, the cache's byte count, lowered).
-    pub(super) fn flush(&self, total: &AtomicU64) -> io::Result<()> {
+    pub(super) fn flush(&self, total: &AtomicU64) -> Result<(), CacheError> {
         let taken: Vec<u64> = {
             let mut inner = lock(&self.inner);
             let taken = std::mem::take(&mut inner.pending);
@@ -366,7 +434,8 @@ impl BlobState {
             return Ok(());
         }
         let synced = self.files(false).and_then(|files| {
-            self.sync_data(&files.data)?;
+            self.sync_data(&files.data)
+                .map_err(|e| CacheError::io("syncing", &self.data_path, e))?;
             Ok(files)
         });
         let files = match synced {
@@ -423,7 +492,7 @@ impl BlobState {
     }
 
     /// Writes the map's bitmap as of now and syncs it (if a later write has not already).
-    pub(super) fn persist(&self, files: &Files) -> io::Result<()> {
+    pub(super) fn persist(&self, files: &Files) -> Result<(), CacheError> {
         let mut persisted = lock(&self.persisted);
         let (generation, bytes) = {
             let inner = lock(&self.inner);
@@ -432,8 +501,14 @@ impl BlobState {
             }
             (inner.dirty_gen, inner.bitmap_bytes(self.nblocks))
         };
-        files.map.write_all_at(&bytes, META_LEN)?;
-        files.map.sync_data()?;
+        files
+            .map
+            .write_all_at(&bytes, META_LEN)
+            .map_err(|e| CacheError::io_at("writing", &self.map_path, META_LEN, e))?;
+        files
+            .map
+            .sync_data()
+            .map_err(|e| CacheError::io("syncing", &self.map_path, e))?;
         *persisted = generation;
         Ok(())
     }

@@ -1,5 +1,6 @@
 use super::block_source::BlockSource;
 use super::record::{sums_path, Key, Scope, META_LEN};
+use super::state::BlobState;
 use super::*;
 use crate::config::{CacheConfig, RegistryConfig};
 use crate::registry::{Registry, RemoteBlob};
@@ -320,6 +321,36 @@ fn blob_cache_torn_state_is_not_served() {
             paths_of(&cache, &fake)
         };
         damage(&data_path, &map_path);
+        // The error names the file and the offset of what does not check out.
+        let key = Key {
+            scope: Scope::of_origin(&fake.origin),
+            digest: fake.digest.clone(),
+            size: fake.data.len() as u64,
+        };
+        let trailer = 6 * BS; // the data file's trailer: right after the (4 KiB-aligned) data
+        let (file, at) = match what {
+            "data file missing" => (&data_path, None),
+            "map header garbled" => (&map_path, Some(META_LEN - 4)), // its CRC
+            "map bitmap cut short" | "map extended" => (&map_path, Some(META_LEN)),
+            "map claiming a blob of 2^63 bytes" => (&map_path, Some(24)),
+            "map of another blob" => (&map_path, Some(50)),
+            _ => (&data_path, Some(trailer)),
+        };
+        let e = BlobState::load((data_path.clone(), map_path.clone()), &key, BS)
+            .err()
+            .unwrap_or_else(|| panic!("{what}: loaded"));
+        match (&e, at) {
+            (CacheError::BadRecord { path, offset, .. }, Some(at)) => {
+                assert_eq!((path, *offset), (file, at), "{what}: {e}");
+                assert!(e.to_string().contains(&format!("at offset {at}")), "{e}");
+            }
+            (CacheError::Io { path, source, .. }, None) => {
+                assert_eq!(path, file, "{what}: {e}");
+                assert_eq!(source.kind(), io::ErrorKind::NotFound, "{what}: {e}");
+            }
+            _ => panic!("{what}: {e:?}"),
+        }
+        assert!(e.to_string().contains(&file.display().to_string()), "{e}");
         let fetched = fake.fetched();
         let cache = BlobCache::open(&cfg(tmp.path(), 1 << 30, BS), tmp.path()).unwrap();
         assert_eq!(cache.stats().cached_bytes, 0, "{what}");
@@ -885,6 +916,20 @@ fn blob_cache_verified_blob_is_shared_across_origins() {
     drop(cache);
     let f = OpenOptions::new().write(true).open(&sums).unwrap();
     f.write_all_at(&[0xAA; 4], META_LEN + 40).unwrap();
+    // Named: the hash over the block hashes (after them) no longer matches.
+    let key = Key {
+        scope: Scope::Verified,
+        digest: real.digest.clone(),
+        size: real.data.len() as u64,
+    };
+    let map = sums.with_extension("map");
+    let hashes_end = META_LEN + 9 * 32; // 9 blocks
+    match BlobState::load((map.with_extension("data"), map), &key, BS).err() {
+        Some(CacheError::BadRecord { path, offset, .. }) => {
+            assert_eq!((path, offset), (sums.clone(), hashes_end))
+        }
+        other => panic!("{other:?}"),
+    }
     let cache = BlobCache::open(&cfg(&dir, 1 << 30, BS), &dir).unwrap();
     assert!(!sums.exists());
     let rc = cached(&cache, &c);

@@ -3,12 +3,12 @@
 
 use super::blob_cache::BlobCache;
 use super::cached_blob::CachedBlob;
+use super::error::CacheError;
 use super::lock;
 use super::record::*;
 use super::state::{set_bit, BlobState, Files};
 use super::MAX_BLOB_SIZE;
 use crate::registry::valid_digest;
-use anyhow::{bail, Context};
 use sha2::{Digest as _, Sha256, Sha512};
 use std::fs::{self, File};
 use std::io;
@@ -17,41 +17,71 @@ use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
-/// Whether the `.sums` file at `path` is whole and belongs to the entry `meta` describes.
-pub(super) fn sums_intact(path: &Path, meta: &Meta, nblocks: u64) -> bool {
-    let check = || -> io::Result<bool> {
-        let f = File::open(path)?;
-        let body_len = META_LEN + nblocks * SUM_LEN;
-        if f.metadata()?.len() != body_len + SUM_LEN {
-            return Ok(false);
-        }
-        let mut header = vec![0u8; META_LEN as usize];
-        f.read_exact_at(&mut header, 0)?;
-        if Meta::decode(&header, SUMS_MAGIC).as_ref() != Some(meta) {
-            return Ok(false);
-        }
-        // Streamed: the file has one hash per block, which can be many.
-        let mut h = Sha256::new_with_prefix(&header);
-        let mut buf = vec![0u8; 1 << 20];
-        let mut off = META_LEN;
-        while off < body_len {
-            let n = (body_len - off).min(buf.len() as u64) as usize;
-            f.read_exact_at(&mut buf[..n], off)?;
-            h.update(&buf[..n]);
-            off += n as u64;
-        }
-        let mut want = [0u8; 32];
-        f.read_exact_at(&mut want, body_len)?;
-        Ok(h.finalize()[..] == want)
+/// Checks that the `.sums` file at `path` is whole and belongs to the entry `meta` describes.
+pub(super) fn check_sums(path: &Path, meta: &Meta, nblocks: u64) -> Result<(), CacheError> {
+    let read_at = |f: &File, buf: &mut [u8], off: u64| {
+        f.read_exact_at(buf, off)
+            .map_err(|e| CacheError::io_at("reading", path, off, e))
     };
-    check().unwrap_or(false)
+    let f = File::open(path).map_err(|e| CacheError::io("opening", path, e))?;
+    let body_len = META_LEN + nblocks * SUM_LEN;
+    let len = f
+        .metadata()
+        .map_err(|e| CacheError::io("reading the metadata of", path, e))?
+        .len();
+    if len != body_len + SUM_LEN {
+        return Err(CacheError::bad_record(
+            path,
+            len.min(body_len + SUM_LEN),
+            format!(
+                "{len} bytes, not the {} of the hashes of {nblocks} blocks",
+                body_len + SUM_LEN
+            ),
+        ));
+    }
+    let mut header = vec![0u8; META_LEN as usize];
+    read_at(&f, &mut header, 0)?;
+    let found = Meta::decode(&header, SUMS_MAGIC)
+        .map_err(|(at, why)| CacheError::bad_record(path, at, why))?;
+    if &found != meta {
+        return Err(CacheError::bad_record(
+            path,
+            0,
+            "header is not its map's (made for another entry)",
+        ));
+    }
+    // Streamed: the file has one hash per block, which can be many.
+    let mut h = Sha256::new_with_prefix(&header);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = META_LEN;
+    while off < body_len {
+        let n = (body_len - off).min(buf.len() as u64) as usize;
+        read_at(&f, &mut buf[..n], off)?;
+        h.update(&buf[..n]);
+        off += n as u64;
+    }
+    let mut want = [0u8; 32];
+    read_at(&f, &mut want, body_len)?;
+    if h.finalize()[..] != want {
+        return Err(CacheError::bad_record(
+            path,
+            body_len,
+            "the hash of the block hashes does not match them",
+        ));
+    }
+    Ok(())
 }
 
 impl BlobState {
     /// Copies into this new entry (not yet seen by readers) the blocks `other` has present,
     /// with their stamps, reading them from `src` (the verified blob); synced and recorded.
     /// Returns the bytes copied; on failure the entry's files are removed.
-    pub(super) fn copy_blocks_from(&self, other: &BlobState, src: &File) -> io::Result<u64> {
+    pub(super) fn copy_blocks_from(
+        &self,
+        other: &BlobState,
+        src: &File,
+        src_path: &Path,
+    ) -> Result<u64, CacheError> {
         let blocks: Vec<(u64, u64)> = {
             let inner = lock(&other.inner);
             inner
@@ -62,18 +92,23 @@ impl BlobState {
         if blocks.is_empty() {
             return Ok(0);
         }
-        let copy = || -> io::Result<u64> {
+        let copy = || -> Result<u64, CacheError> {
             let files = self.open_files()?;
             let mut buf = vec![0u8; self.block as usize];
             let mut bytes = 0;
             for &(b, _) in &blocks {
                 let (s, e) = self.block_range(b);
                 let n = (e - s) as usize;
-                src.read_exact_at(&mut buf[..n], s)?;
-                files.data.write_all_at(&buf[..n], s)?;
+                src.read_exact_at(&mut buf[..n], s)
+                    .map_err(|e| CacheError::io_at("reading", src_path, s, e))?;
+                files
+                    .data
+                    .write_all_at(&buf[..n], s)
+                    .map_err(|e| CacheError::io_at("writing", &self.data_path, s, e))?;
                 bytes += n as u64;
             }
-            self.sync_data(&files.data)?;
+            self.sync_data(&files.data)
+                .map_err(|e| CacheError::io("syncing", &self.data_path, e))?;
             {
                 let mut inner = lock(&self.inner);
                 for &(b, stamp) in &blocks {
@@ -106,8 +141,12 @@ impl BlobCache {
         digest: &str,
         file: &Path,
         from: Option<&CachedBlob>,
-    ) -> anyhow::Result<()> {
-        anyhow::ensure!(valid_digest(digest), "{digest:?} is not a digest");
+    ) -> Result<(), CacheError> {
+        if !valid_digest(digest) {
+            return Err(CacheError::BadDigest {
+                digest: digest.to_owned(),
+            });
+        }
         let _one = lock(&self.verifying);
         if lock(&self.blobs)
             .keys()
@@ -115,13 +154,16 @@ impl BlobCache {
         {
             return Ok(());
         }
-        let src = File::open(file).with_context(|| format!("opening {}", file.display()))?;
-        let size = src.metadata()?.len();
+        let src = File::open(file).map_err(|e| CacheError::io("opening", file, e))?;
+        let size = src
+            .metadata()
+            .map_err(|e| CacheError::io("reading the metadata of", file, e))?
+            .len();
         if size > MAX_BLOB_SIZE {
-            bail!(
-                "{} of {size} bytes is larger than the cache takes",
-                file.display()
-            );
+            return Err(CacheError::TooLarge {
+                what: file.display().to_string(),
+                size,
+            });
         }
         // Block hashes, and the whole hash to check them by, in one read of the file.
         let sha512 = digest.starts_with("sha512:");
@@ -132,7 +174,7 @@ impl BlobCache {
         while off < size {
             let n = (size - off).min(self.block) as usize;
             src.read_exact_at(&mut buf[..n], off)
-                .with_context(|| format!("reading {} at {off}", file.display()))?;
+                .map_err(|e| CacheError::io_at("reading", file, off, e))?;
             if sha512 {
                 h512.update(&buf[..n]);
             } else {
@@ -147,7 +189,11 @@ impl BlobCache {
             format!("sha256:{}", hex(&h256.finalize()))
         };
         if got != digest {
-            bail!("{} has {got}, not {digest}", file.display());
+            return Err(CacheError::DigestMismatch {
+                file: file.to_owned(),
+                got,
+                want: digest.to_owned(),
+            });
         }
         let key = Key {
             scope: Scope::Verified,
@@ -156,17 +202,11 @@ impl BlobCache {
         };
         let paths = self.paths(&key);
         let dir = paths.1.parent().map(Path::to_path_buf).unwrap_or_default();
-        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let s = BlobState::create(paths, &key, self.block, Some(&sums))
-            .with_context(|| format!("creating the verified cache files of {digest}"))?;
+        fs::create_dir_all(&dir).map_err(|e| CacheError::io("creating", &dir, e))?;
+        let s = BlobState::create(paths, &key, self.block, Some(&sums))?;
         // Not visible to readers yet: filled, synced and recorded before it is.
         let copied = match from.filter(|f| f.state.size == size && f.state.digest == digest) {
-            Some(f) => s.copy_blocks_from(&f.state, &src).with_context(|| {
-                format!(
-                    "copying the cached blocks of {digest} from {}",
-                    file.display()
-                )
-            })?,
+            Some(f) => s.copy_blocks_from(&f.state, &src, file)?,
             None => 0,
         };
         self.total.fetch_add(copied, Relaxed);
@@ -180,7 +220,7 @@ impl BlobCache {
 impl CachedBlob {
     /// `file` holds this blob (checked: its hash must match the digest): the cache shares it
     /// with every origin from now on ([`BlobCache::add_verified`]).
-    pub fn mark_verified(&self, file: &Path) -> anyhow::Result<()> {
+    pub fn mark_verified(&self, file: &Path) -> Result<(), CacheError> {
         self.cache
             .add_verified(&self.state.digest, file, Some(self))
     }
@@ -202,18 +242,22 @@ impl CachedBlob {
                 let b = r.0 / st.block + i as u64;
                 let mut want = [0u8; SUM_LEN as usize];
                 sums.read_exact_at(&mut want, META_LEN + b * SUM_LEN)
-                    .map_err(|e| self.io_err(b * st.block, "reading its block hash", e))?;
+                    .map_err(|e| CacheError::Blob {
+                        name: self.name.clone(),
+                        path: sums_path(&st.map_path),
+                        offset: META_LEN + b * SUM_LEN,
+                        what: "reading the block hash",
+                        source: e,
+                    })?;
                 if Sha256::digest(bytes)[..] != want {
-                    let e = io::Error::other(format!(
-                        "{} ({}): block at offset {} does not match the blob verified against \
-                         {}: the registry served other bytes",
-                        self.name,
-                        self.source.origin(),
-                        b * st.block,
-                        st.digest
-                    ));
+                    let e = CacheError::BlockMismatch {
+                        name: self.name.clone(),
+                        origin: self.source.origin(),
+                        offset: b * st.block,
+                        digest: st.digest.clone(),
+                    };
                     log::warn!("{e}");
-                    return Err(e);
+                    return Err(e.into());
                 }
             }
         }
