@@ -92,7 +92,7 @@ pub struct BlobStats {
     pub cached_bytes: u64,
     /// Disk space the data file takes (allocated blocks).
     pub disk_bytes: u64,
-    /// Whether a [`CachedBlob`] has it open.
+    /// Whether a [`CachedBlob`](super::CachedBlob) has it open.
     pub open: bool,
 }
 

@@ -9,7 +9,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
-/// Blocks claimed for fetching by one reader. Dropped without [`Claim::finish`]: the waiters
+/// Blocks claimed for fetching by one reader. Dropped without [`Claim::release`]: the waiters
 /// are told it failed and the blocks are free to be claimed again.
 pub(super) struct Claim<'a> {
     pub(super) state: &'a BlobState,

@@ -67,7 +67,7 @@ pub(super) struct Inner {
     pub(super) stamp: Vec<u64>,
     /// Blocks being fetched or evicted.
     pub(super) inflight: HashMap<u64, Arc<Flight>>,
-    /// Open while a [`CachedBlob`] is.
+    /// Open while a [`CachedBlob`](super::CachedBlob) is.
     pub(super) files: Option<Arc<Files>>,
     /// Bumped on every change of `durable`.
     pub(super) dirty_gen: u64,
@@ -115,7 +115,7 @@ impl Inner {
     }
 }
 
-/// One entry's cache: shared by every [`CachedBlob`] of its scope, digest and size.
+/// One entry's cache: shared by every [`CachedBlob`](super::CachedBlob) of its scope, digest and size.
 pub(super) struct BlobState {
     pub(super) scope: Scope,
     pub(super) digest: String,
