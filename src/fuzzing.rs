@@ -162,7 +162,14 @@ pub fn block_cache_sample(
     size: u64,
     present: &[u64],
 ) -> Result<(PathBuf, PathBuf, PathBuf)> {
-    crate::source::cache::write_sample(dir, origin, digest, size, 256 << 10, present)
+    Ok(crate::source::cache::write_sample(
+        dir,
+        origin,
+        digest,
+        size,
+        256 << 10,
+        present,
+    )?)
 }
 
 /// Where the cache at `dir` keeps the data, map and (verified) sums files of an entry: blob

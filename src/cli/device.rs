@@ -34,10 +34,6 @@ fn pid_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
-fn device_exists(id: u32) -> bool {
-    Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists()
-}
-
 /// `ovbd device attach`. With `background`, returns once the device is up and a child process
 /// serves it; otherwise serves until the device is detached or a signal arrives.
 pub fn attach(configs: &[PathBuf], background: bool, id: Option<u32>, recover: bool) -> Result<()> {
@@ -202,7 +198,7 @@ fn serve(
     for (mut d, rp) in devices {
         if let Err(e) = d.join() {
             log::error!("/dev/ublkb{}: {e:#}", d.id);
-            result = Err(e);
+            result = Err(e.into());
         }
         let _ = std::fs::remove_file(rp);
     }
@@ -263,7 +259,7 @@ pub fn list(as_json: bool) -> Result<()> {
         }
     }
     records.sort_by_key(|r| r.id);
-    let state = |r: &DeviceRecord| match (device_exists(r.id), pid_alive(r.pid)) {
+    let state = |r: &DeviceRecord| match (device::exists(r.id), pid_alive(r.pid)) {
         (true, true) => "serving",
         (true, false) if r.recoverable => "orphaned (recoverable)",
         (true, false) => "orphaned",
@@ -300,7 +296,7 @@ pub fn detach(id: u32) -> Result<()> {
     let record: Option<DeviceRecord> = std::fs::read_to_string(&rp)
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok());
-    if !device_exists(id) {
+    if !device::exists(id) {
         let _ = std::fs::remove_file(&rp);
         bail!("no ublk device {id}");
     }
@@ -309,7 +305,7 @@ pub fn detach(id: u32) -> Result<()> {
         device::stop_device(id)?;
         // The server deletes the device (and exits if it served nothing else).
         let deadline = Instant::now() + Duration::from_secs(60);
-        while device_exists(id) {
+        while device::exists(id) {
             if Instant::now() > deadline {
                 bail!("ublk device {id} still present 60 s after stopping it");
             }
@@ -319,10 +315,10 @@ pub fn detach(id: u32) -> Result<()> {
         // Nobody serves it (server killed while the device was kept for recovery).
         device::delete_device(id)?;
         let deadline = Instant::now() + Duration::from_secs(5);
-        while device_exists(id) && Instant::now() < deadline {
+        while device::exists(id) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
         }
-        if device_exists(id) {
+        if device::exists(id) {
             eprintln!(
                 "ovbd: ublk device {id} deleted; the kernel removes it once its last user (a mount?) lets go"
             );

@@ -84,13 +84,13 @@ impl DeviceOps for SystemDeviceOps {
         if dev.is_served() {
             device::stop_device(dev.id)?;
         }
-        dev.join()
+        Ok(dev.join()?)
     }
     fn identity(&self, id: u32) -> Result<Option<device::DeviceIdentity>> {
-        device::identity(id)
+        Ok(device::identity(id)?)
     }
     fn delete(&self, id: u32) -> Result<()> {
-        device::delete_device(id)
+        Ok(device::delete_device(id)?)
     }
 }
 
@@ -312,7 +312,7 @@ impl Snapshotter {
                 Ok(d) => d,
                 Err(e) => {
                     cfg.write_result(&Err(anyhow!("{e:#}")));
-                    return Err(e);
+                    return Err(e.into());
                 }
             },
         };

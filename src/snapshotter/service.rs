@@ -38,6 +38,8 @@ fn log_failure(method: &str, key: &str, e: &SnapshotterError) {
     match e {
         // A lazy pull's answer, not a failure.
         SnapshotterError::RemoteLayerCommitted(_) => log::info!("{method} {key}: {e}"),
+        // containerd's unpacker stats every layer to learn whether it exists: an answer too.
+        SnapshotterError::NotFound(_) if method == "stat" => log::debug!("{method} {key}: {e}"),
         _ => log::warn!("{method} {key}: {:?}: {e}", e.code()),
     }
 }

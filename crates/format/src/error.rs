@@ -32,7 +32,7 @@ pub enum Error {
     InvalidArgument(String),
     #[error("{0}: layer is read-only")]
     ReadOnly(String),
-    /// A read in non-blocking mode ([`crate::source::without_blocking`]) needs data that is not
+    /// A read that must not block ([`crate::source::Blocking::Never`]) needs data that is not
     /// at hand (not in the page cache, or remote): retry it where blocking is fine.
     #[error("the read would block")]
     WouldBlock,

@@ -20,6 +20,6 @@ pub use index::SegmentIndex;
 pub use layer::{open_layer, open_layer_file, OpenedLayer};
 pub use lsmt::{LsmtFile, LsmtHeader, Segment};
 pub use rw::{RwLayer, RwMode};
-pub use source::{FileSource, MemSource, ReadAt};
+pub use source::{Blocking, FileSource, MemSource, ReadAt};
 pub use stack::{ImageStack, LayerStack};
 pub use zfile::{Algorithm, ZFileOptions, ZFileReader};

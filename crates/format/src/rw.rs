@@ -7,7 +7,7 @@ use crate::lsmt::{
     LsmtHeader, Segment, FLAG_DATA, FLAG_HEADER, FLAG_SEALED, FLAG_SPARSE, HEADER_SECTORS,
     HEADER_SIZE, MAX_IO_SIZE, MAX_RW_INDEX_SIZE, MAX_SEGMENT_LEN, SECTOR,
 };
-use crate::source::{read_exact_at, FileSource, ReadAt};
+use crate::source::{read_exact_at, Blocking, FileSource, ReadAt};
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -435,16 +435,26 @@ impl RwLayer {
         resolve(st.index.overlapping(start, end), start, end, out);
     }
 
-    /// Reads mapped data: `seg` from [`RwLayer::resolve`].
+    /// Reads mapped data: `seg` from [`RwLayer::resolve`]. May block.
     pub fn read_mapped(&self, buf: &mut [u8], seg: &Segment) -> Result<()> {
+        self.read_mapped_with(buf, seg, Blocking::Allowed)
+    }
+
+    /// As [`read_mapped`](Self::read_mapped); with [`Blocking::Never`] data not in the page
+    /// cache (or a filesystem that cannot tell) fails with [`Error::WouldBlock`].
+    pub fn read_mapped_with(
+        &self,
+        buf: &mut [u8],
+        seg: &Segment,
+        blocking: Blocking,
+    ) -> Result<()> {
         let pos = seg.moffset * SECTOR;
         let mut done = 0;
         while done < buf.len() {
             let at = pos + done as u64;
-            let r = if crate::source::nowait() {
-                crate::source::pread_nowait(&self.data, &mut buf[done..], at)
-            } else {
-                self.data.read_at(&mut buf[done..], at)
+            let r = match blocking {
+                Blocking::Never => crate::source::pread_nowait(&self.data, &mut buf[done..], at),
+                Blocking::Allowed => self.data.read_at(&mut buf[done..], at),
             };
             match r {
                 Ok(0) => {

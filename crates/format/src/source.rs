@@ -25,29 +25,26 @@ pub trait ReadAt: Send + Sync {
     fn read_at_nowait(&self, _buf: &mut [u8], _offset: u64) -> io::Result<usize> {
         Err(io::ErrorKind::WouldBlock.into())
     }
-}
-
-thread_local! {
-    static NOWAIT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Runs `f` with every [`read_exact_at`] on this thread in non-blocking mode: a read that
-/// would wait fails with [`Error::WouldBlock`]. Lets a block device serve cached data on its
-/// queue thread and send only the rest to threads that may block.
-pub fn without_blocking<T>(f: impl FnOnce() -> T) -> T {
-    struct Reset(bool);
-    impl Drop for Reset {
-        fn drop(&mut self) {
-            NOWAIT.with(|n| n.set(self.0));
+    /// [`read_at`](Self::read_at) or [`read_at_nowait`](Self::read_at_nowait), as `blocking`
+    /// says: how a reader that was told whether it may block passes that on.
+    fn read_at_with(&self, buf: &mut [u8], offset: u64, blocking: Blocking) -> io::Result<usize> {
+        match blocking {
+            Blocking::Allowed => self.read_at(buf, offset),
+            Blocking::Never => self.read_at_nowait(buf, offset),
         }
     }
-    let _reset = Reset(NOWAIT.with(|n| n.replace(true)));
-    f()
 }
 
-/// Whether this thread is inside [`without_blocking`].
-pub fn nowait() -> bool {
-    NOWAIT.with(|n| n.get())
+/// Whether a read may wait for data that is not at hand (a cold disk, a registry fetch).
+/// Chosen by whoever starts the read and passed down through every layer it goes through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Blocking {
+    /// May wait: worker threads, tools.
+    Allowed,
+    /// Must not wait: a read that would fails with `WouldBlock` ([`Error::WouldBlock`]), so a
+    /// block device can serve cached data on its queue thread and send the rest to threads
+    /// that may block.
+    Never,
 }
 
 /// `pread` that fails with `WouldBlock` instead of waiting for the disk (RWF_NOWAIT), or with
@@ -80,17 +77,23 @@ pub fn pread_nowait(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usiz
 }
 
 /// Fills `buf` from `offset` or fails with an error naming the source and offset. A source that
-/// stops returning bytes is an error, never a retry loop (upstream overlaybd#255).
+/// stops returning bytes is an error, never a retry loop (upstream overlaybd#255). May block.
 pub fn read_exact_at(src: &dyn ReadAt, buf: &mut [u8], offset: u64) -> Result<()> {
+    read_exact_at_with(src, buf, offset, Blocking::Allowed)
+}
+
+/// As [`read_exact_at`]; with [`Blocking::Never`] a read that would wait fails with
+/// [`Error::WouldBlock`].
+pub fn read_exact_at_with(
+    src: &dyn ReadAt,
+    buf: &mut [u8],
+    offset: u64,
+    blocking: Blocking,
+) -> Result<()> {
     let mut done = 0usize;
     while done < buf.len() {
         let pos = offset + done as u64;
-        let r = if nowait() {
-            src.read_at_nowait(&mut buf[done..], pos)
-        } else {
-            src.read_at(&mut buf[done..], pos)
-        };
-        match r {
+        match src.read_at_with(&mut buf[done..], pos, blocking) {
             Ok(0) => {
                 return Err(Error::corrupt(
                     src.name(),

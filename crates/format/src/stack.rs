@@ -4,7 +4,7 @@ use crate::error::{Error, Result};
 use crate::index::{merge_layers_limited, Piece, SegmentIndex};
 use crate::lsmt::{LsmtFile, Segment, HEADER_SIZE, MAX_RW_INDEX_SIZE, MAX_STACK_LAYERS, SECTOR};
 use crate::rw::RwLayer;
-use crate::source::{read_exact_at, ReadAt};
+use crate::source::{read_exact_at, read_exact_at_with, Blocking, ReadAt};
 use std::sync::Arc;
 
 /// Read-only layers merged into one index (spec §1.8).
@@ -99,7 +99,14 @@ impl LayerStack {
     }
 
     /// Reads `buf` at byte `offset`; both 512-aligned. Holes and zeroed ranges read as zeros.
+    /// May block.
     pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.read_with(buf, offset, Blocking::Allowed)
+    }
+
+    /// As [`read`](Self::read); with [`Blocking::Never`] every layer source is read with
+    /// [`ReadAt::read_at_nowait`], and data not at hand fails with [`Error::WouldBlock`].
+    pub fn read_with(&self, buf: &mut [u8], offset: u64, blocking: Blocking) -> Result<()> {
         if !offset.is_multiple_of(SECTOR) || !(buf.len() as u64).is_multiple_of(SECTOR) {
             return Err(Error::InvalidArgument(format!(
                 "unaligned read: offset {offset} length {}",
@@ -114,7 +121,7 @@ impl LayerStack {
             if s.offset > cur {
                 zero(buf, start, cur, s.offset);
             }
-            self.read_segment(sub(buf, start, s.offset, s.end()), &s)?;
+            self.read_segment(sub(buf, start, s.offset, s.end()), &s, blocking)?;
             cur = s.end();
         }
         if cur < end {
@@ -123,12 +130,12 @@ impl LayerStack {
         Ok(())
     }
 
-    fn read_segment(&self, buf: &mut [u8], s: &Segment) -> Result<()> {
+    fn read_segment(&self, buf: &mut [u8], s: &Segment, blocking: Blocking) -> Result<()> {
         if s.zeroed {
             buf.fill(0);
             return Ok(());
         }
-        read_exact_at(&**self.source(s.tag), buf, s.moffset * SECTOR)
+        read_exact_at_with(&**self.source(s.tag), buf, s.moffset * SECTOR, blocking)
     }
 }
 
@@ -199,10 +206,30 @@ impl ImageStack {
         self.upper
     }
 
+    /// Reads `buf` at byte `offset` (512-aligned, inside the disk). May block: on a device,
+    /// a worker thread's read.
     pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.read_with(buf, offset, Blocking::Allowed)
+    }
+
+    /// Reads only what is at hand without waiting (page cache, memory, block cache): `Ok(false)`
+    /// if some of it would have to wait; the caller then reads again where blocking is fine
+    /// (a device's queue thread hands the request to its worker pool).
+    pub fn try_read(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
+        match self.read_with(buf, offset, Blocking::Never) {
+            Ok(()) => Ok(true),
+            Err(Error::WouldBlock) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// [`read`](Self::read) or [`try_read`](Self::try_read)'s read, as `blocking` says; the
+    /// choice goes down to every layer source. With [`Blocking::Never`], data not at hand
+    /// fails with [`Error::WouldBlock`].
+    pub fn read_with(&self, buf: &mut [u8], offset: u64, blocking: Blocking) -> Result<()> {
         crate::lsmt::check_io(offset, buf.len() as u64, self.virtual_size)?;
         let Some(upper) = &self.upper else {
-            return self.read_lower(buf, offset);
+            return self.read_lower(buf, offset, blocking);
         };
         let start = offset / SECTOR;
         let mut pieces: Vec<Piece> = Vec::new();
@@ -211,16 +238,16 @@ impl ImageStack {
             let b = sub(buf, start, p.offset, p.offset + p.length);
             match p.seg {
                 Some(s) if s.zeroed => b.fill(0),
-                Some(s) => upper.read_mapped(b, &s)?,
-                None => self.read_lower(b, p.offset * SECTOR)?,
+                Some(s) => upper.read_mapped_with(b, &s, blocking)?,
+                None => self.read_lower(b, p.offset * SECTOR, blocking)?,
             }
         }
         Ok(())
     }
 
-    fn read_lower(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+    fn read_lower(&self, buf: &mut [u8], offset: u64, blocking: Blocking) -> Result<()> {
         match &self.lower {
-            Some(l) => l.read(buf, offset),
+            Some(l) => l.read_with(buf, offset, blocking),
             None => {
                 buf.fill(0);
                 Ok(())
@@ -262,16 +289,6 @@ impl ImageStack {
                 }
                 Ok(())
             }
-        }
-    }
-
-    /// Reads only what is at hand without waiting (page cache, memory): `Ok(false)` if some of
-    /// it would have to wait; the caller then reads again where blocking is fine.
-    pub fn try_read(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
-        match crate::source::without_blocking(|| self.read(buf, offset)) {
-            Ok(()) => Ok(true),
-            Err(Error::WouldBlock) => Ok(false),
-            Err(e) => Err(e),
         }
     }
 

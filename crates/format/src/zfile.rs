@@ -2,7 +2,7 @@
 
 use crate::crc::{crc32c_raw, BLOCK_CRC_SALT};
 use crate::error::{Error, Result};
-use crate::source::{read_exact_at, ReadAt};
+use crate::source::{read_exact_at, read_exact_at_with, Blocking, ReadAt};
 use std::cell::RefCell;
 use std::io::{self, Seek, SeekFrom, Write};
 use std::os::raw::{c_char, c_int};
@@ -378,7 +378,8 @@ impl ZFileReader {
     }
 
     /// Reads, checks and decompresses blocks `first..=last` and copies `[offset, offset+len)` out.
-    fn read_blocks(&self, out: &mut [u8], offset: u64) -> Result<()> {
+    /// `blocking` goes to every read of the compressed source.
+    fn read_blocks(&self, out: &mut [u8], offset: u64, blocking: Blocking) -> Result<()> {
         let bs = self.info.block_size as u64;
         let first = offset / bs;
         let last = (offset + out.len() as u64 - 1) / bs;
@@ -403,11 +404,11 @@ impl ZFileReader {
                 if scratch.compressed.len() < run {
                     scratch.compressed.resize(run, 0);
                 }
-                read_exact_at(&*self.src, &mut scratch.compressed[..run], base)?;
+                read_exact_at_with(&*self.src, &mut scratch.compressed[..run], base, blocking)?;
                 for k in i..j {
                     let s = (self.starts[k as usize] - base) as usize;
                     let e = (self.starts[k as usize + 1] - base) as usize;
-                    self.check_block(&mut scratch.compressed[s..e], k)?;
+                    self.check_block(&mut scratch.compressed[s..e], k, blocking)?;
                     let data_len = if self.info.verify { e - s - 4 } else { e - s };
                     let blen = self.block_len(k);
                     let bstart = k * bs;
@@ -434,7 +435,7 @@ impl ZFileReader {
     }
 
     /// Verifies block `k`'s CRC, re-reading it into `buf` up to `CRC_RETRIES` times.
-    fn check_block(&self, buf: &mut [u8], k: u64) -> Result<()> {
+    fn check_block(&self, buf: &mut [u8], k: u64, blocking: Blocking) -> Result<()> {
         if !self.info.verify {
             return Ok(());
         }
@@ -455,7 +456,7 @@ impl ZFileReader {
                 });
             }
             self.src.evict(pos, buf.len() as u64);
-            read_exact_at(&*self.src, buf, pos)?;
+            read_exact_at_with(&*self.src, buf, pos, blocking)?;
             attempts += 1;
         }
     }
@@ -483,16 +484,19 @@ impl ZFileReader {
 
 impl ReadAt for ZFileReader {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        self.read_at_with(buf, offset, Blocking::Allowed)
+    }
+    fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        self.read_at_with(buf, offset, Blocking::Never)
+    }
+    fn read_at_with(&self, buf: &mut [u8], offset: u64, blocking: Blocking) -> io::Result<usize> {
         let size = self.info.original_file_size;
         if offset >= size || buf.is_empty() {
             return Ok(0);
         }
         let n = (buf.len() as u64).min(size - offset) as usize;
-        self.read_blocks(&mut buf[..n], offset)?;
+        self.read_blocks(&mut buf[..n], offset, blocking)?;
         Ok(n)
-    }
-    fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        crate::source::without_blocking(|| self.read_at(buf, offset))
     }
     fn size(&self) -> u64 {
         self.info.original_file_size

@@ -7,7 +7,7 @@ use ovbd_format::commit::{commit_compact, CommitInfo};
 use ovbd_format::layer::{unwrap, write_blob, BlobOptions};
 use ovbd_format::lsmt::NIL_UUID;
 use ovbd_format::zfile::{Algorithm, ZFileOptions};
-use ovbd_format::{ImageStack, LayerStack, LsmtFile, MemSource, RwLayer, RwMode};
+use ovbd_format::{Blocking, ImageStack, LayerStack, LsmtFile, MemSource, ReadAt, RwLayer, RwMode};
 
 use proptest::prelude::*;
 use std::sync::Arc;
@@ -351,4 +351,31 @@ fn non_blocking_reads_serve_cached_data_and_defer_the_rest() {
     assert_eq!(b, pattern(1, 0, 8));
     // Misaligned requests are still errors, not "would block".
     assert!(img.try_read(&mut b[..100], 0).is_err());
+
+    // The same layer ZFile-compressed (tar-wrapped) over that source: the choice goes through
+    // the decompressor to the source under it, in the ZFile's own reads as well as the stack's.
+    let bytes = build_layer(VSIZE, &[(0, LayerWrite::Data(pattern(2, 0, 8)))]);
+    let mut f = tempfile::tempfile().unwrap();
+    let opts = BlobOptions {
+        zfile: Some(ZFileOptions::default()),
+        tar: true,
+    };
+    write_blob(&MemSource::new(bytes, "lsmt"), &mut f, opts).unwrap();
+    let blob = read_all(&ovbd_format::FileSource::from_file(f, "z".into()).unwrap());
+    let layer = ovbd_format::open_layer(Arc::new(BlockingOnly(MemSource::new(blob, "z")))).unwrap();
+    let z = layer.zfile.clone().unwrap();
+    let mut b = vec![0u8; 4096];
+    let e = z.read_at_nowait(&mut b, 4096).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
+    let img = ImageStack::read_only(LayerStack::new(vec![layer.lsmt]).unwrap());
+    assert!(!img.try_read(&mut b, 0).unwrap());
+    img.read(&mut b, 0).unwrap();
+    assert_eq!(b, pattern(2, 0, 8));
+    let mut c = vec![0u8; 4096];
+    img.read_with(&mut c, 0, Blocking::Allowed).unwrap();
+    assert_eq!(c, b);
+    assert!(matches!(
+        img.read_with(&mut c, 0, Blocking::Never),
+        Err(ovbd_format::Error::WouldBlock)
+    ));
 }

@@ -38,7 +38,7 @@ fn logged(prefix: &str) -> Vec<log::Level> {
     static INSTALL: std::sync::Once = std::sync::Once::new();
     INSTALL.call_once(|| {
         log::set_logger(&LOGS).expect("no other logger in the test binary");
-        log::set_max_level(log::LevelFilter::Info);
+        log::set_max_level(log::LevelFilter::Debug);
     });
     LOGS.lines()
         .iter()
@@ -69,8 +69,17 @@ async fn failures_reach_containerd_as_their_grpc_codes_and_are_logged() {
     let none = HashMap::new;
     let warn = log::Level::Warn;
 
+    // Stat's NotFound answers containerd's "does this layer exist?": not worth a warning.
     let r = svc.stat("svc-missing".into()).await;
-    assert_failed(r, tonic::Code::NotFound, warn, "stat svc-missing:");
+    assert_failed(
+        r,
+        tonic::Code::NotFound,
+        log::Level::Debug,
+        "stat svc-missing:",
+    );
+    assert!(!logged("stat svc-missing:").contains(&warn));
+    let r = svc.mounts("svc-missing".into()).await;
+    assert_failed(r, tonic::Code::NotFound, warn, "mounts svc-missing:");
 
     svc.prepare("svc-a".into(), String::new(), none())
         .await
