@@ -3,22 +3,24 @@
 //! The source is a docker `config.json` (`[registry] docker_config`, else
 //! `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`), re-read whenever a registry asks
 //! for authentication. For a host (`host[:port]`; Docker Hub's aliases are one host), in order:
-//! - its `auths` entry, if it holds credentials: `identitytoken` (an OAuth2 refresh token),
+//! - its `credHelpers` entry: a credential helper, run as `docker-credential-<name> get` with
+//!   the server URL on stdin, answering `{"ServerURL","Username","Secret"}` (Username `<token>`:
+//!   Secret is an identity token), or "credentials not found" (anonymous);
+//! - else its `auths` entry, if it holds credentials: `identitytoken` (an OAuth2 refresh token),
 //!   `auth` (base64 `user:password`), `username`/`password`, `registrytoken` (a bearer token);
-//! - else its `credHelpers` entry, else `credsStore`: a credential helper, run as
-//!   `docker-credential-<name> get` with the server URL on stdin, answering
-//!   `{"ServerURL","Username","Secret"}` (Username `<token>`: Secret is an identity token), or
-//!   "credentials not found" (anonymous). Helpers are looked up in the directories of `$PATH` as
-//!   it was when the store was made (absolute entries only), run with a deadline
-//!   ([`HELPER_TIMEOUT`]) and an output cap ([`MAX_HELPER_OUTPUT`]), killed (their whole process
-//!   group) past either, and their answers kept [`HELPER_ANSWER_TTL`] per (helper, host) so a
-//!   helper is not run for every request; [`CredentialStore::forget`] drops them after an
-//!   authentication failure.
+//! - else `credsStore`, a helper as above;
 //! - else anonymous.
 //!
-//! `auths` is looked at before the helpers so that a config that worked before helpers were
-//! supported means the same now (docker, which writes `{}` entries for hosts whose credentials
-//! it keeps in a helper, asks the helper first; for the configs it writes the order agrees).
+//! Helpers are looked up in the directories of `$PATH` as it was when the store was made
+//! (absolute entries only), run with a deadline ([`HELPER_TIMEOUT`]) and an output cap
+//! ([`MAX_HELPER_OUTPUT`]), killed (their whole process group) past either, and their answers
+//! kept [`HELPER_ANSWER_TTL`] per (helper, host) so a helper is not run for every request;
+//! [`CredentialStore::forget`] drops them after an authentication failure.
+//!
+//! A host's own helper wins, as in docker; `auths` credentials come before the default store so
+//! that a config that worked before helpers were supported means the same now (docker keeps
+//! `{}` there for the hosts whose credentials are in its store, so for its configs the order
+//! agrees).
 //!
 //! Secrets never appear in errors, logs or `Debug` output.
 
@@ -193,34 +195,35 @@ impl DockerConfig {
     /// Where the credentials of `host` (`host[:port]`, `docker.io` for Docker Hub) are.
     pub(crate) fn lookup(&self, path: &Path, host: &str) -> Result<Lookup, CredentialError> {
         let want = normalize_registry_host(host);
-        if let Some((key, entry)) = self
-            .auths
-            .iter()
-            .find(|(k, _)| normalize_registry_host(k) == want)
-        {
-            let credential = entry
-                .credential()
-                .map_err(|what| CredentialError::BadEntry {
-                    path: path.to_owned(),
-                    key: key.clone(),
-                    what,
-                })?;
-            if !credential.is_anonymous() {
-                return Ok(Lookup::Found(credential));
-            }
-        }
-        let helper = match self
+        let own_helper = self
             .cred_helpers
             .iter()
             .find(|(k, _)| normalize_registry_host(k) == want)
-        {
-            Some((key, name)) => Some((name, format!("credHelpers.{key:?}"))),
-            None => self
-                .creds_store
+            .map(|(key, name)| (name, format!("credHelpers.{key:?}")));
+        if own_helper.is_none() {
+            if let Some((key, entry)) = self
+                .auths
+                .iter()
+                .find(|(k, _)| normalize_registry_host(k) == want)
+            {
+                let credential = entry
+                    .credential()
+                    .map_err(|what| CredentialError::BadEntry {
+                        path: path.to_owned(),
+                        key: key.clone(),
+                        what,
+                    })?;
+                if !credential.is_anonymous() {
+                    return Ok(Lookup::Found(credential));
+                }
+            }
+        }
+        let helper = own_helper.or_else(|| {
+            self.creds_store
                 .as_ref()
                 .filter(|n| !n.is_empty())
-                .map(|n| (n, "credsStore".to_owned())),
-        };
+                .map(|n| (n, "credsStore".to_owned()))
+        });
         let Some((name, field)) = helper else {
             return Ok(Lookup::Found(Credential::Anonymous));
         };

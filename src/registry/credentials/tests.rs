@@ -227,8 +227,17 @@ fn credentials_helper_lookup_and_names() {
         lookup(&config, "helped.lan").unwrap(),
         helper("desktop.exe", "credsStore")
     );
+    // A host's own helper comes before its `auths` credentials, which come before the store.
     assert_eq!(
         lookup(&config, "inline.lan").unwrap(),
+        helper("xyz", "credHelpers.\"inline.lan\"")
+    );
+    let no_own_helper = serde_json::json!({
+        "auths": { "inline.lan": { "username": "u", "password": "p" } },
+        "credsStore": "desktop.exe",
+    });
+    assert_eq!(
+        lookup(&no_own_helper, "inline.lan").unwrap(),
         Lookup::Found(basic("u", "p"))
     );
     // An empty credsStore is none.
