@@ -1,0 +1,384 @@
+//! Authentication: `WWW-Authenticate` challenges, bearer tokens, Basic credentials.
+
+use super::*;
+
+// -------------------------------------------------------------------------------- challenges
+
+/// One challenge of a `WWW-Authenticate` header.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Challenge {
+    Bearer {
+        realm: String,
+        service: Option<String>,
+        scope: Option<String>,
+    },
+    Basic,
+}
+
+/// The `Bearer` and `Basic` challenges of `WWW-Authenticate` header values (RFC 7235:
+/// `scheme param=value, param="quoted \" value", other-scheme ...`). Unknown schemes, token68
+/// forms and malformed parts are skipped; never panics.
+pub(crate) fn parse_challenges<'a>(values: impl IntoIterator<Item = &'a str>) -> Vec<Challenge> {
+    let mut out = Vec::new();
+    for v in values {
+        for (scheme, params) in split_challenges(v) {
+            let get = |k: &str| {
+                params
+                    .iter()
+                    .find(|(pk, _)| pk.eq_ignore_ascii_case(k))
+                    .map(|(_, pv)| pv.clone())
+            };
+            if scheme.eq_ignore_ascii_case("bearer") {
+                if let Some(realm) = get("realm").filter(|r| !r.is_empty()) {
+                    out.push(Challenge::Bearer {
+                        realm,
+                        service: get("service"),
+                        scope: get("scope"),
+                    });
+                }
+            } else if scheme.eq_ignore_ascii_case("basic") {
+                out.push(Challenge::Basic);
+            }
+        }
+    }
+    out
+}
+
+/// `(scheme, [(param, value)])` of each challenge in one header value.
+pub(super) fn split_challenges(v: &str) -> Vec<(String, Vec<(String, String)>)> {
+    let b = v.as_bytes();
+    let mut i = 0;
+    let mut out: Vec<(String, Vec<(String, String)>)> = Vec::new();
+    let is_delim = |c: u8| c.is_ascii_whitespace() || c == b',' || c == b'=' || c == b'"';
+    while i < b.len() {
+        while i < b.len() && (b[i].is_ascii_whitespace() || b[i] == b',') {
+            i += 1;
+        }
+        if i >= b.len() {
+            break;
+        }
+        if b[i] == b'=' || b[i] == b'"' {
+            // Stray: a token68's padding or garbage. Skip one byte (ASCII, a char boundary).
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < b.len() && !is_delim(b[i]) {
+            i += 1;
+        }
+        // Every delimiter is ASCII, so `start` and `i` are char boundaries.
+        let token = &v[start..i];
+        let mut j = i;
+        while j < b.len() && b[j].is_ascii_whitespace() {
+            j += 1;
+        }
+        if j < b.len() && b[j] == b'=' {
+            // A parameter of the current challenge.
+            j += 1;
+            while j < b.len() && b[j].is_ascii_whitespace() {
+                j += 1;
+            }
+            let mut value = String::new();
+            if j < b.len() && b[j] == b'"' {
+                j += 1;
+                let mut seg = j;
+                while j < b.len() && b[j] != b'"' {
+                    if b[j] == b'\\' && j + 1 < b.len() {
+                        value.push_str(&v[seg..j]);
+                        // The escaped char may be multi-byte: take the whole char.
+                        let ch = v[j + 1..].chars().next().unwrap_or('\\');
+                        value.push(ch);
+                        j += 1 + ch.len_utf8();
+                        seg = j;
+                        continue;
+                    }
+                    j += 1;
+                }
+                value.push_str(&v[seg..j.min(b.len())]);
+                j = (j + 1).min(b.len());
+            } else {
+                let vs = j;
+                while j < b.len() && !(b[j].is_ascii_whitespace() || b[j] == b',') {
+                    j += 1;
+                }
+                value.push_str(&v[vs..j]);
+            }
+            if let Some(last) = out.last_mut() {
+                last.1.push((token.to_owned(), value));
+            }
+            i = j;
+        } else {
+            out.push((token.to_owned(), Vec::new()));
+            i = j;
+        }
+    }
+    out
+}
+
+// ------------------------------------------------------------------------------------- auth
+
+/// What we send to one (endpoint, repository), and how we got it.
+#[derive(Default)]
+pub(super) struct AuthSlot {
+    /// The `Authorization` value; `None`: anonymous.
+    pub(super) header: Option<String>,
+    /// When a bearer token stops being good (`expires_in`).
+    pub(super) expires: Option<Instant>,
+    /// The challenge that made us authenticate (to refresh without a 401 first).
+    pub(super) challenge: Option<Challenge>,
+    /// Bumped on every change: a request that got 401 with an older generation retries with
+    /// the newer credentials instead of authenticating again.
+    pub(super) generation: u64,
+}
+
+#[derive(serde::Deserialize)]
+pub(super) struct TokenResponse {
+    pub(super) token: Option<String>,
+    pub(super) access_token: Option<String>,
+    pub(super) expires_in: Option<u64>,
+}
+
+pub(super) fn basic_header(user: &str, pass: &str) -> String {
+    use base64::Engine as _;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+    )
+}
+
+impl Inner {
+    pub(super) fn slot(&self, ep: &Endpoint, repo: &str) -> Arc<tokio::sync::Mutex<AuthSlot>> {
+        let key = (ep.base.as_str().to_owned(), repo.to_owned());
+        let mut map = self.auth.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(key).or_default().clone()
+    }
+
+    /// The credentials the docker config.json has for `ep`, read now.
+    pub(super) fn credentials(&self, ep: &Endpoint) -> Result<RegistryAuth, Failure> {
+        let path = self.opts.docker_config_path();
+        registry_auth(path.as_deref(), &ep.cred_host).map_err(|e| {
+            Failure::permanent(
+                io::ErrorKind::PermissionDenied,
+                format!("credentials for {}: {e:#}", ep.cred_host),
+            )
+        })
+    }
+
+    pub(super) fn config_name(&self) -> String {
+        self.opts
+            .docker_config_path()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "(no docker config.json)".into())
+    }
+
+    /// Authenticates to `ep` for `repo` after `challenge`: fills `slot`.
+    pub(super) async fn authenticate(
+        &self,
+        ep: &Endpoint,
+        repo: &str,
+        challenge: &Challenge,
+        slot: &mut AuthSlot,
+    ) -> Result<(), Failure> {
+        let creds = self.credentials(ep)?;
+        let (header, expires) = match (challenge, &creds) {
+            (_, RegistryAuth::Bearer(token)) => (format!("Bearer {token}"), None),
+            (Challenge::Basic, RegistryAuth::Basic(u, p)) => (basic_header(u, p), None),
+            (Challenge::Basic, RegistryAuth::Anonymous) => {
+                return Err(Failure::permanent(
+                    io::ErrorKind::PermissionDenied,
+                    format!(
+                        "{} wants Basic credentials and {} has none for {}",
+                        ep.label(),
+                        self.config_name(),
+                        ep.cred_host
+                    ),
+                ))
+            }
+            (
+                Challenge::Bearer {
+                    realm,
+                    service,
+                    scope: _,
+                },
+                creds,
+            ) => {
+                let (token, expires) = self.fetch_token(ep, repo, realm, service, creds).await?;
+                (format!("Bearer {token}"), expires)
+            }
+        };
+        slot.header = Some(header);
+        slot.expires = expires;
+        slot.challenge = Some(challenge.clone());
+        slot.generation += 1;
+        Ok(())
+    }
+
+    pub(super) async fn fetch_token(
+        &self,
+        ep: &Endpoint,
+        repo: &str,
+        realm: &str,
+        service: &Option<String>,
+        creds: &RegistryAuth,
+    ) -> Result<(String, Option<Instant>), Failure> {
+        let mut url = Url::parse(realm).map_err(|e| {
+            Failure::permanent(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{}: bad token realm {:?}: {e}",
+                    ep.label(),
+                    redact_str(realm)
+                ),
+            )
+        })?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(Failure::permanent(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{}: token realm {} is not http(s)",
+                    ep.label(),
+                    redact(&url)
+                ),
+            ));
+        }
+        {
+            let mut q = url.query_pairs_mut();
+            if let Some(s) = service {
+                q.append_pair("service", s);
+            }
+            q.append_pair("scope", &format!("repository:{repo}:pull"));
+        }
+        let trusted = self
+            .policy
+            .check(&url, ep.base.scheme() == "https")
+            .map_err(|why| {
+                Failure::permanent(
+                    io::ErrorKind::PermissionDenied,
+                    format!("{}: token realm {}: {why}", ep.label(), redact(&url)),
+                )
+            })?;
+        let client = if trusted {
+            &self.trusted_client
+        } else {
+            &self.client
+        };
+        // Credentials only to the registry's own host, or a realm configured for them.
+        let withheld =
+            matches!(creds, RegistryAuth::Basic(..)) && !self.policy.creds_may_go_to(ep, &url);
+        if withheld {
+            log::warn!(
+                "{}: token realm {} is not on the registry's host: asking it without the \
+                 credentials for {} (see [registry.auth_realms])",
+                ep.label(),
+                redact(&url),
+                ep.cred_host
+            );
+        }
+        let mut rb = client.get(url.clone());
+        if let (false, RegistryAuth::Basic(u, p)) = (withheld, creds) {
+            rb = rb.header(header::AUTHORIZATION, basic_header(u, p));
+        }
+        self.token_requests.fetch_add(1, Relaxed);
+        let what = format!("token from {}", redact(&url));
+        let mut resp = tokio::time::timeout(self.stall, rb.send())
+            .await
+            .map_err(|_| Failure::transient(format!("{what}: no answer within {:?}", self.stall)))?
+            .map_err(|e| http_failure(&what, e))?;
+        let status = resp.status();
+        if !status.is_success() {
+            let msg = format!(
+                "{what}: HTTP {status}{}",
+                if withheld {
+                    format!(
+                        " (the credentials for {} in {} were not sent: the realm is not on \
+                         the registry's host, and [registry.auth_realms] does not name it for \
+                         {})",
+                        ep.cred_host,
+                        self.config_name(),
+                        normalize_registry_host(&ep.cred_host)
+                    )
+                } else if matches!(creds, RegistryAuth::Anonymous) {
+                    format!(
+                        " (anonymous: {} has no credentials for {})",
+                        self.config_name(),
+                        ep.cred_host
+                    )
+                } else {
+                    format!(
+                        " (with the credentials for {} in {})",
+                        ep.cred_host,
+                        self.config_name()
+                    )
+                }
+            );
+            return Err(
+                if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+                    Failure::Transient {
+                        msg,
+                        retry_after: retry_after(resp.headers()),
+                    }
+                } else {
+                    Failure::permanent(io::ErrorKind::PermissionDenied, msg)
+                },
+            );
+        }
+        let mut body = Vec::new();
+        loop {
+            let chunk = tokio::time::timeout(self.stall, resp.chunk())
+                .await
+                .map_err(|_| Failure::transient(format!("{what}: stalled")))?
+                .map_err(|e| http_failure(&what, e))?;
+            let Some(chunk) = chunk else { break };
+            if body.len() + chunk.len() > MAX_TOKEN_RESPONSE {
+                return Err(Failure::permanent(
+                    io::ErrorKind::InvalidData,
+                    format!("{what}: response larger than {MAX_TOKEN_RESPONSE} bytes"),
+                ));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let parsed: TokenResponse = serde_json::from_slice(&body).map_err(|e| {
+            Failure::permanent(
+                io::ErrorKind::InvalidData,
+                format!("{what}: not a token response: {e}"),
+            )
+        })?;
+        let token = parsed
+            .token
+            .filter(|t| !t.is_empty())
+            .or(parsed.access_token.filter(|t| !t.is_empty()))
+            .ok_or_else(|| {
+                Failure::permanent(
+                    io::ErrorKind::InvalidData,
+                    format!("{what}: neither token nor access_token in the response"),
+                )
+            })?;
+        let expires = parsed.expires_in.filter(|&s| s > 0).map(|s| {
+            let life = Duration::from_secs(s.min(86400 * 365));
+            Instant::now() + life.saturating_sub(TOKEN_MARGIN).max(life / 2)
+        });
+        Ok((token, expires))
+    }
+
+    /// The `Authorization` to send to `ep` for `repo` now (refreshing an expired token first)
+    /// and the slot's generation.
+    pub(super) async fn current_auth(
+        &self,
+        ep: &Endpoint,
+        repo: &str,
+        slot: &tokio::sync::Mutex<AuthSlot>,
+    ) -> Result<(Option<String>, u64), Failure> {
+        let mut s = slot.lock().await;
+        if s.expires.is_some_and(|e| Instant::now() >= e) {
+            match s.challenge.clone() {
+                Some(c) => self.authenticate(ep, repo, &c, &mut s).await?,
+                None => {
+                    s.header = None;
+                    s.expires = None;
+                    s.generation += 1;
+                }
+            }
+        }
+        Ok((s.header.clone(), s.generation))
+    }
+}
