@@ -146,22 +146,40 @@ pub(super) fn basic_header(user: &str, pass: &str) -> String {
     )
 }
 
+/// What a request needs of a repository: a token for `pull` serves reads, `pull,push` uploads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(super) enum Access {
+    Pull,
+    Push,
+}
+
+impl Access {
+    /// The actions of a token scope (`repository:NAME:ACTIONS`).
+    pub(super) fn actions(self) -> &'static str {
+        match self {
+            Access::Pull => "pull",
+            Access::Push => "pull,push",
+        }
+    }
+}
+
 impl Inner {
-    pub(super) fn slot(&self, ep: &Endpoint, repo: &str) -> Arc<tokio::sync::Mutex<AuthSlot>> {
-        let key = (ep.base.as_str().to_owned(), repo.to_owned());
+    pub(super) fn slot(
+        &self,
+        ep: &Endpoint,
+        repo: &str,
+        access: Access,
+    ) -> Arc<tokio::sync::Mutex<AuthSlot>> {
+        let key = (ep.base.as_str().to_owned(), repo.to_owned(), access);
         let mut map = self.auth.lock().unwrap_or_else(|e| e.into_inner());
         map.entry(key).or_default().clone()
     }
 
     /// The credentials the docker config.json has for `ep`, read now.
-    pub(super) fn credentials(&self, ep: &Endpoint) -> Result<RegistryAuth, Failure> {
+    pub(super) fn credentials(&self, ep: &Endpoint) -> Result<RegistryAuth, RegistryError> {
         let path = self.opts.docker_config_path();
-        registry_auth(path.as_deref(), &ep.cred_host).map_err(|e| {
-            Failure::permanent(
-                io::ErrorKind::PermissionDenied,
-                format!("credentials for {}: {e:#}", ep.cred_host),
-            )
-        })
+        registry_auth(path.as_deref(), &ep.cred_host)
+            .map_err(|e| RegistryError::Denied(format!("credentials for {}: {e:#}", ep.cred_host)))
     }
 
     pub(super) fn config_name(&self) -> String {
@@ -176,23 +194,21 @@ impl Inner {
         &self,
         ep: &Endpoint,
         repo: &str,
+        access: Access,
         challenge: &Challenge,
         slot: &mut AuthSlot,
-    ) -> Result<(), Failure> {
+    ) -> Result<(), RegistryError> {
         let creds = self.credentials(ep)?;
         let (header, expires) = match (challenge, &creds) {
             (_, RegistryAuth::Bearer(token)) => (format!("Bearer {token}"), None),
             (Challenge::Basic, RegistryAuth::Basic(u, p)) => (basic_header(u, p), None),
             (Challenge::Basic, RegistryAuth::Anonymous) => {
-                return Err(Failure::permanent(
-                    io::ErrorKind::PermissionDenied,
-                    format!(
-                        "{} wants Basic credentials and {} has none for {}",
-                        ep.label(),
-                        self.config_name(),
-                        ep.cred_host
-                    ),
-                ))
+                return Err(RegistryError::Denied(format!(
+                    "{} wants Basic credentials and {} has none for {}",
+                    ep.label(),
+                    self.config_name(),
+                    ep.cred_host
+                )))
             }
             (
                 Challenge::Bearer {
@@ -202,7 +218,9 @@ impl Inner {
                 },
                 creds,
             ) => {
-                let (token, expires) = self.fetch_token(ep, repo, realm, service, creds).await?;
+                let (token, expires) = self
+                    .fetch_token(ep, repo, access, realm, service, creds)
+                    .await?;
                 (format!("Bearer {token}"), expires)
             }
         };
@@ -217,45 +235,41 @@ impl Inner {
         &self,
         ep: &Endpoint,
         repo: &str,
+        access: Access,
         realm: &str,
         service: &Option<String>,
         creds: &RegistryAuth,
-    ) -> Result<(String, Option<Instant>), Failure> {
+    ) -> Result<(String, Option<Instant>), RegistryError> {
         let mut url = Url::parse(realm).map_err(|e| {
-            Failure::permanent(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "{}: bad token realm {:?}: {e}",
-                    ep.label(),
-                    redact_str(realm)
-                ),
-            )
+            RegistryError::InvalidResponse(format!(
+                "{}: bad token realm {:?}: {e}",
+                ep.label(),
+                redact_str(realm)
+            ))
         })?;
         if !matches!(url.scheme(), "http" | "https") {
-            return Err(Failure::permanent(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "{}: token realm {} is not http(s)",
-                    ep.label(),
-                    redact(&url)
-                ),
-            ));
+            return Err(RegistryError::InvalidResponse(format!(
+                "{}: token realm {} is not http(s)",
+                ep.label(),
+                redact(&url)
+            )));
         }
         {
             let mut q = url.query_pairs_mut();
             if let Some(s) = service {
                 q.append_pair("service", s);
             }
-            q.append_pair("scope", &format!("repository:{repo}:pull"));
+            q.append_pair("scope", &format!("repository:{repo}:{}", access.actions()));
         }
         let trusted = self
             .policy
             .check(&url, ep.base.scheme() == "https")
             .map_err(|why| {
-                Failure::permanent(
-                    io::ErrorKind::PermissionDenied,
-                    format!("{}: token realm {}: {why}", ep.label(), redact(&url)),
-                )
+                RegistryError::Refused(format!(
+                    "{}: token realm {}: {why}",
+                    ep.label(),
+                    redact(&url)
+                ))
             })?;
         let client = if trusted {
             &self.trusted_client
@@ -282,7 +296,9 @@ impl Inner {
         let what = format!("token from {}", redact(&url));
         let mut resp = tokio::time::timeout(self.stall, rb.send())
             .await
-            .map_err(|_| Failure::transient(format!("{what}: no answer within {:?}", self.stall)))?
+            .map_err(|_| {
+                RegistryError::transient(format!("{what}: no answer within {:?}", self.stall))
+            })?
             .map_err(|e| http_failure(&what, e))?;
         let status = resp.status();
         if !status.is_success() {
@@ -313,12 +329,12 @@ impl Inner {
             );
             return Err(
                 if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
-                    Failure::Transient {
+                    RegistryError::Transient {
                         msg,
                         retry_after: retry_after(resp.headers()),
                     }
                 } else {
-                    Failure::permanent(io::ErrorKind::PermissionDenied, msg)
+                    RegistryError::Denied(msg)
                 },
             );
         }
@@ -326,32 +342,27 @@ impl Inner {
         loop {
             let chunk = tokio::time::timeout(self.stall, resp.chunk())
                 .await
-                .map_err(|_| Failure::transient(format!("{what}: stalled")))?
+                .map_err(|_| RegistryError::transient(format!("{what}: stalled")))?
                 .map_err(|e| http_failure(&what, e))?;
             let Some(chunk) = chunk else { break };
             if body.len() + chunk.len() > MAX_TOKEN_RESPONSE {
-                return Err(Failure::permanent(
-                    io::ErrorKind::InvalidData,
-                    format!("{what}: response larger than {MAX_TOKEN_RESPONSE} bytes"),
-                ));
+                return Err(RegistryError::InvalidResponse(format!(
+                    "{what}: response larger than {MAX_TOKEN_RESPONSE} bytes"
+                )));
             }
             body.extend_from_slice(&chunk);
         }
         let parsed: TokenResponse = serde_json::from_slice(&body).map_err(|e| {
-            Failure::permanent(
-                io::ErrorKind::InvalidData,
-                format!("{what}: not a token response: {e}"),
-            )
+            RegistryError::InvalidResponse(format!("{what}: not a token response: {e}"))
         })?;
         let token = parsed
             .token
             .filter(|t| !t.is_empty())
             .or(parsed.access_token.filter(|t| !t.is_empty()))
             .ok_or_else(|| {
-                Failure::permanent(
-                    io::ErrorKind::InvalidData,
-                    format!("{what}: neither token nor access_token in the response"),
-                )
+                RegistryError::InvalidResponse(format!(
+                    "{what}: neither token nor access_token in the response"
+                ))
             })?;
         let expires = parsed.expires_in.filter(|&s| s > 0).map(|s| {
             let life = Duration::from_secs(s.min(86400 * 365));
@@ -366,12 +377,13 @@ impl Inner {
         &self,
         ep: &Endpoint,
         repo: &str,
+        access: Access,
         slot: &tokio::sync::Mutex<AuthSlot>,
-    ) -> Result<(Option<String>, u64), Failure> {
+    ) -> Result<(Option<String>, u64), RegistryError> {
         let mut s = slot.lock().await;
         if s.expires.is_some_and(|e| Instant::now() >= e) {
             match s.challenge.clone() {
-                Some(c) => self.authenticate(ep, repo, &c, &mut s).await?,
+                Some(c) => self.authenticate(ep, repo, access, &c, &mut s).await?,
                 None => {
                     s.header = None;
                     s.expires = None;
@@ -380,5 +392,70 @@ impl Inner {
             }
         }
         Ok((s.header.clone(), s.generation))
+    }
+
+    /// Sends `req` to `url` on `ep` for `repo` with the credentials it takes: anonymously
+    /// first, then after a `401` with the token or Basic credentials its challenge asks for
+    /// (once; a `401` after that is a refusal). Returns the response and whether it came from
+    /// another origin than `url`'s (a redirect).
+    pub(super) async fn authorized(
+        &self,
+        ep: &Endpoint,
+        repo: &str,
+        access: Access,
+        requests: &AtomicU64,
+        req: &Request,
+        url: &Url,
+    ) -> Result<(reqwest::Response, bool), RegistryError> {
+        let slot = self.slot(ep, repo, access);
+        let mut refreshed = false;
+        for _ in 0..4 {
+            let (auth, generation) = self.current_auth(ep, repo, access, &slot).await?;
+            let (resp, foreign) = self.send(requests, req, url, auth.as_deref()).await?;
+            if resp.status() == StatusCode::UNAUTHORIZED && !foreign {
+                let challenges = parse_challenges(
+                    resp.headers()
+                        .get_all(header::WWW_AUTHENTICATE)
+                        .iter()
+                        .filter_map(|v| v.to_str().ok()),
+                );
+                let mut s = slot.lock().await;
+                if s.generation != generation {
+                    continue; // Someone else authenticated meanwhile: try theirs.
+                }
+                if refreshed {
+                    return Err(RegistryError::Denied(format!(
+                        "{} {}: HTTP 401 Unauthorized even after authenticating \
+                         (credentials for {} from {})",
+                        req.verb(),
+                        redact(url),
+                        ep.cred_host,
+                        self.config_name()
+                    )));
+                }
+                let challenge = challenges
+                    .iter()
+                    .find(|c| matches!(c, Challenge::Bearer { .. }))
+                    .or(challenges.first())
+                    .cloned()
+                    .ok_or_else(|| {
+                        RegistryError::Denied(format!(
+                            "{} {}: HTTP 401 without a Bearer or Basic challenge",
+                            req.verb(),
+                            redact(url)
+                        ))
+                    })?;
+                self.authenticate(ep, repo, access, &challenge, &mut s)
+                    .await?;
+                refreshed = true;
+                continue;
+            }
+            return Ok((resp, foreign));
+        }
+        Err(RegistryError::Denied(format!(
+            "{} {}: authentication did not settle",
+            req.verb(),
+            redact(url)
+        )))
     }
 }

@@ -54,15 +54,22 @@ impl RemoteBlob {
         image_ref: &str,
         digest: &str,
         size: u64,
-    ) -> anyhow::Result<RemoteBlob> {
+    ) -> Result<RemoteBlob, RegistryError> {
         // The same parse as `ovbd convert` / `rpull` (and its checks), registry references only.
-        let crate::oci::ImageRef::Registry(r) = crate::oci::ImageRef::parse(image_ref)? else {
-            anyhow::bail!("image reference {image_ref:?} is not a registry reference");
+        let r = match crate::oci::ImageRef::parse(image_ref) {
+            Ok(crate::oci::ImageRef::Registry(r)) => r,
+            Ok(_) => {
+                return Err(RegistryError::InvalidInput(format!(
+                    "image reference {image_ref:?} is not a registry reference"
+                )))
+            }
+            Err(e) => return Err(RegistryError::InvalidInput(format!("{e:#}"))),
         };
-        anyhow::ensure!(
-            valid_digest(digest),
-            "blob digest {digest:?}: want sha256:<64 hex digits> (or sha512)"
-        );
+        if !valid_digest(digest) {
+            return Err(RegistryError::InvalidInput(format!(
+                "blob digest {digest:?}: want sha256:<64 hex digits> (or sha512)"
+            )));
+        }
         let endpoints = registry.endpoints(r.registry())?;
         Ok(RemoteBlob {
             t: Arc::new(Target {
@@ -131,8 +138,25 @@ impl RemoteBlob {
             .run(timeout + Duration::from_secs(10), async move {
                 let deadline = Instant::now() + timeout;
                 let mut tasks = Vec::with_capacity(pieces.len());
-                for &(i, off, n) in &pieces {
-                    let fut = inner.clone().fetch(t.clone(), off, n, deadline);
+                for &(i, offset, len) in &pieces {
+                    let (inner, t) = (inner.clone(), t.clone());
+                    let fut = async move {
+                        let what = format!(
+                            "registry blob {} bytes {offset}..{}",
+                            t.name,
+                            offset + len as u64
+                        );
+                        let mut op = RangeRead {
+                            t: &t,
+                            offset,
+                            len,
+                            out: Vec::with_capacity(len),
+                        };
+                        inner
+                            .attempt(&what, &t.endpoints, Deadline::At(deadline), &mut op)
+                            .await?;
+                        Ok::<_, io::Error>(op.out)
+                    };
                     tasks.push((i, AbortOnDrop(tokio::spawn(fut))));
                 }
                 let mut out: Vec<Vec<u8>> = lens.iter().map(|&l| Vec::with_capacity(l)).collect();
@@ -148,7 +172,7 @@ impl RemoteBlob {
 }
 
 /// Aborts a spawned request when the read that wanted it gave up (another piece failed).
-pub(super) struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+pub(super) struct AbortOnDrop<T>(pub(super) tokio::task::JoinHandle<T>);
 
 impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {

@@ -2,55 +2,129 @@
 
 use super::*;
 
-// ---------------------------------------------------------------------------------- failures
-
-/// Why one request failed, and whether to try again.
+/// Why a registry operation failed, classified for callers: whether to try again later
+/// ([`RegistryError::is_transient`]: the snapshotter answers `Unavailable`), or what is wrong.
 #[derive(Debug, Clone, thiserror::Error)]
-pub(super) enum Failure {
-    /// Worth retrying (5xx, 429, resets, truncation, stalls, timeouts).
+pub enum RegistryError {
+    /// Worth retrying: 5xx, 408, 429, connection errors and resets, truncated bodies, stalls.
     #[error("{msg}")]
     Transient {
         msg: String,
         retry_after: Option<Duration>,
     },
-    /// Retrying will not help (404, 403, auth, protocol violations).
+    /// The operation's deadline passed (after retries): try again later.
+    #[error("{0}")]
+    TimedOut(String),
+    /// No such manifest, blob or repository (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// Authentication failed or access was refused (401 after authenticating, 403, a token
+    /// server's refusal, unusable credentials).
+    #[error("{0}")]
+    Denied(String),
+    /// The host policy refused the request before it was sent (`allow_hosts`, plain http,
+    /// https to http).
+    #[error("{0}")]
+    Refused(String),
+    /// The registry answered something unusable: a protocol violation, a digest or size that
+    /// does not match, an oversized response, a certificate nobody trusts.
+    #[error("{0}")]
+    InvalidResponse(String),
+    /// The request is wrong: a bad reference, digest, range or configuration.
+    #[error("{0}")]
+    InvalidInput(String),
+    /// A local file (a blob being downloaded or uploaded) could not be read or written.
     #[error("{msg}")]
-    Permanent { kind: io::ErrorKind, msg: String },
+    Local { kind: io::ErrorKind, msg: String },
 }
 
-impl Failure {
-    pub(super) fn transient(msg: impl Into<String>) -> Failure {
-        Failure::Transient {
+impl RegistryError {
+    pub(crate) fn transient(msg: impl Into<String>) -> RegistryError {
+        RegistryError::Transient {
             msg: msg.into(),
             retry_after: None,
         }
     }
-    pub(super) fn permanent(kind: io::ErrorKind, msg: impl Into<String>) -> Failure {
-        Failure::Permanent {
-            kind,
-            msg: msg.into(),
+
+    pub(crate) fn local(msg: impl fmt::Display, e: &io::Error) -> RegistryError {
+        RegistryError::Local {
+            kind: e.kind(),
+            msg: format!("{msg}: {e}"),
         }
     }
-    pub(super) fn is_permanent(&self) -> bool {
-        matches!(self, Failure::Permanent { .. })
+
+    /// Whether trying again later may succeed (a transient fault or a deadline passed).
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            RegistryError::Transient { .. } | RegistryError::TimedOut(_)
+        )
     }
-    pub(super) fn kind(&self) -> io::ErrorKind {
+
+    /// The `io::ErrorKind` of a block read that failed this way.
+    pub fn kind(&self) -> io::ErrorKind {
         match self {
-            Failure::Transient { .. } => io::ErrorKind::Other,
-            Failure::Permanent { kind, .. } => *kind,
+            RegistryError::Transient { .. } => io::ErrorKind::Other,
+            RegistryError::TimedOut(_) => io::ErrorKind::TimedOut,
+            RegistryError::NotFound(_) => io::ErrorKind::NotFound,
+            RegistryError::Denied(_) | RegistryError::Refused(_) => io::ErrorKind::PermissionDenied,
+            RegistryError::InvalidResponse(_) => io::ErrorKind::InvalidData,
+            RegistryError::InvalidInput(_) => io::ErrorKind::InvalidInput,
+            RegistryError::Local { kind, .. } => *kind,
         }
     }
-    pub(super) fn retry_after(&self) -> Option<Duration> {
+
+    pub(crate) fn retry_after(&self) -> Option<Duration> {
         match self {
-            Failure::Transient { retry_after, .. } => *retry_after,
-            Failure::Permanent { .. } => None,
+            RegistryError::Transient { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// The same failure, its message prefixed with `what` (`what: message`).
+    pub(crate) fn context(self, what: impl fmt::Display) -> RegistryError {
+        self.map_msg(|m| format!("{what}: {m}"))
+    }
+
+    /// The same kind of failure with another message.
+    pub(crate) fn map_msg(self, f: impl FnOnce(String) -> String) -> RegistryError {
+        use RegistryError as E;
+        match self {
+            E::Transient { msg, retry_after } => E::Transient {
+                msg: f(msg),
+                retry_after,
+            },
+            E::TimedOut(m) => E::TimedOut(f(m)),
+            E::NotFound(m) => E::NotFound(f(m)),
+            E::Denied(m) => E::Denied(f(m)),
+            E::Refused(m) => E::Refused(f(m)),
+            E::InvalidResponse(m) => E::InvalidResponse(f(m)),
+            E::InvalidInput(m) => E::InvalidInput(f(m)),
+            E::Local { kind, msg } => E::Local { kind, msg: f(msg) },
         }
     }
 }
 
+/// An `io::Error` of the same kind whose payload is the `RegistryError` (callers may
+/// downcast it to classify).
+impl From<RegistryError> for io::Error {
+    fn from(e: RegistryError) -> io::Error {
+        io::Error::new(e.kind(), e)
+    }
+}
+
+/// The `RegistryError` inside an error chain (an `io::Error` payload or an anyhow context), if
+/// there is one.
+#[allow(dead_code)] // API for the snapshotter's classification
+pub fn find_registry_error<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a RegistryError> {
+    find_in_chain::<RegistryError>(e)
+}
+
 /// A request error from reqwest: the connection, a timeout, the body. All worth retrying
 /// except a request we could not even build.
-pub(super) fn http_failure(what: &str, e: reqwest::Error) -> Failure {
+pub(super) fn http_failure(what: &str, e: reqwest::Error) -> RegistryError {
     // Its URL may be a presigned one: `what` names it, redacted.
     let e = e.without_url();
     // The chain carries the cause (connection refused, reset by peer, ...).
@@ -61,18 +135,15 @@ pub(super) fn http_failure(what: &str, e: reqwest::Error) -> Failure {
         src = s.source();
     }
     if e.is_builder() {
-        Failure::permanent(io::ErrorKind::InvalidInput, msg)
+        RegistryError::InvalidInput(msg)
     } else if let Some(refused) = find_in_chain::<RefusedAddress>(&e) {
         // Our resolver refused the host's addresses: the same next time.
-        Failure::permanent(
-            io::ErrorKind::PermissionDenied,
-            format!("{what}: {refused}"),
-        )
+        RegistryError::Refused(format!("{what}: {refused}"))
     } else if is_certificate_error(&e) {
         // The same certificate next time: retrying will not help.
-        Failure::permanent(io::ErrorKind::InvalidData, msg)
+        RegistryError::InvalidResponse(msg)
     } else {
-        Failure::transient(msg)
+        RegistryError::transient(msg)
     }
 }
 

@@ -1,4 +1,9 @@
-//! Registry blobs read by HTTP Range GETs: the data source of lazily pulled layers.
+//! ovbd's one registry client: blobs read by HTTP Range GETs (the data source of lazily pulled
+//! layers, [`RemoteBlob`]), and the pulls and pushes of `ovbd convert` and `ovbd rpull`
+//! (manifests by tag or digest, whole blobs streamed with their digest checked, HEAD / upload /
+//! manifest PUT: `image.rs`, `push.rs`), all through the endpoints, proxy, host policy, auth,
+//! retries and deadlines below (a push goes to the registry itself, not its mirrors, with
+//! tokens of scope `repository:NAME:pull,push`).
 //!
 //! [`Registry`] is shared by every blob: one HTTP client (reqwest, rustls with the ring provider
 //! and the platform's trust roots), the bearer tokens per (endpoint, repository), the
@@ -48,14 +53,16 @@
 //! exponential backoff (100 ms doubling to 3 s, jittered; `Retry-After` honoured), at most
 //! `retries` times and never past the read's deadline (`timeout_secs`). A mirror that fails is
 //! skipped for the next endpoint. 404, 403, 416, auth failures and protocol violations from the
-//! host itself fail at once. Every failure is an `io::Error` naming host, repository, digest and
-//! range; a read never hangs (the deadline bounds it, and a guard on the caller's wait as well).
+//! host itself fail at once. Every failure is a [`RegistryError`] naming host, repository,
+//! digest and range, classified (transient, not found, denied, refused by the host policy,
+//! invalid response, invalid input); a read's `io::Error` carries it. A whole-blob transfer is
+//! bounded by its stall timeouts rather than a deadline, and resumes after the bytes received
+//! (`Range: bytes=N-`). A read never hangs (the deadline bounds it, and a guard on the caller's wait as well).
 //! Errors and log lines name URLs without their query and userinfo (a presigned redirect
 //! carries its signature in the query).
 
 use crate::config::RegistryConfig;
-use crate::oci::{normalize_registry_host, registry_auth, RegistryOptions};
-use oci_client::secrets::RegistryAuth;
+use crate::oci::{registry_auth, RegistryAuth, RegistryOptions};
 use reqwest::header::{self, HeaderMap};
 use reqwest::{StatusCode, Url};
 use std::collections::HashMap;
@@ -73,7 +80,9 @@ mod blob;
 mod error;
 mod fetch;
 mod host;
+mod image;
 mod policy;
+mod push;
 #[cfg(test)]
 mod tests;
 
@@ -82,10 +91,15 @@ use auth::*;
 pub(crate) use blob::valid_digest;
 pub use blob::RemoteBlob;
 use blob::*;
+pub use error::RegistryError;
 use error::*;
+use fetch::*;
 pub(crate) use fetch::{parse_content_range, retry_after};
 use host::*;
+pub(crate) use host::{normalize_registry_host, registry_api_host};
+use image::*;
 use policy::*;
+pub use push::Upload;
 
 /// Redirect hops followed for one request.
 pub const MAX_REDIRECTS: usize = 5;
@@ -99,6 +113,8 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(3);
 /// A token is refreshed this long before the `expires_in` the token server gave.
 const TOKEN_MARGIN: Duration = Duration::from_secs(10);
+/// Chunks of a file streamed as a request body.
+const COPY_CHUNK: usize = 1 << 20;
 /// Largest token response read.
 const MAX_TOKEN_RESPONSE: usize = 1 << 20;
 
@@ -112,8 +128,8 @@ pub struct Registry {
     inner: Arc<Inner>,
 }
 
-/// Auth state by (endpoint base URL, repository).
-type AuthSlots = HashMap<(String, String), Arc<tokio::sync::Mutex<AuthSlot>>>;
+/// Auth state by (endpoint base URL, repository, access).
+type AuthSlots = HashMap<(String, String, Access), Arc<tokio::sync::Mutex<AuthSlot>>>;
 
 struct Inner {
     /// For hosts that are not allowed: their names may not resolve to forbidden addresses.
@@ -146,7 +162,7 @@ impl fmt::Debug for Registry {
 }
 
 impl Registry {
-    pub fn new(cfg: &RegistryConfig) -> anyhow::Result<Arc<Registry>> {
+    pub fn new(cfg: &RegistryConfig) -> Result<Arc<Registry>, RegistryError> {
         Self::with_roots(cfg, Vec::new())
     }
 
@@ -155,23 +171,25 @@ impl Registry {
     fn with_roots(
         cfg: &RegistryConfig,
         roots: Vec<reqwest::Certificate>,
-    ) -> anyhow::Result<Arc<Registry>> {
-        use anyhow::Context as _;
-        cfg.validate()?;
-        // reqwest is built without a default rustls provider; ring is ours. An error only says
-        // a provider is installed already.
-        let _ = rustls::crypto::ring::default_provider().install_default();
+    ) -> Result<Arc<Registry>, RegistryError> {
+        let bad = |e: String| RegistryError::InvalidInput(e);
+        cfg.validate().map_err(|e| bad(format!("{e:#}")))?;
+        install_crypto_provider();
         let opts = RegistryOptions {
-            plain_http: false,
             insecure: cfg.insecure.clone(),
             docker_config: cfg.docker_config.clone(),
+            ..Default::default()
         };
         let mut mirrors = Vec::new();
         for m in &cfg.mirrors {
             let mut urls = Vec::new();
             for s in &m.mirrors {
-                urls.push(mirror_url(s, &opts).with_context(|| {
-                    format!("[registry] mirror {:?} of {}", redact_str(s), m.host)
+                urls.push(mirror_url(s, &cfg.insecure).map_err(|e| {
+                    bad(format!(
+                        "[registry] mirror {:?} of {}: {e}",
+                        redact_str(s),
+                        m.host
+                    ))
                 })?);
             }
             mirrors.push((normalize_registry_host(&m.host), urls));
@@ -181,42 +199,44 @@ impl Registry {
             .thread_name("ovbd-registry")
             .enable_all()
             .build()
-            .context("starting the registry client's runtime")?;
+            .map_err(|e| RegistryError::local("starting the registry client's runtime", &e))?;
         let handle = rt.handle().clone();
         let policy = HostPolicy::new(cfg, &mirrors)?;
         let proxy_host =
             match &cfg.proxy {
                 Some(p) => Some(Url::parse(p).ok().and_then(|u| url_host(&u)).ok_or_else(
-                    || anyhow::anyhow!("[registry] proxy {p:?}: not a URL with a host"),
+                    || bad(format!("[registry] proxy {p:?}: not a URL with a host")),
                 )?),
                 None => None,
             };
         // Two clients: requests to allowed hosts resolve names as they are; the others through
         // a resolver that drops forbidden addresses. (The pools are per host anyway.)
-        let make_client = |resolver: Option<PublicResolver>| -> anyhow::Result<reqwest::Client> {
-            let _enter = rt.enter();
-            let mut b = reqwest::Client::builder()
-                .redirect(reqwest::redirect::Policy::none())
-                .connect_timeout(Duration::from_secs_f64(cfg.connect_timeout_secs))
-                .pool_idle_timeout(Duration::from_secs(60))
-                .pool_max_idle_per_host(MAX_CONCURRENT_REQUESTS)
-                .tcp_nodelay(true)
-                .user_agent(concat!("ovbd/", env!("CARGO_PKG_VERSION")));
-            b = match &cfg.proxy {
-                Some(p) => b.proxy(
-                    reqwest::Proxy::all(p.as_str())
-                        .with_context(|| format!("[registry] proxy {p:?}"))?,
-                ),
-                None => b.no_proxy(),
+        let make_client =
+            |resolver: Option<PublicResolver>| -> Result<reqwest::Client, RegistryError> {
+                let _enter = rt.enter();
+                let mut b = reqwest::Client::builder()
+                    .redirect(reqwest::redirect::Policy::none())
+                    .connect_timeout(Duration::from_secs_f64(cfg.connect_timeout_secs))
+                    .pool_idle_timeout(Duration::from_secs(60))
+                    .pool_max_idle_per_host(MAX_CONCURRENT_REQUESTS)
+                    .tcp_nodelay(true)
+                    .user_agent(concat!("ovbd/", env!("CARGO_PKG_VERSION")));
+                b = match &cfg.proxy {
+                    Some(p) => b.proxy(
+                        reqwest::Proxy::all(p.as_str())
+                            .map_err(|e| bad(format!("[registry] proxy {p:?}: {e}")))?,
+                    ),
+                    None => b.no_proxy(),
+                };
+                if let Some(r) = resolver {
+                    b = b.dns_resolver(r);
+                }
+                if !roots.is_empty() {
+                    b = b.tls_certs_only(roots.clone());
+                }
+                b.build()
+                    .map_err(|e| bad(format!("making the registry HTTP client: {e}")))
             };
-            if let Some(r) = resolver {
-                b = b.dns_resolver(r);
-            }
-            if !roots.is_empty() {
-                b = b.tls_certs_only(roots.clone());
-            }
-            b.build().context("making the registry HTTP client")
-        };
         let client = make_client(Some(PublicResolver {
             // The proxy is root's choice, wherever it is.
             trusted: match &proxy_host {
@@ -251,6 +271,18 @@ impl Registry {
         self.inner.token_requests.load(Relaxed)
     }
 
+    /// Runs `fut` on the registry's runtime (where its connections live) and waits for it from
+    /// any runtime; dropping the wait aborts it.
+    async fn spawned<T: Send + 'static>(
+        &self,
+        fut: impl Future<Output = Result<T, RegistryError>> + Send + 'static,
+    ) -> Result<T, RegistryError> {
+        let mut task = AbortOnDrop(self.handle.spawn(fut));
+        (&mut task.0)
+            .await
+            .map_err(|e| RegistryError::transient(format!("registry request task: {e}")))?
+    }
+
     /// Runs `fut` on the registry's runtime and waits for it on this (plain) thread, at most
     /// `guard` (a backstop: the futures have deadlines of their own).
     fn run<T: Send + 'static>(
@@ -276,6 +308,12 @@ impl Registry {
             )),
         }
     }
+}
+
+/// Installs ring as the process's rustls crypto provider (reqwest is built without a default
+/// one); the only place that does. An error only says one is installed already.
+pub(crate) fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 impl Drop for Registry {

@@ -136,7 +136,7 @@ pub(super) struct HostPattern {
 impl HostPattern {
     /// `host`, `host:port`, `[v6]`, `[v6]:port` or a bare IPv6 address; a scheme and a path
     /// are ignored (as in `insecure`).
-    pub(super) fn parse(s: &str) -> anyhow::Result<HostPattern> {
+    pub(super) fn parse(s: &str) -> Result<HostPattern, String> {
         let t = s.trim();
         let t = t
             .strip_prefix("https://")
@@ -148,11 +148,11 @@ impl HostPattern {
         } else if let Some(rest) = t.strip_prefix('[') {
             let (h, after) = rest
                 .split_once(']')
-                .ok_or_else(|| anyhow::anyhow!("{s:?}: no closing ]"))?;
+                .ok_or_else(|| format!("{s:?}: no closing ]"))?;
             match after.strip_prefix(':') {
                 Some(p) => (h, Some(p)),
                 None if after.is_empty() => (h, None),
-                None => anyhow::bail!("{s:?}: junk after ]"),
+                None => return Err(format!("{s:?}: junk after ]")),
             }
         } else {
             match t.rsplit_once(':') {
@@ -162,16 +162,16 @@ impl HostPattern {
         };
         let port = port
             .map(|p| p.parse::<u16>().ok().filter(|&n| n > 0))
-            .map(|p| p.ok_or_else(|| anyhow::anyhow!("{s:?}: not a port number")))
+            .map(|p| p.ok_or_else(|| format!("{s:?}: not a port number")))
             .transpose()?;
         let host = HostName::parse(host);
         if let HostName::Name(n) = &host {
-            anyhow::ensure!(
-                !n.is_empty()
-                    && n.bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_')),
-                "{s:?}: not a host name or IP address"
-            );
+            let ok = !n.is_empty()
+                && n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+            if !ok {
+                return Err(format!("{s:?}: not a host name or IP address"));
+            }
         }
         Ok(HostPattern { host, port })
     }
@@ -224,15 +224,18 @@ impl reqwest::dns::Resolve for PublicResolver {
 }
 
 /// What the refusal of a host says to do about it.
-pub(super) const ALLOW_HINT: &str =
-    "lazily pulled layers reach loopback, link-local, private and cloud \
-                          metadata addresses only on hosts listed in [registry] allow_hosts";
+pub(super) const ALLOW_HINT: &str = "registries, redirect targets and token servers at \
+    loopback, link-local, private and cloud metadata addresses are reached only when \
+    [registry] allow_hosts lists them (ovbd convert and rpull: or the reference names them)";
 
 /// Which hosts requests may go to, and over what (see the module doc).
 #[derive(Debug, Default)]
 pub(super) struct HostPolicy {
     /// `allow_hosts`, `insecure` and the mirrors' hosts.
     pub(super) allowed: Vec<HostPattern>,
+    /// The registries an operator named (`ovbd convert` / `rpull` references: trusted as if
+    /// listed in `allow_hosts`, every port); never filled by the daemon.
+    pub(super) named: std::sync::RwLock<Vec<HostPattern>>,
     /// `insecure`, normalised as [`normalize_registry_host`] does.
     pub(super) insecure: Vec<String>,
     /// `(host, port)` of the mirrors configured `http://`.
@@ -246,27 +249,27 @@ impl HostPolicy {
     pub(super) fn new(
         cfg: &RegistryConfig,
         mirrors: &[(String, Vec<Url>)],
-    ) -> anyhow::Result<HostPolicy> {
+    ) -> Result<HostPolicy, RegistryError> {
         let mut p = HostPolicy::default();
         for (key, list) in [
             ("allow_hosts", &cfg.allow_hosts),
             ("insecure", &cfg.insecure),
         ] {
             for s in list {
-                p.allowed.push(
-                    HostPattern::parse(s)
-                        .map_err(|e| anyhow::anyhow!("[registry] {key} entry {e}"))?,
-                );
+                p.allowed.push(HostPattern::parse(s).map_err(|e| {
+                    RegistryError::InvalidInput(format!("[registry] {key} entry {e}"))
+                })?);
             }
         }
         for (reg, realm) in BUILTIN_AUTH_REALMS {
-            p.auth_realms
-                .push((reg.to_string(), HostPattern::parse(realm)?));
+            let pattern = HostPattern::parse(realm).map_err(RegistryError::InvalidInput)?;
+            p.auth_realms.push((reg.to_string(), pattern));
         }
         for (reg, realms) in &cfg.auth_realms {
             for r in realms {
-                let pattern = HostPattern::parse(r)
-                    .map_err(|e| anyhow::anyhow!("[registry.auth_realms] {reg:?}: {e}"))?;
+                let pattern = HostPattern::parse(r).map_err(|e| {
+                    RegistryError::InvalidInput(format!("[registry.auth_realms] {reg:?}: {e}"))
+                })?;
                 p.auth_realms.push((normalize_registry_host(reg), pattern));
             }
         }
@@ -293,7 +296,15 @@ impl HostPolicy {
     /// Whether the configuration lists `u`'s host (and port).
     pub(super) fn allows(&self, u: &Url) -> bool {
         match (url_host(u), u.port_or_known_default()) {
-            (Some(h), Some(port)) => self.allowed.iter().any(|a| a.matches(&h, port)),
+            (Some(h), Some(port)) => {
+                self.allowed.iter().any(|a| a.matches(&h, port))
+                    || self
+                        .named
+                        .read()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .iter()
+                        .any(|a| a.matches(&h, port))
+            }
             _ => false,
         }
     }

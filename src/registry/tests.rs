@@ -88,6 +88,45 @@ fn registry_parses_www_authenticate() {
     assert_eq!(parse_content_range("items 0-1/2"), None);
 }
 
+/// Registries named without a scheme (bare mirrors): plain http for loopback hosts (as docker
+/// does) and `insecure` ones.
+#[test]
+fn registry_plain_http_hosts() {
+    let insecure = ["reg.lan:5000".to_owned(), "http://other.lan/".to_owned()];
+    for (host, plain) in [
+        ("127.0.0.1:5000", true),
+        ("127.1.2.3", true),
+        ("localhost:5000", true),
+        ("LOCALHOST", true),
+        ("[::1]:5000", true),
+        ("reg.lan:5000", true),
+        ("reg.lan:5001", false),
+        ("other.lan", true),
+        ("docker.io", false),
+        ("10.0.0.1:5000", false),
+    ] {
+        assert_eq!(plain_http_by_default(host, &insecure), plain, "{host}");
+    }
+    for (host, want) in [
+        ("docker.io", "registry-1.docker.io"),
+        ("index.docker.io", "registry-1.docker.io"),
+        ("Registry.Hub.Docker.com", "registry-1.docker.io"),
+        ("registry-1.docker.io", "registry-1.docker.io"),
+        ("Reg.Local:5000", "reg.local:5000"),
+        ("127.0.0.1:5000", "127.0.0.1:5000"),
+    ] {
+        assert_eq!(registry_api_host(host), want, "{host}");
+    }
+    for (key, want) in [
+        ("https://index.docker.io/v1/", "docker.io"),
+        ("registry-1.docker.io", "docker.io"),
+        ("http://Reg.Lan:5000/v2/", "reg.lan:5000"),
+        ("127.0.0.1:5000", "127.0.0.1:5000"),
+    ] {
+        assert_eq!(normalize_registry_host(key), want, "{key}");
+    }
+}
+
 #[test]
 fn registry_endpoints_hosts_schemes_mirrors() {
     let reg = Registry::new(&RegistryConfig {
@@ -284,7 +323,7 @@ fn registry_https_untrusted_certificate() {
         .block_on(async move { inner.client.get(url).send().await })
         .unwrap_err();
     let f = http_failure("GET", e);
-    assert!(f.is_permanent(), "{f}");
+    assert!(matches!(f, RegistryError::InvalidResponse(_)), "{f}");
     assert!(
         f.to_string().to_ascii_lowercase().contains("certificate"),
         "{f}"
@@ -1020,7 +1059,7 @@ fn registry_resolver_drops_forbidden_addresses() {
         .block_on(async move { inner.client.get(u).send().await })
         .unwrap_err();
     let f = http_failure("GET", e);
-    assert!(f.is_permanent(), "{f}");
+    assert!(matches!(f, RegistryError::Refused(_)), "{f}");
     assert_eq!(f.kind(), io::ErrorKind::PermissionDenied, "{f}");
     assert!(f.to_string().contains("resolves to 127.0.0.1"), "{f}");
     let inner = registry.inner.clone();
