@@ -258,9 +258,10 @@ impl Inner {
         }
     }
 
-    /// Runs `op` on `endpoints` in order (a mirror that fails is skipped for the next one),
-    /// round after round with backoff while its failures are transient, at most `retries`
-    /// times and within `deadline`. Errors are prefixed with `what`.
+    /// Runs `op` on `endpoints` in order (a mirror that fails is skipped for the next one, and
+    /// left out of later rounds if it failed for good), round after round with backoff while
+    /// the failures are transient, at most `retries` times and within `deadline`. Errors are
+    /// prefixed with `what`.
     pub(super) async fn attempt<A: Attempt>(
         &self,
         what: &str,
@@ -279,6 +280,7 @@ impl Inner {
         let mut prev: Vec<(String, RegistryError)> = Vec::new();
         let mut attempt = 0u32;
         let mut moved = op.moved();
+        let mut dropped = vec![false; endpoints.len()];
         let describe = |round: &[(String, RegistryError)], prev: &[(String, RegistryError)]| {
             let errs = if round.is_empty() { prev } else { round };
             if errs.is_empty() {
@@ -294,7 +296,10 @@ impl Inner {
             if !round.is_empty() {
                 prev = std::mem::take(&mut round);
             }
-            for ep in endpoints {
+            for (i, ep) in endpoints.iter().enumerate() {
+                if dropped[i] {
+                    continue;
+                }
                 let limit = self.limit(ep);
                 let _permit = match tokio::time::timeout_at(until, limit.acquire_owned()).await {
                     Ok(Ok(p)) => p,
@@ -344,6 +349,8 @@ impl Inner {
                         if permanent && !ep.is_mirror {
                             return Err(fail(e.map_msg(|_| describe(&round, &prev))));
                         }
+                        // A mirror that cannot serve this (404, a bad copy) is not asked again.
+                        dropped[i] = permanent;
                     }
                 }
             }

@@ -81,6 +81,8 @@ mod error;
 mod fetch;
 mod host;
 mod image;
+#[cfg(test)]
+mod image_tests;
 mod policy;
 mod push;
 #[cfg(test)]
