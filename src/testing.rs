@@ -483,6 +483,7 @@ impl Front {
         r
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn answer(
         &self,
         conn: &mut TcpStream,
