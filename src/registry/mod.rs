@@ -84,6 +84,8 @@ mod image;
 #[cfg(test)]
 mod image_tests;
 mod policy;
+#[cfg(test)]
+mod policy_tests;
 mod push;
 #[cfg(test)]
 mod tests;
