@@ -327,3 +327,102 @@ fn blob_downloads_are_resumed_and_checked() {
         "{e}"
     );
 }
+
+/// A push asks the token server for `repository:NAME:pull,push`, a pull for `pull` only; the
+/// registry itself sees only the tokens.
+#[test]
+fn push_tokens_have_the_push_scope() {
+    let reg = start_registry("");
+    let front = Front::start(
+        &reg.addr,
+        Some(FrontAuth::Bearer {
+            uses: 1000,
+            basic: None,
+        }),
+    );
+    let io = ImageIo::new(RegistryOptions::default()).unwrap();
+    let src = ImageRef::parse(&format!("oci:{FIXTURE}:amd64")).unwrap();
+    let img = io.resolve(&src, &Platform::default()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let layers: Vec<crate::oci::LayerFile> = img
+        .layers
+        .iter()
+        .map(|l| {
+            let path = tmp.path().join(l.digest().digest());
+            io.fetch_blob(&src, l, &path).unwrap();
+            crate::oci::LayerFile {
+                descriptor: l.clone(),
+                path,
+            }
+        })
+        .collect();
+    let dst = ImageRef::parse(&format!("{}/app/hello:v1", front.addr)).unwrap();
+    let write = crate::oci::ImageToWrite {
+        layers: &layers,
+        config: &img.config_raw,
+        manifest: &img.manifest_raw,
+        manifest_media_type: &img.manifest_media_type,
+    };
+    io.write_image(&dst, &write).unwrap();
+    let pushed: Vec<String> = front.token_scopes.lock().unwrap().drain(..).collect();
+    let decoded: Vec<String> = pushed.iter().map(|s| s.replace("%2C", ",")).collect();
+    assert!(!decoded.is_empty(), "no token asked for");
+    assert!(
+        decoded
+            .iter()
+            .all(|s| s == "repository:app/hello:pull,push"),
+        "{decoded:?}"
+    );
+    let back = io.resolve(&dst, &Platform::default()).unwrap();
+    assert_eq!(back.manifest_digest.to_string(), AMD64);
+    let pulled: Vec<String> = front.token_scopes.lock().unwrap().clone();
+    assert!(
+        !pulled.is_empty() && pulled.iter().all(|s| s == "repository:app/hello:pull"),
+        "{pulled:?}"
+    );
+    for s in front.seen.lock().unwrap().iter() {
+        if let Some(a) = &s.authorization {
+            assert!(
+                a.starts_with("Bearer tok-"),
+                "{} {}: {a}",
+                s.method,
+                s.target
+            );
+        }
+    }
+}
+
+/// Each class of failure, as callers see it: transient or not, its `io::ErrorKind`, and an
+/// `io::Error` that carries it.
+#[test]
+fn registry_errors_classify() {
+    use RegistryError as E;
+    let m = || "m".to_owned();
+    for (e, transient, kind) in [
+        (E::transient("m"), true, io::ErrorKind::Other),
+        (E::TimedOut(m()), true, io::ErrorKind::TimedOut),
+        (E::NotFound(m()), false, io::ErrorKind::NotFound),
+        (E::Denied(m()), false, io::ErrorKind::PermissionDenied),
+        (E::Refused(m()), false, io::ErrorKind::PermissionDenied),
+        (E::InvalidResponse(m()), false, io::ErrorKind::InvalidData),
+        (E::InvalidInput(m()), false, io::ErrorKind::InvalidInput),
+        (
+            E::Local {
+                kind: io::ErrorKind::StorageFull,
+                msg: m(),
+            },
+            false,
+            io::ErrorKind::StorageFull,
+        ),
+    ] {
+        assert_eq!(e.is_transient(), transient, "{e:?}");
+        assert_eq!(e.kind(), kind, "{e:?}");
+        let ctx = e.clone().context("blob x");
+        assert_eq!(ctx.to_string(), "blob x: m");
+        assert_eq!(ctx.kind(), kind);
+        let io_err = io::Error::from(e.clone());
+        assert_eq!(io_err.kind(), kind);
+        let inner = find_registry_error(&io_err).expect("the RegistryError inside");
+        assert_eq!(inner.is_transient(), transient);
+    }
+}

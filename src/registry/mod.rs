@@ -52,12 +52,13 @@
 //! `stall_timeout_secs`) are retried, resuming after the bytes already received, with
 //! exponential backoff (100 ms doubling to 3 s, jittered; `Retry-After` honoured), at most
 //! `retries` times and never past the read's deadline (`timeout_secs`). A mirror that fails is
-//! skipped for the next endpoint. 404, 403, 416, auth failures and protocol violations from the
-//! host itself fail at once. Every failure is a [`RegistryError`] naming host, repository,
-//! digest and range, classified (transient, not found, denied, refused by the host policy,
-//! invalid response, invalid input); a read's `io::Error` carries it. A whole-blob transfer is
-//! bounded by its stall timeouts rather than a deadline, and resumes after the bytes received
-//! (`Range: bytes=N-`). A read never hangs (the deadline bounds it, and a guard on the caller's wait as well).
+//! skipped for the next endpoint (and left out of later rounds if it failed for good). 404,
+//! 403, 416, auth failures and protocol violations from the host itself fail at once. Every
+//! failure is a [`RegistryError`] naming host, repository, digest and range, classified
+//! (transient, not found, denied, refused by the host policy, invalid response, invalid
+//! input); a read's `io::Error` carries it. A whole-blob transfer is bounded by its stall
+//! timeouts rather than a deadline, and resumes after the bytes received (`Range: bytes=N-`).
+//! A read never hangs (the deadline bounds it, and a guard on the caller's wait as well).
 //! Errors and log lines name URLs without their query and userinfo (a presigned redirect
 //! carries its signature in the query).
 
