@@ -426,3 +426,45 @@ fn registry_errors_classify() {
         assert_eq!(inner.is_transient(), transient);
     }
 }
+
+/// An upload whose answer does not come (the body all sent) is abandoned after
+/// `timeout_secs` and made again in a new session.
+#[test]
+fn uploads_without_an_answer_are_retried() {
+    let reg = start_registry("");
+    let front = Front::start(&reg.addr, None);
+    let registry = Registry::new(&RegistryConfig {
+        timeout_secs: 1.0,
+        stall_timeout_secs: 0.5,
+        ..quick_config()
+    })
+    .unwrap();
+    registry.trust_named_registry(&front.addr).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("blob");
+    let data = random_bytes(2 << 20, 43);
+    std::fs::write(&path, &data).unwrap();
+    let digest = crate::oci::sha256_digest(&data).to_string();
+    let r = match ImageRef::parse(&format!("{}/up/blob", front.addr)).unwrap() {
+        ImageRef::Registry(r) => r,
+        _ => unreachable!(),
+    };
+    front.push_faults_for(
+        "PUT",
+        "/blobs/uploads/",
+        vec![Fault::StallHeaders(std::time::Duration::from_secs(4))],
+    );
+    let body = Upload::File {
+        path,
+        size: data.len() as u64,
+    };
+    registry
+        .handle
+        .block_on(registry.push_blob(&r, &digest, body))
+        .unwrap();
+    assert_eq!(front.targeted_left(), 0);
+    assert_eq!(count(&front, "POST", "/blobs/uploads/"), 2);
+    assert_eq!(count(&front, "PUT", "/blobs/uploads/"), 2);
+    let exists = registry.handle.block_on(registry.blob_exists(&r, &digest));
+    assert!(exists.unwrap());
+}
