@@ -351,8 +351,10 @@ pub(crate) enum FrontAuth {
 
 #[derive(Clone, Debug)]
 pub(crate) struct Seen {
+    pub(crate) method: String,
     pub(crate) target: String,
     pub(crate) authorization: Option<String>,
+    pub(crate) range: Option<String>,
 }
 
 /// An HTTP front on 127.0.0.1 for a test registry: forwards to it (one request per
@@ -363,6 +365,9 @@ pub(crate) struct Front {
     upstream: String,
     pub(crate) faults: Mutex<VecDeque<Fault>>,
     pub(crate) always: Mutex<Option<Fault>>,
+    /// Faults for other requests than blob GETs: (method, path part, queue); see
+    /// [`Front::push_faults_for`].
+    targeted: Mutex<Vec<(String, String, VecDeque<Fault>)>>,
     auth: Option<FrontAuth>,
     pub(crate) redirect: Mutex<Option<String>>,
     /// The token realm of the Bearer challenge, if not `http://ADDR/token`.
@@ -383,6 +388,7 @@ impl Front {
             upstream: upstream.to_owned(),
             faults: Mutex::new(VecDeque::new()),
             always: Mutex::new(None),
+            targeted: Mutex::new(Vec::new()),
             auth,
             redirect: Mutex::new(None),
             realm: Mutex::new(None),
@@ -444,9 +450,17 @@ impl Front {
         let method = parts.next().unwrap_or("").to_owned();
         let target = parts.next().unwrap_or("").to_owned();
         let authz = header("authorization");
+        // The request body (uploads), forwarded as it came.
+        let len: usize = header("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let mut body = vec![0u8; len];
+        reader.read_exact(&mut body)?;
         self.seen.lock().unwrap().push(Seen {
+            method: method.clone(),
             target: target.clone(),
             authorization: authz.clone(),
+            range: header("range"),
         });
         // Absolute form (we are someone's proxy): just the path.
         let path = match target.strip_prefix("http://") {
@@ -455,11 +469,21 @@ impl Front {
         };
         let now = self.inflight.fetch_add(1, SeqCst) + 1;
         self.max_inflight.fetch_max(now, SeqCst);
-        let r = self.answer(&mut conn, &method, &path, authz.as_deref(), &headers);
+        let proxied = target.starts_with("http://");
+        let r = self.answer(
+            &mut conn,
+            &method,
+            &path,
+            authz.as_deref(),
+            &headers,
+            &body,
+            proxied,
+        );
         self.inflight.fetch_sub(1, SeqCst);
         r
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn answer(
         &self,
         conn: &mut TcpStream,
@@ -467,6 +491,8 @@ impl Front {
         path: &str,
         authz: Option<&str>,
         headers: &[(String, String)],
+        request_body: &[u8],
+        proxied: bool,
     ) -> io::Result<()> {
         let respond = |conn: &mut TcpStream, status: &str, extra: &str, body: &[u8]| {
             write!(
@@ -541,12 +567,30 @@ impl Front {
                 return respond(conn, "307 Temporary Redirect", &extra, b"");
             }
         }
-        let fault = if is_blob_get {
+        let targeted = self.targeted_fault(method, route);
+        let fault = if targeted.is_some() {
+            targeted
+        } else if is_blob_get {
             let queued = self.faults.lock().unwrap().pop_front();
             queued.or_else(|| self.always.lock().unwrap().clone())
         } else {
             None
         };
+        // A request with no body to break in its answer breaks before it is forwarded.
+        if method != "GET" {
+            match fault {
+                Some(Fault::Reset) => {
+                    reset(conn);
+                    return Ok(());
+                }
+                Some(Fault::Truncate) => {
+                    conn.write_all(b"HTTP/1.1 20")?;
+                    let _ = conn.shutdown(std::net::Shutdown::Both);
+                    return Ok(());
+                }
+                _ => {}
+            }
+        }
         if let Some(Fault::Status(code)) = fault {
             let extra = if code == 429 || code == 503 {
                 "Retry-After: 0\r\n"
@@ -576,6 +620,7 @@ impl Front {
         }
         head.push_str("\r\n");
         up.write_all(head.as_bytes())?;
+        up.write_all(request_body)?;
         let mut resp = Vec::new();
         up.read_to_end(&mut resp)?;
         let split = resp
@@ -586,7 +631,12 @@ impl Front {
         let head = String::from_utf8_lossy(head);
         let mut new_head = String::new();
         for line in head.split("\r\n").filter(|l| !l.is_empty()) {
-            if !line.to_ascii_lowercase().starts_with("connection:") {
+            if !proxied && line.to_ascii_lowercase().starts_with("location:") {
+                // An upload's location stays on the front (its faults apply there too).
+                let upstream = format!("http://{}/", self.upstream);
+                new_head.push_str(&line.replace(&upstream, &format!("http://{}/", self.addr)));
+                new_head.push_str("\r\n");
+            } else if !line.to_ascii_lowercase().starts_with("connection:") {
                 new_head.push_str(line);
                 new_head.push_str("\r\n");
             }
@@ -894,5 +944,51 @@ impl OAuthRealm {
             body.len()
         )?;
         conn.flush()
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Registry pulls and pushes through `Front` (helper "oneclient"): faults for any request.
+
+impl Front {
+    /// Queues `faults` for the next `method` requests whose path contains `path_part`
+    /// (manifests, HEAD, upload POST/PUT; blob GETs too), before the blob-GET queue. For
+    /// requests other than GET, `Reset` and `Truncate` break the exchange before the request
+    /// is forwarded (nothing reaches the registry).
+    pub(crate) fn push_faults_for(
+        &self,
+        method: &str,
+        path_part: &str,
+        faults: impl IntoIterator<Item = Fault>,
+    ) {
+        let mut t = lock(&self.targeted);
+        match t.iter_mut().find(|(m, p, _)| m == method && p == path_part) {
+            Some((_, _, q)) => q.extend(faults),
+            None => t.push((
+                method.into(),
+                path_part.into(),
+                faults.into_iter().collect(),
+            )),
+        }
+    }
+
+    /// Targeted faults not used yet.
+    pub(crate) fn targeted_left(&self) -> usize {
+        lock(&self.targeted).iter().map(|(_, _, q)| q.len()).sum()
+    }
+
+    fn targeted_fault(&self, method: &str, route: &str) -> Option<Fault> {
+        let mut t = lock(&self.targeted);
+        t.iter_mut()
+            .find(|(m, p, q)| m == method && route.contains(p.as_str()) && !q.is_empty())
+            .and_then(|(_, _, q)| q.pop_front())
+    }
+
+    /// Requests seen as `(method, target)`.
+    pub(crate) fn requests(&self) -> Vec<(String, String)> {
+        lock(&self.seen)
+            .iter()
+            .map(|s| (s.method.clone(), s.target.clone()))
+            .collect()
     }
 }

@@ -269,3 +269,56 @@ fn vsize_options_are_bounded() {
     }
     assert!(!data.exists() && !index.exists());
 }
+
+/// `convert --config FILE` reaches registries as `ovbd serve` does: the file's `[registry]`
+/// mirrors are tried (here a dead one, named in the error), its values are checked, and a file
+/// that is not there is an error naming it.
+#[test]
+fn convert_takes_the_registry_section_of_config() {
+    let d = tempfile::tempdir().unwrap();
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let config = d.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[registry]\nretries = 0\ntimeout_secs = 5.0\nconnect_timeout_secs = 1.0\n\
+             [[registry.mirrors]]\nhost = \"registry.invalid\"\nmirrors = [\"http://{dead}\"]\n"
+        ),
+    )
+    .unwrap();
+    let dst = format!("oci:{}:obd", d.path().join("out").display());
+    let o = ovbd(&[
+        "convert",
+        "--config",
+        s(&config),
+        "registry.invalid/hello-world:v1",
+        &dst,
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("mirror http://{dead}")) && err.contains("hello-world:v1"),
+        "{err}"
+    );
+
+    std::fs::write(&config, "[registry]\ntimeout_secs = -1.0\n").unwrap();
+    let o = ovbd(&[
+        "convert",
+        "--config",
+        s(&config),
+        "registry.invalid/x:v1",
+        &dst,
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("[registry] timeout_secs"), "{err}");
+
+    let missing = d.path().join("missing.toml");
+    let o = ovbd(&["rpull", "--config", s(&missing), "registry.invalid/x:v1"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains(s(&missing)), "{err}");
+    assert!(!d.path().join("out").exists());
+}

@@ -54,6 +54,10 @@ enum Cmd {
         /// Registries spoken to over plain http (host[:port]); loopback ones always are.
         #[arg(long)]
         insecure: Vec<String>,
+        /// Reach registries as `ovbd serve` does: the [registry] section of this configuration
+        /// file (mirrors, proxy, allow_hosts, auth_realms, timeouts, retries); defaults without.
+        #[arg(long)]
+        config: Option<PathBuf>,
         /// Scratch directory (default $TMPDIR).
         #[arg(long)]
         workdir: Option<PathBuf>,
@@ -77,6 +81,10 @@ enum Cmd {
         /// Registries spoken to over plain http (host[:port]); loopback ones always are.
         #[arg(long)]
         insecure: Vec<String>,
+        /// Reach registries as `ovbd serve` does: the [registry] section of this configuration
+        /// file (mirrors, proxy, allow_hosts, auth_realms, timeouts, retries); defaults without.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Run the containerd snapshotter (proxy plugin) daemon.
     Serve {
@@ -262,6 +270,7 @@ fn run(cli: Cli) -> Result<()> {
             block_size,
             platform,
             insecure,
+            config,
             workdir,
             json,
         } => convert::run(
@@ -271,10 +280,7 @@ fn run(cli: Cli) -> Result<()> {
                 vsize: vsize << 30,
                 zfile: zopts(algo, block_size),
                 platform: platform.parse()?,
-                registry: oci::RegistryOptions {
-                    insecure,
-                    ..Default::default()
-                },
+                registry: registry_options(insecure, config.as_deref())?,
                 workdir,
             },
             json,
@@ -286,6 +292,7 @@ fn run(cli: Cli) -> Result<()> {
             snapshotter,
             platform,
             insecure,
+            config,
         } => rpull::run(
             &reference,
             rpull::RpullOptions {
@@ -293,10 +300,7 @@ fn run(cli: Cli) -> Result<()> {
                 namespace,
                 snapshotter,
                 platform: platform.parse()?,
-                registry: oci::RegistryOptions {
-                    insecure,
-                    ..Default::default()
-                },
+                registry: registry_options(insecure, config.as_deref())?,
             },
         ),
         Cmd::Serve { config } => {
@@ -309,4 +313,21 @@ fn run(cli: Cli) -> Result<()> {
             layer::export(&paths, &out)
         }
     }
+}
+
+/// How `convert` and `rpull` reach registries: `--insecure` hosts, and the `[registry]` section
+/// of the `--config` file (the same file as `ovbd serve`'s), defaults without one.
+fn registry_options(
+    insecure: Vec<String>,
+    config: Option<&std::path::Path>,
+) -> Result<oci::RegistryOptions> {
+    let config = match config {
+        Some(path) => config::Config::load(Some(path))?.registry,
+        None => config::RegistryConfig::default(),
+    };
+    Ok(oci::RegistryOptions {
+        insecure,
+        docker_config: None,
+        config,
+    })
 }

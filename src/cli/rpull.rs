@@ -9,7 +9,7 @@ use crate::labels::{
     SNAPSHOT_LABEL_PREFIX,
 };
 use crate::oci::digest::chain_ids;
-use crate::oci::{ImageClient, ImageRef, Platform, RegistryOptions};
+use crate::oci::{ImageClient, ImageRef, Platform, RegistryOptions, ResolvedImage};
 use anyhow::{anyhow, bail, Context, Result};
 use containerd_client::services::v1::snapshots::{
     snapshots_client::SnapshotsClient, PrepareSnapshotRequest, RemoveSnapshotRequest,
@@ -71,6 +71,48 @@ pub fn run(reference: &str, opts: RpullOptions) -> Result<()> {
 
 async fn rpull(reference: &str, opts: &RpullOptions) -> Result<()> {
     let t0 = Instant::now();
+    let (name, img, chain) = remote_image(reference, opts).await?;
+
+    let channel = containerd_client::connect(&opts.address)
+        .await
+        .with_context(|| format!("connecting to containerd at {}", opts.address.display()))?;
+    let mut ctx = Ctx {
+        namespace: opts.namespace.clone(),
+        lease: None,
+    };
+    // A lease keeps what we write from containerd's GC until the image record holds it.
+    let lease_id = format!(
+        "ovbd-rpull-{}-{}",
+        std::process::id(),
+        t0.elapsed().as_nanos()
+    );
+    let mut leases = LeasesClient::new(channel.clone());
+    leases
+        .create(ctx.req(CreateLeaseRequest {
+            id: lease_id.clone(),
+            labels: HashMap::from([("containerd.io/gc.expire".to_string(), rfc3339_in(3600))]),
+        })?)
+        .await
+        .context("creating a containerd lease")?;
+    ctx.lease = Some(lease_id.clone());
+    let done = store_and_unpack(&channel, &ctx, reference, &name, &img, &chain, opts, t0).await;
+    ctx.lease = None;
+    let _ = leases
+        .delete(ctx.req(DeleteLeaseRequest {
+            id: lease_id,
+            sync: false,
+        })?)
+        .await;
+    done
+}
+
+/// The registry part of a lazy pull: `reference` resolved for the platform (manifest and
+/// config through the registry client: mirrors, proxy, retries), its layers checked to be
+/// OverlayBD layers. Returns the reference's full name, the image and its chain IDs.
+async fn remote_image(
+    reference: &str,
+    opts: &RpullOptions,
+) -> Result<(String, ResolvedImage, Vec<String>)> {
     let r = ImageRef::parse(reference)?;
     let ImageRef::Registry(reg) = &r else {
         bail!("rpull needs a registry reference, not {reference}");
@@ -112,38 +154,7 @@ async fn rpull(reference: &str, opts: &RpullOptions) -> Result<()> {
         }
     }
     let chain = chain_ids(&diff_ids);
-
-    let channel = containerd_client::connect(&opts.address)
-        .await
-        .with_context(|| format!("connecting to containerd at {}", opts.address.display()))?;
-    let mut ctx = Ctx {
-        namespace: opts.namespace.clone(),
-        lease: None,
-    };
-    // A lease keeps what we write from containerd's GC until the image record holds it.
-    let lease_id = format!(
-        "ovbd-rpull-{}-{}",
-        std::process::id(),
-        t0.elapsed().as_nanos()
-    );
-    let mut leases = LeasesClient::new(channel.clone());
-    leases
-        .create(ctx.req(CreateLeaseRequest {
-            id: lease_id.clone(),
-            labels: HashMap::from([("containerd.io/gc.expire".to_string(), rfc3339_in(3600))]),
-        })?)
-        .await
-        .context("creating a containerd lease")?;
-    ctx.lease = Some(lease_id.clone());
-    let done = store_and_unpack(&channel, &ctx, reference, &name, &img, &chain, opts, t0).await;
-    ctx.lease = None;
-    let _ = leases
-        .delete(ctx.req(DeleteLeaseRequest {
-            id: lease_id,
-            sync: false,
-        })?)
-        .await;
-    done
+    Ok((name, img, chain))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -152,7 +163,7 @@ async fn store_and_unpack(
     ctx: &Ctx,
     reference: &str,
     name: &str,
-    img: &crate::oci::ResolvedImage,
+    img: &ResolvedImage,
     chain: &[String],
     opts: &RpullOptions,
     t0: Instant,
@@ -449,5 +460,148 @@ mod tests {
         );
         let later = rfc3339_in(3600);
         assert!(later.ends_with('Z') && later.len() == 20, "{later}");
+    }
+
+    // ------------------------------------------------- the registry part, against a registry
+
+    use crate::config::{MirrorConfig, RegistryConfig};
+    use crate::oci::{ImageIo, ImageToWrite, LayerFile};
+    use crate::registry::{Registry, RegistryError, RemoteBlob};
+    use crate::testing::{quick_config, start_registry, Fault, Front};
+    use ovbd_format::ReadAt as _;
+
+    const FIXTURE: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/hello-world-oci"
+    );
+    /// Upstream's converted hello-world: an OverlayBD image of one layer.
+    const CONVERTED: &str =
+        "sha256:42caa56a19e082b872d43f645bb392e25c9e78bce429755bd709fac598265f88";
+
+    /// Pushes the fixture's OverlayBD image to the registry at `addr` as `hello-world:obd`.
+    fn push_converted(addr: &str) {
+        let io = ImageIo::new(RegistryOptions::default()).unwrap();
+        let src = ImageRef::parse(&format!("oci:{FIXTURE}:amd64-converted")).unwrap();
+        let img = io.resolve(&src, &Platform::default()).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let layers: Vec<LayerFile> = img
+            .layers
+            .iter()
+            .map(|l| {
+                let path = tmp.path().join(l.digest().digest());
+                io.fetch_blob(&src, l, &path).unwrap();
+                LayerFile {
+                    descriptor: l.clone(),
+                    path,
+                }
+            })
+            .collect();
+        let dst = ImageRef::parse(&format!("{addr}/hello-world:obd")).unwrap();
+        let img = ImageToWrite {
+            layers: &layers,
+            config: &img.config_raw,
+            manifest: &img.manifest_raw,
+            manifest_media_type: &img.manifest_media_type,
+        };
+        io.write_image(&dst, &img).unwrap();
+    }
+
+    fn options(config: RegistryConfig) -> RpullOptions {
+        RpullOptions {
+            address: "/nonexistent/containerd.sock".into(),
+            namespace: "default".into(),
+            snapshotter: "ovbd".into(),
+            platform: Platform::default(),
+            registry: RegistryOptions {
+                config,
+                ..Default::default()
+            },
+        }
+    }
+
+    fn remote(
+        reference: &str,
+        opts: &RpullOptions,
+    ) -> Result<(String, ResolvedImage, Vec<String>)> {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(remote_image(reference, opts))
+    }
+
+    /// rpull's registry part through a mirror that fails now and then (503, a reset, a
+    /// truncated config), then the layer read lazily through the same `[registry]`: the image
+    /// and its bytes as pushed.
+    #[test]
+    fn rpull_resolves_through_a_mirror_with_faults() {
+        let reg = start_registry("");
+        push_converted(&reg.addr);
+        let mirror = Front::start(&reg.addr, None);
+        mirror.push_faults_for("GET", "/manifests/", vec![Fault::Status(503), Fault::Reset]);
+        mirror.push_faults_for("GET", "/blobs/", vec![Fault::Truncate]);
+        let opts = options(RegistryConfig {
+            mirrors: vec![MirrorConfig {
+                host: "registry.invalid".into(),
+                mirrors: vec![format!("http://{}", mirror.addr)],
+            }],
+            ..quick_config()
+        });
+        let (name, img, chain) = remote("registry.invalid/hello-world:obd", &opts).unwrap();
+        assert_eq!(name, "registry.invalid/hello-world:obd");
+        assert_eq!(img.manifest_digest.to_string(), CONVERTED);
+        assert_eq!(chain.len(), 1);
+        assert_eq!(mirror.targeted_left(), 0, "{:?}", mirror.requests());
+
+        // The daemon's lazy reads of the layer, configured alike, come from the mirror too.
+        let layer = &img.layers[0];
+        let registry = Registry::new(&opts.registry.registry_config()).unwrap();
+        let blob = RemoteBlob::new(
+            registry,
+            "registry.invalid/hello-world",
+            layer.digest().as_ref(),
+            layer.size(),
+        )
+        .unwrap();
+        let mut data = vec![0u8; layer.size() as usize];
+        assert_eq!(blob.read_at(&mut data, 0).unwrap(), data.len());
+        let digest = crate::oci::digest::digest_of(&data);
+        assert_eq!(digest, layer.digest().to_string());
+    }
+
+    /// Through a forward proxy: every request of the resolve goes through it.
+    #[test]
+    fn rpull_resolves_through_a_proxy() {
+        let reg = start_registry("");
+        push_converted(&reg.addr);
+        let proxy = Front::start(&reg.addr, None);
+        let opts = options(RegistryConfig {
+            proxy: Some(format!("http://{}", proxy.addr)),
+            ..quick_config()
+        });
+        let reference = format!("{}/hello-world:obd", reg.addr);
+        let (_, img, _) = remote(&reference, &opts).unwrap();
+        assert_eq!(img.manifest_digest.to_string(), CONVERTED);
+        let seen = proxy.requests();
+        let origin = format!("http://{}/v2/hello-world/", reg.addr);
+        assert!(seen.len() >= 2, "{seen:?}");
+        assert!(seen.iter().all(|(_, t)| t.starts_with(&origin)), "{seen:?}");
+    }
+
+    /// A tag that is not there: one request, an error naming the reference, not found.
+    #[test]
+    fn rpull_fails_at_once_on_a_missing_tag() {
+        let reg = start_registry("");
+        let front = Front::start(&reg.addr, None);
+        let reference = format!("{}/hello-world:nope", front.addr);
+        let e = remote(&reference, &options(quick_config())).unwrap_err();
+        let msg = format!("{e:#}");
+        assert!(msg.contains(&reference) && msg.contains("404"), "{msg}");
+        assert_eq!(front.requests().len(), 1, "{:?}", front.requests());
+        let class = e.chain().find_map(|c| c.downcast_ref::<RegistryError>());
+        assert!(
+            matches!(class, Some(RegistryError::NotFound(_))),
+            "{class:?}"
+        );
     }
 }

@@ -2,6 +2,7 @@
 //! code containerd acts on (NotFound and AlreadyExists steer its unpacker; Unavailable says a
 //! retry may work).
 
+use crate::registry::RegistryError;
 use crate::snapshotter::metadata::MetaError;
 use containerd_snapshots::tonic;
 use std::io;
@@ -67,10 +68,21 @@ impl From<MetaError> for SnapshotterError {
     }
 }
 
-/// Failures of the layers below (files, devices, the registry): Unavailable if they may pass,
-/// Internal otherwise.
+/// Failures of the layers below (files, devices, the registry): a registry failure by its
+/// class (a missing blob is NotFound, a bad reference InvalidArgument); else Unavailable if
+/// they may pass, Internal otherwise.
 impl From<anyhow::Error> for SnapshotterError {
     fn from(e: anyhow::Error) -> Self {
+        let registry = e.chain().find_map(crate::registry::find_registry_error);
+        match registry {
+            Some(RegistryError::NotFound(_)) => {
+                return SnapshotterError::NotFound(format!("{e:#}"))
+            }
+            Some(RegistryError::InvalidInput(_)) => {
+                return SnapshotterError::InvalidArgument(format!("{e:#}"))
+            }
+            _ => {}
+        }
         if is_transient(&e) {
             SnapshotterError::Unavailable(e)
         } else {
@@ -99,13 +111,10 @@ pub(super) fn is_transient(e: &anyhow::Error) -> bool {
 
 /// Whether `cause` may pass, if it tells.
 fn transient_class(cause: &(dyn std::error::Error + 'static)) -> Option<bool> {
-    // MERGE(RegistryError): this is where a registry failure's class is read. When
-    // crate::registry::RegistryError lands, ask it first:
-    //     if let Some(r) = cause.downcast_ref::<crate::registry::RegistryError>() {
-    //         return Some(r.is_transient());
-    //     }
-    // Until then registry failures reach the snapshotter as io::Errors (block reads' type), and
-    // their kind tells; "gave up after N attempts" (kind Other) reads as not transient.
+    if let Some(r) = cause.downcast_ref::<RegistryError>() {
+        return Some(r.is_transient());
+    }
+    // Other failures reach the snapshotter as io::Errors (block reads' type): their kind tells.
     let io = cause.downcast_ref::<io::Error>()?;
     // An io::Error's payload is not in the chain (its source() skips it): ask the payload first.
     if let Some(class) = io.get_ref().and_then(|inner| transient_class(inner)) {

@@ -92,10 +92,7 @@ fn repo_blob_url(image_ref: &str) -> SnapResult<String> {
     })?;
     match r {
         crate::oci::ImageRef::Registry(r) => {
-            let host = match r.registry() {
-                "docker.io" | "index.docker.io" => "registry-1.docker.io",
-                h => h,
-            };
+            let host = crate::registry::registry_api_host(r.registry());
             Ok(format!("https://{host}/v2/{}/blobs", r.repository()))
         }
         _ => Err(SnapshotterError::InvalidArgument(format!(

@@ -189,10 +189,7 @@ fn image_ref_of_blob_url(url: &str) -> Result<String> {
         bail!("repoBlobUrl {url:?} has no host or repository");
     }
     // Docker Hub's API host stands for docker.io in references.
-    let host = match host {
-        "registry-1.docker.io" | "index.docker.io" => "docker.io",
-        h => h,
-    };
+    let host = crate::registry::normalize_registry_host(host);
     Ok(format!("{host}/{repo}"))
 }
 

@@ -268,3 +268,48 @@ fn transient_failures_are_told_by_the_first_cause_that_knows() {
     let e = SnapshotterError::from(io_err(io::ErrorKind::NotFound));
     assert_eq!(e.code(), tonic::Code::Internal);
 }
+
+#[test]
+fn registry_failures_reach_containerd_by_their_class() {
+    use crate::registry::RegistryError;
+    // As a block read reports them: a RegistryError inside the io::Error of a format error.
+    let read = |r: RegistryError| {
+        anyhow::Error::from(ovbd_format::Error::Io {
+            file: "blob".into(),
+            offset: 0,
+            source: io::Error::new(r.kind(), r),
+        })
+        .context("lowers[0]: opening the blob")
+    };
+    let code = |r| SnapshotterError::from(read(r)).code();
+    assert_eq!(
+        code(RegistryError::transient("HTTP 503")),
+        tonic::Code::Unavailable
+    );
+    assert_eq!(
+        code(RegistryError::TimedOut("deadline".into())),
+        tonic::Code::Unavailable
+    );
+    assert_eq!(
+        code(RegistryError::NotFound("HTTP 404".into())),
+        tonic::Code::NotFound
+    );
+    assert_eq!(
+        code(RegistryError::InvalidInput("bad digest".into())),
+        tonic::Code::InvalidArgument
+    );
+    assert_eq!(
+        code(RegistryError::Denied("HTTP 403".into())),
+        tonic::Code::Internal
+    );
+    assert_eq!(
+        code(RegistryError::Refused("allow_hosts".into())),
+        tonic::Code::Internal
+    );
+    // "gave up after N attempts" of a transient fault is still transient, whatever io kind.
+    let gave_up = anyhow::Error::from(io::Error::other(RegistryError::transient("gave up")));
+    assert_eq!(
+        SnapshotterError::from(gave_up).code(),
+        tonic::Code::Unavailable
+    );
+}
