@@ -51,13 +51,8 @@ enum Cmd {
         /// Platform to pick from a multi-platform source: os/arch[/variant].
         #[arg(long, default_value = "linux/amd64")]
         platform: String,
-        /// Registries spoken to over plain http (host[:port]); loopback ones always are.
-        #[arg(long)]
-        insecure: Vec<String>,
-        /// Reach registries as `ovbd serve` does: the [registry] section of this configuration
-        /// file (mirrors, proxy, allow_hosts, auth_realms, timeouts, retries); defaults without.
-        #[arg(long)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        registry: RegistryArgs,
         /// Scratch directory (default $TMPDIR).
         #[arg(long)]
         workdir: Option<PathBuf>,
@@ -78,13 +73,8 @@ enum Cmd {
         snapshotter: String,
         #[arg(long, default_value = "linux/amd64")]
         platform: String,
-        /// Registries spoken to over plain http (host[:port]); loopback ones always are.
-        #[arg(long)]
-        insecure: Vec<String>,
-        /// Reach registries as `ovbd serve` does: the [registry] section of this configuration
-        /// file (mirrors, proxy, allow_hosts, auth_realms, timeouts, retries); defaults without.
-        #[arg(long)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        registry: RegistryArgs,
     },
     /// Run the containerd snapshotter (proxy plugin) daemon.
     Serve {
@@ -92,6 +82,18 @@ enum Cmd {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+}
+
+/// How `convert` and `rpull` reach registries.
+#[derive(clap::Args)]
+struct RegistryArgs {
+    /// Registries spoken to over plain http (host[:port]); loopback ones always are.
+    #[arg(long)]
+    insecure: Vec<String>,
+    /// Reach registries as `ovbd serve` does: the [registry] section of this configuration
+    /// file (mirrors, proxy, allow_hosts, auth_realms, timeouts, retries); defaults without.
+    #[arg(long)]
+    config: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -269,8 +271,7 @@ fn run(cli: Cli) -> Result<()> {
             algo,
             block_size,
             platform,
-            insecure,
-            config,
+            registry,
             workdir,
             json,
         } => convert::run(
@@ -280,7 +281,7 @@ fn run(cli: Cli) -> Result<()> {
                 vsize: vsize << 30,
                 zfile: zopts(algo, block_size),
                 platform: platform.parse()?,
-                registry: registry_options(insecure, config.as_deref())?,
+                registry: registry.options()?,
                 workdir,
             },
             json,
@@ -291,8 +292,7 @@ fn run(cli: Cli) -> Result<()> {
             namespace,
             snapshotter,
             platform,
-            insecure,
-            config,
+            registry,
         } => rpull::run(
             &reference,
             rpull::RpullOptions {
@@ -300,7 +300,7 @@ fn run(cli: Cli) -> Result<()> {
                 namespace,
                 snapshotter,
                 platform: platform.parse()?,
-                registry: registry_options(insecure, config.as_deref())?,
+                registry: registry.options()?,
             },
         ),
         Cmd::Serve { config } => {
@@ -315,19 +315,17 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// How `convert` and `rpull` reach registries: `--insecure` hosts, and the `[registry]` section
-/// of the `--config` file (the same file as `ovbd serve`'s), defaults without one.
-fn registry_options(
-    insecure: Vec<String>,
-    config: Option<&std::path::Path>,
-) -> Result<oci::RegistryOptions> {
-    let config = match config {
-        Some(path) => config::Config::load(Some(path))?.registry,
-        None => config::RegistryConfig::default(),
-    };
-    Ok(oci::RegistryOptions {
-        insecure,
-        docker_config: None,
-        config,
-    })
+impl RegistryArgs {
+    /// `--insecure` hosts, and the `[registry]` section of `--config` (defaults without).
+    fn options(self) -> Result<oci::RegistryOptions> {
+        let config = match &self.config {
+            Some(path) => config::Config::load(Some(path))?.registry,
+            None => config::RegistryConfig::default(),
+        };
+        Ok(oci::RegistryOptions {
+            insecure: self.insecure,
+            docker_config: None,
+            config,
+        })
+    }
 }

@@ -39,8 +39,13 @@ struct ManifestGet<'a> {
     requests: AtomicU64,
 }
 
-impl ManifestGet<'_> {
-    async fn run(&mut self, inner: &Inner, ep: &Endpoint) -> Result<Manifest, RegistryError> {
+impl Attempt for ManifestGet<'_> {
+    type Output = Manifest;
+    async fn once<'a>(
+        &'a mut self,
+        inner: &'a Inner,
+        ep: &'a Endpoint,
+    ) -> Result<Manifest, RegistryError> {
         let url = ep.api_url(self.repo, "manifests", self.name)?;
         let req = Request::new(reqwest::Method::GET).header(header::ACCEPT, self.accept);
         let (resp, _) = inner
@@ -77,17 +82,6 @@ impl ManifestGet<'_> {
             digest,
             media_type,
         })
-    }
-}
-
-impl Attempt for ManifestGet<'_> {
-    type Output = Manifest;
-    fn once<'a>(
-        &'a mut self,
-        inner: &'a Inner,
-        ep: &'a Endpoint,
-    ) -> impl Future<Output = Result<Manifest, RegistryError>> + Send + 'a {
-        self.run(inner, ep)
     }
 }
 
@@ -146,8 +140,15 @@ impl BlobGet<'_> {
         self.got = 0;
         Ok(())
     }
+}
 
-    async fn run(&mut self, inner: &Inner, ep: &Endpoint) -> Result<(), RegistryError> {
+impl Attempt for BlobGet<'_> {
+    type Output = ();
+    async fn once<'a>(
+        &'a mut self,
+        inner: &'a Inner,
+        ep: &'a Endpoint,
+    ) -> Result<(), RegistryError> {
         let url = ep.blob_url(self.repo, self.digest)?;
         let mut req = Request::new(reqwest::Method::GET);
         if self.got > 0 {
@@ -234,17 +235,6 @@ impl BlobGet<'_> {
             )));
         }
         Ok(())
-    }
-}
-
-impl Attempt for BlobGet<'_> {
-    type Output = ();
-    fn once<'a>(
-        &'a mut self,
-        inner: &'a Inner,
-        ep: &'a Endpoint,
-    ) -> impl Future<Output = Result<(), RegistryError>> + Send + 'a {
-        self.run(inner, ep)
     }
     fn moved(&self) -> u64 {
         self.high

@@ -23,8 +23,13 @@ struct BlobHead<'a> {
     requests: AtomicU64,
 }
 
-impl BlobHead<'_> {
-    async fn run(&mut self, inner: &Inner, ep: &Endpoint) -> Result<bool, RegistryError> {
+impl Attempt for BlobHead<'_> {
+    type Output = bool;
+    async fn once<'a>(
+        &'a mut self,
+        inner: &'a Inner,
+        ep: &'a Endpoint,
+    ) -> Result<bool, RegistryError> {
         let url = ep.blob_url(self.repo, self.digest)?;
         let req = Request::new(reqwest::Method::HEAD);
         let (resp, _) = inner
@@ -38,17 +43,6 @@ impl BlobHead<'_> {
     }
 }
 
-impl Attempt for BlobHead<'_> {
-    type Output = bool;
-    fn once<'a>(
-        &'a mut self,
-        inner: &'a Inner,
-        ep: &'a Endpoint,
-    ) -> impl Future<Output = Result<bool, RegistryError>> + Send + 'a {
-        self.run(inner, ep)
-    }
-}
-
 /// One upload session per try: POST for a location, PUT the whole blob there.
 struct BlobUpload<'a> {
     repo: &'a str,
@@ -57,8 +51,13 @@ struct BlobUpload<'a> {
     requests: AtomicU64,
 }
 
-impl BlobUpload<'_> {
-    async fn run(&mut self, inner: &Inner, ep: &Endpoint) -> Result<(), RegistryError> {
+impl Attempt for BlobUpload<'_> {
+    type Output = ();
+    async fn once<'a>(
+        &'a mut self,
+        inner: &'a Inner,
+        ep: &'a Endpoint,
+    ) -> Result<(), RegistryError> {
         let start = ep.api_url(self.repo, "blobs/uploads", "")?;
         let post = Request::new(reqwest::Method::POST).header(header::CONTENT_LENGTH, "0");
         let (resp, _) = inner
@@ -108,17 +107,6 @@ impl BlobUpload<'_> {
     }
 }
 
-impl Attempt for BlobUpload<'_> {
-    type Output = ();
-    fn once<'a>(
-        &'a mut self,
-        inner: &'a Inner,
-        ep: &'a Endpoint,
-    ) -> impl Future<Output = Result<(), RegistryError>> + Send + 'a {
-        self.run(inner, ep)
-    }
-}
-
 struct ManifestPut<'a> {
     repo: &'a str,
     name: &'a str,
@@ -128,8 +116,13 @@ struct ManifestPut<'a> {
     requests: AtomicU64,
 }
 
-impl ManifestPut<'_> {
-    async fn run(&mut self, inner: &Inner, ep: &Endpoint) -> Result<(), RegistryError> {
+impl Attempt for ManifestPut<'_> {
+    type Output = ();
+    async fn once<'a>(
+        &'a mut self,
+        inner: &'a Inner,
+        ep: &'a Endpoint,
+    ) -> Result<(), RegistryError> {
         let url = ep.api_url(self.repo, "manifests", self.name)?;
         let req = Request::new(reqwest::Method::PUT)
             .header(header::CONTENT_TYPE, self.media_type)
@@ -153,17 +146,6 @@ impl ManifestPut<'_> {
             )));
         }
         Ok(())
-    }
-}
-
-impl Attempt for ManifestPut<'_> {
-    type Output = ();
-    fn once<'a>(
-        &'a mut self,
-        inner: &'a Inner,
-        ep: &'a Endpoint,
-    ) -> impl Future<Output = Result<(), RegistryError>> + Send + 'a {
-        self.run(inner, ep)
     }
 }
 
