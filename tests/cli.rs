@@ -322,3 +322,142 @@ fn convert_takes_the_registry_section_of_config() {
     assert!(err.contains(s(&missing)), "{err}");
     assert!(!d.path().join("out").exists());
 }
+
+/// A `docker-registry` on a free loopback port that wants `ovbd:ovbd-test-pass` (htpasswd,
+/// Basic); killed on drop.
+struct AuthRegistry {
+    child: std::process::Child,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for AuthRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_auth_registry() -> AuthRegistry {
+    // bcrypt of "ovbd-test-pass" (cost 4).
+    const HASH: &str = "$2b$04$mZwH7wGeEVlhyQEKuXlAQu/wM/RzhODQOto7p4KjrEKXtv6/P1hL.";
+    let dir = tempfile::tempdir().unwrap();
+    let addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let htpasswd = dir.path().join("htpasswd");
+    std::fs::write(&htpasswd, format!("ovbd:{HASH}\n")).unwrap();
+    let config = dir.path().join("config.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\n\
+             storage:\n  filesystem:\n    rootdirectory: {}\n\
+             http:\n  addr: {addr}\n\
+             auth:\n  htpasswd:\n    realm: ovbd-test\n    path: {}\n",
+            dir.path().join("storage").display(),
+            htpasswd.display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new("docker-registry")
+        .arg("serve")
+        .arg(&config)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("docker-registry (scripts/setup.sh installs it)");
+    let reg = AuthRegistry {
+        child,
+        addr,
+        _dir: dir,
+    };
+    for _ in 0..600 {
+        if std::net::TcpStream::connect(&reg.addr).is_ok() {
+            return reg;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("docker-registry did not listen on {}", reg.addr);
+}
+
+/// `convert` (its push) and `rpull` (its registry part, before it talks to containerd: the
+/// manifest and config pulls `convert` makes too) take their credentials from the docker
+/// config's credential helper, found on `PATH`, as docker does; without it the same registry
+/// refuses them.
+#[test]
+fn convert_and_rpull_use_credential_helpers() {
+    let reg = start_auth_registry();
+    let d = tempfile::tempdir().unwrap();
+    let bin = d.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let asked = d.path().join("asked");
+    let helper = bin.join("docker-credential-ovbdtest");
+    std::fs::write(
+        &helper,
+        format!(
+            "#!/bin/sh\n[ \"$1\" = get ] || exit 1\nread -r url\necho \"$url\" >> {}\n\
+             printf '{{\"ServerURL\":\"%s\",\"Username\":\"ovbd\",\"Secret\":\"ovbd-test-pass\"}}' \"$url\"\n",
+            asked.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let docker = d.path().join("docker");
+    std::fs::create_dir(&docker).unwrap();
+    std::fs::write(
+        docker.join("config.json"),
+        format!(r#"{{"credHelpers": {{"{}": "ovbdtest"}}}}"#, reg.addr),
+    )
+    .unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let run = |docker_config: &Path, args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_ovbd"))
+            .args(args)
+            .env("PATH", &path)
+            .env("DOCKER_CONFIG", docker_config)
+            .env_remove("HOME")
+            .output()
+            .expect("run ovbd")
+    };
+    let src = format!("oci:{}:amd64", s(&fixture("hello-world-oci")));
+    let dst = format!("{}/private/hello:obd", reg.addr);
+
+    // No credentials: refused.
+    let o = run(&d.path().join("none"), &["convert", &src, &dst]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("401") || err.contains("Basic"), "{err}");
+    assert!(!asked.exists());
+
+    // Through the helper: pushed.
+    let o = run(&docker, &["convert", &src, &dst]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let asked_for = std::fs::read_to_string(&asked).unwrap();
+    assert!(
+        asked_for.lines().all(|l| l.contains(reg.addr.as_str())) && !asked_for.is_empty(),
+        "{asked_for}"
+    );
+
+    // rpull resolves the converted image through the helper, then finds no containerd.
+    std::fs::remove_file(&asked).unwrap();
+    let sock = d.path().join("no-containerd.sock");
+    let o = run(&docker, &["rpull", "--address", s(&sock), &dst]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("connecting to containerd"), "{err}");
+    assert!(std::fs::read_to_string(&asked).is_ok_and(|a| a.contains(reg.addr.as_str())));
+    let o = run(
+        &d.path().join("none"),
+        &["rpull", "--address", s(&sock), &dst],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("connecting to containerd"), "{err}");
+}

@@ -19,14 +19,23 @@ pub(crate) fn digest_of_hashed(hasher: Sha256) -> String {
     format!("sha256:{}", hex(&hasher.finalize()))
 }
 
-/// Whether `d` is `sha256:` and 64 lowercase hex digits, the only form ovbd puts into file
-/// names and URLs.
+/// Whether `d` is `sha256:<64 lowercase hex>` or `sha512:<128 lowercase hex>`: safe as a
+/// file name and in a URL.
+pub(crate) fn valid_digest(d: &str) -> bool {
+    let Some((algo, hex)) = d.split_once(':') else {
+        return false;
+    };
+    let want = match algo {
+        "sha256" => 64,
+        "sha512" => 128,
+        _ => return false,
+    };
+    hex.len() == want && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// Whether `d` is `sha256:` and 64 lowercase hex digits, the only form ovbd puts into labels.
 pub(crate) fn is_sha256_digest(d: &str) -> bool {
-    d.strip_prefix("sha256:").is_some_and(|h| {
-        h.len() == 64
-            && h.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    })
+    d.starts_with("sha256:") && valid_digest(d)
 }
 
 /// The chain ID of a layer with diff ID `diff_id` on a layer whose chain ID is `parent_chain`.

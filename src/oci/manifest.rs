@@ -9,9 +9,8 @@ pub fn sha256_digest(data: &[u8]) -> Digest {
 }
 
 pub(super) fn digest_from_hasher(h: Sha256) -> Digest {
-    let hex: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
     // 64 lowercase hex digits always make a valid sha256 digest.
-    Digest::try_from(format!("sha256:{hex}")).expect("a sha256 digest")
+    Digest::try_from(digest::digest_of_hashed(h)).expect("a sha256 digest")
 }
 
 // ------------------------------------------------------------------------------ blob checking

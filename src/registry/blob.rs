@@ -32,20 +32,6 @@ impl fmt::Debug for RemoteBlob {
     }
 }
 
-/// Whether `d` is `sha256:<64 lowercase hex>` or `sha512:<128 lowercase hex>` (safe as a file
-/// name).
-pub(crate) fn valid_digest(d: &str) -> bool {
-    let Some((algo, hex)) = d.split_once(':') else {
-        return false;
-    };
-    let want = match algo {
-        "sha256" => 64,
-        "sha512" => 128,
-        _ => return false,
-    };
-    hex.len() == want && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-}
-
 impl RemoteBlob {
     /// `image_ref` like "127.0.0.1:5000/library/app:v1" or "docker.io/library/busybox" (registry
     /// host and repo are taken from it); digest "sha256:..."; size in bytes.

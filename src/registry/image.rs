@@ -249,7 +249,7 @@ impl Attempt for BlobGet<'_> {
 
 /// `sha256:<64 hex>` only: what a whole blob is checked against.
 fn check_sha256(digest: &str) -> Result<(), RegistryError> {
-    if digest.starts_with("sha256:") && valid_digest(digest) {
+    if crate::oci::digest::is_sha256_digest(digest) {
         Ok(())
     } else {
         Err(RegistryError::InvalidInput(format!(

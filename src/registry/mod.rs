@@ -65,6 +65,7 @@
 //! carries its signature in the query).
 
 use crate::config::RegistryConfig;
+use crate::oci::digest::valid_digest;
 use crate::oci::RegistryOptions;
 use credentials::{Credential, CredentialStore, HelperSetup};
 use reqwest::header::{self, HeaderMap};
@@ -97,7 +98,6 @@ mod tests;
 
 pub(crate) use auth::parse_challenges;
 use auth::*;
-pub(crate) use blob::valid_digest;
 pub use blob::RemoteBlob;
 use blob::*;
 use error::*;

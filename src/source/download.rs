@@ -188,11 +188,8 @@ mod tests {
         let data: Vec<u8> = (0..n)
             .map(|i| (i.wrapping_mul(2654435761) >> 7) as u8)
             .collect();
-        let hex: String = Sha256::digest(&data)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        (data, format!("sha256:{hex}"))
+        let digest = crate::oci::digest::digest_of(&data);
+        (data, digest)
     }
 
     #[test]

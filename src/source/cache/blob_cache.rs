@@ -9,7 +9,7 @@ use super::state::BlobState;
 use super::MAX_BLOB_SIZE;
 use crate::config::CacheConfig;
 use crate::oci::digest::hex;
-use crate::registry::valid_digest;
+use crate::oci::digest::valid_digest;
 use std::collections::HashMap;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};

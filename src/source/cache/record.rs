@@ -5,7 +5,7 @@ use super::error::CacheError;
 use super::lock;
 use super::state::{set_bit, BlobState};
 use crate::oci::digest::hex;
-use crate::registry::valid_digest;
+use crate::oci::digest::valid_digest;
 use sha2::{Digest as _, Sha256};
 use std::fs::{self, File, OpenOptions};
 use std::io;

@@ -9,7 +9,7 @@ use super::record::*;
 use super::state::{set_bit, BlobState, Files};
 use super::MAX_BLOB_SIZE;
 use crate::oci::digest::hex;
-use crate::registry::valid_digest;
+use crate::oci::digest::valid_digest;
 use sha2::{Digest as _, Sha256, Sha512};
 use std::fs::{self, File};
 use std::io;
