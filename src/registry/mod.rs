@@ -8,7 +8,7 @@
 //! [`Registry`] is shared by every blob: one HTTP client (reqwest, rustls with the ring provider
 //! and the platform's trust roots), the bearer tokens per (endpoint, repository), the
 //! configuration, and a small tokio runtime of its own on which every request runs. Callers
-//! block on a channel, never on a runtime, so [`RemoteBlob::read_at`] works from any plain
+//! block on a channel, never on a runtime, so [`RemoteBlob`]'s `read_at` works from any plain
 //! thread of a process that has other runtimes (`ovbd serve`).
 //!
 //! A read `GET`s `<endpoint>/v2/<repo>/blobs/<digest>` with `Range: bytes=a-b`:

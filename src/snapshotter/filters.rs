@@ -1,5 +1,5 @@
 //! containerd's filter syntax for List: `field==value,labels."k"!=v` (comma = and), several
-//! filters = or. Fields: name, parent, kind, labels.<key>; operators ==, !=, ~= (regexp) and a
+//! filters = or. Fields: name, parent, kind, `labels.<key>`; operators ==, !=, ~= (regexp) and a
 //! bare field for "present".
 
 use crate::snapshotter::metadata::{Kind, Snapshot};
