@@ -29,6 +29,11 @@ impl Daemon {
 
     /// Starts `ovbd serve` with its root, config and log under `dir`, serving on `socket`.
     fn spawn_on(dir: &Path, socket: &Path, max_fds: u64) -> Daemon {
+        Daemon::spawn_rooted(dir, &dir.join("root"), socket, max_fds)
+    }
+
+    /// Starts `ovbd serve` with its config and log under `dir`, its root at `root`.
+    fn spawn_rooted(dir: &Path, root: &Path, socket: &Path, max_fds: u64) -> Daemon {
         std::fs::create_dir_all(dir).unwrap();
         let socket = socket.to_path_buf();
         let log = dir.join("serve.log");
@@ -37,8 +42,7 @@ impl Daemon {
             &config,
             format!(
                 "root = {:?}\nsocket = {:?}\nlog_level = \"info\"\n",
-                dir.join("root"),
-                socket
+                root, socket
             ),
         )
         .unwrap();
@@ -245,4 +249,86 @@ fn a_stopping_daemon_leaves_a_newer_daemons_socket() {
     new.assert_serves("after the old daemon stopped");
     stop(&mut new);
     assert!(!socket.exists(), "the last daemon left its socket behind");
+}
+
+/// An overlayfs mounted at `merged` (lower, upper and work beside it), unmounted when dropped.
+struct Overlay {
+    merged: PathBuf,
+}
+
+impl Overlay {
+    fn mount(dir: &Path) -> Overlay {
+        for d in ["lower", "upper", "work", "merged"] {
+            std::fs::create_dir_all(dir.join(d)).unwrap();
+        }
+        let merged = dir.join("merged");
+        let status = Command::new("mount")
+            .args(["-t", "overlay", "overlay", "-o"])
+            .arg(format!(
+                "lowerdir={},upperdir={},workdir={}",
+                dir.join("lower").display(),
+                dir.join("upper").display(),
+                dir.join("work").display()
+            ))
+            .arg(&merged)
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "mounting an overlayfs (needs root): {status}"
+        );
+        Overlay { merged }
+    }
+}
+
+impl Drop for Overlay {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.merged).status();
+    }
+}
+
+/// overlayfs cannot put its upper directories on an overlayfs (a container's or a live
+/// system's root): `ovbd serve` must refuse such a root at start, in one line naming it,
+/// rather than serve and fail every container start with an unexplained EINVAL.
+#[test]
+fn serve_refuses_a_root_on_overlayfs() {
+    let dir = tempfile::tempdir().unwrap();
+    let overlay = Overlay::mount(&dir.path().join("ovl"));
+    let root = overlay.merged.join("root");
+    let socket = dir.path().join("ovbd.sock");
+    let mut daemon = Daemon::spawn_rooted(&dir.path().join("d"), &root, &socket, 1024);
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(status) = daemon.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            !daemon
+                .logs()
+                .contains("serving the containerd Snapshots API"),
+            "ovbd serve started on a root on overlayfs; log:\n{}",
+            daemon.logs()
+        );
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "ovbd serve neither exited nor served after 60 s; log:\n{}",
+            daemon.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(1), "log:\n{}", daemon.logs());
+    let err = std::fs::read_to_string(dir.path().join("d/serve.err")).unwrap();
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("ovbd: ")).collect();
+    assert_eq!(lines.len(), 1, "one error line; stderr:\n{err}");
+    assert!(
+        lines[0].contains(&root.display().to_string()) && lines[0].contains("overlayfs"),
+        "the line names the root and overlayfs: {}",
+        lines[0]
+    );
+    assert!(!socket.exists(), "a refused daemon published its socket");
+    drop(daemon);
+
+    // The same daemon with its root on the tempdir's own filesystem serves.
+    let daemon = Daemon::start(&dir.path().join("ok"), 1024);
+    daemon.assert_serves("with a root off overlayfs");
 }

@@ -141,3 +141,78 @@ pub(super) fn disk_usage(dir: &Path) -> Result<(i64, i64)> {
     }
     Ok((size, inodes))
 }
+
+/// overlayfs' magic number in statfs' `f_type`.
+const OVERLAYFS_SUPER_MAGIC: i64 = 0x794c_7630;
+
+/// Fails, naming `root` and why, if overlayfs cannot put upper directories under `root` (as
+/// containerd's overlay snapshotter checks at init): a root on overlayfs, or on a filesystem
+/// where a test overlay mount fails. Without the check every container start fails later with
+/// a bare EINVAL from mount(2).
+pub(super) fn check_overlay_upper(root: &Path) -> Result<()> {
+    let refuse = |why: String| {
+        anyhow::anyhow!(
+            "root {} cannot hold overlayfs upper directories: {why}",
+            root.display()
+        )
+    };
+    let c = std::ffi::CString::new(root.as_os_str().as_encoded_bytes())
+        .map_err(|_| refuse("its path contains NUL".into()))?;
+    // SAFETY: a valid path and a zeroed statfs for the kernel to fill.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(refuse(format!(
+            "statfs: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    if st.f_type as i64 == OVERLAYFS_SUPER_MAGIC {
+        return Err(refuse(
+            "it is on overlayfs (put it on ext4, xfs or tmpfs)".into(),
+        ));
+    }
+    // A tiny overlay with two lowers, as containerd's check mounts (a random name: a crashed
+    // check's leftover is harmless, outside snapshots/).
+    let dir = tempfile::Builder::new()
+        .prefix(".overlay-check-")
+        .tempdir_in(root)
+        .map_err(|e| refuse(format!("creating a test directory: {e}")))?;
+    for d in ["lower1", "lower2", "upper", "work", "merged"] {
+        std::fs::create_dir(dir.path().join(d))
+            .map_err(|e| refuse(format!("creating a test directory: {e}")))?;
+    }
+    let p = |d: &str| dir.path().join(d).display().to_string();
+    let merged = dir.path().join("merged");
+    let data = format!(
+        "lowerdir={}:{},upperdir={},workdir={}",
+        p("lower2"),
+        p("lower1"),
+        p("upper"),
+        p("work")
+    );
+    match mount::mount("overlay", &merged, "overlay", 0, &data) {
+        Ok(()) => {
+            if mount::unmount(&merged, false).is_err() {
+                mount::unmount(&merged, true)
+                    .map_err(|e| refuse(format!("unmounting the test overlay: {e:#}")))?;
+            }
+            Ok(())
+        }
+        Err(e) => match e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|e| e.raw_os_error())
+        {
+            // Unprivileged (a test run as a user): nothing can be mounted, so nothing is known.
+            Some(libc::EPERM) => {
+                log::debug!(
+                    "not privileged to test-mount overlayfs under {}",
+                    root.display()
+                );
+                Ok(())
+            }
+            _ => Err(refuse(format!(
+                "a test overlay mount under it failed: {e:#}"
+            ))),
+        },
+    }
+}

@@ -106,6 +106,7 @@ impl Snapshotter {
     pub fn open(cfg: Config) -> Result<Snapshotter> {
         std::fs::create_dir_all(cfg.root.join("snapshots"))
             .with_context(|| format!("creating {}", cfg.root.display()))?;
+        disk::check_overlay_upper(&cfg.root)?;
         let meta = MetaStore::open(&cfg.root.join("metadata.db"))?;
         Ok(Snapshotter {
             cfg,

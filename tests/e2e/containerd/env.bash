@@ -190,6 +190,15 @@ _ctrd_start() {
     ((${#CTRD_ADDR} < 100)) || e2e_fail "ctrd_start: socket path too long for a unix socket: $CTRD_ADDR"
     CTRD_NS=${CTRD_NS:-e2e-$$}
     mkdir -p "$dir/root" "$dir/state" "$dir/opt"
+    # containerd 2.x reads config version 3 (its CRI plugin split in cri.v1.images / cri.v1.runtime);
+    # ovbd's sections come from the deploy snippet for that version, so the e2e tests what users copy.
+    CTRD_MAJOR=$(containerd --version | awk '{ v = $3; sub(/^v/, "", v); split(v, p, "."); print p[1] }')
+    [[ $CTRD_MAJOR =~ ^[0-9]+$ ]] || e2e_fail "ctrd_start: cannot tell containerd's version from: $(containerd --version)"
+    local cfgv=2 snippet=$E2E_REPO/deploy/containerd-ovbd.toml
+    if ((CTRD_MAJOR >= 2)); then
+        cfgv=3 snippet=$E2E_REPO/deploy/containerd-ovbd.v3.toml
+    fi
+    export CTRD_MAJOR
     local disabled_cri='
   "io.containerd.grpc.v1.cri",'
     CTRD_CRI=$cri
@@ -200,7 +209,7 @@ _ctrd_start() {
     fi
     {
         cat <<EOF
-version = 2
+version = $cfgv
 root = "$dir/root"
 state = "$dir/state"
 oom_score = 0
@@ -228,17 +237,15 @@ disabled_plugins = [$disabled_cri
   [plugins."io.containerd.runtime.v2.task"]
     platforms = ["linux/amd64"]
 EOF
-        [[ -z $cri ]] || _cri_config "$dir"
+        [[ -z $cri ]] || _cri_config "$dir" "$cfgv" "$snap_sock"
         if [[ -n $snap_sock ]]; then
-            cat <<EOF
-
-[proxy_plugins]
-  [proxy_plugins.$CTRD_PROXY_NAME]
-    type = "snapshot"
-    address = "$snap_sock"
-EOF
+            echo
+            _ctrd_snippet "$snippet" "$snap_sock" "${CTRD_CRI_SNAPSHOTTER:-$CTRD_PROXY_NAME}"
         fi
     } >"$dir/config.toml"
+    if [[ -n $snap_sock ]] && ! grep -qF "address = \"$snap_sock\"" "$dir/config.toml"; then
+        e2e_fail "ctrd_start: $snippet no longer has ovbd's default socket /run/ovbd/ovbd.sock to replace"
+    fi
 
     containerd --config "$dir/config.toml" >>"$dir/containerd.log" 2>&1 &
     CTRD_PID=$!
@@ -316,8 +323,26 @@ EOF
     export CTRD_CRI_SNAPSHOTTER CTRD_SANDBOX_IMAGE CRI_ENDPOINT CTR_CRI
 }
 
-# _cri_config DIR: the CRI plugin's part of DIR/config.toml (to stdout).
+# _ctrd_snippet FILE SOCKET CRI_SNAPSHOTTER: the deploy snippet FILE as part of our config (to stdout):
+# without its version line, its socket replaced by SOCKET, the proxy plugin named $CTRD_PROXY_NAME, the
+# CRI snapshotter CRI_SNAPSHOTTER.
+_ctrd_snippet() {
+    awk -v sock="$2" -v name="$CTRD_PROXY_NAME" -v crisnap="$3" '
+        /^[ \t]*\[/ { cri = ($0 ~ /cri/) }
+        /^version[ \t]*=/ { next }
+        { gsub(/"\/run\/ovbd\/ovbd\.sock"/, "\"" sock "\"") }
+        /^[ \t]*\[proxy_plugins\.ovbd\]/ { sub(/proxy_plugins\.ovbd/, "proxy_plugins." name) }
+        /^[ \t]*snapshotter[ \t]*=[ \t]*"ovbd"/ { sub(/"ovbd"/, "\"" (cri ? crisnap : name) "\"") }
+        { print }' "$1"
+}
+
+# _cri_config DIR CONFIG_VERSION SNAPSHOTTER_SOCKET: the CRI plugin's part of DIR/config.toml (to stdout);
+# its snapshotter table only without a socket (with one, the deploy snippet has it).
 _cri_config() {
+    if [[ $2 == 3 ]]; then
+        _cri_config_v3 "$@"
+        return
+    fi
     cat <<EOF
 
 [plugins."io.containerd.grpc.v1.cri"]
@@ -327,10 +352,13 @@ _cri_config() {
   disable_apparmor = true
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
+EOF
+    [[ -n $3 ]] || cat <<EOF
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "$CTRD_CRI_SNAPSHOTTER"
     disable_snapshot_annotations = false
-    default_runtime_name = "runc"
+EOF
+    cat <<EOF
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
@@ -341,6 +369,33 @@ _cri_config() {
     max_conf_num = 1
   [plugins."io.containerd.grpc.v1.cri".registry]
     config_path = "$1/certs.d"
+EOF
+}
+
+# _cri_config_v3 DIR 3 SNAPSHOTTER_SOCKET: the same in containerd 2.x's plugin names.
+_cri_config_v3() {
+    cat <<EOF
+
+[plugins."io.containerd.grpc.v1.cri"]
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+[plugins."io.containerd.cri.v1.runtime"]
+  restrict_oom_score_adj = true
+  enable_selinux = false
+  disable_apparmor = true
+  [plugins."io.containerd.cri.v1.runtime".cni]
+    bin_dirs = ["$E2E_CNI_BIN_DIR"]
+    conf_dir = "$1/cni/net.d"
+    max_conf_num = 1
+[plugins."io.containerd.cri.v1.images".pinned_images]
+  sandbox = "$CTRD_SANDBOX_IMAGE"
+[plugins."io.containerd.cri.v1.images".registry]
+  config_path = "$1/certs.d"
+EOF
+    [[ -n $3 ]] || cat <<EOF
+[plugins."io.containerd.cri.v1.images"]
+  snapshotter = "$CTRD_CRI_SNAPSHOTTER"
+  disable_snapshot_annotations = false
 EOF
 }
 

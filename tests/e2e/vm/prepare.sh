@@ -69,70 +69,14 @@ flock 9
 # ---------------------------------------------------------------------------------------------------------
 aptdir=$cache/apt
 
-# Print the system's apt source for "$suite" rewritten to "$suite-backports" (deb822 format).
-backports_source() {
-    local f=/etc/apt/sources.list.d/debian.sources
-    if [[ -r $f ]]; then
-        awk -v suite="$suite" '
-            BEGIN { RS = ""; FS = "\n" }
-            {
-                hit = 0; out = ""
-                for (i = 1; i <= NF; i++) {
-                    line = $i
-                    if (line ~ /^#/) continue
-                    if (line ~ /^Suites:/) {
-                        n = split(substr(line, 8), s, /[ \t]+/)
-                        for (j = 1; j <= n; j++) if (s[j] == suite) hit = 1
-                        line = "Suites: " suite "-backports"
-                    }
-                    out = out line "\n"
-                }
-                if (hit && !done) { printf "%s", out; done = 1 }
-            }' "$f"
-        return 0
-    fi
-    # Fallback: one-line format in /etc/apt/sources.list ("deb [options] URI SUITE COMPONENTS...").
-    sed -e 's/\[[^]]*\]//' /etc/apt/sources.list 2>/dev/null |
-        awk -v suite="$suite" '$1 == "deb" && $3 == suite && !done {
-            print "Types: deb"; print "URIs: " $2; print "Suites: " suite "-backports"; print "Components: main"
-            done = 1
-        }' || true
-}
-
-apt_opts() {
-    apt_args=(
-        -c "$aptdir/apt.conf"
-        -o Dir::Etc::SourceList=/dev/null
-        -o "Dir::Etc::SourceParts=$aptdir/sources"
-        -o "Dir::Etc::PreferencesParts=$aptdir/preferences"
-        -o "Dir::State::Lists=$aptdir/lists"
-        -o "Dir::Cache=$aptdir/cache"
-    )
-}
+# shellcheck source=../lib/debian-apt.bash
+. "$repo/tests/e2e/lib/debian-apt.bash"
 
 fetch_kernel() {
     say "resolving the $suite-backports kernel"
-    mkdir -p "$aptdir/sources" "$aptdir/preferences" "$aptdir/lists/partial" "$aptdir/cache/archives/partial" \
-        "$aptdir/debs"
-    local src
-    src=$(backports_source)
-    [[ -n $src ]] || die "no apt source for suite '$suite' found in the system's apt sources"
-    printf '%s\n' "$src" >"$aptdir/sources/backports.sources"
-    # Private configuration on top of the system's: no system hooks (they act on the system's apt state),
-    # no translation / AppStream indexes (not needed to download one package).
-    {
-        echo '#clear APT::Update::Pre-Invoke;'
-        echo '#clear APT::Update::Post-Invoke;'
-        echo '#clear APT::Update::Post-Invoke-Success;'
-        echo '#clear DPkg::Pre-Invoke;'
-        echo '#clear DPkg::Post-Invoke;'
-        echo 'Acquire::Languages "none";'
-        echo 'Acquire::IndexTargets::deb::DEP-11::DefaultEnabled "false";'
-        if ((EUID == 0)); then echo 'APT::Sandbox::User "root";'; fi
-    } >"$aptdir/apt.conf"
     local apt_args
-    apt_opts
-    apt-get "${apt_args[@]}" -q update >&2 || die "apt-get update (private backports source) failed"
+    debian_apt_setup "$aptdir" "$suite" "$suite-backports" || die "cannot derive a private $suite-backports source"
+    debian_apt_update || die "apt-get update (private backports source) failed"
 
     local meta=linux-image-amd64/$suite-backports pkg
     pkg=$(apt-cache "${apt_args[@]}" depends "$meta" 2>/dev/null |
