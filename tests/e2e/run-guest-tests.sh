@@ -51,6 +51,17 @@ if ((${#tests[@]} == 0)); then
     exit 2
 fi
 
+# A test's "# host-prepare: CMD" lines run here first, from the repo root: the guest has no network, so
+# downloads (e.g. another containerd) happen on the host, into the cache the guest sees.
+for t in "${tests[@]}"; do
+    while IFS= read -r cmd; do
+        echo "run-guest-tests.sh: $(basename "$t" .sh): host-prepare: $cmd"
+        (cd "$repo" && bash -c "$cmd" >/dev/null) || {
+            echo "run-guest-tests.sh: host-prepare of $(basename "$t" .sh) failed: $cmd" >&2
+            exit 1
+        }
+    done < <(sed -n 's/^# host-prepare: //p' "$t")
+done
 export OVBD_GUEST_TEST_TIMEOUT=${OVBD_GUEST_TEST_TIMEOUT:-600}
 total_timeout=${OVBD_VM_TIMEOUT:-$((120 + OVBD_GUEST_TEST_TIMEOUT * ${#tests[@]}))}
 

@@ -103,7 +103,12 @@ _ovbd_serve_reachable() {
     case ${OVBD_SERVE_LOG_LEVEL:-debug} in
         debug | trace)
             awk '/^=== ovbd serve start/ { n = 0 } /accepted a connection on the snapshotter socket/ { n++ }
-                END { exit n == 0 }' "$OVBD_SERVE_LOG"
+                END { exit n == 0 }' "$OVBD_SERVE_LOG" && return 0
+            # containerd 1.7's gRPC redials a lost snapshotter only for a request: make one (containerd asks
+            # the snapshotter for each snapshot's usage); the next poll sees the connection.
+            # shellcheck disable=SC2086  # $CTR is a command line
+            timeout 10 $CTR snapshots --snapshotter "$CTRD_PROXY_NAME" usage >/dev/null 2>&1
+            return 1
             ;;
         *) # shellcheck disable=SC2086  # $CTR is a command line
             $CTR snapshots --snapshotter "$CTRD_PROXY_NAME" ls >/dev/null 2>&1 ;;
