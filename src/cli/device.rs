@@ -185,6 +185,7 @@ fn serve(
     let fuse_dir = run_dir().join("fuse").join(std::process::id().to_string());
     let frontend = DeviceFrontend::open(kind, &fuse_dir)
         .with_context(|| format!("starting the {kind} device frontend"))?;
+    log::info!("device frontend: {}", frontend.kind());
     let r = serve_on(&frontend, configs, id, recover, ready);
     frontend.shutdown();
     if kind == Frontend::Fuse {

@@ -229,14 +229,6 @@ impl AttachedDevice {
         }
     }
 
-    /// fuse: the image's file on the FUSE mount.
-    pub fn file_path(&self) -> Option<std::path::PathBuf> {
-        match &self.server {
-            Server::Ublk(_) => None,
-            Server::Fuse(f) => Some(f.file_path()),
-        }
-    }
-
     /// What the driver reports of this device while this process serves it.
     pub fn identity(&self) -> DeviceIdentity {
         self.identity
