@@ -348,6 +348,13 @@ impl FuseFrontend {
     }
 }
 
+impl Drop for FuseFrontend {
+    /// The last user of the frontend is gone (every attachment holds it): unmount.
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
 /// Detaches loop devices and the FUSE mount a previous run left under `dir` (its server is
 /// gone: their I/O fails, and a dead mount would make `dir` unusable).
 fn clear_stale(dir: &Path) {
