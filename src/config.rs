@@ -39,6 +39,35 @@ pub enum WritableLayerType {
     Sparse,
 }
 
+/// Which block device frontend serves images (`[device] frontend`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum FrontendChoice {
+    /// ublk when /dev/ublk-control exists, else FUSE + loop.
+    #[default]
+    Auto,
+    Ublk,
+    Fuse,
+}
+
+impl FrontendChoice {
+    pub fn resolve(self) -> crate::device::Frontend {
+        use crate::device::Frontend;
+        match self {
+            FrontendChoice::Auto => Frontend::auto(),
+            FrontendChoice::Ublk => Frontend::Ublk,
+            FrontendChoice::Fuse => Frontend::Fuse,
+        }
+    }
+}
+
+/// `[device]`: how images become block devices.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeviceConfig {
+    pub frontend: FrontendChoice,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
@@ -62,6 +91,8 @@ pub struct Config {
     pub cache: CacheConfig,
     /// Background download of whole remote layers (`[download]`).
     pub download: DownloadConfig,
+    /// Block device frontend (`[device]`).
+    pub device: DeviceConfig,
 }
 
 impl Default for Config {
@@ -77,6 +108,7 @@ impl Default for Config {
             registry: RegistryConfig::default(),
             cache: CacheConfig::default(),
             download: DownloadConfig::default(),
+            device: DeviceConfig::default(),
         }
     }
 }
@@ -309,7 +341,12 @@ mod tests {
         assert_eq!(sample.registry, RegistryConfig::default());
         assert_eq!(sample.cache, CacheConfig::default());
         assert_eq!(sample.download, DownloadConfig::default());
+        assert_eq!(sample.device, DeviceConfig::default());
         let c: Config = toml::from_str("").unwrap();
+        assert_eq!(c.device.frontend, FrontendChoice::Auto);
+        let c: Config = toml::from_str("[device]\nfrontend = \"fuse\"").unwrap();
+        assert_eq!(c.device.frontend.resolve(), crate::device::Frontend::Fuse);
+        assert!(toml::from_str::<Config>("[device]\nfrontend = \"nbd\"").is_err());
         assert_eq!(c.registry, RegistryConfig::default());
         assert_eq!(c.cache, CacheConfig::default());
         assert_eq!(c.registry.timeout_secs, 30.0);

@@ -1,6 +1,8 @@
-//! The `ovbd device` verbs: attach a `config.v1.json` image as a ublk device, list, detach.
+//! The `ovbd device` verbs: attach a `config.v1.json` image as a block device (ublk, or a loop
+//! device over this process's FUSE mount), list, detach.
 
-use crate::device::{self, AttachOptions, WorkerPool};
+use crate::config::FrontendChoice;
+use crate::device::{self, AttachOptions, Backing, DeviceFrontend, Frontend, WorkerPool};
 use crate::source::config::ImageConfig;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -18,6 +20,24 @@ struct DeviceRecord {
     pid: u32,
     writable: bool,
     recoverable: bool,
+    /// Records of older ovbd versions have none: ublk.
+    #[serde(default)]
+    frontend: Frontend,
+    /// fuse: what backs the loop device (tells it from another program's with the same number).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    backing: Option<Backing>,
+}
+
+impl DeviceRecord {
+    /// Whether its device still exists (for fuse: the loop device is still bound to our file).
+    fn exists(&self) -> bool {
+        match self.frontend {
+            Frontend::Ublk => device::exists(self.id),
+            Frontend::Fuse => {
+                self.backing.is_some() && device::loop_backing(self.id) == self.backing
+            }
+        }
+    }
 }
 
 fn run_dir() -> PathBuf {
@@ -26,8 +46,12 @@ fn run_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/run/ovbd"))
 }
 
-fn record_path(id: u32) -> PathBuf {
-    run_dir().join("devices").join(format!("{id}.json"))
+fn record_path(frontend: Frontend, id: u32) -> PathBuf {
+    let name = match frontend {
+        Frontend::Ublk => format!("{id}.json"),
+        Frontend::Fuse => format!("loop{id}.json"),
+    };
+    run_dir().join("devices").join(name)
 }
 
 fn pid_alive(pid: u32) -> bool {
@@ -36,7 +60,14 @@ fn pid_alive(pid: u32) -> bool {
 
 /// `ovbd device attach`. With `background`, returns once the device is up and a child process
 /// serves it; otherwise serves until the device is detached or a signal arrives.
-pub fn attach(configs: &[PathBuf], background: bool, id: Option<u32>, recover: bool) -> Result<()> {
+pub fn attach(
+    configs: &[PathBuf],
+    background: bool,
+    id: Option<u32>,
+    recover: bool,
+    frontend: FrontendChoice,
+) -> Result<()> {
+    let frontend = frontend.resolve();
     if recover && id.is_none() {
         bail!("--recover needs --id: the device to re-attach");
     }
@@ -44,7 +75,7 @@ pub fn attach(configs: &[PathBuf], background: bool, id: Option<u32>, recover: b
         bail!("--id and --recover take exactly one config");
     }
     if !background {
-        return serve(configs, id, recover, &mut |msg| {
+        return serve(configs, id, recover, frontend, &mut |msg| {
             println!("{msg}");
             let _ = std::io::stdout().flush();
         });
@@ -98,7 +129,7 @@ pub fn attach(configs: &[PathBuf], background: bool, id: Option<u32>, recover: b
     drop(rd);
     detach_stdio()?;
     let mut reported = 0;
-    let r = serve(configs, id, recover, &mut |msg| {
+    let r = serve(configs, id, recover, frontend, &mut |msg| {
         let _ = writeln!(wr, "ok {msg}");
         reported += 1;
     });
@@ -141,31 +172,53 @@ fn serve(
     configs: &[PathBuf],
     id: Option<u32>,
     recover: bool,
+    kind: Frontend,
     ready: &mut dyn FnMut(&str),
 ) -> Result<()> {
-    // Signals go to the waiter thread below; block them before any thread starts.
-    // SAFETY: sigset manipulation on a local set.
-    let set = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-            libc::sigaddset(&mut set, s);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    };
+    // Signals go to the waiter thread of `serve_on`; block them before any thread starts.
+    blocked_signals();
+    // ublk: no mount of a device we serve may live in this process's namespace. fuse: the
+    // mount is this server's own (other servers each mount theirs at their own path), gone with
+    // the process; the loop devices over it are what others see.
     device::enter_private_mount_namespace().context("entering a private mount namespace")?;
+    // Per process: another server's files must never look like stale ones of ours.
+    let fuse_dir = run_dir().join("fuse").join(std::process::id().to_string());
+    let frontend = DeviceFrontend::open(kind, &fuse_dir)
+        .with_context(|| format!("starting the {kind} device frontend"))?;
+    log::info!("device frontend: {}", frontend.kind());
+    let r = serve_on(&frontend, configs, id, recover, ready);
+    frontend.shutdown();
+    if kind == Frontend::Fuse {
+        let _ = std::fs::remove_dir(&fuse_dir);
+    }
+    r
+}
+
+fn serve_on(
+    frontend: &DeviceFrontend,
+    configs: &[PathBuf],
+    id: Option<u32>,
+    recover: bool,
+    ready: &mut dyn FnMut(&str),
+) -> Result<()> {
+    let set = blocked_signals();
     let pool = WorkerPool::new(2, 256);
     let mut devices = Vec::with_capacity(configs.len());
     for path in configs {
-        match attach_one(path, id, recover, &pool) {
+        match attach_one(frontend, path, id, recover, &pool) {
             Ok(d) => {
+                log::info!(
+                    "{}: {} ({} frontend)",
+                    path.display(),
+                    d.0.block_path(),
+                    d.0.frontend()
+                );
                 ready(&d.0.block_path());
                 devices.push(d);
             }
             Err(e) => {
                 for ((d, rp), started) in devices.into_iter().zip(configs) {
-                    let _ = device::stop_device(d.id);
+                    let _ = d.stop();
                     let mut d = d;
                     let _ = d.join();
                     let _ = std::fs::remove_file(rp);
@@ -180,16 +233,16 @@ fn serve(
             }
         }
     }
-    let ids: Vec<u32> = devices.iter().map(|d| d.0.id).collect();
+    let stoppers: Vec<device::DeviceStopper> = devices.iter().map(|d| d.0.stopper()).collect();
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             let mut sig = 0;
             // SAFETY: waiting on the blocked set.
             unsafe { libc::sigwait(&set, &mut sig) };
-            log::info!("signal {sig}: detaching {} device(s)", ids.len());
-            for id in ids {
-                if let Err(e) = device::stop_device(id) {
+            log::info!("signal {sig}: detaching {} device(s)", stoppers.len());
+            for s in stoppers {
+                if let Err(e) = s.stop() {
                     log::error!("{e:#}");
                 }
             }
@@ -197,7 +250,7 @@ fn serve(
     let mut result = Ok(());
     for (mut d, rp) in devices {
         if let Err(e) = d.join() {
-            log::error!("/dev/ublkb{}: {e:#}", d.id);
+            log::error!("{}: {e:#}", d.block_path());
             result = Err(e.into());
         }
         let _ = std::fs::remove_file(rp);
@@ -205,9 +258,25 @@ fn serve(
     result
 }
 
+/// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread (and threads it starts later);
+/// returns that set.
+fn blocked_signals() -> libc::sigset_t {
+    // SAFETY: sigset manipulation on a local set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
 /// Opens one config's image and attaches it; records the outcome in its resultFile and the
 /// device in the run directory.
 fn attach_one(
+    frontend: &DeviceFrontend,
     config_path: &Path,
     id: Option<u32>,
     recover: bool,
@@ -216,7 +285,7 @@ fn attach_one(
     let cfg = ImageConfig::load(config_path)?;
     let attached = cfg.open_image(None).and_then(|image| {
         let writable = image.is_writable();
-        let dev = device::attach(Arc::new(image), pool.clone(), AttachOptions { id, recover })?;
+        let dev = frontend.attach(Arc::new(image), pool.clone(), AttachOptions { id, recover })?;
         Ok((dev, writable))
     });
     let (dev, writable) = match attached {
@@ -234,8 +303,10 @@ fn attach_one(
         pid: std::process::id(),
         writable,
         recoverable: dev.recoverable,
+        frontend: dev.frontend(),
+        backing: dev.backing(),
     };
-    let rp = record_path(dev.id);
+    let rp = record_path(dev.frontend(), dev.id);
     if let Some(parent) = rp.parent() {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("creating {}", parent.display()))?;
@@ -247,6 +318,43 @@ fn attach_one(
 }
 
 pub fn list(as_json: bool) -> Result<()> {
+    let mut records = records();
+    records.sort_by_key(|r| (r.frontend == Frontend::Fuse, r.id));
+    let state = |r: &DeviceRecord| match (r.exists(), pid_alive(r.pid)) {
+        (true, true) => "serving",
+        (true, false) if r.recoverable => "orphaned (recoverable)",
+        (true, false) => "orphaned",
+        (false, _) => "gone",
+    };
+    if as_json {
+        let v: Vec<_> = records
+            .iter()
+            .map(|r| serde_json::json!({"id": r.id, "block": r.block, "config": r.config, "pid": r.pid, "writable": r.writable, "state": state(r), "frontend": r.frontend}))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "{:<4} {:<14} {:<8} {:<4} {:<24} {:<8} CONFIG",
+        "ID", "DEVICE", "PID", "RW", "STATE", "FRONTEND"
+    );
+    for r in &records {
+        println!(
+            "{:<4} {:<14} {:<8} {:<4} {:<24} {:<8} {}",
+            r.id,
+            r.block,
+            r.pid,
+            if r.writable { "rw" } else { "ro" },
+            state(r),
+            r.frontend,
+            r.config.display()
+        );
+    }
+    Ok(())
+}
+
+/// Every record in the run directory.
+fn records() -> Vec<DeviceRecord> {
     let dir = run_dir().join("devices");
     let mut records = Vec::new();
     if let Ok(entries) = std::fs::read_dir(&dir) {
@@ -258,44 +366,43 @@ pub fn list(as_json: bool) -> Result<()> {
             }
         }
     }
-    records.sort_by_key(|r| r.id);
-    let state = |r: &DeviceRecord| match (device::exists(r.id), pid_alive(r.pid)) {
-        (true, true) => "serving",
-        (true, false) if r.recoverable => "orphaned (recoverable)",
-        (true, false) => "orphaned",
-        (false, _) => "gone",
-    };
-    if as_json {
-        let v: Vec<_> = records
-            .iter()
-            .map(|r| serde_json::json!({"id": r.id, "block": r.block, "config": r.config, "pid": r.pid, "writable": r.writable, "state": state(r)}))
-            .collect();
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
-    }
-    println!(
-        "{:<4} {:<14} {:<8} {:<4} {:<24} CONFIG",
-        "ID", "DEVICE", "PID", "RW", "STATE"
-    );
-    for r in &records {
-        println!(
-            "{:<4} {:<14} {:<8} {:<4} {:<24} {}",
-            r.id,
-            r.block,
-            r.pid,
-            if r.writable { "rw" } else { "ro" },
-            state(r),
-            r.config.display()
-        );
-    }
-    Ok(())
+    records
 }
 
-pub fn detach(id: u32) -> Result<()> {
-    let rp = record_path(id);
+/// The device `ovbd device detach` names: `N` (ublk if such a record or device exists, else
+/// loop), `/dev/ublkbN`, `/dev/loopN` or `loopN`.
+fn parse_device(arg: &str) -> Result<(Frontend, u32)> {
+    let num = |s: &str| {
+        s.parse::<u32>()
+            .with_context(|| format!("{arg:?} is not a device id, /dev/ublkbN or /dev/loopN"))
+    };
+    if let Some(n) = arg.strip_prefix("/dev/ublkb") {
+        return Ok((Frontend::Ublk, num(n)?));
+    }
+    if let Some(n) = arg.strip_prefix("/dev/loop").or(arg.strip_prefix("loop")) {
+        return Ok((Frontend::Fuse, num(n)?));
+    }
+    let id = num(arg)?;
+    let fuse_recorded = record_path(Frontend::Fuse, id).exists();
+    let ublk = record_path(Frontend::Ublk, id).exists() || device::exists(id);
+    Ok(match (ublk, fuse_recorded) {
+        (true, true) => {
+            bail!("both /dev/ublkb{id} and /dev/loop{id} are ovbd devices: name one by its path")
+        }
+        (false, true) => (Frontend::Fuse, id),
+        _ => (Frontend::Ublk, id),
+    })
+}
+
+pub fn detach(arg: &str) -> Result<()> {
+    let (frontend, id) = parse_device(arg)?;
+    let rp = record_path(frontend, id);
     let record: Option<DeviceRecord> = std::fs::read_to_string(&rp)
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok());
+    if frontend == Frontend::Fuse {
+        return detach_loop(id, record, &rp);
+    }
     if !device::exists(id) {
         let _ = std::fs::remove_file(&rp);
         bail!("no ublk device {id}");
@@ -325,5 +432,32 @@ pub fn detach(id: u32) -> Result<()> {
         }
     }
     let _ = std::fs::remove_file(&rp);
+    Ok(())
+}
+
+/// Detaches loop device `id` of a fuse server: unbound at once if unused (its server then drops
+/// the image and exits once it serves nothing), else once its last user lets go.
+fn detach_loop(id: u32, record: Option<DeviceRecord>, rp: &Path) -> Result<()> {
+    let Some(backing) = record.as_ref().and_then(|r| r.backing) else {
+        bail!(
+            "/dev/loop{id} is not a device `ovbd device attach` made (no record in {})",
+            rp.display()
+        );
+    };
+    if !device::clear_loop(id, backing)? {
+        let _ = std::fs::remove_file(rp);
+        bail!("/dev/loop{id} is gone (or another program's now)");
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while device::loop_backing(id) == Some(backing) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if device::loop_backing(id) == Some(backing) {
+        eprintln!("ovbd: /dev/loop{id} detached; the kernel removes it once its last user (a mount?) lets go");
+    }
+    // A live server removes the record once it has dropped the image.
+    if !record.is_some_and(|r| pid_alive(r.pid)) {
+        let _ = std::fs::remove_file(rp);
+    }
     Ok(())
 }

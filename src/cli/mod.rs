@@ -98,7 +98,7 @@ struct RegistryArgs {
 
 #[derive(Subcommand)]
 enum DeviceCmd {
-    /// Serve the images described by overlaybd `config.v1.json` files as /dev/ublkbN devices
+    /// Serve the images described by overlaybd `config.v1.json` files as block devices
     /// (printed one per line), all from one process.
     Attach {
         #[arg(required = true)]
@@ -112,14 +112,19 @@ enum DeviceCmd {
         /// Re-attach device --id whose server died (needs UBLK_F_USER_RECOVERY).
         #[arg(long)]
         recover: bool,
+        /// Block device frontend: ublk (/dev/ublkbN), fuse (/dev/loopN over a file on a FUSE
+        /// mount the server owns), or auto (ublk when /dev/ublk-control exists, else fuse).
+        #[arg(long, value_enum, default_value_t = config::FrontendChoice::Auto)]
+        frontend: config::FrontendChoice,
     },
     /// List devices attached by ovbd.
     List {
         #[arg(long)]
         json: bool,
     },
-    /// Stop and delete a device.
-    Detach { id: u32 },
+    /// Stop and delete a device: its id as `ovbd device list` shows it, or its path
+    /// (/dev/ublkbN, /dev/loopN).
+    Detach { id: String },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -262,7 +267,8 @@ fn run(cli: Cli) -> Result<()> {
             background,
             id,
             recover,
-        }) => device::attach(&configs, background, id, recover),
+            frontend,
+        }) => device::attach(&configs, background, id, recover, frontend),
         Cmd::Device(DeviceCmd::List { json }) => device::list(json),
         Cmd::Convert {
             src,
@@ -307,7 +313,7 @@ fn run(cli: Cli) -> Result<()> {
             let cfg = config::Config::load(config.as_deref())?;
             serve::serve(cfg)
         }
-        Cmd::Device(DeviceCmd::Detach { id }) => device::detach(id),
+        Cmd::Device(DeviceCmd::Detach { id }) => device::detach(&id),
         Cmd::Image(ImageCmd::Export { mut paths }) => {
             let out = paths.pop().unwrap_or_default();
             layer::export(&paths, &out)

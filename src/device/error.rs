@@ -1,4 +1,5 @@
-//! What the device frontend reports: attaching, stopping and deleting ublk devices. The
+//! What the device frontends report: attaching, stopping and deleting ublk devices, the FUSE
+//! mount and its loop devices. The
 //! answers to the kernel's requests are errnos, not these.
 
 use libublk::UblkError;
@@ -34,6 +35,26 @@ pub enum DeviceError {
         id: Option<u32>,
         #[source]
         source: ovbd_format::Error,
+    },
+    /// The FUSE frontend's mount or session failed.
+    #[error("fuse frontend: {what}: {source}")]
+    Fuse {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    /// A loop device of the FUSE frontend could not be set up or detached.
+    #[error("fuse frontend: {what}: {source}")]
+    Loop {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    /// An option the chosen frontend does not have.
+    #[error("the {frontend} frontend does not support {what}")]
+    Unsupported {
+        frontend: super::Frontend,
+        what: &'static str,
     },
     /// Setting up the serving thread's private mount namespace failed.
     #[error("{what}: {source}")]

@@ -1,4 +1,9 @@
-//! The ublk frontend: serves an [`ImageStack`] as `/dev/ublkbN`.
+//! Device frontends: serve an [`ImageStack`] as a block device. Two of them
+//! ([`DeviceFrontend`]): ublk (`/dev/ublkbN`, this file and [`ublk`]), and, for kernels
+//! without ublk, FUSE + loop (`/dev/loopN` over a file on a FUSE mount this process serves:
+//! [`fuse`], [`loopdev`]). Both answer requests through [`request`] on worker pools.
+//!
+//! The ublk frontend:
 //!
 //! One control thread per device runs libublk's `run_target`; its queue thread receives
 //! requests and hands each to the device's own elastic worker pool, so a slow read (a registry
@@ -28,11 +33,15 @@
 //! identity.
 
 mod error;
+mod fuse;
+mod loopdev;
 mod pool;
 mod request;
 mod ublk;
 
 pub use error::DeviceError;
+pub use fuse::FuseFrontend;
+pub use loopdev::Backing;
 pub use pool::{device_pool, WorkerPool};
 
 use libublk::ctrl::UblkCtrl;
@@ -53,13 +62,129 @@ pub struct AttachOptions {
     pub recover: bool,
 }
 
+/// Which kind of block device serves an image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Frontend {
+    /// `/dev/ublkbN` (needs CONFIG_BLK_DEV_UBLK).
+    #[default]
+    Ublk,
+    /// `/dev/loopN` over a file on this process's FUSE mount.
+    Fuse,
+}
+
+impl std::fmt::Display for Frontend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(match self {
+            Frontend::Ublk => "ublk",
+            Frontend::Fuse => "fuse",
+        })
+    }
+}
+
+impl Frontend {
+    /// ublk where the kernel has it, else FUSE + loop.
+    pub fn auto() -> Frontend {
+        if std::path::Path::new("/dev/ublk-control").exists() {
+            Frontend::Ublk
+        } else {
+            Frontend::Fuse
+        }
+    }
+}
+
+/// A frontend ready to attach images: ublk needs no state; FUSE its one mount.
+#[derive(Clone)]
+pub enum DeviceFrontend {
+    Ublk,
+    Fuse(Arc<FuseFrontend>),
+}
+
+impl DeviceFrontend {
+    /// Sets up frontend `kind`; `fuse_dir`: where the FUSE frontend mounts (root-only).
+    pub fn open(kind: Frontend, fuse_dir: &std::path::Path) -> Result<DeviceFrontend, DeviceError> {
+        Ok(match kind {
+            Frontend::Ublk => DeviceFrontend::Ublk,
+            Frontend::Fuse => DeviceFrontend::Fuse(FuseFrontend::mount(fuse_dir)?),
+        })
+    }
+
+    pub fn kind(&self) -> Frontend {
+        match self {
+            DeviceFrontend::Ublk => Frontend::Ublk,
+            DeviceFrontend::Fuse(_) => Frontend::Fuse,
+        }
+    }
+
+    /// Starts serving `image`; returns once its block device exists.
+    pub fn attach(
+        &self,
+        image: Arc<ImageStack>,
+        pool: Arc<WorkerPool>,
+        opts: AttachOptions,
+    ) -> Result<AttachedDevice, DeviceError> {
+        let fuse = match self {
+            DeviceFrontend::Ublk => return attach(image, pool, opts),
+            DeviceFrontend::Fuse(f) => f,
+        };
+        if opts.id.is_some() || opts.recover {
+            return Err(DeviceError::Unsupported {
+                frontend: Frontend::Fuse,
+                what: "choosing the device id or recovering a device",
+            });
+        }
+        let sectors = image.virtual_size() >> 9;
+        let attached = fuse.attach(image, pool)?;
+        Ok(AttachedDevice {
+            id: attached.number,
+            recoverable: false,
+            identity: DeviceIdentity {
+                pid: std::process::id() as i32,
+                sectors,
+            },
+            server: Server::Fuse(attached),
+        })
+    }
+
+    /// Lets go of the frontend's own resources (the FUSE mount) once its devices are detached.
+    pub fn shutdown(&self) {
+        if let DeviceFrontend::Fuse(f) = self {
+            f.shutdown();
+        }
+    }
+}
+
 /// A device being served by this process.
 pub struct AttachedDevice {
+    /// ublk: the device id (`/dev/ublkbN`); fuse: the loop device's number (`/dev/loopN`).
     pub id: u32,
     /// Whether the device survives this process dying (and can be re-attached).
     pub recoverable: bool,
     identity: DeviceIdentity,
-    thread: Option<JoinHandle<Result<(), DeviceError>>>,
+    server: Server,
+}
+
+enum Server {
+    Ublk(Option<JoinHandle<Result<(), DeviceError>>>),
+    Fuse(fuse::FuseAttachment),
+}
+
+/// Stops a device from another thread than the one waiting on it.
+#[derive(Clone)]
+pub enum DeviceStopper {
+    Ublk(u32),
+    Fuse(fuse::FuseStopper),
+}
+
+impl DeviceStopper {
+    /// ublk: the driver stops the device, its server deletes it. fuse: the loop device is
+    /// detached (once its last user lets go); `join` then drops the image's file.
+    pub fn stop(&self) -> Result<(), DeviceError> {
+        match self {
+            DeviceStopper::Ublk(id) => stop_device(*id),
+            DeviceStopper::Fuse(s) => s.stop(),
+        }
+    }
 }
 
 impl AttachedDevice {
@@ -73,7 +198,34 @@ impl AttachedDevice {
                 pid: std::process::id() as i32,
                 sectors: 0,
             },
-            thread: None,
+            server: Server::Ublk(None),
+        }
+    }
+
+    pub fn frontend(&self) -> Frontend {
+        match self.server {
+            Server::Ublk(_) => Frontend::Ublk,
+            Server::Fuse(_) => Frontend::Fuse,
+        }
+    }
+
+    pub fn stopper(&self) -> DeviceStopper {
+        match &self.server {
+            Server::Ublk(_) => DeviceStopper::Ublk(self.id),
+            Server::Fuse(f) => DeviceStopper::Fuse(f.stopper()),
+        }
+    }
+
+    /// Asks the device to stop (see [`DeviceStopper::stop`]); [`Self::join`] waits for it.
+    pub fn stop(&self) -> Result<(), DeviceError> {
+        self.stopper().stop()
+    }
+
+    /// fuse: what backs the loop device (tells it from a later user of its number).
+    pub fn backing(&self) -> Option<Backing> {
+        match &self.server {
+            Server::Ublk(_) => None,
+            Server::Fuse(f) => Some(f.backing()),
         }
     }
 
@@ -83,21 +235,30 @@ impl AttachedDevice {
     }
 
     pub fn block_path(&self) -> String {
-        format!("/dev/ublkb{}", self.id)
+        match self.server {
+            Server::Ublk(_) => format!("/dev/ublkb{}", self.id),
+            Server::Fuse(_) => format!("/dev/loop{}", self.id),
+        }
     }
 
     /// Whether its server still runs (the device is not yet stopped and deleted).
     pub fn is_served(&self) -> bool {
-        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+        match &self.server {
+            Server::Ublk(thread) => thread.as_ref().is_some_and(|t| !t.is_finished()),
+            Server::Fuse(f) => f.is_served(),
+        }
     }
 
     /// Waits until the device stops (detached from elsewhere) and is deleted.
     pub fn join(&mut self) -> Result<(), DeviceError> {
-        match self.thread.take() {
-            Some(t) => t
-                .join()
-                .map_err(|_| DeviceError::Panicked { id: self.id })?,
-            None => Ok(()),
+        match &mut self.server {
+            Server::Ublk(thread) => match thread.take() {
+                Some(t) => t
+                    .join()
+                    .map_err(|_| DeviceError::Panicked { id: self.id })?,
+                None => Ok(()),
+            },
+            Server::Fuse(f) => f.join(),
         }
     }
 }
@@ -121,6 +282,20 @@ fn ublk_error(id: u32, what: &'static str) -> impl FnOnce(UblkError) -> DeviceEr
         what,
         source,
     }
+}
+
+/// What backs loop device `number` (`None`: unbound or gone).
+pub fn loop_backing(number: u32) -> Option<Backing> {
+    loopdev::backing(number)
+}
+
+/// Detaches loop device `number` if `expect` still backs it (see [`loopdev::clear`]); whether
+/// it did.
+pub fn clear_loop(number: u32, expect: Backing) -> Result<bool, DeviceError> {
+    loopdev::clear(number, expect).map_err(|source| DeviceError::Loop {
+        what: "detaching",
+        source,
+    })
 }
 
 /// Whether the driver has a device `id` (ours or not, served or not).
@@ -211,7 +386,7 @@ pub fn attach(
             id,
             recoverable,
             identity,
-            thread: Some(thread),
+            server: Server::Ublk(Some(thread)),
         }),
         Ok(Err(e)) => {
             let _ = thread.join();

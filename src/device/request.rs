@@ -1,6 +1,8 @@
 //! One block request against the image: a read tried on the queue thread without blocking
 //! ([`try_read_inline`]), or any request run by a worker, where blocking is fine
-//! ([`run_request`] → [`handle_request_range`]). Both fail with EIO rather than panic.
+//! ([`run_request`] → [`handle_request_range`]). Both fail with EIO rather than panic. The
+//! operations are ublk's op codes, for the FUSE frontend too (its read / write / fsync /
+//! fallocate map onto them).
 
 use super::pool::panic_text;
 use libublk::sys;
@@ -9,7 +11,7 @@ use ovbd_format::ImageStack;
 /// A worker's job for one request of device `dev_id`: [`handle_request_range`]'s answer, or
 /// EIO if serving it panics (a bug must fail one request, not hang its tag or kill a worker).
 pub(super) fn run_request(
-    dev_id: u32,
+    dev: &dyn std::fmt::Display,
     image: &ImageStack,
     op: u32,
     offset: u64,
@@ -20,7 +22,7 @@ pub(super) fn run_request(
         std::panic::AssertUnwindSafe(|| handle_request_range(image, op, offset, nr_bytes, buf));
     std::panic::catch_unwind(run).unwrap_or_else(|p| {
         log::error!(
-            "ublk device {dev_id}: op {op} at {offset} (+{nr_bytes}) panicked: {}; failing it with EIO",
+            "{dev}: op {op} at {offset} (+{nr_bytes}) panicked: {}; failing it with EIO",
             panic_text(&*p)
         );
         -libc::EIO
@@ -30,7 +32,7 @@ pub(super) fn run_request(
 /// A read served on the queue thread if its data is at hand: `None` if it would wait. A panic
 /// fails the read with EIO rather than take down the queue thread.
 pub(super) fn try_read_inline(
-    dev_id: u32,
+    dev: &dyn std::fmt::Display,
     image: &ImageStack,
     buf: &mut [u8],
     offset: u64,
@@ -43,7 +45,7 @@ pub(super) fn try_read_inline(
         Ok(Err(e)) => Some(-e.errno()),
         Err(p) => {
             log::error!(
-                "ublk device {dev_id}: read at {offset} (+{len}) panicked: {}; failing it with EIO",
+                "{dev}: read at {offset} (+{len}) panicked: {}; failing it with EIO",
                 panic_text(&*p)
             );
             Some(-libc::EIO)
@@ -79,7 +81,7 @@ pub(super) fn handle_request_range(
     match r {
         Ok(n) => n,
         Err(e) => {
-            log::warn!("ublk op {op} at {offset} (+{len}): {e}");
+            log::warn!("op {op} at {offset} (+{len}): {e}");
             -e.errno()
         }
     }
@@ -240,16 +242,16 @@ mod tests {
         let img = ImageStack::read_only(ovbd_format::LayerStack::new(vec![sealed]).unwrap());
         let mut buf = vec![0u8; 4096];
         assert_eq!(
-            run_request(7, &img, sys::UBLK_IO_OP_READ, 0, 4096, &mut buf),
+            run_request(&7, &img, sys::UBLK_IO_OP_READ, 0, 4096, &mut buf),
             4096
         );
         src.armed.store(true, std::sync::atomic::Ordering::SeqCst);
         assert_eq!(
-            run_request(7, &img, sys::UBLK_IO_OP_READ, 0, 4096, &mut buf),
+            run_request(&7, &img, sys::UBLK_IO_OP_READ, 0, 4096, &mut buf),
             -libc::EIO
         );
         // So does one served on the queue thread.
-        assert_eq!(try_read_inline(7, &img, &mut buf, 0), Some(-libc::EIO));
+        assert_eq!(try_read_inline(&7, &img, &mut buf, 0), Some(-libc::EIO));
     }
 
     /// A layer blob (tar-wrapped ZFile if `zfile`, else a bare LSMT) holding `data` at
@@ -305,7 +307,7 @@ mod tests {
             let want = &data[512 << 10..(512 << 10) + len];
             let mut buf = vec![0u8; len];
             assert_eq!(
-                try_read_inline(1, &img, &mut buf, at),
+                try_read_inline(&1, &img, &mut buf, at),
                 None,
                 "zfile {zfile}"
             );
@@ -323,7 +325,7 @@ mod tests {
             );
             let op = sys::UBLK_IO_OP_READ;
             assert_eq!(
-                run_request(1, &img, op, at, len as u64, &mut buf),
+                run_request(&1, &img, op, at, len as u64, &mut buf),
                 len as i32,
                 "zfile {zfile}"
             );
@@ -332,7 +334,7 @@ mod tests {
             assert!(fetched > opened, "zfile {zfile}");
             // Cached now: served on the queue thread, nothing fetched.
             let mut again = vec![0u8; len];
-            assert_eq!(try_read_inline(1, &img, &mut again, at), Some(len as i32));
+            assert_eq!(try_read_inline(&1, &img, &mut again, at), Some(len as i32));
             assert!(again == want, "zfile {zfile}: wrong bytes inline");
             assert_eq!(fake.fetched(), fetched, "zfile {zfile}");
         }

@@ -205,9 +205,12 @@ async fn io_task(
         // large reads, which decode faster in parallel there.
         if op == sys::UBLK_IO_OP_READ && len <= INLINE_READ_MAX {
             let dev_id = q.dev.dev_info.dev_id;
-            if let Some(res) =
-                try_read_inline(dev_id, &image, &mut buf.as_mut_slice()[..len], offset)
-            {
+            if let Some(res) = try_read_inline(
+                &format_args!("ublk device {dev_id}"),
+                &image,
+                &mut buf.as_mut_slice()[..len],
+                offset,
+            ) {
                 q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res)
                     .await?;
                 continue;
@@ -225,7 +228,14 @@ async fn io_task(
             let (ptr, mut reply) = (ptr, reply);
             // SAFETY: the tag's task waits for this reply before using the buffer again.
             let data = unsafe { std::slice::from_raw_parts_mut(ptr.0, ptr.1) };
-            reply.answer(run_request(dev_id, &image, op, offset, nr_bytes, data));
+            reply.answer(run_request(
+                &format_args!("ublk device {dev_id}"),
+                &image,
+                op,
+                offset,
+                nr_bytes,
+                data,
+            ));
         }));
         let res = reply_rx.recv().await.unwrap_or(-libc::EIO);
         q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res)

@@ -5,7 +5,7 @@
 use super::error::SnapResult;
 use super::{base_vsize, split_chain, Snapshotter};
 use crate::config::WritableLayerType;
-use crate::device::{self, AttachOptions, AttachedDevice};
+use crate::device::{self, AttachOptions, AttachedDevice, DeviceFrontend, Frontend};
 use crate::mount;
 use crate::snapshotter::metadata::{Snapshot, SnapshotMode};
 use crate::source::config::{ImageConfig, LowerConfig, UpperConfig};
@@ -82,7 +82,7 @@ impl DeviceOps for SystemDeviceOps {
     fn stop(&self, dev: &mut AttachedDevice) -> Result<()> {
         // A retry after a failed wait: the device is gone already, only the wait is left.
         if dev.is_served() {
-            device::stop_device(dev.id)?;
+            dev.stop()?;
         }
         Ok(dev.join()?)
     }
@@ -95,6 +95,30 @@ impl DeviceOps for SystemDeviceOps {
 }
 
 impl Snapshotter {
+    /// The configured device frontend, set up on first use.
+    pub(super) fn frontend(&self) -> Result<&DeviceFrontend> {
+        if let Some(f) = self.frontend.get() {
+            return Ok(f);
+        }
+        let _one = self.frontend_init.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = self.frontend.get() {
+            return Ok(f);
+        }
+        let kind = self.cfg.device.frontend.resolve();
+        let dir = self.cfg.root.join("fuse");
+        let f = DeviceFrontend::open(kind, &dir)
+            .with_context(|| format!("starting the {kind} device frontend"))?;
+        log::info!("device frontend: {kind}");
+        Ok(self.frontend.get_or_init(|| f))
+    }
+
+    /// Forgets the record of our ublk device `dev` (fuse devices have none: see `own_device`).
+    fn forget_device(&self, dev: &AttachedDevice) {
+        if dev.frontend() == Frontend::Ublk {
+            self.own_device(dev.id, None);
+        }
+    }
+
     pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, Devices> {
         self.devices.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -206,7 +230,7 @@ impl Snapshotter {
             if let Err(e) =
                 mount::mount(&dev.block_path(), &mountpoint, "ext4", libc::MS_RDONLY, "")
             {
-                let _ = device::stop_device(dev.id);
+                let _ = dev.stop();
                 return Err(e.into());
             }
         }
@@ -269,7 +293,7 @@ impl Snapshotter {
             Ok(())
         })();
         if let Err(e) = ready {
-            let _ = device::stop_device(dev.id);
+            let _ = dev.stop();
             return Err(e.into());
         }
         Ok(dev)
@@ -291,6 +315,29 @@ impl Snapshotter {
                 return Err(e);
             }
         };
+        let frontend = match self.frontend() {
+            Ok(f) => f,
+            Err(e) => {
+                cfg.write_result(&Err(anyhow!("{e:#}")));
+                return Err(e);
+            }
+        };
+        if let DeviceFrontend::Fuse(_) = frontend {
+            // Re-serving a fuse device kept across a restart is not done yet: attached anew.
+            let dev = match frontend.attach(image, device::device_pool(), AttachOptions::default())
+            {
+                Ok(d) => d,
+                Err(e) => {
+                    cfg.write_result(&Err(anyhow!("{e:#}")));
+                    return Err(e.into());
+                }
+            };
+            log::info!("{}: {} (fuse frontend)", bdir.display(), dev.block_path());
+            std::fs::write(&mark, dev.block_path())
+                .with_context(|| format!("writing {}", mark.display()))?;
+            cfg.write_result(&Ok(()));
+            return Ok(dev);
+        }
         let mut attached = None;
         // Only a device still ours is recovered: after a restart the id may be another's.
         if let Some(id) = recorded.filter(|&id| self.still_ours(id)) {
@@ -340,7 +387,7 @@ impl Snapshotter {
         self.unmount(&self.dir(id).join("block/mountpoint"), lazy_if_busy)?;
         if let Some(d) = slot {
             self.ops.stop(d)?;
-            self.own_device(d.id, None);
+            self.forget_device(d);
         }
         *slot = None;
         Ok(())
@@ -352,7 +399,7 @@ impl Snapshotter {
         if let Some(d) = slot {
             self.unmount(&d.mountpoint, true)?;
             self.ops.stop(&mut d.dev)?;
-            self.own_device(d.dev.id, None);
+            self.forget_device(&d.dev);
         }
         *slot = None;
         Ok(())

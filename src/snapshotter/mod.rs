@@ -59,6 +59,10 @@ pub struct Snapshotter {
     ops: Box<dyn DeviceOps>,
     /// Where remote layers are read from (registry + block cache); None: no lazy pulling.
     remote: Option<Arc<dyn RemoteSource>>,
+    /// The block device frontend (`[device] frontend`), set up at the first attach: the FUSE
+    /// one mounts `<root>/fuse` then.
+    frontend: std::sync::OnceLock<crate::device::DeviceFrontend>,
+    frontend_init: Mutex<()>,
 }
 
 /// The largest virtual disk, GiB (256 TiB): writable base layers, `ovbd convert --vsize`.
@@ -114,6 +118,8 @@ impl Snapshotter {
             devices: Mutex::new(Devices::default()),
             ops: Box::new(SystemDeviceOps),
             remote: None,
+            frontend: Default::default(),
+            frontend_init: Mutex::new(()),
         })
     }
 
@@ -401,6 +407,13 @@ impl Snapshotter {
     /// At start: bring back what live snapshots need (devices the kernel kept are re-attached
     /// in place, so running containers keep their rootfs), then remove orphans.
     pub fn reconcile(&self) -> Result<()> {
+        // The FUSE frontend clears what a previous run left under <root>/fuse before anything
+        // attaches (a failure is retried at the first attach).
+        if self.cfg.device.frontend.resolve() == crate::device::Frontend::Fuse {
+            if let Err(e) = self.frontend() {
+                log::error!("{e:#}");
+            }
+        }
         let all = self.meta.list()?;
         for s in all.iter().filter(|s| s.kind != Kind::Committed) {
             let chain = if s.parent.is_empty() {

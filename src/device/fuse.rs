@@ -1,0 +1,735 @@
+//! The FUSE frontend: for kernels without ublk, each image is a regular file on one FUSE mount
+//! this process serves, and a loop device ([`super::loopdev`]) over that file is the block
+//! device.
+//!
+//! Crate: `fuser` (the maintained pure-Rust FUSE server; no libfuse needed: built without
+//! default features it mounts with mount(2) itself). Its `Filesystem` takes `&self`, runs
+//! `n_threads` event loops (each with its own /dev/fuse fd, `clone_fd`), and its `Reply*`
+//! objects are `Send`: requests that may block (a registry read, a flush) go to the image's
+//! [`WorkerPool`] and are answered from there, so a slow image never stalls another's requests.
+//!
+//! The mount is made here with mount(2) on a /dev/fuse fd we open, then the session is built
+//! with `Session::from_fd`: a later step that keeps that fd in a holder process across a
+//! daemon restart re-serves the connection through the same `Session::from_fd` (see
+//! [`FuseFrontend::serve_fd`]; the kernel then resends the requests in flight on
+//! FUSE_NOTIFY_RESEND).
+
+use super::error::DeviceError;
+use super::loopdev::{self, Backing, LoopOptions};
+use super::pool::WorkerPool;
+use super::request::{run_request, try_read_inline};
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, KernelConfig,
+    LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyWrite, Request, WriteFlags,
+};
+use libublk::sys;
+use ovbd_format::ImageStack;
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+/// Attributes never change while a file exists (its size is the image's virtual size).
+const TTL: Duration = Duration::from_secs(24 * 3600);
+/// Event loop threads: they only answer at once or hand requests to worker pools.
+const SESSION_THREADS: usize = 2;
+/// How long a stop waits for the loop driver to let go of the file (a user of the loop device,
+/// such as a mount, keeps it); after that the file's I/O fails, as a stopped ublk device's does.
+const RELEASE_WAIT: Duration = Duration::from_secs(10);
+/// The largest read or write request FUSE sends us.
+const MAX_REQUEST: u32 = 1 << 20;
+
+/// Whether loop devices read their FUSE file with direct I/O (see the figures in
+/// [`FuseFrontend::attach`]); `OVBD_LOOP_DIRECT_IO=0|1` overrides it for benchmarks.
+fn direct_io() -> bool {
+    match std::env::var("OVBD_LOOP_DIRECT_IO").as_deref() {
+        Ok("0") => false,
+        Ok("1") => true,
+        _ => DIRECT_IO_DEFAULT,
+    }
+}
+const DIRECT_IO_DEFAULT: bool = true;
+
+/// One attached image: a file on the mount.
+struct ImageFile {
+    ino: u64,
+    name: String,
+    image: Arc<ImageStack>,
+    pool: Arc<WorkerPool>,
+    writable: bool,
+    state: Mutex<FileState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct FileState {
+    /// Open file handles (the loop driver's is one).
+    opens: u32,
+    ever_opened: bool,
+    /// Stopped: every request fails with EIO.
+    dead: bool,
+    stop_requested: bool,
+}
+
+impl ImageFile {
+    fn lock(&self) -> std::sync::MutexGuard<'_, FileState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn attr(&self) -> FileAttr {
+        file_attr(
+            self.ino,
+            self.image.virtual_size(),
+            FileType::RegularFile,
+            if self.writable { 0o600 } else { 0o400 },
+        )
+    }
+
+    fn is_dead(&self) -> bool {
+        self.lock().dead
+    }
+}
+
+fn file_attr(ino: u64, size: u64, kind: FileType, perm: u16) -> FileAttr {
+    let t = SystemTime::UNIX_EPOCH;
+    FileAttr {
+        ino: INodeNo(ino),
+        size,
+        blocks: size.div_ceil(512),
+        atime: t,
+        mtime: t,
+        ctime: t,
+        crtime: t,
+        kind,
+        perm,
+        nlink: 1,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+type Files = Arc<RwLock<HashMap<u64, Arc<ImageFile>>>>;
+
+/// The FUSE mount holding one file per attached image, and the threads serving it.
+pub struct FuseFrontend {
+    mountpoint: PathBuf,
+    files: Files,
+    next_ino: AtomicU64,
+    session: Mutex<Option<JoinHandle<std::io::Result<()>>>>,
+}
+
+/// The FUSE side of an attached device.
+pub(super) struct FuseAttachment {
+    frontend: Arc<FuseFrontend>,
+    file: Arc<ImageFile>,
+    pub(super) number: u32,
+    backing: Backing,
+    joined: bool,
+}
+
+/// Stops a FUSE-backed device from any thread.
+#[derive(Clone)]
+pub struct FuseStopper {
+    file: Arc<ImageFile>,
+    number: u32,
+    backing: Backing,
+}
+
+impl FuseStopper {
+    /// Unbinds the loop device (at once if unused, else when its last user lets go) and marks
+    /// the file to be dropped by `join`.
+    pub(super) fn stop(&self) -> Result<(), DeviceError> {
+        self.file.lock().stop_requested = true;
+        self.file.changed.notify_all();
+        loopdev::clear(self.number, self.backing).map_err(|source| DeviceError::Loop {
+            what: "detaching",
+            source,
+        })?;
+        Ok(())
+    }
+}
+
+impl FuseFrontend {
+    /// Mounts the frontend's FUSE filesystem on `dir` (made, mode 0700: only root reaches the
+    /// files), after clearing what a previous run left there.
+    pub fn mount(dir: &Path) -> Result<Arc<FuseFrontend>, DeviceError> {
+        clear_stale(dir);
+        let io = |what: &'static str| move |source| DeviceError::Fuse { what, source };
+        std::fs::create_dir_all(dir).map_err(io("creating the mountpoint"))?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(io("restricting the mountpoint"))?;
+        let fuse: OwnedFd = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/fuse")
+            .map_err(io("opening /dev/fuse"))?
+            .into();
+        // No allow_other: the loop driver gets the file we open (as root, the mounter) and
+        // reads it in kernel threads, which FUSE lets through. default_permissions: the kernel
+        // checks modes (a read-only image's file is 0400).
+        let opts = format!(
+            "fd={},rootmode=40000,user_id=0,group_id=0,default_permissions",
+            fuse.as_raw_fd()
+        );
+        let c = |s: &str| std::ffi::CString::new(s).map_err(std::io::Error::other);
+        let target = c(&dir.to_string_lossy()).map_err(io("mountpoint name"))?;
+        let opts = c(&opts).map_err(io("mount options"))?;
+        // SAFETY: mount(2) with valid C strings.
+        let r = unsafe {
+            libc::mount(
+                c"ovbd".as_ptr(),
+                target.as_ptr(),
+                c"fuse.ovbd".as_ptr(),
+                libc::MS_NODEV | libc::MS_NOSUID | libc::MS_NOEXEC,
+                opts.as_ptr().cast(),
+            )
+        };
+        if r != 0 {
+            return Err(DeviceError::Fuse {
+                what: "mounting the FUSE filesystem",
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        let frontend = Arc::new(FuseFrontend {
+            mountpoint: dir.to_path_buf(),
+            files: Files::default(),
+            next_ino: AtomicU64::new(2),
+            session: Mutex::new(None),
+        });
+        if let Err(e) = frontend.serve_fd(fuse) {
+            let _ = crate::mount::unmount(dir, true);
+            return Err(e);
+        }
+        log::info!(
+            "fuse frontend: serving {} (loop direct I/O: {})",
+            dir.display(),
+            direct_io()
+        );
+        Ok(frontend)
+    }
+
+    /// Serves the FUSE connection on `fd` (mounted already) from this process. Today only the
+    /// fresh mount's; re-serving a connection a holder kept across a restart plugs in here.
+    fn serve_fd(&self, fd: OwnedFd) -> Result<(), DeviceError> {
+        let mut config = fuser::Config::default();
+        config.n_threads = Some(SESSION_THREADS);
+        config.clone_fd = true;
+        let fs = ImageFs {
+            files: self.files.clone(),
+        };
+        let session = fuser::Session::from_fd(fs, fd, fuser::SessionACL::Owner, config).map_err(
+            |source| DeviceError::Fuse {
+                what: "starting the FUSE session",
+                source,
+            },
+        )?;
+        let thread = std::thread::Builder::new()
+            .name("ovbd-fuse".into())
+            .spawn(move || session.run())
+            .map_err(|source| DeviceError::Spawn {
+                what: "FUSE session",
+                source,
+            })?;
+        *self.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(thread);
+        Ok(())
+    }
+
+    /// The attached images: (loop device's backing file path on the mount).
+    pub fn list(&self) -> Vec<PathBuf> {
+        let files = self.files.read().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<PathBuf> = files
+            .values()
+            .map(|f| self.mountpoint.join(&f.name))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Adds a file for `image` and binds a loop device to it.
+    ///
+    /// Direct I/O, measured (2-core host, kernel 6.18, writable 1 GiB layer, 256 MiB, dd bs=1M
+    /// on /dev/loopN; with / without LO_FLAGS_DIRECT_IO): direct write 1.3 / 0.93 GB/s, cold
+    /// direct read 3.2 / 2.1 GB/s, buffered read 2.7 / 1.5 GB/s; only repeated reads gain from
+    /// the FUSE file's page cache (4.3 GB/s warm, 4 KiB direct reads 225 vs 150 MB/s), at the
+    /// cost of a second cached copy of everything read: direct I/O it is.
+    pub(super) fn attach(
+        self: &Arc<Self>,
+        image: Arc<ImageStack>,
+        pool: Arc<WorkerPool>,
+    ) -> Result<FuseAttachment, DeviceError> {
+        let ino = self.next_ino.fetch_add(1, Ordering::SeqCst);
+        let writable = image.is_writable();
+        let file = Arc::new(ImageFile {
+            ino,
+            name: format!("image-{ino}"),
+            image,
+            pool,
+            writable,
+            state: Mutex::default(),
+            changed: Condvar::new(),
+        });
+        self.files
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(ino, file.clone());
+        let path = self.mountpoint.join(&file.name);
+        let bound = std::fs::OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(&path)
+            .and_then(|f: File| {
+                let backing = Backing::of(&f)?;
+                let opts = LoopOptions {
+                    read_only: !writable,
+                    direct_io: direct_io(),
+                    // The image is addressed in 512-byte sectors (as the ublk frontend's).
+                    block_size: 512,
+                };
+                Ok((loopdev::attach(&f, opts)?, backing))
+            });
+        match bound {
+            Ok((number, backing)) => Ok(FuseAttachment {
+                frontend: self.clone(),
+                file,
+                number,
+                backing,
+                joined: false,
+            }),
+            Err(source) => {
+                self.remove(ino);
+                Err(DeviceError::Loop {
+                    what: "binding a loop device to the image file",
+                    source,
+                })
+            }
+        }
+    }
+
+    fn remove(&self, ino: u64) {
+        self.files
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&ino);
+    }
+
+    /// Unmounts (lazily if still busy: a loop device nobody detached keeps a file) and, when
+    /// nothing holds the connection any more, waits for the session threads. Loop devices are
+    /// detached first by their owners: a loop flushing into this very server must not be left
+    /// waiting on an unmounted one.
+    pub fn shutdown(&self) {
+        let left = self.list();
+        let clean = left.is_empty() && crate::mount::unmount(&self.mountpoint, false).is_ok();
+        if !clean {
+            log::warn!(
+                "fuse frontend: {} still in use ({left:?}); detaching it lazily",
+                self.mountpoint.display()
+            );
+            let _ = crate::mount::unmount(&self.mountpoint, true);
+            return;
+        }
+        if let Some(t) = self
+            .session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for FuseFrontend {
+    /// The last user of the frontend is gone (every attachment holds it): unmount.
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Detaches loop devices and the FUSE mount a previous run left under `dir` (its server is
+/// gone: their I/O fails, and a dead mount would make `dir` unusable).
+fn clear_stale(dir: &Path) {
+    for (number, path) in loopdev::loops_under(dir) {
+        log::warn!(
+            "fuse frontend: detaching stale /dev/loop{number} (backed by {})",
+            path.display()
+        );
+        if let Err(e) = loopdev::clear_any(number) {
+            log::warn!("{e}");
+        }
+    }
+    let stale: Vec<String> = crate::mount::mounts()
+        .into_iter()
+        .filter(|(mp, _)| Path::new(mp) == dir)
+        .map(|(mp, _)| mp)
+        .collect();
+    for mp in stale {
+        log::warn!("fuse frontend: unmounting stale {mp} (lazily)");
+        if let Err(e) = crate::mount::unmount(Path::new(&mp), true) {
+            log::warn!("{e:#}");
+        }
+    }
+}
+
+impl FuseAttachment {
+    pub(super) fn stopper(&self) -> FuseStopper {
+        FuseStopper {
+            file: self.file.clone(),
+            number: self.number,
+            backing: self.backing,
+        }
+    }
+
+    pub(super) fn is_served(&self) -> bool {
+        !self.joined && !self.file.is_dead()
+    }
+
+    pub(super) fn backing(&self) -> Backing {
+        self.backing
+    }
+
+    /// Waits until the loop device lets go of the file (detached from anywhere); after a
+    /// [`FuseStopper::stop`] at most [`RELEASE_WAIT`], then the file's I/O fails. Then drops
+    /// the file and makes the writable layer durable.
+    pub(super) fn join(&mut self) -> Result<(), DeviceError> {
+        if self.joined {
+            return Ok(());
+        }
+        {
+            let mut st = self.file.lock();
+            let mut deadline = None;
+            while !(st.dead || st.ever_opened && st.opens == 0) {
+                if st.stop_requested {
+                    let d = *deadline.get_or_insert_with(|| Instant::now() + RELEASE_WAIT);
+                    let now = Instant::now();
+                    if now >= d {
+                        log::warn!(
+                            "/dev/loop{}: still in use {} s after detaching it; its I/O fails from now on",
+                            self.number,
+                            RELEASE_WAIT.as_secs()
+                        );
+                        st.dead = true;
+                        break;
+                    }
+                    st = self
+                        .file
+                        .changed
+                        .wait_timeout(st, d - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                } else {
+                    st = self
+                        .file
+                        .changed
+                        .wait(st)
+                        .unwrap_or_else(|p| p.into_inner());
+                }
+            }
+            st.dead = true;
+        }
+        self.joined = true;
+        self.frontend.remove(self.file.ino);
+        if self.file.writable {
+            self.file
+                .image
+                .flush()
+                .map_err(|source| DeviceError::Flush {
+                    id: Some(self.number),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for FuseAttachment {
+    fn drop(&mut self) {
+        if !self.joined {
+            if let Err(e) = self.stopper().stop() {
+                log::warn!("{e}");
+            }
+            if let Err(e) = self.join() {
+                log::warn!("{e}");
+            }
+        }
+    }
+}
+
+/// The filesystem: a root directory holding the image files.
+struct ImageFs {
+    files: Files,
+}
+
+impl ImageFs {
+    fn get(&self, ino: INodeNo) -> Option<Arc<ImageFile>> {
+        self.files
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&ino.0)
+            .cloned()
+    }
+
+    /// The live file `ino`, or the errno to answer.
+    fn live(&self, ino: INodeNo) -> Result<Arc<ImageFile>, Errno> {
+        match self.get(ino) {
+            Some(f) if !f.is_dead() => Ok(f),
+            Some(_) => Err(Errno::EIO),
+            None => Err(Errno::ENOENT),
+        }
+    }
+}
+
+/// `run_request`'s answer (a count or `-errno`) as a result.
+fn answer(r: i32) -> Result<u32, Errno> {
+    if r < 0 {
+        Err(Errno::from_i32(-r))
+    } else {
+        Ok(r as u32)
+    }
+}
+
+impl fuser::Filesystem for ImageFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Large requests, and direct I/O from the loop driver in parallel rather than one by one.
+        let _ = config.set_max_write(MAX_REQUEST);
+        let _ = config.set_max_readahead(MAX_REQUEST);
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_ASYNC_DIO);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        if parent != INodeNo::ROOT {
+            return reply.error(Errno::ENOENT);
+        }
+        let files = self.files.read().unwrap_or_else(|p| p.into_inner());
+        match files.values().find(|f| OsStr::new(&f.name) == name) {
+            Some(f) => reply.entry(&TTL, &f.attr(), Generation(0)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        if ino == INodeNo::ROOT {
+            return reply.attr(&TTL, &file_attr(1, 0, FileType::Directory, 0o700));
+        }
+        match self.get(ino) {
+            Some(f) => reply.attr(&TTL, &f.attr()),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let f = match self.live(ino) {
+            Ok(f) => f,
+            Err(e) => return reply.error(e),
+        };
+        if flags.acc_mode() != OpenAccMode::O_RDONLY && !f.writable {
+            return reply.error(Errno::EROFS);
+        }
+        {
+            let mut st = f.lock();
+            st.opens += 1;
+            st.ever_opened = true;
+        }
+        reply.opened(FileHandle(ino.0), FopenFlags::empty());
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        if let Some(f) = self.get(ino) {
+            let mut st = f.lock();
+            st.opens = st.opens.saturating_sub(1);
+            drop(st);
+            f.changed.notify_all();
+        }
+        reply.ok();
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let f = match self.live(ino) {
+            Ok(f) => f,
+            Err(e) => return reply.error(e),
+        };
+        let vsize = f.image.virtual_size();
+        let end = offset.saturating_add(size as u64).min(vsize);
+        if offset >= end {
+            return reply.data(&[]);
+        }
+        // The image reads whole sectors: widen an unaligned read, answer the asked part.
+        let start = offset & !511;
+        let aligned_end = end.next_multiple_of(512).min(vsize);
+        let (skip, len) = ((offset - start) as usize, (end - offset) as usize);
+        let mut buf = vec![0u8; (aligned_end - start) as usize];
+        let name = format_args!("fuse image {}", f.ino).to_string();
+        if let Some(r) = try_read_inline(&name, &f.image, &mut buf, start) {
+            return match answer(r) {
+                Ok(_) => reply.data(&buf[skip..skip + len]),
+                Err(e) => reply.error(e),
+            };
+        }
+        let pool = f.pool.clone();
+        pool.submit(Box::new(move || {
+            let n = buf.len() as u64;
+            let r = run_request(&name, &f.image, sys::UBLK_IO_OP_READ, start, n, &mut buf);
+            match answer(r) {
+                Ok(_) => reply.data(&buf[skip..skip + len]),
+                Err(e) => reply.error(e),
+            }
+        }));
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let f = match self.live(ino) {
+            Ok(f) => f,
+            Err(e) => return reply.error(e),
+        };
+        if !f.writable {
+            return reply.error(Errno::EROFS);
+        }
+        let mut buf = data.to_vec();
+        let pool = f.pool.clone();
+        pool.submit(Box::new(move || {
+            let name = format!("fuse image {}", f.ino);
+            let n = buf.len() as u64;
+            let r = run_request(&name, &f.image, sys::UBLK_IO_OP_WRITE, offset, n, &mut buf);
+            match answer(r) {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(e),
+            }
+        }));
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // close(2) promises no durability; fsync does.
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.run_empty(ino, reply, sys::UBLK_IO_OP_FLUSH, 0, 0);
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        // The loop driver's discard is PUNCH_HOLE, its write-zeroes ZERO_RANGE, both KEEP_SIZE;
+        // the file's size is the image's and never changes.
+        let op = match mode & !libc::FALLOC_FL_KEEP_SIZE {
+            libc::FALLOC_FL_PUNCH_HOLE => sys::UBLK_IO_OP_DISCARD,
+            libc::FALLOC_FL_ZERO_RANGE => sys::UBLK_IO_OP_WRITE_ZEROES,
+            _ => return reply.error(Errno::EOPNOTSUPP),
+        };
+        if mode & libc::FALLOC_FL_KEEP_SIZE == 0 {
+            return reply.error(Errno::EOPNOTSUPP);
+        }
+        self.run_empty(ino, reply, op, offset, length);
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        if ino != INodeNo::ROOT {
+            return reply.error(Errno::ENOTDIR);
+        }
+        let mut entries: Vec<(u64, FileType, String)> = vec![
+            (1, FileType::Directory, ".".into()),
+            (1, FileType::Directory, "..".into()),
+        ];
+        {
+            let files = self.files.read().unwrap_or_else(|p| p.into_inner());
+            let mut v: Vec<_> = files.values().map(|f| (f.ino, f.name.clone())).collect();
+            v.sort();
+            entries.extend(v.into_iter().map(|(i, n)| (i, FileType::RegularFile, n)));
+        }
+        for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(ino), (i + 1) as u64, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+}
+
+impl ImageFs {
+    /// A request answered with no data (flush, discard, write-zeroes), run on the image's pool.
+    fn run_empty(&self, ino: INodeNo, reply: ReplyEmpty, op: u32, offset: u64, length: u64) {
+        let f = match self.live(ino) {
+            Ok(f) => f,
+            Err(e) => return reply.error(e),
+        };
+        if !f.writable && op != sys::UBLK_IO_OP_FLUSH {
+            return reply.error(Errno::EROFS);
+        }
+        let pool = f.pool.clone();
+        pool.submit(Box::new(move || {
+            let name = format!("fuse image {}", f.ino);
+            match answer(run_request(&name, &f.image, op, offset, length, &mut [])) {
+                Ok(_) => reply.ok(),
+                Err(e) => reply.error(e),
+            }
+        }));
+    }
+}
