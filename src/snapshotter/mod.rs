@@ -24,7 +24,7 @@ mod service;
 #[cfg(test)]
 mod tests;
 
-pub use service::Service;
+pub use service::{grpc_server, Service};
 
 use crate::config::{Config, RootfsMode};
 use crate::labels::{LABEL_LOCAL_COMMIT, LABEL_SNAPSHOT_REF, LABEL_VSIZE, LABEL_WRITABLE};

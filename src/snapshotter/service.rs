@@ -6,11 +6,17 @@
 use super::error::{SnapResult, SnapshotterError};
 use super::Snapshotter;
 use crate::snapshotter::metadata::Kind;
+use containerd_snapshots::api::snapshots::v1::snapshots_server::{Snapshots, SnapshotsServer};
 use containerd_snapshots::{api::types::Mount, tonic, Info, Usage};
 use std::collections::HashMap;
 use std::sync::Arc;
 
 pub struct Service(pub Arc<Snapshotter>);
+
+/// The Snapshots gRPC service over `snap`, as the daemon serves it.
+pub fn grpc_server(snap: Arc<Snapshotter>) -> SnapshotsServer<impl Snapshots> {
+    containerd_snapshots::server(Arc::new(Service(snap)))
+}
 
 impl Service {
     /// Runs `f` for call `method` on snapshot `key` (as the log names them).

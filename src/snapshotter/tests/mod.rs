@@ -3,6 +3,7 @@
 
 mod contract;
 mod devices;
+mod names;
 mod remote;
 mod service;
 
