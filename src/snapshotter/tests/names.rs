@@ -3,129 +3,124 @@
 //! has them (a bucket per snapshotter name, with its own key sequence).
 
 use super::*;
-use crate::snapshotter::grpc_server;
-use containerd_snapshots::api::snapshots::v1::{
-    snapshots_client::SnapshotsClient, CommitSnapshotRequest, ListSnapshotsRequest,
-    PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
-};
-use tonic::transport::Channel;
 
-/// The daemon's gRPC service on a loopback port, and a client of it.
-async fn serve(s: Snapshotter) -> SnapshotsClient<Channel> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(grpc_server(Arc::new(s)))
-            .serve_with_incoming(incoming),
-    );
-    SnapshotsClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap()
-}
-
-/// A containerd proxy plugin: every request carries its name.
-struct Plugin<'a>(&'a str, SnapshotsClient<Channel>);
-
-impl Plugin<'_> {
-    async fn prepare(&mut self, key: &str, parent: &str) -> Result<(), tonic::Status> {
-        let r = PrepareSnapshotRequest {
-            snapshotter: self.0.into(),
-            key: key.into(),
-            parent: parent.into(),
-            labels: HashMap::new(),
-        };
-        self.1.prepare(r).await.map(|_| ())
-    }
-
-    async fn commit(&mut self, name: &str, key: &str) -> Result<(), tonic::Status> {
-        let r = CommitSnapshotRequest {
-            snapshotter: self.0.into(),
-            name: name.into(),
-            key: key.into(),
-            labels: HashMap::new(),
-        };
-        self.1.commit(r).await.map(|_| ())
-    }
-
-    async fn stat(&mut self, key: &str) -> Result<String, tonic::Status> {
-        let r = StatSnapshotRequest {
-            snapshotter: self.0.into(),
-            key: key.into(),
-        };
-        let info = self.1.stat(r).await?.into_inner().info.unwrap_or_default();
-        Ok(info.parent)
-    }
-
-    async fn remove(&mut self, key: &str) -> Result<(), tonic::Status> {
-        let r = RemoveSnapshotRequest {
-            snapshotter: self.0.into(),
-            key: key.into(),
-        };
-        self.1.remove(r).await.map(|_| ())
-    }
-
-    /// Keys as List (containerd's Walk) shows them, children before parents.
-    async fn list(&mut self) -> Vec<String> {
-        let r = ListSnapshotsRequest {
-            snapshotter: self.0.into(),
-            filters: vec![],
-        };
-        let mut stream = self.1.list(r).await.unwrap().into_inner();
-        let mut infos = Vec::new();
-        while let Some(batch) = stream.message().await.unwrap() {
-            infos.extend(batch.info);
-        }
-        // Leaves first, as containerd's GC removes them.
+impl Plugin {
+    /// Keys as List shows them, children before parents (as containerd's GC removes them).
+    async fn keys(&mut self) -> Vec<String> {
+        let mut infos = self.list(vec![]).await.unwrap();
         infos.sort_by_key(|i| i.parent.is_empty());
         infos.into_iter().map(|i| i.name).collect()
+    }
+
+    async fn parent(&mut self, key: &str) -> Result<String, tonic::Status> {
+        Ok(self.stat(key.into()).await?.parent)
     }
 }
 
 #[tokio::test]
 async fn gc_under_one_name_keeps_the_snapshots_of_another() {
     let (_d, s) = snapshotter();
-    let client = serve(s).await;
-    let mut ovbd = Plugin("ovbd", client.clone());
-    let mut other = Plugin("overlaybd", client);
+    let mut ovbd = serve_grpc(s, "ovbd").await;
+    let mut other = ovbd.named("overlaybd");
+    let none = HashMap::new;
 
     // A layer and a running container's rootfs on it, made under "ovbd".
-    ovbd.prepare("default/1/extract", "").await.unwrap();
-    ovbd.commit("default/2/layer", "default/1/extract")
+    ovbd.prepare("default/1/extract".into(), "".into(), none())
         .await
         .unwrap();
-    ovbd.prepare("default/3/ctr", "default/2/layer")
+    ovbd.commit("default/2/layer".into(), "default/1/extract".into(), none())
+        .await
+        .unwrap();
+    ovbd.prepare("default/3/ctr".into(), "default/2/layer".into(), none())
         .await
         .unwrap();
 
     // containerd's GC of "overlaybd", whose metadata holds none of them: it removes every
     // snapshot List shows under that name.
-    let seen = other.list().await;
+    let seen = other.keys().await;
     for key in &seen {
-        let _ = other.remove(key).await;
+        let _ = other.remove(key.clone()).await;
     }
     assert!(
         seen.is_empty(),
         "overlaybd lists ovbd's snapshots: {seen:?}"
     );
-    assert_eq!(ovbd.stat("default/3/ctr").await.unwrap(), "default/2/layer");
-    assert_eq!(ovbd.stat("default/2/layer").await.unwrap(), "");
-    let mut listed = ovbd.list().await;
+    assert_eq!(
+        ovbd.parent("default/3/ctr").await.unwrap(),
+        "default/2/layer"
+    );
+    assert_eq!(ovbd.parent("default/2/layer").await.unwrap(), "");
+    let mut listed = ovbd.keys().await;
     listed.sort();
     assert_eq!(listed, ["default/2/layer", "default/3/ctr"]);
 
     // Key sequences are per name: the same key under the other name is another snapshot.
-    other.prepare("default/1/extract", "").await.unwrap();
     other
-        .commit("default/2/layer", "default/1/extract")
+        .prepare("default/1/extract".into(), "".into(), none())
         .await
         .unwrap();
-    assert_eq!(other.list().await, ["default/2/layer"]);
+    other
+        .commit("default/2/layer".into(), "default/1/extract".into(), none())
+        .await
+        .unwrap();
+    other
+        .prepare("default/4/ctr".into(), "default/2/layer".into(), none())
+        .await
+        .unwrap();
+    assert_eq!(other.keys().await, ["default/4/ctr", "default/2/layer"]);
+    let err = other.remove("default/3/ctr".into()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+
+    // Cleanup under either name keeps every name's directories.
+    ovbd.1
+        .cleanup(grpc::CleanupRequest {
+            snapshotter: "ovbd".into(),
+        })
+        .await
+        .unwrap();
+    for (p, key) in [(&mut ovbd, "default/3/ctr"), (&mut other, "default/4/ctr")] {
+        for m in p.mounts(key.into()).await.unwrap() {
+            for dir in m.options.iter().filter_map(|o| o.split_once('=')) {
+                for d in dir.1.split(':') {
+                    assert!(Path::new(d).is_dir(), "{key}: {d} is gone");
+                }
+            }
+        }
+    }
+
+    other.remove("default/4/ctr".into()).await.unwrap();
+    other.remove("default/2/layer".into()).await.unwrap();
+    assert_eq!(ovbd.parent("default/2/layer").await.unwrap(), "");
     assert_eq!(
-        other.remove("default/3/ctr").await.unwrap_err().code(),
-        tonic::Code::NotFound
+        ovbd.parent("default/3/ctr").await.unwrap(),
+        "default/2/layer"
     );
-    other.remove("default/2/layer").await.unwrap();
-    assert_eq!(ovbd.stat("default/2/layer").await.unwrap(), "");
+}
+
+#[tokio::test]
+async fn the_daemons_own_name_and_no_name_share_the_snapshots_earlier_versions_made() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = Config {
+        root: d.path().join("root"),
+        name: "overlaybd".into(),
+        ..Config::default()
+    };
+    // Made by a direct client (no name), as the store of an earlier version holds it.
+    let s = Snapshotter::open(cfg.clone()).unwrap();
+    s.create("k", "", Kind::Active, HashMap::new()).unwrap();
+    drop(s);
+    let s = Snapshotter::open(cfg).unwrap();
+    s.reconcile().unwrap();
+    let mut own = serve_grpc(s, "overlaybd").await;
+    assert_eq!(own.keys().await, ["k"]);
+    assert!(own.named("").stat("k".into()).await.is_ok());
+    assert!(own.named("ovbd").keys().await.is_empty());
+    // A name that cannot be one: refused, not stored.
+    let err = own.named("a\nb").stat("k".into()).await.unwrap_err();
+    assert_eq!(
+        err.code(),
+        tonic::Code::InvalidArgument,
+        "{}",
+        err.message()
+    );
 }
