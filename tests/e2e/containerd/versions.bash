@@ -3,6 +3,7 @@
 # Debian SUITE's containerd (fetched on the host by fetch-containerd.sh into the test cache, which the
 # guest sees) with ovbd's deploy snippet for its config version, CRI on, and these parts:
 #   a. the OverlayBD hello-world: full `ctr image pull --snapshotter ovbd` + /hello;
+#   n. the socket is also registered as "overlaybd": GC of that name keeps ovbd's snapshots;
 #   b. a plain OCI image (3 layers) through ovbd's overlayfs fallback = containerd's own overlayfs;
 #   m. that image converted by ovbd (multi-layer OverlayBD), pulled with ctr, runs, same tree;
 #   e. kill -9 of ovbd serve under a running container, restart;
@@ -47,6 +48,7 @@ ctrd_versions_main() {
     took "$t0" "setup"
 
     run_part a "OverlayBD hello-world: full ctr pull + /hello" part_a
+    run_part n "the socket under a second name: its GC keeps the first name's snapshots" part_n
     run_part b "plain OCI busybox through ovbd = containerd's overlayfs" part_b
     run_part m "busybox converted by ovbd (3 OverlayBD layers): ctr pull + run, same tree" _versions_part_m
     # (before CRI and rpull: part e matches our namespace's snapshots with every directory in the root)
