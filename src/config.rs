@@ -75,6 +75,9 @@ pub struct Config {
     pub root: PathBuf,
     /// The containerd Snapshots API socket.
     pub socket: PathBuf,
+    /// containerd's name for this snapshotter (its `proxy_plugins` key). Requests under another
+    /// name (a second proxy plugin on the same socket) see snapshots of their own.
+    pub name: String,
     pub rootfs_mode: RootfsMode,
     pub writable_layer_type: WritableLayerType,
     /// Virtual size of a new writable base layer (no OverlayBD parent), GiB.
@@ -100,6 +103,7 @@ impl Default for Config {
         Config {
             root: PathBuf::from("/var/lib/ovbd"),
             socket: PathBuf::from("/run/ovbd/ovbd.sock"),
+            name: "ovbd".into(),
             rootfs_mode: RootfsMode::Overlayfs,
             writable_layer_type: WritableLayerType::Append,
             default_vsize_gb: 64,

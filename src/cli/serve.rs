@@ -1,7 +1,7 @@
 //! `ovbd serve`: the snapshotter daemon on its unix socket.
 
 use crate::config::Config;
-use crate::snapshotter::{Service, Snapshotter};
+use crate::snapshotter::{grpc_server, Snapshotter};
 use anyhow::{Context, Result};
 use containerd_snapshots::tonic::transport::Server;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -52,7 +52,7 @@ async fn run(cfg: Config) -> Result<()> {
         log::info!("shutting down");
     };
     let served = Server::builder()
-        .add_service(containerd_snapshots::server(Arc::new(Service(snap))))
+        .add_service(grpc_server(snap))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     // A socket nobody listens on reads as "connection refused"; gone, it reads as not running.

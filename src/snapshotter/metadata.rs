@@ -3,13 +3,15 @@
 //! directories made before a transaction that never committed are orphans `Cleanup` removes.
 
 use crate::config::RootfsMode;
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{Database, ReadableTable, TableDefinition, TableHandle};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
+/// The snapshots of the snapshotter's own name; another name's are in `snapshots@<name>`.
+const SNAPSHOTS: &str = "snapshots";
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,9 +126,16 @@ pub fn now_nanos() -> u64 {
         .unwrap_or(0)
 }
 
+/// The snapshots of one containerd snapshotter name (a table of the shared database; snapshot
+/// ids come from one counter, so every name's snapshot directories live side by side).
+#[derive(Clone)]
 pub struct MetaStore {
-    db: Database,
+    db: Arc<Database>,
+    table: String,
 }
+
+/// The longest snapshotter name other than the daemon's own that gets snapshots of its own.
+const MAX_NAME_LEN: usize = 128;
 
 fn decode(bytes: &[u8]) -> MetaResult<Snapshot> {
     Ok(serde_json::from_slice(bytes)?)
@@ -150,23 +159,82 @@ fn store(
 }
 
 impl MetaStore {
+    /// Opens the database at `path`; the store of the daemon's own name.
     pub fn open(path: &Path) -> MetaResult<MetaStore> {
         let db = Database::create(path)?;
         let tx = db.begin_write()?;
-        tx.open_table(SNAPSHOTS)?;
+        tx.open_table(TableDefinition::<&str, &[u8]>::new(SNAPSHOTS))?;
         tx.open_table(COUNTERS)?;
         tx.commit()?;
-        Ok(MetaStore { db })
+        Ok(MetaStore {
+            db: Arc::new(db),
+            table: SNAPSHOTS.into(),
+        })
+    }
+
+    /// The store of another snapshotter name: its own table, made on its first write.
+    pub fn of_name(&self, name: &str) -> MetaResult<MetaStore> {
+        if name.is_empty() || name.len() > MAX_NAME_LEN || name.chars().any(char::is_control) {
+            return Err(MetaError::InvalidArgument(format!(
+                "snapshotter name {name:?}: not 1 to {MAX_NAME_LEN} printable characters"
+            )));
+        }
+        Ok(MetaStore {
+            db: self.db.clone(),
+            table: format!("{SNAPSHOTS}@{name}"),
+        })
+    }
+
+    /// The stores of every name that has snapshots (the daemon's own first).
+    pub fn all_names(&self) -> MetaResult<Vec<MetaStore>> {
+        self.all_names_in(&self.db.begin_read()?)
+    }
+
+    fn all_names_in(&self, tx: &redb::ReadTransaction) -> MetaResult<Vec<MetaStore>> {
+        let mut tables: Vec<String> = tx
+            .list_tables()?
+            .map(|t| t.name().to_string())
+            .filter(|n| n == SNAPSHOTS || n.starts_with(&format!("{SNAPSHOTS}@")))
+            .collect();
+        tables.sort_by_key(|n| n != SNAPSHOTS);
+        Ok(tables
+            .into_iter()
+            .map(|table| MetaStore {
+                db: self.db.clone(),
+                table,
+            })
+            .collect())
+    }
+
+    fn def(&self) -> TableDefinition<'_, &'static str, &'static [u8]> {
+        TableDefinition::new(&self.table)
+    }
+
+    /// This store's table in a read transaction; a name never written to has no table yet.
+    fn read_table(
+        &self,
+        tx: &redb::ReadTransaction,
+    ) -> MetaResult<Option<redb::ReadOnlyTable<&'static str, &'static [u8]>>> {
+        match tx.open_table(self.def()) {
+            Ok(t) => Ok(Some(t)),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 
     pub fn get(&self, key: &str) -> MetaResult<Snapshot> {
         let tx = self.db.begin_read()?;
-        load(&tx.open_table(SNAPSHOTS)?, key)
+        match self.read_table(&tx)? {
+            Some(t) => load(&t, key),
+            None => Err(MetaError::NotFound(key.to_string())),
+        }
     }
 
     pub fn list(&self) -> MetaResult<Vec<Snapshot>> {
         let tx = self.db.begin_read()?;
-        let t = tx.open_table(SNAPSHOTS)?;
+        let Some(t) = self.read_table(&tx)? else {
+            return Ok(Vec::new());
+        };
         let mut out = Vec::new();
         for row in t.iter()? {
             let (_, v) = row?;
@@ -175,16 +243,20 @@ impl MetaStore {
         Ok(out)
     }
 
-    /// Ids of every stored snapshot and the next id to be given out, read together: a directory
-    /// with a smaller id and no snapshot is an orphan; one with a larger id may belong to a create
-    /// still in flight.
+    /// Ids of every stored snapshot, of every name, and the next id to be given out, read
+    /// together: a directory with a smaller id and no snapshot is an orphan; one with a larger
+    /// id may belong to a create still in flight.
     pub fn ids(&self) -> MetaResult<(std::collections::BTreeSet<u64>, u64)> {
         let tx = self.db.begin_read()?;
-        let t = tx.open_table(SNAPSHOTS)?;
         let mut ids = std::collections::BTreeSet::new();
-        for row in t.iter()? {
-            let (_, v) = row?;
-            ids.insert(decode(v.value())?.id);
+        for store in self.all_names_in(&tx)? {
+            let Some(t) = store.read_table(&tx)? else {
+                continue;
+            };
+            for row in t.iter()? {
+                let (_, v) = row?;
+                ids.insert(decode(v.value())?.id);
+            }
         }
         let c = tx.open_table(COUNTERS)?;
         let next = c.get("next_id")?.map(|v| v.value()).unwrap_or(1);
@@ -224,7 +296,7 @@ impl MetaStore {
         }
         let tx = self.db.begin_write().map_err(MetaError::from)?;
         let snap = {
-            let mut t = tx.open_table(SNAPSHOTS).map_err(MetaError::from)?;
+            let mut t = tx.open_table(self.def()).map_err(MetaError::from)?;
             if t.get(key).map_err(MetaError::from)?.is_some() {
                 return Err(MetaError::AlreadyExists(key.to_string()).into());
             }
@@ -282,7 +354,7 @@ impl MetaStore {
     {
         let tx = self.db.begin_write().map_err(MetaError::from)?;
         let snap = {
-            let mut t = tx.open_table(SNAPSHOTS).map_err(MetaError::from)?;
+            let mut t = tx.open_table(self.def()).map_err(MetaError::from)?;
             if t.get(name).map_err(MetaError::from)?.is_some() {
                 return Err(MetaError::AlreadyExists(name.to_string()).into());
             }
@@ -311,7 +383,7 @@ impl MetaStore {
     pub fn remove(&self, key: &str) -> MetaResult<Snapshot> {
         let tx = self.db.begin_write()?;
         let snap = {
-            let mut t = tx.open_table(SNAPSHOTS)?;
+            let mut t = tx.open_table(self.def())?;
             let snap = load(&t, key)?;
             for row in t.iter()? {
                 let (_, v) = row?;
@@ -334,7 +406,7 @@ impl MetaStore {
     pub fn update(&self, key: &str, change: impl FnOnce(&mut Snapshot)) -> MetaResult<Snapshot> {
         let tx = self.db.begin_write()?;
         let snap = {
-            let mut t = tx.open_table(SNAPSHOTS)?;
+            let mut t = tx.open_table(self.def())?;
             let mut snap = load(&t, key)?;
             change(&mut snap);
             snap.updated = now_nanos();
@@ -452,7 +524,9 @@ mod tests {
             let db = Database::create(&path).unwrap();
             let tx = db.begin_write().unwrap();
             {
-                let mut t = tx.open_table(SNAPSHOTS).unwrap();
+                let mut t = tx
+                    .open_table(TableDefinition::<&str, &[u8]>::new("snapshots"))
+                    .unwrap();
                 for (key, json) in &records {
                     t.insert(*key, json.as_bytes()).unwrap();
                 }
@@ -472,7 +546,9 @@ mod tests {
         drop(m);
         let db = Database::create(&path).unwrap();
         let tx = db.begin_read().unwrap();
-        let t = tx.open_table(SNAPSHOTS).unwrap();
+        let t = tx
+            .open_table(TableDefinition::<&str, &[u8]>::new("snapshots"))
+            .unwrap();
         let raw = |key: &str| -> serde_json::Value {
             serde_json::from_slice(t.get(key).unwrap().unwrap().value()).unwrap()
         };

@@ -24,7 +24,7 @@ mod service;
 #[cfg(test)]
 mod tests;
 
-pub use service::Service;
+pub use service::grpc_server;
 
 use crate::config::{Config, RootfsMode};
 use crate::labels::{LABEL_LOCAL_COMMIT, LABEL_SNAPSHOT_REF, LABEL_VSIZE, LABEL_WRITABLE};
@@ -51,18 +51,21 @@ fn is_unpack(key: &str, labels: &BTreeMap<String, String>) -> bool {
             .is_some_and(|k| k.starts_with("extract-"))
 }
 
+/// The snapshots of one containerd snapshotter name ([`Snapshotter::for_name`]), over devices,
+/// directories and a database shared by all names.
+#[derive(Clone)]
 pub struct Snapshotter {
-    cfg: Config,
+    cfg: Arc<Config>,
     meta: MetaStore,
     /// Held only to find a device's slot, never while a slot is locked.
-    devices: Mutex<Devices>,
-    ops: Box<dyn DeviceOps>,
+    devices: Arc<Mutex<Devices>>,
+    ops: Arc<dyn DeviceOps>,
     /// Where remote layers are read from (registry + block cache); None: no lazy pulling.
     remote: Option<Arc<dyn RemoteSource>>,
     /// The block device frontend (`[device] frontend`), set up at the first attach: the FUSE
     /// one mounts `<root>/fuse` then.
-    frontend: std::sync::OnceLock<crate::device::DeviceFrontend>,
-    frontend_init: Mutex<()>,
+    frontend: Arc<std::sync::OnceLock<crate::device::DeviceFrontend>>,
+    frontend_init: Arc<Mutex<()>>,
 }
 
 /// The largest virtual disk, GiB (256 TiB): writable base layers, `ovbd convert --vsize`.
@@ -113,14 +116,34 @@ impl Snapshotter {
         disk::check_overlay_upper(&cfg.root)?;
         let meta = MetaStore::open(&cfg.root.join("metadata.db"))?;
         Ok(Snapshotter {
-            cfg,
+            cfg: Arc::new(cfg),
             meta,
-            devices: Mutex::new(Devices::default()),
-            ops: Box::new(SystemDeviceOps),
+            devices: Arc::default(),
+            ops: Arc::new(SystemDeviceOps),
             remote: None,
-            frontend: Default::default(),
-            frontend_init: Mutex::new(()),
+            frontend: Arc::default(),
+            frontend_init: Arc::default(),
         })
+    }
+
+    /// The snapshotter as containerd's snapshotter `name` sees it. containerd keeps a bucket of
+    /// snapshots per name, each with its own key sequence, and its GC removes whatever List shows
+    /// that its bucket lacks: one socket registered under two names (`ovbd` and `overlaybd` for
+    /// nerdctl) must keep each name's snapshots apart. The daemon's own name (`name` in the
+    /// config) and no name (a direct client) are the store every earlier version wrote.
+    pub fn for_name(&self, name: &str) -> SnapResult<Snapshotter> {
+        if name.is_empty() || name == self.cfg.name {
+            return Ok(self.clone());
+        }
+        Ok(Snapshotter {
+            meta: self.meta.of_name(name)?,
+            ..self.clone()
+        })
+    }
+
+    /// containerd's name for this snapshotter (the config's `name`).
+    pub fn name(&self) -> &str {
+        &self.cfg.name
     }
 
     /// Enables lazy pulling: remote layers are read through `remote`.
@@ -414,6 +437,20 @@ impl Snapshotter {
                 log::error!("{e:#}");
             }
         }
+        for meta in self.meta.all_names()? {
+            Snapshotter {
+                meta,
+                ..self.clone()
+            }
+            .restore_devices()?;
+        }
+        self.cleanup()?;
+        self.delete_orphan_devices();
+        Ok(())
+    }
+
+    /// Re-attaches (or re-serves) the devices this name's live snapshots need.
+    fn restore_devices(&self) -> Result<()> {
         let all = self.meta.list()?;
         for s in all.iter().filter(|s| s.kind != Kind::Committed) {
             let chain = if s.parent.is_empty() {
@@ -428,8 +465,6 @@ impl Snapshotter {
                 }
             }
         }
-        self.cleanup()?;
-        self.delete_orphan_devices();
         Ok(())
     }
 }

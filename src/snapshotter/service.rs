@@ -1,31 +1,54 @@
-//! The gRPC adapter: containerd's Snapshots service over [`Snapshotter`]. Each call runs the
-//! (blocking) operation off the async threads; a failure goes back as its gRPC code
-//! ([`SnapshotterError::code`]) and is logged with the call and the snapshot key, since
-//! containerd often reports no more than the code.
+//! The gRPC adapter: containerd's Snapshots service over [`Snapshotter`]. Each request runs
+//! (blocking) off the async threads against the snapshots of the name it carries
+//! ([`Snapshotter::for_name`]); a failure goes back as its gRPC code ([`SnapshotterError::code`])
+//! and is logged with the call and the snapshot key, since containerd often reports no more
+//! than the code.
 
 use super::error::{SnapResult, SnapshotterError};
 use super::Snapshotter;
 use crate::snapshotter::metadata::Kind;
-use containerd_snapshots::{api::types::Mount, tonic, Info, Usage};
-use std::collections::HashMap;
+use containerd_snapshots::api::snapshots::v1::{
+    snapshots_server::{Snapshots, SnapshotsServer},
+    *,
+};
+use containerd_snapshots::tonic::{self, Request, Response, Status};
 use std::sync::Arc;
+
+/// containerd's List answers come in batches of this many snapshots.
+const LIST_BATCH: usize = 100;
 
 pub struct Service(pub Arc<Snapshotter>);
 
+/// The Snapshots gRPC service over `snap`, as the daemon serves it.
+pub fn grpc_server(snap: Arc<Snapshotter>) -> SnapshotsServer<Service> {
+    SnapshotsServer::new(Service(snap))
+}
+
 impl Service {
-    /// Runs `f` for call `method` on snapshot `key` (as the log names them).
+    /// Runs `f` for call `method` on snapshot `key` (as the log names them) against the
+    /// snapshots of snapshotter `name`.
     async fn call<T: Send + 'static>(
         &self,
         method: &'static str,
+        name: &str,
         key: String,
         f: impl FnOnce(&Snapshotter) -> SnapResult<T> + Send + 'static,
-    ) -> Result<T, tonic::Status> {
-        let s = self.0.clone();
-        let done = match tokio::task::spawn_blocking(move || f(&s)).await {
-            Ok(r) => r,
-            Err(e) => Err(SnapshotterError::Internal(anyhow::anyhow!(
-                "snapshotter task failed: {e}"
-            ))),
+    ) -> Result<T, Status> {
+        // Another name's key is logged with it: the same key may exist under both.
+        let key = if name.is_empty() || name == self.0.name() {
+            key
+        } else {
+            format!("[{name}] {key}")
+        };
+        let s = self.0.for_name(name);
+        let done = match s {
+            Ok(s) => match tokio::task::spawn_blocking(move || f(&s)).await {
+                Ok(r) => r,
+                Err(e) => Err(SnapshotterError::Internal(anyhow::anyhow!(
+                    "snapshotter task failed: {e}"
+                ))),
+            },
+            Err(e) => Err(e),
         };
         done.map_err(|e| {
             log_failure(method, &key, &e);
@@ -45,95 +68,156 @@ fn log_failure(method: &str, key: &str, e: &SnapshotterError) {
 }
 
 #[tonic::async_trait]
-impl containerd_snapshots::Snapshotter for Service {
-    type Error = tonic::Status;
-
-    async fn stat(&self, key: String) -> Result<Info, Self::Error> {
-        self.call("stat", key.clone(), move |s| s.stat(&key)).await
-    }
-
-    async fn update(
-        &self,
-        info: Info,
-        fieldpaths: Option<Vec<String>>,
-    ) -> Result<Info, Self::Error> {
-        self.call("update", info.name.clone(), move |s| {
-            s.update(info, fieldpaths)
-        })
-        .await
-    }
-
-    async fn usage(&self, key: String) -> Result<Usage, Self::Error> {
-        self.call("usage", key.clone(), move |s| s.usage(&key))
-            .await
-    }
-
-    async fn mounts(&self, key: String) -> Result<Vec<Mount>, Self::Error> {
-        self.call("mounts", key.clone(), move |s| s.mounts(&key))
-            .await
-    }
-
+impl Snapshots for Service {
     async fn prepare(
         &self,
-        key: String,
-        parent: String,
-        labels: HashMap<String, String>,
-    ) -> Result<Vec<Mount>, Self::Error> {
-        log::info!("prepare {key} (parent {parent:?})");
-        self.call("prepare", key.clone(), move |s| {
-            s.create(&key, &parent, Kind::Active, labels)
-        })
-        .await
+        request: Request<PrepareSnapshotRequest>,
+    ) -> Result<Response<PrepareSnapshotResponse>, Status> {
+        let r = request.into_inner();
+        log::info!("prepare {} (parent {:?})", r.key, r.parent);
+        let (key, parent, labels) = (r.key.clone(), r.parent, r.labels);
+        let mounts = self
+            .call("prepare", &r.snapshotter, r.key, move |s| {
+                s.create(&key, &parent, Kind::Active, labels)
+            })
+            .await?;
+        Ok(Response::new(PrepareSnapshotResponse { mounts }))
     }
 
     async fn view(
         &self,
-        key: String,
-        parent: String,
-        labels: HashMap<String, String>,
-    ) -> Result<Vec<Mount>, Self::Error> {
-        log::info!("view {key} (parent {parent:?})");
-        self.call("view", key.clone(), move |s| {
-            s.create(&key, &parent, Kind::View, labels)
-        })
-        .await
+        request: Request<ViewSnapshotRequest>,
+    ) -> Result<Response<ViewSnapshotResponse>, Status> {
+        let r = request.into_inner();
+        log::info!("view {} (parent {:?})", r.key, r.parent);
+        let (key, parent, labels) = (r.key.clone(), r.parent, r.labels);
+        let mounts = self
+            .call("view", &r.snapshotter, r.key, move |s| {
+                s.create(&key, &parent, Kind::View, labels)
+            })
+            .await?;
+        Ok(Response::new(ViewSnapshotResponse { mounts }))
+    }
+
+    async fn mounts(
+        &self,
+        request: Request<MountsRequest>,
+    ) -> Result<Response<MountsResponse>, Status> {
+        let r = request.into_inner();
+        let key = r.key.clone();
+        let mounts = self
+            .call("mounts", &r.snapshotter, r.key, move |s| s.mounts(&key))
+            .await?;
+        Ok(Response::new(MountsResponse { mounts }))
     }
 
     async fn commit(
         &self,
-        name: String,
-        key: String,
-        labels: HashMap<String, String>,
-    ) -> Result<(), Self::Error> {
-        log::info!("commit {key} as {name}");
-        self.call("commit", format!("{key} (as {name})"), move |s| {
+        request: Request<CommitSnapshotRequest>,
+    ) -> Result<Response<()>, Status> {
+        let r = request.into_inner();
+        log::info!("commit {} as {}", r.key, r.name);
+        let what = format!("{} (as {})", r.key, r.name);
+        let (name, key, labels) = (r.name, r.key, r.labels);
+        self.call("commit", &r.snapshotter, what, move |s| {
             s.commit(&name, &key, labels)
         })
-        .await
+        .await?;
+        Ok(Response::new(()))
     }
 
-    async fn remove(&self, key: String) -> Result<(), Self::Error> {
-        log::info!("remove {key}");
-        self.call("remove", key.clone(), move |s| s.remove(&key))
-            .await
+    async fn remove(
+        &self,
+        request: Request<RemoveSnapshotRequest>,
+    ) -> Result<Response<()>, Status> {
+        let r = request.into_inner();
+        log::info!("remove {}", r.key);
+        let key = r.key.clone();
+        self.call("remove", &r.snapshotter, r.key, move |s| s.remove(&key))
+            .await?;
+        Ok(Response::new(()))
     }
 
-    async fn clear(&self) -> Result<(), Self::Error> {
-        self.call("cleanup", "(all snapshots)".into(), |s| s.cleanup())
-            .await
+    async fn stat(
+        &self,
+        request: Request<StatSnapshotRequest>,
+    ) -> Result<Response<StatSnapshotResponse>, Status> {
+        let r = request.into_inner();
+        let key = r.key.clone();
+        let info = self
+            .call("stat", &r.snapshotter, r.key, move |s| s.stat(&key))
+            .await?;
+        Ok(Response::new(StatSnapshotResponse {
+            info: Some(info.into()),
+        }))
     }
 
-    type InfoStream = std::pin::Pin<
-        Box<dyn tokio_stream::Stream<Item = Result<Info, tonic::Status>> + Send + 'static>,
+    async fn update(
+        &self,
+        request: Request<UpdateSnapshotRequest>,
+    ) -> Result<Response<UpdateSnapshotResponse>, Status> {
+        let r = request.into_inner();
+        let info: containerd_snapshots::Info = r
+            .info
+            .ok_or_else(|| Status::invalid_argument("update: no snapshot info"))?
+            .try_into()
+            .map_err(|e| Status::invalid_argument(format!("update: {e}")))?;
+        let paths = r.update_mask.map(|m| m.paths);
+        let info = self
+            .call("update", &r.snapshotter, info.name.clone(), move |s| {
+                s.update(info, paths)
+            })
+            .await?;
+        Ok(Response::new(UpdateSnapshotResponse {
+            info: Some(info.into()),
+        }))
+    }
+
+    type ListStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<ListSnapshotsResponse, Status>> + Send>,
     >;
 
     async fn list(
         &self,
-        _snapshotter: String,
-        filters: Vec<String>,
-    ) -> Result<Self::InfoStream, Self::Error> {
-        let what = format!("(filters {filters:?})");
-        let infos = self.call("list", what, move |s| s.list(&filters)).await?;
-        Ok(Box::pin(tokio_stream::iter(infos.into_iter().map(Ok))))
+        request: Request<ListSnapshotsRequest>,
+    ) -> Result<Response<Self::ListStream>, Status> {
+        let r = request.into_inner();
+        let what = format!("(filters {:?})", r.filters);
+        let filters = r.filters;
+        let infos = self
+            .call("list", &r.snapshotter, what, move |s| s.list(&filters))
+            .await?;
+        let mut batches = Vec::new();
+        let mut infos = infos.into_iter().map(Info::from).peekable();
+        while infos.peek().is_some() {
+            let info = infos.by_ref().take(LIST_BATCH).collect();
+            batches.push(Ok(ListSnapshotsResponse { info }));
+        }
+        Ok(Response::new(Box::pin(tokio_stream::iter(batches))))
+    }
+
+    async fn usage(
+        &self,
+        request: Request<UsageRequest>,
+    ) -> Result<Response<UsageResponse>, Status> {
+        let r = request.into_inner();
+        let key = r.key.clone();
+        let u = self
+            .call("usage", &r.snapshotter, r.key, move |s| s.usage(&key))
+            .await?;
+        Ok(Response::new(UsageResponse {
+            size: u.size,
+            inodes: u.inodes,
+        }))
+    }
+
+    async fn cleanup(&self, request: Request<CleanupRequest>) -> Result<Response<()>, Status> {
+        let r = request.into_inner();
+        // Orphans are found across every name: one pass serves them all.
+        self.call("cleanup", &r.snapshotter, "(all snapshots)".into(), |s| {
+            s.cleanup()
+        })
+        .await?;
+        Ok(Response::new(()))
     }
 }

@@ -3,6 +3,7 @@
 
 mod contract;
 mod devices;
+mod names;
 mod remote;
 mod service;
 
@@ -14,6 +15,7 @@ use crate::device::{self, AttachedDevice};
 use crate::labels::*;
 use crate::oci::digest::chain_id_above;
 use anyhow::{bail, Context};
+use containerd_snapshots::api::snapshots::v1::{self as grpc, snapshots_client::SnapshotsClient};
 use containerd_snapshots::tonic;
 use ovbd_format::{RwLayer, RwMode};
 use std::collections::BTreeSet;
@@ -26,6 +28,119 @@ fn snapshotter() -> (tempfile::TempDir, Snapshotter) {
         ..Config::default()
     };
     (d, Snapshotter::open(cfg).unwrap())
+}
+
+/// The daemon's gRPC service over `s` on a loopback port, and a client of it that speaks as
+/// containerd's proxy plugin `name` does (every request carries the name).
+async fn serve_grpc(s: Snapshotter, name: &str) -> Plugin {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(super::grpc_server(Arc::new(s)))
+            .serve_with_incoming(incoming),
+    );
+    let client = SnapshotsClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    Plugin(name.into(), client)
+}
+
+/// A client of the Snapshots service, as containerd's proxy plugin named `.0`.
+struct Plugin(String, SnapshotsClient<tonic::transport::Channel>);
+
+impl Plugin {
+    /// The same socket under another name in containerd's config.
+    fn named(&self, name: &str) -> Plugin {
+        Plugin(name.into(), self.1.clone())
+    }
+
+    async fn prepare(
+        &mut self,
+        key: String,
+        parent: String,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<Mount>, tonic::Status> {
+        let r = grpc::PrepareSnapshotRequest {
+            snapshotter: self.0.clone(),
+            key,
+            parent,
+            labels,
+        };
+        Ok(self.1.prepare(r).await?.into_inner().mounts)
+    }
+
+    async fn view(
+        &mut self,
+        key: String,
+        parent: String,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<Mount>, tonic::Status> {
+        let r = grpc::ViewSnapshotRequest {
+            snapshotter: self.0.clone(),
+            key,
+            parent,
+            labels,
+        };
+        Ok(self.1.view(r).await?.into_inner().mounts)
+    }
+
+    async fn mounts(&mut self, key: String) -> Result<Vec<Mount>, tonic::Status> {
+        let r = grpc::MountsRequest {
+            snapshotter: self.0.clone(),
+            key,
+        };
+        Ok(self.1.mounts(r).await?.into_inner().mounts)
+    }
+
+    async fn commit(
+        &mut self,
+        name: String,
+        key: String,
+        labels: HashMap<String, String>,
+    ) -> Result<(), tonic::Status> {
+        let r = grpc::CommitSnapshotRequest {
+            snapshotter: self.0.clone(),
+            name,
+            key,
+            labels,
+        };
+        self.1.commit(r).await.map(|_| ())
+    }
+
+    async fn stat(&mut self, key: String) -> Result<Info, tonic::Status> {
+        let r = grpc::StatSnapshotRequest {
+            snapshotter: self.0.clone(),
+            key,
+        };
+        let info = self.1.stat(r).await?.into_inner().info.unwrap_or_default();
+        Ok(info.try_into().unwrap())
+    }
+
+    async fn remove(&mut self, key: String) -> Result<(), tonic::Status> {
+        let r = grpc::RemoveSnapshotRequest {
+            snapshotter: self.0.clone(),
+            key,
+        };
+        self.1.remove(r).await.map(|_| ())
+    }
+
+    /// The snapshots List (containerd's Walk) shows, in the order sent.
+    async fn list(&mut self, filters: Vec<String>) -> Result<Vec<Info>, tonic::Status> {
+        let r = grpc::ListSnapshotsRequest {
+            snapshotter: self.0.clone(),
+            filters,
+        };
+        let mut stream = self.1.list(r).await?.into_inner();
+        let mut infos = Vec::new();
+        while let Some(batch) = stream.message().await? {
+            for info in batch.info {
+                infos.push(info.try_into().unwrap());
+            }
+        }
+        Ok(infos)
+    }
 }
 
 fn code(e: SnapshotterError) -> tonic::Code {
@@ -154,7 +269,7 @@ impl DeviceOps for Arc<FakeOps> {
 
 fn fake_ops(s: &mut Snapshotter) -> Arc<FakeOps> {
     let ops = Arc::new(FakeOps::default());
-    s.ops = Box::new(ops.clone());
+    s.ops = Arc::new(ops.clone());
     ops
 }
 

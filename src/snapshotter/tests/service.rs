@@ -1,11 +1,8 @@
-//! Failures as containerd sees them: through the gRPC adapter (the
-//! `containerd_snapshots::Snapshotter` impl), each with its gRPC code and a log line naming the
-//! call and the snapshot key.
+//! Failures as containerd sees them: through the gRPC service, each with its gRPC code and a
+//! log line naming the call and the snapshot key.
 
 use super::*;
 use crate::snapshotter::error::is_transient;
-use crate::snapshotter::Service;
-use containerd_snapshots::Snapshotter as _;
 use std::io;
 
 /// The adapter's log records, kept for the tests (the only logger of the test binary).
@@ -65,7 +62,7 @@ fn assert_failed<T: std::fmt::Debug>(
 async fn failures_reach_containerd_as_their_grpc_codes_and_are_logged() {
     logged(""); // the logger is in place before the first call
     let (_d, s) = snapshotter();
-    let svc = Service(Arc::new(s.with_remote(Arc::new(FixtureRemote::default()))));
+    let mut svc = serve_grpc(s.with_remote(Arc::new(FixtureRemote::default())), "ovbd").await;
     let none = HashMap::new;
     let warn = log::Level::Warn;
 
@@ -105,7 +102,7 @@ async fn failures_reach_containerd_as_their_grpc_codes_and_are_logged() {
         .await;
     let st = assert_failed(r, tonic::Code::InvalidArgument, warn, "prepare svc-digest:");
     assert!(st.message().contains(LABEL_BLOB_DIGEST), "{}", st.message());
-    let r = svc.list(String::new(), vec!["labels.\"k".into()]).await;
+    let r = svc.list(vec!["labels.\"k".into()]).await;
     assert_failed(r.map(|_| ()), tonic::Code::InvalidArgument, warn, "list");
 
     // State conflicts: a parent with children, a committed snapshot's mounts, a view's commit.
@@ -188,7 +185,7 @@ async fn a_registry_that_times_out_is_unavailable_and_one_that_refuses_internal(
         ),
     ] {
         let (_d, s) = snapshotter();
-        let svc = Service(Arc::new(s.with_remote(Arc::new(FailingRemote(kind)))));
+        let mut svc = serve_grpc(s.with_remote(Arc::new(FailingRemote(kind))), "ovbd").await;
         // The lazy pull commits the layer without reading it...
         let r = svc
             .prepare(
@@ -222,7 +219,7 @@ async fn a_busy_writable_device_makes_commit_unavailable() {
     with_writable_device(&s, &ops, "svc-busy", 51);
     // Something still uses the container's filesystem: its device cannot be detached yet.
     ops.busy.store(true, SeqCst);
-    let svc = Service(Arc::new(s));
+    let mut svc = serve_grpc(s, "ovbd").await;
     let r = svc
         .commit("svc-busy-image".into(), "svc-busy".into(), HashMap::new())
         .await;

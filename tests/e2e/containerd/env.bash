@@ -46,6 +46,8 @@ E2E_BB_MOUNT="type=bind,src=$E2E_BUSYBOX,dst=/busybox,options=rbind:ro"
 E2E_READY_TIMEOUT=${E2E_READY_TIMEOUT:-60}
 E2E_CTR_TIMEOUT=${E2E_CTR_TIMEOUT:-300}
 CTRD_PROXY_NAME=${CTRD_PROXY_NAME:-ovbd}
+# The second name of the same socket in containerd's config (nerdctl on 1.x needs `overlaybd`); empty: none.
+CTRD_PROXY_ALIAS=${CTRD_PROXY_ALIAS-overlaybd}
 # CRI mode (ctrd_start_cri): the CRI client (tests/e2e/cri-client: cargo build -p ovbd-e2e-cri) and the
 # CNI plugin binaries (Debian's containernetworking-plugins).
 E2E_CRI_CLIENT=${E2E_CRI_CLIENT:-$E2E_REPO/target/debug/ovbd-e2e-cri}
@@ -324,16 +326,20 @@ EOF
 }
 
 # _ctrd_snippet FILE SOCKET CRI_SNAPSHOTTER: the deploy snippet FILE as part of our config (to stdout):
-# without its version line, its socket replaced by SOCKET, the proxy plugin named $CTRD_PROXY_NAME, the
-# CRI snapshotter CRI_SNAPSHOTTER.
+# without its version line, its socket replaced by SOCKET, the proxy plugin named $CTRD_PROXY_NAME (and
+# the same socket again as $CTRD_PROXY_ALIAS), the CRI snapshotter CRI_SNAPSHOTTER.
 _ctrd_snippet() {
-    awk -v sock="$2" -v name="$CTRD_PROXY_NAME" -v crisnap="$3" '
-        /^[ \t]*\[/ { cri = ($0 ~ /cri/) }
+    awk -v sock="$2" -v name="$CTRD_PROXY_NAME" -v alias="$CTRD_PROXY_ALIAS" -v crisnap="$3" '
+        # The proxy plugin section, kept to be printed again under the second name (README: nerdctl).
+        function flush() { if (blk != "" && alias != "" && alias != name) { sub(/proxy_plugins\.[A-Za-z0-9_.-]*/, "proxy_plugins." alias, blk); print blk } blk = ""; inplug = 0 }
+        /^[ \t]*\[/ { cri = ($0 ~ /cri/); if (inplug) flush() }
         /^version[ \t]*=/ { next }
         { gsub(/"\/run\/ovbd\/ovbd\.sock"/, "\"" sock "\"") }
-        /^[ \t]*\[proxy_plugins\.ovbd\]/ { sub(/proxy_plugins\.ovbd/, "proxy_plugins." name) }
+        /^[ \t]*\[proxy_plugins\.ovbd\]/ { sub(/proxy_plugins\.ovbd/, "proxy_plugins." name); inplug = 1 }
         /^[ \t]*snapshotter[ \t]*=[ \t]*"ovbd"/ { sub(/"ovbd"/, "\"" (cri ? crisnap : name) "\"") }
-        { print }' "$1"
+        inplug && !/^[ \t]*(#|$)/ { blk = blk $0 "\n" }
+        { print }
+        END { if (inplug) flush() }' "$1"
 }
 
 # _cri_config DIR CONFIG_VERSION SNAPSHOTTER_SOCKET: the CRI plugin's part of DIR/config.toml (to stdout);

@@ -267,6 +267,35 @@ part_a() {
     echo "  ... rootfs: $OUT; ublk devices now: $(ublk_block_devices | tr '\n' ' ')"
 }
 
+# n. the same socket under a second name ($CTRD_PROXY_ALIAS, as nerdctl on containerd 1.x needs it): a
+#    snapshot made and removed under that name, then a GC pass (containerd then removes every snapshot
+#    that name's List shows and its own records lack) leaves the first name's snapshots as they were, and
+#    its image still runs. After part a (its image's snapshots are the ones kept).
+part_n() {
+    need_serve || return 1
+    [[ -n $CTRD_PROXY_ALIAS && $CTRD_PROXY_ALIAS != "$E2E_SNAP" ]] ||
+        nok "no second name registered (CTRD_PROXY_ALIAS=${CTRD_PROXY_ALIAS:-})" || return 1
+    local alias=$CTRD_PROXY_ALIAS before
+    try "ctr snapshots --snapshotter $E2E_SNAP ls" ctr_do snapshots --snapshotter "$E2E_SNAP" ls || return 1
+    before=$(sort <<<"$OUT")
+    (($(wc -l <<<"$before") > 1)) || nok "no snapshot of $E2E_SNAP to keep (run part a first)" || return 1
+    try "prepare + remove a snapshot under $alias" \
+        ctr_do snapshots --snapshotter "$alias" prepare e2e-n-probe || return 1
+    try "remove it" ctr_do snapshots --snapshotter "$alias" rm e2e-n-probe || return 1
+    try "ctr image tag" ctr_do image tag "$HELLO_OBD_REF" "$HELLO_OBD_REF-n" || return 1
+    try "ctr image rm --sync (a GC pass)" ctr_do image rm --sync "$HELLO_OBD_REF-n" || return 1
+    try "ctr snapshots --snapshotter $E2E_SNAP ls" ctr_do snapshots --snapshotter "$E2E_SNAP" ls || return 1
+    [[ $(sort <<<"$OUT") == "$before" ]] ||
+        nok "GC under $alias changed $E2E_SNAP's snapshots: before: $before; after: $OUT" || return 1
+    ok "GC under $alias kept $E2E_SNAP's $(($(wc -l <<<"$before") - 1)) snapshots"
+    try "ctr snapshots --snapshotter $alias ls" ctr_do snapshots --snapshotter "$alias" ls || return 1
+    (($(wc -l <<<"$OUT") <= 1)) || nok "$alias lists snapshots it never made: $OUT" || return 1
+    try "ctr run --rm $HELLO_OBD_REF /hello" \
+        ctr_do run --rm --snapshotter "$E2E_SNAP" "$HELLO_OBD_REF" e2e-n /hello || return 1
+    grep -q "Hello from Docker!" <<<"$OUT" || nok "/hello printed: $OUT" || return 1
+    ok "$alias lists nothing; /hello still runs under $E2E_SNAP"
+}
+
 # b. the plain OCI busybox image: the listing of its tree in a container is identical under
 #    containerd's own overlayfs snapshotter (reference) and under ovbd (overlayfs fallback).
 part_b() {

@@ -3,11 +3,13 @@
 # Debian SUITE's containerd (fetched on the host by fetch-containerd.sh into the test cache, which the
 # guest sees) with ovbd's deploy snippet for its config version, CRI on, and these parts:
 #   a. the OverlayBD hello-world: full `ctr image pull --snapshotter ovbd` + /hello;
+#   n. the socket is also registered as "overlaybd": GC of that name keeps ovbd's snapshots;
 #   b. a plain OCI image (3 layers) through ovbd's overlayfs fallback = containerd's own overlayfs;
 #   m. that image converted by ovbd (multi-layer OverlayBD), pulled with ctr, runs, same tree;
 #   e. kill -9 of ovbd serve under a running container, restart;
 #   c. CRI: a pod on a converted image, pulled lazily by the CRI plugin (2.x: through the transfer service);
 #   p. (2.x) a plain `ctr image pull --snapshotter ovbd` is lazy: the registry sends a small part of the blobs;
+#   t. (2.x) CRI pulls through the transfer service: without ovbd in its unpack_config, a CRI pull fails;
 #   r. `ovbd rpull` + ctr run;
 #   d. image rm --sync + GC leave no snapshot, directory, mount or device.
 # Sourced by a guest test after common.bash: ctrd_versions_main SUITE.
@@ -47,6 +49,7 @@ ctrd_versions_main() {
     took "$t0" "setup"
 
     run_part a "OverlayBD hello-world: full ctr pull + /hello" part_a
+    run_part n "the socket under a second name: its GC keeps the first name's snapshots" part_n
     run_part b "plain OCI busybox through ovbd = containerd's overlayfs" part_b
     run_part m "busybox converted by ovbd (3 OverlayBD layers): ctr pull + run, same tree" _versions_part_m
     # (before CRI and rpull: part e matches our namespace's snapshots with every directory in the root)
@@ -54,6 +57,7 @@ ctrd_versions_main() {
     run_part c "CRI: a pod on a converted image, pulled lazily" _versions_part_c
     if ((CTRD_MAJOR >= 2)); then
         run_part p "plain ctr image pull --snapshotter ovbd is lazy (containerd 2.x)" _versions_part_p
+        run_part t "CRI pulls through the transfer service (containerd 2.x)" _versions_part_t
     fi
     run_part r "ovbd rpull + ctr run" _versions_part_r
     _versions_rm_cri_images
@@ -119,6 +123,32 @@ _versions_part_p() {
     ((bytes < LAZY_LAZY_PLAIN_BYTES / 2)) ||
         nok "the plain pull + run fetched $bytes of $LAZY_LAZY_PLAIN_BYTES bytes: the layers were downloaded" || return 1
     ok "plain ctr pull + run fetched $bytes of $LAZY_LAZY_PLAIN_BYTES blob bytes"
+}
+
+# t. containerd 2.x: CRI pulls through the transfer service. With ovbd's entry taken out of the transfer
+#    service's unpack_config (containerd restarted on that config), a CRI pull into ovbd fails: the local
+#    pull path would not look at that table. The config is restored (and containerd restarted) after.
+_versions_part_t() {
+    need_serve || return 1
+    local cfg=$CTRD_DIR/config.toml out rc=0
+    cp "$cfg" "$cfg.full" || return 1
+    awk -v name="$E2E_SNAP" '
+        function flush() { if (blk !~ ("snapshotter = \"" name "\"")) printf "%s", blk; blk = ""; inblk = 0 }
+        /^[ \t]*\[/ { if (inblk) flush(); if ($0 ~ /unpack_config\]\]/) inblk = 1 }
+        inblk { blk = blk $0 "\n"; next }
+        { print }
+        END { if (inblk) flush() }' "$cfg.full" >"$cfg" || return 1
+    (($(grep -c 'unpack_config\]\]' "$cfg.full") == $(grep -c 'unpack_config\]\]' "$cfg") + 1)) ||
+        nok "could not take $E2E_SNAP out of unpack_config: $(grep -A2 'unpack_config\]\]' "$cfg")" || return 1
+    ctrd_restart
+    out=$(cri_pull "$LAZY_LAZY_PLAIN_REF" 2>&1) || rc=$?
+    cp "$cfg.full" "$cfg" && ctrd_restart
+    ((rc != 0)) ||
+        nok "CRI pulled into $E2E_SNAP with no unpack_config entry for it: not through the transfer service" || return 1
+    # (CRI's own wrapper says "failed to pull and unpack image" whatever failed: not a sign.)
+    grep -q "no unpack platforms" <<<"$out" ||
+        nok "the CRI pull failed, but not for want of an unpack platform: $out" || return 1
+    ok "without $E2E_SNAP in unpack_config the CRI pull fails: $(grep -o 'no unpack platforms[^"]*' <<<"$out" | head -n 1)"
 }
 
 # r. ovbd rpull (lazy on every version) into a namespace of its own, then ctr run.

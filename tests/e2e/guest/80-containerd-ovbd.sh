@@ -3,6 +3,7 @@
 # a private containerd 1.6 + local registry (tests/e2e/containerd/env.bash) with the OverlayBD hello-world
 # and a multi-layer plain OCI busybox image, then (tests/e2e/containerd/ovbd.bash, in this order):
 #   a. hello-world:obd pulls through ovbd and /hello prints "Hello from Docker!";
+#   n. the socket is also registered as "overlaybd": GC of that name keeps ovbd's snapshots;
 #   b. busybox (plain OCI) runs through ovbd's overlayfs fallback and the tree a container sees is
 #      identical to containerd's own overlayfs snapshotter's (the reference half needs no ovbd);
 #   c. label overlaybd.writable=dir: a task writes a file, a second task on the same snapshot reads it;
@@ -44,6 +45,7 @@ fi
 took "$t0" "setup"
 
 run_part a "OverlayBD hello-world through ovbd: /hello" part_a
+run_part n "the socket under a second name: its GC keeps the first name's snapshots" part_n
 run_part b "plain OCI busybox through ovbd = containerd's overlayfs" part_b
 run_part c "rootfs mode dir by label: write, new task reads back" part_c
 run_part f "dir-mode container committed through ovbd is an OverlayBD layer" part_f
