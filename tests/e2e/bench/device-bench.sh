@@ -184,7 +184,7 @@ pass "${order[*]} return the same bytes"
 run_fio() {
     local name=$1 dev=$2 rw=$3 bs=$4 prof=()
     # OVBD_BENCH_PERF="read-1m-fuse-plain ...": profile those runs (perf record -a), report on stderr.
-    [[ " ${OVBD_BENCH_PERF:-} " == *" $name "* ]] && prof=(perf record -q -a -g -o "$WORK/$name.perf" --)
+    [[ " ${OVBD_BENCH_PERF:-} " == *" $name "* ]] && prof=(perf record -q -a -o "$WORK/$name.perf" --)
     "${prof[@]}" fio --name="$name" --filename="$dev" --rw="$rw" --bs="$bs" --ioengine=io_uring --iodepth=16 --direct=1 \
         --time_based --runtime="$runtime" --ramp_time=2 --offset=1g --size="${mib}m" --norandommap \
         --randrepeat=0 --output-format=json >"$WORK/$name.json" || fail "fio $name"
