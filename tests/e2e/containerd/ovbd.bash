@@ -13,7 +13,7 @@
 #   parts_summary                             "N passed, M failed"; returns 1 if any failed
 #   ovbd_block_devices                        ovbd's block devices now (either frontend)
 #   lazy_images_setup DIR [MIB]               the images of the lazy parts l and p
-#   part_a .. part_z                          the checks (see each)
+#   part_a .. part_z                          the checks (see each; l, p and z: host-ovbd.sh)
 #
 # Each part is a function returning 0 (pass) or 1 (fail, after saying why) and never exits the script, so
 # one failing part does not hide the others. The parts run in the main shell (no subshell): they start
