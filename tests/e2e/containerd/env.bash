@@ -511,6 +511,8 @@ ctrd_stop() {
     done
     e2e_umount_under "$CTRD_DIR"
     rmdir "/run/containerd/runc/$CTRD_NS" 2>/dev/null
+    # The CRI plugin's namespace is the same for every run: removed only when empty (no other run in it).
+    [[ -z ${CTRD_CRI:-} ]] || rmdir /run/containerd/runc/k8s.io 2>/dev/null
     unset CTRD_PID CONTAINERD_ADDRESS CONTAINERD_NAMESPACE CRI_ENDPOINT CTRD_CRI
     return 0
 }

@@ -1,7 +1,9 @@
 # shellcheck shell=bash disable=SC2034  # (it sets variables for the scripts that source it)
 # `ovbd serve` under the containerd harness: start/kill/restart the snapshotter, and the end-to-end checks
-# (parts a-e) shared by tests/e2e/guest/80-containerd-ovbd.sh (all parts, in the test guest) and
-# tests/e2e/containerd/host-ovbd.sh (plain OCI parts only, on the host). Sourced after env.bash.
+# (parts) shared by tests/e2e/guest/80-containerd-ovbd.sh (in the test guest: ublk frontend) and
+# tests/e2e/containerd/host-ovbd.sh (on the host: fuse frontend, loop devices). Sourced after env.bash.
+# The part bodies are the same for both frontends: "ovbd's block devices" are /dev/ublkbN or the loop
+# devices backed by files on ovbd's FUSE mount under its root (ovbd_block_devices).
 #
 #   ovbd_serve_setup BIN ROOT SOCKET [MODE]   write the config (ROOT, SOCKET, rootfs_mode MODE=overlayfs)
 #   (OVBD_SERVE_REGISTRY_CONFIG: keys added to its [registry] section, which allows the local registry;
@@ -9,7 +11,9 @@
 #   ovbd_serve_start / ovbd_serve_stop / ovbd_serve_kill9     (pid kept in a file: survives subshells)
 #   run_part NAME DESCRIPTION FUNCTION        run one part, print "pass: NAME" or "FAIL: NAME"
 #   parts_summary                             "N passed, M failed"; returns 1 if any failed
-#   part_a .. part_h                          the checks (see each)
+#   ovbd_block_devices                        ovbd's block devices now (either frontend)
+#   lazy_images_setup DIR [MIB]               the images of the lazy parts l and p
+#   part_a .. part_z                          the checks (see each; l, p and z: host-ovbd.sh)
 #
 # Each part is a function returning 0 (pass) or 1 (fail, after saying why) and never exits the script, so
 # one failing part does not hide the others. The parts run in the main shell (no subshell): they start
@@ -59,8 +63,10 @@ EOF
     elif ! "$OVBD_SERVE_BIN" serve --help >/dev/null 2>&1; then
         OVBD_SERVE_MISSING="'ovbd serve' does not exist yet in $OVBD_SERVE_BIN (the snapshotter has not landed)"
     fi
-    # Stopped before anything is unmounted under its root (exit hooks run newest first).
+    # Stopped, then loop devices a dead one left on its FUSE mount detached, before anything is unmounted
+    # under its root (exit hooks run newest first).
     e2e_on_exit "e2e_umount_under '$OVBD_ROOT'"
+    e2e_on_exit ovbd_detach_leftover_loops
     e2e_on_exit ovbd_serve_stop
     export OVBD_ROOT OVBD_SOCK OVBD_SERVE_CONFIG OVBD_SERVE_LOG
 }
@@ -229,10 +235,47 @@ ovbd_snapshot_dirs() {
     find "$OVBD_ROOT/snapshots" -mindepth 1 -maxdepth 1 -printf '%f\n' | sort
 }
 
-ublk_block_devices() {
-    local d
+# ovbd_block_devices: the block devices ovbd serves now, for either frontend: ublk ones (/dev/ublkbN; the
+# guest has no other ublk user) and loop devices whose backing file is on ovbd's FUSE mount under
+# $OVBD_ROOT (the fuse frontend: <root>/fuse/<image>; a loop keeps that path after the mount is gone).
+ovbd_block_devices() {
+    local d f backing root
     for d in /dev/ublkb*; do [[ -e $d ]] && echo "$d"; done
+    root=$(realpath -m "$OVBD_ROOT")
+    for f in /sys/block/loop*/loop/backing_file; do
+        backing=$(cat "$f" 2>/dev/null) || continue
+        if [[ $backing == "$root"/* ]]; then
+            d=${f#/sys/block/}
+            echo "/dev/${d%%/*}"
+        fi
+    done
     return 0
+}
+
+# OVBD_BLOCK_DEVICE_RE: an extended regex matching the name of a block device of either frontend.
+OVBD_BLOCK_DEVICE_RE='/dev/(ublkb|loop)[0-9]+'
+
+# ovbd_frontend_mounts: ovbd's own FUSE mount under $OVBD_ROOT (the fuse frontend's, <root>/fuse), if any.
+ovbd_frontend_mounts() {
+    e2e_mounts_under "$OVBD_ROOT/fuse"
+}
+
+# ovbd_mounts_under_root: the mounts under $OVBD_ROOT other than the frontend's own FUSE mount (which
+# stays while ovbd serve runs): snapshot mounts.
+ovbd_mounts_under_root() {
+    e2e_mounts_under "$OVBD_ROOT" | grep -vxF -- "$(realpath -m "$OVBD_ROOT/fuse")"
+    return 0
+}
+
+# ovbd_detach_leftover_loops: detaches the loop devices still backed by a file under $OVBD_ROOT (left when
+# ovbd serve died without detaching them; a clean stop leaves none).
+ovbd_detach_leftover_loops() {
+    local d
+    for d in $(ovbd_block_devices); do
+        [[ $d == /dev/loop* ]] || continue
+        e2e_log "detaching leftover loop device $d ($(cat "/sys/block/${d#/dev/}/loop/backing_file" 2>/dev/null))"
+        losetup -d "$d" 2>/dev/null || e2e_log "could not detach $d"
+    done
 }
 
 # rm_all_containers: deletes every task and container of our namespace.
@@ -264,7 +307,7 @@ part_a() {
     ok "/hello printed \"Hello from Docker!\" in 3 containers in a row"
     try "rootfs mount as seen in a container" ctr_do run --rm --snapshotter "$E2E_SNAP" --mount "$E2E_BB_MOUNT" \
         "$HELLO_OBD_REF" e2e-a4 /busybox awk '$5 == "/" {print $9, $10}' /proc/self/mountinfo || return 1
-    echo "  ... rootfs: $OUT; ublk devices now: $(ublk_block_devices | tr '\n' ' ')"
+    echo "  ... rootfs: $OUT; ovbd block devices now: $(ovbd_block_devices | tr '\n' ' ')"
 }
 
 # n. the same socket under a second name ($CTRD_PROXY_ALIAS, as nerdctl on containerd 1.x needs it): a
@@ -329,16 +372,24 @@ part_c() {
     # ctr 1.6: `container create` (and `run`) take --snapshotter-label; the label reaches the snapshotter
     # (prefix containerd.io/snapshot/). `task start` (attached) deletes the task when it exits, so the
     # container can be started again on the same snapshot.
+    # The task's exit code carries the result (the number of lines in /e2e-state; 100 if / is not ext4):
+    # ctr 1.6 now and then loses the output of a task that exits at once.
     try "ctr container create --snapshotter-label $LABEL_WRITABLE=dir" \
         ctr_do container create --snapshotter "$E2E_SNAP" --snapshotter-label "$LABEL_WRITABLE=dir" \
-        --mount "$E2E_BB_MOUNT" -- "$HELLO_OBD_REF" e2e-c \
-        /busybox sh -c 'echo run >>/e2e-state; /busybox cat /e2e-state; /busybox stat -f -c "fs=%T" /' || return 1
-    try "first task" ctr_do task start e2e-c || return 1
-    [[ $OUT == $'run\nfs=ext2/ext3' ]] || nok "first task printed: $OUT (want run, fs=ext2/ext3)" || return 1
-    ok "first task wrote /e2e-state; / is ext4 (busybox: ext2/ext3)"
-    try "second task" ctr_do task start e2e-c || return 1
-    [[ $OUT == $'run\nrun\nfs=ext2/ext3' ]] || nok "second task printed: $OUT (want run, run, fs=ext2/ext3)" || return 1
-    ok "second task on the same snapshot read the first one's write back"
+        --mount "$E2E_BB_MOUNT" -- "$HELLO_OBD_REF" e2e-c /busybox sh -c 'echo run >>/e2e-state
+            /busybox cat /e2e-state; /busybox stat -f -c "fs=%T" /
+            [ "$(/busybox stat -f -c %T /)" = ext2/ext3 ] || exit 100
+            exit "$(/busybox grep -c run /e2e-state)"' || return 1
+    local rc=0
+    OUT=$(ctr_do task start e2e-c 2>&1) || rc=$?
+    ((rc == 1)) || nok "first task exited $rc (want 1: one line in /e2e-state, / ext4; 100: not ext4): $OUT" ||
+        return 1
+    ok "first task wrote /e2e-state; / is ext4 (busybox: ext2/ext3)${OUT:+: ${OUT//$'\n'/ }}"
+    rc=0
+    OUT=$(ctr_do task start e2e-c 2>&1) || rc=$?
+    ((rc == 2)) || nok "second task exited $rc (want 2: two lines in /e2e-state, / ext4; 100: not ext4): $OUT" ||
+        return 1
+    ok "second task on the same snapshot read the first one's write back${OUT:+: ${OUT//$'\n'/ }}"
     try "ctr container rm e2e-c" ctr_do container rm e2e-c || return 1
 }
 
@@ -355,6 +406,13 @@ part_f() {
         "$HELLO_OBD_REF" e2e-f /busybox sh -c 'echo built-by-ovbd >/built.txt; /busybox sync' || return 1
     # ctr names a container's snapshot after the container.
     try "commit the container's snapshot" ctr_do snapshots --snapshotter "$E2E_SNAP" commit e2e-f-layer e2e-f || return 1
+    # Snapshots made with `ctr snapshots` belong to no image, container or lease: the GC pass a deletion
+    # schedules would collect them. So they are GC roots (labelled) before the container is removed.
+    try "label the layer a GC root" \
+        ctr_do snapshots --snapshotter "$E2E_SNAP" label e2e-f-layer containerd.io/gc.root=e2e-f || return 1
+    try "view of the new layer" ctr_do snapshots --snapshotter "$E2E_SNAP" view e2e-f-view e2e-f-layer || return 1
+    try "label the view a GC root" \
+        ctr_do snapshots --snapshotter "$E2E_SNAP" label e2e-f-view containerd.io/gc.root=e2e-f || return 1
     ctr_do container rm e2e-f >/dev/null 2>&1 || true
     try "info of the committed layer" ctr_do snapshots --snapshotter "$E2E_SNAP" info e2e-f-layer || return 1
     local rel
@@ -362,7 +420,6 @@ part_f() {
     [[ -n $rel && -f $OVBD_ROOT/snapshots/$rel ]] || nok "no OverlayBD layer file recorded for the commit: $OUT" || return 1
     try "ovbd layer inspect of the new layer" "$OVBD_SERVE_BIN" layer inspect "$OVBD_ROOT/snapshots/$rel" || return 1
     ok "committed as an OverlayBD layer: snapshots/$rel"
-    try "view of the new layer" ctr_do snapshots --snapshotter "$E2E_SNAP" view e2e-f-view e2e-f-layer || return 1
     try "mounts of the view" ctr_do snapshots --snapshotter "$E2E_SNAP" mounts "$dir/mnt" e2e-f-view || return 1
     local mount_cmd=$OUT
     [[ $mount_cmd == mount\ * ]] || nok "unexpected mounts output: $mount_cmd" || return 1
@@ -449,8 +506,8 @@ part_g() {
         "$HELLO_OBD_REF" e2e-g /busybox sh -c '/hello | /busybox head -2; /busybox grep " / / " /proc/self/mountinfo' ||
         return 1
     grep -q "Hello from Docker!" <<<"$OUT" || nok "/hello in dev mode printed: $OUT" || return 1
-    grep -Eq " - ext4 /dev/ublkb[0-9]+ " <<<"$OUT" || nok "rootfs is not the ublk device: $OUT" || return 1
-    ok "dev mode: rootfs is $(grep -Eo 'ext4 /dev/ublkb[0-9]+' <<<"$OUT"), /hello ran"
+    grep -Eq " - ext4 $OVBD_BLOCK_DEVICE_RE " <<<"$OUT" || nok "rootfs is not an ovbd block device: $OUT" || return 1
+    ok "dev mode: rootfs is $(grep -Eo "ext4 $OVBD_BLOCK_DEVICE_RE" <<<"$OUT"), /hello ran"
 }
 
 # e. kill -9 of `ovbd serve` while a container runs on an OverlayBD image; restart it: the container's
@@ -493,7 +550,7 @@ part_e() {
 
 # d. removing every container and image (`ctr image rm --sync`, which waits for containerd's GC; the GC
 #    calls the snapshotter's Walk, Remove for each orphan, then Cleanup) leaves nothing: no ovbd snapshot,
-#    no snapshot directory, no mount under the ovbd root, no ublk block device.
+#    no snapshot directory, no mount under the ovbd root (but the fuse frontend's own), no ovbd block device.
 part_d() {
     need_serve || return 1
     rm_all_containers
@@ -507,14 +564,180 @@ part_d() {
     for ((i = 0; i < 60; i++)); do
         keys=$(ovbd_snapshot_keys) || keys="(ctr snapshots ls failed)"
         dirs=$(ovbd_snapshot_dirs)
-        mounts=$(e2e_mounts_under "$OVBD_ROOT")
-        devs=$(ublk_block_devices)
+        mounts=$(ovbd_mounts_under_root)
+        devs=$(ovbd_block_devices)
         [[ -z $keys$dirs$mounts$devs ]] && break
         sleep 1
     done
     [[ -z $keys ]] || nok "ovbd snapshots left: $(tr '\n' ' ' <<<"$keys")" || return 1
     [[ -z $dirs ]] || nok "snapshot directories left in $OVBD_ROOT/snapshots: $(tr '\n' ' ' <<<"$dirs")" || return 1
     [[ -z $mounts ]] || nok "mounts left under $OVBD_ROOT: $(tr '\n' ' ' <<<"$mounts")" || return 1
-    [[ -z $devs ]] || nok "ublk devices left: $(tr '\n' ' ' <<<"$devs")" || return 1
-    ok "no snapshot, snapshot directory, mount or /dev/ublkb* left (after ${i} s)"
+    [[ -z $devs ]] || nok "ovbd block devices left: $(tr '\n' ' ' <<<"$devs")" || return 1
+    ok "no snapshot, snapshot directory, mount or ovbd block device left (after ${i} s)"
+}
+
+# ------------------------------------------------------------------------------------------ lazy pulls
+
+# lazy_images_setup DIR [LARGE_MIB]: the images of parts l and p (what tests/e2e/guest/85-lazy-pull.sh
+# also builds), in the local registry: the 4-layer busybox with a LARGE_MIB (64) MiB incompressible
+# /data/large.bin as plain OCI ($LAZY_OCI_REF) and converted by `ovbd convert` ($LAZY_OBD_REF, layer blobs
+# $LAZY_OBD_BYTES bytes); a second one (32 MiB, other blobs) converted for CRI ($LAZY_CRI_REF,
+# $LAZY_CRI_BYTES bytes). On failure LAZY_SETUP_MISSING says why (parts l and p then fail with it).
+lazy_images_setup() {
+    local dir=$1 mib=${2:-64}
+    LAZY_SETUP_MISSING=
+    _lazy_images_setup "$dir" "$mib" || LAZY_SETUP_MISSING=${LAZY_SETUP_MISSING:-"lazy_images_setup failed"}
+    export LAZY_OCI_REF LAZY_OBD_REF LAZY_OBD_BYTES LAZY_CRI_REF LAZY_CRI_BYTES LAZY_SETUP_MISSING
+}
+
+_lazy_images_setup() {
+    local dir=$1 mib=$2
+    [[ -z $OVBD_SERVE_MISSING ]] || {
+        LAZY_SETUP_MISSING=$OVBD_SERVE_MISSING
+        return 1
+    }
+    mkdir -p "$dir"
+    "$E2E_PYTHON" "$E2E_CTRD_LIB/mkimage.py" busybox "$dir/lazy-oci" v1 --busybox "$E2E_BUSYBOX" --large "$mib" \
+        >/dev/null || return 1
+    push_oci_layout "$dir/lazy-oci" v1 lazy:oci
+    LAZY_OCI_REF=$REGISTRY/lazy:oci LAZY_OBD_REF=$REGISTRY/lazy:obd
+    "$OVBD_SERVE_BIN" convert --json "$LAZY_OCI_REF" "$LAZY_OBD_REF" >"$dir/convert.json" 2>"$dir/convert.log" || {
+        LAZY_SETUP_MISSING="ovbd convert $LAZY_OCI_REF: $(tail -n 5 "$dir/convert.log")"
+        return 1
+    }
+    LAZY_OBD_BYTES=$(_convert_layer_bytes "$dir/convert.json")
+    # Big enough that the busybox binary a pod runs (its layer is fetched whole) is a small part of it.
+    "$E2E_PYTHON" "$E2E_CTRD_LIB/mkimage.py" busybox "$dir/lazy-oci" v2 --busybox "$E2E_BUSYBOX" --large 32 \
+        >/dev/null || return 1
+    push_oci_layout "$dir/lazy-oci" v2 lazy:oci2
+    LAZY_CRI_REF=$REGISTRY/lazy:cri
+    "$OVBD_SERVE_BIN" convert --json "$REGISTRY/lazy:oci2" "$LAZY_CRI_REF" >"$dir/convert2.json" 2>"$dir/convert2.log" || {
+        LAZY_SETUP_MISSING="ovbd convert lazy:oci2: $(tail -n 5 "$dir/convert2.log")"
+        return 1
+    }
+    LAZY_CRI_BYTES=$(_convert_layer_bytes "$dir/convert2.json")
+    e2e_log "lazy images: $LAZY_OBD_REF ($LAZY_OBD_BYTES bytes of layers), $LAZY_CRI_REF ($LAZY_CRI_BYTES bytes)"
+}
+
+# The bytes of the layer blobs `ovbd convert --json` reports.
+_convert_layer_bytes() {
+    grep -o '"size": *[0-9]*' "$1" | awk '{ s += $2 } END { print s + 0 }'
+}
+
+need_lazy_images() {
+    [[ -z ${LAZY_SETUP_MISSING-unset} ]] || nok "no lazy images: ${LAZY_SETUP_MISSING:-lazy_images_setup was not called}"
+}
+
+# l. lazy pull: `ovbd rpull` of $LAZY_OBD_REF + `ctr run --snapshotter ovbd` of `cat /etc/hostname` print
+#    what the full pull of $LAZY_OCI_REF under containerd's overlayfs prints, while the registry sends
+#    less than a tenth of the image's layer bytes; the snapshots are remote layers (no layer file in their
+#    directories); all of /data/large.bin read on demand has the original's sha256. Needs the registry's
+#    access log (E2E_REGISTRY_ACCESSLOG=1 before registry_start) and lazy_images_setup.
+part_l() {
+    need_serve || return 1
+    need_lazy_images || return 1
+    local b0 ref_out bytes want d n_remote=0
+    try "ctr image pull $LAZY_OCI_REF (overlayfs)" ctr_pull "$LAZY_OCI_REF" overlayfs || return 1
+    try "ctr run $LAZY_OCI_REF cat /etc/hostname (overlayfs)" \
+        ctr_do run --rm "$LAZY_OCI_REF" e2e-l-ref cat /etc/hostname || return 1
+    ref_out=$OUT
+    b0=$(registry_blob_bytes)
+    try "ovbd rpull $LAZY_OBD_REF" \
+        "$OVBD_SERVE_BIN" rpull --address "$CTRD_ADDR" --namespace "$CTRD_NS" "$LAZY_OBD_REF" || return 1
+    try "ctr run --snapshotter $E2E_SNAP $LAZY_OBD_REF cat /etc/hostname" \
+        ctr_do run --rm --snapshotter "$E2E_SNAP" "$LAZY_OBD_REF" e2e-l cat /etc/hostname || return 1
+    bytes=$(($(registry_blob_bytes) - b0))
+    [[ -n $OUT && $OUT == "$ref_out" ]] || nok "ovbd printed '$OUT', overlayfs '$ref_out'" || return 1
+    ((bytes * 10 < LAZY_OBD_BYTES)) ||
+        nok "rpull + run fetched $bytes bytes of a $LAZY_OBD_BYTES-byte image: the layers were downloaded" || return 1
+    ok "rpull + run: the same output ($OUT) with $bytes of $LAZY_OBD_BYTES bytes fetched" \
+        "($(awk -v a="$bytes" -v b="$LAZY_OBD_BYTES" 'BEGIN { printf "%.2f", 100 * a / b }')%)"
+    for d in "$OVBD_ROOT"/snapshots/*/; do
+        if [[ -d $d/fs && -z $(ls -A "$d/fs") ]] && grep -qs '"digest"' "$d/block/config.v1.json"; then
+            n_remote=$((n_remote + 1))
+        fi
+    done
+    ((n_remote >= 1)) || nok "no snapshot is a remote layer (a config naming a blob, no layer file)" || return 1
+    ok "$n_remote snapshots are remote layers (no layer file)"
+    try "sha256sum /data/large.bin (overlayfs)" \
+        ctr_do run --rm "$LAZY_OCI_REF" e2e-l-ref-sum sha256sum /data/large.bin || return 1
+    want=${OUT%% *}
+    b0=$(registry_blob_bytes)
+    try "sha256sum /data/large.bin through ovbd" \
+        ctr_do run --rm --snapshotter "$E2E_SNAP" "$LAZY_OBD_REF" e2e-l-sum sha256sum /data/large.bin || return 1
+    [[ -n $want && ${OUT%% *} == "$want" ]] || nok "sha256 through ovbd: '${OUT%% *}', original '$want'" || return 1
+    ok "/data/large.bin read on demand: sha256 ${want:0:16}... as the original ($(($(registry_blob_bytes) - b0)) bytes fetched)"
+}
+
+# p. CRI: containerd's CRI plugin (its snapshotter ovbd, disable_snapshot_annotations = false) pulls
+#    $LAZY_CRI_REF lazily (less than a tenth of its layer bytes fetched) and runs a pod that reads a file of
+#    the image; the CRI snapshots are ovbd's. Then the image and the sandbox image are removed through CRI
+#    (so part d's GC leaves nothing of them). Needs ctrd_start_cri and what part l needs.
+part_p() {
+    need_serve || return 1
+    need_lazy_images || return 1
+    [[ -n ${CTRD_CRI:-} && -n ${CRI_ENDPOINT:-} ]] || nok "containerd runs without its CRI plugin (ctrd_start_cri)" ||
+        return 1
+    local b0 bytes want rc=0
+    mkdir -p "$E2E_PARTS_DIR"
+    try "ctr image pull $LAZY_OCI_REF (overlayfs)" ctr_pull "$LAZY_OCI_REF" overlayfs || return 1
+    try "the original's readme.txt" ctr_do run --rm "$LAZY_OCI_REF" e2e-p-ref cat /usr/share/doc/e2e/readme.txt ||
+        return 1
+    want=$OUT
+    # The sandbox image (plain OCI, pulled whole) first: the bytes measured are the lazy image's.
+    try "CRI PullImage $CTRD_SANDBOX_IMAGE" cri_pull "$CTRD_SANDBOX_IMAGE" || return 1
+    b0=$(registry_blob_bytes)
+    # The pod's stdout only (the client's progress goes to stderr, kept for a failure).
+    OUT=$(cri_run "$LAZY_CRI_REF" cat /usr/share/doc/e2e/readme.txt 2>"$E2E_PARTS_DIR/p-cri.err") ||
+        nok "a CRI pod on $LAZY_CRI_REF (exit $?): $(tail -n 20 "$E2E_PARTS_DIR/p-cri.err")" || rc=1
+    bytes=$(($(registry_blob_bytes) - b0))
+    if ((rc == 0)); then
+        [[ -n $OUT && $OUT == "$want" ]] || nok "the pod read '$OUT', the original has '$want'" || rc=1
+    fi
+    if ((rc == 0)); then
+        ((bytes * 10 < LAZY_CRI_BYTES)) ||
+            nok "the CRI pull + pod fetched $bytes bytes of a $LAZY_CRI_BYTES-byte image: the layers were downloaded" ||
+            rc=1
+    fi
+    ((rc == 0)) && ok "a CRI pod read the image's readme.txt after a lazy pull ($bytes of $LAZY_CRI_BYTES bytes fetched)"
+    # shellcheck disable=SC2086  # $CTR_CRI is a command line
+    if ((rc == 0)) && try "CRI snapshots through $E2E_SNAP" $CTR_CRI snapshots --snapshotter "$E2E_SNAP" ls; then
+        (($(grep -c . <<<"$OUT") > 1)) || nok "no $E2E_SNAP snapshot in namespace k8s.io" || rc=1
+        ((rc == 0)) && ok "$(($(grep -c . <<<"$OUT") - 1)) snapshots of namespace k8s.io are $E2E_SNAP's"
+    fi
+    # Whatever happened: no CRI image left for part d.
+    try "CRI RemoveImage $LAZY_CRI_REF" cri_client rmi "$LAZY_CRI_REF" || rc=1
+    try "CRI RemoveImage $CTRD_SANDBOX_IMAGE" cri_client rmi "$CTRD_SANDBOX_IMAGE" || rc=1
+    return "$rc"
+}
+
+# z. `ovbd serve` stops (SIGTERM) cleanly: no FUSE mount or other mount under its root, no ovbd block
+#    device left. Last: it leaves ovbd stopped.
+part_z() {
+    need_serve || return 1
+    local pid mounts devs
+    pid=$(ovbd_serve_pid) || nok "ovbd serve is not running" || return 1
+    kill "$pid" 2>/dev/null || nok "kill $pid" || return 1
+    if ! e2e_wait 60 "ovbd serve (pid $pid) to exit" _pid_gone "$pid"; then
+        _threads_where "$pid"
+        nok "ovbd serve did not exit on SIGTERM" || return 1
+    fi
+    rm -f "$OVBD_SERVE_PIDFILE"
+    mounts=$(e2e_mounts_under "$OVBD_ROOT")
+    devs=$(ovbd_block_devices)
+    [[ -z $mounts ]] || nok "mounts left under $OVBD_ROOT: $(tr '\n' ' ' <<<"$mounts")" || return 1
+    [[ -z $devs ]] || nok "block devices left: $(tr '\n' ' ' <<<"$devs")" || return 1
+    ok "ovbd serve exited on SIGTERM leaving no mount under its root and no block device"
+}
+
+_pid_gone() { ! kill -0 "$1" 2>/dev/null; }
+
+# _threads_where PID: each thread's name, state and kernel wait channel (and kernel stack), to stderr.
+_threads_where() {
+    local t
+    for t in /proc/"$1"/task/*; do
+        echo "  thread ${t##*/} $(cat "$t/comm" 2>/dev/null): $(awk '/^State/ {print $2}' "$t/status" 2>/dev/null)" \
+            "wchan $(cat "$t/wchan" 2>/dev/null)" >&2
+        sed 's/^/      /' "$t/stack" 2>/dev/null | head -n 8 >&2
+    done
 }
