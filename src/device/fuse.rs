@@ -208,6 +208,10 @@ pub struct FuseFrontend {
     next_ino_file: Option<PathBuf>,
     /// Set when this daemon leaves its devices to the next one: nothing is torn down.
     handed_over: AtomicBool,
+    /// Restartable: the connection, handed to a holder process while there are devices.
+    kept: Option<OwnedFd>,
+    /// Whether a holder keeps the connection now.
+    holder_up: Mutex<bool>,
 }
 /// The FUSE side of an attached device.
 pub(super) struct FuseAttachment {
@@ -315,17 +319,16 @@ impl FuseFrontend {
                 source: std::io::Error::last_os_error(),
             });
         }
-        let mut restartable = restartable;
-        if restartable {
-            if let Err(e) = fuse_holder::spawn(&socket, fuse.as_fd()) {
-                log::warn!(
-                    "fuse frontend: starting the holder of {}: {e}; its devices will not survive a restart",
-                    dir.display()
-                );
-                restartable = false;
-            }
-        }
-        let frontend = Arc::new(FuseFrontend::new(dir, restartable, 2));
+        // The holder starts with the first device: a daemon killed without devices leaves no
+        // process behind (the next start clears the mount).
+        let kept = match restartable {
+            true => Some(
+                fuse.try_clone()
+                    .map_err(io("keeping the FUSE connection"))?,
+            ),
+            false => None,
+        };
+        let frontend = Arc::new(FuseFrontend::new(dir, kept, false, 2));
         if let Err(e) = frontend.serve_fd(fuse, false) {
             let _ = crate::mount::unmount(dir, true);
             return Err(e);
@@ -338,8 +341,12 @@ impl FuseFrontend {
         Ok(frontend)
     }
 
-    fn new(dir: &Path, restartable: bool, next_ino: u64) -> FuseFrontend {
+    /// `kept`: the connection, for a holder (restartable); `holder_up`: one holds it already.
+    fn new(dir: &Path, kept: Option<OwnedFd>, holder_up: bool, next_ino: u64) -> FuseFrontend {
+        let restartable = kept.is_some();
         FuseFrontend {
+            kept,
+            holder_up: Mutex::new(holder_up),
             mountpoint: dir.to_path_buf(),
             fs: ImageFs::default(),
             next_ino: AtomicU64::new(next_ino),
@@ -362,7 +369,16 @@ impl FuseFrontend {
             .filter_map(|(_, path)| ino_of(path))
             .max()
             .map_or(2, |i| i + 1);
-        let frontend = Arc::new(FuseFrontend::new(dir, true, recorded.max(in_use)));
+        let kept = fd.try_clone().map_err(|source| DeviceError::Fuse {
+            what: "keeping the FUSE connection",
+            source,
+        })?;
+        let frontend = Arc::new(FuseFrontend::new(
+            dir,
+            Some(kept),
+            true,
+            recorded.max(in_use),
+        ));
         *frontend.fs.parking.lock() = Some(Vec::new());
         frontend.serve_fd(fd, true)?;
         log::info!(
@@ -550,6 +566,7 @@ impl FuseFrontend {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(ino, file.clone());
+        self.ensure_holder();
         let path = self.mountpoint.join(&file.name);
         let bound = std::fs::OpenOptions::new()
             .read(true)
@@ -589,6 +606,30 @@ impl FuseFrontend {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&ino);
+        if self.kept.is_some() {
+            let mut up = self.holder_up.lock().unwrap_or_else(|p| p.into_inner());
+            if *up && self.list().is_empty() {
+                // No device left to keep: no process left behind if we die now.
+                fuse_holder::quit(&fuse_holder::socket_path(&self.mountpoint));
+                *up = false;
+            }
+        }
+    }
+
+    /// Starts a holder for the connection unless one runs (restartable frontends only).
+    fn ensure_holder(&self) {
+        let Some(fd) = &self.kept else { return };
+        let mut up = self.holder_up.lock().unwrap_or_else(|p| p.into_inner());
+        if *up {
+            return;
+        }
+        match fuse_holder::spawn(&fuse_holder::socket_path(&self.mountpoint), fd.as_fd()) {
+            Ok(()) => *up = true,
+            Err(e) => log::warn!(
+                "fuse frontend: starting the holder of {}: {e}; its devices will not survive a restart",
+                self.mountpoint.display()
+            ),
+        }
     }
 
     /// Unmounts (lazily if still busy: a loop device nobody detached keeps a file) and, when

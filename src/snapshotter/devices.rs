@@ -106,9 +106,13 @@ impl Snapshotter {
         }
         let kind = self.cfg.device.frontend.resolve();
         let dir = self.cfg.root.join("fuse");
-        // Restartable: FUSE devices outlive the daemon, as ublk ones do (see `attach`).
-        let f = DeviceFrontend::open_restartable(kind, &dir)
-            .with_context(|| format!("starting the {kind} device frontend"))?;
+        // Restartable: FUSE devices outlive the daemon, as ublk ones do (see `attach`). Not in
+        // unit tests: their binary is not `ovbd`, which the holder process runs.
+        let open = match cfg!(test) {
+            false => DeviceFrontend::open_restartable,
+            true => DeviceFrontend::open,
+        };
+        let f = open(kind, &dir).with_context(|| format!("starting the {kind} device frontend"))?;
         log::info!("device frontend: {kind}");
         Ok(self.frontend.get_or_init(|| f))
     }
