@@ -285,7 +285,15 @@ fn attach_one(
     let cfg = ImageConfig::load(config_path)?;
     let attached = cfg.open_image(None).and_then(|image| {
         let writable = image.is_writable();
-        let dev = frontend.attach(Arc::new(image), pool.clone(), AttachOptions { id, recover })?;
+        let dev = frontend.attach(
+            Arc::new(image),
+            pool.clone(),
+            AttachOptions {
+                id,
+                recover,
+                ..Default::default()
+            },
+        )?;
         Ok((dev, writable))
     });
     let (dev, writable) = match attached {

@@ -9,7 +9,7 @@ mod serve;
 
 use crate::snapshotter::MAX_VSIZE_GB;
 use crate::{config, oci};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
@@ -81,6 +81,12 @@ enum Cmd {
         /// Configuration file (default /etc/ovbd/config.toml; see config/ovbd.toml).
         #[arg(long)]
         config: Option<PathBuf>,
+    },
+    /// Internal: started by `ovbd serve` to keep its FUSE connection (stdin) across restarts.
+    #[command(hide = true)]
+    FuseHolder {
+        #[arg(long)]
+        socket: PathBuf,
     },
 }
 
@@ -313,6 +319,9 @@ fn run(cli: Cli) -> Result<()> {
             let cfg = config::Config::load(config.as_deref())?;
             serve::serve(cfg)
         }
+        Cmd::FuseHolder { socket } => crate::device::fuse_holder::run(&socket)
+            .map_err(anyhow::Error::from)
+            .with_context(|| format!("fuse holder on {}", socket.display())),
         Cmd::Device(DeviceCmd::Detach { id }) => device::detach(&id),
         Cmd::Image(ImageCmd::Export { mut paths }) => {
             let out = paths.pop().unwrap_or_default();

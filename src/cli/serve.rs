@@ -51,10 +51,15 @@ async fn run(cfg: Config) -> Result<()> {
         }
         log::info!("shutting down");
     };
+    let keeper = snap.clone();
     let served = Server::builder()
         .add_service(grpc_server(snap))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
+    // Devices stay attached: with USER_RECOVERY the kernel keeps them for the next start,
+    // which re-attaches them in place (running containers keep their rootfs); FUSE ones are
+    // kept by the holder process likewise, and must not be torn down as we drop them.
+    keeper.hand_over_devices();
     // A socket nobody listens on reads as "connection refused"; gone, it reads as not running.
     // Unless a newer daemon has already put its own there.
     if published.is_some() && socket_identity(&socket) == published {
@@ -65,8 +70,6 @@ async fn run(cfg: Config) -> Result<()> {
     if let Err(e) = remote.flush() {
         log::warn!("flushing the block cache: {e}");
     }
-    // Devices stay attached: with USER_RECOVERY the kernel keeps them for the next start,
-    // which re-attaches them in place (running containers keep their rootfs).
     Ok(())
 }
 

@@ -9,12 +9,16 @@
 //! [`WorkerPool`] and are answered from there, so a slow image never stalls another's requests.
 //!
 //! The mount is made here with mount(2) on a /dev/fuse fd we open, then the session is built
-//! with `Session::from_fd`: a later step that keeps that fd in a holder process across a
-//! daemon restart re-serves the connection through the same `Session::from_fd` (see
-//! [`FuseFrontend::serve_fd`]; the kernel then resends the requests in flight on
-//! FUSE_NOTIFY_RESEND).
+//! with `Session::from_fd`. A restartable frontend ([`FuseFrontend::open_restartable`], the
+//! snapshotter's) leaves a copy of that fd with a holder process ([`super::fuse_holder`]), so
+//! the connection outlives the daemon; the next daemon takes it back, re-serves it
+//! ([`FuseFrontend::serve_fd`]), has the kernel resend what was in flight (FUSE_NOTIFY_RESEND)
+//! and re-binds each image to its old file and loop device ([`FuseFrontend::adopt`], from the
+//! [`FuseFile`] its owner recorded). Requests for files not yet re-bound wait ([`Parking`])
+//! until their image is back or recovery ends.
 
 use super::error::DeviceError;
+use super::fuse_holder;
 use super::loopdev::{self, Backing, LoopOptions};
 use super::pool::WorkerPool;
 use super::request::{run_request, try_read_inline};
@@ -28,9 +32,9 @@ use ovbd_format::ImageStack;
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::File;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
@@ -119,14 +123,96 @@ fn file_attr(ino: u64, size: u64, kind: FileType, perm: u16) -> FileAttr {
 
 type Files = Arc<RwLock<HashMap<u64, Arc<ImageFile>>>>;
 
+/// What a restarted daemon needs to re-bind an image to the file and loop device it had (its
+/// owner keeps it next to the image: see [`super::AttachedDevice::fuse_file`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FuseFile {
+    /// The file's inode number on the mount (its name is `image-<ino>`).
+    pub ino: u64,
+    /// `/dev/loopN` over it.
+    pub loop_number: u32,
+    /// What the loop driver reports as its backing file (the mount's device and `ino`).
+    pub backing: Backing,
+}
+
+/// A request for a file not re-bound yet, run again once it is (or recovery ends).
+type Parked = Box<dyn FnOnce(&ImageFs) + Send>;
+
+/// Requests that arrive, after a restart, for files whose images are not re-bound yet: they
+/// wait rather than fail (a loop device's I/O error would reach the container's filesystem).
+#[derive(Default)]
+struct Parking {
+    /// `Some` while recovering: (inode, or 0 for a lookup by name; the request).
+    waiting: Mutex<Option<Vec<(u64, Parked)>>>,
+}
+
+impl Parking {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Vec<(u64, Parked)>>> {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn recovering(&self) -> bool {
+        self.lock().is_some()
+    }
+
+    /// Parks `request` for `ino` while recovering; else runs it now (it then finds no file).
+    fn park(&self, fs: &ImageFs, ino: u64, request: Parked) {
+        let mut w = self.lock();
+        match w.as_mut() {
+            Some(list) => list.push((ino, request)),
+            None => {
+                drop(w);
+                request(fs)
+            }
+        }
+    }
+
+    /// Runs the requests waiting for `ino` (re-bound now); `None`: all of them, and stops
+    /// parking (recovery is over: what is still unknown fails).
+    fn release(&self, fs: &ImageFs, ino: Option<u64>) {
+        let ready: Vec<Parked> = {
+            let mut w = self.lock();
+            match ino {
+                None => w
+                    .take()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(_, r)| r)
+                    .collect(),
+                Some(ino) => match w.as_mut() {
+                    Some(list) => {
+                        let (ready, rest) = std::mem::take(list)
+                            .into_iter()
+                            .partition(|(i, _)| *i == ino);
+                        *list = rest;
+                        ready.into_iter().map(|(_, r)| r).collect()
+                    }
+                    None => Vec::new(),
+                },
+            }
+        };
+        for r in ready {
+            r(fs);
+        }
+    }
+}
+
 /// The FUSE mount holding one file per attached image, and the threads serving it.
 pub struct FuseFrontend {
     mountpoint: PathBuf,
-    files: Files,
+    fs: ImageFs,
     next_ino: AtomicU64,
     session: Mutex<Option<JoinHandle<std::io::Result<()>>>>,
+    /// Restartable: where the next inode number is kept (a restarted daemon must not reuse an
+    /// inode the kernel may still cache); `None`: not restartable.
+    next_ino_file: Option<PathBuf>,
+    /// Set when this daemon leaves its devices to the next one: nothing is torn down.
+    handed_over: AtomicBool,
+    /// Restartable: the connection, handed to a holder process while there are devices.
+    kept: Option<OwnedFd>,
+    /// Whether a holder keeps the connection now.
+    holder_up: Mutex<bool>,
 }
-
 /// The FUSE side of an attached device.
 pub(super) struct FuseAttachment {
     frontend: Arc<FuseFrontend>,
@@ -160,8 +246,41 @@ impl FuseStopper {
 
 impl FuseFrontend {
     /// Mounts the frontend's FUSE filesystem on `dir` (made, mode 0700: only root reaches the
-    /// files), after clearing what a previous run left there.
+    /// files), after clearing what a previous run left there. Its devices end with this process.
     pub fn mount(dir: &Path) -> Result<Arc<FuseFrontend>, DeviceError> {
+        FuseFrontend::open(dir, false)
+    }
+
+    /// As [`Self::mount`], but the connection outlives this process (kept by a holder process,
+    /// see [`fuse_holder`]), and if a previous daemon's is still held, it is served again
+    /// instead: its images are then re-bound with [`Self::adopt`] and [`Self::finish_recovery`]
+    /// ends the recovery.
+    pub fn open_restartable(dir: &Path) -> Result<Arc<FuseFrontend>, DeviceError> {
+        FuseFrontend::open(dir, true)
+    }
+
+    fn open(dir: &Path, restartable: bool) -> Result<Arc<FuseFrontend>, DeviceError> {
+        let socket = fuse_holder::socket_path(dir);
+        if restartable {
+            match fuse_holder::take(&socket) {
+                Ok(Some(fd)) if is_fuse_mount(dir) => return FuseFrontend::recover(dir, fd),
+                Ok(Some(_)) => {
+                    log::warn!(
+                        "fuse frontend: a holder keeps a connection no longer mounted on {}; starting afresh",
+                        dir.display()
+                    );
+                    fuse_holder::quit(&socket);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    log::warn!(
+                        "fuse frontend: asking the holder on {} for its connection: {e}; starting afresh",
+                        socket.display()
+                    );
+                    fuse_holder::quit(&socket);
+                }
+            }
+        }
         clear_stale(dir);
         let io = |what: &'static str| move |source| DeviceError::Fuse { what, source };
         std::fs::create_dir_all(dir).map_err(io("creating the mountpoint"))?;
@@ -200,39 +319,94 @@ impl FuseFrontend {
                 source: std::io::Error::last_os_error(),
             });
         }
-        let frontend = Arc::new(FuseFrontend {
-            mountpoint: dir.to_path_buf(),
-            files: Files::default(),
-            next_ino: AtomicU64::new(2),
-            session: Mutex::new(None),
-        });
-        if let Err(e) = frontend.serve_fd(fuse) {
+        // The holder starts with the first device: a daemon killed without devices leaves no
+        // process behind (the next start clears the mount).
+        let kept = match restartable {
+            true => Some(
+                fuse.try_clone()
+                    .map_err(io("keeping the FUSE connection"))?,
+            ),
+            false => None,
+        };
+        let frontend = Arc::new(FuseFrontend::new(dir, kept, false, 2));
+        if let Err(e) = frontend.serve_fd(fuse, false) {
             let _ = crate::mount::unmount(dir, true);
             return Err(e);
         }
         log::info!(
-            "fuse frontend: serving {} (loop direct I/O: {})",
+            "fuse frontend: serving {} (loop direct I/O: {}, kept across restarts: {restartable})",
             dir.display(),
             direct_io()
         );
         Ok(frontend)
     }
 
-    /// Serves the FUSE connection on `fd` (mounted already) from this process. Today only the
-    /// fresh mount's; re-serving a connection a holder kept across a restart plugs in here.
-    fn serve_fd(&self, fd: OwnedFd) -> Result<(), DeviceError> {
+    /// `kept`: the connection, for a holder (restartable); `holder_up`: one holds it already.
+    fn new(dir: &Path, kept: Option<OwnedFd>, holder_up: bool, next_ino: u64) -> FuseFrontend {
+        let restartable = kept.is_some();
+        FuseFrontend {
+            kept,
+            holder_up: Mutex::new(holder_up),
+            mountpoint: dir.to_path_buf(),
+            fs: ImageFs::default(),
+            next_ino: AtomicU64::new(next_ino),
+            session: Mutex::new(None),
+            next_ino_file: restartable.then(|| dir.with_extension("next-ino")),
+            handed_over: AtomicBool::new(false),
+        }
+    }
+
+    /// Serves again the connection `fd` a previous daemon left with the holder.
+    fn recover(dir: &Path, fd: OwnedFd) -> Result<Arc<FuseFrontend>, DeviceError> {
+        let next_file = dir.with_extension("next-ino");
+        let recorded = std::fs::read_to_string(&next_file)
+            .ok()
+            .and_then(|t| t.trim().parse::<u64>().ok())
+            .unwrap_or(2);
+        // Past every file a loop device still uses, whatever the record says.
+        let in_use = loopdev::loops_under(dir)
+            .iter()
+            .filter_map(|(_, path)| ino_of(path))
+            .max()
+            .map_or(2, |i| i + 1);
+        let kept = fd.try_clone().map_err(|source| DeviceError::Fuse {
+            what: "keeping the FUSE connection",
+            source,
+        })?;
+        let frontend = Arc::new(FuseFrontend::new(
+            dir,
+            Some(kept),
+            true,
+            recorded.max(in_use),
+        ));
+        *frontend.fs.parking.lock() = Some(Vec::new());
+        frontend.serve_fd(fd, true)?;
+        log::info!(
+            "fuse frontend: serving {} again (the connection a previous daemon left)",
+            dir.display()
+        );
+        Ok(frontend)
+    }
+
+    /// Serves the FUSE connection on `fd` (mounted already) from this process; `resumed`: a
+    /// previous daemon's connection, initialised already.
+    ///
+    /// One descriptor for all event loop threads (fuser's `clone_fd` off): a cloned descriptor
+    /// is this process's alone, and when it closes (the daemon dies) the kernel fails the
+    /// requests read through it; the requests read through the one the holder shares stay
+    /// queued, for FUSE_NOTIFY_RESEND.
+    fn serve_fd(&self, fd: OwnedFd, resumed: bool) -> Result<(), DeviceError> {
         let mut config = fuser::Config::default();
         config.n_threads = Some(SESSION_THREADS);
-        config.clone_fd = true;
-        let fs = ImageFs {
-            files: self.files.clone(),
+        config.clone_fd = false;
+        let start = |what| move |source| DeviceError::Fuse { what, source };
+        let session = if resumed {
+            resumed_session(self.fs.clone(), fd, config)
+                .map_err(start("serving the kept FUSE connection again"))?
+        } else {
+            fuser::Session::from_fd(self.fs.clone(), fd, fuser::SessionACL::Owner, config)
+                .map_err(start("starting the FUSE session"))?
         };
-        let session = fuser::Session::from_fd(fs, fd, fuser::SessionACL::Owner, config).map_err(
-            |source| DeviceError::Fuse {
-                what: "starting the FUSE session",
-                source,
-            },
-        )?;
         let thread = std::thread::Builder::new()
             .name("ovbd-fuse".into())
             .spawn(move || session.run())
@@ -244,9 +418,112 @@ impl FuseFrontend {
         Ok(())
     }
 
+    /// Re-binds an image to the file and loop device `file` it had under the previous daemon
+    /// (both kept by the kernel); fails if they are not what was recorded any more.
+    pub(super) fn adopt(
+        self: &Arc<Self>,
+        image: Arc<ImageStack>,
+        pool: Arc<WorkerPool>,
+        file: FuseFile,
+    ) -> Result<FuseAttachment, DeviceError> {
+        let mount_dev = {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(&self.mountpoint).map(|m| m.dev()).ok()
+        };
+        let current = loopdev::backing(file.loop_number);
+        let taken = self.fs.get(INodeNo(file.ino)).is_some();
+        if mount_dev != Some(file.backing.dev)
+            || file.backing.ino != file.ino
+            || current != Some(file.backing)
+            || taken
+        {
+            return Err(DeviceError::Loop {
+                what: "re-binding an image to its loop device",
+                source: std::io::Error::other(format!(
+                    "/dev/loop{} is not over image-{} of {} any more",
+                    file.loop_number,
+                    file.ino,
+                    self.mountpoint.display()
+                )),
+            });
+        }
+        self.next_ino.fetch_max(file.ino + 1, Ordering::SeqCst);
+        let writable = image.is_writable();
+        let image_file = Arc::new(ImageFile {
+            ino: file.ino,
+            name: format!("image-{}", file.ino),
+            image,
+            pool,
+            writable,
+            // The loop driver has it open since the previous daemon bound it.
+            state: Mutex::new(FileState {
+                opens: 1,
+                ever_opened: true,
+                ..FileState::default()
+            }),
+            changed: Condvar::new(),
+        });
+        self.fs
+            .files
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(file.ino, image_file.clone());
+        self.fs.parking.release(&self.fs, Some(file.ino));
+        log::info!(
+            "fuse frontend: /dev/loop{} re-bound to image-{}",
+            file.loop_number,
+            file.ino
+        );
+        Ok(FuseAttachment {
+            frontend: self.clone(),
+            file: image_file,
+            number: file.loop_number,
+            backing: file.backing,
+            joined: false,
+        })
+    }
+
+    /// Ends a recovery: loop devices over files no image was re-bound to are detached (their
+    /// images are gone), and requests still waiting for a file fail.
+    pub fn finish_recovery(&self) {
+        if !self.fs.parking.recovering() {
+            return;
+        }
+        let known: Vec<u64> = self
+            .fs
+            .files
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .copied()
+            .collect();
+        for (number, path) in loopdev::loops_under(&self.mountpoint) {
+            if ino_of(&path).is_some_and(|i| known.contains(&i)) {
+                continue;
+            }
+            log::warn!(
+                "fuse frontend: detaching /dev/loop{number}: no image was re-bound to {}",
+                path.display()
+            );
+            if let Err(e) = loopdev::clear_any(number) {
+                log::warn!("{e}");
+            }
+        }
+        self.fs.parking.release(&self.fs, None);
+    }
+
+    /// Leaves the connection and its devices to the next daemon: from now on nothing of them
+    /// is torn down when dropped (this process is about to exit). Without devices there is
+    /// nothing to keep: the frontend unmounts (and its holder exits) as it is dropped.
+    pub fn hand_over(&self) {
+        if self.next_ino_file.is_some() && !self.list().is_empty() {
+            self.handed_over.store(true, Ordering::SeqCst);
+        }
+    }
+
     /// The attached images: (loop device's backing file path on the mount).
     pub fn list(&self) -> Vec<PathBuf> {
-        let files = self.files.read().unwrap_or_else(|p| p.into_inner());
+        let files = self.fs.files.read().unwrap_or_else(|p| p.into_inner());
         let mut v: Vec<PathBuf> = files
             .values()
             .map(|f| self.mountpoint.join(&f.name))
@@ -268,6 +545,12 @@ impl FuseFrontend {
         pool: Arc<WorkerPool>,
     ) -> Result<FuseAttachment, DeviceError> {
         let ino = self.next_ino.fetch_add(1, Ordering::SeqCst);
+        if let Some(path) = &self.next_ino_file {
+            let next = self.next_ino.load(Ordering::SeqCst);
+            if let Err(e) = std::fs::write(path, next.to_string()) {
+                log::warn!("{}: {e}", path.display());
+            }
+        }
         let writable = image.is_writable();
         let file = Arc::new(ImageFile {
             ino,
@@ -278,10 +561,12 @@ impl FuseFrontend {
             state: Mutex::default(),
             changed: Condvar::new(),
         });
-        self.files
+        self.fs
+            .files
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(ino, file.clone());
+        self.ensure_holder();
         let path = self.mountpoint.join(&file.name);
         let bound = std::fs::OpenOptions::new()
             .read(true)
@@ -316,10 +601,35 @@ impl FuseFrontend {
     }
 
     fn remove(&self, ino: u64) {
-        self.files
+        self.fs
+            .files
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&ino);
+        if self.kept.is_some() {
+            let mut up = self.holder_up.lock().unwrap_or_else(|p| p.into_inner());
+            if *up && self.list().is_empty() {
+                // No device left to keep: no process left behind if we die now.
+                fuse_holder::quit(&fuse_holder::socket_path(&self.mountpoint));
+                *up = false;
+            }
+        }
+    }
+
+    /// Starts a holder for the connection unless one runs (restartable frontends only).
+    fn ensure_holder(&self) {
+        let Some(fd) = &self.kept else { return };
+        let mut up = self.holder_up.lock().unwrap_or_else(|p| p.into_inner());
+        if *up {
+            return;
+        }
+        match fuse_holder::spawn(&fuse_holder::socket_path(&self.mountpoint), fd.as_fd()) {
+            Ok(()) => *up = true,
+            Err(e) => log::warn!(
+                "fuse frontend: starting the holder of {}: {e}; its devices will not survive a restart",
+                self.mountpoint.display()
+            ),
+        }
     }
 
     /// Unmounts (lazily if still busy: a loop device nobody detached keeps a file) and, when
@@ -337,6 +647,10 @@ impl FuseFrontend {
             let _ = crate::mount::unmount(&self.mountpoint, true);
             return;
         }
+        if self.next_ino_file.is_some() {
+            // Unmounted: the connection is gone, and so is what the holder kept.
+            fuse_holder::quit(&fuse_holder::socket_path(&self.mountpoint));
+        }
         if let Some(t) = self
             .session
             .lock()
@@ -351,7 +665,9 @@ impl FuseFrontend {
 impl Drop for FuseFrontend {
     /// The last user of the frontend is gone (every attachment holds it): unmount.
     fn drop(&mut self) {
-        self.shutdown();
+        if !self.handed_over.load(Ordering::SeqCst) {
+            self.shutdown();
+        }
     }
 }
 
@@ -395,6 +711,15 @@ impl FuseAttachment {
 
     pub(super) fn backing(&self) -> Backing {
         self.backing
+    }
+
+    /// What a restarted daemon needs to re-bind this image ([`FuseFrontend::adopt`]).
+    pub(super) fn fuse_file(&self) -> FuseFile {
+        FuseFile {
+            ino: self.file.ino,
+            loop_number: self.number,
+            backing: self.backing,
+        }
     }
 
     /// Waits until the loop device lets go of the file (detached from anywhere); after a
@@ -453,7 +778,7 @@ impl FuseAttachment {
 
 impl Drop for FuseAttachment {
     fn drop(&mut self) {
-        if !self.joined {
+        if !self.joined && !self.frontend.handed_over.load(Ordering::SeqCst) {
             if let Err(e) = self.stopper().stop() {
                 log::warn!("{e}");
             }
@@ -465,8 +790,10 @@ impl Drop for FuseAttachment {
 }
 
 /// The filesystem: a root directory holding the image files.
+#[derive(Clone, Default)]
 struct ImageFs {
     files: Files,
+    parking: Arc<Parking>,
 }
 
 impl ImageFs {
@@ -486,30 +813,22 @@ impl ImageFs {
             None => Err(Errno::ENOENT),
         }
     }
-}
 
-/// `run_request`'s answer (a count or `-errno`) as a result.
-fn answer(r: i32) -> Result<u32, Errno> {
-    if r < 0 {
-        Err(Errno::from_i32(-r))
-    } else {
-        Ok(r as u32)
-    }
-}
-
-impl fuser::Filesystem for ImageFs {
-    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        // Large requests, and direct I/O from the loop driver in parallel rather than one by one.
-        let _ = config.set_max_write(MAX_REQUEST);
-        let _ = config.set_max_readahead(MAX_REQUEST);
-        let _ = config.add_capabilities(fuser::InitFlags::FUSE_ASYNC_DIO);
-        Ok(())
+    /// Whether a request for `ino` must wait: recovering, and its image is not re-bound yet.
+    fn waits_for(&self, ino: INodeNo) -> bool {
+        ino != INodeNo::ROOT && self.get(ino).is_none() && self.parking.recovering()
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        if parent != INodeNo::ROOT {
-            return reply.error(Errno::ENOENT);
+    /// Runs `request` now, or once `ino`'s image is re-bound (or recovery ends).
+    fn on_file(&self, ino: INodeNo, request: impl FnOnce(&ImageFs) + Send + 'static) {
+        if self.waits_for(ino) {
+            self.parking.park(self, ino.0, Box::new(request));
+        } else {
+            request(self)
         }
+    }
+
+    fn lookup_name(&self, name: &OsStr, reply: ReplyEntry) {
         let files = self.files.read().unwrap_or_else(|p| p.into_inner());
         match files.values().find(|f| OsStr::new(&f.name) == name) {
             Some(f) => reply.entry(&TTL, &f.attr(), Generation(0)),
@@ -517,7 +836,7 @@ impl fuser::Filesystem for ImageFs {
         }
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+    fn getattr_file(&self, ino: INodeNo, reply: ReplyAttr) {
         if ino == INodeNo::ROOT {
             return reply.attr(&TTL, &file_attr(1, 0, FileType::Directory, 0o700));
         }
@@ -527,7 +846,7 @@ impl fuser::Filesystem for ImageFs {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open_file(&self, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let f = match self.live(ino) {
             Ok(f) => f,
             Err(e) => return reply.error(e),
@@ -543,16 +862,7 @@ impl fuser::Filesystem for ImageFs {
         reply.opened(FileHandle(ino.0), FopenFlags::empty());
     }
 
-    fn release(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        _flush: bool,
-        reply: ReplyEmpty,
-    ) {
+    fn release_file(&self, ino: INodeNo, reply: ReplyEmpty) {
         if let Some(f) = self.get(ino) {
             let mut st = f.lock();
             st.opens = st.opens.saturating_sub(1);
@@ -562,17 +872,7 @@ impl fuser::Filesystem for ImageFs {
         reply.ok();
     }
 
-    fn read(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        size: u32,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        reply: ReplyData,
-    ) {
+    fn read_file(&self, ino: INodeNo, offset: u64, size: u32, reply: ReplyData) {
         let f = match self.live(ino) {
             Ok(f) => f,
             Err(e) => return reply.error(e),
@@ -605,6 +905,96 @@ impl fuser::Filesystem for ImageFs {
         }));
     }
 
+    fn write_file(&self, ino: INodeNo, offset: u64, mut buf: Vec<u8>, reply: ReplyWrite) {
+        let f = match self.live(ino) {
+            Ok(f) => f,
+            Err(e) => return reply.error(e),
+        };
+        if !f.writable {
+            return reply.error(Errno::EROFS);
+        }
+        let pool = f.pool.clone();
+        pool.submit(Box::new(move || {
+            let name = format!("fuse image {}", f.ino);
+            let n = buf.len() as u64;
+            let r = run_request(&name, &f.image, sys::UBLK_IO_OP_WRITE, offset, n, &mut buf);
+            match answer(r) {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(e),
+            }
+        }));
+    }
+}
+
+/// `run_request`'s answer (a count or `-errno`) as a result.
+fn answer(r: i32) -> Result<u32, Errno> {
+    if r < 0 {
+        Err(Errno::from_i32(-r))
+    } else {
+        Ok(r as u32)
+    }
+}
+
+impl fuser::Filesystem for ImageFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Large requests, and direct I/O from the loop driver in parallel rather than one by one.
+        let _ = config.set_max_write(MAX_REQUEST);
+        let _ = config.set_max_readahead(MAX_REQUEST);
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_ASYNC_DIO);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        if parent != INodeNo::ROOT {
+            return reply.error(Errno::ENOENT);
+        }
+        let known = {
+            let files = self.files.read().unwrap_or_else(|p| p.into_inner());
+            files.values().any(|f| OsStr::new(&f.name) == name)
+        };
+        if !known && self.parking.recovering() {
+            let name = name.to_os_string();
+            let request = move |fs: &ImageFs| fs.lookup_name(&name, reply);
+            return self.parking.park(self, 0, Box::new(request));
+        }
+        self.lookup_name(name, reply)
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.on_file(ino, move |fs| fs.getattr_file(ino, reply));
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.on_file(ino, move |fs| fs.open_file(ino, flags, reply));
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.on_file(ino, move |fs| fs.release_file(ino, reply));
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        self.on_file(ino, move |fs| fs.read_file(ino, offset, size, reply));
+    }
+
     fn write(
         &self,
         _req: &Request,
@@ -617,24 +1007,8 @@ impl fuser::Filesystem for ImageFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let f = match self.live(ino) {
-            Ok(f) => f,
-            Err(e) => return reply.error(e),
-        };
-        if !f.writable {
-            return reply.error(Errno::EROFS);
-        }
-        let mut buf = data.to_vec();
-        let pool = f.pool.clone();
-        pool.submit(Box::new(move || {
-            let name = format!("fuse image {}", f.ino);
-            let n = buf.len() as u64;
-            let r = run_request(&name, &f.image, sys::UBLK_IO_OP_WRITE, offset, n, &mut buf);
-            match answer(r) {
-                Ok(n) => reply.written(n),
-                Err(e) => reply.error(e),
-            }
-        }));
+        let buf = data.to_vec();
+        self.on_file(ino, move |fs| fs.write_file(ino, offset, buf, reply));
     }
 
     fn flush(
@@ -657,7 +1031,9 @@ impl fuser::Filesystem for ImageFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.run_empty(ino, reply, sys::UBLK_IO_OP_FLUSH, 0, 0);
+        self.on_file(ino, move |fs| {
+            fs.run_empty(ino, reply, sys::UBLK_IO_OP_FLUSH, 0, 0)
+        });
     }
 
     fn fallocate(
@@ -680,7 +1056,7 @@ impl fuser::Filesystem for ImageFs {
         if mode & libc::FALLOC_FL_KEEP_SIZE == 0 {
             return reply.error(Errno::EOPNOTSUPP);
         }
-        self.run_empty(ino, reply, op, offset, length);
+        self.on_file(ino, move |fs| fs.run_empty(ino, reply, op, offset, length));
     }
 
     fn readdir(
@@ -731,5 +1107,106 @@ impl ImageFs {
                 Err(e) => reply.error(e),
             }
         }));
+    }
+}
+
+/// Whether `dir` is a FUSE mount of ours.
+fn is_fuse_mount(dir: &Path) -> bool {
+    crate::mount::mounts()
+        .iter()
+        .any(|(mp, _)| Path::new(mp) == dir)
+}
+
+/// The inode of an image file `<mount>/image-<ino>`.
+fn ino_of(path: &Path) -> Option<u64> {
+    path.file_name()?
+        .to_str()?
+        .strip_prefix("image-")?
+        .parse()
+        .ok()
+}
+
+/// A session over `fuse`, a connection initialised by a previous daemon.
+///
+/// fuser's `Session::from_fd` always waits for the kernel's INIT, which an initialised
+/// connection never sends again (it would take the first real request for a bad INIT and
+/// fail). fuser has no way to start a session as initialised, so: the session is built over
+/// one end of a socket pair on which we put an INIT of our own (its answer, left unread, goes
+/// nowhere), then its descriptor is pointed at the real connection with dup3, before any
+/// thread reads it. Then the kernel is asked to resend the requests in flight when the previous
+/// daemon died.
+fn resumed_session(
+    fs: ImageFs,
+    fuse: OwnedFd,
+    config: fuser::Config,
+) -> std::io::Result<fuser::Session<ImageFs>> {
+    let mut pair = [0 as libc::c_int; 2];
+    // SAFETY: socketpair fills two descriptors we then own.
+    let r = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            pair.as_mut_ptr(),
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: just made, owned by nobody else.
+    let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) };
+    let init = init_request();
+    // SAFETY: writes our buffer to our socket.
+    if unsafe { libc::write(ours.as_raw_fd(), init.as_ptr().cast(), init.len()) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let session = fuser::Session::from_fd(fs, theirs, fuser::SessionACL::Owner, config)?;
+    // SAFETY: replaces the session's socket end, behind the same number, by the connection;
+    // nothing reads or writes it until `run`.
+    let r = unsafe {
+        libc::dup3(
+            fuse.as_raw_fd(),
+            session.as_fd().as_raw_fd(),
+            libc::O_CLOEXEC,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    resend_in_flight(&fuse);
+    Ok(session)
+}
+
+/// FUSE_INIT as the kernel sends it (fuse_in_header + fuse_init_in, protocol 7.31).
+fn init_request() -> Vec<u8> {
+    const FUSE_INIT: u32 = 26;
+    let mut m = Vec::with_capacity(104);
+    m.extend_from_slice(&104u32.to_ne_bytes()); // len
+    m.extend_from_slice(&FUSE_INIT.to_ne_bytes());
+    m.extend_from_slice(&1u64.to_ne_bytes()); // unique
+    m.extend_from_slice(&[0u8; 8 + 4 * 4]); // nodeid, uid, gid, pid, padding
+    m.extend_from_slice(&7u32.to_ne_bytes()); // major
+    m.extend_from_slice(&31u32.to_ne_bytes()); // minor
+    m.extend_from_slice(&MAX_REQUEST.to_ne_bytes()); // max_readahead
+    m.extend_from_slice(&[0u8; 4 * 13]); // flags, flags2, unused
+    m
+}
+
+/// Asks the kernel to queue again the requests the previous daemon had read but not answered
+/// (FUSE_NOTIFY_RESEND, Linux >= 6.9). Older kernels refuse it (EINVAL): those requests are
+/// never answered, so the I/O behind them hangs until the connection is aborted (then fails
+/// with EIO); only the requests the dead daemon had not read yet are served.
+fn resend_in_flight(fuse: &OwnedFd) {
+    const FUSE_NOTIFY_RESEND: i32 = 7;
+    let mut m = Vec::with_capacity(16);
+    m.extend_from_slice(&16u32.to_ne_bytes()); // fuse_out_header.len
+    m.extend_from_slice(&FUSE_NOTIFY_RESEND.to_ne_bytes()); // .error: the notify code
+    m.extend_from_slice(&0u64.to_ne_bytes()); // .unique: 0 for a notification
+                                              // SAFETY: writes our buffer to the connection.
+    if unsafe { libc::write(fuse.as_raw_fd(), m.as_ptr().cast(), m.len()) } < 0 {
+        log::warn!(
+            "fuse frontend: the kernel cannot resend the requests in flight when the previous daemon died (FUSE_NOTIFY_RESEND, Linux 6.9+: {}); I/O they carried hangs until the device is detached",
+            std::io::Error::last_os_error()
+        );
     }
 }

@@ -34,13 +34,14 @@
 
 mod error;
 mod fuse;
+pub mod fuse_holder;
 mod loopdev;
 mod pool;
 mod request;
 mod ublk;
 
 pub use error::DeviceError;
-pub use fuse::FuseFrontend;
+pub use fuse::{FuseFile, FuseFrontend};
 pub use loopdev::Backing;
 pub use pool::{device_pool, WorkerPool};
 
@@ -60,6 +61,9 @@ pub struct AttachOptions {
     pub id: Option<u32>,
     /// Re-attach a device whose server died (`UBLK_F_USER_RECOVERY`) instead of adding one.
     pub recover: bool,
+    /// fuse, with `recover`: the file and loop device the image had under the previous daemon
+    /// ([`AttachedDevice::fuse_file`]), re-bound if the kept connection still has them.
+    pub fuse_file: Option<FuseFile>,
 }
 
 /// Which kind of block device serves an image.
@@ -116,6 +120,33 @@ impl DeviceFrontend {
         }
     }
 
+    /// As [`Self::open`], but FUSE devices outlive this process and a previous daemon's are
+    /// served again (see [`FuseFrontend::open_restartable`]).
+    pub fn open_restartable(
+        kind: Frontend,
+        fuse_dir: &std::path::Path,
+    ) -> Result<DeviceFrontend, DeviceError> {
+        Ok(match kind {
+            Frontend::Ublk => DeviceFrontend::Ublk,
+            Frontend::Fuse => DeviceFrontend::Fuse(FuseFrontend::open_restartable(fuse_dir)?),
+        })
+    }
+
+    /// Ends the recovery of a restartable frontend: devices of the previous daemon nobody
+    /// re-attached are detached (ublk: nothing to do here).
+    pub fn finish_recovery(&self) {
+        if let DeviceFrontend::Fuse(f) = self {
+            f.finish_recovery();
+        }
+    }
+
+    /// This process exits leaving its devices to the next one (ublk ones stay by themselves).
+    pub fn hand_over(&self) {
+        if let DeviceFrontend::Fuse(f) = self {
+            f.hand_over();
+        }
+    }
+
     /// Starts serving `image`; returns once its block device exists.
     pub fn attach(
         &self,
@@ -127,14 +158,17 @@ impl DeviceFrontend {
             DeviceFrontend::Ublk => return attach(image, pool, opts),
             DeviceFrontend::Fuse(f) => f,
         };
-        if opts.id.is_some() || opts.recover {
+        if opts.id.is_some() || opts.recover != opts.fuse_file.is_some() {
             return Err(DeviceError::Unsupported {
                 frontend: Frontend::Fuse,
-                what: "choosing the device id or recovering a device",
+                what: "choosing the device id or recovering a device without its file",
             });
         }
         let sectors = image.virtual_size() >> 9;
-        let attached = fuse.attach(image, pool)?;
+        let attached = match opts.fuse_file {
+            Some(file) => fuse.adopt(image, pool, file)?,
+            None => fuse.attach(image, pool)?,
+        };
         Ok(AttachedDevice {
             id: attached.number,
             recoverable: false,
@@ -226,6 +260,14 @@ impl AttachedDevice {
         match &self.server {
             Server::Ublk(_) => None,
             Server::Fuse(f) => Some(f.backing()),
+        }
+    }
+
+    /// fuse: what a restarted daemon needs to re-bind the image ([`AttachOptions::fuse_file`]).
+    pub fn fuse_file(&self) -> Option<FuseFile> {
+        match &self.server {
+            Server::Ublk(_) => None,
+            Server::Fuse(f) => Some(f.fuse_file()),
         }
     }
 

@@ -106,8 +106,13 @@ impl Snapshotter {
         }
         let kind = self.cfg.device.frontend.resolve();
         let dir = self.cfg.root.join("fuse");
-        let f = DeviceFrontend::open(kind, &dir)
-            .with_context(|| format!("starting the {kind} device frontend"))?;
+        // Restartable: FUSE devices outlive the daemon, as ublk ones do (see `attach`). Not in
+        // unit tests: their binary is not `ovbd`, which the holder process runs.
+        let open = match cfg!(test) {
+            false => DeviceFrontend::open_restartable,
+            true => DeviceFrontend::open,
+        };
+        let f = open(kind, &dir).with_context(|| format!("starting the {kind} device frontend"))?;
         log::info!("device frontend: {kind}");
         Ok(self.frontend.get_or_init(|| f))
     }
@@ -323,20 +328,7 @@ impl Snapshotter {
             }
         };
         if let DeviceFrontend::Fuse(_) = frontend {
-            // Re-serving a fuse device kept across a restart is not done yet: attached anew.
-            let dev = match frontend.attach(image, device::device_pool(), AttachOptions::default())
-            {
-                Ok(d) => d,
-                Err(e) => {
-                    cfg.write_result(&Err(anyhow!("{e:#}")));
-                    return Err(e.into());
-                }
-            };
-            log::info!("{}: {} (fuse frontend)", bdir.display(), dev.block_path());
-            std::fs::write(&mark, dev.block_path())
-                .with_context(|| format!("writing {}", mark.display()))?;
-            cfg.write_result(&Ok(()));
-            return Ok(dev);
+            return self.attach_fuse(frontend, image, cfg, bdir);
         }
         let mut attached = None;
         // Only a device still ours is recovered: after a restart the id may be another's.
@@ -347,6 +339,7 @@ impl Snapshotter {
                 AttachOptions {
                     id: Some(id),
                     recover: true,
+                    fuse_file: None,
                 },
             ) {
                 Ok(d) => attached = Some(d),
@@ -368,6 +361,77 @@ impl Snapshotter {
             .with_context(|| format!("writing {}", mark.display()))?;
         cfg.write_result(&Ok(()));
         Ok(dev)
+    }
+
+    /// `attach` on the FUSE frontend: after a restart, the image is re-bound to the file and
+    /// loop device recorded in `bdir/fuse_file.json` if the kept connection still has them
+    /// (the container's filesystem on it stays mounted), else attached anew.
+    fn attach_fuse(
+        &self,
+        frontend: &DeviceFrontend,
+        image: Arc<ovbd_format::ImageStack>,
+        cfg: &ImageConfig,
+        bdir: &Path,
+    ) -> Result<AttachedDevice> {
+        let record = bdir.join("fuse_file.json");
+        let kept = std::fs::read(&record)
+            .ok()
+            .and_then(|t| serde_json::from_slice::<device::FuseFile>(&t).ok())
+            // Still bound as recorded: a survivor of the previous daemon (a device released
+            // since is unbound, or another's).
+            .filter(|f| device::loop_backing(f.loop_number) == Some(f.backing));
+        let mut attached = None;
+        if let Some(file) = kept {
+            let opts = AttachOptions {
+                recover: true,
+                fuse_file: Some(file),
+                ..AttachOptions::default()
+            };
+            match frontend.attach(image.clone(), device::device_pool(), opts) {
+                Ok(d) => attached = Some(d),
+                Err(e) => log::warn!(
+                    "re-binding /dev/loop{}: {e:#}; attaching anew",
+                    file.loop_number
+                ),
+            }
+        }
+        let dev = match attached {
+            Some(d) => d,
+            None => match frontend.attach(image, device::device_pool(), AttachOptions::default()) {
+                Ok(d) => d,
+                Err(e) => {
+                    cfg.write_result(&Err(anyhow!("{e:#}")));
+                    return Err(e.into());
+                }
+            },
+        };
+        log::info!("{}: {} (fuse frontend)", bdir.display(), dev.block_path());
+        if let Some(file) = dev.fuse_file() {
+            let tmp = record.with_extension("json.tmp");
+            std::fs::write(&tmp, serde_json::to_vec(&file)?)
+                .and_then(|()| std::fs::rename(&tmp, &record))
+                .with_context(|| format!("writing {}", record.display()))?;
+        }
+        let mark = bdir.join("backstore_mark");
+        std::fs::write(&mark, dev.block_path())
+            .with_context(|| format!("writing {}", mark.display()))?;
+        cfg.write_result(&Ok(()));
+        Ok(dev)
+    }
+
+    /// At the end of a start: the FUSE frontend's devices of the previous daemon that no live
+    /// snapshot re-bound are detached, and requests waiting for them fail.
+    pub(super) fn finish_device_recovery(&self) {
+        if let Some(f) = self.frontend.get() {
+            f.finish_recovery();
+        }
+    }
+
+    /// The daemon exits leaving its devices to the next start (which re-attaches them).
+    pub fn hand_over_devices(&self) {
+        if let Some(f) = self.frontend.get() {
+            f.hand_over();
+        }
     }
 
     pub(super) fn detach_writable(&self, s: &Snapshot) -> Result<()> {

@@ -444,6 +444,7 @@ impl Snapshotter {
             }
             .restore_devices()?;
         }
+        self.finish_device_recovery();
         self.cleanup()?;
         self.delete_orphan_devices();
         Ok(())
