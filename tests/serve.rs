@@ -13,6 +13,7 @@ struct Daemon {
     child: Child,
     socket: PathBuf,
     log: PathBuf,
+    root: PathBuf,
 }
 
 impl Daemon {
@@ -70,6 +71,7 @@ impl Daemon {
             child: cmd.spawn().unwrap(),
             socket,
             log,
+            root: root.to_path_buf(),
         }
     }
 
@@ -138,6 +140,13 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A killed daemon leaves its FUSE frontend's mount (kept for the next daemon): unmount
+        // it, or the test's directory could not be removed.
+        let fuse = self.root.join("fuse");
+        if let Ok(c) = std::ffi::CString::new(fuse.as_os_str().as_encoded_bytes()) {
+            // SAFETY: umount2 with a valid C string; failing (not mounted) is fine.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
     }
 }
 
