@@ -14,13 +14,9 @@
 #   p. a CRI pod (CRI plugin, snapshotter ovbd) on a lazily pulled OverlayBD image reads a file of it;
 #   d. (after the others: it removes everything) image rm --sync + GC leave no snapshot, directory, mount
 #      or block device.
-# PENDING (not in the default run; E2E_PARTS="a n b c f g h l p e z" runs them):
-#   e. kill -9 of ovbd serve under a running container, restart: the container's rootfs keeps working.
-#      Needs the fuse frontend to re-serve its devices after a restart (today the container sees EIO).
-#      Runs in the guest (ublk).
-#   z. ovbd serve exits on SIGTERM leaving no FUSE mount and no loop device (then passes). But now and
-#      then (~1 run in 4) it never exits while containerd keeps its connection open: tonic's graceful
-#      shutdown waits for containerd to hang up (src/cli/serve.rs).
+#   e. kill -9 of ovbd serve under a running container, restart: the container's rootfs keeps working
+#      (the fuse frontend's holder process keeps the FUSE connection; the next daemon re-serves it).
+#   z. (last) ovbd serve exits on SIGTERM leaving no FUSE mount and no loop device.
 #
 #   cargo build --workspace --bins && tests/e2e/containerd/host-ovbd.sh     (as root)
 #
@@ -76,7 +72,7 @@ declare -A desc=(
 )
 # d removes everything: after the others; z stops ovbd: last.
 parts=() last=()
-for part in ${E2E_PARTS:-a n b c f g h l p}; do
+for part in ${E2E_PARTS:-a n b c f g h l p e z}; do
     [[ -n ${desc[$part]:-} ]] || e2e_fail "no part '$part' (parts: ${!desc[*]})"
     case $part in d) ;; z) last=(z) ;; *) parts+=("$part") ;; esac
 done
