@@ -18,7 +18,7 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "cargo test (host)"
 cargo test --workspace
 
-step "containerd end to end on the host through the fuse frontend (OverlayBD + plain OCI, dir/dev modes, convert, lazy pull, CRI pod, GC; no ublk needed)"
+step "containerd end to end on the host through the fuse frontend (OverlayBD + plain OCI, dir/dev modes, convert, lazy pull, CRI pod, kill -9 + restart, GC; no ublk needed)"
 cargo build --workspace --bins
 tests/e2e/containerd/host-ovbd.sh
 tests/e2e/containerd/cri-selftest.sh
