@@ -438,7 +438,7 @@ pub fn attach(
     }
 }
 
-/// Moves the calling thread into its own mount namespace, private, holding no mounts of ublk
+/// Moves the calling thread into its own mount namespace, private, holding no mounts of ublk or loop
 /// devices. A thread that serves a device must not hold a mount of it: when the process exits,
 /// dropping that mount would flush to a device nobody serves any more (libublk-rs#50).
 pub fn enter_private_mount_namespace() -> Result<(), DeviceError> {
@@ -466,7 +466,9 @@ pub fn enter_private_mount_namespace() -> Result<(), DeviceError> {
         }
     }
     for (mount_point, source) in crate::mount::mounts() {
-        if source.starts_with("/dev/ublkb") {
+        // Loop devices too: the fuse frontend's, and a device whose server started while another
+        // one's filesystem was mounted would otherwise keep that filesystem alive past its umount.
+        if source.starts_with("/dev/ublkb") || source.starts_with("/dev/loop") {
             // Only this private namespace's copy is detached.
             let _ = crate::mount::unmount(std::path::Path::new(&mount_point), true);
         }
