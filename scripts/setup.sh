@@ -12,8 +12,8 @@ packages=(
     qemu-system-x86   # the test guest (this kernel has no ublk)
     busybox-static    # the test guest's initramfs
     kmod cpio xz-utils
-    fio               # device benchmarks in the guest
-    dmsetup           # guest test 70: a device-mapper layer source that can be suspended
+    fio               # device benchmarks (host and guest)
+    jq                # guest test 10-device: finds the device test binary in cargo's JSON
     containerd runc   # tests/e2e/containerd: a private containerd 1.6 (ctr included)
     docker-registry   # tests/e2e/containerd: the local registry
     skopeo            # tests/e2e/containerd: pushes OCI layouts to it
