@@ -887,8 +887,8 @@ impl ImageFs {
         let aligned_end = end.next_multiple_of(512).min(vsize);
         let (skip, len) = ((offset - start) as usize, (end - offset) as usize);
         let mut buf = vec![0u8; (aligned_end - start) as usize];
-        let name = format_args!("fuse image {}", f.ino).to_string();
-        if let Some(r) = try_read_inline(&name, &f.image, &mut buf, start) {
+        // Requests name the image by its file (as the re-bind log does): no string per request.
+        if let Some(r) = try_read_inline(&f.name, &f.image, &mut buf, start) {
             return match answer(r) {
                 Ok(_) => reply.data(&buf[skip..skip + len]),
                 Err(e) => reply.error(e),
@@ -897,7 +897,7 @@ impl ImageFs {
         let pool = f.pool.clone();
         pool.submit(Box::new(move || {
             let n = buf.len() as u64;
-            let r = run_request(&name, &f.image, sys::UBLK_IO_OP_READ, start, n, &mut buf);
+            let r = run_request(&f.name, &f.image, sys::UBLK_IO_OP_READ, start, n, &mut buf);
             match answer(r) {
                 Ok(_) => reply.data(&buf[skip..skip + len]),
                 Err(e) => reply.error(e),
@@ -915,9 +915,15 @@ impl ImageFs {
         }
         let pool = f.pool.clone();
         pool.submit(Box::new(move || {
-            let name = format!("fuse image {}", f.ino);
             let n = buf.len() as u64;
-            let r = run_request(&name, &f.image, sys::UBLK_IO_OP_WRITE, offset, n, &mut buf);
+            let r = run_request(
+                &f.name,
+                &f.image,
+                sys::UBLK_IO_OP_WRITE,
+                offset,
+                n,
+                &mut buf,
+            );
             match answer(r) {
                 Ok(n) => reply.written(n),
                 Err(e) => reply.error(e),
@@ -1101,8 +1107,7 @@ impl ImageFs {
         }
         let pool = f.pool.clone();
         pool.submit(Box::new(move || {
-            let name = format!("fuse image {}", f.ino);
-            match answer(run_request(&name, &f.image, op, offset, length, &mut [])) {
+            match answer(run_request(&f.name, &f.image, op, offset, length, &mut [])) {
                 Ok(_) => reply.ok(),
                 Err(e) => reply.error(e),
             }
