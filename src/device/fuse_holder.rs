@@ -224,3 +224,74 @@ fn check_is_fuse(fd: &OwnedFd) -> io::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    use std::process::Command;
+
+    /// Connects to the holder's socket as `uid`, sends `request`, prints how many descriptors
+    /// came back.
+    const CLIENT: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(5)
+s.connect(sys.argv[1])
+s.sendall(sys.argv[2].encode())
+try:
+    _, anc, _, _ = s.recvmsg(1, socket.CMSG_SPACE(4))
+except OSError:
+    anc = []
+print(sum(len(d) // 4 for _, t, d in anc if t == socket.SCM_RIGHTS))
+"#;
+
+    fn ask_as(uid: u32, socket: &Path, request: u8) -> String {
+        let out = Command::new("python3")
+            .arg("-c")
+            .arg(CLIENT)
+            .arg(socket)
+            .arg((request as char).to_string())
+            .uid(uid)
+            .gid(uid)
+            .output()
+            .expect("python3 runs");
+        assert!(
+            out.status.success(),
+            "client failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// The socket is 0600 once bound, but not before the chmod (nor under a careless umask, nor
+    /// if an operator loosens it): the holder itself must refuse other users, who could
+    /// otherwise read and answer every container's block I/O through the descriptor, or make
+    /// it quit and abort the connection.
+    #[test]
+    fn the_holder_answers_its_own_user_only() {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "needs root (another user's client)"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let socket = dir.path().join("fuse.holder");
+        let listener = UnixListener::bind(&socket).unwrap();
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+        // Stands in for the connection: polls without events, as a live /dev/fuse does.
+        let (held, _writer) = nix::unistd::pipe().unwrap();
+        let server = std::thread::spawn(move || serve(&listener, &held));
+
+        let nobody = 65534;
+        assert_eq!(ask_as(nobody, &socket, GET), "0", "another user got the descriptor");
+        ask_as(nobody, &socket, QUIT);
+        let fd = take(&socket).unwrap();
+        assert!(fd.is_some(), "another user made the holder let go");
+        assert_eq!(ask_as(0, &socket, GET), "1", "its own user is refused");
+
+        quit(&socket);
+        server.join().unwrap().unwrap();
+    }
+}
