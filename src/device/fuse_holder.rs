@@ -49,6 +49,12 @@ pub fn take(socket: &Path) -> io::Result<Option<OwnedFd>> {
         }
         Err(e) => return Err(e),
     };
+    if !peer_is_us(&conn) {
+        return Err(io::Error::other(format!(
+            "{} is served by another user's process, not our fuse holder",
+            socket.display()
+        )));
+    }
     conn.set_read_timeout(Some(ANSWER_WAIT))?;
     conn.write_all(&[GET])?;
     let mut byte = [0u8; 1];
@@ -67,7 +73,11 @@ pub fn take(socket: &Path) -> io::Result<Option<OwnedFd>> {
                 .into_iter()
                 // SAFETY: descriptors the kernel just installed for us; nobody else owns them.
                 .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
-            return Ok(owned.next());
+            let fd = owned.next();
+            if let Some(fd) = &fd {
+                check_is_fuse(fd)?;
+            }
+            return Ok(fd);
         }
     }
     Ok(None)
@@ -142,7 +152,13 @@ pub fn run(socket: &Path) -> io::Result<()> {
         )));
     }
     let _ = std::fs::remove_file(socket);
-    let listener = UnixListener::bind(socket)?;
+    // Owner-only from the start: no window between bind and the chmod below.
+    // SAFETY: umask has no preconditions; the holder is single-threaded.
+    let old_mask = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(socket);
+    // SAFETY: as above.
+    unsafe { libc::umask(old_mask) };
+    let listener = bound?;
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
@@ -191,6 +207,11 @@ fn serve(listener: &UnixListener, fuse: &OwnedFd) -> io::Result<()> {
         let Ok((mut conn, _)) = listener.accept() else {
             continue;
         };
+        // The descriptor reads and answers every container's block I/O: only our own user
+        // (root) may take it or make us let go, whatever the socket's mode allows.
+        if !peer_is_us(&conn) {
+            continue;
+        }
         let _ = conn.set_read_timeout(Some(ANSWER_WAIT));
         let _ = conn.set_write_timeout(Some(ANSWER_WAIT));
         let mut byte = [0u8; 1];
@@ -215,12 +236,19 @@ fn serve(listener: &UnixListener, fuse: &OwnedFd) -> io::Result<()> {
     }
 }
 
+/// Whether the other end of `conn` runs as our effective user.
+fn peer_is_us(conn: &UnixStream) -> bool {
+    use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+    getsockopt(conn, PeerCredentials)
+        .is_ok_and(|cred| cred.uid() == nix::unistd::geteuid().as_raw())
+}
+
 /// Refuses anything but a `/dev/fuse` descriptor (character device 10:229).
 fn check_is_fuse(fd: &OwnedFd) -> io::Result<()> {
     let st = nix::sys::stat::fstat(fd.as_fd()).map_err(io::Error::from)?;
     let is_char = st.st_mode & libc::S_IFMT == libc::S_IFCHR;
     if !is_char || libc::major(st.st_rdev) != 10 || libc::minor(st.st_rdev) != 229 {
-        return Err(io::Error::other("fuse holder: stdin is not /dev/fuse"));
+        return Err(io::Error::other("fuse holder: not a /dev/fuse descriptor"));
     }
     Ok(())
 }
@@ -285,11 +313,20 @@ print(sum(len(d) // 4 for _, t, d in anc if t == socket.SCM_RIGHTS))
         let server = std::thread::spawn(move || serve(&listener, &held));
 
         let nobody = 65534;
-        assert_eq!(ask_as(nobody, &socket, GET), "0", "another user got the descriptor");
+        assert_eq!(
+            ask_as(nobody, &socket, GET),
+            "0",
+            "another user got the descriptor"
+        );
         ask_as(nobody, &socket, QUIT);
-        let fd = take(&socket).unwrap();
-        assert!(fd.is_some(), "another user made the holder let go");
-        assert_eq!(ask_as(0, &socket, GET), "1", "its own user is refused");
+        assert_eq!(
+            ask_as(0, &socket, GET),
+            "1",
+            "another user made the holder let go, or its own user is refused"
+        );
+        // And a daemon takes nothing but a /dev/fuse descriptor (the stand-in is a pipe).
+        let err = take(&socket).unwrap_err();
+        assert!(err.to_string().contains("not a /dev/fuse"), "{err}");
 
         quit(&socket);
         server.join().unwrap().unwrap();
