@@ -1,16 +1,41 @@
 #!/usr/bin/env bash
-# Runs every test: lint, the Rust unit/integration/property tests on the host, then the guest
-# tests (ublk, which this kernel may lack) in the QEMU test VM. Exits non-zero if anything fails.
+# Runs every test: lint, the Rust unit/integration/property tests on the host, the containerd end to
+# end on the host (fuse frontend), and the guest tests (ublk, which this kernel may lack) in the QEMU
+# test VM. Exits non-zero if anything fails.
+#
+# The guest is one single-threaded emulator: it runs in the background, from as soon as the binaries
+# it needs are built, while the host steps use the other core; its log is printed when it ends.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-step() { printf '\n==> %s\n' "$*"; }
+t0=$SECONDS
+step() { printf '\n==> [%d s] %s\n' "$((SECONDS - t0))" "$*"; }
 
 step "setup"
 scripts/setup.sh
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
+
+step "build (binaries and test binaries)"
+cargo build --workspace --bins
+cargo test --workspace --no-run
+
+step "guest tests (QEMU, backports kernel with ublk): started in the background"
+guest_log=$(mktemp)
+guest_pid=
+# Its own process group (setsid): on failure the emulator goes with the script.
+stop_guest() {
+    [[ -n $guest_pid ]] && kill -- "-$guest_pid" 2>/dev/null
+    rm -f "$guest_log"
+}
+trap stop_guest EXIT
+setsid tests/e2e/run-guest-tests.sh >"$guest_log" 2>&1 &
+guest_pid=$!
+# Its host-side preparation runs cargo too: let it finish before cargo is busy with clippy.
+until grep -q "test(s) in one guest" "$guest_log" || ! kill -0 "$guest_pid" 2>/dev/null; do
+    sleep 1
+done
 
 step "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
@@ -19,12 +44,19 @@ step "cargo test (host)"
 cargo test --workspace
 
 step "containerd end to end on the host through the fuse frontend (OverlayBD + plain OCI, dir/dev modes, convert, lazy pull, CRI pod, kill -9 + restart, GC; no ublk needed)"
-cargo build --workspace --bins
 tests/e2e/containerd/host-ovbd.sh
 tests/e2e/containerd/cri-selftest.sh
 
 step "guest tests (QEMU, backports kernel with ublk): devices, recovery, containerd end to end"
-tests/e2e/run-guest-tests.sh
+guest_rc=0
+wait "$guest_pid" || guest_rc=$?
+guest_pid=
+cat "$guest_log"
+((guest_rc == 0)) || {
+    echo "guest tests failed (exit $guest_rc)" >&2
+    exit 1
+}
+step "done"
 
 echo
 echo "all tests passed"
