@@ -142,7 +142,7 @@ _versions_part_t() {
 # r. ovbd rpull (lazy on every version) into a namespace of its own, then ctr run.
 _versions_part_r() {
     need_serve || return 1
-    local ns=e2e-rpull out
+    local ns=e2e-rpull-$$ out
     try "ovbd rpull $LAZY_LAZY_CRI_REF" "$OVBD" rpull --address "$CTRD_ADDR" --namespace "$ns" "$LAZY_LAZY_CRI_REF" ||
         return 1
     out=$(timeout "$E2E_CTR_TIMEOUT" ctr --address "$CTRD_ADDR" --namespace "$ns" run --rm --snapshotter "$E2E_SNAP" \
@@ -151,6 +151,9 @@ _versions_part_r() {
     ok "rpull + ctr run: $out"
     timeout 120 ctr --address "$CTRD_ADDR" --namespace "$ns" image rm --sync "$LAZY_LAZY_CRI_REF" >/dev/null ||
         nok "image rm in $ns" || return 1
+    # (runc's state dir of that namespace: containerd keeps it whatever its config says)
+    rmdir "/run/containerd/runc/$ns" 2>/dev/null
+    return 0
 }
 
 # Part d removes the images of our namespace: the CRI ones (k8s.io) go first.
