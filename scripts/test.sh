@@ -43,11 +43,12 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "cargo test (host)"
 cargo test --workspace
 
-step "containerd end to end on the host through the fuse frontend (OverlayBD + plain OCI, dir/dev modes, convert, lazy pull, CRI pod, kill -9 + restart, GC; no ublk needed)"
+step "containerd end to end on the host through the fuse frontend (OverlayBD + plain OCI, dir/dev modes, convert, lazy pull, faults, block cache, background download, CRI pod, kill -9 + restart, GC; containerd 1.6, 1.7 and 2.x; no ublk needed)"
 tests/e2e/containerd/host-ovbd.sh
+tests/e2e/containerd/host-versions.sh trixie sid
 tests/e2e/containerd/cri-selftest.sh
 
-step "guest tests (QEMU, backports kernel with ublk): devices, recovery, containerd end to end"
+step "guest tests (QEMU, backports kernel with ublk): devices, recovery, containerd end to end on ublk"
 guest_rc=0
 wait "$guest_pid" || guest_rc=$?
 guest_pid=

@@ -2,7 +2,9 @@
 # `ovbd serve` as containerd's proxy snapshotter ON THE HOST, natively: no ublk here, so ovbd serves its
 # block devices through its fuse frontend (loop devices over files on its FUSE mount <root>/fuse). The
 # containerd end-to-end test of tests/e2e/guest/80-containerd-ovbd.sh (the same part bodies, from ovbd.bash)
-# plus the lazy pulls of 85-lazy-pull.sh, with a private containerd (CRI plugin on) and local registry:
+# plus the lazy pulls (rpull, CRI, faults, cache, background download), with a private containerd (CRI
+# plugin on) and local registry:
+#   u. upstream's own converted hello-world (overlaybd's tools), pulled lazily with ovbd rpull, runs /hello;
 #   a. the OverlayBD hello-world pulls through ovbd and /hello runs, 3 containers in a row;
 #   n. the socket is also registered as "overlaybd": GC of that name keeps ovbd's snapshots;
 #   b. busybox (plain OCI) runs through ovbd's overlayfs fallback, tree identical to containerd's overlayfs;
@@ -11,7 +13,12 @@
 #   h. ovbd convert of busybox, pushed, pulled through ovbd and run: same tree and xattrs as the original;
 #   l. ovbd rpull + run: lazy (under a tenth of the layer bytes fetched), remote layers, a 64 MiB file read
 #      on demand has the original's sha256;
+#      and prints the lazy-pull figures (wall time and blob bytes of the full and the lazy pull + run);
+#   k. a second container after ovbd serve restarts reads from the block cache (0 bytes fetched);
 #   p. a CRI pod (CRI plugin, snapshotter ovbd) on a lazily pulled OverlayBD image reads a file of it;
+#   s. registry frozen (SIGSTOP): an uncached read fails with EIO within the deadline while cached files
+#      read and another device runs a container; once the registry is back the read works;
+#   w. background download ([download] enable): every remote layer lands whole, with its blob's sha256;
 #   d. (after the others: it removes everything) image rm --sync + GC leave no snapshot, directory, mount
 #      or block device.
 #   e. kill -9 of ovbd serve under a running container, restart: the container's rootfs keeps working
@@ -21,7 +28,7 @@
 #   cargo build --workspace --bins && tests/e2e/containerd/host-ovbd.sh     (as root)
 #
 # Knobs: OVBD_BIN (target/debug/ovbd), E2E_CRI_CLIENT (target/debug/ovbd-e2e-cri), OVBD_LAZY_LARGE_MIB (64),
-# E2E_PARTS="a n b ..." (a subset, in that order; d always runs, after them, z last), E2E_KEEP=1 keeps the work dir
+# E2E_PARTS="a n b ..." (a subset, in that order; d always runs, after them, z last; k s w rpull what they need), E2E_KEEP=1 keeps the work dir
 # (logs of ovbd serve, containerd, registry). Everything started is stopped, and every mount and loop
 # device of the run removed, at exit, whatever failed. Exit 0 = every part passed.
 set -uo pipefail
@@ -45,8 +52,11 @@ mkdir -p "$work/bin"
 cp "$E2E_CRI_CLIENT" "$work/bin/ovbd-e2e-cri"
 E2E_CRI_CLIENT=$work/bin/ovbd-e2e-cri
 export E2E_PARTS_DIR=$work/parts
-# No background download of lazily pulled layers: it would add to the bytes parts l and p measure.
+# No background download of lazily pulled layers (but in part w): it would add to the bytes parts l, k and p
+# measure. A short registry deadline for part s (the default is 30 s).
 OVBD_SERVE_EXTRA_CONFIG=$'[device]\nfrontend = "fuse"\n[download]\nenable = false'
+export OVBD_REGISTRY_DEADLINE=8
+OVBD_SERVE_REGISTRY_CONFIG=$'timeout_secs = '$OVBD_REGISTRY_DEADLINE$'\nstall_timeout_secs = 2\nretries = 3'
 ovbd_serve_setup "$work/bin/ovbd" "$work/ovbd-root" "$work/ovbd/ovbd.sock"
 E2E_REGISTRY_ACCESSLOG=1 registry_start "$work/registry"
 ctrd_start_cri "$work/ctrd" "$OVBD_SOCK"
@@ -57,6 +67,7 @@ lazy_images_setup "$work/lazy" "${OVBD_LAZY_LARGE_MIB:-64}"
 e2e_log "setup took $((SECONDS - t0)) s"
 
 declare -A desc=(
+    [u]="upstream's converted hello-world, lazily pulled with ovbd rpull: /hello"
     [a]="OverlayBD hello-world through ovbd: /hello"
     [n]="the socket under a second name: its GC keeps the first name's snapshots"
     [b]="plain OCI busybox through ovbd = containerd's overlayfs"
@@ -66,13 +77,17 @@ declare -A desc=(
     [h]="ovbd convert busybox, push, pull + run through ovbd = original"
     [e]="kill -9 ovbd serve under a running container, restart"
     [l]="lazy pull: ovbd rpull + run fetches a small fraction, reads on demand"
+    [k]="after a restart of ovbd serve, reads come from the block cache"
     [p]="CRI pod on a lazily pulled OverlayBD image"
+    [s]="registry frozen: uncached read fails in time, cached ones and other devices work"
+    [w]="background download: every remote layer whole, digest-checked"
     [d]="image rm + GC leave no snapshot, dir, mount or device"
     [z]="ovbd serve stops clean: no FUSE mount, no loop device"
 )
 # d removes everything: after the others; z stops ovbd: last.
 parts=() last=()
-for part in ${E2E_PARTS:-a n b c f g h l p e z}; do
+# h after w: h pulls busybox:obd whole, whose lower layers are lazy:obd's (w checks they download).
+for part in ${E2E_PARTS:-u a n b c f g l k p s w h e z}; do
     [[ -n ${desc[$part]:-} ]] || e2e_fail "no part '$part' (parts: ${!desc[*]})"
     case $part in d) ;; z) last=(z) ;; *) parts+=("$part") ;; esac
 done

@@ -12,8 +12,8 @@
 #   run_part NAME DESCRIPTION FUNCTION        run one part, print "pass: NAME" or "FAIL: NAME"
 #   parts_summary                             "N passed, M failed"; returns 1 if any failed
 #   ovbd_block_devices                        ovbd's block devices now (either frontend)
-#   lazy_images_setup DIR [MIB]               the images of the lazy parts l and p
-#   part_a .. part_z                          the checks (see each; l, p and z: host-ovbd.sh)
+#   lazy_images_setup DIR [MIB]               the images of the lazy parts (l k p s w)
+#   part_a .. part_z                          the checks (see each; u l k p s w z: host-ovbd.sh only)
 #
 # Each part is a function returning 0 (pass) or 1 (fail, after saying why) and never exits the script, so
 # one failing part does not hide the others. The parts run in the main shell (no subshell): they start
@@ -278,6 +278,12 @@ ovbd_detach_leftover_loops() {
     done
 }
 
+# ctrd_sync_gc IMAGE: a synchronous GC pass of containerd (a throw-away tag of IMAGE removed with
+# `ctr image rm --sync`, which waits for the GC it triggers).
+ctrd_sync_gc() {
+    ctr_do image tag --force "$1" "$1-e2e-gc" >/dev/null && ctr_do image rm --sync "$1-e2e-gc" >/dev/null
+}
+
 # rm_all_containers: deletes every task and container of our namespace.
 rm_all_containers() {
     local id
@@ -524,6 +530,9 @@ part_e() {
     local before=$OUT
     [[ $before == [0-9a-f]*" /hello" ]] || nok "sha256sum /hello printed: $before" || return 1
     ok "container running: $before"
+    # containerd removes the snapshots of deleted containers in its GC: let it do so now, while ovbd runs,
+    # or a GC falling in the kill window leaves them on disk (not ovbd's state: containerd's pending work).
+    try "a synchronous GC pass before the kill" ctrd_sync_gc "$HELLO_OBD_REF" || return 1
     ovbd_serve_kill9 || nok "ovbd serve did not die on SIGKILL" || return 1
     ok "ovbd serve killed with SIGKILL"
     ovbd_serve_start || return 1
@@ -578,16 +587,16 @@ part_d() {
 
 # ------------------------------------------------------------------------------------------ lazy pulls
 
-# lazy_images_setup DIR [LARGE_MIB]: the images of parts l and p (what tests/e2e/guest/85-lazy-pull.sh
-# also builds), in the local registry: the 4-layer busybox with a LARGE_MIB (64) MiB incompressible
-# /data/large.bin as plain OCI ($LAZY_OCI_REF) and converted by `ovbd convert` ($LAZY_OBD_REF, layer blobs
-# $LAZY_OBD_BYTES bytes); a second one (32 MiB, other blobs) converted for CRI ($LAZY_CRI_REF,
-# $LAZY_CRI_BYTES bytes). On failure LAZY_SETUP_MISSING says why (parts l and p then fail with it).
+# lazy_images_setup DIR [LARGE_MIB]: the images of the lazy parts, in the local registry: the 4-layer
+# busybox with a LARGE_MIB (64) MiB incompressible /data/large.bin as plain OCI ($LAZY_OCI_REF) and
+# converted by `ovbd convert` ($LAZY_OBD_REF, layer blobs $LAZY_OBD_BYTES bytes, `convert --json` output in
+# $LAZY_OBD_CONVERT_JSON); a second one (32 MiB, other blobs) converted for CRI ($LAZY_CRI_REF,
+# $LAZY_CRI_BYTES bytes). On failure LAZY_SETUP_MISSING says why (the lazy parts then fail with it).
 lazy_images_setup() {
     local dir=$1 mib=${2:-64}
     LAZY_SETUP_MISSING=
     _lazy_images_setup "$dir" "$mib" || LAZY_SETUP_MISSING=${LAZY_SETUP_MISSING:-"lazy_images_setup failed"}
-    export LAZY_OCI_REF LAZY_OBD_REF LAZY_OBD_BYTES LAZY_CRI_REF LAZY_CRI_BYTES LAZY_SETUP_MISSING
+    export LAZY_OCI_REF LAZY_OBD_REF LAZY_OBD_BYTES LAZY_OBD_CONVERT_JSON LAZY_CRI_REF LAZY_CRI_BYTES LAZY_SETUP_MISSING
 }
 
 _lazy_images_setup() {
@@ -606,6 +615,7 @@ _lazy_images_setup() {
         return 1
     }
     LAZY_OBD_BYTES=$(_convert_layer_bytes "$dir/convert.json")
+    LAZY_OBD_CONVERT_JSON=$dir/convert.json
     # Big enough that the busybox binary a pod runs (its layer is fetched whole) is a small part of it.
     "$E2E_PYTHON" "$E2E_CTRD_LIB/mkimage.py" busybox "$dir/lazy-oci" v2 --busybox "$E2E_BUSYBOX" --large 32 \
         >/dev/null || return 1
@@ -631,22 +641,27 @@ need_lazy_images() {
 # l. lazy pull: `ovbd rpull` of $LAZY_OBD_REF + `ctr run --snapshotter ovbd` of `cat /etc/hostname` print
 #    what the full pull of $LAZY_OCI_REF under containerd's overlayfs prints, while the registry sends
 #    less than a tenth of the image's layer bytes; the snapshots are remote layers (no layer file in their
-#    directories); all of /data/large.bin read on demand has the original's sha256. Needs the registry's
-#    access log (E2E_REGISTRY_ACCESSLOG=1 before registry_start) and lazy_images_setup.
+#    directories); all of /data/large.bin read on demand has the original's sha256. Prints the lazy-pull
+#    figures (wall time and blob bytes of both pulls + runs; scripts/bench-lazy.sh shows them). Needs the
+#    registry's access log (E2E_REGISTRY_ACCESSLOG=1 before registry_start) and lazy_images_setup.
 part_l() {
     need_serve || return 1
     need_lazy_images || return 1
-    local b0 ref_out bytes want d n_remote=0
+    local b0 s0 ref_out bytes full_bytes full_s lazy_s want d n_remote=0
+    b0=$(registry_blob_bytes) s0=$(date +%s.%N)
     try "ctr image pull $LAZY_OCI_REF (overlayfs)" ctr_pull "$LAZY_OCI_REF" overlayfs || return 1
     try "ctr run $LAZY_OCI_REF cat /etc/hostname (overlayfs)" \
         ctr_do run --rm "$LAZY_OCI_REF" e2e-l-ref cat /etc/hostname || return 1
+    full_s=$(_seconds_since "$s0") full_bytes=$(($(registry_blob_bytes) - b0))
     ref_out=$OUT
-    b0=$(registry_blob_bytes)
+    b0=$(registry_blob_bytes) s0=$(date +%s.%N)
     try "ovbd rpull $LAZY_OBD_REF" \
         "$OVBD_SERVE_BIN" rpull --address "$CTRD_ADDR" --namespace "$CTRD_NS" "$LAZY_OBD_REF" || return 1
     try "ctr run --snapshotter $E2E_SNAP $LAZY_OBD_REF cat /etc/hostname" \
         ctr_do run --rm --snapshotter "$E2E_SNAP" "$LAZY_OBD_REF" e2e-l cat /etc/hostname || return 1
+    lazy_s=$(_seconds_since "$s0")
     bytes=$(($(registry_blob_bytes) - b0))
+    _lazy_figures "$full_s" "$full_bytes" "$lazy_s" "$bytes"
     [[ -n $OUT && $OUT == "$ref_out" ]] || nok "ovbd printed '$OUT', overlayfs '$ref_out'" || return 1
     ((bytes * 10 < LAZY_OBD_BYTES)) ||
         nok "rpull + run fetched $bytes bytes of a $LAZY_OBD_BYTES-byte image: the layers were downloaded" || return 1
@@ -667,6 +682,32 @@ part_l() {
         ctr_do run --rm --snapshotter "$E2E_SNAP" "$LAZY_OBD_REF" e2e-l-sum sha256sum /data/large.bin || return 1
     [[ -n $want && ${OUT%% *} == "$want" ]] || nok "sha256 through ovbd: '${OUT%% *}', original '$want'" || return 1
     ok "/data/large.bin read on demand: sha256 ${want:0:16}... as the original ($(($(registry_blob_bytes) - b0)) bytes fetched)"
+}
+
+# _seconds_since T0: seconds (2 decimals) since T0 (`date +%s.%N`).
+_seconds_since() {
+    awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.2f", b - a }'
+}
+
+# _lazy_figures FULL_S FULL_BYTES LAZY_S LAZY_BYTES: the lazy-pull benchmark lines (figures, no assertion).
+_lazy_figures() {
+    local ratio pct
+    ratio=$(awk -v a="$1" -v b="$3" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }')
+    pct=$(awk -v a="$4" -v b="$LAZY_OBD_BYTES" 'BEGIN { printf "%.2f", 100 * a / b }')
+    echo "==== lazy pull vs full pull, same run: image $LAZY_OBD_BYTES bytes of layer blobs"
+    echo "  full (overlayfs): $1 s, $2 bytes | lazy (ovbd rpull): $3 s, $4 bytes ($pct% of the image)"
+    echo "  speed-up ${ratio}x (goal >= 3x), fetched $pct% (goal <= 5%)"
+}
+
+# _ctr_has_image REF: the image is in our namespace.
+_ctr_has_image() {
+    ctr_do image ls -q 2>/dev/null | grep -qxF -- "$1"
+}
+
+# _rpull_once REF: `ovbd rpull` REF into our namespace unless it is there already.
+_rpull_once() {
+    _ctr_has_image "$1" && return 0
+    try "ovbd rpull $1" "$OVBD_SERVE_BIN" rpull --address "$CTRD_ADDR" --namespace "$CTRD_NS" "$1"
 }
 
 # p. CRI: containerd's CRI plugin (its snapshotter ovbd, disable_snapshot_annotations = false) pulls
@@ -708,6 +749,152 @@ part_p() {
     # Whatever happened: no CRI image left for part d.
     try "CRI RemoveImage $LAZY_CRI_REF" cri_client rmi "$LAZY_CRI_REF" || rc=1
     try "CRI RemoveImage $CTRD_SANDBOX_IMAGE" cri_client rmi "$CTRD_SANDBOX_IMAGE" || rc=1
+    return "$rc"
+}
+
+# u. upstream's own converted hello-world ($HELLO_OBD_REF: made by overlaybd's tools) pulled lazily with
+#    `ovbd rpull`, into a namespace of its own, runs /hello; its image is removed again (GC, --sync).
+part_u() {
+    need_serve || return 1
+    local ns=e2e-upstream-$$ rc=0
+    local ctr_u=(timeout "$E2E_CTR_TIMEOUT" ctr --address "$CTRD_ADDR" --namespace "$ns")
+    try "ovbd rpull $HELLO_OBD_REF (namespace $ns)" \
+        "$OVBD_SERVE_BIN" rpull --address "$CTRD_ADDR" --namespace "$ns" "$HELLO_OBD_REF" || return 1
+    if try "ctr run /hello after ovbd rpull" "${ctr_u[@]}" run --rm --snapshotter "$E2E_SNAP" "$HELLO_OBD_REF" e2e-u /hello; then
+        grep -q "Hello from Docker!" <<<"$OUT" || nok "upstream's hello-world printed: $OUT" || rc=1
+    else
+        rc=1
+    fi
+    ((rc == 0)) && ok "upstream's converted hello-world, pulled lazily with ovbd rpull, ran /hello: Hello from Docker!"
+    try "image rm --sync in $ns" "${ctr_u[@]}" image rm --sync "$HELLO_OBD_REF" || rc=1
+    rmdir "/run/containerd/runc/$ns" 2>/dev/null
+    return "$rc"
+}
+
+# k. the block cache outlives ovbd serve: a container on $LAZY_OBD_REF (rpulled) reads /etc/hostname, ovbd
+#    serve stops (SIGTERM) and starts again, a second container reads it again with 0 blob bytes fetched.
+part_k() {
+    need_serve || return 1
+    need_lazy_images || return 1
+    local want b0 bytes
+    _rpull_once "$LAZY_OBD_REF" || return 1
+    try "ctr run cat /etc/hostname" ctr_do run --rm --snapshotter "$E2E_SNAP" "$LAZY_OBD_REF" e2e-k1 cat /etc/hostname ||
+        return 1
+    want=$OUT
+    ovbd_serve_stop || nok "stopping ovbd serve" || return 1
+    ovbd_serve_start || nok "ovbd serve did not restart" || return 1
+    b0=$(registry_blob_bytes)
+    try "ctr run after the restart" ctr_do run --rm --snapshotter "$E2E_SNAP" "$LAZY_OBD_REF" e2e-k2 cat /etc/hostname ||
+        return 1
+    bytes=$(($(registry_blob_bytes) - b0))
+    [[ -n $OUT && $OUT == "$want" ]] || nok "after the restart: '$OUT', before: '$want'" || return 1
+    ((bytes == 0)) || nok "after a restart of ovbd serve the same read fetched $bytes bytes" || return 1
+    ok "after a restart of ovbd serve the same read is served from the block cache (0 bytes fetched)"
+}
+
+# s. a frozen registry (SIGSTOP): on $LAZY_CRI_REF (rpulled; /etc/hostname read first, nothing reads its
+#    /data/large.bin elsewhere), a container starts on cached files, reading an uncached part of
+#    /data/large.bin fails with an I/O error within the registry deadline ($OVBD_REGISTRY_DEADLINE s, the
+#    [registry] timeout_secs the caller configured) while a cached file still reads and another device
+#    (hello-world, pulled whole) runs a container; once the registry is back, the same read works.
+part_s() {
+    need_serve || return 1
+    need_lazy_images || return 1
+    local deadline=${OVBD_REGISTRY_DEADLINE:-} want s0 took_fault rc=0 dd_rc=0 err cached hello held=1
+    [[ $deadline =~ ^[0-9]+$ ]] || nok "OVBD_REGISTRY_DEADLINE (the [registry] timeout_secs) is not set" || return 1
+    try "pull $HELLO_OBD_REF through ovbd" ctr_pull "$HELLO_OBD_REF" "$E2E_SNAP" || return 1
+    _rpull_once "$LAZY_CRI_REF" || return 1
+    try "ctr run cat /etc/hostname" ctr_do run --rm --snapshotter "$E2E_SNAP" "$LAZY_CRI_REF" e2e-s0 cat /etc/hostname ||
+        return 1
+    want=$OUT
+    kill -STOP "$REGISTRY_PID" || nok "freezing the registry" || return 1
+    s0=$SECONDS
+    # A long-running container keeps the image's device attached while we read through it.
+    if ctr_do run -d --snapshotter "$E2E_SNAP" "$LAZY_CRI_REF" e2e-s-hold sleep 3600 >/dev/null; then
+        err=$(ctr_do task exec --exec-id e1 e2e-s-hold dd if=/data/large.bin of=/dev/null bs=1M skip=20 count=4 2>&1) || dd_rc=$?
+        took_fault=$((SECONDS - s0))
+        cached=$(ctr_do task exec --exec-id e2 e2e-s-hold cat /etc/hostname 2>&1)
+        hello=$(ctr_do run --rm --snapshotter "$E2E_SNAP" "$HELLO_OBD_REF" e2e-s-hello /hello 2>&1)
+    else
+        held=0
+    fi
+    kill -CONT "$REGISTRY_PID"
+    if ((held == 0)); then
+        nok "starting a container with the registry frozen (its files were cached: it should start)"
+        return 1
+    fi
+    if ((dd_rc == 0)); then
+        nok "reading uncached data with the registry frozen succeeded?" || rc=1
+    elif ! grep -qi "error" <<<"$err"; then
+        nok "dd with the registry frozen: exit $dd_rc, but: $err" || rc=1
+    elif ((took_fault > deadline * 3 + 30)); then
+        nok "the failing read took ${took_fault}s (deadline ${deadline}s)" || rc=1
+    elif [[ -z $want || $cached != "$want" ]]; then
+        nok "a cached file did not read while the registry was frozen: '$cached' (want '$want')" || rc=1
+    elif ! grep -q "Hello from Docker!" <<<"$hello"; then
+        nok "another device did not work while the registry was frozen: $hello" || rc=1
+    else
+        ok "registry frozen: uncached read failed in ${took_fault}s (${err//$'\n'/ }), cached files still read, another device ran /hello"
+        if try "the same read after the registry came back" \
+            ctr_do task exec --exec-id e3 e2e-s-hold dd if=/data/large.bin of=/dev/null bs=1M skip=20 count=4; then
+            ok "registry back: the same read works"
+        else
+            rc=1
+        fi
+    fi
+    ctr_do task rm -f e2e-s-hold >/dev/null 2>&1 || nok "removing task e2e-s-hold" || rc=1
+    ctr_do container rm e2e-s-hold >/dev/null 2>&1 || nok "removing container e2e-s-hold" || rc=1
+    return "$rc"
+}
+
+# w. background download ([download] enable, no delay, no rate limit; ovbd serve restarted with it): after
+#    a container on $LAZY_OBD_REF (rpulled), ovbd downloads each of its remote layers (the lowers of its
+#    device config with a blob digest and an empty layer directory) whole into its directory, each with its
+#    blob's sha256 (a layer digest `ovbd convert --json` printed). The image's top layer (its own) must be
+#    one of them; its lower layers are busybox:obd's (part h), local if h pulled that first (ovbd binds a
+#    snapshot to its chain ID, across namespaces): host-ovbd.sh runs h after w, so all 4 are remote. The
+#    config is restored (download off) and ovbd serve restarted after.
+part_w() {
+    need_serve || return 1
+    need_lazy_images || return 1
+    local digests d f i n_done rc=0
+    local -A remote=()
+    mapfile -t digests < <(grep -o '"digest": *"sha256:[0-9a-f]*"' "$LAZY_OBD_CONVERT_JSON" | grep -o 'sha256:[0-9a-f]*')
+    ((${#digests[@]} == 4)) || nok "$LAZY_OBD_CONVERT_JSON lists ${#digests[@]} layer digests, not 4" || return 1
+    _rpull_once "$LAZY_OBD_REF" || return 1
+    # (a layer's block/config.v1.json is written when a device first stacks it)
+    try "ctr run" ctr_do run --rm --snapshotter "$E2E_SNAP" "$LAZY_OBD_REF" e2e-w0 cat /etc/hostname || return 1
+    # Every lower a device config stacks: its layer dir (empty: remote) and its blob's digest.
+    while read -r d f; do
+        [[ -d $d && -z $(ls -A "$d") ]] && printf '%s\n' "${digests[@]}" | grep -qxF -- "$f" && remote[$d]=$f
+    done < <(jq -r '.lowers[]? | select(.dir and .digest) | "\(.dir) \(.digest)"' "$OVBD_ROOT"/snapshots/*/block/config.v1.json 2>/dev/null)
+    printf '%s\n' "${remote[@]}" | grep -qxF -- "${digests[-1]}" ||
+        nok "the top layer ${digests[-1]} of $LAZY_OBD_REF is not a remote layer (remote: ${remote[*]})" || return 1
+    grep -qx 'enable = false' "$OVBD_SERVE_CONFIG" || nok "no '[download] enable = false' in $OVBD_SERVE_CONFIG" || return 1
+    ovbd_serve_stop || nok "stopping ovbd serve" || return 1
+    cp "$OVBD_SERVE_CONFIG" "$OVBD_SERVE_CONFIG.no-download"
+    sed -i 's/^enable = false$/enable = true\ndelay_secs = 0\nmax_mbps = 0/' "$OVBD_SERVE_CONFIG"
+    ovbd_serve_start || nok "ovbd serve did not restart with [download] enable" || rc=1
+    ((rc == 0)) && { try "ctr run (download)" ctr_do run --rm --snapshotter "$E2E_SNAP" "$LAZY_OBD_REF" e2e-w cat /etc/hostname || rc=1; }
+    for ((i = 0; rc == 0 && i < 180; i++)); do
+        n_done=0
+        for d in "${!remote[@]}"; do
+            f=$d/overlaybd.commit
+            [[ -s $f && $(sha256sum "$f" | cut -d' ' -f1) == "${remote[$d]#sha256:}" ]] && n_done=$((n_done + 1))
+        done
+        ((n_done == ${#remote[@]})) && break
+        sleep 2
+    done
+    if ((rc == 0)); then
+        ((n_done == ${#remote[@]})) ||
+            nok "background download: $n_done of ${#remote[@]} remote layers downloaded" \
+                "($(grep -i download "$OVBD_SERVE_LOG" | tail -n 5))" || rc=1
+        ((rc == 0)) && ok "background download: all ${#remote[@]} remote layers of $LAZY_OBD_REF (of its" \
+            "${#digests[@]}) downloaded whole, each with its blob's sha256"
+    fi
+    ovbd_serve_stop || nok "stopping ovbd serve" || rc=1
+    cp "$OVBD_SERVE_CONFIG.no-download" "$OVBD_SERVE_CONFIG"
+    ovbd_serve_start || nok "ovbd serve did not restart without download" || rc=1
     return "$rc"
 }
 

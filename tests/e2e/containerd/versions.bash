@@ -1,7 +1,7 @@
 # shellcheck shell=bash
-# The lean containerd-version run shared by tests/e2e/guest/86-containerd-1.7.sh and 87-containerd-2.x.sh:
-# Debian SUITE's containerd (fetched on the host by fetch-containerd.sh into the test cache, which the
-# guest sees) with ovbd's deploy snippet for its config version, CRI on, and these parts:
+# The lean containerd-version run of tests/e2e/containerd/host-versions.sh (on the host, fuse frontend):
+# Debian SUITE's containerd (fetched by fetch-containerd.sh into target/vm/containerd/SUITE, extracted, not
+# installed) with ovbd's deploy snippet for its config version, CRI on, and these parts:
 #   a. the OverlayBD hello-world: full `ctr image pull --snapshotter ovbd` + /hello;
 #   n. the socket is also registered as "overlaybd": GC of that name keeps ovbd's snapshots;
 #   b. a plain OCI image (3 layers) through ovbd's overlayfs fallback = containerd's own overlayfs;
@@ -12,41 +12,29 @@
 #   t. (2.x) CRI pulls through the transfer service: without ovbd in its unpack_config, a CRI pull fails;
 #   r. `ovbd rpull` + ctr run;
 #   d. image rm --sync + GC leave no snapshot, directory, mount or device.
-# Sourced by a guest test after common.bash: ctrd_versions_main SUITE.
+# Sourced after env.bash and ovbd.bash, with SUITE's containerd first on PATH, $WORK (the run's work dir)
+# and $OVBD (the ovbd binary) set: ctrd_versions_main SUITE.
 
-# ctrd_versions_main SUITE: runs the parts against SUITE's containerd; exits non-zero if any fails.
+# ctrd_versions_main SUITE: runs the parts against the containerd on PATH; returns non-zero if any fails.
+# OVBD_SERVE_EXTRA_CONFIG (TOML tables) is added to ovbd's config ([download] is turned off here).
 ctrd_versions_main() {
-    local suite=$1 bindir
-    bindir=$OVBD_REPO/target/vm/containerd/$suite/usr/bin
-    [[ -n ${OVBD_VM_CACHE:-} ]] && bindir=$OVBD_VM_CACHE/containerd/$suite/usr/bin
-    [[ -x $bindir/containerd ]] ||
-        fail "no containerd of $suite in $bindir (run tests/e2e/containerd/fetch-containerd.sh $suite on the host)"
-    # Its containerd, ctr and shim first; runc stays the host's.
-    PATH=$bindir:$PATH
-    # shellcheck source=env.bash
-    . "$OVBD_REPO/tests/e2e/containerd/env.bash"
-    # shellcheck source=ovbd.bash
-    . "$OVBD_REPO/tests/e2e/containerd/ovbd.bash"
-    E2E_READY_TIMEOUT=${E2E_READY_TIMEOUT:-120}
-    E2E_CTR_TIMEOUT=${E2E_CTR_TIMEOUT:-240}
+    local suite=$1
     export E2E_PARTS_DIR=$WORK/parts
     local t0=$SECONDS
-    note "containerd: $(containerd --version)"
+    e2e_log "containerd of $suite: $(containerd --version)"
 
-    # overlayfs upper dirs cannot sit on the guest's overlay root: the ovbd root goes on tmpfs.
-    local root_parent= && e2e_tmpdir root_parent /var/tmp
     # No background download: it would add to the bytes the lazy parts measure.
-    OVBD_SERVE_EXTRA_CONFIG=$'[download]\nenable = false'
-    ovbd_serve_setup "$OVBD" "$root_parent/root" "$WORK/ovbd/ovbd.sock"
-    [[ -z $OVBD_SERVE_MISSING ]] || fail "$OVBD_SERVE_MISSING"
+    OVBD_SERVE_EXTRA_CONFIG=${OVBD_SERVE_EXTRA_CONFIG:+$OVBD_SERVE_EXTRA_CONFIG$'\n'}$'[download]\nenable = false'
+    ovbd_serve_setup "$OVBD" "$WORK/ovbd-root" "$WORK/ovbd/ovbd.sock"
+    [[ -z $OVBD_SERVE_MISSING ]] || e2e_fail "$OVBD_SERVE_MISSING"
     E2E_REGISTRY_ACCESSLOG=1 registry_start "$WORK/registry"
     ctrd_start_cri "$WORK/ctrd" "$OVBD_SOCK"
-    ovbd_serve_start || fail "ovbd serve did not start"
+    ovbd_serve_start || e2e_fail "ovbd serve did not start"
     push_hello_obd
     build_busybox_image "$WORK" v1
     _versions_lazy_image v8 8 lazy-cri
     ((CTRD_MAJOR >= 2)) && _versions_lazy_image v12 12 lazy-plain
-    took "$t0" "setup"
+    e2e_log "setup took $((SECONDS - t0)) s"
 
     run_part a "OverlayBD hello-world: full ctr pull + /hello" part_a
     run_part n "the socket under a second name: its GC keeps the first name's snapshots" part_n
@@ -62,7 +50,7 @@ ctrd_versions_main() {
     run_part r "ovbd rpull + ctr run" _versions_part_r
     _versions_rm_cri_images
     run_part d "image rm + GC leave no snapshot, dir, mount or device" part_d
-    took "$t0" "total"
+    e2e_log "$suite ($(containerd --version | awk '{ print $3 }')) took $((SECONDS - t0)) s"
     parts_summary
 }
 
@@ -71,10 +59,10 @@ ctrd_versions_main() {
 _versions_lazy_image() {
     local tag=$1 mib=$2 name=$3 var
     "$E2E_PYTHON" "$E2E_CTRD_LIB/mkimage.py" busybox "$WORK/lazy-oci" "$tag" --busybox "$E2E_BUSYBOX" --large "$mib" \
-        >/dev/null || fail "mkimage.py busybox --large $mib"
+        >/dev/null || e2e_fail "mkimage.py busybox --large $mib"
     push_oci_layout "$WORK/lazy-oci" "$tag" "$name:oci"
     "$OVBD" convert --json "$REGISTRY/$name:oci" "$REGISTRY/$name:obd" >"$WORK/$name.json" 2>"$WORK/$name.log" ||
-        fail "ovbd convert $name: $(tail -n 5 "$WORK/$name.log")"
+        e2e_fail "ovbd convert $name: $(tail -n 5 "$WORK/$name.log")"
     var=${name//-/_}
     printf -v "LAZY_${var^^}_REF" '%s' "$REGISTRY/$name:obd"
     printf -v "LAZY_${var^^}_BYTES" '%s' "$(grep -o '"size": *[0-9]*' "$WORK/$name.json" | awk '{ s += $2 } END { print s + 0 }')"
@@ -154,7 +142,7 @@ _versions_part_t() {
 # r. ovbd rpull (lazy on every version) into a namespace of its own, then ctr run.
 _versions_part_r() {
     need_serve || return 1
-    local ns=e2e-rpull out
+    local ns=e2e-rpull-$$ out
     try "ovbd rpull $LAZY_LAZY_CRI_REF" "$OVBD" rpull --address "$CTRD_ADDR" --namespace "$ns" "$LAZY_LAZY_CRI_REF" ||
         return 1
     out=$(timeout "$E2E_CTR_TIMEOUT" ctr --address "$CTRD_ADDR" --namespace "$ns" run --rm --snapshotter "$E2E_SNAP" \
@@ -163,6 +151,9 @@ _versions_part_r() {
     ok "rpull + ctr run: $out"
     timeout 120 ctr --address "$CTRD_ADDR" --namespace "$ns" image rm --sync "$LAZY_LAZY_CRI_REF" >/dev/null ||
         nok "image rm in $ns" || return 1
+    # (runc's state dir of that namespace: containerd keeps it whatever its config says)
+    rmdir "/run/containerd/runc/$ns" 2>/dev/null
+    return 0
 }
 
 # Part d removes the images of our namespace: the CRI ones (k8s.io) go first.
@@ -170,6 +161,6 @@ _versions_rm_cri_images() {
     local ref
     # shellcheck disable=SC2086  # $CTR_CRI is a command line
     for ref in $(timeout 60 $CTR_CRI image ls -q 2>/dev/null); do
-        timeout 120 $CTR_CRI image rm --sync "$ref" >/dev/null 2>&1 || note "could not remove CRI image $ref"
+        timeout 120 $CTR_CRI image rm --sync "$ref" >/dev/null 2>&1 || e2e_log "could not remove CRI image $ref"
     done
 }
