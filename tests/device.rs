@@ -1609,3 +1609,29 @@ fn a_stuck_source_stalls_no_other_device_nor_its_other_ranges() {
     host.assert_all_gone();
     drop(gated);
 }
+
+/// Layer files on a loop-mounted filesystem (a disk image, as device-bench.sh keeps its files in)
+/// open in the device server: its private mount namespace detaches the mounts of its own
+/// devices, not every loop device's.
+#[test]
+fn layers_on_a_loop_mounted_filesystem_attach() {
+    let host = Host::new();
+    let img = host.path("fs.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(64 * MIB)
+        .unwrap();
+    ok("mkfs.ext4", &["-q", img.to_str().unwrap()]);
+    let store = Mounted::new(img.to_str().unwrap(), &host.path("store"), false);
+    let blob = store.path("hello.blob");
+    std::fs::copy(hello_blob(), &blob).unwrap();
+    let cfg = host.config("hello", &[&blob], None);
+    let dev = host.attach1(&cfg);
+    assert_eq!(host.result("hello"), "success");
+    let mnt = Mounted::new(&dev, &host.path("mnt"), true);
+    let hello = std::fs::read(mnt.path("hello")).unwrap();
+    assert_eq!(sha256_hex(&hello), HELLO_SHA);
+    mnt.umount();
+    host.detach(&dev);
+    store.umount();
+}
