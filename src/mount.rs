@@ -55,6 +55,18 @@ pub fn mounts() -> Vec<(String, String)> {
         .collect()
 }
 
+/// Mount points of the filesystems of type `fs_type` (as mountinfo names it, e.g. `fuse.ovbd`).
+pub fn mounts_of_type(fs_type: &str) -> Vec<String> {
+    let text = std::fs::read_to_string("/proc/thread-self/mountinfo").unwrap_or_default();
+    text.lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            (right.split_whitespace().next()? == fs_type)
+                .then(|| unescape(left.split_whitespace().nth(4).unwrap_or("")))
+        })
+        .collect()
+}
+
 pub fn is_mounted(target: &Path) -> bool {
     let t = target.to_string_lossy();
     mounts().iter().any(|(mp, _)| *mp == t)

@@ -39,6 +39,15 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
+/// The type of our FUSE mounts (mountinfo shows it; `enter_private_mount_namespace` looks for it).
+pub(super) const FUSE_FS_TYPE: &str = "fuse.ovbd";
+const FUSE_FS_TYPE_C: &std::ffi::CStr = c"fuse.ovbd";
+
+thread_local! {
+    /// The session thread's buffer for reads answered inline (at most `MAX_REQUEST` + 1 KiB).
+    static INLINE_READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Attributes never change while a file exists (its size is the image's virtual size).
 const TTL: Duration = Duration::from_secs(24 * 3600);
 /// Event loop threads: they only answer at once or hand requests to worker pools.
@@ -308,7 +317,7 @@ impl FuseFrontend {
             libc::mount(
                 c"ovbd".as_ptr(),
                 target.as_ptr(),
-                c"fuse.ovbd".as_ptr(),
+                FUSE_FS_TYPE_C.as_ptr(),
                 libc::MS_NODEV | libc::MS_NOSUID | libc::MS_NOEXEC,
                 opts.as_ptr().cast(),
             )
@@ -397,7 +406,12 @@ impl FuseFrontend {
     /// queued, for FUSE_NOTIFY_RESEND.
     fn serve_fd(&self, fd: OwnedFd, resumed: bool) -> Result<(), DeviceError> {
         let mut config = fuser::Config::default();
-        config.n_threads = Some(SESSION_THREADS);
+        config.n_threads = Some(
+            std::env::var("OVBD_FUSE_THREADS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(SESSION_THREADS),
+        );
         config.clone_fd = false;
         let start = |what| move |source| DeviceError::Fuse { what, source };
         let session = if resumed {
@@ -886,14 +900,29 @@ impl ImageFs {
         let start = offset & !511;
         let aligned_end = end.next_multiple_of(512).min(vsize);
         let (skip, len) = ((offset - start) as usize, (end - offset) as usize);
-        let mut buf = vec![0u8; (aligned_end - start) as usize];
-        // Requests name the image by its file (as the re-bind log does): no string per request.
-        if let Some(r) = try_read_inline(&f.name, &f.image, &mut buf, start) {
-            return match answer(r) {
-                Ok(_) => reply.data(&buf[skip..skip + len]),
-                Err(e) => reply.error(e),
-            };
-        }
+        let n = (aligned_end - start) as usize;
+        // Data at hand is answered from this thread's buffer: a fresh 1 MiB one per request
+        // would cost an mmap, its page faults and a munmap each time.
+        let mut reply = Some(reply);
+        INLINE_READ_BUF.with_borrow_mut(|buf| {
+            if buf.len() < n {
+                buf.resize(n, 0);
+            }
+            let buf = &mut buf[..n];
+            // Requests name the image by its file (as the re-bind log does): no string per request.
+            if let Some(r) = try_read_inline(&f.name, &f.image, buf, start) {
+                if let Some(reply) = reply.take() {
+                    match answer(r) {
+                        Ok(_) => reply.data(&buf[skip..skip + len]),
+                        Err(e) => reply.error(e),
+                    }
+                }
+            }
+        });
+        let Some(reply) = reply else {
+            return;
+        };
+        let mut buf = vec![0u8; n];
         let pool = f.pool.clone();
         pool.submit(Box::new(move || {
             let n = buf.len() as u64;

@@ -188,6 +188,19 @@ pub fn clear(number: u32, expect: Backing) -> io::Result<bool> {
     Ok(true)
 }
 
+/// N of a `/dev/loopN` path.
+pub fn number_of(device: &str) -> Option<u32> {
+    device.strip_prefix("/dev/loop")?.parse().ok()
+}
+
+/// The file loop device `number` is bound to, as `/sys/block/loopN/loop/backing_file` names
+/// it (`None`: unbound).
+pub fn backing_file(number: u32) -> Option<PathBuf> {
+    let text =
+        std::fs::read_to_string(format!("/sys/block/loop{number}/loop/backing_file")).ok()?;
+    Some(PathBuf::from(text.trim_end_matches('\n')))
+}
+
 /// Loop devices whose backing file lies under `dir` (as `/sys/block/loopN/loop/backing_file`
 /// names it), with that path.
 pub fn loops_under(dir: &Path) -> Vec<(u32, PathBuf)> {

@@ -45,6 +45,7 @@ pub use fuse::{FuseFile, FuseFrontend};
 pub use loopdev::Backing;
 pub use pool::{device_pool, WorkerPool};
 
+use fuse::FUSE_FS_TYPE;
 use libublk::ctrl::UblkCtrl;
 use libublk::{sys, UblkError};
 use ovbd_format::ImageStack;
@@ -465,10 +466,23 @@ pub fn enter_private_mount_namespace() -> Result<(), DeviceError> {
             });
         }
     }
+    // ovbd's FUSE mounts: a loop device over a file on one is a fuse frontend device.
+    let fuse_mounts: Vec<std::path::PathBuf> = crate::mount::mounts_of_type(FUSE_FS_TYPE)
+        .into_iter()
+        .map(std::path::PathBuf::from)
+        .collect();
     for (mount_point, source) in crate::mount::mounts() {
-        // Loop devices too: the fuse frontend's, and a device whose server started while another
-        // one's filesystem was mounted would otherwise keep that filesystem alive past its umount.
-        if source.starts_with("/dev/ublkb") || source.starts_with("/dev/loop") {
+        // Devices' filesystems (ublk, or a loop over a file on an ovbd FUSE mount: ours, or
+        // another server's, whose mount this namespace does not show): a device whose server
+        // started while another one's filesystem was mounted would otherwise keep that
+        // filesystem alive past its umount. Other loop mounts (a disk image holding the layer
+        // files) stay: the server reads through them.
+        let ours = source.starts_with("/dev/ublkb")
+            || loopdev::number_of(&source).is_some_and(|n| {
+                loopdev::backing_file(n)
+                    .is_none_or(|b| fuse_mounts.iter().any(|m| b.starts_with(m)) || !b.exists())
+            });
+        if ours {
             // Only this private namespace's copy is detached.
             let _ = crate::mount::unmount(std::path::Path::new(&mount_point), true);
         }
