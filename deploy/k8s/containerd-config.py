@@ -118,6 +118,11 @@ def run(command, what):
         raise RuntimeError(f"{what} ({command}) failed: {r.stderr.strip() or r.stdout.strip()}")
 
 
+def this_platform():
+    arch = os.uname().machine
+    return "linux/" + {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm"}.get(arch, arch)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="/host/etc/containerd/config.toml",
@@ -125,7 +130,8 @@ def main():
     ap.add_argument("--version", type=int, choices=(2, 3),
                     help="config version for a missing or empty file (containerd 1.x: 2, 2.x: 3)")
     ap.add_argument("--socket", default="/run/ovbd/ovbd.sock")
-    ap.add_argument("--platform", default="linux/amd64")
+    ap.add_argument("--platform", default=this_platform(),
+                    help="unpack_config's platform (default: this machine's, e.g. linux/amd64)")
     ap.add_argument("--cri-default", action="store_true", help="make ovbd CRI's default snapshotter")
     ap.add_argument("--check-command", default="", help="run on a change, before it is kept")
     ap.add_argument("--restart-command", default="", help="run after a change (restart containerd)")
