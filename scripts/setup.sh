@@ -19,6 +19,7 @@ packages=(
     skopeo            # tests/e2e/containerd: pushes OCI layouts to it
     containernetworking-plugins # tests/e2e/containerd CRI mode (ctrd_start_cri): the loopback CNI plugin
     curl file python3 # tests/e2e/containerd: registry readiness, busybox check, image builder
+    python3-tomlkit python3-venv # deploy/k8s: containerd-config.py; the manifest validator's venv
 )
 
 missing=()
@@ -33,6 +34,16 @@ if ((${#missing[@]})); then
     "${sudo[@]}" apt-get update -qq
     DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+
+# deploy/k8s's manifests are checked against the Kubernetes API schemas this package bundles (offline).
+k8s_venv=/opt/ovbd-k8s-venv
+[[ -x $k8s_venv/bin/kubernetes-validate ]] || {
+    echo "setup: installing kubernetes-validate in $k8s_venv"
+    sudo=()
+    ((EUID == 0)) || sudo=(sudo)
+    "${sudo[@]}" /usr/bin/python3 -m venv "$k8s_venv"
+    "${sudo[@]}" "$k8s_venv/bin/pip" install -q kubernetes-validate==1.37.0
+}
 
 command -v cargo >/dev/null || {
     echo "setup: cargo not found; install a Rust toolchain (rustup) first" >&2

@@ -40,6 +40,10 @@ done
 step "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 
+step "deploy/k8s: manifests against the Kubernetes API schemas (offline), containerd config merge"
+/opt/ovbd-k8s-venv/bin/kubernetes-validate --strict --quiet deploy/k8s/ovbd.yaml
+deploy/k8s/test-containerd-config.sh
+
 step "cargo test (host)"
 cargo test --workspace
 

@@ -224,4 +224,53 @@ mod tests {
             assert!(image_ref_of_blob_url(bad).is_err(), "{bad}");
         }
     }
+
+    /// `[registry] proxy` (a P2P agent such as Dragonfly's dfdaemon) carries the lazy range
+    /// reads of a remote layer, not only pulls: the layer names an origin nothing listens on, so
+    /// a read that went direct would fail, and the proxy sees every ranged GET.
+    #[test]
+    fn lazy_reads_go_through_the_proxy() {
+        use crate::testing::{check_random_ranges, quick_config, registry_with_blob, Front};
+        let (reg, data, digest) = registry_with_blob(600_000, 23);
+        let proxy = Front::start(&reg.addr, None);
+        let origin = {
+            let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            closed.local_addr().unwrap().to_string()
+        };
+        let root = tempfile::tempdir().unwrap();
+        let cfg = Config {
+            root: root.path().to_owned(),
+            registry: crate::config::RegistryConfig {
+                proxy: Some(format!("http://{}", proxy.addr)),
+                ..quick_config()
+            },
+            // Only the device's reads, no background download of the whole blob.
+            download: DownloadConfig {
+                enable: false,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let source = RegistrySource::from_config(&cfg).unwrap();
+        let url = format!("http://{origin}/v2/test/blob/blobs");
+        let layer = source
+            .open(&url, &digest, data.len() as u64, Some(root.path()))
+            .unwrap();
+        check_random_ranges(layer.as_ref(), &data, 8, 29);
+
+        let seen = proxy.seen.lock().unwrap().clone();
+        let want = format!("http://{origin}/v2/test/blob/blobs/{digest}");
+        assert!(!seen.is_empty());
+        for s in &seen {
+            assert_eq!(
+                (s.method.as_str(), s.target.as_str()),
+                ("GET", want.as_str())
+            );
+            assert!(s.range.is_some(), "a whole-blob GET: {s:?}");
+        }
+        // Blocks read once come from the cache: the proxy sees nothing more.
+        let before = proxy.seen.lock().unwrap().len();
+        check_random_ranges(layer.as_ref(), &data, 8, 29);
+        assert_eq!(proxy.seen.lock().unwrap().len(), before);
+    }
 }
