@@ -8,6 +8,7 @@ pub(crate) mod convert;
 pub(crate) mod device;
 pub(crate) mod extfs;
 pub(crate) mod labels;
+pub(crate) mod metrics;
 pub(crate) mod mount;
 pub(crate) mod oci;
 pub(crate) mod registry;

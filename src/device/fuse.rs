@@ -66,6 +66,8 @@ struct ImageFile {
     name: String,
     image: Arc<ImageStack>,
     pool: Arc<WorkerPool>,
+    /// Its requests' counters.
+    metrics: crate::metrics::DeviceMetrics,
     writable: bool,
     state: Mutex<FileState>,
     changed: Condvar,
@@ -425,6 +427,7 @@ impl FuseFrontend {
         image: Arc<ImageStack>,
         pool: Arc<WorkerPool>,
         file: FuseFile,
+        metrics: crate::metrics::DeviceMetrics,
     ) -> Result<FuseAttachment, DeviceError> {
         let mount_dev = {
             use std::os::unix::fs::MetadataExt;
@@ -454,6 +457,7 @@ impl FuseFrontend {
             name: format!("image-{}", file.ino),
             image,
             pool,
+            metrics,
             writable,
             // The loop driver has it open since the previous daemon bound it.
             state: Mutex::new(FileState {
@@ -543,6 +547,7 @@ impl FuseFrontend {
         self: &Arc<Self>,
         image: Arc<ImageStack>,
         pool: Arc<WorkerPool>,
+        metrics: crate::metrics::DeviceMetrics,
     ) -> Result<FuseAttachment, DeviceError> {
         let ino = self.next_ino.fetch_add(1, Ordering::SeqCst);
         if let Some(path) = &self.next_ino_file {
@@ -557,6 +562,7 @@ impl FuseFrontend {
             name: format!("image-{ino}"),
             image,
             pool,
+            metrics,
             writable,
             state: Mutex::default(),
             changed: Condvar::new(),
@@ -888,7 +894,7 @@ impl ImageFs {
         let (skip, len) = ((offset - start) as usize, (end - offset) as usize);
         let mut buf = vec![0u8; (aligned_end - start) as usize];
         // Requests name the image by its file (as the re-bind log does): no string per request.
-        if let Some(r) = try_read_inline(&f.name, &f.image, &mut buf, start) {
+        if let Some(r) = try_read_inline(&f.name, &f.metrics, &f.image, &mut buf, start) {
             return match answer(r) {
                 Ok(_) => reply.data(&buf[skip..skip + len]),
                 Err(e) => reply.error(e),
@@ -897,7 +903,7 @@ impl ImageFs {
         let pool = f.pool.clone();
         pool.submit(Box::new(move || {
             let n = buf.len() as u64;
-            let r = run_request(&f.name, &f.image, sys::UBLK_IO_OP_READ, start, n, &mut buf);
+            let r = run_request(&f.name, &f.metrics, &f.image, sys::UBLK_IO_OP_READ, start, n, &mut buf);
             match answer(r) {
                 Ok(_) => reply.data(&buf[skip..skip + len]),
                 Err(e) => reply.error(e),
@@ -918,6 +924,7 @@ impl ImageFs {
             let n = buf.len() as u64;
             let r = run_request(
                 &f.name,
+                &f.metrics,
                 &f.image,
                 sys::UBLK_IO_OP_WRITE,
                 offset,
@@ -1107,7 +1114,7 @@ impl ImageFs {
         }
         let pool = f.pool.clone();
         pool.submit(Box::new(move || {
-            match answer(run_request(&f.name, &f.image, op, offset, length, &mut [])) {
+            match answer(run_request(&f.name, &f.metrics, &f.image, op, offset, length, &mut [])) {
                 Ok(_) => reply.ok(),
                 Err(e) => reply.error(e),
             }
