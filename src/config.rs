@@ -96,6 +96,33 @@ pub struct Config {
     pub download: DownloadConfig,
     /// Block device frontend (`[device]`).
     pub device: DeviceConfig,
+    /// The root-only control socket `ovbd status` asks; default: `control.sock` next to
+    /// `socket`.
+    pub control_socket: Option<PathBuf>,
+    /// Prometheus metrics (`[metrics]`).
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: the Prometheus endpoint.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `ip:port` to serve `/metrics` on (e.g. `127.0.0.1:9863`); unset: no metrics endpoint.
+    pub address: Option<String>,
+}
+
+impl MetricsConfig {
+    /// The address to listen on, if any; a malformed one is an error naming the key.
+    pub fn listen_address(&self) -> Result<Option<std::net::SocketAddr>> {
+        self.address
+            .as_deref()
+            .map(|a| {
+                a.parse().with_context(|| {
+                    format!("[metrics] address {a:?} is not an ip:port (e.g. 127.0.0.1:9863)")
+                })
+            })
+            .transpose()
+    }
 }
 
 impl Default for Config {
@@ -113,6 +140,8 @@ impl Default for Config {
             cache: CacheConfig::default(),
             download: DownloadConfig::default(),
             device: DeviceConfig::default(),
+            control_socket: None,
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -136,7 +165,20 @@ impl Config {
         if cfg.default_vsize_gb == 0 {
             bail!("{}: default_vsize_gb must be > 0", path.display());
         }
+        cfg.metrics
+            .listen_address()
+            .with_context(|| format!("{}", path.display()))?;
         Ok(cfg)
+    }
+
+    /// The control socket `ovbd status` asks (see `control_socket`).
+    pub fn control_socket_path(&self) -> PathBuf {
+        self.control_socket.clone().unwrap_or_else(|| {
+            self.socket
+                .parent()
+                .unwrap_or(Path::new("/run/ovbd"))
+                .join("control.sock")
+        })
     }
 }
 

@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub(crate) mod config;
+pub(crate) mod control;
 pub(crate) mod convert;
 pub(crate) mod device;
 pub(crate) mod extfs;

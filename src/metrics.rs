@@ -195,33 +195,101 @@ impl Metrics {
         };
         let r = &mut m.registry;
         r.register("device_reads", "Block read requests", m.dev_reads.clone());
-        r.register("device_writes", "Block write requests", m.dev_writes.clone());
-        r.register("device_read_bytes", "Bytes read from devices", m.dev_read_bytes.clone());
-        r.register("device_write_bytes", "Bytes written to devices", m.dev_write_bytes.clone());
-        r.register("device_eio", "Block requests failed with EIO", m.dev_eio.clone());
+        r.register(
+            "device_writes",
+            "Block write requests",
+            m.dev_writes.clone(),
+        );
+        r.register(
+            "device_read_bytes",
+            "Bytes read from devices",
+            m.dev_read_bytes.clone(),
+        );
+        r.register(
+            "device_write_bytes",
+            "Bytes written to devices",
+            m.dev_write_bytes.clone(),
+        );
+        r.register(
+            "device_eio",
+            "Block requests failed with EIO",
+            m.dev_eio.clone(),
+        );
         r.register(
             "device_request_seconds",
             "Block request latency",
             m.dev_latency.clone(),
         );
-        r.register("cache_hits", "Block cache reads served entirely from the cache", m.cache_hits.clone());
-        r.register("cache_misses", "Block cache reads that fetched blocks", m.cache_misses.clone());
-        r.register("cache_hit_bytes", "Bytes served from the block cache", m.cache_hit_bytes.clone());
-        r.register("cache_fetched_bytes", "Bytes fetched into the block cache", m.cache_fetched_bytes.clone());
-        r.register("cache_evicted_bytes", "Bytes evicted from the block cache", m.cache_evicted_bytes.clone());
-        r.register("cache_size_bytes", "Bytes of blocks in the block cache", m.cache_size_bytes.clone());
-        r.register("cache_limit_bytes", "The block cache's size limit", m.cache_limit_bytes.clone());
-        r.register("registry_requests", "HTTP requests to registries", m.registry_requests.clone());
-        r.register("registry_bytes", "Blob bytes received from registries", m.registry_bytes.clone());
+        r.register(
+            "cache_hits",
+            "Block cache reads served entirely from the cache",
+            m.cache_hits.clone(),
+        );
+        r.register(
+            "cache_misses",
+            "Block cache reads that fetched blocks",
+            m.cache_misses.clone(),
+        );
+        r.register(
+            "cache_hit_bytes",
+            "Bytes served from the block cache",
+            m.cache_hit_bytes.clone(),
+        );
+        r.register(
+            "cache_fetched_bytes",
+            "Bytes fetched into the block cache",
+            m.cache_fetched_bytes.clone(),
+        );
+        r.register(
+            "cache_evicted_bytes",
+            "Bytes evicted from the block cache",
+            m.cache_evicted_bytes.clone(),
+        );
+        r.register(
+            "cache_size_bytes",
+            "Bytes of blocks in the block cache",
+            m.cache_size_bytes.clone(),
+        );
+        r.register(
+            "cache_limit_bytes",
+            "The block cache's size limit",
+            m.cache_limit_bytes.clone(),
+        );
+        r.register(
+            "registry_requests",
+            "HTTP requests to registries",
+            m.registry_requests.clone(),
+        );
+        r.register(
+            "registry_bytes",
+            "Blob bytes received from registries",
+            m.registry_bytes.clone(),
+        );
         r.register(
             "registry_request_seconds",
             "Registry operation latency (retries included)",
             m.registry_latency.clone(),
         );
-        r.register("registry_retries", "Registry operations tried again", m.registry_retries.clone());
-        r.register("registry_errors", "Failed registry requests by class", m.registry_errors.clone());
-        r.register("snapshots", "Snapshots made, by kind and rootfs mode", m.snapshots.clone());
-        r.register("grpc_calls", "Snapshots API calls by method and code", m.grpc_calls.clone());
+        r.register(
+            "registry_retries",
+            "Registry operations tried again",
+            m.registry_retries.clone(),
+        );
+        r.register(
+            "registry_errors",
+            "Failed registry requests by class",
+            m.registry_errors.clone(),
+        );
+        r.register(
+            "snapshots",
+            "Snapshots made, by kind and rootfs mode",
+            m.snapshots.clone(),
+        );
+        r.register(
+            "grpc_calls",
+            "Snapshots API calls by method and code",
+            m.grpc_calls.clone(),
+        );
         r.register(
             "lazy_pull_first_byte_seconds",
             "From opening a remote layer to its first bytes read",
@@ -346,8 +414,12 @@ impl Metrics {
             self.cache_hits.inner().store(s.hit_reads, Relaxed);
             self.cache_misses.inner().store(s.miss_reads, Relaxed);
             self.cache_hit_bytes.inner().store(s.hit_bytes, Relaxed);
-            self.cache_fetched_bytes.inner().store(s.fetched_bytes, Relaxed);
-            self.cache_evicted_bytes.inner().store(s.evicted_bytes, Relaxed);
+            self.cache_fetched_bytes
+                .inner()
+                .store(s.fetched_bytes, Relaxed);
+            self.cache_evicted_bytes
+                .inner()
+                .store(s.evicted_bytes, Relaxed);
             self.cache_size_bytes.set(s.cached_bytes as i64);
             self.cache_limit_bytes.set(s.limit_bytes as i64);
         }
@@ -399,7 +471,11 @@ pub async fn serve_metrics(listener: tokio::net::TcpListener, cache: std::sync::
                     metrics().encode(Some(&stats)),
                 )
             } else {
-                ("404 Not Found", "text/plain", "only /metrics here\n".to_owned())
+                (
+                    "404 Not Found",
+                    "text/plain",
+                    "only /metrics here\n".to_owned(),
+                )
             };
             let head = format!(
                 "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
@@ -419,14 +495,36 @@ mod tests {
     #[test]
     fn device_counters_show_in_the_exposition() {
         let m = metrics().device("test-dev-expo", "fuse");
-        m.record(libublk::sys::UBLK_IO_OP_READ, 4096, 4096, Duration::from_micros(50));
-        m.record(libublk::sys::UBLK_IO_OP_READ, 4096, -libc::EIO, Duration::from_micros(50));
+        m.record(
+            libublk::sys::UBLK_IO_OP_READ,
+            4096,
+            4096,
+            Duration::from_micros(50),
+        );
+        m.record(
+            libublk::sys::UBLK_IO_OP_READ,
+            4096,
+            -libc::EIO,
+            Duration::from_micros(50),
+        );
         let text = metrics().encode(None);
         let l = "{device=\"test-dev-expo\",frontend=\"fuse\"}";
-        assert!(text.contains(&format!("ovbd_device_reads_total{l} 2")), "{text}");
-        assert!(text.contains(&format!("ovbd_device_read_bytes_total{l} 4096")), "{text}");
-        assert!(text.contains(&format!("ovbd_device_eio_total{l} 1")), "{text}");
-        assert!(text.contains(&format!("ovbd_device_request_seconds_count{l} 2")), "{text}");
+        assert!(
+            text.contains(&format!("ovbd_device_reads_total{l} 2")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("ovbd_device_read_bytes_total{l} 4096")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("ovbd_device_eio_total{l} 1")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("ovbd_device_request_seconds_count{l} 2")),
+            "{text}"
+        );
     }
 
     #[test]

@@ -903,7 +903,15 @@ impl ImageFs {
         let pool = f.pool.clone();
         pool.submit(Box::new(move || {
             let n = buf.len() as u64;
-            let r = run_request(&f.name, &f.metrics, &f.image, sys::UBLK_IO_OP_READ, start, n, &mut buf);
+            let r = run_request(
+                &f.name,
+                &f.metrics,
+                &f.image,
+                sys::UBLK_IO_OP_READ,
+                start,
+                n,
+                &mut buf,
+            );
             match answer(r) {
                 Ok(_) => reply.data(&buf[skip..skip + len]),
                 Err(e) => reply.error(e),
@@ -1114,7 +1122,15 @@ impl ImageFs {
         }
         let pool = f.pool.clone();
         pool.submit(Box::new(move || {
-            match answer(run_request(&f.name, &f.metrics, &f.image, op, offset, length, &mut [])) {
+            match answer(run_request(
+                &f.name,
+                &f.metrics,
+                &f.image,
+                op,
+                offset,
+                length,
+                &mut [],
+            )) {
                 Ok(_) => reply.ok(),
                 Err(e) => reply.error(e),
             }

@@ -277,7 +277,10 @@ mod tests {
         // So does one served on the queue thread.
         assert_eq!(try_read_inline(&7, &m, &img, &mut buf, 0), Some(-libc::EIO));
         // Every request counted; the failed ones as EIO, without bytes.
-        assert_eq!((m.reads.get(), m.read_bytes.get(), m.eio.get()), (3, 4096, 2));
+        assert_eq!(
+            (m.reads.get(), m.read_bytes.get(), m.eio.get()),
+            (3, 4096, 2)
+        );
     }
 
     /// A layer blob (tar-wrapped ZFile if `zfile`, else a bare LSMT) holding `data` at
@@ -365,12 +368,18 @@ mod tests {
             assert!(misses >= 1, "zfile {zfile}: {misses} misses");
             // Cached now: served on the queue thread, nothing fetched.
             let mut again = vec![0u8; len];
-            assert_eq!(try_read_inline(&1, &m, &img, &mut again, at), Some(len as i32));
+            assert_eq!(
+                try_read_inline(&1, &m, &img, &mut again, at),
+                Some(len as i32)
+            );
             assert!(again == want, "zfile {zfile}: wrong bytes inline");
             assert_eq!(fake.fetched(), fetched, "zfile {zfile}");
             assert_eq!((m.reads.get(), m.read_bytes.get()), (2, 2 * len as u64));
             let stats = cache.stats();
-            assert!(stats.hit_reads > hits, "zfile {zfile}: no cache hit counted");
+            assert!(
+                stats.hit_reads > hits,
+                "zfile {zfile}: no cache hit counted"
+            );
             assert_eq!(stats.miss_reads, misses, "zfile {zfile}");
             assert!(stats.hit_bytes >= len as u64 && stats.fetched_bytes > 0);
         }

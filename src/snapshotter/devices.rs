@@ -353,7 +353,10 @@ impl Snapshotter {
                 image: cfg
                     .repo_blob_url
                     .clone()
-                    .or_else(|| top.and_then(|l| l.dir.as_ref().or(l.file.as_ref())).map(|p| p.display().to_string()))
+                    .or_else(|| {
+                        top.and_then(|l| l.dir.as_ref().or(l.file.as_ref()))
+                            .map(|p| p.display().to_string())
+                    })
                     .unwrap_or_default(),
                 mode: if cfg.upper.is_some() { "rw" } else { "ro" }.to_owned(),
                 remote_blobs: cfg
