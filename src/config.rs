@@ -381,6 +381,30 @@ mod tests {
     }
 
     #[test]
+    fn metrics_address_is_checked_and_named() {
+        let c: Config = toml::from_str("[metrics]\naddress = \"127.0.0.1:9863\"").unwrap();
+        assert_eq!(
+            c.metrics.listen_address().unwrap(),
+            Some("127.0.0.1:9863".parse().unwrap())
+        );
+        assert_eq!(Config::default().metrics.listen_address().unwrap(), None);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[metrics]\naddress = \"localhost\"").unwrap();
+        let e = format!("{:#}", Config::load(Some(&path)).unwrap_err());
+        assert!(
+            e.contains("[metrics] address") && e.contains("c.toml"),
+            "{e}"
+        );
+        // The control socket sits next to the snapshotter's unless configured.
+        let c: Config = toml::from_str("socket = \"/run/x/ovbd.sock\"").unwrap();
+        assert_eq!(
+            c.control_socket_path(),
+            PathBuf::from("/run/x/control.sock")
+        );
+    }
+
+    #[test]
     fn registry_and_cache_sections() {
         // The sample documents the defaults.
         let sample: Config = toml::from_str(include_str!("../config/ovbd.toml")).unwrap();

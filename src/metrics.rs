@@ -385,6 +385,17 @@ impl Metrics {
             .collect()
     }
 
+    /// Failed tries counted against `registry` under `class`.
+    #[cfg(test)]
+    pub fn registry_errors_of(&self, registry: &str, class: &str) -> u64 {
+        self.registry_errors
+            .get_or_create(&RegistryErrorLabels {
+                registry: registry.to_owned(),
+                class: class.to_owned(),
+            })
+            .get()
+    }
+
     pub fn snapshot_made(&self, kind: &str, mode: &str) {
         self.snapshots
             .get_or_create(&SnapshotLabels {
