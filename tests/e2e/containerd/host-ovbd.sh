@@ -12,6 +12,7 @@
 #   l. ovbd rpull + run: lazy (under a tenth of the layer bytes fetched), remote layers, a 64 MiB file read
 #      on demand has the original's sha256;
 #   p. a CRI pod (CRI plugin, snapshotter ovbd) on a lazily pulled OverlayBD image reads a file of it;
+#   s. a scrape of /metrics and `ovbd status` show device bytes read, Prepare calls, cache hits;
 #   d. (after the others: it removes everything) image rm --sync + GC leave no snapshot, directory, mount
 #      or block device.
 #   e. kill -9 of ovbd serve under a running container, restart: the container's rootfs keeps working
@@ -46,7 +47,8 @@ cp "$E2E_CRI_CLIENT" "$work/bin/ovbd-e2e-cri"
 E2E_CRI_CLIENT=$work/bin/ovbd-e2e-cri
 export E2E_PARTS_DIR=$work/parts
 # No background download of lazily pulled layers: it would add to the bytes parts l and p measure.
-OVBD_SERVE_EXTRA_CONFIG=$'[device]\nfrontend = "fuse"\n[download]\nenable = false'
+OVBD_METRICS_ADDR=127.0.0.1:$((20000 + RANDOM % 20000))
+OVBD_SERVE_EXTRA_CONFIG=$'[device]\nfrontend = "fuse"\n[download]\nenable = false\n[metrics]\naddress = "'$OVBD_METRICS_ADDR'"'
 ovbd_serve_setup "$work/bin/ovbd" "$work/ovbd-root" "$work/ovbd/ovbd.sock"
 E2E_REGISTRY_ACCESSLOG=1 registry_start "$work/registry"
 ctrd_start_cri "$work/ctrd" "$OVBD_SOCK"
@@ -67,12 +69,13 @@ declare -A desc=(
     [e]="kill -9 ovbd serve under a running container, restart"
     [l]="lazy pull: ovbd rpull + run fetches a small fraction, reads on demand"
     [p]="CRI pod on a lazily pulled OverlayBD image"
+    [s]="metrics scrape and ovbd status follow the work"
     [d]="image rm + GC leave no snapshot, dir, mount or device"
     [z]="ovbd serve stops clean: no FUSE mount, no loop device"
 )
 # d removes everything: after the others; z stops ovbd: last.
 parts=() last=()
-for part in ${E2E_PARTS:-a n b c f g h l p e z}; do
+for part in ${E2E_PARTS:-a n b c f g h l p s e z}; do
     [[ -n ${desc[$part]:-} ]] || e2e_fail "no part '$part' (parts: ${!desc[*]})"
     case $part in d) ;; z) last=(z) ;; *) parts+=("$part") ;; esac
 done
