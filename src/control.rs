@@ -41,12 +41,14 @@ impl Control for ControlService {
         let answer = tokio::task::spawn_blocking(move || status(&snap, cache.as_deref()))
             .await
             .map_err(|e| Status::internal(format!("status task failed: {e}")))?;
-        answer.map(Response::new)
+        answer
+            .map(Response::new)
+            .map_err(|e| Status::internal(format!("{e:#}")))
     }
 }
 
 /// The daemon's state now.
-pub fn status(snap: &Snapshotter, cache: Option<&BlobCache>) -> Result<StatusResponse, Status> {
+pub fn status(snap: &Snapshotter, cache: Option<&BlobCache>) -> anyhow::Result<StatusResponse> {
     let stats = cache.map(BlobCache::stats);
     // A blob's cached bytes, whichever origin's entry holds them.
     let mut cached_of: HashMap<&str, u64> = HashMap::new();
@@ -85,7 +87,7 @@ pub fn status(snap: &Snapshotter, cache: Option<&BlobCache>) -> Result<StatusRes
     let mut kinds: BTreeMap<&str, u64> = BTreeMap::new();
     for info in snap
         .list(&[])
-        .map_err(|e| Status::internal(format!("listing snapshots: {e}")))?
+        .map_err(|e| anyhow::anyhow!("listing snapshots: {e}"))?
     {
         let kind = match info.kind {
             Kind::Active => "active",
