@@ -15,6 +15,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
@@ -56,6 +57,73 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.000_01, 4.0, 12))
 }
 
+/// Upper bounds of [`LatencyHistogram`]'s buckets in nanoseconds: 10 µs × 4^i, 12 of them
+/// (to ~42 s), then +Inf.
+const LATENCY_BOUNDS_NS: [u64; 12] = {
+    let mut b = [0u64; 12];
+    let mut i = 0;
+    let mut v = 10_000u64;
+    while i < 12 {
+        b[i] = v;
+        v *= 4;
+        i += 1;
+    }
+    b
+};
+
+/// A latency histogram of atomics (prometheus-client's takes a lock per observation): what a
+/// block request records without waiting for another. Cloning shares it.
+#[derive(Clone, Debug, Default)]
+pub struct LatencyHistogram(std::sync::Arc<LatencyBuckets>);
+
+#[derive(Debug, Default)]
+pub struct LatencyBuckets {
+    sum_ns: AtomicU64,
+    count: AtomicU64,
+    /// Observations per bucket (not cumulative); the last is +Inf.
+    buckets: [AtomicU64; LATENCY_BOUNDS_NS.len() + 1],
+}
+
+impl LatencyHistogram {
+    #[inline]
+    pub fn observe(&self, took: Duration) {
+        let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        let i = LATENCY_BOUNDS_NS.partition_point(|&b| b < ns);
+        self.0.buckets[i].fetch_add(1, Relaxed);
+        self.0.sum_ns.fetch_add(ns, Relaxed);
+        self.0.count.fetch_add(1, Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.0.count.load(Relaxed)
+    }
+}
+
+impl prometheus_client::metrics::TypedMetric for LatencyHistogram {
+    const TYPE: prometheus_client::metrics::MetricType =
+        prometheus_client::metrics::MetricType::Histogram;
+}
+
+impl prometheus_client::encoding::EncodeMetric for LatencyHistogram {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::MetricEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        let buckets: Vec<(f64, u64)> = LATENCY_BOUNDS_NS
+            .iter()
+            .map(|&b| b as f64 / 1e9)
+            .chain(std::iter::once(f64::MAX))
+            .zip(self.0.buckets.iter().map(|c| c.load(Relaxed)))
+            .collect();
+        let sum = self.0.sum_ns.load(Relaxed) as f64 / 1e9;
+        encoder.encode_histogram::<()>(sum, self.count(), &buckets, None)
+    }
+
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        <Self as prometheus_client::metrics::TypedMetric>::TYPE
+    }
+}
+
 /// A device's counters, resolved once: what each block request bumps (no lookup, no
 /// allocation). Cloning shares them.
 #[derive(Clone, Debug)]
@@ -65,7 +133,7 @@ pub struct DeviceMetrics {
     pub read_bytes: Counter,
     pub write_bytes: Counter,
     pub eio: Counter,
-    pub latency: Histogram,
+    pub latency: LatencyHistogram,
 }
 
 impl Default for DeviceMetrics {
@@ -77,7 +145,7 @@ impl Default for DeviceMetrics {
             read_bytes: Counter::default(),
             write_bytes: Counter::default(),
             eio: Counter::default(),
-            latency: latency_histogram(),
+            latency: LatencyHistogram::default(),
         }
     }
 }
@@ -106,7 +174,7 @@ impl DeviceMetrics {
         if result == -libc::EIO {
             self.eio.inc();
         }
-        self.latency.observe(took.as_secs_f64());
+        self.latency.observe(took);
     }
 }
 
@@ -132,7 +200,7 @@ pub struct Metrics {
     dev_read_bytes: Family<DeviceLabels, Counter>,
     dev_write_bytes: Family<DeviceLabels, Counter>,
     dev_eio: Family<DeviceLabels, Counter>,
-    dev_latency: HistogramFamily<DeviceLabels>,
+    dev_latency: Family<DeviceLabels, LatencyHistogram>,
     cache_hits: Counter,
     cache_misses: Counter,
     cache_hit_bytes: Counter,
@@ -174,7 +242,7 @@ impl Metrics {
             dev_read_bytes: Family::default(),
             dev_write_bytes: Family::default(),
             dev_eio: Family::default(),
-            dev_latency: Family::new_with_constructor(latency_histogram),
+            dev_latency: Family::default(),
             cache_hits: Counter::default(),
             cache_misses: Counter::default(),
             cache_hit_bytes: Counter::default(),
