@@ -1,7 +1,14 @@
 //! Generates bindings to e2fsprogs' libext2fs: the converter writes ext4 in user space through it
 //! (as upstream's userspace converter does), so converting needs no block device, mount or root.
+//! And the control API's gRPC code (proto/ovbd/control/v1/control.proto, `ovbd status`).
 
 fn main() {
+    println!("cargo:rerun-if-changed=proto/ovbd/control/v1/control.proto");
+    tonic_build::configure()
+        // `ovbd status --json` prints the answer as it came.
+        .type_attribute(".", "#[derive(serde::Serialize)]")
+        .compile(&["proto/ovbd/control/v1/control.proto"], &["proto"])
+        .expect("compiling proto/ovbd/control/v1/control.proto (needs protoc: scripts/setup.sh)");
     println!("cargo:rerun-if-changed=src/extfs/ext2fs.h");
     println!("cargo:rustc-link-lib=ext2fs");
     println!("cargo:rustc-link-lib=com_err");

@@ -96,6 +96,33 @@ pub struct Config {
     pub download: DownloadConfig,
     /// Block device frontend (`[device]`).
     pub device: DeviceConfig,
+    /// The root-only control socket `ovbd status` asks; default: `control.sock` next to
+    /// `socket`.
+    pub control_socket: Option<PathBuf>,
+    /// Prometheus metrics (`[metrics]`).
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: the Prometheus endpoint.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `ip:port` to serve `/metrics` on (e.g. `127.0.0.1:9863`); unset: no metrics endpoint.
+    pub address: Option<String>,
+}
+
+impl MetricsConfig {
+    /// The address to listen on, if any; a malformed one is an error naming the key.
+    pub fn listen_address(&self) -> Result<Option<std::net::SocketAddr>> {
+        self.address
+            .as_deref()
+            .map(|a| {
+                a.parse().with_context(|| {
+                    format!("[metrics] address {a:?} is not an ip:port (e.g. 127.0.0.1:9863)")
+                })
+            })
+            .transpose()
+    }
 }
 
 impl Default for Config {
@@ -113,6 +140,8 @@ impl Default for Config {
             cache: CacheConfig::default(),
             download: DownloadConfig::default(),
             device: DeviceConfig::default(),
+            control_socket: None,
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -136,7 +165,20 @@ impl Config {
         if cfg.default_vsize_gb == 0 {
             bail!("{}: default_vsize_gb must be > 0", path.display());
         }
+        cfg.metrics
+            .listen_address()
+            .with_context(|| format!("{}", path.display()))?;
         Ok(cfg)
+    }
+
+    /// The control socket `ovbd status` asks (see `control_socket`).
+    pub fn control_socket_path(&self) -> PathBuf {
+        self.control_socket.clone().unwrap_or_else(|| {
+            self.socket
+                .parent()
+                .unwrap_or(Path::new("/run/ovbd"))
+                .join("control.sock")
+        })
     }
 }
 
@@ -336,6 +378,30 @@ mod tests {
         assert_eq!(c.rootfs_mode, RootfsMode::Overlayfs);
         assert!(toml::from_str::<Config>("rootfs_mode = \"dir\"\nbogus = 1").is_err());
         assert!(toml::from_str::<Config>("rootfs_mode = \"disk\"").is_err());
+    }
+
+    #[test]
+    fn metrics_address_is_checked_and_named() {
+        let c: Config = toml::from_str("[metrics]\naddress = \"127.0.0.1:9863\"").unwrap();
+        assert_eq!(
+            c.metrics.listen_address().unwrap(),
+            Some("127.0.0.1:9863".parse().unwrap())
+        );
+        assert_eq!(Config::default().metrics.listen_address().unwrap(), None);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[metrics]\naddress = \"localhost\"").unwrap();
+        let e = format!("{:#}", Config::load(Some(&path)).unwrap_err());
+        assert!(
+            e.contains("[metrics] address") && e.contains("c.toml"),
+            "{e}"
+        );
+        // The control socket sits next to the snapshotter's unless configured.
+        let c: Config = toml::from_str("socket = \"/run/x/ovbd.sock\"").unwrap();
+        assert_eq!(
+            c.control_socket_path(),
+            PathBuf::from("/run/x/control.sock")
+        );
     }
 
     #[test]

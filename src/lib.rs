@@ -4,10 +4,12 @@
 
 pub mod cli;
 pub(crate) mod config;
+pub(crate) mod control;
 pub(crate) mod convert;
 pub(crate) mod device;
 pub(crate) mod extfs;
 pub(crate) mod labels;
+pub(crate) mod metrics;
 pub(crate) mod mount;
 pub(crate) mod oci;
 pub(crate) mod registry;

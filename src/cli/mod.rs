@@ -82,6 +82,20 @@ enum Cmd {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// What a running `ovbd serve` serves (devices, snapshots, cache, registries), asked on
+    /// its control socket.
+    Status {
+        /// The daemon's configuration file (for `control_socket`; default
+        /// /etc/ovbd/config.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The control socket (default: the configuration's).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Print the answer as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Internal: started by `ovbd serve` to keep its FUSE connection (stdin) across restarts.
     #[command(hide = true)]
     FuseHolder {
@@ -318,6 +332,27 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Serve { config } => {
             let cfg = config::Config::load(config.as_deref())?;
             serve::serve(cfg)
+        }
+        Cmd::Status {
+            config,
+            socket,
+            json,
+        } => {
+            let socket = match socket {
+                Some(s) => s,
+                None => config::Config::load(config.as_deref())?.control_socket_path(),
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the runtime")?;
+            let status = rt.block_on(crate::control::ask_status(&socket))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", crate::control::format_status(&status));
+            }
+            Ok(())
         }
         Cmd::FuseHolder { socket } => crate::device::fuse_holder::run(&socket)
             .map_err(anyhow::Error::from)

@@ -18,6 +18,8 @@ pub fn serve(cfg: Config) -> Result<()> {
 
 async fn run(cfg: Config) -> Result<()> {
     let socket = cfg.socket.clone();
+    let control_socket = cfg.control_socket_path();
+    let metrics_address = cfg.metrics.listen_address()?;
     // Lazy pulling: remote layers are read from their registry through the block cache.
     let remote = Arc::new(
         crate::source::remote::RegistrySource::from_config(&cfg)
@@ -35,6 +37,35 @@ async fn run(cfg: Config) -> Result<()> {
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
+    if let Some(addr) = metrics_address {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding [metrics] address {addr}"))?;
+        log::info!("serving metrics on http://{addr}/metrics");
+        tokio::spawn(crate::metrics::serve_metrics(
+            listener,
+            remote.cache().clone(),
+        ));
+    }
+    if let Some(dir) = control_socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let control_listener = bind_published(&control_socket)?;
+    let control_published = socket_identity(&control_socket);
+    let control = Server::builder()
+        .add_service(crate::control::control_server(
+            snap.clone(),
+            Some(remote.cache().clone()),
+        ))
+        .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(
+            control_listener,
+        ));
+    let control = tokio::spawn(async move {
+        if let Err(e) = control.await {
+            log::warn!("serving the control socket: {e}");
+        }
+    });
+    log::info!("serving the control API on {}", control_socket.display());
     let listener = bind_published(&socket)?;
     let published = socket_identity(&socket);
     log::info!(
@@ -64,6 +95,10 @@ async fn run(cfg: Config) -> Result<()> {
     // Unless a newer daemon has already put its own there.
     if published.is_some() && socket_identity(&socket) == published {
         let _ = std::fs::remove_file(&socket);
+    }
+    control.abort();
+    if control_published.is_some() && socket_identity(&control_socket) == control_published {
+        let _ = std::fs::remove_file(&control_socket);
     }
     served.context("serving gRPC")?;
     // Devices outlive us (below): record the blocks fetched so far as cached for the next start.

@@ -75,6 +75,8 @@ struct ImageFile {
     name: String,
     image: Arc<ImageStack>,
     pool: Arc<WorkerPool>,
+    /// Its requests' counters.
+    metrics: crate::metrics::DeviceMetrics,
     writable: bool,
     state: Mutex<FileState>,
     changed: Condvar,
@@ -439,6 +441,7 @@ impl FuseFrontend {
         image: Arc<ImageStack>,
         pool: Arc<WorkerPool>,
         file: FuseFile,
+        metrics: crate::metrics::DeviceMetrics,
     ) -> Result<FuseAttachment, DeviceError> {
         let mount_dev = {
             use std::os::unix::fs::MetadataExt;
@@ -468,6 +471,7 @@ impl FuseFrontend {
             name: format!("image-{}", file.ino),
             image,
             pool,
+            metrics,
             writable,
             // The loop driver has it open since the previous daemon bound it.
             state: Mutex::new(FileState {
@@ -557,6 +561,7 @@ impl FuseFrontend {
         self: &Arc<Self>,
         image: Arc<ImageStack>,
         pool: Arc<WorkerPool>,
+        metrics: crate::metrics::DeviceMetrics,
     ) -> Result<FuseAttachment, DeviceError> {
         let ino = self.next_ino.fetch_add(1, Ordering::SeqCst);
         if let Some(path) = &self.next_ino_file {
@@ -571,6 +576,7 @@ impl FuseFrontend {
             name: format!("image-{ino}"),
             image,
             pool,
+            metrics,
             writable,
             state: Mutex::default(),
             changed: Condvar::new(),
@@ -910,7 +916,7 @@ impl ImageFs {
             }
             let buf = &mut buf[..n];
             // Requests name the image by its file (as the re-bind log does): no string per request.
-            if let Some(r) = try_read_inline(&f.name, &f.image, buf, start) {
+            if let Some(r) = try_read_inline(&f.name, &f.metrics, &f.image, buf, start) {
                 if let Some(reply) = reply.take() {
                     match answer(r) {
                         Ok(_) => reply.data(&buf[skip..skip + len]),
@@ -926,7 +932,15 @@ impl ImageFs {
         let pool = f.pool.clone();
         pool.submit(Box::new(move || {
             let n = buf.len() as u64;
-            let r = run_request(&f.name, &f.image, sys::UBLK_IO_OP_READ, start, n, &mut buf);
+            let r = run_request(
+                &f.name,
+                &f.metrics,
+                &f.image,
+                sys::UBLK_IO_OP_READ,
+                start,
+                n,
+                &mut buf,
+            );
             match answer(r) {
                 Ok(_) => reply.data(&buf[skip..skip + len]),
                 Err(e) => reply.error(e),
@@ -947,6 +961,7 @@ impl ImageFs {
             let n = buf.len() as u64;
             let r = run_request(
                 &f.name,
+                &f.metrics,
                 &f.image,
                 sys::UBLK_IO_OP_WRITE,
                 offset,
@@ -1136,7 +1151,15 @@ impl ImageFs {
         }
         let pool = f.pool.clone();
         pool.submit(Box::new(move || {
-            match answer(run_request(&f.name, &f.image, op, offset, length, &mut [])) {
+            match answer(run_request(
+                &f.name,
+                &f.metrics,
+                &f.image,
+                op,
+                offset,
+                length,
+                &mut [],
+            )) {
                 Ok(_) => reply.ok(),
                 Err(e) => reply.error(e),
             }

@@ -65,6 +65,8 @@ pub struct AttachOptions {
     /// fuse, with `recover`: the file and loop device the image had under the previous daemon
     /// ([`AttachedDevice::fuse_file`]), re-bound if the kept connection still has them.
     pub fuse_file: Option<FuseFile>,
+    /// The counters its requests bump ([`crate::metrics::Metrics::device`]).
+    pub metrics: crate::metrics::DeviceMetrics,
 }
 
 /// Which kind of block device serves an image.
@@ -167,8 +169,8 @@ impl DeviceFrontend {
         }
         let sectors = image.virtual_size() >> 9;
         let attached = match opts.fuse_file {
-            Some(file) => fuse.adopt(image, pool, file)?,
-            None => fuse.attach(image, pool)?,
+            Some(file) => fuse.adopt(image, pool, file, opts.metrics)?,
+            None => fuse.attach(image, pool, opts.metrics)?,
         };
         Ok(AttachedDevice {
             id: attached.number,

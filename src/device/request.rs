@@ -5,33 +5,56 @@
 //! fallocate map onto them).
 
 use super::pool::panic_text;
+use crate::metrics::DeviceMetrics;
 use libublk::sys;
 use ovbd_format::ImageStack;
 
 /// A worker's job for one request of device `dev_id`: [`handle_request_range`]'s answer, or
 /// EIO if serving it panics (a bug must fail one request, not hang its tag or kill a worker).
+/// Counted in `metrics` (atomics only).
 pub(super) fn run_request(
     dev: &dyn std::fmt::Display,
+    metrics: &DeviceMetrics,
     image: &ImageStack,
     op: u32,
     offset: u64,
     nr_bytes: u64,
     buf: &mut [u8],
 ) -> i32 {
+    let started = std::time::Instant::now();
     let run =
         std::panic::AssertUnwindSafe(|| handle_request_range(image, op, offset, nr_bytes, buf));
-    std::panic::catch_unwind(run).unwrap_or_else(|p| {
+    let r = std::panic::catch_unwind(run).unwrap_or_else(|p| {
         log::error!(
             "{dev}: op {op} at {offset} (+{nr_bytes}) panicked: {}; failing it with EIO",
             panic_text(&*p)
         );
         -libc::EIO
-    })
+    });
+    metrics.record(op, nr_bytes, r, started.elapsed());
+    r
 }
 
 /// A read served on the queue thread if its data is at hand: `None` if it would wait. A panic
-/// fails the read with EIO rather than take down the queue thread.
+/// fails the read with EIO rather than take down the queue thread. A served read is counted
+/// in `metrics`.
 pub(super) fn try_read_inline(
+    dev: &dyn std::fmt::Display,
+    metrics: &DeviceMetrics,
+    image: &ImageStack,
+    buf: &mut [u8],
+    offset: u64,
+) -> Option<i32> {
+    let started = std::time::Instant::now();
+    let r = try_read_inline_uncounted(dev, image, buf, offset);
+    if let Some(r) = r {
+        let len = buf.len() as u64;
+        metrics.record(sys::UBLK_IO_OP_READ, len, r, started.elapsed());
+    }
+    r
+}
+
+fn try_read_inline_uncounted(
     dev: &dyn std::fmt::Display,
     image: &ImageStack,
     buf: &mut [u8],
@@ -241,17 +264,23 @@ mod tests {
         let sealed = ovbd_format::LsmtFile::open(src.clone()).unwrap();
         let img = ImageStack::read_only(ovbd_format::LayerStack::new(vec![sealed]).unwrap());
         let mut buf = vec![0u8; 4096];
+        let m = DeviceMetrics::default();
         assert_eq!(
-            run_request(&7, &img, sys::UBLK_IO_OP_READ, 0, 4096, &mut buf),
+            run_request(&7, &m, &img, sys::UBLK_IO_OP_READ, 0, 4096, &mut buf),
             4096
         );
         src.armed.store(true, std::sync::atomic::Ordering::SeqCst);
         assert_eq!(
-            run_request(&7, &img, sys::UBLK_IO_OP_READ, 0, 4096, &mut buf),
+            run_request(&7, &m, &img, sys::UBLK_IO_OP_READ, 0, 4096, &mut buf),
             -libc::EIO
         );
         // So does one served on the queue thread.
-        assert_eq!(try_read_inline(&7, &img, &mut buf, 0), Some(-libc::EIO));
+        assert_eq!(try_read_inline(&7, &m, &img, &mut buf, 0), Some(-libc::EIO));
+        // Every request counted; the failed ones as EIO, without bytes.
+        assert_eq!(
+            (m.reads.get(), m.read_bytes.get(), m.eio.get()),
+            (3, 4096, 2)
+        );
     }
 
     /// A layer blob (tar-wrapped ZFile if `zfile`, else a bare LSMT) holding `data` at
@@ -297,7 +326,8 @@ mod tests {
                 refill_kb: BS >> 10,
             };
             let cache = BlobCache::open(&cfg, dir.path()).unwrap();
-            let cached = Arc::new(CachedBlob::with_source(cache, fake.clone()).unwrap());
+            let cached = Arc::new(CachedBlob::with_source(cache.clone(), fake.clone()).unwrap());
+            let m = DeviceMetrics::default();
             let layer = ovbd_format::open_layer(cached).unwrap();
             let img = ImageStack::read_only(LayerStack::new(vec![layer.lsmt]).unwrap());
             // Opening read the header, index and trailer; the middle of the data is not cached.
@@ -307,7 +337,7 @@ mod tests {
             let want = &data[512 << 10..(512 << 10) + len];
             let mut buf = vec![0u8; len];
             assert_eq!(
-                try_read_inline(&1, &img, &mut buf, at),
+                try_read_inline(&1, &m, &img, &mut buf, at),
                 None,
                 "zfile {zfile}"
             );
@@ -325,18 +355,33 @@ mod tests {
             );
             let op = sys::UBLK_IO_OP_READ;
             assert_eq!(
-                run_request(&1, &img, op, at, len as u64, &mut buf),
+                run_request(&1, &m, &img, op, at, len as u64, &mut buf),
                 len as i32,
                 "zfile {zfile}"
             );
             assert!(buf == want, "zfile {zfile}: wrong bytes");
             let fetched = fake.fetched();
             assert!(fetched > opened, "zfile {zfile}");
+            // The would-block try is not a request served: one read so far, a cache miss.
+            assert_eq!((m.reads.get(), m.read_bytes.get()), (1, len as u64));
+            let (hits, misses) = (cache.stats().hit_reads, cache.stats().miss_reads);
+            assert!(misses >= 1, "zfile {zfile}: {misses} misses");
             // Cached now: served on the queue thread, nothing fetched.
             let mut again = vec![0u8; len];
-            assert_eq!(try_read_inline(&1, &img, &mut again, at), Some(len as i32));
+            assert_eq!(
+                try_read_inline(&1, &m, &img, &mut again, at),
+                Some(len as i32)
+            );
             assert!(again == want, "zfile {zfile}: wrong bytes inline");
             assert_eq!(fake.fetched(), fetched, "zfile {zfile}");
+            assert_eq!((m.reads.get(), m.read_bytes.get()), (2, 2 * len as u64));
+            let stats = cache.stats();
+            assert!(
+                stats.hit_reads > hits,
+                "zfile {zfile}: no cache hit counted"
+            );
+            assert_eq!(stats.miss_reads, misses, "zfile {zfile}");
+            assert!(stats.hit_bytes >= len as u64 && stats.fetched_bytes > 0);
         }
     }
 }

@@ -94,7 +94,8 @@ pub(super) fn serve(
         Ok(())
     };
     let q_image = image.clone();
-    let q_fn = move |qid: u16, dev: &UblkDev| queue_main(qid, dev, q_image, pool);
+    let q_metrics = opts.metrics.clone();
+    let q_fn = move |qid: u16, dev: &UblkDev| queue_main(qid, dev, q_image, pool, q_metrics);
     let on_started = move |c: &UblkCtrl| started(c.dev_info().dev_id);
     let ran = ctrl.run_target(tgt_init, q_fn, on_started);
     // run_target returns once the device is stopped; delete it so no /dev/ublkcN is left.
@@ -121,7 +122,13 @@ struct IoBufPtr(*mut u8, usize);
 unsafe impl Send for IoBufPtr {}
 
 /// One queue thread: a task per tag plus the eventfd waker, on a local executor.
-fn queue_main(qid: u16, dev: &UblkDev, image: Arc<ImageStack>, pool: Arc<WorkerPool>) {
+fn queue_main(
+    qid: u16,
+    dev: &UblkDev,
+    image: Arc<ImageStack>,
+    pool: Arc<WorkerPool>,
+    metrics: crate::metrics::DeviceMetrics,
+) {
     if let Err(e) = enter_private_mount_namespace() {
         log::warn!("queue thread: cannot enter a private mount namespace: {e:#}");
     }
@@ -143,8 +150,9 @@ fn queue_main(qid: u16, dev: &UblkDev, image: Arc<ImageStack>, pool: Arc<WorkerP
     let mut tasks = Vec::new();
     for tag in q.tags() {
         let (q, image, pool, kick) = (q.clone(), image.clone(), pool.clone(), kick.clone());
+        let metrics = metrics.clone();
         tasks.push(exe.spawn(async move {
-            match io_task(&q, tag, image, pool, kick).await {
+            match io_task(&q, tag, image, pool, kick, metrics).await {
                 Ok(()) | Err(UblkError::QueueIsDown) => {}
                 Err(e) => log::error!("ublk tag {tag}: {e}"),
             }
@@ -187,6 +195,7 @@ async fn io_task(
     image: Arc<ImageStack>,
     pool: Arc<WorkerPool>,
     kick: Arc<OwnedFd>,
+    metrics: crate::metrics::DeviceMetrics,
 ) -> Result<(), UblkError> {
     let mut buf = IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize);
     q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf))
@@ -207,6 +216,7 @@ async fn io_task(
             let dev_id = q.dev.dev_info.dev_id;
             if let Some(res) = try_read_inline(
                 &format_args!("ublk device {dev_id}"),
+                &metrics,
                 &image,
                 &mut buf.as_mut_slice()[..len],
                 offset,
@@ -224,12 +234,14 @@ async fn io_task(
             sent: false,
         };
         let dev_id = q.dev.dev_info.dev_id;
+        let metrics = metrics.clone();
         pool.submit(Box::new(move || {
             let (ptr, mut reply) = (ptr, reply);
             // SAFETY: the tag's task waits for this reply before using the buffer again.
             let data = unsafe { std::slice::from_raw_parts_mut(ptr.0, ptr.1) };
             reply.answer(run_request(
                 &format_args!("ublk device {dev_id}"),
+                &metrics,
                 &image,
                 op,
                 offset,

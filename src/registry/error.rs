@@ -53,6 +53,20 @@ impl RegistryError {
         }
     }
 
+    /// The class metrics count this error under.
+    pub fn class(&self) -> &'static str {
+        match self {
+            RegistryError::Transient { .. } => "transient",
+            RegistryError::TimedOut(_) => "timed_out",
+            RegistryError::NotFound(_) => "not_found",
+            RegistryError::Denied(_) => "denied",
+            RegistryError::Refused(_) => "refused",
+            RegistryError::InvalidResponse(_) => "invalid_response",
+            RegistryError::InvalidInput(_) => "invalid_input",
+            RegistryError::Local { .. } => "local",
+        }
+    }
+
     /// Whether trying again later may succeed (a transient fault or a deadline passed).
     pub fn is_transient(&self) -> bool {
         matches!(

@@ -162,6 +162,7 @@ impl Inner {
             }
             let what = format!("{verb} {}", redact(&cur));
             requests.fetch_add(1, Relaxed);
+            crate::metrics::metrics().registry_request(&registry_label(url));
             let resp = match &req.body {
                 Payload::File { path, size } => {
                     let sent = Arc::new(AtomicU64::new(0));
@@ -334,6 +335,8 @@ impl Inner {
                 };
                 match result {
                     Ok(v) => {
+                        crate::metrics::metrics()
+                            .registry_done(&registry_label(&ep.base), started.elapsed());
                         if attempt > 1 || !round.is_empty() {
                             log::info!(
                                 "{what}: done after {attempt} attempt(s) in {:?}",
@@ -344,6 +347,11 @@ impl Inner {
                     }
                     Err(e) => {
                         log::debug!("{what}: {}: {e}", ep.label());
+                        crate::metrics::metrics().registry_error(
+                            &registry_label(&ep.base),
+                            e.class(),
+                            &format!("{what}: {e}"),
+                        );
                         let permanent = !e.is_transient();
                         round.push((ep.label(), e.clone()));
                         if permanent && !ep.is_mirror {
@@ -381,6 +389,9 @@ impl Inner {
                 ))));
             }
             log::debug!("{what}: retrying in {delay:?}");
+            if let Some(ep) = endpoints.first() {
+                crate::metrics::metrics().registry_retry(&registry_label(&ep.base));
+            }
             tokio::time::sleep(delay).await;
         }
     }
@@ -403,7 +414,20 @@ impl Inner {
         let (resp, _) = self
             .authorized(ep, &t.repo, Access::Pull, &t.requests, &req, &url)
             .await?;
-        read_body(t, resp, start, end, out, self.stall).await
+        let before = out.len();
+        let read = read_body(t, resp, start, end, out, self.stall).await;
+        crate::metrics::metrics()
+            .registry_bytes(&registry_label(&ep.base), (out.len() - before) as u64);
+        read
+    }
+}
+
+/// A registry as metrics and `ovbd status` name it: `host[:port]`.
+pub(crate) fn registry_label(url: &Url) -> String {
+    match (url.host_str(), url.port()) {
+        (Some(h), Some(p)) => format!("{h}:{p}"),
+        (Some(h), None) => h.to_owned(),
+        (None, _) => url.as_str().to_owned(),
     }
 }
 

@@ -293,6 +293,11 @@ fn registry_not_found_fails_at_once() {
     );
     assert!(msg.contains("404"), "{msg}");
     assert_eq!(blob.requests(), 1);
+    // Counted by class, and kept as the registry's last error (addresses are this test's own).
+    let m = crate::metrics::metrics();
+    assert_eq!(m.registry_errors_of(&reg.addr, "not_found"), 1);
+    let last = m.registries().into_iter().find(|(r, _)| *r == reg.addr);
+    assert!(last.is_some_and(|(_, e)| e.contains("404")));
 
     // 403 as well.
     let front = Front::start(&reg.addr, None);
@@ -307,6 +312,8 @@ fn registry_not_found_fails_at_once() {
         "{e}"
     );
     assert_eq!(blob.requests(), 1);
+    assert_eq!(m.registry_errors_of(&front.addr, "denied"), 1);
+    assert_eq!(m.registry_errors_of(&front.addr, "not_found"), 0);
 }
 
 /// https with the ring provider and the platform's roots: a certificate nobody trusts is

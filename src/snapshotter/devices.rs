@@ -119,6 +119,7 @@ impl Snapshotter {
 
     /// Forgets the record of our ublk device `dev` (fuse devices have none: see `own_device`).
     fn forget_device(&self, dev: &AttachedDevice) {
+        crate::metrics::metrics().device_gone(&dev.block_path());
         if dev.frontend() == Frontend::Ublk {
             self.own_device(dev.id, None);
         }
@@ -327,9 +328,59 @@ impl Snapshotter {
                 return Err(e);
             }
         };
-        if let DeviceFrontend::Fuse(_) = frontend {
-            return self.attach_fuse(frontend, image, cfg, bdir);
-        }
+        // The counters of the device in `bdir`, by its snapshot id (stable across restarts).
+        let key = bdir
+            .parent()
+            .and_then(|p| p.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let frontend_name = match frontend {
+            DeviceFrontend::Fuse(_) => "fuse",
+            _ => "ublk",
+        };
+        let counters = crate::metrics::metrics().device(&key, frontend_name);
+        let dev = if let DeviceFrontend::Fuse(_) = frontend {
+            self.attach_fuse(frontend, image, cfg, bdir, counters.clone())?
+        } else {
+            self.attach_ublk(image, cfg, bdir, recorded, counters.clone())?
+        };
+        let top = cfg.lowers.last();
+        crate::metrics::metrics().device_attached(
+            &dev.block_path(),
+            crate::metrics::DeviceEntry {
+                device: key,
+                frontend: frontend_name.to_owned(),
+                image: cfg
+                    .repo_blob_url
+                    .clone()
+                    .or_else(|| {
+                        top.and_then(|l| l.dir.as_ref().or(l.file.as_ref()))
+                            .map(|p| p.display().to_string())
+                    })
+                    .unwrap_or_default(),
+                mode: if cfg.upper.is_some() { "rw" } else { "ro" }.to_owned(),
+                remote_blobs: cfg
+                    .lowers
+                    .iter()
+                    .filter(|l| l.repo_blob_url.is_some() || cfg.repo_blob_url.is_some())
+                    .filter_map(|l| Some((l.digest.clone()?, l.size?)))
+                    .collect(),
+                counters,
+            },
+        );
+        Ok(dev)
+    }
+
+    /// `attach` on the ublk frontend.
+    fn attach_ublk(
+        &self,
+        image: Arc<ovbd_format::ImageStack>,
+        cfg: &ImageConfig,
+        bdir: &Path,
+        recorded: Option<u32>,
+        counters: crate::metrics::DeviceMetrics,
+    ) -> Result<AttachedDevice> {
+        let mark = bdir.join("backstore_mark");
         let mut attached = None;
         // Only a device still ours is recovered: after a restart the id may be another's.
         if let Some(id) = recorded.filter(|&id| self.still_ours(id)) {
@@ -340,6 +391,7 @@ impl Snapshotter {
                     id: Some(id),
                     recover: true,
                     fuse_file: None,
+                    metrics: counters.clone(),
                 },
             ) {
                 Ok(d) => attached = Some(d),
@@ -348,7 +400,14 @@ impl Snapshotter {
         }
         let dev = match attached {
             Some(d) => d,
-            None => match device::attach(image, device::device_pool(), AttachOptions::default()) {
+            None => match device::attach(
+                image,
+                device::device_pool(),
+                AttachOptions {
+                    metrics: counters,
+                    ..AttachOptions::default()
+                },
+            ) {
                 Ok(d) => d,
                 Err(e) => {
                     cfg.write_result(&Err(anyhow!("{e:#}")));
@@ -372,6 +431,7 @@ impl Snapshotter {
         image: Arc<ovbd_format::ImageStack>,
         cfg: &ImageConfig,
         bdir: &Path,
+        counters: crate::metrics::DeviceMetrics,
     ) -> Result<AttachedDevice> {
         let record = bdir.join("fuse_file.json");
         let kept = std::fs::read(&record)
@@ -385,6 +445,7 @@ impl Snapshotter {
             let opts = AttachOptions {
                 recover: true,
                 fuse_file: Some(file),
+                metrics: counters.clone(),
                 ..AttachOptions::default()
             };
             match frontend.attach(image.clone(), device::device_pool(), opts) {
@@ -397,7 +458,14 @@ impl Snapshotter {
         }
         let dev = match attached {
             Some(d) => d,
-            None => match frontend.attach(image, device::device_pool(), AttachOptions::default()) {
+            None => match frontend.attach(
+                image,
+                device::device_pool(),
+                AttachOptions {
+                    metrics: counters,
+                    ..AttachOptions::default()
+                },
+            ) {
                 Ok(d) => d,
                 Err(e) => {
                     cfg.write_result(&Err(anyhow!("{e:#}")));

@@ -142,6 +142,11 @@ impl Snapshotter {
     }
 
     /// containerd's name for this snapshotter (the config's `name`).
+    /// The configured rootfs mode (a snapshot's labels may choose another).
+    pub fn rootfs_mode(&self) -> crate::config::RootfsMode {
+        self.cfg.rootfs_mode
+    }
+
     pub fn name(&self) -> &str {
         &self.cfg.name
     }

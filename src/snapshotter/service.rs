@@ -25,6 +25,16 @@ pub fn grpc_server(snap: Arc<Snapshotter>) -> SnapshotsServer<Service> {
 }
 
 impl Service {
+    /// Counts a snapshot of `kind` made under the daemon's rootfs mode.
+    fn made(&self, kind: &str) {
+        let mode = match self.0.rootfs_mode() {
+            crate::config::RootfsMode::Overlayfs => "overlayfs",
+            crate::config::RootfsMode::Dir => "dir",
+            crate::config::RootfsMode::Dev => "dev",
+        };
+        crate::metrics::metrics().snapshot_made(kind, mode);
+    }
+
     /// Runs `f` for call `method` on snapshot `key` (as the log names them) against the
     /// snapshots of snapshotter `name`.
     async fn call<T: Send + 'static>(
@@ -50,10 +60,39 @@ impl Service {
             },
             Err(e) => Err(e),
         };
+        let code = match &done {
+            Ok(_) => tonic::Code::Ok,
+            Err(e) => e.code(),
+        };
+        crate::metrics::metrics().grpc_call(method, code_name(code));
         done.map_err(|e| {
             log_failure(method, &key, &e);
             e.into()
         })
+    }
+}
+
+/// A gRPC code as metrics label it (its name in the gRPC spec, e.g. `NOT_FOUND`).
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
     }
 }
 
@@ -81,6 +120,7 @@ impl Snapshots for Service {
                 s.create(&key, &parent, Kind::Active, labels)
             })
             .await?;
+        self.made("active");
         Ok(Response::new(PrepareSnapshotResponse { mounts }))
     }
 
@@ -96,6 +136,7 @@ impl Snapshots for Service {
                 s.create(&key, &parent, Kind::View, labels)
             })
             .await?;
+        self.made("view");
         Ok(Response::new(ViewSnapshotResponse { mounts }))
     }
 
@@ -123,6 +164,7 @@ impl Snapshots for Service {
             s.commit(&name, &key, labels)
         })
         .await?;
+        self.made("committed");
         Ok(Response::new(()))
     }
 

@@ -47,6 +47,11 @@ impl RegistrySource {
     pub fn flush(&self) -> Result<(), CacheError> {
         self.cache.flush()
     }
+
+    /// The block cache (its stats for metrics and `ovbd status`).
+    pub fn cache(&self) -> &Arc<BlobCache> {
+        &self.cache
+    }
 }
 
 impl RemoteSource for RegistrySource {

@@ -37,6 +37,9 @@ pub struct BlobCache {
     pub(super) clock: AtomicU64,
     pub(super) evicting: Mutex<()>,
     pub(super) hits: AtomicU64,
+    /// Reads served from present blocks only, and reads that fetched some (since open).
+    pub(super) hit_reads: AtomicU64,
+    pub(super) miss_reads: AtomicU64,
     pub(super) fetched: AtomicU64,
     pub(super) evicted: AtomicU64,
     pub(super) punch_warned: AtomicBool,
@@ -65,8 +68,7 @@ impl fmt::Debug for BlobCache {
     }
 }
 
-/// A snapshot of the cache's counters.
-#[allow(dead_code)] // API for the daemon's stats and cache management
+/// A snapshot of the cache's counters (the daemon's metrics and `ovbd status`).
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct CacheStats {
     pub dir: PathBuf,
@@ -76,6 +78,9 @@ pub struct CacheStats {
     pub cached_bytes: u64,
     /// Bytes served from the cache (since open).
     pub hit_bytes: u64,
+    /// Reads served from the cache alone, and reads that fetched blocks (since open).
+    pub hit_reads: u64,
+    pub miss_reads: u64,
     /// Bytes fetched into the cache (since open).
     pub fetched_bytes: u64,
     /// Bytes evicted (since open).
@@ -143,6 +148,8 @@ impl BlobCache {
             clock: AtomicU64::new(0),
             evicting: Mutex::new(()),
             hits: AtomicU64::new(0),
+            hit_reads: AtomicU64::new(0),
+            miss_reads: AtomicU64::new(0),
             fetched: AtomicU64::new(0),
             evicted: AtomicU64::new(0),
             punch_warned: AtomicBool::new(false),
@@ -363,7 +370,6 @@ impl BlobCache {
     }
 
     /// Per-blob and overall counters.
-    #[allow(dead_code)] // API for the daemon's stats and cache management
     pub fn stats(&self) -> CacheStats {
         use std::os::unix::fs::MetadataExt as _;
         let mut blobs: Vec<BlobStats> = lock(&self.blobs)
@@ -386,6 +392,8 @@ impl BlobCache {
             block_bytes: self.block,
             cached_bytes: self.total.load(Relaxed),
             hit_bytes: self.hits.load(Relaxed),
+            hit_reads: self.hit_reads.load(Relaxed),
+            miss_reads: self.miss_reads.load(Relaxed),
             fetched_bytes: self.fetched.load(Relaxed),
             evicted_bytes: self.evicted.load(Relaxed),
             blobs,

@@ -27,6 +27,9 @@ pub struct CachedBlob {
     pub(super) state: Arc<BlobState>,
     pub(super) source: Arc<dyn BlockSource>,
     pub(super) name: String,
+    /// When it was opened, until its first read returns (lazy-pull first-byte latency).
+    pub(super) first_read: std::sync::Mutex<Option<std::time::Instant>>,
+    pub(super) first_read_done: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for CachedBlob {
@@ -59,6 +62,8 @@ impl CachedBlob {
             cache,
             state,
             source,
+            first_read: std::sync::Mutex::new(Some(std::time::Instant::now())),
+            first_read_done: std::sync::atomic::AtomicBool::new(false),
         };
         blob.state.files(true)?;
         Ok(blob)
@@ -131,6 +136,33 @@ impl CachedBlob {
     }
 
     pub(super) fn read_cached(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let mut missed = false;
+        let r = self.read_cached_noting_misses(buf, offset, &mut missed);
+        if r.is_ok() {
+            // One relaxed load per read once the first is done.
+            if !self.first_read_done.load(Relaxed) {
+                self.first_read_done.store(true, Relaxed);
+                if let Some(opened) = lock(&self.first_read).take() {
+                    crate::metrics::metrics().lazy_first_byte(opened.elapsed());
+                }
+            }
+            let count = if missed {
+                &self.cache.miss_reads
+            } else {
+                &self.cache.hit_reads
+            };
+            count.fetch_add(1, Relaxed);
+        }
+        r
+    }
+
+    /// [`CachedBlob::read_cached`], setting `missed` if it fetched blocks.
+    fn read_cached_noting_misses(
+        &self,
+        buf: &mut [u8],
+        offset: u64,
+        missed: &mut bool,
+    ) -> io::Result<usize> {
         let st = &*self.state;
         let n = (st.size - offset).min(buf.len() as u64) as usize;
         let buf = &mut buf[..n];
@@ -206,6 +238,7 @@ impl CachedBlob {
                 }
             }
             if !claim.blocks.is_empty() {
+                *missed = true;
                 self.fill(&mut claim, buf, offset)?;
                 for b in &claim.blocks {
                     filled[(b - first) as usize] = true;
@@ -303,6 +336,7 @@ impl ovbd_format::ReadAt for CachedBlob {
         match got {
             Ok(k) => {
                 self.cache.hits.fetch_add(k as u64, Relaxed);
+                self.cache.hit_reads.fetch_add(1, Relaxed);
                 Ok(k)
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(e),

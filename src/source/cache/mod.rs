@@ -80,8 +80,7 @@ mod state;
 mod verified;
 
 pub use blob_cache::BlobCache;
-#[allow(unused_imports)] // API for the daemon's stats and cache management
-pub use blob_cache::{BlobStats, CacheStats};
+pub use blob_cache::CacheStats;
 #[cfg(test)] // the test fixtures' stand-in source
 pub(crate) use block_source::BlockSource;
 pub use cached_blob::CachedBlob;

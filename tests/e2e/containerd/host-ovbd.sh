@@ -19,6 +19,7 @@
 #   s. registry frozen (SIGSTOP): an uncached read fails with EIO within the deadline while cached files
 #      read and another device runs a container; once the registry is back the read works;
 #   w. background download ([download] enable): every remote layer lands whole, with its blob's sha256;
+#   o. a scrape of /metrics and `ovbd status` show device bytes read, Prepare calls, cache hits;
 #   d. (after the others: it removes everything) image rm --sync + GC leave no snapshot, directory, mount
 #      or block device.
 #   e. kill -9 of ovbd serve under a running container, restart: the container's rootfs keeps working
@@ -54,7 +55,8 @@ E2E_CRI_CLIENT=$work/bin/ovbd-e2e-cri
 export E2E_PARTS_DIR=$work/parts
 # No background download of lazily pulled layers (but in part w): it would add to the bytes parts l, k and p
 # measure. A short registry deadline for part s (the default is 30 s).
-OVBD_SERVE_EXTRA_CONFIG=$'[device]\nfrontend = "fuse"\n[download]\nenable = false'
+OVBD_METRICS_ADDR=127.0.0.1:$((20000 + RANDOM % 20000))
+OVBD_SERVE_EXTRA_CONFIG=$'[device]\nfrontend = "fuse"\n[download]\nenable = false\n[metrics]\naddress = "'$OVBD_METRICS_ADDR'"'
 export OVBD_REGISTRY_DEADLINE=8
 OVBD_SERVE_REGISTRY_CONFIG=$'timeout_secs = '$OVBD_REGISTRY_DEADLINE$'\nstall_timeout_secs = 2\nretries = 3'
 ovbd_serve_setup "$work/bin/ovbd" "$work/ovbd-root" "$work/ovbd/ovbd.sock"
@@ -81,13 +83,14 @@ declare -A desc=(
     [p]="CRI pod on a lazily pulled OverlayBD image"
     [s]="registry frozen: uncached read fails in time, cached ones and other devices work"
     [w]="background download: every remote layer whole, digest-checked"
+    [o]="metrics scrape and ovbd status follow the work"
     [d]="image rm + GC leave no snapshot, dir, mount or device"
     [z]="ovbd serve stops clean: no FUSE mount, no loop device"
 )
 # d removes everything: after the others; z stops ovbd: last.
 parts=() last=()
 # h after w: h pulls busybox:obd whole, whose lower layers are lazy:obd's (w checks they download).
-for part in ${E2E_PARTS:-u a n b c f g l k p s w h e z}; do
+for part in ${E2E_PARTS:-u a n b c f g l k p s o w h e z}; do
     [[ -n ${desc[$part]:-} ]] || e2e_fail "no part '$part' (parts: ${!desc[*]})"
     case $part in d) ;; z) last=(z) ;; *) parts+=("$part") ;; esac
 done

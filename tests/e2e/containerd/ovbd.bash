@@ -710,6 +710,54 @@ _rpull_once() {
     try "ovbd rpull $1" "$OVBD_SERVE_BIN" rpull --address "$CTRD_ADDR" --namespace "$CTRD_NS" "$1"
 }
 
+# o. metrics and status: with a container running on the lazily pulled $LAZY_OBD_REF that read
+#    /data/large.bin twice (page cache dropped between: the second read is served by the block cache), a
+#    scrape of $OVBD_METRICS_ADDR/metrics shows device bytes read, Prepare calls answered OK, block cache
+#    hits and registry requests; `ovbd status --json` lists the container's devices with bytes read and the
+#    cache's hits. Both are printed. Needs [metrics] address = $OVBD_METRICS_ADDR and lazy_images_setup.
+part_o() {
+    need_serve || return 1
+    need_lazy_images || return 1
+    [[ -n ${OVBD_METRICS_ADDR:-} ]] || nok "no [metrics] address (OVBD_METRICS_ADDR) in the config" || return 1
+    local text status n sum
+    _rpull_once "$LAZY_OBD_REF" || return 1
+    try "ctr run -d --snapshotter $E2E_SNAP $LAZY_OBD_REF sleep" \
+        ctr_do run -d --snapshotter "$E2E_SNAP" "$LAZY_OBD_REF" e2e-o sleep 100000 || return 1
+    try "sha256sum /data/large.bin" ctr_do task exec --exec-id o1 e2e-o sha256sum /data/large.bin || return 1
+    sync
+    echo 3 >/proc/sys/vm/drop_caches
+    try "sha256sum /data/large.bin again" ctr_do task exec --exec-id o2 e2e-o sha256sum /data/large.bin || return 1
+    try "scrape http://$OVBD_METRICS_ADDR/metrics" curl -fsS "http://$OVBD_METRICS_ADDR/metrics" || return 1
+    text=$OUT
+    # The sum of the samples whose line starts with $1.
+    _o_sum() { awk -v p="$1" 'index($0, p) == 1 { s += $NF } END { printf "%d", s }' <<<"$text"; }
+    n=$(_o_sum 'ovbd_device_read_bytes_total{')
+    ((n > 64 << 20)) || nok "device bytes read: $n (a 64 MiB file was read)" || return 1
+    ok "devices read $n bytes"
+    n=$(_o_sum 'ovbd_grpc_calls_total{method="prepare",code="OK"}')
+    ((n > 0)) || nok "Prepare calls answered OK: $n" || return 1
+    ok "$n Prepare calls answered OK"
+    n=$(_o_sum 'ovbd_cache_hits_total')
+    ((n > 0)) || nok "block cache hits: $n" || return 1
+    ok "$n block cache hits, $(_o_sum 'ovbd_cache_misses_total') misses"
+    n=$(_o_sum 'ovbd_registry_requests_total{')
+    ((n > 0)) || nok "registry requests: $n" || return 1
+    ok "$n registry requests"
+    grep -E '^ovbd_(device_(reads|read_bytes)_total|grpc_calls_total\{method="(prepare|commit)"|cache_(hits|misses|size_bytes)|registry_(requests|bytes)_total|snapshots_total|lazy_pull_first_byte_seconds_(count|sum))' \
+        <<<"$text" | sed 's/^/    metrics| /'
+    try "ovbd status --json" "$OVBD_SERVE_BIN" status --config "$OVBD_SERVE_CONFIG" --json || return 1
+    status=$OUT
+    n=$(jq '[.devices[] | select(.bytes_read > 0)] | length' <<<"$status")
+    ((n > 0)) || nok "ovbd status: no device with bytes read: $status" || return 1
+    n=$(jq '.cache.hit_reads' <<<"$status")
+    ((n > 0)) || nok "ovbd status: cache hits $n" || return 1
+    ok "ovbd status --json: devices with bytes read, $n cache hits"
+    try "ovbd status" "$OVBD_SERVE_BIN" status --config "$OVBD_SERVE_CONFIG" || return 1
+    sed 's/^/    status| /' <<<"$OUT"
+    try "stop e2e-o" ctr_do task rm -f e2e-o || return 1
+    try "rm e2e-o" ctr_do container rm e2e-o || return 1
+}
+
 # p. CRI: containerd's CRI plugin (its snapshotter ovbd, disable_snapshot_annotations = false) pulls
 #    $LAZY_CRI_REF lazily (less than a tenth of its layer bytes fetched) and runs a pod that reads a file of
 #    the image; the CRI snapshots are ovbd's. Then the image and the sandbox image are removed through CRI
