@@ -124,7 +124,12 @@ if [[ ${OVBD_BENCH_FS:-ext4} == ext4 ]]; then
     mount --move "$store" "$WORK/backing"
     truncate -s $(((mib * 3 + 1280) << 20)) "$WORK/backing/fs.img"
     mkfs.ext4 -q -E lazy_itable_init=0 "$WORK/backing/fs.img"
-    mount -o loop "$WORK/backing/fs.img" "$store"
+    # Mounted under a name that is not /dev/loopN: a device server drops loop-device mounts from its
+    # private namespace (see device::enter_private_mount_namespace), which would hide the images.
+    storedev=$(losetup -f --show "$WORK/backing/fs.img") || fail "losetup $WORK/backing/fs.img"
+    loops+=("$storedev")
+    ln -s "$storedev" "$WORK/backing/store-dev"
+    mount --no-canonicalize "$WORK/backing/store-dev" "$store"
 fi
 note "image files on $(stat -f -c %T "$store")"
 tar -xzf "$EXT4_TGZ" -C "$store" || fail "extracting $EXT4_TGZ"
@@ -252,4 +257,4 @@ for d in "${attached[@]}"; do
     detach "$d"
 done
 losetup -d "$loopdev"
-loops=()
+loops=(${storedev:+"$storedev"}) # (detached once its filesystem is unmounted)
