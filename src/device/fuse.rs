@@ -906,7 +906,14 @@ impl ImageFs {
         let pool = f.pool.clone();
         pool.submit(Box::new(move || {
             with_read_buf(n, |buf| {
-                let r = run_request(&f.name, &f.image, sys::UBLK_IO_OP_READ, start, n as u64, buf);
+                let r = run_request(
+                    &f.name,
+                    &f.image,
+                    sys::UBLK_IO_OP_READ,
+                    start,
+                    n as u64,
+                    buf,
+                );
                 match answer(r) {
                     Ok(_) => reply.data(&buf[skip..skip + len]),
                     Err(e) => reply.error(e),
