@@ -982,6 +982,9 @@ impl fuser::Filesystem for ImageFs {
         let _ = config.set_max_write(MAX_REQUEST);
         let _ = config.set_max_readahead(MAX_REQUEST);
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_ASYNC_DIO);
+        // The loop driver's direct I/O reaches us as background requests: let as many be in
+        // flight as a device's queue holds (fuser's default, 16, caps the loop's queue depth).
+        let _ = config.set_max_background(super::QUEUE_DEPTH);
         Ok(())
     }
 
