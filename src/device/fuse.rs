@@ -43,11 +43,6 @@ use std::time::{Duration, Instant, SystemTime};
 pub(super) const FUSE_FS_TYPE: &str = "fuse.ovbd";
 const FUSE_FS_TYPE_C: &std::ffi::CStr = c"fuse.ovbd";
 
-thread_local! {
-    /// The session thread's buffer for reads answered inline (at most `MAX_REQUEST` + 1 KiB).
-    static INLINE_READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
 /// Attributes never change while a file exists (its size is the image's virtual size).
 const TTL: Duration = Duration::from_secs(24 * 3600);
 /// Event loop threads: they only answer at once or hand requests to worker pools.
@@ -408,12 +403,7 @@ impl FuseFrontend {
     /// queued, for FUSE_NOTIFY_RESEND.
     fn serve_fd(&self, fd: OwnedFd, resumed: bool) -> Result<(), DeviceError> {
         let mut config = fuser::Config::default();
-        config.n_threads = Some(
-            std::env::var("OVBD_FUSE_THREADS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(SESSION_THREADS),
-        );
+        config.n_threads = Some(SESSION_THREADS);
         config.clone_fd = false;
         let start = |what| move |source| DeviceError::Fuse { what, source };
         let session = if resumed {
@@ -907,44 +897,39 @@ impl ImageFs {
         let aligned_end = end.next_multiple_of(512).min(vsize);
         let (skip, len) = ((offset - start) as usize, (end - offset) as usize);
         let n = (aligned_end - start) as usize;
-        // Data at hand is answered from this thread's buffer: a fresh 1 MiB one per request
-        // would cost an mmap, its page faults and a munmap each time.
-        let mut reply = Some(reply);
-        INLINE_READ_BUF.with_borrow_mut(|buf| {
-            if buf.len() < n {
-                buf.resize(n, 0);
-            }
-            let buf = &mut buf[..n];
-            // Requests name the image by its file (as the re-bind log does): no string per request.
-            if let Some(r) = try_read_inline(&f.name, &f.metrics, &f.image, buf, start) {
-                if let Some(reply) = reply.take() {
+        // Requests name the image by its file (as the re-bind log does): no string per request.
+        let reply = match with_read_buf(n, |buf| {
+            match try_read_inline(&f.name, &f.metrics, &f.image, buf, start) {
+                Some(r) => {
                     match answer(r) {
                         Ok(_) => reply.data(&buf[skip..skip + len]),
                         Err(e) => reply.error(e),
                     }
+                    None
                 }
+                None => Some(reply),
             }
-        });
-        let Some(reply) = reply else {
-            return;
+        }) {
+            Some(reply) => reply,
+            None => return,
         };
-        let mut buf = vec![0u8; n];
         let pool = f.pool.clone();
         pool.submit(Box::new(move || {
-            let n = buf.len() as u64;
-            let r = run_request(
-                &f.name,
-                &f.metrics,
-                &f.image,
-                sys::UBLK_IO_OP_READ,
-                start,
-                n,
-                &mut buf,
-            );
-            match answer(r) {
-                Ok(_) => reply.data(&buf[skip..skip + len]),
-                Err(e) => reply.error(e),
-            }
+            with_read_buf(n, |buf| {
+                let r = run_request(
+                    &f.name,
+                    &f.metrics,
+                    &f.image,
+                    sys::UBLK_IO_OP_READ,
+                    start,
+                    n as u64,
+                    buf,
+                );
+                match answer(r) {
+                    Ok(_) => reply.data(&buf[skip..skip + len]),
+                    Err(e) => reply.error(e),
+                }
+            })
         }));
     }
 
@@ -976,6 +961,24 @@ impl ImageFs {
     }
 }
 
+thread_local! {
+    /// This thread's read buffer: grown to the largest read it served, never zeroed again (a
+    /// read fills every byte it answers, holes included); a fresh zeroed `Vec` per request cost
+    /// a memset and page faults per MiB.
+    static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on this thread's read buffer, `len` bytes long.
+fn with_read_buf<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+    READ_BUF.with(|b| {
+        let mut b = b.borrow_mut();
+        if b.len() < len {
+            b.resize(len, 0);
+        }
+        f(&mut b[..len])
+    })
+}
+
 /// `run_request`'s answer (a count or `-errno`) as a result.
 fn answer(r: i32) -> Result<u32, Errno> {
     if r < 0 {
@@ -991,6 +994,9 @@ impl fuser::Filesystem for ImageFs {
         let _ = config.set_max_write(MAX_REQUEST);
         let _ = config.set_max_readahead(MAX_REQUEST);
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_ASYNC_DIO);
+        // The loop driver's direct I/O reaches us as background requests: let as many be in
+        // flight as a device's queue holds (fuser's default, 16, caps the loop's queue depth).
+        let _ = config.set_max_background(super::QUEUE_DEPTH);
         Ok(())
     }
 
