@@ -267,8 +267,9 @@ import socket, sys
 s = socket.socket(socket.AF_UNIX)
 s.settimeout(5)
 s.connect(sys.argv[1])
-s.sendall(sys.argv[2].encode())
 try:
+    # A refused peer may see the connection closed before its request is written.
+    s.sendall(sys.argv[2].encode())
     _, anc, _, _ = s.recvmsg(1, socket.CMSG_SPACE(4))
 except OSError:
     anc = []
