@@ -96,6 +96,27 @@ pub struct Config {
     pub download: DownloadConfig,
     /// Block device frontend (`[device]`).
     pub device: DeviceConfig,
+    /// The CRI image-service proxy that captures Kubernetes pull secrets (`[cri_proxy]`).
+    pub cri_proxy: CriProxyConfig,
+}
+
+/// `[cri_proxy]`: off unless `listen` is set. `ovbd serve` then listens there as the kubelet's
+/// image service (`--image-service-endpoint`), forwards every call to containerd's CRI at
+/// `upstream`, and keeps each PullImage's auth in memory for that repository's lazy reads.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CriProxyConfig {
+    pub listen: Option<PathBuf>,
+    pub upstream: PathBuf,
+}
+
+impl Default for CriProxyConfig {
+    fn default() -> Self {
+        CriProxyConfig {
+            listen: None,
+            upstream: PathBuf::from("/run/containerd/containerd.sock"),
+        }
+    }
 }
 
 impl Default for Config {
@@ -113,6 +134,7 @@ impl Default for Config {
             cache: CacheConfig::default(),
             download: DownloadConfig::default(),
             device: DeviceConfig::default(),
+            cri_proxy: CriProxyConfig::default(),
         }
     }
 }
