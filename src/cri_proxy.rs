@@ -174,3 +174,7 @@ impl ImageService for ImageProxy {
         up.image_fs_info(forwarded(req)).await.map(answered)
     }
 }
+
+#[cfg(test)]
+#[path = "cri_proxy_tests.rs"]
+mod tests;
