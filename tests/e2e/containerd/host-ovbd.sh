@@ -12,6 +12,8 @@
 #   l. ovbd rpull + run: lazy (under a tenth of the layer bytes fetched), remote layers, a 64 MiB file read
 #      on demand has the original's sha256;
 #   p. a CRI pod (CRI plugin, snapshotter ovbd) on a lazily pulled OverlayBD image reads a file of it;
+#   k. Kubernetes pull secrets: a token-auth front; without [cri_proxy] the lazy read fails (401), with it
+#      (ovbd restarted as the kubelet's image service) a pod reads the private image's file;
 #   d. (after the others: it removes everything) image rm --sync + GC leave no snapshot, directory, mount
 #      or block device.
 #   e. kill -9 of ovbd serve under a running container, restart: the container's rootfs keeps working
@@ -67,12 +69,13 @@ declare -A desc=(
     [e]="kill -9 ovbd serve under a running container, restart"
     [l]="lazy pull: ovbd rpull + run fetches a small fraction, reads on demand"
     [p]="CRI pod on a lazily pulled OverlayBD image"
+    [k]="pull secret via [cri_proxy] reaches lazy reads (token registry)"
     [d]="image rm + GC leave no snapshot, dir, mount or device"
     [z]="ovbd serve stops clean: no FUSE mount, no loop device"
 )
 # d removes everything: after the others; z stops ovbd: last.
 parts=() last=()
-for part in ${E2E_PARTS:-a n b c f g h l p e z}; do
+for part in ${E2E_PARTS:-a n b c f g h l p k e z}; do
     [[ -n ${desc[$part]:-} ]] || e2e_fail "no part '$part' (parts: ${!desc[*]})"
     case $part in d) ;; z) last=(z) ;; *) parts+=("$part") ;; esac
 done
