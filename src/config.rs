@@ -101,6 +101,8 @@ pub struct Config {
     pub control_socket: Option<PathBuf>,
     /// Prometheus metrics (`[metrics]`).
     pub metrics: MetricsConfig,
+    /// The CRI image-service proxy that captures Kubernetes pull secrets (`[cri_proxy]`).
+    pub cri_proxy: CriProxyConfig,
 }
 
 /// `[metrics]`: the Prometheus endpoint.
@@ -125,6 +127,25 @@ impl MetricsConfig {
     }
 }
 
+/// `[cri_proxy]`: off unless `listen` is set. `ovbd serve` then listens there as the kubelet's
+/// image service (`--image-service-endpoint`), forwards every call to containerd's CRI at
+/// `upstream`, and keeps each PullImage's auth in memory for that repository's lazy reads.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CriProxyConfig {
+    pub listen: Option<PathBuf>,
+    pub upstream: PathBuf,
+}
+
+impl Default for CriProxyConfig {
+    fn default() -> Self {
+        CriProxyConfig {
+            listen: None,
+            upstream: PathBuf::from("/run/containerd/containerd.sock"),
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -142,6 +163,7 @@ impl Default for Config {
             device: DeviceConfig::default(),
             control_socket: None,
             metrics: MetricsConfig::default(),
+            cri_proxy: CriProxyConfig::default(),
         }
     }
 }

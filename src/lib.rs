@@ -6,6 +6,7 @@ pub mod cli;
 pub(crate) mod config;
 pub(crate) mod control;
 pub(crate) mod convert;
+pub(crate) mod cri_proxy;
 pub(crate) mod device;
 pub(crate) mod extfs;
 pub(crate) mod labels;

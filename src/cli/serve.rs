@@ -20,6 +20,7 @@ async fn run(cfg: Config) -> Result<()> {
     let socket = cfg.socket.clone();
     let control_socket = cfg.control_socket_path();
     let metrics_address = cfg.metrics.listen_address()?;
+    let cri_proxy = cfg.cri_proxy.clone();
     // Lazy pulling: remote layers are read from their registry through the block cache.
     let remote = Arc::new(
         crate::source::remote::RegistrySource::from_config(&cfg)
@@ -73,7 +74,8 @@ async fn run(cfg: Config) -> Result<()> {
         socket.display()
     );
     let incoming = accepted_connections(listener);
-    let shutdown = async {
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
@@ -81,6 +83,14 @@ async fn run(cfg: Config) -> Result<()> {
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
         }
         log::info!("shutting down");
+        let _ = stop.send(true);
+    };
+    let proxy = match &cri_proxy.listen {
+        Some(listen) => Some(
+            serve_cri_proxy(listen, &cri_proxy.upstream, &remote, stopped)
+                .with_context(|| format!("[cri_proxy] listen {}", listen.display()))?,
+        ),
+        None => None,
     };
     let keeper = snap.clone();
     let served = Server::builder()
@@ -100,12 +110,49 @@ async fn run(cfg: Config) -> Result<()> {
     if control_published.is_some() && socket_identity(&control_socket) == control_published {
         let _ = std::fs::remove_file(&control_socket);
     }
+    if let Some(proxy) = proxy {
+        match proxy.await {
+            Ok(Err(e)) => log::warn!("serving the CRI image-service proxy: {e}"),
+            Err(e) => log::warn!("the CRI image-service proxy task: {e}"),
+            Ok(Ok(())) => {}
+        }
+    }
     served.context("serving gRPC")?;
     // Devices outlive us (below): record the blocks fetched so far as cached for the next start.
     if let Err(e) = remote.flush() {
         log::warn!("flushing the block cache: {e}");
     }
     Ok(())
+}
+
+/// Serves `[cri_proxy]` on `listen` (root-only) until `stopped` turns true: the kubelet's
+/// image service, forwarded to containerd's CRI at `upstream`.
+fn serve_cri_proxy(
+    listen: &Path,
+    upstream: &Path,
+    remote: &crate::source::remote::RegistrySource,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) -> Result<tokio::task::JoinHandle<Result<(), containerd_snapshots::tonic::transport::Error>>> {
+    if let Some(dir) = listen.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let proxy =
+        crate::cri_proxy::ImageProxy::new(upstream.to_owned(), remote.captured_credentials())
+            .context("setting up the upstream CRI client")?;
+    let listener = bind_published(listen)?;
+    log::info!(
+        "serving the CRI image service on {} (forwarded to {})",
+        listen.display(),
+        upstream.display()
+    );
+    let incoming = accepted_connections(listener);
+    Ok(tokio::spawn(
+        Server::builder()
+            .add_service(proxy.into_service())
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            }),
+    ))
 }
 
 /// Binds the unix socket `socket` so that the path appears only once it listens, and only as

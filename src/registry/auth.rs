@@ -177,8 +177,22 @@ impl Inner {
         map.entry(key).or_default().clone()
     }
 
-    /// The credentials for `ep`: the docker config.json read now, or its helper's answer.
-    pub(super) async fn credentials(&self, ep: &Endpoint) -> Result<Credential, RegistryError> {
+    /// The credentials for `repo` on `ep`: those of a CRI pull of that very repository from
+    /// that registry (not a mirror), else the docker config.json read now, or its helper's answer.
+    pub(super) async fn credentials(
+        &self,
+        ep: &Endpoint,
+        repo: &str,
+    ) -> Result<Credential, RegistryError> {
+        if !ep.is_mirror {
+            if let Some(c) = self.captured.get(&ep.cred_host, repo) {
+                log::info!(
+                    "{}: authenticating for {repo} with the credentials of a CRI PullImage",
+                    ep.label()
+                );
+                return Ok(c);
+            }
+        }
         self.creds
             .get(&ep.cred_host)
             .await
@@ -199,7 +213,7 @@ impl Inner {
         challenge: &Challenge,
         slot: &mut AuthSlot,
     ) -> Result<(), RegistryError> {
-        let creds = self.credentials(ep).await?;
+        let creds = self.credentials(ep, repo).await?;
         let (header, expires) = match (challenge, &creds) {
             (_, Credential::RegistryToken(token)) => (format!("Bearer {token}"), None),
             (Challenge::Basic, Credential::Basic { username, password }) => {

@@ -82,6 +82,7 @@ use tokio::time::Instant;
 
 mod auth;
 mod blob;
+pub(crate) mod captured;
 pub(crate) mod credentials;
 mod error;
 mod fetch;
@@ -150,6 +151,8 @@ struct Inner {
     opts: RegistryOptions,
     /// The hosts' credentials: docker config.json, credential helpers.
     creds: CredentialStore,
+    /// Credentials of CRI pulls (`[cri_proxy]`), by registry and repository.
+    captured: Arc<captured::CapturedCredentials>,
     /// Mirrors by normalised host.
     mirrors: Vec<(String, Vec<Url>)>,
     timeout: Duration,
@@ -264,6 +267,10 @@ impl Registry {
                 trusted_client,
                 policy,
                 creds: CredentialStore::new(opts.docker_config_path(), HelperSetup::from_env()),
+                captured: Arc::new(captured::CapturedCredentials::new(
+                    captured::DEFAULT_TTL,
+                    captured::DEFAULT_MAX_ENTRIES,
+                )),
                 opts,
                 mirrors,
                 timeout: Duration::from_secs_f64(cfg.timeout_secs),
@@ -281,6 +288,11 @@ impl Registry {
     #[cfg(test)]
     pub(crate) fn credential_store(&self) -> &CredentialStore {
         &self.inner.creds
+    }
+
+    /// Where `[cri_proxy]` keeps the credentials of the pulls it forwards.
+    pub(crate) fn captured_credentials(&self) -> Arc<captured::CapturedCredentials> {
+        self.inner.captured.clone()
     }
 
     /// Token requests made so far (all endpoints).

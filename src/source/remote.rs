@@ -43,6 +43,13 @@ impl RegistrySource {
 }
 
 impl RegistrySource {
+    /// Where `[cri_proxy]` keeps the pull secrets it captures for these reads.
+    pub(crate) fn captured_credentials(
+        &self,
+    ) -> Arc<crate::registry::captured::CapturedCredentials> {
+        self.registry.captured_credentials()
+    }
+
     /// Makes every block fetched so far durable in the cache (at shutdown).
     pub fn flush(&self) -> Result<(), CacheError> {
         self.cache.flush()

@@ -946,6 +946,110 @@ part_w() {
     return "$rc"
 }
 
+# i. Kubernetes pull secrets through [cri_proxy]: $LAZY_OBD_REF's repository behind a token-auth front
+#    (a Bearer realm that wants Basic alice:<password>). Pulled through containerd's CRI with the auth, a
+#    pod's lazy read fails (ovbd has no credentials: 401 in its log); ovbd restarted with [cri_proxy] and the
+#    image pulled with the auth through ovbd's CRI socket, a pod reads the image's readme.txt. Needs
+#    ctrd_start_cri and lazy_images_setup.
+part_i() {
+    need_serve || return 1
+    need_lazy_images || return 1
+    [[ -n ${CTRD_CRI:-} && -n ${CRI_ENDPOINT:-} ]] || nok "containerd runs without its CRI plugin (ctrd_start_cri)" ||
+        return 1
+    local port front fpid image want rc=0 log0 proxy_sock=$OVBD_SERVE_DIR/cri-image.sock
+    mkdir -p "$E2E_PARTS_DIR"
+    for ((port = 5400; port < 5500; port++)); do
+        _port_busy 127.0.0.1 "$port" || break
+    done
+    front=127.0.0.1:$port
+    cat >"$E2E_PARTS_DIR/token-front.py" <<'PY'
+import base64, http.client, http.server, os, sys
+listen, upstream = sys.argv[1], sys.argv[2]
+basic = "Basic " + base64.b64encode(b"alice:" + os.environ["FRONT_PASSWORD"].encode()).decode()
+class H(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *a): sys.stderr.write("%s %s %s\n" % (self.command, self.path, self.headers.get("Authorization", "-")[:6]))
+    def reply(self, code, body=b"", headers=()):
+        self.send_response(code)
+        for k, v in headers: self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body))); self.end_headers()
+        if self.command != "HEAD": self.wfile.write(body)
+    def handle_one(self):
+        auth = self.headers.get("Authorization")
+        if self.path.startswith("/token"):
+            return self.reply(200, b'{"token":"e2e-token","expires_in":300}') if auth == basic else self.reply(401)
+        if auth != "Bearer e2e-token":
+            return self.reply(401, b"", [("WWW-Authenticate", 'Bearer realm="http://%s/token",service="e2e"' % listen)])
+        c = http.client.HTTPConnection(upstream)
+        hdrs = {k: v for k, v in self.headers.items() if k.lower() in ("accept", "range")}
+        c.request(self.command, self.path, headers=hdrs)
+        r = c.getresponse(); body = r.read()
+        keep = [(k, v) for k, v in r.getheaders() if k.lower() in ("content-type", "docker-content-digest", "content-range", "location")]
+        if self.command == "HEAD":
+            keep.append(("Content-Length", r.getheader("Content-Length", "0")))
+            self.send_response(r.status)
+            for k, v in keep: self.send_header(k, v)
+            return self.end_headers()
+        self.reply(r.status, body, keep)
+    def do_POST(self):  # containerd's OAuth2 password grant
+        form = dict(kv.split("=", 1) for kv in self.rfile.read(int(self.headers.get("Content-Length", "0"))).decode().split("&") if "=" in kv)
+        ok = self.path.startswith("/token") and form.get("username") == "alice" and form.get("password") == os.environ["FRONT_PASSWORD"]
+        self.reply(200, b'{"access_token":"e2e-token","expires_in":300}') if ok else self.reply(401)
+    do_GET = do_HEAD = handle_one
+http.server.ThreadingHTTPServer((listen.split(":")[0], int(listen.split(":")[1])), H).serve_forever()
+PY
+    FRONT_PASSWORD=e2e-s3cret "$E2E_PYTHON" "$E2E_PARTS_DIR/token-front.py" "$front" "$REGISTRY" \
+        2>"$E2E_PARTS_DIR/token-front.log" &
+    fpid=$!
+    e2e_on_exit "kill $fpid 2>/dev/null"
+    e2e_wait "$E2E_READY_TIMEOUT" "token front $front" curl -s -o /dev/null "http://$front/v2/" ||
+        nok "the token front did not start: $(tail -n 5 "$E2E_PARTS_DIR/token-front.log")" || return 1
+    [[ $(curl -s -o /dev/null -w '%{http_code}' "http://$front/v2/") == 401 ]] ||
+        nok "the token front lets anonymous requests through" || rc=1
+    cri_registry_http "$front"
+    image=$front/${LAZY_OBD_REF#"$REGISTRY"/}
+    want="ovbd e2e busybox image"
+    # Without the proxy: containerd pulls with the auth, ovbd has none for the lazy reads.
+    log0=$(wc -l <"$OVBD_SERVE_LOG")
+    try "CRI PullImage $image with auth (containerd's socket)" \
+        env OVBD_E2E_CRI_PASSWORD=e2e-s3cret "$E2E_CRI_CLIENT" pull --endpoint "$CRI_ENDPOINT" --username alice "$image" ||
+        rc=1
+    if ((rc == 0)); then
+        if OUT=$(cri_run "$image" cat /usr/share/doc/e2e/readme.txt 2>"$E2E_PARTS_DIR/k-noauth.err") && [[ $OUT == "$want" ]]; then
+            nok "a pod read the private image lazily without its pull secret reaching ovbd" || rc=1
+        elif tail -n "+$log0" "$OVBD_SERVE_LOG" | grep -q "401"; then
+            ok "without the proxy the lazy read fails: $(tail -n "+$log0" "$OVBD_SERVE_LOG" | grep -m1 -o '[^ ]*token from.*401[^(]*')"
+        else
+            nok "the pod failed, but ovbd's log names no 401: $(tail -n 5 "$E2E_PARTS_DIR/k-noauth.err")" || rc=1
+        fi
+    fi
+    try "CRI RemoveImage $image" cri_client rmi "$image"
+    # With the proxy: ovbd restarted as the image service, the pull secret reaches the lazy reads.
+    if ((rc == 0)); then
+        printf '[cri_proxy]\nlisten = "%s"\nupstream = "%s"\n' "$proxy_sock" "$CRI_ENDPOINT" >>"$OVBD_SERVE_CONFIG"
+        ovbd_serve_stop
+        ovbd_serve_start || nok "ovbd serve with [cri_proxy] did not start" || rc=1
+    fi
+    if ((rc == 0)); then
+        [[ $(stat -c %a "$proxy_sock") == 600 ]] || nok "$proxy_sock is not 0600" || rc=1
+        try "CRI PullImage $image with auth through ovbd's CRI socket" \
+            env OVBD_E2E_CRI_PASSWORD=e2e-s3cret "$E2E_CRI_CLIENT" pull --endpoint "$proxy_sock" --username alice "$image" ||
+            rc=1
+    fi
+    if ((rc == 0)); then
+        OUT=$(cri_run "$image" cat /usr/share/doc/e2e/readme.txt 2>"$E2E_PARTS_DIR/k-auth.err") ||
+            nok "a pod on $image after the pull through the proxy: $(tail -n 20 "$E2E_PARTS_DIR/k-auth.err")" || rc=1
+        ((rc == 0)) && { [[ $OUT == "$want" ]] || nok "the pod read '$OUT', want '$want'" || rc=1; }
+        ((rc == 0)) && ok "with the pull secret captured by ovbd's CRI proxy a pod read '$OUT';" \
+            "$(grep -c 'with the credentials of a CRI PullImage' "$OVBD_SERVE_LOG") authentications with it" \
+            "($(grep -m1 -o 'keeping its auth.*' "$OVBD_SERVE_LOG"))"
+        ! grep -q e2e-s3cret "$OVBD_SERVE_LOG" || nok "ovbd's log holds the password" || rc=1
+    fi
+    try "CRI RemoveImage $image" cri_client rmi "$image"
+    cri_client rmi "$CTRD_SANDBOX_IMAGE" >/dev/null 2>&1
+    kill "$fpid" 2>/dev/null
+    return "$rc"
+}
+
 # z. `ovbd serve` stops (SIGTERM) cleanly: no FUSE mount or other mount under its root, no ovbd block
 #    device left. Last: it leaves ovbd stopped.
 part_z() {

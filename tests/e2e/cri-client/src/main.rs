@@ -3,7 +3,7 @@
 //! its unix socket, as the kubelet does.
 //!
 //! ```text
-//! ovbd-e2e-cri pull   --endpoint SOCK IMAGE               PullImage: prints the image id and the wall time
+//! ovbd-e2e-cri pull   --endpoint SOCK [--username U] IMAGE  PullImage (password: $OVBD_E2E_CRI_PASSWORD): prints the image id and the wall time
 //! ovbd-e2e-cri images --endpoint SOCK                     ListImages
 //! ovbd-e2e-cri rmi    --endpoint SOCK IMAGE               RemoveImage
 //! ovbd-e2e-cri run    --endpoint SOCK --image IMAGE [--name N] [--timeout S] [--env K=V] -- CMD...
@@ -56,6 +56,10 @@ enum Cmd {
     Pull {
         #[command(flatten)]
         conn: Conn,
+        /// Sent as the PullImage's AuthConfig username, with the password in
+        /// $OVBD_E2E_CRI_PASSWORD (a pod's pull secret)
+        #[arg(long, value_name = "USER")]
+        username: Option<String>,
         image: String,
     },
     /// ListImages: one line per image (id, size, tags, digests)
@@ -167,10 +171,11 @@ impl Clients {
         &mut self,
         image: &str,
         sandbox: Option<&cri::PodSandboxConfig>,
+        auth: Option<cri::AuthConfig>,
     ) -> Result<String> {
         let req = self.req(cri::PullImageRequest {
             image: Some(spec(image)),
-            auth: None,
+            auth,
             sandbox_config: sandbox.cloned(),
         });
         let r = self
@@ -193,10 +198,15 @@ fn rpc_err(what: &str, s: tonic::Status) -> anyhow::Error {
     anyhow!("CRI {what} failed: {:?}: {}", s.code(), s.message())
 }
 
-async fn cmd_pull(conn: Conn, image: String) -> Result<u8> {
+async fn cmd_pull(conn: Conn, username: Option<String>, image: String) -> Result<u8> {
+    let auth = username.map(|username| cri::AuthConfig {
+        username,
+        password: std::env::var("OVBD_E2E_CRI_PASSWORD").unwrap_or_default(),
+        ..Default::default()
+    });
     let mut c = connect(&conn).await?;
     let t0 = Instant::now();
-    let id = c.pull(&image, None).await?;
+    let id = c.pull(&image, None, auth).await?;
     println!(
         "pulled {image}: image id {id} in {:.3} s",
         t0.elapsed().as_secs_f64()
@@ -366,7 +376,7 @@ async fn run_in_pod(
         }
         None => {
             let t = Instant::now();
-            let id = c.pull(&a.image, Some(sandbox_config)).await?;
+            let id = c.pull(&a.image, Some(sandbox_config), None).await?;
             say(format!(
                 "pulled {}: {id} in {:.3} s",
                 a.image,
@@ -563,7 +573,11 @@ fn parse_cri_log(data: &[u8]) -> (Vec<u8>, Vec<u8>) {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
-        Cmd::Pull { conn, image } => cmd_pull(conn, image).await,
+        Cmd::Pull {
+            conn,
+            username,
+            image,
+        } => cmd_pull(conn, username, image).await,
         Cmd::Images { conn } => cmd_images(conn).await,
         Cmd::Rmi { conn, image } => cmd_rmi(conn, image).await,
         Cmd::Run(a) => cmd_run(a).await,
