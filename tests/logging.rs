@@ -62,6 +62,7 @@ fn a_failed_call_is_a_json_warn_line_with_method_key_and_code() {
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .find(|v| v["level"] == "WARN")
         .unwrap_or_else(|| panic!("no JSON WARN line in:\n{text}"));
+    assert_eq!(text.matches("\"WARN\"").count(), 1, "one WARN line:\n{text}");
     assert_eq!(warn["span"]["method"], "remove", "{warn}");
     assert_eq!(warn["span"]["key"], "no-such-key", "{warn}");
     assert_eq!(warn["fields"]["code"], "NotFound", "{warn}");

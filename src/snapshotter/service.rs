@@ -69,7 +69,7 @@ fn log_failure(method: &str, key: &str, e: &SnapshotterError) {
         // containerd's unpacker stats every layer to learn whether it exists: an answer too.
         SnapshotterError::NotFound(_) if method == "stat" => log::debug!("{method} {key}: {e}"),
         // What containerd gets back, with the code it gets (the span names method and key).
-        _ => tracing::warn!(code = ?e.code(), error = %e, "{method} {key} failed"),
+        _ => tracing::warn!(code = ?e.code(), error = %e, "{method} {key}: {:?}: {e}", e.code()),
     }
 }
 
