@@ -68,6 +68,15 @@ pub struct DeviceConfig {
     pub frontend: FrontendChoice,
 }
 
+/// How log lines are written (`log_format`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
@@ -84,6 +93,8 @@ pub struct Config {
     pub default_vsize_gb: u64,
     /// error, warn, info, debug or trace.
     pub log_level: String,
+    /// Log line format: human-readable text or one JSON object per line.
+    pub log_format: LogFormat,
     /// Whether a layer Prepare's `containerd.io/snapshot/image-ref` label may name the image a
     /// lazily pulled layer is read from. containerd copies it from the image's own manifest, so
     /// it is trusted only where every client overwrites it (nerdctl); `cri.image-ref` always is.
@@ -156,6 +167,7 @@ impl Default for Config {
             writable_layer_type: WritableLayerType::Append,
             default_vsize_gb: 64,
             log_level: "info".into(),
+            log_format: LogFormat::Text,
             trust_image_ref_label: false,
             registry: RegistryConfig::default(),
             cache: CacheConfig::default(),

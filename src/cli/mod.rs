@@ -220,18 +220,43 @@ enum ImageCmd {
 /// Entry point of the `ovbd` binary.
 pub fn main() {
     let cli = Cli::parse();
-    // The daemon logs at its configured level; tools only warn. OVBD_LOG overrides both.
-    let level = match &cli.cmd {
+    // The daemon logs at its configured level and format; tools only warn, as text.
+    let (level, format) = match &cli.cmd {
         Cmd::Serve { config } => config::Config::load(config.as_deref())
-            .map(|c| c.log_level)
-            .unwrap_or_else(|_| "info".into()),
-        _ => "warn".into(),
+            .map(|c| (c.log_level, c.log_format))
+            .unwrap_or_else(|_| ("info".into(), config::LogFormat::Text)),
+        _ => ("warn".into(), config::LogFormat::Text),
     };
-    env_logger::Builder::from_env(env_logger::Env::default().filter_or("OVBD_LOG", level)).init();
+    init_logging(&level, format);
     if let Err(e) = run(cli) {
         eprintln!("ovbd: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// tracing-subscriber on stderr; `log::` records are bridged in and carry the current span.
+/// Filter: OVBD_LOG, else RUST_LOG, else `level`.
+fn init_logging(level: &str, format: config::LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let directives = std::env::var("OVBD_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| level.to_string());
+    let filter = EnvFilter::try_new(&directives).unwrap_or_else(|e| {
+        eprintln!("ovbd: bad log filter {directives:?} ({e}); using \"info\"");
+        EnvFilter::new("info")
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // try_init: the log bridge is installed by the `tracing-log` feature.
+    let _ = match format {
+        config::LogFormat::Text => builder.try_init(),
+        config::LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .try_init(),
+    };
 }
 
 fn run(cli: Cli) -> Result<()> {

@@ -18,6 +18,9 @@ type Job = Box<dyn FnOnce() + Send>;
 /// Threads that run blocking requests. It grows when every worker is busy (so one stuck read
 /// never holds up another request) and shrinks back when idle.
 pub struct WorkerPool {
+    /// The device's span (made current by whoever creates the pool): every worker thread enters
+    /// it once, so its lines carry the device's fields at no cost per request.
+    span: tracing::Span,
     state: Mutex<PoolState>,
     cv: Condvar,
     min: usize,
@@ -41,6 +44,7 @@ impl WorkerPool {
             cv: Condvar::new(),
             min,
             max: max.max(1),
+            span: tracing::Span::current(),
         });
         for _ in 0..min {
             pool.spawn_worker();
@@ -55,9 +59,10 @@ impl WorkerPool {
     fn spawn_worker(self: &Arc<Self>) {
         self.lock().threads += 1;
         let me = self.clone();
+        let span = self.span.clone();
         let spawned = std::thread::Builder::new()
             .name("ovbd-io".into())
-            .spawn(move || me.worker());
+            .spawn(move || span.in_scope(|| me.worker()));
         if spawned.is_err() {
             self.lock().threads -= 1;
         }

@@ -308,6 +308,31 @@ impl Snapshotter {
     /// Attaches `cfg`'s image, re-attaching the device recorded in `bdir` if the kernel kept it
     /// (the daemon restarted while it was in use).
     pub(super) fn attach(&self, cfg: &ImageConfig, bdir: &Path) -> Result<AttachedDevice> {
+        // The device's span: its worker pool (made below) enters it in every thread.
+        let frontend_name = match self.frontend() {
+            Ok(DeviceFrontend::Fuse(_)) => "fuse",
+            Ok(_) => "ublk",
+            Err(_) => "none",
+        };
+        let span = tracing::info_span!(
+            "device",
+            image = %bdir.display(),
+            frontend = frontend_name,
+            id = tracing::field::Empty
+        );
+        let _entered = span.enter();
+        let attached = self.attach_in_span(cfg, bdir);
+        match &attached {
+            Ok(dev) => {
+                span.record("id", dev.id);
+                tracing::info!(device = %dev.block_path(), "attached");
+            }
+            Err(e) => tracing::warn!(reason = %format!("{e:#}"), "attach failed"),
+        }
+        attached
+    }
+
+    fn attach_in_span(&self, cfg: &ImageConfig, bdir: &Path) -> Result<AttachedDevice> {
         let mark = bdir.join("backstore_mark");
         let recorded = std::fs::read_to_string(&mark).ok().and_then(|t| {
             t.trim()

@@ -50,14 +50,19 @@ impl Service {
         } else {
             format!("[{name}] {key}")
         };
+        // Every line of the call, log:: ones included, carries these fields.
+        let span = tracing::info_span!("grpc", method, key = %key, snapshotter = name);
         let s = self.0.for_name(name);
+        let call_span = span.clone();
         let done = match s {
-            Ok(s) => match tokio::task::spawn_blocking(move || f(&s)).await {
-                Ok(r) => r,
-                Err(e) => Err(SnapshotterError::Internal(anyhow::anyhow!(
-                    "snapshotter task failed: {e}"
-                ))),
-            },
+            Ok(s) => {
+                match tokio::task::spawn_blocking(move || call_span.in_scope(|| f(&s))).await {
+                    Ok(r) => r,
+                    Err(e) => Err(SnapshotterError::Internal(anyhow::anyhow!(
+                        "snapshotter task failed: {e}"
+                    ))),
+                }
+            }
             Err(e) => Err(e),
         };
         let code = match &done {
@@ -66,7 +71,7 @@ impl Service {
         };
         crate::metrics::metrics().grpc_call(method, code_name(code));
         done.map_err(|e| {
-            log_failure(method, &key, &e);
+            span.in_scope(|| log_failure(method, &key, &e));
             e.into()
         })
     }
@@ -102,7 +107,8 @@ fn log_failure(method: &str, key: &str, e: &SnapshotterError) {
         SnapshotterError::RemoteLayerCommitted(_) => log::info!("{method} {key}: {e}"),
         // containerd's unpacker stats every layer to learn whether it exists: an answer too.
         SnapshotterError::NotFound(_) if method == "stat" => log::debug!("{method} {key}: {e}"),
-        _ => log::warn!("{method} {key}: {:?}: {e}", e.code()),
+        // What containerd gets back, with the code it gets (the span names method and key).
+        _ => tracing::warn!(code = ?e.code(), error = %e, "{method} {key}: {:?}: {e}", e.code()),
     }
 }
 
