@@ -8,7 +8,7 @@
 //! stargz's CRI keychain does. Secrets are never logged.
 
 use crate::registry::captured::CapturedCredentials;
-use crate::registry::credentials::Credential;
+use crate::registry::credentials::{basic_from_auth, Credential};
 use containerd_snapshots::tonic::{
     self,
     transport::{Channel, Endpoint, Uri},
@@ -100,19 +100,8 @@ fn credential_of(auth: &AuthConfig) -> Result<Credential, String> {
             password: auth.password.clone(),
         });
     }
-    if !auth.auth.is_empty() {
-        use base64::Engine as _;
-        let decoded = base64::engine::general_purpose::STANDARD
-            .decode(auth.auth.trim())
-            .map_err(|_| "auth is not base64".to_owned())?;
-        let text = String::from_utf8(decoded).map_err(|_| "auth is not UTF-8".to_owned())?;
-        let (username, password) = text
-            .split_once(':')
-            .ok_or_else(|| "auth is not user:password".to_owned())?;
-        return Ok(Credential::Basic {
-            username: username.to_owned(),
-            password: password.to_owned(),
-        });
+    if !auth.auth.trim().is_empty() {
+        return basic_from_auth(auth.auth.trim());
     }
     Ok(Credential::Anonymous)
 }

@@ -240,9 +240,25 @@ impl DockerConfig {
     }
 }
 
+/// A docker-style `auth` value (base64 of `user:password`, padded or not) as Basic credentials.
+pub(crate) fn basic_from_auth(auth: &str) -> Result<Credential, String> {
+    use base64::Engine as _;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(auth)
+        .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(auth))
+        .map_err(|e| format!("auth is not base64: {e}"))?;
+    let decoded = String::from_utf8(decoded).map_err(|_| "auth is not UTF-8".to_owned())?;
+    let (user, pass) = decoded
+        .split_once(':')
+        .ok_or_else(|| "auth is not base64 of user:password".to_owned())?;
+    Ok(Credential::Basic {
+        username: user.to_owned(),
+        password: pass.to_owned(),
+    })
+}
+
 impl AuthEntry {
     fn credential(&self) -> Result<Credential, String> {
-        use base64::Engine as _;
         // First, as containerd does: `docker login` to an OAuth registry writes a placeholder
         // `auth` beside it that is no password.
         if let Some(t) = self.identity_token.as_ref().filter(|t| !t.is_empty()) {
@@ -254,18 +270,7 @@ impl AuthEntry {
             .map(str::trim)
             .filter(|a| !a.is_empty())
         {
-            let decoded = base64::engine::general_purpose::STANDARD
-                .decode(auth)
-                .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(auth))
-                .map_err(|e| format!("auth is not base64: {e}"))?;
-            let decoded = String::from_utf8(decoded).map_err(|_| "auth is not UTF-8".to_owned())?;
-            let (user, pass) = decoded
-                .split_once(':')
-                .ok_or_else(|| "auth is not base64 of user:password".to_owned())?;
-            return Ok(Credential::Basic {
-                username: user.to_owned(),
-                password: pass.to_owned(),
-            });
+            return basic_from_auth(auth);
         }
         if let (Some(user), Some(pass)) = (&self.username, &self.password) {
             if !user.is_empty() {
