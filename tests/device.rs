@@ -192,9 +192,23 @@ impl Mounted {
         self.dir.join(rel)
     }
 
+    /// Unmounts, retrying while it is busy for a moment: a process another test forks at the
+    /// same time holds copies of this one's descriptors until it execs. Still busy after 10 s:
+    /// fails, naming the processes holding it.
     fn umount(mut self) {
-        ok("umount", &[self.dir.to_str().unwrap()]);
-        self.done = true;
+        let dir = self.dir.to_str().unwrap();
+        for _ in 0..50 {
+            let out = run("umount", &[dir]);
+            if out.status.success() {
+                self.done = true;
+                return;
+            }
+            if !String::from_utf8_lossy(&out.stderr).contains("busy") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("umount {dir} failed; held by: {}", holders(&self.dir));
     }
 }
 
@@ -203,6 +217,37 @@ impl Drop for Mounted {
         if !self.done {
             let _ = run("umount", &["-l", self.dir.to_str().unwrap()]);
         }
+    }
+}
+
+/// The processes with a descriptor or working directory under `dir` (pid and command).
+fn holders(dir: &Path) -> String {
+    let mut found = Vec::new();
+    for proc_dir in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let pid = proc_dir.file_name();
+        if !pid.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let p = proc_dir.path();
+        let mut links: Vec<PathBuf> = std::fs::read_dir(p.join("fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        links.push(p.join("cwd"));
+        if links
+            .iter()
+            .any(|l| std::fs::read_link(l).is_ok_and(|t| t.starts_with(dir)))
+        {
+            let comm = std::fs::read_to_string(p.join("comm")).unwrap_or_default();
+            found.push(format!("{} ({})", pid.to_string_lossy(), comm.trim()));
+        }
+    }
+    if found.is_empty() {
+        "no process (a mount copied into another namespace, or the kernel)".into()
+    } else {
+        found.join(", ")
     }
 }
 
