@@ -54,7 +54,9 @@ fn a_failed_call_is_a_json_warn_line_with_method_key_and_code() {
             .unwrap_err()
     });
     assert_eq!(status.code(), containerd_client::tonic::Code::NotFound);
-    let _ = child.kill();
+    // SIGTERM, not kill: a killed daemon leaves its FUSE mount behind for the next daemon.
+    // SAFETY: kill(2) of our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let _ = child.wait();
     let text = std::fs::read_to_string(&err).unwrap();
     let warn: serde_json::Value = text
