@@ -569,7 +569,7 @@ ctr_tree_digest() {
 # registry_blob_bytes: bytes the registry has sent in answers to blob GETs so far (needs
 # E2E_REGISTRY_ACCESSLOG=1 before registry_start: the access log, combined format, in registry.log).
 registry_blob_bytes() {
-    awk '$6 == "\"GET" && $7 ~ /^\/v2\/.*\/blobs\// && $10 ~ /^[0-9]+$/ { n += $10 } END { print n + 0 }' \
+    awk '$6 == "\"GET" && $7 ~ /^\/v2\/.*\/blobs\// && $10 ~ /^[0-9]+$/ { n += $10 } END { printf "%.0f\n", n }' \
         "$REGISTRY_DIR/registry.log"
 }
 
