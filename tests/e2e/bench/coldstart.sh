@@ -142,6 +142,41 @@ soci_index_make() {
 }
 soci_cli() { "$peer_bin/soci" --address "$CTRD_ADDR" --namespace "$CTRD_NS" "$@"; }
 
+# soci 0.4 fetches its index over https whatever its config says, and layers over plain http from a
+# loopback address: so it gets the same registry storage served over TLS by a second docker-registry on
+# this host's first non-loopback IPv4 address ($TLS_REGISTRY; a self-signed certificate trusted by soci's
+# processes through SSL_CERT_FILE). The bytes it sends are counted with the plain registry's (registry_bytes).
+TLS_REGISTRY= TLS_REGISTRY_PID=
+tls_registry_start() {
+    local dir=$work/registry-tls port=${REGISTRY##*:} ip
+    ip=$(ip -4 -o addr show scope global 2>/dev/null | awk '{ sub(/\/.*/, "", $4); print $4; exit }')
+    [[ -n $ip ]] || {
+        log "soci: no non-loopback IPv4 address for its TLS registry"
+        return 1
+    }
+    mkdir -p "$dir"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=$ip" -addext "subjectAltName=IP:$ip" \
+        -keyout "$dir/key.pem" -out "$dir/cert.pem" >/dev/null 2>&1 || return 1
+    for ((port = port + 1; port < 5200; port++)); do _port_busy "$ip" "$port" || break; done
+    TLS_REGISTRY=$ip:$port
+    sed -e "s|addr: .*|addr: $TLS_REGISTRY\n  tls:\n    certificate: $dir/cert.pem\n    key: $dir/key.pem|" \
+        "$REGISTRY_DIR/config.yml" >"$dir/config.yml"
+    docker-registry serve "$dir/config.yml" >>"$dir/registry.log" 2>&1 &
+    TLS_REGISTRY_PID=$!
+    e2e_on_exit 'e2e_kill_wait "$TLS_REGISTRY_PID" 10'
+    e2e_wait "$E2E_READY_TIMEOUT" "TLS registry at $TLS_REGISTRY" curl -fsS --cacert "$dir/cert.pem" -o /dev/null \
+        "https://$TLS_REGISTRY/v2/"
+}
+soci_env() { SSL_CERT_FILE=$work/registry-tls/cert.pem "$@"; }
+
+# registry_bytes: blob bytes sent so far by both registries (the plain one and soci's TLS front).
+registry_bytes() {
+    local n
+    n=$(registry_blob_bytes)
+    [[ -z $TLS_REGISTRY ]] || n=$((n + $(REGISTRY_DIR=$work/registry-tls registry_blob_bytes)))
+    echo "$n"
+}
+
 # ----------------------------------------------------------------------------------- trace (the hook)
 # ovbd with a trace: the image is pulled with a recorded access trace so ovbd can prefetch what the
 # workload reads. Recording belongs to `ovbd record-trace` (being built elsewhere); this hook only calls it:
@@ -182,7 +217,7 @@ snap_start() {
         soci)
             sock=$dir/soci/soci.sock
             rm -rf "$soci_fixed_root"
-            "$peer_bin/soci-snapshotter-grpc" -address "$sock" -root "$dir/soci-root" -config "$work/soci.toml" \
+            SSL_CERT_FILE=$work/registry-tls/cert.pem "$peer_bin/soci-snapshotter-grpc" -address "$sock" -root "$dir/soci-root" -config "$work/soci.toml" \
                 -log-level warn >>"$work/soci.log" 2>&1 &
             PEER_PID=$!
             e2e_wait "$E2E_READY_TIMEOUT" "soci socket" test -S "$sock" || return 1
@@ -192,10 +227,21 @@ snap_start() {
 }
 
 snap_stop() {
-    local s=$1 dir=$2
+    local s=$1 dir=$2 image=$3 pid
+    # The image removed (a synchronous GC: its snapshots go) while the snapshotter runs: ovbd then stops
+    # with no device to tear down.
+    [[ -z $image ]] || ctr_do image rm --sync "$image" >/dev/null 2>&1
     ctrd_stop
     case $s in
-        ovbd | ovbd-trace) ovbd_serve_stop ;;
+        ovbd | ovbd-trace)
+            ovbd_serve_stop
+            # A FUSE mount left behind is kept open by ovbd's holder process (for a restart): end it, or the
+            # unmount waits for an answer that never comes.
+            if [[ -n $(e2e_mounts_under "$OVBD_ROOT/fuse") ]]; then
+                log "ovbd serve left its FUSE mount: stopping its holder"
+                for pid in $(_pids_with_arg "$OVBD_ROOT/fuse.holder"); do e2e_kill_wait "$pid" 5; done
+            fi
+            ;;
         stargz | soci)
             [[ -n ${PEER_PID:-} ]] && e2e_kill_wait "$PEER_PID" 15
             PEER_PID=
@@ -215,12 +261,13 @@ pull() {
         ovbd) "$ovbd" rpull --address "$CTRD_ADDR" --namespace "$CTRD_NS" "$(ref "$w" obd)" ;;
         ovbd-trace) "$ovbd" rpull --address "$CTRD_ADDR" --namespace "$CTRD_NS" "$(ref "$w" obd-trace)" ;;
         stargz) ctr-remote image rpull --plain-http "$(ref "$w" esgz)" ;;
-        soci) soci_cli image rpull --plain-http --soci-index-digest "${SOCI_INDEX[$w]}" "$(ref "$w" oci)" ;;
+        soci) soci_env soci_cli image rpull --soci-index-digest "${SOCI_INDEX[$w]}" "$TLS_REGISTRY/cs-$w:oci" ;;
     esac
 }
 image_of() {
     case $1 in
-        overlayfs | soci) ref "$2" oci ;;
+        overlayfs) ref "$2" oci ;;
+        soci) echo "$TLS_REGISTRY/cs-$2:oci" ;;
         ovbd) ref "$2" obd ;;
         ovbd-trace) ref "$2" obd-trace ;;
         stargz) ref "$2" esgz ;;
@@ -236,25 +283,27 @@ cold_run() {
     rm -rf "$dir" && mkdir -p "$dir"
     if ! snap_start "$s" "$dir" >"$dir.start.log" 2>&1; then
         blocked[$w/$s]="$s did not start: $(tail -n 3 "$dir.start.log")"
-        snap_stop "$s" "$dir" 2>/dev/null
+        snap_stop "$s" "$dir" "" 2>/dev/null
         return 0
     fi
     sync
     echo 3 >/proc/sys/vm/drop_caches
-    b0=$(registry_blob_bytes) t0=$(now)
+    b0=$(registry_bytes) t0=$(now)
     if ! out=$(pull "$s" "$w" 2>&1); then
         blocked[$w/$s]="pull failed: $(tail -n 3 <<<"$out")"
-        snap_stop "$s" "$dir"
+        snap_stop "$s" "$dir" "$(image_of "$s" "$w")"
         return 0
     fi
     pull_s=$(since "$t0") t1=$(now)
     out=$(ctr_do run --rm --snapshotter "$(snap_name "$s")" "$(image_of "$s" "$w")" "cs-$s-$r" "${W_CMD[@]}" 2>&1)
     local rc=$?
     run_s=$(since "$t1") total_s=$(since "$t0")
-    bytes=$(($(registry_blob_bytes) - b0))
-    if ((rc != 0)) || [[ -n $W_WANT && $(tail -n 1 <<<"$out" | tr -d ' \r') != "$W_WANT" ]]; then
+    bytes=$(($(registry_bytes) - b0))
+    local last
+    last=$(tail -n 1 <<<"$out" | tr -d '\r' | sed 's/^[[:space:]]*//; s/[[:space:]]*$//')
+    if ((rc != 0)) || [[ -n $W_WANT && $last != "$W_WANT" ]]; then
         blocked[$w/$s]="run failed (exit $rc): $(tail -n 3 <<<"$out")"
-        snap_stop "$s" "$dir"
+        snap_stop "$s" "$dir" "$(image_of "$s" "$w")"
         return 0
     fi
     t1=$(now)
@@ -262,7 +311,7 @@ cold_run() {
     warm_s=$(since "$t1")
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$w" "$s" "$r" "$pull_s" "$run_s" "$total_s" "$bytes" "$warm_s" >>"$results"
     log "run $r $w $s: pull ${pull_s}s run ${run_s}s total ${total_s}s, $bytes bytes, warm ${warm_s}s"
-    snap_stop "$s" "$dir"
+    snap_stop "$s" "$dir" "$(image_of "$s" "$w")"
 }
 
 # -------------------------------------------------------------------------------------------------- setup
@@ -286,7 +335,6 @@ if wanted ovbd-trace && ! trace_available; then
 fi
 # No background fetch, no prefetch (an eStargz converted without `optimize` has no landmark anyway).
 printf 'noprefetch = true\nno_background_fetch = true\n' >"$work/stargz.toml"
-printf '[background_fetch]\ndisable = true\n' >"$work/soci.toml"
 
 OVBD_SERVE_LOG_LEVEL=info
 OVBD_SERVE_EXTRA_CONFIG=$'[device]\nfrontend = "'${OVBD_BENCH_FRONTEND:-fuse}$'"\n[download]\nenable = false'
@@ -294,6 +342,8 @@ ovbd_serve_setup "$ovbd" "$work/ovbd-root" "$work/ovbd/ovbd.sock"
 [[ -z $OVBD_SERVE_MISSING ]] || blocked[ovbd]=$OVBD_SERVE_MISSING blocked[ovbd-trace]=${blocked[ovbd-trace]:-$OVBD_SERVE_MISSING}
 
 E2E_REGISTRY_ACCESSLOG=1 registry_start "$work/registry"
+printf '[background_fetch]\ndisable = true\n' >"$work/soci.toml"
+wanted soci && [[ -z ${blocked[soci]:-} ]] && { tls_registry_start || blocked[soci]="no TLS registry for soci (log: $work/registry-tls/registry.log)"; }
 declare -A W_CMDS=() W_WANTS=()
 ctrd_start "$work/ctrd-setup"
 for w in "${workloads[@]}"; do

@@ -12,7 +12,6 @@ import (
 	"flag"
 	"fmt"
 	"net"
-	"net/http"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -31,6 +30,7 @@ import (
 	"github.com/containerd/stargz-snapshotter/fs/layer"
 	"github.com/containerd/stargz-snapshotter/fs/source"
 	snbase "github.com/containerd/stargz-snapshotter/snapshot"
+	rhttp "github.com/hashicorp/go-retryablehttp"
 	"github.com/pelletier/go-toml"
 	"github.com/sirupsen/logrus"
 	"google.golang.org/grpc"
@@ -124,7 +124,11 @@ func newSnapshotter(ctx context.Context, root string, config fsconfig.Config) (s
 // registryHosts: upstream's resolver.RegistryHostsFromConfig with no mirrors and no credentials (the
 // benchmark's registry is local, without auth): plain http for localhost, https otherwise.
 func registryHosts(ref reference.Spec) ([]docker.RegistryHost, error) {
-	client := &http.Client{Timeout: 30 * time.Second}
+	// A retrying client as upstream's: stargz's fetcher configures its retries through the transport.
+	retrying := rhttp.NewClient()
+	retrying.Logger = nil
+	client := retrying.StandardClient()
+	client.Timeout = 30 * time.Second
 	host := docker.RegistryHost{
 		Client:       client,
 		Host:         ref.Hostname(),
