@@ -46,7 +46,7 @@ soci_fixed_root=/var/lib/soci-snapshotter-grpc # soci 0.4 keeps its index store 
 [[ -x $ovbd_bin ]] || e2e_fail "$ovbd_bin not built (cargo build --release --bin ovbd)"
 
 work= && e2e_tmpdir work /var/tmp
-mkdir -p "$work/bin" "$work/images"
+mkdir -p "$work/bin"
 cp "$ovbd_bin" "$work/bin/ovbd" # a cargo build during the run would swap the binary under us
 ovbd=$work/bin/ovbd
 export CTRD_NS=coldstart-$$ CTRD_PROXY_ALIAS=
@@ -169,12 +169,13 @@ tls_registry_start() {
 }
 soci_env() { SSL_CERT_FILE=$work/registry-tls/cert.pem "$@"; }
 
-# registry_bytes: blob bytes sent so far by both registries (the plain one and soci's TLS front).
+# registry_bytes: blob bytes sent so far by both registries (the plain one and soci's TLS front), from
+# their access logs as env.bash's registry_blob_bytes counts them, but printed as an integer past 2^31 (mawk
+# prints large sums as 2.1e+09, which bash arithmetic cannot take).
 registry_bytes() {
-    local n
-    n=$(registry_blob_bytes)
-    [[ -z $TLS_REGISTRY ]] || n=$((n + $(REGISTRY_DIR=$work/registry-tls registry_blob_bytes)))
-    echo "$n"
+    local logs=("$REGISTRY_DIR/registry.log")
+    [[ -z $TLS_REGISTRY ]] || logs+=("$work/registry-tls/registry.log")
+    awk '$6 == "\"GET" && $7 ~ /^\/v2\/.*\/blobs\// && $10 ~ /^[0-9]+$/ { n += $10 } END { printf "%.0f\n", n }' "${logs[@]}"
 }
 
 # ----------------------------------------------------------------------------------- trace (the hook)
@@ -344,12 +345,12 @@ ovbd_serve_setup "$ovbd" "$work/ovbd-root" "$work/ovbd/ovbd.sock"
 E2E_REGISTRY_ACCESSLOG=1 registry_start "$work/registry"
 printf '[background_fetch]\ndisable = true\n' >"$work/soci.toml"
 wanted soci && [[ -z ${blocked[soci]:-} ]] && { tls_registry_start || blocked[soci]="no TLS registry for soci (log: $work/registry-tls/registry.log)"; }
-declare -A W_CMDS=() W_WANTS=()
+declare -A W_CMDS=() W_WANTS=() W_SHOW=()
 ctrd_start "$work/ctrd-setup"
 for w in "${workloads[@]}"; do
     workload_build "$w"
     prepare_images "$w"
-    W_CMDS[$w]=$(printf '%q ' "${W_CMD[@]}") W_WANTS[$w]=$W_WANT
+    W_CMDS[$w]=$(printf '%q ' "${W_CMD[@]}") W_WANTS[$w]=$W_WANT W_SHOW[$w]=${W_CMD[*]}
 done
 ctrd_stop
 rm -rf "$soci_fixed_root" "$work/ctrd-setup"
@@ -374,12 +375,12 @@ done
 col_stat() {
     awk -F'\t' -v w="$1" -v s="$2" -v c="$3" '$1 == w && $2 == s { print $c }' "$results" | sort -g |
         awk '{ v[++n] = $1 } END { if (!n) exit 1; m = n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
-              printf "%s %s %s\n", m, v[1], v[n] }'
+              printf "%.6f %.6f %.6f\n", m, v[1], v[n] }'
 }
 fmt_s() { awk -v m="$1" -v a="$2" -v b="$3" 'BEGIN { printf "%.2f (%.2f-%.2f)", m, a, b }'; }
 fmt_mb() { awk -v m="$1" -v a="$2" -v b="$3" 'BEGIN { printf "%.1f (%.1f-%.1f)", m / 1e6, a / 1e6, b / 1e6 }'; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
-goal() { awk -v v="$1" -v op="$2" -v g="$3" 'BEGIN { if (v == "n/a") print "n/a"; else if ((op == "<=" && v <= g) || (op == ">=" && v >= g)) print "met"; else print "NOT met" }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "n/a" }'; }
+goal() { awk -v v="${1%x}" -v op="$2" -v g="$3" 'BEGIN { if (v == "n/a") print "n/a"; else if ((op == "<=" && v <= g) || (op == ">=" && v >= g)) print "met"; else print "NOT met" }'; }
 
 echo
 echo "==== cold start: pull + first run, $runs runs interleaved, medians (min-max); host, ovbd frontend ${OVBD_BENCH_FRONTEND:-fuse}"
@@ -387,7 +388,7 @@ echo "     (cold: empty containerd root, empty snapshotter root and caches, page
 echo "      MB = blob bytes sent by the registry (access log); warm = a second run right after, image local)"
 for w in "${workloads[@]}"; do
     echo
-    echo "== $w: ${W_CMDS[$w]}"
+    echo "== $w: ${W_SHOW[$w]}"
     printf '  %-11s %-20s %-20s %-20s %-22s %s\n' snapshotter "pull s" "run s" "total s" "MB fetched" "warm run s"
     declare -A med_total=() med_bytes=() med_warm=()
     for s in "${snapshotters[@]}"; do
@@ -410,32 +411,33 @@ for w in "${workloads[@]}"; do
         [[ -n ${med_total[$o]:-} ]] || continue
         line="  $o/peer total:"
         for p in overlayfs stargz soci; do
-            [[ -n ${med_total[$p]:-} ]] && line+=" /$p $(ratio "${med_total[$o]}" "${med_total[$p]}")x"
+            [[ -n ${med_total[$p]:-} ]] && line+=" /$p $(ratio "${med_total[$o]}" "${med_total[$p]}")"
         done
         line+=" | bytes:"
         for p in overlayfs stargz soci; do
-            [[ -n ${med_bytes[$p]:-} ]] && line+=" /$p $(ratio "${med_bytes[$o]}" "${med_bytes[$p]}")x"
+            [[ -n ${med_bytes[$p]:-} ]] && line+=" /$p $(ratio "${med_bytes[$o]}" "${med_bytes[$p]}")"
         done
         echo "$line"
     done
     if [[ -n ${med_total[ovbd]:-} ]]; then
         if [[ -n ${med_total[stargz]:-} ]]; then
             v=$(ratio "${med_total[ovbd]}" "${med_total[stargz]}")
-            echo "  goal ovbd total <= 0.7x stargz: ${v}x $(goal "$v" '<=' 0.7)"
+            echo "  goal ovbd total <= 0.7x stargz: $v $(goal "$v" '<=' 0.7)"
             v=$(ratio "${med_bytes[ovbd]}" "${med_bytes[stargz]}")
-            echo "  goal ovbd bytes <= 1.2x stargz: ${v}x $(goal "$v" '<=' 1.2)"
+            echo "  goal ovbd bytes <= 1.2x stargz: $v $(goal "$v" '<=' 1.2)"
         fi
         if [[ -n ${med_total[overlayfs]:-} ]]; then
             v=$(ratio "${med_total[overlayfs]}" "${med_total[ovbd]}")
-            echo "  goal ovbd >= 3x faster than overlayfs full pull: ${v}x $(goal "$v" '>=' 3)"
+            echo "  goal ovbd >= 3x faster than overlayfs full pull: $v $(goal "$v" '>=' 3)"
         fi
     fi
     if [[ -n ${med_total[ovbd-trace]:-} ]]; then
         v=$(ratio "${med_total[ovbd-trace]}" "${med_warm[ovbd]:-${med_warm[ovbd-trace]}}")
-        echo "  goal ovbd with trace within 1.3x of a warm start: ${v}x $(goal "$v" '<=' 1.3)"
+        echo "  goal ovbd with trace within 1.3x of a warm start: $v $(goal "$v" '<=' 1.3)"
     else
         echo "  goal ovbd with trace within 1.3x of a warm start: n/a (${blocked[ovbd-trace]:-${blocked[$w/ovbd-trace]:-not run}})"
     fi
     unset med_total med_bytes med_warm
 done
-cp "$results" "${OVBD_BENCH_RESULTS:-/dev/null}" 2>/dev/null || true
+# The raw figures (one line per run: workload snapshotter run pull_s run_s total_s bytes warm_s).
+[[ -z ${OVBD_BENCH_RESULTS:-} ]] || cp "$results" "$OVBD_BENCH_RESULTS"
