@@ -17,7 +17,8 @@
 #   layers3   cat of one small file in each layer of a 3-layer image (OVBD_BENCH_LAYERS_MIB, 200 MiB)
 #   layers20  the same with 20 layers
 # Snapshotters: overlayfs (ctr image pull), stargz (ctr-remote image rpull; containerd-stargz-grpc built by
-# peers.sh), soci (soci image rpull with the index digest; soci-snapshotter-grpc from Debian sid), ovbd
+# peers.sh), soci (soci image rpull with the index digest; soci-snapshotter-grpc from Debian sid, pulling from
+# a TLS front of the same registry: see tls_registry_start), ovbd
 # (ovbd rpull), ovbd-trace (ovbd rpull of the image with a recorded trace: the hook trace_* below; printed as
 # not available until `ovbd record-trace` exists). Lazy peers run without background fetch and without
 # prefetch landmarks, like ovbd ([download] enable = false): bytes are what the first run needs.
