@@ -20,6 +20,9 @@ packages=(
     containernetworking-plugins # tests/e2e/containerd CRI mode (ctrd_start_cri): the loopback CNI plugin
     curl file python3 # tests/e2e/containerd: registry readiness, busybox check, image builder
     python3-tomlkit python3-venv # deploy/k8s: containerd-config.py; the manifest validator's venv
+    # scripts/bench-coldstart.sh's peers: ctr-remote, and the Go sources + toolchain that
+    # tests/e2e/bench/peers.sh builds containerd-stargz-grpc from (offline)
+    stargz-snapshotter golang-github-containerd-stargz-snapshotter-dev golang-go
 )
 
 missing=()
@@ -44,6 +47,12 @@ k8s_venv=/opt/ovbd-k8s-venv
     "${sudo[@]}" /usr/bin/python3 -m venv "$k8s_venv"
     "${sudo[@]}" "$k8s_venv/bin/pip" install -q kubernetes-validate==1.37.0
 }
+
+# The cold-start benchmark's peers (containerd-stargz-grpc built offline, soci-snapshotter from sid, unpacked):
+# cached under target/vm/peers, nothing done when they are there. OVBD_SETUP_PEERS=0 skips them.
+if [[ ${OVBD_SETUP_PEERS:-1} != 0 ]]; then
+    "$(dirname "${BASH_SOURCE[0]}")/../tests/e2e/bench/peers.sh" >/dev/null
+fi
 
 command -v cargo >/dev/null || {
     echo "setup: cargo not found; install a Rust toolchain (rustup) first" >&2
