@@ -48,12 +48,6 @@ k8s_venv=/opt/ovbd-k8s-venv
     "${sudo[@]}" "$k8s_venv/bin/pip" install -q kubernetes-validate==1.37.0
 }
 
-# The cold-start benchmark's peers (containerd-stargz-grpc built offline, soci-snapshotter from sid, unpacked):
-# cached under target/vm/peers, nothing done when they are there. OVBD_SETUP_PEERS=0 skips them.
-if [[ ${OVBD_SETUP_PEERS:-1} != 0 ]]; then
-    "$(dirname "${BASH_SOURCE[0]}")/../tests/e2e/bench/peers.sh" >/dev/null
-fi
-
 command -v cargo >/dev/null || {
     echo "setup: cargo not found; install a Rust toolchain (rustup) first" >&2
     exit 1
