@@ -374,7 +374,6 @@ fn receive(conn: &UnixStream) -> io::Result<(u8, Option<OwnedFd>)> {
             }
         }
     }
-    drop(iov);
     Ok((byte[0], given))
 }
 
