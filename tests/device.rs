@@ -973,6 +973,233 @@ fn fstrim_shrinks_the_committed_layer_and_discarded_ranges_read_zeros() {
     host.assert_all_gone();
 }
 
+// ---- recovery
+
+/// The processes whose command line is `ovbd fuse-holder` with a socket under `dir`.
+fn fuse_holders_under(dir: &Path) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let args: Vec<String> = cmd
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.iter().any(|a| a == "fuse-holder")
+            && args.iter().any(|a| Path::new(a).starts_with(dir))
+        {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Reads a range of a device over and over (O_DIRECT: each read reaches the server), counting
+/// rounds and recording every failure or wrong content.
+struct BusyReader {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    rounds: Arc<std::sync::atomic::AtomicU64>,
+    failures: Arc<std::sync::Mutex<Vec<String>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl BusyReader {
+    fn start(dev: &str, offset: u64, want: &[u8]) -> BusyReader {
+        use std::sync::atomic::Ordering;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let rounds = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (s, r, f) = (stop.clone(), rounds.clone(), failures.clone());
+        let (dev, want_len, want) = (dev.to_string(), want.len(), sha256_hex(want));
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                match read_direct(&dev, offset, want_len) {
+                    Ok(got) if sha256_hex(&got) == want => {}
+                    Ok(_) => f.lock().unwrap().push(format!("{dev}: wrong content")),
+                    Err(e) => f.lock().unwrap().push(format!("{dev}: {e}")),
+                }
+                r.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        BusyReader {
+            stop,
+            rounds,
+            failures,
+            thread: Some(thread),
+        }
+    }
+
+    /// Waits (a hang guard: up to a minute) for `n` more rounds.
+    fn wait_rounds(&self, n: u64) {
+        use std::sync::atomic::Ordering;
+        let start = self.rounds.load(Ordering::SeqCst);
+        assert!(
+            wait_for(|| self.rounds.load(Ordering::SeqCst) >= start + n),
+            "the reader is stuck; failures: {:?}",
+            self.failures.lock().unwrap()
+        );
+    }
+
+    fn finish(mut self) -> Vec<String> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+        std::mem::take(&mut *self.failures.lock().unwrap())
+    }
+}
+
+/// The device server killed with SIGKILL under a reader: the device stays (ublk: user recovery;
+/// fuse: its `ovbd fuse-holder` keeps the FUSE connection), the reader waits, and `attach
+/// --recover --id N` serves it again in place: the reader goes on with the same data, nothing
+/// fails, writes after it persist.
+#[test]
+fn a_killed_server_is_recovered_in_place_under_a_reader() {
+    let host = Host::new();
+    let base = extract_base(&host);
+    let upper = host.layer("rec", 0);
+    let cfg = host.config("rec", &[&base], Some((&upper.0, &upper.1)));
+    let dev = host.attach1(&cfg);
+    let id = dev
+        .trim_start_matches(|c: char| !c.is_ascii_digit())
+        .to_string();
+    let fe = frontend();
+    let before = pseudo_random(31, 4 * MIB as usize);
+    write_direct(&dev, 64 * MIB, &before);
+
+    // fuse: recovery refuses a device still served, saying so (ublk: the driver refuses it).
+    if fe == "fuse" {
+        let refused = host.ovbd(&[
+            "device",
+            "attach",
+            "--background",
+            "--frontend",
+            &fe,
+            "--recover",
+            "--id",
+            &id,
+            cfg.to_str().unwrap(),
+        ]);
+        let err = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            !refused.status.success() && err.contains("still served by pid"),
+            "{err}"
+        );
+    }
+
+    let reader = BusyReader::start(&dev, 64 * MIB, &before);
+    reader.wait_rounds(3);
+    let pid = host.list()[0]["pid"].as_u64().unwrap();
+    // SAFETY: kill(2) on the server this test started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    assert!(wait_for(|| !Path::new(&format!("/proc/{pid}")).exists()));
+    assert_eq!(
+        host.list()[0]["state"],
+        "orphaned (recoverable)",
+        "{:?}",
+        host.list()
+    );
+
+    let again = host.ovbd_ok(&[
+        "device",
+        "attach",
+        "--background",
+        "--frontend",
+        &fe,
+        "--recover",
+        "--id",
+        &id,
+        cfg.to_str().unwrap(),
+    ]);
+    assert_eq!(again.trim(), dev, "recovered as another device");
+    reader.wait_rounds(3);
+    let failures = reader.finish();
+    assert!(
+        failures.is_empty(),
+        "reads failed across the recovery: {failures:?}"
+    );
+    assert_eq!(host.serving(), 1, "{:?}", host.list());
+
+    // Writes after the recovery land, and both survive a fresh attach of the same layers.
+    let after = pseudo_random(32, 2 * MIB as usize);
+    write_direct(&dev, 256 * MIB, &after);
+    host.detach(&dev);
+    let dev = host.attach1(&cfg);
+    assert_eq!(
+        sha256_hex(&read_direct(&dev, 64 * MIB, before.len()).unwrap()),
+        sha256_hex(&before)
+    );
+    assert_eq!(
+        sha256_hex(&read_direct(&dev, 256 * MIB, after.len()).unwrap()),
+        sha256_hex(&after)
+    );
+    host.detach(&dev);
+    host.assert_all_gone();
+    if fe == "fuse" {
+        assert!(
+            wait_for(|| fuse_holders_under(host.dir.path()).is_empty()),
+            "fuse holders outlived their devices: {:?}",
+            fuse_holders_under(host.dir.path())
+        );
+    }
+}
+
+/// fuse: a device whose holder died with its server cannot be recovered: `attach --recover`
+/// says so and what to do; `detach` still releases it.
+#[test]
+fn fuse_recovery_without_a_holder_says_what_to_do() {
+    if frontend() != "fuse" {
+        return;
+    }
+    let host = Host::new();
+    let cfg = host.config("hello", &[&hello_blob()], None);
+    let dev = host.attach1(&cfg);
+    let id = dev.trim_start_matches("/dev/loop").to_string();
+    let pid = host.list()[0]["pid"].as_u64().unwrap();
+    let holders = fuse_holders_under(host.dir.path());
+    assert_eq!(holders.len(), 1, "one holder per device: {holders:?}");
+    for p in [pid as u32, holders[0]] {
+        // SAFETY: kill(2) on processes this test started.
+        unsafe { libc::kill(p as i32, libc::SIGKILL) };
+        assert!(wait_for(|| !Path::new(&format!("/proc/{p}")).exists()));
+    }
+    assert_eq!(host.list()[0]["state"], "orphaned", "{:?}", host.list());
+    let out = host.ovbd(&[
+        "device",
+        "attach",
+        "--background",
+        "--frontend",
+        "fuse",
+        "--recover",
+        "--id",
+        &id,
+        cfg.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!("no fuse holder for /dev/loop{id}"))
+            && err.contains(&format!("ovbd device detach {id}")),
+        "{err}"
+    );
+    let out = host.ovbd(&[
+        "device",
+        "attach",
+        "--frontend",
+        "fuse",
+        "--recover",
+        "--id",
+        "999999",
+        cfg.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no record of /dev/loop999999"), "{err}");
+    host.detach(&dev);
+    host.assert_all_gone();
+}
+
 // ---- many devices
 
 #[test]

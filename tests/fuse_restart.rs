@@ -1,7 +1,8 @@
 //! `ovbd serve` on the FUSE frontend killed with SIGKILL and started again while a reader is
 //! busy on the containers' rootfs: the devices (loop over the kept FUSE connection) keep
 //! working, nothing the reader reads fails or changes, and data written before the kill is
-//! there after it.
+//! there after it. The connection is kept by the holder the daemon spawns, or by one started
+//! on its own before any daemon (as deploy/k8s runs it, in a pod of its own).
 
 use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
 use containerd_client::services::v1::snapshots::{
@@ -42,6 +43,8 @@ struct Setup {
     socket: PathBuf,
     config: PathBuf,
     daemon: Option<Child>,
+    /// A holder started on its own, before the daemon.
+    holder: Option<Child>,
     rootfs: Vec<PathBuf>,
     rt: tokio::runtime::Runtime,
 }
@@ -64,6 +67,7 @@ impl Setup {
             socket,
             config,
             daemon: None,
+            holder: None,
             rootfs: Vec::new(),
             rt: tokio::runtime::Runtime::new().unwrap(),
         }
@@ -182,6 +186,34 @@ impl Setup {
     fn holder_runs(&self) -> bool {
         UnixStream::connect(self.root.join("fuse.holder")).is_ok()
     }
+
+    /// Starts `ovbd fuse-holder` on its own on the daemon's holder socket; returns once it
+    /// listens.
+    fn start_holder(&mut self) {
+        std::fs::create_dir_all(&self.root).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ovbd"))
+            .arg("fuse-holder")
+            .arg("--socket")
+            .arg(self.root.join("fuse.holder"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut ready = [0u8; 6];
+        child.stdout.take().unwrap().read_exact(&mut ready).unwrap();
+        assert_eq!(&ready, b"ready\n");
+        self.holder = Some(child);
+    }
+
+    /// Whether the holder keeps a connection now (asks it as a daemon would).
+    fn holder_keeps_one(&self) -> bool {
+        let mut c = UnixStream::connect(self.root.join("fuse.holder")).unwrap();
+        c.write_all(b"g").unwrap();
+        let mut answer = [0u8; 1];
+        c.read_exact(&mut answer).unwrap();
+        answer[0] == b'f'
+    }
 }
 
 impl Drop for Setup {
@@ -215,6 +247,10 @@ impl Drop for Setup {
         if let Ok(mut c) = UnixStream::connect(self.root.join("fuse.holder")) {
             let _ = c.write_all(b"q");
             let _ = c.read(&mut [0u8; 1]);
+        }
+        if let Some(mut h) = self.holder.take() {
+            let _ = h.kill();
+            let _ = h.wait();
         }
         let _ = Command::new("umount")
             .arg("-l")
@@ -360,12 +396,32 @@ fn digest(b: &[u8]) -> String {
 
 #[test]
 fn fuse_devices_survive_a_killed_daemon_under_a_reader() {
+    killed_daemon_under_a_reader(false);
+}
+
+/// As above with the holder started first, on its own (deploy/k8s: its own DaemonSet, so it
+/// outlives the daemon's pod): the daemon gives it the connection instead of spawning one,
+/// takes it back after the restart, and the holder stays (holding nothing) after the last
+/// device.
+#[test]
+fn fuse_devices_survive_a_killed_daemon_with_a_standalone_holder() {
+    killed_daemon_under_a_reader(true);
+}
+
+fn killed_daemon_under_a_reader(standalone_holder: bool) {
     if !Path::new("/dev/fuse").exists() || !Path::new("/dev/loop-control").exists() {
         eprintln!("skipped: no /dev/fuse or /dev/loop-control");
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
     let mut setup = Setup::new(tmp.path());
+    if standalone_holder {
+        setup.start_holder();
+        assert!(
+            !setup.holder_keeps_one(),
+            "a fresh holder keeps a connection"
+        );
+    }
     setup.start(0);
 
     // An OverlayBD image layer, committed as containerd's unpacker does.
@@ -404,6 +460,14 @@ fn fuse_devices_survive_a_killed_daemon_under_a_reader() {
     daemon.kill().unwrap();
     daemon.wait().unwrap();
     assert!(setup.holder_runs(), "no holder keeps the FUSE connection");
+    if standalone_holder {
+        let logs = setup.logs();
+        assert!(
+            logs.contains("gave the connection to the fuse holder"),
+            "the daemon did not give its connection to the holder already running; logs:\n{logs}"
+        );
+        assert!(setup.holder_keeps_one());
+    }
 
     setup.start(1);
     let logs = setup.logs();
@@ -460,6 +524,19 @@ fn fuse_devices_survive_a_killed_daemon_under_a_reader() {
         fuse.display(),
         setup.logs()
     );
+    if standalone_holder {
+        // It stays for the next daemon, holding nothing (no aborted connection kept).
+        let holder = setup.holder.as_mut().unwrap();
+        assert!(
+            holder.try_wait().unwrap().is_none(),
+            "the standalone holder exited"
+        );
+        assert!(
+            !setup.holder_keeps_one(),
+            "the holder kept a connection no device uses"
+        );
+        return;
+    }
     assert!(
         !setup.holder_runs(),
         "the holder outlived its connection; logs:\n{}",

@@ -1,8 +1,14 @@
 //! The `ovbd device` verbs: attach a `config.v1.json` image as a block device (ublk, or a loop
 //! device over this process's FUSE mount), list, detach.
+//!
+//! Recovery on fuse: one FUSE mount and one holder process per device, so that `attach --recover
+//! --id N` re-serves exactly /dev/loopN (from its holder) as ublk's user recovery does.
 
 use crate::config::FrontendChoice;
-use crate::device::{self, AttachOptions, Backing, DeviceFrontend, Frontend, WorkerPool};
+use crate::device::{
+    self, fuse_holder, AttachOptions, Backing, DeviceFrontend, Frontend, FuseFile, FuseFrontend,
+    WorkerPool,
+};
 use crate::source::config::ImageConfig;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -26,6 +32,9 @@ struct DeviceRecord {
     /// fuse: what backs the loop device (tells it from another program's with the same number).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     backing: Option<Backing>,
+    /// fuse: the FUSE mount its file is on (its holder's socket beside it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    fuse_dir: Option<PathBuf>,
 }
 
 impl DeviceRecord {
@@ -37,6 +46,66 @@ impl DeviceRecord {
                 self.backing.is_some() && device::loop_backing(self.id) == self.backing
             }
         }
+    }
+
+    /// Whether `attach --recover` can re-serve it once its server is gone (fuse: a holder
+    /// still keeps its connection).
+    fn can_recover(&self) -> bool {
+        match (&self.frontend, &self.fuse_dir) {
+            (Frontend::Ublk, _) => self.recoverable,
+            (Frontend::Fuse, Some(dir)) => {
+                std::os::unix::net::UnixStream::connect(fuse_holder::socket_path(dir)).is_ok()
+            }
+            (Frontend::Fuse, None) => false,
+        }
+    }
+}
+
+/// fuse, `--recover --id N`: the mount and file of /dev/loopN its dead server left.
+struct FuseRecovery {
+    dir: PathBuf,
+    file: FuseFile,
+}
+
+impl FuseRecovery {
+    /// What the record of /dev/loop`id` says, if its server is gone and the device is still
+    /// bound as recorded.
+    fn of(id: u32) -> Result<FuseRecovery> {
+        let rp = record_path(Frontend::Fuse, id);
+        let record: DeviceRecord = std::fs::read(&rp)
+            .ok()
+            .and_then(|t| serde_json::from_slice(&t).ok())
+            .with_context(|| {
+                format!(
+                    "no record of /dev/loop{id} in {}: not a device `ovbd device attach` made (see `ovbd device list`)",
+                    rp.display()
+                )
+            })?;
+        let (Some(dir), Some(backing)) = (record.fuse_dir.clone(), record.backing) else {
+            bail!(
+                "/dev/loop{id} was attached by an ovbd without fuse recovery: `ovbd device detach {id}` and attach anew"
+            );
+        };
+        if pid_alive(record.pid) {
+            bail!(
+                "/dev/loop{id} is still served by pid {}: nothing to recover (`ovbd device detach {id}` stops it)",
+                record.pid
+            );
+        }
+        if device::loop_backing(id) != Some(backing) {
+            let _ = std::fs::remove_file(&rp);
+            bail!(
+                "/dev/loop{id} is gone (or another program's now): attach anew without --recover"
+            );
+        }
+        Ok(FuseRecovery {
+            dir,
+            file: FuseFile {
+                ino: backing.ino,
+                loop_number: id,
+                backing,
+            },
+        })
     }
 }
 
@@ -73,6 +142,9 @@ pub fn attach(
     }
     if (id.is_some() || recover) && configs.len() != 1 {
         bail!("--id and --recover take exactly one config");
+    }
+    if frontend == Frontend::Fuse && id.is_some() && !recover {
+        bail!("on the fuse frontend the loop driver numbers new devices: --id only goes with --recover (re-serve /dev/loopN)");
     }
     if !background {
         return serve(configs, id, recover, frontend, &mut |msg| {
@@ -177,51 +249,107 @@ fn serve(
 ) -> Result<()> {
     // Signals go to the waiter thread of `serve_on`; block them before any thread starts.
     blocked_signals();
-    // ublk: no mount of a device we serve may live in this process's namespace. fuse: the
-    // mount is this server's own (other servers each mount theirs at their own path), gone with
-    // the process; the loop devices over it are what others see.
-    device::enter_private_mount_namespace().context("entering a private mount namespace")?;
-    // Per process: another server's files must never look like stale ones of ours.
-    let fuse_dir = run_dir().join("fuse").join(std::process::id().to_string());
-    let frontend = DeviceFrontend::open(kind, &fuse_dir)
-        .with_context(|| format!("starting the {kind} device frontend"))?;
-    log::info!("device frontend: {}", frontend.kind());
-    let r = serve_on(&frontend, configs, id, recover, ready);
-    frontend.shutdown();
-    if kind == Frontend::Fuse {
-        let _ = std::fs::remove_dir(&fuse_dir);
+    let recovery = match (kind, recover, id) {
+        (Frontend::Fuse, true, Some(id)) => Some(FuseRecovery::of(id)?),
+        _ => None,
+    };
+    // Relative config paths must not resolve in the holder's namespace's root (below).
+    let configs: Vec<PathBuf> = configs
+        .iter()
+        .map(|c| std::fs::canonicalize(c).unwrap_or_else(|_| c.clone()))
+        .collect();
+    match &recovery {
+        // The mount lives in the dead server's private namespace, which its holder keeps:
+        // we serve it from there.
+        Some(r) => {
+            let socket = fuse_holder::socket_path(&r.dir);
+            let entered = fuse_holder::enter_mount_namespace(&socket).with_context(|| {
+                format!(
+                    "entering the mount namespace of the fuse holder on {}",
+                    socket.display()
+                )
+            })?;
+            if !entered {
+                let n = r.file.loop_number;
+                bail!(
+                    "no fuse holder for /dev/loop{n} (nothing listens on {}): its FUSE connection died with its server; `ovbd device detach {n}` and attach anew",
+                    socket.display()
+                );
+            }
+        }
+        // ublk: no mount of a device we serve may live in this process's namespace. fuse: the
+        // mounts are this server's own (other servers each mount theirs at their own paths),
+        // kept by their holders; the loop devices over them are what others see.
+        None => {
+            device::enter_private_mount_namespace().context("entering a private mount namespace")?
+        }
     }
-    r
+    serve_on(kind, &configs, id, recover, recovery.as_ref(), ready)
+}
+
+/// A device's frontend: ublk needs none of its own; fuse a mount per device (one holder each,
+/// so each device is recovered on its own), made anew or, with `recovery`, served again.
+fn open_frontend(
+    kind: Frontend,
+    recovery: Option<&FuseRecovery>,
+) -> Result<(DeviceFrontend, Option<PathBuf>)> {
+    if kind == Frontend::Ublk {
+        return Ok((DeviceFrontend::Ublk, None));
+    }
+    if let Some(r) = recovery {
+        let f = FuseFrontend::recover_kept(&r.dir)
+            .with_context(|| format!("re-serving /dev/loop{}", r.file.loop_number))?;
+        return Ok((DeviceFrontend::Fuse(f), Some(r.dir.clone())));
+    }
+    let base = run_dir().join("fuse");
+    std::fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
+    // A name never used before: a later server reusing our pid must not take our mount's
+    // leftovers (loop devices under it) for stale ones while a recovered server serves them.
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("{}-", std::process::id()))
+        .tempdir_in(&base)
+        .with_context(|| format!("making a mountpoint in {}", base.display()))?
+        .keep();
+    let f = DeviceFrontend::open_restartable(kind, &dir)
+        .with_context(|| format!("starting the {kind} device frontend"))?;
+    log::info!("device frontend: {} on {}", f.kind(), dir.display());
+    Ok((f, Some(dir)))
+}
+
+/// Removes what a fuse device's mount left in the run directory once it is unmounted.
+fn remove_fuse_dir(dir: &Path) {
+    let _ = std::fs::remove_dir(dir);
+    let _ = std::fs::remove_file(dir.with_extension("next-ino"));
+    fuse_holder::remove_files(&fuse_holder::socket_path(dir));
 }
 
 fn serve_on(
-    frontend: &DeviceFrontend,
+    kind: Frontend,
     configs: &[PathBuf],
     id: Option<u32>,
     recover: bool,
+    recovery: Option<&FuseRecovery>,
     ready: &mut dyn FnMut(&str),
 ) -> Result<()> {
     let set = blocked_signals();
     let pool = WorkerPool::new(2, 256);
     let mut devices = Vec::with_capacity(configs.len());
     for path in configs {
-        match attach_one(frontend, path, id, recover, &pool) {
+        match attach_one(kind, path, id, recover, recovery, &pool) {
             Ok(d) => {
                 log::info!(
                     "{}: {} ({} frontend)",
                     path.display(),
-                    d.0.block_path(),
-                    d.0.frontend()
+                    d.device.block_path(),
+                    d.device.frontend()
                 );
-                ready(&d.0.block_path());
+                ready(&d.device.block_path());
                 devices.push(d);
             }
             Err(e) => {
-                for ((d, rp), started) in devices.into_iter().zip(configs) {
-                    let _ = d.stop();
-                    let mut d = d;
-                    let _ = d.join();
-                    let _ = std::fs::remove_file(rp);
+                for (d, started) in devices.into_iter().zip(configs) {
+                    let _ = d.device.stop();
+                    let _ = d.end();
                     // Its resultFile said success: the device is gone again.
                     if let Ok(cfg) = ImageConfig::load(started) {
                         cfg.write_result(&Err(anyhow::anyhow!(
@@ -233,7 +361,7 @@ fn serve_on(
             }
         }
     }
-    let stoppers: Vec<device::DeviceStopper> = devices.iter().map(|d| d.0.stopper()).collect();
+    let stoppers: Vec<device::DeviceStopper> = devices.iter().map(|d| d.device.stopper()).collect();
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -248,14 +376,38 @@ fn serve_on(
             }
         })?;
     let mut result = Ok(());
-    for (mut d, rp) in devices {
-        if let Err(e) = d.join() {
-            log::error!("{}: {e:#}", d.block_path());
-            result = Err(e.into());
+    for d in devices {
+        if let Err(e) = d.end() {
+            result = Err(e);
         }
-        let _ = std::fs::remove_file(rp);
     }
     result
+}
+
+/// A device this server serves, with what it leaves behind when it ends.
+struct Served {
+    device: device::AttachedDevice,
+    record: PathBuf,
+    frontend: DeviceFrontend,
+    fuse_dir: Option<PathBuf>,
+}
+
+impl Served {
+    /// Waits until the device is detached, then removes its record and its own frontend.
+    fn end(mut self) -> Result<()> {
+        let r = self.device.join();
+        if let Err(e) = &r {
+            log::error!("{}: {e:#}", self.device.block_path());
+        }
+        let _ = std::fs::remove_file(&self.record);
+        // fuse: the last users of the mount; it is unmounted and its holder told to go.
+        drop(self.device);
+        drop(self.frontend);
+        if let Some(dir) = &self.fuse_dir {
+            remove_fuse_dir(dir);
+        }
+        Ok(r?)
+    }
 }
 
 /// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread (and threads it starts later);
@@ -276,27 +428,46 @@ fn blocked_signals() -> libc::sigset_t {
 /// Opens one config's image and attaches it; records the outcome in its resultFile and the
 /// device in the run directory.
 fn attach_one(
-    frontend: &DeviceFrontend,
+    kind: Frontend,
     config_path: &Path,
     id: Option<u32>,
     recover: bool,
+    recovery: Option<&FuseRecovery>,
     pool: &Arc<WorkerPool>,
-) -> Result<(device::AttachedDevice, PathBuf)> {
+) -> Result<Served> {
     let cfg = ImageConfig::load(config_path)?;
     let attached = cfg.open_image(None).and_then(|image| {
         let writable = image.is_writable();
-        let dev = frontend.attach(
-            Arc::new(image),
-            pool.clone(),
-            AttachOptions {
+        let (frontend, fuse_dir) = open_frontend(kind, recovery)?;
+        let opts = match recovery {
+            Some(r) => AttachOptions {
+                recover: true,
+                fuse_file: Some(r.file),
+                ..Default::default()
+            },
+            None => AttachOptions {
                 id,
                 recover,
                 ..Default::default()
             },
-        )?;
-        Ok((dev, writable))
+        };
+        let attached = frontend.attach(Arc::new(image), pool.clone(), opts);
+        // Re-bound or not, the dead server's other requests have waited enough.
+        frontend.finish_recovery();
+        let dev = match attached {
+            Ok(d) => d,
+            Err(e) => {
+                // A fresh mount goes (a recovered one stays with its holder).
+                if let (Some(dir), None) = (&fuse_dir, recovery) {
+                    drop(frontend);
+                    remove_fuse_dir(dir);
+                }
+                return Err(e.into());
+            }
+        };
+        Ok((dev, writable, frontend, fuse_dir))
     });
-    let (dev, writable) = match attached {
+    let (dev, writable, frontend, fuse_dir) = match attached {
         Ok(d) => d,
         Err(e) => {
             let e = e.context(format!("{}", config_path.display()));
@@ -310,19 +481,27 @@ fn attach_one(
         config: std::fs::canonicalize(config_path).unwrap_or_else(|_| config_path.to_path_buf()),
         pid: std::process::id(),
         writable,
-        recoverable: dev.recoverable,
+        // fuse: while its holder keeps the connection (see `can_recover`).
+        recoverable: dev.recoverable || fuse_dir.is_some(),
         frontend: dev.frontend(),
         backing: dev.backing(),
+        fuse_dir: fuse_dir.clone(),
     };
-    let rp = record_path(dev.frontend(), dev.id);
+    let served = Served {
+        record: record_path(dev.frontend(), dev.id),
+        device: dev,
+        frontend,
+        fuse_dir,
+    };
+    let rp = &served.record;
     if let Some(parent) = rp.parent() {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("creating {}", parent.display()))?;
     }
-    std::fs::write(&rp, serde_json::to_vec_pretty(&record)?)
+    std::fs::write(rp, serde_json::to_vec_pretty(&record)?)
         .with_context(|| format!("writing {}", rp.display()))?;
     cfg.write_result(&Ok(()));
-    Ok((dev, rp))
+    Ok(served)
 }
 
 pub fn list(as_json: bool) -> Result<()> {
@@ -330,7 +509,7 @@ pub fn list(as_json: bool) -> Result<()> {
     records.sort_by_key(|r| (r.frontend == Frontend::Fuse, r.id));
     let state = |r: &DeviceRecord| match (r.exists(), pid_alive(r.pid)) {
         (true, true) => "serving",
-        (true, false) if r.recoverable => "orphaned (recoverable)",
+        (true, false) if r.can_recover() => "orphaned (recoverable)",
         (true, false) => "orphaned",
         (false, _) => "gone",
     };
@@ -464,8 +643,15 @@ fn detach_loop(id: u32, record: Option<DeviceRecord>, rp: &Path) -> Result<()> {
         eprintln!("ovbd: /dev/loop{id} detached; the kernel removes it once its last user (a mount?) lets go");
     }
     // A live server removes the record once it has dropped the image.
-    if !record.is_some_and(|r| pid_alive(r.pid)) {
-        let _ = std::fs::remove_file(rp);
+    let Some(record) = record.filter(|r| !pid_alive(r.pid)) else {
+        return Ok(());
+    };
+    let _ = std::fs::remove_file(rp);
+    // Orphaned: its holder lets go of the connection (I/O still waiting on it fails), and
+    // with it goes the dead server's mount.
+    if let Some(dir) = &record.fuse_dir {
+        fuse_holder::quit(&fuse_holder::socket_path(dir));
+        remove_fuse_dir(dir);
     }
     Ok(())
 }

@@ -96,11 +96,16 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Internal: started by `ovbd serve` to keep its FUSE connection (stdin) across restarts.
+    /// Keeps a FUSE frontend's connection across daemon restarts. Started by `ovbd serve` (with
+    /// the connection as stdin), or on its own before any daemon (Kubernetes: its own
+    /// DaemonSet), waiting on SOCKET (the daemon's `<root>/fuse.holder`) to be given it.
     #[command(hide = true)]
     FuseHolder {
         #[arg(long)]
         socket: PathBuf,
+        /// The connection is stdin (a daemon spawned us): exit once it is gone.
+        #[arg(long)]
+        from_stdin: bool,
     },
 }
 
@@ -126,10 +131,13 @@ enum DeviceCmd {
         /// Return once the device is up; a background process serves it.
         #[arg(long)]
         background: bool,
-        /// Device id (default: the kernel picks).
+        /// Device id (default: the kernel picks): N of /dev/ublkbN, or with --recover of
+        /// /dev/loopN on fuse.
         #[arg(long)]
         id: Option<u32>,
-        /// Re-attach device --id whose server died (needs UBLK_F_USER_RECOVERY).
+        /// Re-attach device --id whose server died, with the config it had: ublk needs
+        /// UBLK_F_USER_RECOVERY; fuse re-serves the connection the device's `ovbd fuse-holder`
+        /// process kept (one per device).
         #[arg(long)]
         recover: bool,
         /// Block device frontend: ublk (/dev/ublkbN), fuse (/dev/loopN over a file on a FUSE
@@ -379,9 +387,11 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::FuseHolder { socket } => crate::device::fuse_holder::run(&socket)
-            .map_err(anyhow::Error::from)
-            .with_context(|| format!("fuse holder on {}", socket.display())),
+        Cmd::FuseHolder { socket, from_stdin } => {
+            crate::device::fuse_holder::run(&socket, from_stdin)
+                .map_err(anyhow::Error::from)
+                .with_context(|| format!("fuse holder on {}", socket.display()))
+        }
         Cmd::Device(DeviceCmd::Detach { id }) => device::detach(&id),
         Cmd::Image(ImageCmd::Export { mut paths }) => {
             let out = paths.pop().unwrap_or_default();

@@ -265,6 +265,27 @@ impl FuseFrontend {
         FuseFrontend::open(dir, true)
     }
 
+    /// Serves again the connection of the FUSE mount on `dir` that its holder keeps (its server
+    /// died), or fails: nothing is mounted or cleared afresh. Then as [`Self::open_restartable`].
+    pub fn recover_kept(dir: &Path) -> Result<Arc<FuseFrontend>, DeviceError> {
+        let socket = fuse_holder::socket_path(dir);
+        let fd = fuse_holder::take(&socket).map_err(|source| DeviceError::Fuse {
+            what: "taking the kept connection from its holder",
+            source,
+        })?;
+        match fd {
+            Some(fd) if is_fuse_mount(dir) => FuseFrontend::recover(dir, fd),
+            _ => Err(DeviceError::Fuse {
+                what: "taking the kept connection from its holder",
+                source: std::io::Error::other(format!(
+                    "no fuse holder on {} keeps a connection mounted on {}",
+                    socket.display(),
+                    dir.display()
+                )),
+            }),
+        }
+    }
+
     fn open(dir: &Path, restartable: bool) -> Result<Arc<FuseFrontend>, DeviceError> {
         let socket = fuse_holder::socket_path(dir);
         if restartable {
@@ -633,7 +654,21 @@ impl FuseFrontend {
         if *up {
             return;
         }
-        match fuse_holder::spawn(&fuse_holder::socket_path(&self.mountpoint), fd.as_fd()) {
+        let socket = fuse_holder::socket_path(&self.mountpoint);
+        // A holder started on its own (outliving us, e.g. in its own pod) gets it; else our own.
+        match fuse_holder::give(&socket, fd.as_fd()) {
+            Ok(true) => {
+                log::info!(
+                    "fuse frontend: gave the connection to the fuse holder on {}",
+                    socket.display()
+                );
+                *up = true;
+                return;
+            }
+            Ok(false) => {}
+            Err(e) => log::warn!("fuse frontend: {e}; starting a holder of our own"),
+        }
+        match fuse_holder::spawn(&socket, fd.as_fd()) {
             Ok(()) => *up = true,
             Err(e) => log::warn!(
                 "fuse frontend: starting the holder of {}: {e}; its devices will not survive a restart",

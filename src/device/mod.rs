@@ -182,13 +182,6 @@ impl DeviceFrontend {
             server: Server::Fuse(attached),
         })
     }
-
-    /// Lets go of the frontend's own resources (the FUSE mount) once its devices are detached.
-    pub fn shutdown(&self) {
-        if let DeviceFrontend::Fuse(f) = self {
-            f.shutdown();
-        }
-    }
 }
 
 /// A device being served by this process.
