@@ -166,4 +166,4 @@ impl ImageService for ImageProxy {
 
 #[cfg(test)]
 #[path = "cri_proxy_tests.rs"]
-mod tests;
+pub(crate) mod tests;

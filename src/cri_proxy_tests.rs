@@ -8,10 +8,16 @@ use std::io;
 use std::sync::Mutex;
 
 /// What the fake upstream saw: (method, `containerd-namespace` header, request as Debug).
-type Calls = Arc<Mutex<Vec<(String, Option<String>, String)>>>;
+pub(crate) type Calls = Arc<Mutex<Vec<(String, Option<String>, String)>>>;
 
-struct FakeUpstream {
-    calls: Calls,
+/// What the fake upstream does while it runs a PullImage (containerd: unpack, Prepare calls).
+pub(crate) type OnPull = Arc<dyn Fn(&PullImageRequest) + Send + Sync>;
+
+/// containerd's CRI image service, as far as the proxy can tell.
+#[derive(Default)]
+pub(crate) struct FakeUpstream {
+    pub(crate) calls: Calls,
+    pub(crate) on_pull: Option<OnPull>,
 }
 
 impl FakeUpstream {
@@ -54,6 +60,9 @@ impl ImageService for FakeUpstream {
         req: Request<PullImageRequest>,
     ) -> Result<Response<PullImageResponse>, Status> {
         self.record("PullImage", &req);
+        if let Some(f) = &self.on_pull {
+            f(req.get_ref());
+        }
         let mut resp = Response::new(PullImageResponse {
             image_ref: "sha256:pulled".into(),
         });
@@ -77,7 +86,7 @@ impl ImageService for FakeUpstream {
     }
 }
 
-fn serve_on<S>(rt: &tokio::runtime::Runtime, path: &std::path::Path, svc: S)
+pub(crate) fn serve_on<S>(rt: &tokio::runtime::Runtime, path: &std::path::Path, svc: S)
 where
     S: tonic::codegen::Service<
             tonic::codegen::http::Request<tonic::transport::Body>,
@@ -100,7 +109,7 @@ where
     );
 }
 
-async fn client(path: PathBuf) -> ImageServiceClient<Channel> {
+pub(crate) async fn client(path: PathBuf) -> ImageServiceClient<Channel> {
     let channel = Endpoint::try_from("http://[::]:50051")
         .unwrap()
         .connect_with_connector(tower::service_fn(move |_: Uri| {
@@ -111,7 +120,7 @@ async fn client(path: PathBuf) -> ImageServiceClient<Channel> {
     ImageServiceClient::new(channel)
 }
 
-fn pull_request(image: &str, auth: AuthConfig) -> Request<PullImageRequest> {
+pub(crate) fn pull_request(image: &str, auth: AuthConfig) -> Request<PullImageRequest> {
     let mut req = Request::new(PullImageRequest {
         image: Some(ImageSpec {
             image: image.into(),
@@ -176,6 +185,7 @@ fn cri_proxy_forwards_and_pull_secret_reaches_lazy_reads() {
         &up_sock,
         ImageServiceServer::new(FakeUpstream {
             calls: calls.clone(),
+            on_pull: None,
         }),
     );
     let proxy = {
