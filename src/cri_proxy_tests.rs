@@ -162,6 +162,8 @@ fn cri_proxy_forwards_and_pull_secret_reaches_lazy_reads() {
         }),
     );
     let registry = Registry::new(&quick_config()).unwrap();
+    // The blob as read for a snapshot layer, and as read for none.
+    let layer = std::path::PathBuf::from("/snapshots/1/fs");
     let blob = RemoteBlob::new(
         registry.clone(),
         &format!("{}/test/blob", front.addr),
@@ -169,6 +171,8 @@ fn cri_proxy_forwards_and_pull_secret_reaches_lazy_reads() {
         300_000,
     )
     .unwrap();
+    let unbound = blob.clone();
+    let blob = blob.for_layer(Some(&layer));
     // Without a captured pull secret the token server refuses: the lazy read fails.
     let e = read(&blob, 4096).unwrap_err();
     assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
@@ -185,7 +189,14 @@ fn cri_proxy_forwards_and_pull_secret_reaches_lazy_reads() {
         &up_sock,
         ImageServiceServer::new(FakeUpstream {
             calls: calls.clone(),
-            on_pull: None,
+            // containerd's unpack: the snapshotter binds the pull's secret to the layer.
+            on_pull: Some(Arc::new({
+                let (captured, layer) = (registry.captured_credentials(), layer.clone());
+                move |req: &PullImageRequest| {
+                    let image = &req.image.as_ref().unwrap().image;
+                    assert!(captured.bind(&layer, image).is_some(), "{image}");
+                }
+            })),
         }),
     );
     let proxy = {
@@ -250,6 +261,9 @@ fn cri_proxy_forwards_and_pull_secret_reaches_lazy_reads() {
 
     // Now the same lazy read authenticates with the pod's pull secret.
     assert_eq!(read(&blob, 4096).unwrap(), &data[..4096]);
+    // Not a read for that layer (nor its token): refused.
+    let e = read(&unbound, 4096).unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
     assert!(front
         .seen
         .lock()
@@ -264,7 +278,8 @@ fn cri_proxy_forwards_and_pull_secret_reaches_lazy_reads() {
         &other_digest,
         300_000,
     )
-    .unwrap();
+    .unwrap()
+    .for_layer(Some(&layer));
     let e = read(&foreign, 4096).unwrap_err();
     assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
     drop(rt);

@@ -423,7 +423,6 @@ fn a_cri_pull_secret_serves_only_the_layers_prepared_during_its_pull() {
     use crate::testing::{push_blob, quick_config, random_bytes, start_registry, Front, FrontAuth};
     use base64::Engine as _;
     use k8s_cri::v1::{image_service_server::ImageServiceServer, AuthConfig};
-    use ovbd_format::ReadAt as _;
 
     let reg = start_registry("");
     let size = 300_000;
@@ -457,9 +456,10 @@ fn a_cri_pull_secret_serves_only_the_layers_prepared_during_its_pull() {
     };
     let source = Arc::new(crate::source::remote::RegistrySource::from_config(&cfg).unwrap());
     let s = Arc::new(
-        Snapshotter::open(cfg)
+        Snapshotter::open(cfg.clone())
             .unwrap()
-            .with_remote(source.clone()),
+            .with_remote(source.clone())
+            .with_cri_pulls(source.captured_credentials()),
     );
     let image = format!("{}/team-a/app:v1", front.addr);
 
@@ -522,4 +522,44 @@ fn a_cri_pull_secret_serves_only_the_layers_prepared_during_its_pull() {
     let e = read_lazy_layer(&s, &source, &blobs[2].1).unwrap_err();
     assert!(format!("{e:#}").contains("401"), "{e:#}");
     drop(rt);
+
+    // The daemon restarts: secrets are gone, the binding is on disk. The bound layer reads
+    // again once a PullImage of its repository brings a secret back; the others never do.
+    drop((s, source));
+    // Without the blocks cached so far: the reads below go to the registry.
+    std::fs::remove_dir_all(cfg.root.join("cache")).unwrap();
+    let source = Arc::new(crate::source::remote::RegistrySource::from_config(&cfg).unwrap());
+    let s = Snapshotter::open(cfg)
+        .unwrap()
+        .with_remote(source.clone())
+        .with_cri_pulls(source.captured_credentials());
+    let e = read_lazy_layer(&s, &source, &blobs[0].1).unwrap_err();
+    assert!(format!("{e:#}").contains("401"), "{e:#}");
+    let (window, _) = source
+        .captured_credentials()
+        .begin_pull(
+            &format!("{}/team-a/app:v2", front.addr),
+            "",
+            crate::registry::credentials::Credential::Basic {
+                username: "alice".into(),
+                password: "s3cret".into(),
+            },
+        )
+        .unwrap();
+    drop(window);
+    assert_eq!(
+        read_lazy_layer(&s, &source, &blobs[0].1).unwrap(),
+        &blobs[0].0[..4096]
+    );
+    for (_, digest) in &blobs[1..] {
+        let e = read_lazy_layer(&s, &source, digest).unwrap_err();
+        assert!(format!("{e:#}").contains("401"), "{e:#}");
+    }
+    // Removed, the layer's binding goes with it.
+    let layer = s.dir(s.meta.get(&blobs[0].1).unwrap().id).join("fs");
+    s.remove(&blobs[0].1).unwrap();
+    assert!(source
+        .captured_credentials()
+        .for_layer(&layer, &front.addr, "team-a/app")
+        .is_none());
 }
