@@ -204,19 +204,27 @@ fn serve_on(
     let set = blocked_signals();
     let pool = WorkerPool::new(2, 256);
     let mut devices = Vec::with_capacity(configs.len());
+    let mut spans = Vec::with_capacity(configs.len());
     for path in configs {
+        // The device's span: its attach, detach and failure lines name it.
+        let span = tracing::info_span!(
+            "device",
+            image = %path.display(),
+            frontend = %frontend.kind(),
+            id = tracing::field::Empty
+        );
+        let entered = span.enter();
         match attach_one(frontend, path, id, recover, &pool) {
             Ok(d) => {
-                log::info!(
-                    "{}: {} ({} frontend)",
-                    path.display(),
-                    d.0.block_path(),
-                    d.0.frontend()
-                );
+                span.record("id", d.0.id);
+                tracing::info!(device = %d.0.block_path(), "attached");
                 ready(&d.0.block_path());
                 devices.push(d);
+                drop(entered);
+                spans.push(span);
             }
             Err(e) => {
+                tracing::warn!(reason = %format!("{e:#}"), "attach failed");
                 for ((d, rp), started) in devices.into_iter().zip(configs) {
                     let _ = d.stop();
                     let mut d = d;
@@ -248,10 +256,14 @@ fn serve_on(
             }
         })?;
     let mut result = Ok(());
-    for (mut d, rp) in devices {
+    for ((mut d, rp), span) in devices.into_iter().zip(spans) {
+        let _entered = span.enter();
         if let Err(e) = d.join() {
+            tracing::warn!(device = %d.block_path(), reason = %format!("{e:#}"), "device failed");
             log::error!("{}: {e:#}", d.block_path());
             result = Err(e.into());
+        } else {
+            tracing::info!(device = %d.block_path(), "detached");
         }
         let _ = std::fs::remove_file(rp);
     }

@@ -143,6 +143,16 @@ impl RemoteBlob {
         let t = self.t.clone();
         let timeout = inner.timeout;
         let lens: Vec<usize> = ranges.iter().map(|r| r.1).collect();
+        // Every event of this read (retries, auth, failures) carries the blob: `run` and the
+        // spawns below take the current span along to the registry's threads.
+        let span = tracing::info_span!(
+            "blob",
+            digest = %self.t.digest,
+            registry = %self.t.name.split('/').next().unwrap_or_default(),
+            repo = %self.t.repo
+        );
+        let _entered = span.enter();
+        tracing::debug!(ranges = ranges.len(), "lazy read");
         self.registry
             .run(timeout + Duration::from_secs(10), async move {
                 let deadline = Instant::now() + timeout;
@@ -166,6 +176,7 @@ impl RemoteBlob {
                             .await?;
                         Ok::<_, io::Error>(op.out)
                     };
+                    let fut = tracing::Instrument::in_current_span(fut);
                     tasks.push((i, AbortOnDrop(tokio::spawn(fut))));
                 }
                 let mut out: Vec<Vec<u8>> = lens.iter().map(|&l| Vec::with_capacity(l)).collect();

@@ -323,6 +323,8 @@ impl Registry {
         fut: impl Future<Output = io::Result<T>> + Send + 'static,
     ) -> io::Result<T> {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        // The caller's span (a blob's, a device's) goes along: events there name it.
+        let fut = tracing::Instrument::in_current_span(fut);
         let task = self.handle.spawn(async move {
             let _ = tx.send(fut.await);
         });
