@@ -137,8 +137,9 @@ fn stop_serve(dir: &Path, mut child: Child) -> Vec<serde_json::Value> {
 /// is set and parses; one that does not parse is skipped with a warning naming it.
 #[test]
 fn the_log_filter_is_ovbd_log_else_rust_log_else_log_level() {
-    // (log_level, env, whether INFO lines appear)
-    let cases: &[(&str, &[(&str, &str)], bool)] = &[
+    /// log_level, environment, whether INFO lines appear.
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], bool);
+    let cases: &[Case] = &[
         ("error", &[], false),
         ("info", &[], true),
         ("error", &[("RUST_LOG", "info")], true),
