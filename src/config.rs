@@ -140,12 +140,14 @@ impl MetricsConfig {
 
 /// `[cri_proxy]`: off unless `listen` is set. `ovbd serve` then listens there as the kubelet's
 /// image service (`--image-service-endpoint`), forwards every call to containerd's CRI at
-/// `upstream`, and keeps each PullImage's auth in memory for that repository's lazy reads.
+/// `upstream`, and keeps each PullImage's auth in memory for the lazy layers that pull prepares.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CriProxyConfig {
     pub listen: Option<PathBuf>,
     pub upstream: PathBuf,
+    /// containerd's namespace of CRI: a pull secret binds only to layers prepared there.
+    pub namespace: String,
 }
 
 impl Default for CriProxyConfig {
@@ -153,6 +155,7 @@ impl Default for CriProxyConfig {
         CriProxyConfig {
             listen: None,
             upstream: PathBuf::from("/run/containerd/containerd.sock"),
+            namespace: "k8s.io".into(),
         }
     }
 }

@@ -4,10 +4,10 @@
 //! image would go to the registry anonymously. The kubelet is pointed at our socket
 //! (`--image-service-endpoint`); every `runtime.v1.ImageService` call is forwarded to
 //! containerd's CRI as it came (message and metadata), and the auth of each `PullImage` is kept
-//! in memory ([`CapturedCredentials`]) for blobs of that same registry + repository, as
-//! stargz's CRI keychain does. Secrets are never logged.
+//! in memory ([`CapturedCredentials`]) for the lazy layers containerd prepares while that pull
+//! runs (and only for blobs of that same registry + repository). Secrets are never logged.
 
-use crate::registry::captured::CapturedCredentials;
+use crate::registry::captured::{CapturedCredentials, PullWindow};
 use crate::registry::credentials::{basic_from_auth, Credential};
 use containerd_snapshots::tonic::{
     self,
@@ -50,21 +50,22 @@ impl ImageProxy {
         ImageServiceServer::new(self)
     }
 
-    fn capture(&self, req: &PullImageRequest) {
+    /// Opens the window in which `req`'s auth binds to the layers containerd prepares.
+    fn capture(&self, req: &PullImageRequest) -> Option<PullWindow> {
         let image = req.image.as_ref().map(|i| i.image.as_str()).unwrap_or("");
         let Some(auth) = &req.auth else {
             log::debug!("CRI PullImage {image:?}: no auth to keep");
-            return;
+            return None;
         };
         let credential = match credential_of(auth) {
             Ok(Credential::Anonymous) => {
                 log::debug!("CRI PullImage {image:?}: empty auth");
-                return;
+                return None;
             }
             Ok(c) => c,
             Err(why) => {
                 log::warn!("CRI PullImage {image:?}: auth not kept: {why}");
-                return;
+                return None;
             }
         };
         let kind = match &credential {
@@ -75,13 +76,19 @@ impl ImageProxy {
         };
         match self
             .captured
-            .capture(image, &auth.server_address, credential)
+            .begin_pull(image, &auth.server_address, credential)
         {
-            Ok((registry, repo)) => log::info!(
-                "CRI PullImage {image:?}: keeping its auth ({kind}) for the lazy reads of \
-                 {registry}/{repo}"
-            ),
-            Err(e) => log::warn!("CRI PullImage: auth not kept: {e}"),
+            Ok((window, (registry, repo))) => {
+                log::info!(
+                    "CRI PullImage {image:?}: keeping its auth ({kind}) for the lazy reads of \
+                     the {registry}/{repo} layers prepared during this pull"
+                );
+                Some(window)
+            }
+            Err(e) => {
+                log::warn!("CRI PullImage: auth not kept: {e}");
+                None
+            }
         }
     }
 }
@@ -141,8 +148,9 @@ impl ImageService for ImageProxy {
         &self,
         req: Request<PullImageRequest>,
     ) -> Result<Response<PullImageResponse>, Status> {
-        // Before the pull: containerd prepares the lazy layers while it runs.
-        self.capture(req.get_ref());
+        // Open until containerd answers (or the kubelet gives up): it prepares the lazy layers
+        // while the pull runs.
+        let _window = self.capture(req.get_ref());
         let mut up = self.upstream.clone();
         up.pull_image(forwarded(req)).await.map(answered)
     }
@@ -166,4 +174,4 @@ impl ImageService for ImageProxy {
 
 #[cfg(test)]
 #[path = "cri_proxy_tests.rs"]
-mod tests;
+pub(crate) mod tests;

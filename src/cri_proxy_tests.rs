@@ -8,10 +8,16 @@ use std::io;
 use std::sync::Mutex;
 
 /// What the fake upstream saw: (method, `containerd-namespace` header, request as Debug).
-type Calls = Arc<Mutex<Vec<(String, Option<String>, String)>>>;
+pub(crate) type Calls = Arc<Mutex<Vec<(String, Option<String>, String)>>>;
 
-struct FakeUpstream {
-    calls: Calls,
+/// What the fake upstream does while it runs a PullImage (containerd: unpack, Prepare calls).
+pub(crate) type OnPull = Arc<dyn Fn(&PullImageRequest) + Send + Sync>;
+
+/// containerd's CRI image service, as far as the proxy can tell.
+#[derive(Default)]
+pub(crate) struct FakeUpstream {
+    pub(crate) calls: Calls,
+    pub(crate) on_pull: Option<OnPull>,
 }
 
 impl FakeUpstream {
@@ -54,6 +60,9 @@ impl ImageService for FakeUpstream {
         req: Request<PullImageRequest>,
     ) -> Result<Response<PullImageResponse>, Status> {
         self.record("PullImage", &req);
+        if let Some(f) = &self.on_pull {
+            f(req.get_ref());
+        }
         let mut resp = Response::new(PullImageResponse {
             image_ref: "sha256:pulled".into(),
         });
@@ -77,7 +86,7 @@ impl ImageService for FakeUpstream {
     }
 }
 
-fn serve_on<S>(rt: &tokio::runtime::Runtime, path: &std::path::Path, svc: S)
+pub(crate) fn serve_on<S>(rt: &tokio::runtime::Runtime, path: &std::path::Path, svc: S)
 where
     S: tonic::codegen::Service<
             tonic::codegen::http::Request<tonic::transport::Body>,
@@ -100,7 +109,7 @@ where
     );
 }
 
-async fn client(path: PathBuf) -> ImageServiceClient<Channel> {
+pub(crate) async fn client(path: PathBuf) -> ImageServiceClient<Channel> {
     let channel = Endpoint::try_from("http://[::]:50051")
         .unwrap()
         .connect_with_connector(tower::service_fn(move |_: Uri| {
@@ -111,7 +120,7 @@ async fn client(path: PathBuf) -> ImageServiceClient<Channel> {
     ImageServiceClient::new(channel)
 }
 
-fn pull_request(image: &str, auth: AuthConfig) -> Request<PullImageRequest> {
+pub(crate) fn pull_request(image: &str, auth: AuthConfig) -> Request<PullImageRequest> {
     let mut req = Request::new(PullImageRequest {
         image: Some(ImageSpec {
             image: image.into(),
@@ -153,6 +162,8 @@ fn cri_proxy_forwards_and_pull_secret_reaches_lazy_reads() {
         }),
     );
     let registry = Registry::new(&quick_config()).unwrap();
+    // The blob as read for a snapshot layer, and as read for none.
+    let layer = std::path::PathBuf::from("/snapshots/1/fs");
     let blob = RemoteBlob::new(
         registry.clone(),
         &format!("{}/test/blob", front.addr),
@@ -160,6 +171,8 @@ fn cri_proxy_forwards_and_pull_secret_reaches_lazy_reads() {
         300_000,
     )
     .unwrap();
+    let unbound = blob.clone();
+    let blob = blob.for_layer(Some(&layer));
     // Without a captured pull secret the token server refuses: the lazy read fails.
     let e = read(&blob, 4096).unwrap_err();
     assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
@@ -176,6 +189,14 @@ fn cri_proxy_forwards_and_pull_secret_reaches_lazy_reads() {
         &up_sock,
         ImageServiceServer::new(FakeUpstream {
             calls: calls.clone(),
+            // containerd's unpack: the snapshotter binds the pull's secret to the layer.
+            on_pull: Some(Arc::new({
+                let (captured, layer) = (registry.captured_credentials(), layer.clone());
+                move |req: &PullImageRequest| {
+                    let image = &req.image.as_ref().unwrap().image;
+                    assert!(captured.bind(&layer, image).is_some(), "{image}");
+                }
+            })),
         }),
     );
     let proxy = {
@@ -240,6 +261,9 @@ fn cri_proxy_forwards_and_pull_secret_reaches_lazy_reads() {
 
     // Now the same lazy read authenticates with the pod's pull secret.
     assert_eq!(read(&blob, 4096).unwrap(), &data[..4096]);
+    // Not a read for that layer (nor its token): refused.
+    let e = read(&unbound, 4096).unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
     assert!(front
         .seen
         .lock()
@@ -254,7 +278,8 @@ fn cri_proxy_forwards_and_pull_secret_reaches_lazy_reads() {
         &other_digest,
         300_000,
     )
-    .unwrap();
+    .unwrap()
+    .for_layer(Some(&layer));
     let e = read(&foreign, 4096).unwrap_err();
     assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
     drop(rt);

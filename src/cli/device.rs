@@ -334,19 +334,27 @@ fn serve_on(
     let set = blocked_signals();
     let pool = WorkerPool::new(2, 256);
     let mut devices = Vec::with_capacity(configs.len());
+    let mut spans = Vec::with_capacity(configs.len());
     for path in configs {
+        // The device's span: its attach, detach and failure lines name it.
+        let span = tracing::info_span!(
+            "device",
+            image = %path.display(),
+            frontend = %kind,
+            id = tracing::field::Empty
+        );
+        let entered = span.enter();
         match attach_one(kind, path, id, recover, recovery, &pool) {
             Ok(d) => {
-                log::info!(
-                    "{}: {} ({} frontend)",
-                    path.display(),
-                    d.device.block_path(),
-                    d.device.frontend()
-                );
+                span.record("id", d.device.id);
+                tracing::info!(device = %d.device.block_path(), "attached");
                 ready(&d.device.block_path());
                 devices.push(d);
+                drop(entered);
+                spans.push(span);
             }
             Err(e) => {
+                tracing::warn!(reason = %format!("{e:#}"), "attach failed");
                 for (d, started) in devices.into_iter().zip(configs) {
                     let _ = d.device.stop();
                     let _ = d.end();
@@ -376,7 +384,8 @@ fn serve_on(
             }
         })?;
     let mut result = Ok(());
-    for d in devices {
+    for (d, span) in devices.into_iter().zip(spans) {
+        let _entered = span.enter();
         if let Err(e) = d.end() {
             result = Err(e);
         }
@@ -396,8 +405,12 @@ impl Served {
     /// Waits until the device is detached, then removes its record and its own frontend.
     fn end(mut self) -> Result<()> {
         let r = self.device.join();
-        if let Err(e) = &r {
-            log::error!("{}: {e:#}", self.device.block_path());
+        match &r {
+            Err(e) => {
+                let reason = format!("{e:#}");
+                tracing::warn!(device = %self.device.block_path(), %reason, "device failed");
+            }
+            Ok(()) => tracing::info!(device = %self.device.block_path(), "detached"),
         }
         let _ = std::fs::remove_file(&self.record);
         // fuse: the last users of the mount; it is unmounted and its holder told to go.

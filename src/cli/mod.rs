@@ -243,18 +243,31 @@ pub fn main() {
 }
 
 /// tracing-subscriber on stderr; `log::` records are bridged in and carry the current span.
-/// Filter: OVBD_LOG, else RUST_LOG, else `level`.
+/// Filter: OVBD_LOG, else RUST_LOG, else `level`; one that does not parse is skipped (with a
+/// warning once logging is up) for the next.
 fn init_logging(level: &str, format: config::LogFormat) {
     use tracing_subscriber::EnvFilter;
-    let directives = std::env::var("OVBD_LOG")
-        .or_else(|_| std::env::var("RUST_LOG"))
-        .unwrap_or_else(|_| level.to_string());
-    let filter = EnvFilter::try_new(&directives).unwrap_or_else(|e| {
-        eprintln!("ovbd: bad log filter {directives:?} ({e}); using \"info\"");
-        EnvFilter::new("info")
-    });
+    let mut skipped = Vec::new();
+    let mut filter = None;
+    let sources = [
+        ("OVBD_LOG", std::env::var("OVBD_LOG").ok()),
+        ("RUST_LOG", std::env::var("RUST_LOG").ok()),
+        ("log_level", Some(level.to_string())),
+    ];
+    for (name, directives) in sources {
+        let Some(directives) = directives else {
+            continue;
+        };
+        match EnvFilter::try_new(&directives) {
+            Ok(f) => {
+                filter = Some(f);
+                break;
+            }
+            Err(e) => skipped.push(format!("{name}={directives:?} ({e})")),
+        }
+    }
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(filter.unwrap_or_else(|| EnvFilter::new("info")))
         .with_writer(std::io::stderr);
     // try_init: the log bridge is installed by the `tracing-log` feature.
     let _ = match format {
@@ -265,6 +278,15 @@ fn init_logging(level: &str, format: config::LogFormat) {
             .with_span_list(true)
             .try_init(),
     };
+    for s in skipped {
+        let msg = format!("bad log filter {s}: using the next of OVBD_LOG, RUST_LOG, log_level");
+        // The filter taken may hide warnings: this one is said anyway.
+        if tracing::enabled!(tracing::Level::WARN) {
+            tracing::warn!("{msg}");
+        } else {
+            eprintln!("ovbd: {msg}");
+        }
+    }
 }
 
 fn run(cli: Cli) -> Result<()> {

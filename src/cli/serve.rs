@@ -29,7 +29,10 @@ async fn run(cfg: Config) -> Result<()> {
     let for_snapshotter = remote.clone();
     let snap = Arc::new(
         tokio::task::spawn_blocking(move || -> Result<Snapshotter> {
-            let s = Snapshotter::open(cfg)?.with_remote(for_snapshotter);
+            let captured = for_snapshotter.captured_credentials();
+            let s = Snapshotter::open(cfg)?
+                .with_remote(for_snapshotter)
+                .with_cri_pulls(captured);
             s.reconcile().context("reconciling state at start")?;
             Ok(s)
         })

@@ -171,27 +171,32 @@ impl Inner {
         ep: &Endpoint,
         repo: &str,
         access: Access,
+        grant: Option<&Grant>,
     ) -> Arc<tokio::sync::Mutex<AuthSlot>> {
-        let key = (ep.base.as_str().to_owned(), repo.to_owned(), access);
+        let key = (
+            ep.base.as_str().to_owned(),
+            repo.to_owned(),
+            access,
+            grant.map(|g| g.id),
+        );
         let mut map = self.auth.lock().unwrap_or_else(|e| e.into_inner());
         map.entry(key).or_default().clone()
     }
 
-    /// The credentials for `repo` on `ep`: those of a CRI pull of that very repository from
-    /// that registry (not a mirror), else the docker config.json read now, or its helper's answer.
+    /// The credentials for `repo` on `ep`: `grant` (the CRI pull secret bound to the layer
+    /// read), else the docker config.json read now, or its helper's answer.
     pub(super) async fn credentials(
         &self,
         ep: &Endpoint,
         repo: &str,
+        grant: Option<&Grant>,
     ) -> Result<Credential, RegistryError> {
-        if !ep.is_mirror {
-            if let Some(c) = self.captured.get(&ep.cred_host, repo) {
-                log::info!(
-                    "{}: authenticating for {repo} with the credentials of a CRI PullImage",
-                    ep.label()
-                );
-                return Ok(c);
-            }
+        if let Some(g) = grant {
+            log::info!(
+                "{}: authenticating for {repo} with the credentials of a CRI PullImage",
+                ep.label()
+            );
+            return Ok(g.credential.clone());
         }
         self.creds
             .get(&ep.cred_host)
@@ -210,10 +215,11 @@ impl Inner {
         ep: &Endpoint,
         repo: &str,
         access: Access,
+        grant: Option<&Grant>,
         challenge: &Challenge,
         slot: &mut AuthSlot,
     ) -> Result<(), RegistryError> {
-        let creds = self.credentials(ep, repo).await?;
+        let creds = self.credentials(ep, repo, grant).await?;
         let (header, expires) = match (challenge, &creds) {
             (_, Credential::RegistryToken(token)) => (format!("Bearer {token}"), None),
             (Challenge::Basic, Credential::Basic { username, password }) => {
@@ -431,12 +437,16 @@ impl Inner {
         ep: &Endpoint,
         repo: &str,
         access: Access,
+        grant: Option<&Grant>,
         slot: &tokio::sync::Mutex<AuthSlot>,
     ) -> Result<(Option<String>, u64), RegistryError> {
         let mut s = slot.lock().await;
         if s.expires.is_some_and(|e| Instant::now() >= e) {
             match s.challenge.clone() {
-                Some(c) => self.authenticate(ep, repo, access, &c, &mut s).await?,
+                Some(c) => {
+                    self.authenticate(ep, repo, access, grant, &c, &mut s)
+                        .await?
+                }
                 None => {
                     s.header = None;
                     s.expires = None;
@@ -460,10 +470,27 @@ impl Inner {
         req: &Request,
         url: &Url,
     ) -> Result<(reqwest::Response, bool), RegistryError> {
-        let slot = self.slot(ep, repo, access);
+        self.authorized_as(ep, repo, access, None, requests, req, url)
+            .await
+    }
+
+    /// [`Inner::authorized`] with `grant` (a CRI pull secret) instead of the daemon's own
+    /// credentials for `ep`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn authorized_as(
+        &self,
+        ep: &Endpoint,
+        repo: &str,
+        access: Access,
+        grant: Option<&Grant>,
+        requests: &AtomicU64,
+        req: &Request,
+        url: &Url,
+    ) -> Result<(reqwest::Response, bool), RegistryError> {
+        let slot = self.slot(ep, repo, access, grant);
         let mut refreshed = false;
         for _ in 0..4 {
-            let (auth, generation) = self.current_auth(ep, repo, access, &slot).await?;
+            let (auth, generation) = self.current_auth(ep, repo, access, grant, &slot).await?;
             let (resp, foreign) = self.send(requests, req, url, auth.as_deref()).await?;
             if resp.status() == StatusCode::UNAUTHORIZED && !foreign {
                 let challenges = parse_challenges(
@@ -483,7 +510,10 @@ impl Inner {
                         req.verb(),
                         redact(url),
                         ep.cred_host,
-                        self.config_name(ep)
+                        match grant {
+                            Some(_) => "a CRI PullImage".to_owned(),
+                            None => self.config_name(ep),
+                        }
                     )));
                 }
                 let challenge = challenges
@@ -502,7 +532,7 @@ impl Inner {
                     // What we sent was refused: a credential helper is asked again.
                     self.creds.forget(&ep.cred_host);
                 }
-                self.authenticate(ep, repo, access, &challenge, &mut s)
+                self.authenticate(ep, repo, access, grant, &challenge, &mut s)
                     .await?;
                 refreshed = true;
                 continue;

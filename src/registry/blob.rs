@@ -14,6 +14,9 @@ pub(super) struct Target {
     pub(super) endpoints: Vec<Endpoint>,
     pub(super) fetched: AtomicU64,
     pub(super) requests: AtomicU64,
+    /// The snapshot layer (directory) it is read for: a CRI pull secret bound to that layer
+    /// authenticates its reads.
+    pub(super) layer: Option<std::path::PathBuf>,
 }
 
 /// A registry blob read by HTTP Range GETs; [`ovbd_format::ReadAt`].
@@ -66,9 +69,29 @@ impl RemoteBlob {
                 endpoints,
                 fetched: AtomicU64::new(0),
                 requests: AtomicU64::new(0),
+                layer: None,
             }),
             registry,
         })
+    }
+
+    /// The blob as read for snapshot layer `layer` (its directory): with the CRI pull secret
+    /// bound to that layer, if there is one.
+    pub fn for_layer(self, layer: Option<&std::path::Path>) -> RemoteBlob {
+        let t = Target {
+            name: self.t.name.clone(),
+            repo: self.t.repo.clone(),
+            digest: self.t.digest.clone(),
+            size: self.t.size,
+            endpoints: self.t.endpoints.clone(),
+            fetched: AtomicU64::new(self.t.fetched.load(Relaxed)),
+            requests: AtomicU64::new(self.t.requests.load(Relaxed)),
+            layer: layer.map(|l| l.to_owned()),
+        };
+        RemoteBlob {
+            registry: self.registry,
+            t: Arc::new(t),
+        }
     }
 
     /// Body bytes received so far (all reads of this blob, retries included).
@@ -120,6 +143,16 @@ impl RemoteBlob {
         let t = self.t.clone();
         let timeout = inner.timeout;
         let lens: Vec<usize> = ranges.iter().map(|r| r.1).collect();
+        // Every event of this read (retries, auth, failures) carries the blob: `run` and the
+        // spawns below take the current span along to the registry's threads.
+        let span = tracing::info_span!(
+            "blob",
+            digest = %self.t.digest,
+            registry = %self.t.name.split('/').next().unwrap_or_default(),
+            repo = %self.t.repo
+        );
+        let _entered = span.enter();
+        tracing::debug!(ranges = ranges.len(), "lazy read");
         self.registry
             .run(timeout + Duration::from_secs(10), async move {
                 let deadline = Instant::now() + timeout;
@@ -143,6 +176,7 @@ impl RemoteBlob {
                             .await?;
                         Ok::<_, io::Error>(op.out)
                     };
+                    let fut = tracing::Instrument::in_current_span(fut);
                     tasks.push((i, AbortOnDrop(tokio::spawn(fut))));
                 }
                 let mut out: Vec<Vec<u8>> = lens.iter().map(|&l| Vec::with_capacity(l)).collect();

@@ -411,8 +411,21 @@ impl Inner {
         let url = ep.blob_url(&t.repo, &t.digest)?;
         let req = Request::new(reqwest::Method::GET)
             .header(header::RANGE, &format!("bytes={start}-{end}"));
+        // A CRI pull secret: only the one bound to this layer, and never for a mirror.
+        let grant = match &t.layer {
+            Some(layer) if !ep.is_mirror => self.captured.for_layer(layer, &ep.cred_host, &t.repo),
+            _ => None,
+        };
         let (resp, _) = self
-            .authorized(ep, &t.repo, Access::Pull, &t.requests, &req, &url)
+            .authorized_as(
+                ep,
+                &t.repo,
+                Access::Pull,
+                grant.as_ref(),
+                &t.requests,
+                &req,
+                &url,
+            )
             .await?;
         let before = out.len();
         let read = read_body(t, resp, start, end, out, self.stall).await;

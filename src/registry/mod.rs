@@ -67,6 +67,7 @@
 use crate::config::RegistryConfig;
 use crate::oci::digest::valid_digest;
 use crate::oci::RegistryOptions;
+use captured::Grant;
 use credentials::{Credential, CredentialStore, HelperSetup};
 use reqwest::header::{self, HeaderMap};
 use reqwest::{StatusCode, Url};
@@ -138,8 +139,9 @@ pub struct Registry {
     inner: Arc<Inner>,
 }
 
-/// Auth state by (endpoint base URL, repository, access).
-type AuthSlots = HashMap<(String, String, Access), Arc<tokio::sync::Mutex<AuthSlot>>>;
+/// Auth state by (endpoint base URL, repository, access, CRI pull secret if one): a token got
+/// with a layer's pull secret serves only the layers bound to that secret.
+type AuthSlots = HashMap<(String, String, Access, Option<u64>), Arc<tokio::sync::Mutex<AuthSlot>>>;
 
 struct Inner {
     /// For hosts that are not allowed: their names may not resolve to forbidden addresses.
@@ -151,7 +153,7 @@ struct Inner {
     opts: RegistryOptions,
     /// The hosts' credentials: docker config.json, credential helpers.
     creds: CredentialStore,
-    /// Credentials of CRI pulls (`[cri_proxy]`), by registry and repository.
+    /// Credentials of CRI pulls (`[cri_proxy]`), bound to the layers those pulls prepared.
     captured: Arc<captured::CapturedCredentials>,
     /// Mirrors by normalised host.
     mirrors: Vec<(String, Vec<Url>)>,
@@ -321,6 +323,8 @@ impl Registry {
         fut: impl Future<Output = io::Result<T>> + Send + 'static,
     ) -> io::Result<T> {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        // The caller's span (a blob's, a device's) goes along: events there name it.
+        let fut = tracing::Instrument::in_current_span(fut);
         let task = self.handle.spawn(async move {
             let _ = tx.send(fut.await);
         });

@@ -545,6 +545,7 @@ impl Snapshotter {
         if let Some(d) = slot {
             self.ops.stop(d)?;
             self.forget_device(d);
+            tracing::info!(snapshot = id, device = %d.block_path(), "detached its writable device");
         }
         *slot = None;
         Ok(())
@@ -557,6 +558,11 @@ impl Snapshotter {
             self.unmount(&d.mountpoint, true)?;
             self.ops.stop(&mut d.dev)?;
             self.forget_device(&d.dev);
+            tracing::info!(
+                device = %d.dev.block_path(),
+                mountpoint = %d.mountpoint.display(),
+                "detached a shared image device: no user left"
+            );
         }
         *slot = None;
         Ok(())

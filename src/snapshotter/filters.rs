@@ -176,6 +176,7 @@ mod tests {
             storage: Default::default(),
             mode: None,
             usage: (0, 0),
+            cri_pull: None,
         }
     }
 

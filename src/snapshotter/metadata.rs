@@ -83,6 +83,10 @@ pub struct Snapshot {
     /// Disk usage recorded at commit (bytes, inodes).
     #[serde(default)]
     pub usage: (i64, i64),
+    /// A remote layer prepared during a CRI PullImage of `[cri_proxy]`: the (registry,
+    /// repository) whose pull secret its lazy reads use. ovbd's own record: no label sets it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cri_pull: Option<(String, String)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -331,6 +335,7 @@ impl MetaStore {
                 storage: Storage::Normal,
                 mode: None,
                 usage: (0, 0),
+                cri_pull: None,
             };
             let snap = prepare(&draft)?;
             store(&mut t, key, &snap)?;

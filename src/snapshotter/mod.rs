@@ -62,6 +62,8 @@ pub struct Snapshotter {
     ops: Arc<dyn DeviceOps>,
     /// Where remote layers are read from (registry + block cache); None: no lazy pulling.
     remote: Option<Arc<dyn RemoteSource>>,
+    /// The pull secrets `[cri_proxy]` captures: bound to the remote layers a CRI pull prepares.
+    cri_pulls: Option<Arc<crate::registry::captured::CapturedCredentials>>,
     /// The block device frontend (`[device] frontend`), set up at the first attach: the FUSE
     /// one mounts `<root>/fuse` then.
     frontend: Arc<std::sync::OnceLock<crate::device::DeviceFrontend>>,
@@ -121,6 +123,7 @@ impl Snapshotter {
             devices: Arc::default(),
             ops: Arc::new(SystemDeviceOps),
             remote: None,
+            cri_pulls: None,
             frontend: Arc::default(),
             frontend_init: Arc::default(),
         })
@@ -154,6 +157,16 @@ impl Snapshotter {
     /// Enables lazy pulling: remote layers are read through `remote`.
     pub fn with_remote(mut self, remote: Arc<dyn RemoteSource>) -> Snapshotter {
         self.remote = Some(remote);
+        self
+    }
+
+    /// Remote layers prepared during a CRI PullImage of `[cri_proxy]` (keys in its namespace)
+    /// keep that pull's secret from `captured` for their lazy reads.
+    pub(crate) fn with_cri_pulls(
+        mut self,
+        captured: Arc<crate::registry::captured::CapturedCredentials>,
+    ) -> Snapshotter {
+        self.cri_pulls = Some(captured);
         self
     }
 
@@ -398,6 +411,9 @@ impl Snapshotter {
             self.chain_from(&s.parent)?
         };
         self.meta.remove(key)?;
+        if let Some(c) = &self.cri_pulls {
+            c.unbind(&self.dir(s.id).join("fs"));
+        }
         if let Err(e) = self.release(&s, &chain) {
             log::warn!("removing {key}: {e:#}; Cleanup will retry");
             return Ok(());

@@ -146,10 +146,24 @@ impl Snapshotter {
         labels: BTreeMap<String, String>,
         remote: RemoteLayer,
     ) -> SnapshotterError {
+        let cri_image_ref = labels.get(LABEL_CRI_IMAGE_REF).cloned();
         let made = (|| -> SnapResult<()> {
             let url = repo_blob_url(&remote.image_ref)?;
-            if self.meta.get(&remote.name).is_ok() {
-                return Ok(()); // pulled before: AlreadyExists
+            if let Ok(c) = self.meta.get(&remote.name) {
+                // Pulled before: AlreadyExists. A CRI pull of an image from the layer's own
+                // repository still binds its secret (the layer may have been pulled without).
+                if c.labels.get(LABEL_REPO_BLOB_URL) == Some(&url) {
+                    let layer = self.dir(c.id).join("fs");
+                    if let Some(bound) =
+                        self.bind_cri_pull(key, cri_image_ref.as_deref(), &remote, &layer)
+                    {
+                        if c.cri_pull.as_ref() != Some(&bound) {
+                            self.meta
+                                .update(&remote.name, |s| s.cri_pull = Some(bound))?;
+                        }
+                    }
+                }
+                return Ok(());
             }
             let snap = self.meta.create(
                 key,
@@ -164,6 +178,8 @@ impl Snapshotter {
                     Ok(draft.clone())
                 },
             )?;
+            let layer = self.dir(snap.id).join("fs");
+            let bound = self.bind_cri_pull(key, cri_image_ref.as_deref(), &remote, &layer);
             let committed = self.meta.commit(
                 key,
                 &remote.name,
@@ -175,10 +191,14 @@ impl Snapshotter {
                     c.storage = Storage::Block;
                     c.mode = None;
                     c.usage = (0, 1);
+                    c.cri_pull = bound;
                     Ok(())
                 },
             );
             if let Err(e) = committed {
+                if let Some(c) = &self.cri_pulls {
+                    c.unbind(&layer);
+                }
                 let _ = self.meta.remove(key);
                 let _ = std::fs::remove_dir_all(self.dir(snap.id));
                 return Err(e);
@@ -198,11 +218,43 @@ impl Snapshotter {
         }
     }
 
+    /// Binds the secret of the CRI PullImage in flight for this layer's image to `layer` (its
+    /// directory) if the Prepare (`key`, its `cri.image-ref` label) is that pull's: in the CRI
+    /// namespace (containerd passes keys as `<namespace>/<id>/<name>`) and `cri.image-ref`
+    /// naming the image the layer is read from. Returns the (registry, repository) bound.
+    fn bind_cri_pull(
+        &self,
+        key: &str,
+        cri_image_ref: Option<&str>,
+        remote: &RemoteLayer,
+        layer: &std::path::Path,
+    ) -> Option<(String, String)> {
+        let captured = self.cri_pulls.as_ref()?;
+        let namespace = key.split_once('/').map(|(ns, _)| ns)?;
+        if namespace != self.cfg.cri_proxy.namespace
+            || cri_image_ref != Some(remote.image_ref.as_str())
+        {
+            return None;
+        }
+        let bound = captured.bind(layer, &remote.image_ref)?;
+        log::info!(
+            "remote layer {} of {}: its lazy reads use the pull secret of this CRI PullImage",
+            remote.digest,
+            remote.image_ref
+        );
+        Some(bound)
+    }
+
     /// How a device config names committed OverlayBD layer `l`: its directory, and for a
     /// remote layer also the blob (read from the registry until a local file is in `fs/`).
     pub(super) fn lower_config(&self, l: &Snapshot) -> LowerConfig {
+        let dir = self.dir(l.id).join("fs");
+        if let (Some((registry, repo)), Some(c)) = (&l.cri_pull, &self.cri_pulls) {
+            // Bound during a CRI pull, maybe of an earlier run (whose secret went with it).
+            c.restore(&dir, registry, repo);
+        }
         let mut lc = LowerConfig {
-            dir: Some(self.dir(l.id).join("fs")),
+            dir: Some(dir),
             ..Default::default()
         };
         if l.labels.contains_key(LABEL_REMOTE) {

@@ -70,7 +70,9 @@ impl RemoteSource for RegistrySource {
         dir: Option<&Path>,
     ) -> Result<Arc<dyn ReadAt>> {
         let image_ref = image_ref_of_blob_url(repo_blob_url)?;
-        let remote = RemoteBlob::new(self.registry.clone(), &image_ref, digest, size)?;
+        // The layer's directory names it: a CRI pull secret bound to it authenticates its reads.
+        let remote =
+            RemoteBlob::new(self.registry.clone(), &image_ref, digest, size)?.for_layer(dir);
         // The download reads the registry directly: a whole blob must not evict the cache.
         let direct: Arc<dyn ReadAt> = Arc::new(remote.clone());
         let cached = Arc::new(CachedBlob::new(self.cache.clone(), remote)?);

@@ -377,3 +377,189 @@ fn a_stuck_registry_does_not_hold_up_other_images() {
     assert!(e.to_string().contains("no answer"), "{e}");
     assert_eq!(code(s.stat("ctr-a").unwrap_err()), tonic::Code::NotFound);
 }
+
+/// A layer blob pushed to `repo` on `reg`, prepared as a lazy bottom layer of `image` (named by
+/// `cri.image-ref`) under containerd key `key`: the name of its committed snapshot.
+fn prepare_lazy_layer(s: &Snapshotter, key: &str, image: &str, digest: &str, size: usize) {
+    let labels = HashMap::from([
+        (LABEL_SNAPSHOT_REF.into(), digest.into()),
+        (LABEL_BLOB_DIGEST.into(), digest.into()),
+        (LABEL_BLOB_SIZE.into(), size.to_string()),
+        (LABEL_CRI_IMAGE_REF.into(), image.into()),
+    ]);
+    let e = s.create(key, "", Kind::Active, labels).unwrap_err();
+    assert_eq!(code(e), tonic::Code::AlreadyExists, "{key}");
+}
+
+/// The first 4 KiB of committed remote layer `name`, read as its device would read it.
+fn read_lazy_layer(
+    s: &Snapshotter,
+    source: &crate::source::remote::RegistrySource,
+    name: &str,
+) -> Result<Vec<u8>> {
+    let c = s.meta.get(name)?;
+    let lc = s.lower_config(&c);
+    let blob = source.open(
+        lc.repo_blob_url.as_deref().context("no repoBlobUrl")?,
+        lc.digest.as_deref().context("no digest")?,
+        lc.size.context("no size")?,
+        lc.dir.as_deref(),
+    )?;
+    let mut buf = vec![0u8; 4096];
+    let n = blob.read_at(&mut buf, 0)?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
+/// A pull secret captured by the CRI proxy serves the lazy reads of the layers prepared while
+/// its PullImage ran, in the CRI namespace, and no other layer, not even one whose labels name
+/// that same image: on a non-CRI pull (ctr, nerdctl) containerd copies an image's own layer
+/// annotations (`containerd.io/snapshot/*`, `cri.image-ref` included) into the labels, so any
+/// publisher can name another tenant's private repository there.
+#[test]
+fn a_cri_pull_secret_serves_only_the_layers_prepared_during_its_pull() {
+    use crate::cri_proxy::tests::{client, pull_request, serve_on, FakeUpstream};
+    use crate::cri_proxy::ImageProxy;
+    use crate::testing::{push_blob, quick_config, random_bytes, start_registry, Front, FrontAuth};
+    use base64::Engine as _;
+    use k8s_cri::v1::{image_service_server::ImageServiceServer, AuthConfig};
+
+    let reg = start_registry("");
+    let size = 300_000;
+    // The victim's private repository holds three layers.
+    let blobs: Vec<(Vec<u8>, String)> = (0..3)
+        .map(|i| {
+            let data = random_bytes(size, 100 + 10 * i);
+            let digest = push_blob(&reg.addr, "team-a/app", &data, None);
+            (data, digest)
+        })
+        .collect();
+    let front = Front::start(
+        &reg.addr,
+        Some(FrontAuth::Bearer {
+            uses: 1000,
+            basic: Some(format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode("alice:s3cret")
+            )),
+        }),
+    );
+    let d = tempfile::tempdir().unwrap();
+    let cfg = Config {
+        root: d.path().join("root"),
+        registry: quick_config(),
+        download: crate::config::DownloadConfig {
+            enable: false,
+            ..Default::default()
+        },
+        ..Config::default()
+    };
+    let source = Arc::new(crate::source::remote::RegistrySource::from_config(&cfg).unwrap());
+    let s = Arc::new(
+        Snapshotter::open(cfg.clone())
+            .unwrap()
+            .with_remote(source.clone())
+            .with_cri_pulls(source.captured_credentials()),
+    );
+    let image = format!("{}/team-a/app:v1", front.addr);
+
+    // containerd's CRI, while it runs the pull: layer 0 unpacked in the CRI namespace (a lazy
+    // layer), and meanwhile layer 2 by another client in its own namespace, same labels.
+    let on_pull = {
+        let (s, image) = (s.clone(), image.clone());
+        let layers = [blobs[0].1.clone(), blobs[2].1.clone()];
+        move |_: &k8s_cri::v1::PullImageRequest| {
+            prepare_lazy_layer(&s, "k8s.io/1/extract-0", &image, &layers[0], size);
+            prepare_lazy_layer(&s, "default/2/extract-2", &image, &layers[1], size);
+        }
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let (up_sock, proxy_sock) = (
+        tmp.path().join("containerd.sock"),
+        tmp.path().join("cri.sock"),
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    serve_on(
+        &rt,
+        &up_sock,
+        ImageServiceServer::new(FakeUpstream {
+            on_pull: Some(Arc::new(on_pull)),
+            ..Default::default()
+        }),
+    );
+    let proxy = {
+        let _enter = rt.enter();
+        ImageProxy::new(up_sock, source.captured_credentials()).unwrap()
+    };
+    serve_on(&rt, &proxy_sock, proxy.into_service());
+    rt.block_on(async {
+        client(proxy_sock)
+            .await
+            .pull_image(pull_request(
+                &image,
+                AuthConfig {
+                    username: "alice".into(),
+                    password: "s3cret".into(),
+                    server_address: front.addr.clone(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap();
+    });
+
+    // The layer the pull prepared reads with its secret, after the pull returned.
+    assert_eq!(
+        read_lazy_layer(&s, &source, &blobs[0].1).unwrap(),
+        &blobs[0].0[..4096]
+    );
+    // A layer prepared after the pull (a `ctr pull` of an image whose annotations name the
+    // victim's image, in the CRI namespace even): the registry refuses it, no secret for it.
+    prepare_lazy_layer(&s, "k8s.io/3/extract-1", &image, &blobs[1].1, size);
+    let e = read_lazy_layer(&s, &source, &blobs[1].1).unwrap_err();
+    assert!(format!("{e:#}").contains("401"), "{e:#}");
+    // Nor a layer prepared during the pull but by another namespace's client.
+    let e = read_lazy_layer(&s, &source, &blobs[2].1).unwrap_err();
+    assert!(format!("{e:#}").contains("401"), "{e:#}");
+    drop(rt);
+
+    // The daemon restarts: secrets are gone, the binding is on disk. The bound layer reads
+    // again once a PullImage of its repository brings a secret back; the others never do.
+    drop((s, source));
+    // Without the blocks cached so far: the reads below go to the registry.
+    std::fs::remove_dir_all(cfg.root.join("cache")).unwrap();
+    let source = Arc::new(crate::source::remote::RegistrySource::from_config(&cfg).unwrap());
+    let s = Snapshotter::open(cfg)
+        .unwrap()
+        .with_remote(source.clone())
+        .with_cri_pulls(source.captured_credentials());
+    let e = read_lazy_layer(&s, &source, &blobs[0].1).unwrap_err();
+    assert!(format!("{e:#}").contains("401"), "{e:#}");
+    let (window, _) = source
+        .captured_credentials()
+        .begin_pull(
+            &format!("{}/team-a/app:v2", front.addr),
+            "",
+            crate::registry::credentials::Credential::Basic {
+                username: "alice".into(),
+                password: "s3cret".into(),
+            },
+        )
+        .unwrap();
+    drop(window);
+    assert_eq!(
+        read_lazy_layer(&s, &source, &blobs[0].1).unwrap(),
+        &blobs[0].0[..4096]
+    );
+    for (_, digest) in &blobs[1..] {
+        let e = read_lazy_layer(&s, &source, digest).unwrap_err();
+        assert!(format!("{e:#}").contains("401"), "{e:#}");
+    }
+    // Removed, the layer's binding goes with it.
+    let layer = s.dir(s.meta.get(&blobs[0].1).unwrap().id).join("fs");
+    s.remove(&blobs[0].1).unwrap();
+    assert!(source
+        .captured_credentials()
+        .for_layer(&layer, &front.addr, "team-a/app")
+        .is_none());
+}
