@@ -27,33 +27,41 @@ pub(super) const MAX_REFILL_BYTES: u64 = 4 << 20;
 /// block another reader is fetching.
 pub(super) const MERGE_GAP_BYTES: u64 = 64 << 10;
 
-/// The adaptive refill of one open blob: a miss right where the last refill ended (a
-/// sequential run) fetches twice as much as that refill did, ahead of the read, up to
-/// [`MAX_REFILL_BYTES`]; any other miss fetches the read's own blocks only (scattered small
-/// reads stay small).
+/// The adaptive refill of one open blob: a miss within one refill's length of the last refill
+/// (a sequential run, its reads maybe out of order across the device's workers) plans twice
+/// the last plan, ahead of the read, up to [`MAX_REFILL_BYTES`]; any other miss plans one
+/// block, the read's own blocks only (scattered small reads stay small).
 #[derive(Debug, Default)]
 pub(super) struct Refill {
-    /// The block after the last refill.
+    /// The first block of the last refill, and the block after it.
+    first: u64,
     next: u64,
-    /// Blocks of the last refill (0: none yet).
-    blocks: u64,
+    /// The last plan, blocks (0: none yet).
+    size: u64,
 }
 
 impl Refill {
     /// Blocks to claim from `first_missing` on (at least the read's own, counted by the
-    /// caller): 1 unless the miss continues the last refill.
-    pub(super) fn plan(&self, first_missing: u64, max_blocks: u64) -> u64 {
-        if self.blocks > 0 && first_missing == self.next {
-            (self.blocks * 2).min(max_blocks).max(1)
+    /// caller), and notes it as the plan. A miss where the last one was (a retry) keeps it.
+    pub(super) fn plan(&mut self, first_missing: u64, max_blocks: u64) -> u64 {
+        if self.size > 0 && first_missing == self.first {
+            return self.size;
+        }
+        let near = self.size > 0
+            && first_missing.saturating_add(self.size) >= self.first
+            && first_missing <= self.next.saturating_add(self.size);
+        self.size = if near {
+            (self.size * 2).min(max_blocks).max(1)
         } else {
             1
-        }
+        };
+        self.size
     }
 
-    /// Notes a refill of blocks `first..end`.
+    /// Notes the refill of blocks `first..end`.
     pub(super) fn record(&mut self, first: u64, end: u64) {
+        self.first = first;
         self.next = end;
-        self.blocks = end.saturating_sub(first);
     }
 }
 
