@@ -1119,7 +1119,7 @@ fn blob_cache_sequential_reads_grow_the_refill() {
         assert!(call_blocks(&fake).iter().all(|c| c.len() == 1));
         assert!(lock(&fake.per_block).values().all(|&c| c == 1));
         let seq_bytes = fake.fetched();
-        assert!(seq_bytes >= 192 * BS && seq_bytes <= 192 * BS + fetch::MAX_REFILL_BYTES);
+        assert!((192 * BS..=192 * BS + fetch::MAX_REFILL_BYTES).contains(&seq_bytes));
 
         // Scattered reads, far from the run (backwards, two blocks apart): one block each,
         // nothing ahead.
