@@ -364,7 +364,8 @@ pub struct CacheConfig {
     pub dir: Option<PathBuf>,
     /// Size limit in GiB (fractions allowed); least recently used blocks are evicted above it.
     pub size_gb: f64,
-    /// The unit fetched from the registry and cached, KiB (a multiple of 4).
+    /// The unit cached and the smallest refill from the registry, KiB (a multiple of 4); refills
+    /// of sequential runs grow to 4 MiB.
     pub refill_kb: u64,
 }
 
@@ -373,7 +374,7 @@ impl Default for CacheConfig {
         CacheConfig {
             dir: None,
             size_gb: 4.0,
-            refill_kb: 256,
+            refill_kb: 64,
         }
     }
 }
@@ -459,7 +460,7 @@ mod tests {
         assert_eq!(c.registry.timeout_secs, 30.0);
         assert_eq!(c.registry.retries, 5);
         assert_eq!(c.cache.size_bytes(), 4 << 30);
-        assert_eq!(c.cache.refill_bytes(), 256 << 10);
+        assert_eq!(c.cache.refill_bytes(), 64 << 10);
         let c: Config = toml::from_str(
             r#"
 [registry]

@@ -5,7 +5,7 @@
 use super::blob_cache::BlobCache;
 use super::block_source::BlockSource;
 use super::error::CacheError;
-use super::fetch::Claim;
+use super::fetch::{Claim, Refill};
 use super::lock;
 use super::state::{BlobState, Flight};
 use crate::oci::digest::valid_digest;
@@ -30,6 +30,8 @@ pub struct CachedBlob {
     /// When it was opened, until its first read returns (lazy-pull first-byte latency).
     pub(super) first_read: std::sync::Mutex<Option<std::time::Instant>>,
     pub(super) first_read_done: std::sync::atomic::AtomicBool,
+    /// How much the next miss fetches (taken under the entry's lock, after it).
+    pub(super) refill: std::sync::Mutex<Refill>,
 }
 
 impl fmt::Debug for CachedBlob {
@@ -64,6 +66,7 @@ impl CachedBlob {
             source,
             first_read: std::sync::Mutex::new(Some(std::time::Instant::now())),
             first_read_done: std::sync::atomic::AtomicBool::new(false),
+            refill: std::sync::Mutex::new(Refill::default()),
         };
         blob.state.files(true)?;
         Ok(blob)
@@ -203,6 +206,9 @@ impl CachedBlob {
                             claim.blocks.push(b);
                         }
                     }
+                    if !claim.blocks.is_empty() {
+                        claim.extend(&mut inner, &mut lock(&self.refill), last);
+                    }
                     inner.files.clone()
                 };
                 if !serve.is_empty() {
@@ -240,7 +246,8 @@ impl CachedBlob {
             if !claim.blocks.is_empty() {
                 *missed = true;
                 self.fill(&mut claim, buf, offset)?;
-                for b in &claim.blocks {
+                // Blocks past `last` were fetched ahead of the read.
+                for b in claim.blocks.iter().filter(|&&b| b <= last) {
                     filled[(b - first) as usize] = true;
                 }
             }

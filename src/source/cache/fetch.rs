@@ -1,9 +1,10 @@
 //! Filling missing blocks: the blocks one read claims (other readers wait for them), fetched
 //! as runs of adjacent blocks in one call, checked (verified entries), written, marked present.
+//! How far past the read a refill reaches adapts to the access pattern ([`Refill`]).
 
 use super::cached_blob::CachedBlob;
 use super::lock;
-use super::state::{set_bit, BlobState, Flight};
+use super::state::{set_bit, BlobState, Flight, Inner};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering::Relaxed;
@@ -18,7 +19,75 @@ pub(super) struct Claim<'a> {
     pub(super) finished: bool,
 }
 
+/// The largest refill (one registry request: [`crate::registry::MAX_REQUEST_BYTES`]).
+pub(super) const MAX_REFILL_BYTES: u64 = 4 << 20;
+
+/// Missing runs of one refill this close are fetched as one range, the present blocks between
+/// them fetched again and dropped (a request costs more than this many bytes); never across a
+/// block another reader is fetching.
+pub(super) const MERGE_GAP_BYTES: u64 = 64 << 10;
+
+/// The adaptive refill of one open blob: a miss within one refill's length of the last refill
+/// (a sequential run, its reads maybe out of order across the device's workers) plans twice
+/// the last plan, ahead of the read, up to [`MAX_REFILL_BYTES`]; any other miss plans one
+/// block, the read's own blocks only (scattered small reads stay small).
+#[derive(Debug, Default)]
+pub(super) struct Refill {
+    /// The first block of the last refill, and the block after it.
+    first: u64,
+    next: u64,
+    /// The last plan, blocks (0: none yet).
+    size: u64,
+}
+
+impl Refill {
+    /// Blocks to claim from `first_missing` on (at least the read's own, counted by the
+    /// caller), and notes it as the plan. A miss where the last one was (a retry) keeps it.
+    pub(super) fn plan(&mut self, first_missing: u64, max_blocks: u64) -> u64 {
+        if self.size > 0 && first_missing == self.first {
+            return self.size;
+        }
+        let near = self.size > 0
+            && first_missing.saturating_add(self.size) >= self.first
+            && first_missing <= self.next.saturating_add(self.size);
+        self.size = if near {
+            (self.size * 2).min(max_blocks).max(1)
+        } else {
+            1
+        };
+        self.size
+    }
+
+    /// Notes the refill of blocks `first..end`.
+    pub(super) fn record(&mut self, first: u64, end: u64) {
+        self.first = first;
+        self.next = end;
+    }
+}
+
 impl Claim<'_> {
+    /// Claims the missing blocks after `last` (the read's last block) that `refill` plans
+    /// from the claim's first block on, stopping at the first block present or in flight.
+    /// Called with the entry's lock held, right after the read's own blocks were claimed.
+    pub(super) fn extend(&mut self, inner: &mut Inner, refill: &mut Refill, last: u64) {
+        let Some(&first) = self.blocks.first() else {
+            return;
+        };
+        let st = self.state;
+        let max_blocks = (MAX_REFILL_BYTES / st.block).max(1);
+        let end = first
+            .saturating_add(refill.plan(first, max_blocks))
+            .min(st.nblocks);
+        let mut b = last + 1;
+        while b < end && !inner.is_present(b) && !inner.inflight.contains_key(&b) {
+            inner.inflight.insert(b, self.flight.clone());
+            self.blocks.push(b);
+            b += 1;
+        }
+        let claimed_end = self.blocks.last().map_or(first, |l| l + 1);
+        refill.record(first, claimed_end);
+    }
+
     pub(super) fn release(&mut self, r: Result<(), (io::ErrorKind, String)>) {
         if self.finished {
             return;
@@ -66,22 +135,37 @@ impl CachedBlob {
                 _ => runs.push((b, 1)),
             }
         }
-        let ranges: Vec<(u64, usize)> = runs
-            .iter()
-            .map(|&(f, c)| {
-                let s = f * st.block;
-                let e = ((f + c) * st.block).min(st.size);
-                (s, (e - s) as usize)
-            })
-            .collect();
+        let range_of = |f: u64, c: u64| {
+            let s = f * st.block;
+            let e = ((f + c) * st.block).min(st.size);
+            (s, (e - s) as usize)
+        };
+        let ranges: Vec<(u64, usize)> = runs.iter().map(|&(f, c)| range_of(f, c)).collect();
+        // Runs with a small gap between them: one request (`gets`), each run's bytes cut out.
+        let mut gets: Vec<(u64, u64)> = Vec::new(); // (first block, count)
+        {
+            let inner = lock(&st.inner);
+            for &(f, c) in &runs {
+                match gets.last_mut() {
+                    Some((gf, gc))
+                        if (f - (*gf + *gc)) * st.block <= MERGE_GAP_BYTES
+                            && (*gf + *gc..f).all(|b| !inner.inflight.contains_key(&b)) =>
+                    {
+                        *gc = f + c - *gf
+                    }
+                    _ => gets.push((f, c)),
+                }
+            }
+        }
+        let get_ranges: Vec<(u64, usize)> = gets.iter().map(|&(f, c)| range_of(f, c)).collect();
         let fail = |claim: &mut Claim<'_>, e: io::Error| {
             claim.release(Err((e.kind(), e.to_string())));
             e
         };
-        let data = match self.source.fetch_ranges(&ranges) {
+        let got = match self.source.fetch_ranges(&get_ranges) {
             Ok(d)
-                if d.len() == ranges.len()
-                    && d.iter().zip(&ranges).all(|(d, r)| d.len() == r.1) =>
+                if d.len() == get_ranges.len()
+                    && d.iter().zip(&get_ranges).all(|(d, r)| d.len() == r.1) =>
             {
                 d
             }
@@ -90,6 +174,20 @@ impl CachedBlob {
                 return Err(fail(claim, e));
             }
             Err(e) => return Err(fail(claim, e)),
+        };
+        let data: Vec<Vec<u8>> = if gets.len() == runs.len() {
+            got
+        } else {
+            let mut data = Vec::with_capacity(ranges.len());
+            let mut g = 0;
+            for r in &ranges {
+                while get_ranges[g].0 + get_ranges[g].1 as u64 <= r.0 {
+                    g += 1;
+                }
+                let at = (r.0 - get_ranges[g].0) as usize;
+                data.push(got[g][at..at + r.1].to_vec());
+            }
+            data
         };
         let files = match st.files(true) {
             Ok(f) => f,

@@ -1,6 +1,6 @@
 //! The on-disk block cache in front of registry blobs (lazy pulling).
 //!
-//! A blob is cached in refill blocks (`[cache] refill_kb`, default 256 KiB): a read is rounded
+//! A blob is cached in refill blocks (`[cache] refill_kb`, default 64 KiB): a read is rounded
 //! out to whole blocks, missing ones are fetched from the registry and written to the cache,
 //! present ones are read from it. One [`BlobCache`] (a directory, a size limit) is shared by
 //! every device; a [`CachedBlob`] is one blob seen through it ([`ovbd_format::ReadAt`]).
@@ -46,8 +46,12 @@
 //! `RWF_NOWAIT`, plain `pread` where the filesystem cannot tell); `WouldBlock` otherwise.
 //! `read_at` serves the present blocks and claims the missing ones: the missing runs of one
 //! read are fetched together ([`crate::registry::RemoteBlob::read_ranges`]: concurrent range
-//! requests, one per run, long runs split). A block claimed by one reader is waited for by any
-//! other reader (of any [`CachedBlob`] of the same entry): never two fetches of one block.
+//! requests, one per run, runs at most 64 KiB apart merged into one, long runs split). A block
+//! claimed by one reader is waited for by any other reader (of any [`CachedBlob`] of the same
+//! entry): never two fetches of one block. The refill adapts per open blob: a miss fetches the
+//! read's blocks only, unless it is within one refill's length of the last refill (a sequential
+//! run); then it also claims the missing blocks ahead of the read, twice the last refill, up to
+//! 4 MiB.
 //! `evict(offset, len)` drops blocks (the ZFile layer calls it when a block's CRC fails, then
 //! reads again).
 //!
