@@ -22,6 +22,10 @@ use super::fuse_holder;
 use super::loopdev::{self, Backing, LoopOptions};
 use super::pool::WorkerPool;
 use super::request::{run_request, try_read_inline};
+
+mod splice;
+#[cfg(test)]
+mod tests;
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, KernelConfig,
     LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
@@ -35,7 +39,7 @@ use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -52,6 +56,9 @@ const SESSION_THREADS: usize = 2;
 const RELEASE_WAIT: Duration = Duration::from_secs(10);
 /// The largest read or write request FUSE sends us.
 const MAX_REQUEST: u32 = 1 << 20;
+/// Reads from this size on are spliced when their data allows it ([`splice`]); smaller ones
+/// are cheaper copied (one pread and one write against four calls).
+const SPLICE_MIN: usize = 64 << 10;
 
 /// Whether loop devices read their FUSE file with direct I/O (see the figures in
 /// [`FuseFrontend::attach`]); `OVBD_LOOP_DIRECT_IO=0|1` overrides it for benchmarks.
@@ -75,6 +82,9 @@ struct ImageFile {
     writable: bool,
     state: Mutex<FileState>,
     changed: Condvar,
+    /// Reads answered by splice (tests tell the paths apart by it).
+    #[cfg(test)]
+    spliced: AtomicU64,
 }
 
 #[derive(Default)]
@@ -427,6 +437,17 @@ impl FuseFrontend {
         config.n_threads = Some(SESSION_THREADS);
         config.clone_fd = false;
         let start = |what| move |source| DeviceError::Fuse { what, source };
+        // OVBD_FUSE_SPLICE=0: every read copied (benchmarks compare both ways).
+        if std::env::var("OVBD_FUSE_SPLICE").as_deref() != Ok("0") {
+            match fd.try_clone() {
+                Ok(dup) => {
+                    let _ = self.fs.reply_fd.set(Arc::new(dup));
+                }
+                Err(e) => log::warn!(
+                    "fuse frontend: no descriptor for spliced replies ({e}): reads are copied"
+                ),
+            }
+        }
         let session = if resumed {
             resumed_session(self.fs.clone(), fd, config)
                 .map_err(start("serving the kept FUSE connection again"))?
@@ -491,6 +512,8 @@ impl FuseFrontend {
                 ..FileState::default()
             }),
             changed: Condvar::new(),
+            #[cfg(test)]
+            spliced: AtomicU64::new(0),
         });
         self.fs
             .files
@@ -591,6 +614,8 @@ impl FuseFrontend {
             writable,
             state: Mutex::default(),
             changed: Condvar::new(),
+            #[cfg(test)]
+            spliced: AtomicU64::new(0),
         });
         self.fs
             .files
@@ -839,6 +864,9 @@ impl Drop for FuseAttachment {
 struct ImageFs {
     files: Files,
     parking: Arc<Parking>,
+    /// The connection (a duplicate of the session's descriptor: the same open file, so the
+    /// kernel takes answers to the requests read through it), for spliced replies.
+    reply_fd: Arc<OnceLock<Arc<OwnedFd>>>,
 }
 
 impl ImageFs {
@@ -917,7 +945,7 @@ impl ImageFs {
         reply.ok();
     }
 
-    fn read_file(&self, ino: INodeNo, offset: u64, size: u32, reply: ReplyData) {
+    fn read_file(&self, ino: INodeNo, unique: u64, offset: u64, size: u32, reply: ReplyData) {
         let f = match self.live(ino) {
             Ok(f) => f,
             Err(e) => return reply.error(e),
@@ -930,14 +958,22 @@ impl ImageFs {
         // The image reads whole sectors: widen an unaligned read, answer the asked part.
         let start = offset & !511;
         let aligned_end = end.next_multiple_of(512).min(vsize);
-        let (skip, len) = ((offset - start) as usize, (end - offset) as usize);
-        let n = (aligned_end - start) as usize;
+        let read = SectorRead {
+            start,
+            n: (aligned_end - start) as usize,
+            skip: (offset - start) as usize,
+            len: (end - offset) as usize,
+        };
+        let reply = match self.splice_read(&f, unique, read, reply) {
+            Some(reply) => reply,
+            None => return,
+        };
         // Requests name the image by its file (as the re-bind log does): no string per request.
-        let reply = match with_read_buf(n, |buf| {
+        let reply = match with_read_buf(read.n, |buf| {
             match try_read_inline(&f.name, &f.metrics, &f.image, buf, start) {
                 Some(r) => {
                     match answer(r) {
-                        Ok(_) => reply.data(&buf[skip..skip + len]),
+                        Ok(_) => reply.data(&buf[read.skip..read.skip + read.len]),
                         Err(e) => reply.error(e),
                     }
                     None
@@ -949,23 +985,54 @@ impl ImageFs {
             None => return,
         };
         let pool = f.pool.clone();
-        pool.submit(Box::new(move || {
-            with_read_buf(n, |buf| {
-                let r = run_request(
-                    &f.name,
-                    &f.metrics,
-                    &f.image,
-                    sys::UBLK_IO_OP_READ,
-                    start,
-                    n as u64,
-                    buf,
-                );
-                match answer(r) {
-                    Ok(_) => reply.data(&buf[skip..skip + len]),
-                    Err(e) => reply.error(e),
+        pool.submit(Box::new(move || read_by_copy(&f, read, reply)));
+    }
+
+    /// Answers a read of plain data (see [`splice`]) by splicing it, on this session thread
+    /// if the page cache holds it, else on the image's pool; `Some`: not answered (not plain,
+    /// small, or the splice failed before sending anything), read it by copying.
+    fn splice_read(
+        &self,
+        f: &Arc<ImageFile>,
+        unique: u64,
+        read: SectorRead,
+        reply: ReplyData,
+    ) -> Option<ReplyData> {
+        if read.len < SPLICE_MIN {
+            return Some(reply);
+        }
+        let Some(fuse) = self.reply_fd.get().cloned() else {
+            return Some(reply);
+        };
+        let started = Instant::now();
+        let mut extents = Vec::new();
+        if !matches!(
+            f.image.map_range(read.start, read.n as u64, &mut extents),
+            Ok(true)
+        ) {
+            return Some(reply);
+        }
+        if !splice::all_cached(&extents) {
+            drop(extents);
+            let f = f.clone();
+            let pool = f.pool.clone();
+            pool.submit(Box::new(move || {
+                let mut extents = Vec::new();
+                if !matches!(
+                    f.image.map_range(read.start, read.n as u64, &mut extents),
+                    Ok(true)
+                ) {
+                    return read_by_copy(&f, read, reply);
                 }
-            })
-        }));
+                if let Some(reply) = send_spliced(&f, &fuse, unique, &extents, read, reply, started)
+                {
+                    drop(extents);
+                    read_by_copy(&f, read, reply)
+                }
+            }));
+            return None;
+        }
+        send_spliced(f, &fuse, unique, &extents, read, reply, started)
     }
 
     fn write_file(&self, ino: INodeNo, offset: u64, mut buf: Vec<u8>, reply: ReplyWrite) {
@@ -1012,6 +1079,83 @@ fn with_read_buf<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
         }
         f(&mut b[..len])
     })
+}
+
+/// A read widened to whole sectors: `n` bytes at `start`, of which `len` from `skip` on are
+/// the answer.
+#[derive(Clone, Copy)]
+struct SectorRead {
+    start: u64,
+    n: usize,
+    skip: usize,
+    len: usize,
+}
+
+/// Reads into this thread's buffer and answers from it (the pool's read: may block).
+fn read_by_copy(f: &ImageFile, read: SectorRead, reply: ReplyData) {
+    with_read_buf(read.n, |buf| {
+        let r = run_request(
+            &f.name,
+            &f.metrics,
+            &f.image,
+            sys::UBLK_IO_OP_READ,
+            read.start,
+            read.n as u64,
+            buf,
+        );
+        match answer(r) {
+            Ok(_) => reply.data(&buf[read.skip..read.skip + read.len]),
+            Err(e) => reply.error(e),
+        }
+    })
+}
+
+/// Answers `reply` (request `unique`) with `extents` spliced into `fuse`; `Some`: nothing was
+/// sent, answer it another way.
+fn send_spliced(
+    f: &ImageFile,
+    fuse: &OwnedFd,
+    unique: u64,
+    extents: &[ovbd_format::Extent<'_>],
+    read: SectorRead,
+    reply: ReplyData,
+    started: Instant,
+) -> Option<ReplyData> {
+    let n = read.n as u64;
+    match splice::send_reply(
+        fuse.as_fd(),
+        unique,
+        extents,
+        read.skip as u64,
+        read.len as u64,
+    ) {
+        Ok(()) => {
+            f.metrics
+                .record(sys::UBLK_IO_OP_READ, n, read.n as i32, started.elapsed());
+            // Answered by us: fuser's reply would answer EIO when dropped. Forgetting it leaks
+            // one count of the Arc of the session's /dev/fuse handle it holds (fuser 0.18,
+            // reply.rs ReplyRaw: nothing else), which only keeps that handle open until exit.
+            std::mem::forget(reply);
+            #[cfg(test)]
+            f.spliced.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+        Err(splice::NotSpliced::Unsent(e)) => {
+            log::debug!(
+                "{}: splicing a read at {} (+{n}): {e}; copying it",
+                f.name,
+                read.start
+            );
+            Some(reply)
+        }
+        Err(splice::NotSpliced::Failed(e)) => {
+            log::warn!("{}: sending a read at {} (+{n}): {e}", f.name, read.start);
+            f.metrics
+                .record(sys::UBLK_IO_OP_READ, n, -libc::EIO, started.elapsed());
+            reply.error(Errno::EIO);
+            None
+        }
+    }
 }
 
 /// `run_request`'s answer (a count or `-errno`) as a result.
@@ -1074,7 +1218,7 @@ impl fuser::Filesystem for ImageFs {
 
     fn read(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
@@ -1083,7 +1227,10 @@ impl fuser::Filesystem for ImageFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.on_file(ino, move |fs| fs.read_file(ino, offset, size, reply));
+        let unique = req.unique().0;
+        self.on_file(ino, move |fs| {
+            fs.read_file(ino, unique, offset, size, reply)
+        });
     }
 
     fn write(

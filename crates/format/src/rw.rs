@@ -480,6 +480,11 @@ impl RwLayer {
         Ok(())
     }
 
+    /// The data file, where [`RwLayer::resolve`]'s mappings point (at `moffset` sectors).
+    pub fn data_file(&self) -> &File {
+        &self.data
+    }
+
     /// The data file as a read source (for commit).
     pub fn data_source(&self) -> Result<Arc<dyn ReadAt>> {
         let f = self

@@ -33,6 +33,12 @@ pub trait ReadAt: Send + Sync {
             Blocking::Never => self.read_at_nowait(buf, offset),
         }
     }
+    /// The local file holding this source's bytes as they are, and where byte 0 of the source
+    /// lies in it: lets a reader move them without copying (splice). `None` (the default): the
+    /// bytes are not in one local file as-is (compressed, cached, remote, in memory).
+    fn local_file(&self) -> Option<(&File, u64)> {
+        None
+    }
 }
 
 /// Whether a read may wait for data that is not at hand (a cold disk, a registry fetch).
@@ -206,6 +212,9 @@ impl ReadAt for FileSource {
     fn name(&self) -> &str {
         &self.name
     }
+    fn local_file(&self) -> Option<(&File, u64)> {
+        Some((&self.file, 0))
+    }
 }
 
 /// Opens `path` read-only without following a final symlink and without waiting for a FIFO's
@@ -317,6 +326,10 @@ impl ReadAt for SubSource {
     }
     fn evict(&self, offset: u64, len: u64) {
         self.inner.evict(self.base + offset, len)
+    }
+    fn local_file(&self) -> Option<(&File, u64)> {
+        let (file, at) = self.inner.local_file()?;
+        Some((file, at.checked_add(self.base)?))
     }
 }
 

@@ -5,7 +5,50 @@ use crate::index::{merge_layers_limited, Piece, SegmentIndex};
 use crate::lsmt::{LsmtFile, Segment, HEADER_SIZE, MAX_RW_INDEX_SIZE, MAX_STACK_LAYERS, SECTOR};
 use crate::rw::RwLayer;
 use crate::source::{read_exact_at, read_exact_at_with, Blocking, ReadAt};
+use std::fs::File;
 use std::sync::Arc;
+
+/// Where a run of the disk's bytes lies: what [`ImageStack::map_range`] answers.
+#[derive(Clone, Copy, Debug)]
+pub enum Extent<'a> {
+    /// `len` bytes that read as zeros (a hole, a zeroed mapping, no layer below).
+    Zeros { len: u64 },
+    /// `len` bytes stored as they are at byte `offset` of `file`.
+    File {
+        file: &'a File,
+        offset: u64,
+        len: u64,
+    },
+}
+
+impl Extent<'_> {
+    pub fn len(&self) -> u64 {
+        match *self {
+            Extent::Zeros { len } | Extent::File { len, .. } => len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Appends `e` to `out`, merged into the last extent where it continues it (zeros after zeros,
+/// the next bytes of the same file), so a reader moves each run in one call.
+fn push_extent<'a>(out: &mut Vec<Extent<'a>>, e: Extent<'a>) {
+    match (out.last_mut(), e) {
+        (Some(Extent::Zeros { len }), Extent::Zeros { len: more }) => *len += more,
+        (
+            Some(Extent::File { file, offset, len }),
+            Extent::File {
+                file: next,
+                offset: at,
+                len: more,
+            },
+        ) if std::ptr::eq(*file, next) && *offset + *len == at => *len += more,
+        _ => out.push(e),
+    }
+}
 
 /// Read-only layers merged into one index (spec §1.8).
 pub struct LayerStack {
@@ -130,6 +173,66 @@ impl LayerStack {
         Ok(())
     }
 
+    /// Appends to `out` where the bytes `[offset, offset + len)` (512-aligned) lie, in order;
+    /// `Ok(false)` if some of them are not stored as-is in a local file (a compressed, cached
+    /// or remote layer, or a mapping past its layer's end): read those with [`Self::read`].
+    pub fn map_range<'a>(
+        &'a self,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<Extent<'a>>,
+    ) -> Result<bool> {
+        if !offset.is_multiple_of(SECTOR) || !len.is_multiple_of(SECTOR) {
+            return Err(Error::InvalidArgument(format!(
+                "unaligned mapping: offset {offset} length {len}"
+            )));
+        }
+        let start = offset / SECTOR;
+        let end = start + len / SECTOR;
+        let mut cur = start;
+        for s in self.index.overlapping(start, end) {
+            let s = s.slice(start, end);
+            if s.offset > cur {
+                push_extent(
+                    out,
+                    Extent::Zeros {
+                        len: (s.offset - cur) * SECTOR,
+                    },
+                );
+            }
+            let bytes = s.length as u64 * SECTOR;
+            if s.zeroed {
+                push_extent(out, Extent::Zeros { len: bytes });
+            } else {
+                let src = self.source(s.tag);
+                let at = s.moffset * SECTOR;
+                // Past the layer's end the copying read fails with a clear error: let it.
+                let Some((file, base)) = src.local_file().filter(|_| at + bytes <= src.size())
+                else {
+                    return Ok(false);
+                };
+                push_extent(
+                    out,
+                    Extent::File {
+                        file,
+                        offset: base + at,
+                        len: bytes,
+                    },
+                );
+            }
+            cur = s.end();
+        }
+        if cur < end {
+            push_extent(
+                out,
+                Extent::Zeros {
+                    len: (end - cur) * SECTOR,
+                },
+            );
+        }
+        Ok(true)
+    }
+
     fn read_segment(&self, buf: &mut [u8], s: &Segment, blocking: Blocking) -> Result<()> {
         if s.zeroed {
             buf.fill(0);
@@ -243,6 +346,56 @@ impl ImageStack {
             }
         }
         Ok(())
+    }
+
+    /// Where the bytes `[offset, offset + len)` (512-aligned, inside the disk) lie: appended to
+    /// `out` in order, zeros and runs of local files, for a reader that moves them without
+    /// copying (the FUSE frontend splices them). `Ok(false)` if some are not stored as-is in a
+    /// local file (ZFile, cached or remote layers): read the range with [`Self::read`] then.
+    /// A mapping only: data written after it returns may be elsewhere.
+    pub fn map_range<'a>(
+        &'a self,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<Extent<'a>>,
+    ) -> Result<bool> {
+        crate::lsmt::check_io(offset, len, self.virtual_size)?;
+        let Some(upper) = &self.upper else {
+            return self.map_lower(offset, len, out);
+        };
+        let start = offset / SECTOR;
+        let mut pieces: Vec<Piece> = Vec::new();
+        upper.resolve(start, start + len / SECTOR, &mut pieces);
+        for p in pieces {
+            let bytes = p.length * SECTOR;
+            match p.seg {
+                Some(s) if s.zeroed => push_extent(out, Extent::Zeros { len: bytes }),
+                Some(s) => push_extent(
+                    out,
+                    Extent::File {
+                        file: upper.data_file(),
+                        offset: s.moffset * SECTOR,
+                        len: bytes,
+                    },
+                ),
+                None => {
+                    if !self.map_lower(p.offset * SECTOR, bytes, out)? {
+                        return Ok(false);
+                    }
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    fn map_lower<'a>(&'a self, offset: u64, len: u64, out: &mut Vec<Extent<'a>>) -> Result<bool> {
+        match &self.lower {
+            Some(l) => l.map_range(offset, len, out),
+            None => {
+                push_extent(out, Extent::Zeros { len });
+                Ok(true)
+            }
+        }
     }
 
     fn read_lower(&self, buf: &mut [u8], offset: u64, blocking: Blocking) -> Result<()> {
