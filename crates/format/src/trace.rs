@@ -140,7 +140,7 @@ pub fn parse_trace(data: &[u8], file: &str) -> Result<Vec<TraceRecord>, TraceErr
             format!("data_size {data_size} is past the limit of {MAX_TRACE_SIZE} bytes"),
         ));
     }
-    if body % RECORD_SIZE as u64 != 0 {
+    if !body.is_multiple_of(RECORD_SIZE as u64) {
         return Err(corrupt(
             file,
             8,
@@ -174,12 +174,18 @@ pub fn parse_trace(data: &[u8], file: &str) -> Result<Vec<TraceRecord>, TraceErr
         };
         let count = u64_at(r, 8);
         let offset = u64_at(r, 16);
-        if offset > i64::MAX as u64 || offset.checked_add(count).is_none_or(|e| e > i64::MAX as u64)
+        if offset > i64::MAX as u64
+            || offset
+                .checked_add(count)
+                .is_none_or(|e| e > i64::MAX as u64)
         {
             return Err(corrupt(
                 file,
                 at + 8,
-                format!("record {i}: {count} bytes at offset {} do not fit a file", offset as i64),
+                format!(
+                    "record {i}: {count} bytes at offset {} do not fit a file",
+                    offset as i64
+                ),
             ));
         }
         out.push(TraceRecord {
@@ -301,7 +307,11 @@ mod tests {
         for &b in b"Container Image Trace Format" {
             c ^= b as u32;
             for _ in 0..8 {
-                c = if c & 1 != 0 { (c >> 1) ^ 0xEDB8_8320 } else { c >> 1 };
+                c = if c & 1 != 0 {
+                    (c >> 1) ^ 0xEDB8_8320
+                } else {
+                    c >> 1
+                };
             }
         }
         assert_eq!(!c, TRACE_MAGIC);
@@ -309,7 +319,11 @@ mod tests {
 
     #[test]
     fn parses_upstream_layout_with_padding_junk() {
-        let recs = [(b'R', 2, 4096, 1 << 20), (b'W', 0, 512, 0), (b'R', 1, 65536, 123_456)];
+        let recs = [
+            (b'R', 2, 4096, 1 << 20),
+            (b'W', 0, 512, 0),
+            (b'R', 1, 65536, 123_456),
+        ];
         let bytes = c_layout(&recs, 0xAB);
         let got = parse_trace(&bytes, "t").unwrap();
         assert_eq!(got.len(), 3);
@@ -323,7 +337,10 @@ mod tests {
             }
         );
         assert_eq!(got[1].op, TraceOp::Write);
-        assert_eq!((got[2].layer_index, got[2].count, got[2].offset), (1, 65536, 123_456));
+        assert_eq!(
+            (got[2].layer_index, got[2].count, got[2].offset),
+            (1, 65536, 123_456)
+        );
         assert!(is_binary_trace(&bytes));
     }
 
@@ -355,7 +372,10 @@ mod tests {
         assert_eq!(err(&b).0, 0);
         // A bad op with a correct checksum: named at its record.
         let b = c_layout(&[(b'R', 0, 1, 0), (b'X', 0, 1, 0)], 0);
-        assert_eq!(err(&b), (48, "record 1: op 0x58 is neither 'R' nor 'W'".into()));
+        assert_eq!(
+            err(&b),
+            (48, "record 1: op 0x58 is neither 'R' nor 'W'".into())
+        );
         // A negative offset.
         let b = c_layout(&[(b'R', 0, 1, -4096)], 0);
         assert_eq!(err(&b).0, 32);
@@ -364,6 +384,28 @@ mod tests {
         b.push(0);
         b[8] = 25;
         assert_eq!(err(&b).0, 8);
+    }
+
+    /// fuzz/seeds/trace/two_layers.trace was written by a Python generator (`struct.pack`
+    /// of the C structs, padding 0xAB, a bitwise CRC-32C), not by this crate.
+    #[test]
+    fn parses_the_python_made_seed() {
+        let bytes = include_bytes!("../../../fuzz/seeds/trace/two_layers.trace");
+        let got = parse_trace(bytes, "seed").unwrap();
+        let r = |op, layer_index, count, offset| TraceRecord {
+            op,
+            layer_index,
+            count,
+            offset,
+        };
+        assert_eq!(
+            got,
+            vec![
+                r(TraceOp::Read, 0, 4096, 512),
+                r(TraceOp::Read, 1, 65536, 1 << 20),
+                r(TraceOp::Write, 0, 512, 0)
+            ]
+        );
     }
 
     #[test]
