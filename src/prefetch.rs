@@ -60,6 +60,7 @@ pub(crate) struct Replay {
     cancel: Arc<AtomicBool>,
     #[cfg_attr(not(test), allow(dead_code))] // the daemon reads the log line
     stats: Arc<ReplayStats>,
+    #[cfg_attr(not(test), allow(dead_code))] // the daemon lets the thread run detached
     thread: Option<std::thread::JoinHandle<Result<()>>>,
 }
 
@@ -71,6 +72,7 @@ impl Replay {
     }
 
     /// Waits for the end; the error says why nothing was replayed (bad input).
+    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn wait(mut self) -> Result<()> {
         match self.thread.take().map(|t| t.join()) {
             Some(Ok(r)) => r,
@@ -551,13 +553,13 @@ mod tests {
         let data = lsmt_layer();
         let layer = Fake::served(
             data.clone(),
-            &crate::oci::sha256_digest(&data).to_string(),
+            crate::oci::sha256_digest(&data).as_ref(),
             "h/r",
         );
         let tarred = accel_tar(trace);
         let accel = Fake::served(
             tarred.clone(),
-            &crate::oci::sha256_digest(&tarred).to_string(),
+            crate::oci::sha256_digest(&tarred).as_ref(),
             "h/r",
         );
         let accel_dir = t.path().join("accel");
@@ -569,10 +571,7 @@ mod tests {
         };
         let cfg = ImageConfig {
             repo_blob_url: Some(URL.into()),
-            lowers: vec![
-                lower(&*layer, None),
-                lower(&*accel, Some(accel_dir.clone())),
-            ],
+            lowers: vec![lower(&layer, None), lower(&accel, Some(accel_dir.clone()))],
             acceleration_layer: true,
             ..Default::default()
         };

@@ -148,9 +148,7 @@ pub fn parse_trace(data: &[u8], file: &str) -> Result<Vec<TraceRecord>, TraceErr
         ));
     }
     let records = &data[HEADER_SIZE..];
-    let sum = records
-        .chunks_exact(RECORD_SIZE)
-        .fold(0u32, |c, r| crc32c_raw(c, r));
+    let sum = records.chunks_exact(RECORD_SIZE).fold(0u32, crc32c_raw);
     if sum != stored {
         return Err(corrupt(
             file,
