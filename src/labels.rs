@@ -26,3 +26,6 @@ pub const LABEL_CRI_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
 pub const LABEL_REMOTE: &str = "containerd.io/snapshot/remote";
 /// Where a remote layer's blob is read from (ovbd's own label, kept with the layer).
 pub const LABEL_REPO_BLOB_URL: &str = "containerd.io/snapshot/overlaybd/repo-blob-url";
+/// Marks a layer (a manifest layer annotation) as upstream's acceleration layer: a tar holding
+/// the prefetch `trace` (or priority list), not part of the disk.
+pub const LABEL_ACCELERATION_LAYER: &str = "containerd.io/snapshot/overlaybd/acceleration-layer";

@@ -741,3 +741,77 @@ fn zfile_options_and_uuid_chain() {
     assert_eq!(cat(&a, "/data/big.bin"), cat(&b, "/data/big.bin"));
     assert_eq!(debugfs(&a, "ls -p /many"), debugfs(&b, "ls -p /many"));
 }
+
+/// `--priority-list`: the list goes on top as upstream's acceleration layer (an uncompressed tar
+/// of one entry `trace`, the acceleration-layer annotation), reproducibly; a file that is not a
+/// priority list is refused before anything is written.
+#[test]
+fn priority_list_becomes_an_acceleration_layer() {
+    let t = tempfile::tempdir().unwrap();
+    let src = format!("oci:{}:amd64", s(&fixture("hello-world-oci")));
+    let list = t.path().join("list");
+    std::fs::write(&list, b"/hello\n").unwrap();
+    let a = convert(&src, &t.path().join("a"), &["--priority-list", s(&list)]);
+    let b = convert(&src, &t.path().join("b"), &["--priority-list", s(&list)]);
+    assert_eq!(a.summary["manifest"], b.summary["manifest"]);
+    let blob = |d: &str| std::fs::read(a.layout.join("blobs/sha256").join(&d[7..])).unwrap();
+    let m: serde_json::Value =
+        serde_json::from_slice(&blob(a.summary["manifest"].as_str().unwrap())).unwrap();
+    let layers = m["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 2);
+    let top = &layers[1];
+    assert_eq!(top["digest"], a.summary["acceleration_layer"]);
+    assert_eq!(top["mediaType"], "application/vnd.oci.image.layer.v1.tar");
+    let ann = &top["annotations"];
+    assert_eq!(
+        ann["containerd.io/snapshot/overlaybd/acceleration-layer"],
+        "yes"
+    );
+    assert_eq!(
+        ann["containerd.io/snapshot/overlaybd/blob-digest"],
+        top["digest"]
+    );
+    assert_eq!(
+        ann["containerd.io/snapshot/overlaybd/blob-size"],
+        top["size"].to_string()
+    );
+    assert!(layers[0]["annotations"]
+        .get("containerd.io/snapshot/overlaybd/acceleration-layer")
+        .is_none());
+    // The blob: a tar whose only entry is `trace`, holding the list.
+    let tar_bytes = blob(top["digest"].as_str().unwrap());
+    let mut ar = tar::Archive::new(&tar_bytes[..]);
+    let entries: Vec<(String, u32, Vec<u8>)> = ar
+        .entries()
+        .unwrap()
+        .map(|e| {
+            let mut e = e.unwrap();
+            let mut data = Vec::new();
+            std::io::Read::read_to_end(&mut e, &mut data).unwrap();
+            (
+                e.path().unwrap().display().to_string(),
+                e.header().mode().unwrap(),
+                data,
+            )
+        })
+        .collect();
+    assert_eq!(entries, vec![("trace".into(), 0o444, b"/hello\n".to_vec())]);
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&blob(m["config"]["digest"].as_str().unwrap())).unwrap();
+    assert_eq!(cfg["rootfs"]["diff_ids"][1], top["digest"]);
+
+    // A binary trace, or a list naming no path, is not a priority list.
+    let mut trace = 0xC2EF_1820u32.to_le_bytes().to_vec();
+    trace.resize(24, 0);
+    for (name, data) in [("trace", trace), ("empty", b"\n  \nnot a path!\n".to_vec())] {
+        let bad = t.path().join(name);
+        std::fs::write(&bad, data).unwrap();
+        let out = t.path().join(format!("out-{name}"));
+        let dst = format!("oci:{}:obd", out.display());
+        let o = ovbd(&["convert", &src, &dst, "--priority-list", s(&bad)]);
+        assert!(!o.status.success());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(s(&bad)), "{err}");
+        assert!(!out.join("index.json").exists());
+    }
+}

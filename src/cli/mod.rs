@@ -59,6 +59,11 @@ enum Cmd {
         /// Print a JSON summary (digests, sizes, seconds) on stdout.
         #[arg(long)]
         json: bool,
+        /// A priority list (one absolute path a line, as upstream's `ctr record-trace
+        /// --priority_list`): pushed as an acceleration layer on top, its files prefetched when
+        /// the image's device is attached.
+        #[arg(long)]
+        priority_list: Option<PathBuf>,
     },
     /// Pull an OverlayBD image lazily into containerd: only manifest and config are fetched;
     /// ovbd reads the layers' blocks from the registry when a container does.
@@ -355,6 +360,7 @@ fn run(cli: Cli) -> Result<()> {
             registry,
             workdir,
             json,
+            priority_list,
         } => convert::run(
             &src,
             &dst,
@@ -364,6 +370,7 @@ fn run(cli: Cli) -> Result<()> {
                 platform: platform.parse()?,
                 registry: registry.options()?,
                 workdir,
+                priority_list,
             },
             json,
         ),

@@ -8,7 +8,7 @@
 //! from the first chain ID, and allocation from the order of the tar entries.
 
 pub(crate) mod apply;
-mod layer;
+pub(crate) mod layer;
 
 use crate::extfs::MkfsParams;
 use crate::labels::{LABEL_BLOB_DIGEST, LABEL_BLOB_SIZE, LABEL_VERSION};
@@ -38,6 +38,8 @@ pub struct ConvertOptions {
     pub registry: RegistryOptions,
     /// Scratch space (one uncompressed copy of every converted layer); default: `$TMPDIR`.
     pub workdir: Option<PathBuf>,
+    /// A priority list (upstream's prefetch file list) pushed as an acceleration layer on top.
+    pub priority_list: Option<PathBuf>,
 }
 
 /// What a conversion produced, for `--json`.
@@ -49,6 +51,9 @@ pub struct Summary {
     pub manifest: String,
     pub config: String,
     pub layers: Vec<LayerSummary>,
+    /// The digest of the acceleration layer `--priority-list` put on top.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acceleration_layer: Option<String>,
     pub seconds: f64,
 }
 
@@ -122,6 +127,11 @@ pub fn convert(
     progress: &mut dyn Progress,
 ) -> Result<Summary> {
     let started = Instant::now();
+    // Checked before any work: a list upstream would not read is refused, not pushed.
+    let priority_list = match &opts.priority_list {
+        Some(p) => Some(read_priority_list(p)?),
+        None => None,
+    };
     let src_ref = ImageRef::parse(src)?;
     let dst_ref = ImageRef::parse(dst)?;
     let io = ImageIo::new(opts.registry.clone())?;
@@ -216,9 +226,41 @@ pub fn convert(
         lowers.push(out.lsmt);
     }
 
+    let mut accel_layer = None;
+    if let Some(list) = &priority_list {
+        let path = work.path().join("acceleration.tar");
+        std::fs::write(&path, acceleration_layer_tar(list))
+            .with_context(|| format!("writing {}", path.display()))?;
+        let (digest, size) = file_digest(&path)?;
+        let mut annotations = std::collections::HashMap::new();
+        for (k, v) in accel_annotations(&digest, size) {
+            annotations.insert(k, v);
+        }
+        let mut d = Descriptor::new(MediaType::from(MEDIA_LAYER), size, parse_digest(&digest)?);
+        d.set_annotations(Some(annotations));
+        outputs.push(LayerFile {
+            descriptor: d,
+            path,
+        });
+        accel_layer = Some((digest, size));
+        // As upstream's record-trace: a history entry in front (its `created` the source's,
+        // so the same input gives the same image).
+        let entry = serde_json::json!({
+            "created": config.get("created").cloned().unwrap_or(serde_json::Value::Null),
+            "created_by": "Acceleration Layer",
+        });
+        if let Some(h) = config.get_mut("history").and_then(|h| h.as_array_mut()) {
+            h.insert(0, entry);
+        }
+    }
+
     // The config: the source's, with the new layers as its diff_ids.
-    let new_ids: Vec<serde_json::Value> =
-        summaries.iter().map(|s| s.digest.clone().into()).collect();
+    let new_ids: Vec<serde_json::Value> = summaries
+        .iter()
+        .map(|s| s.digest.clone())
+        .chain(accel_layer.iter().map(|(d, _)| d.clone()))
+        .map(Into::into)
+        .collect();
     *config
         .pointer_mut("/rootfs/diff_ids")
         .ok_or_else(|| anyhow!("image config lost rootfs.diff_ids"))? = new_ids.into();
@@ -245,6 +287,12 @@ pub fn convert(
                     (LABEL_VERSION.to_owned(), "0.1.0".to_owned()),
                 ])),
             })
+            .chain(accel_layer.iter().map(|(digest, size)| ManifestDescriptor {
+                media_type: MEDIA_LAYER.to_owned(),
+                digest: digest.clone(),
+                size: *size,
+                annotations: Some(accel_annotations(digest, *size)),
+            }))
             .collect(),
     };
     let manifest_raw = serde_json::to_vec(&manifest)?;
@@ -264,8 +312,56 @@ pub fn convert(
         manifest: written.digest().to_string(),
         config: config_digest,
         layers: summaries,
+        acceleration_layer: accel_layer.map(|(d, _)| d),
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Reads a priority list for `--priority-list`: one upstream reads (at most 64 KiB) naming at
+/// least one path.
+fn read_priority_list(path: &std::path::Path) -> Result<Vec<u8>> {
+    let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let name = path.display().to_string();
+    if ovbd_format::trace::is_binary_trace(&data) {
+        bail!("{name} is a binary trace, not a priority list");
+    }
+    let entries = ovbd_format::trace::parse_priority_list(&data, &name)?;
+    if entries.is_empty() {
+        bail!("{name}: no path in the priority list (one absolute path a line)");
+    }
+    Ok(data)
+}
+
+/// The acceleration layer upstream's `ctr record-trace` pushes: an uncompressed tar of one
+/// entry `trace`, mode 0444, owner 0, time 0 (so the same list gives the same blob).
+pub(crate) fn acceleration_layer_tar(trace: &[u8]) -> Vec<u8> {
+    let mut h = tar::Header::new_ustar();
+    // A fixed short name cannot fail.
+    let _ = h.set_path("trace");
+    h.set_mode(0o444);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h.set_size(trace.len() as u64);
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_cksum();
+    let mut out = h.as_bytes().to_vec();
+    out.extend_from_slice(trace);
+    out.resize(out.len().div_ceil(512) * 512 + 1024, 0);
+    out
+}
+
+/// The annotations of an acceleration layer (upstream's, for the snapshotter to see it).
+fn accel_annotations(digest: &str, size: u64) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (LABEL_BLOB_DIGEST.to_owned(), digest.to_owned()),
+        (LABEL_BLOB_SIZE.to_owned(), size.to_string()),
+        (LABEL_VERSION.to_owned(), "0.1.0".to_owned()),
+        (
+            crate::labels::LABEL_ACCELERATION_LAYER.to_owned(),
+            "yes".to_owned(),
+        ),
+    ])
 }
 
 /// The manifest as upstream writes it, field order fixed so the same image gives the same

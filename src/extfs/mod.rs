@@ -221,6 +221,42 @@ impl ExtFs {
         Ok(me)
     }
 
+    /// Opens the ext4 on `dev` to read it (prefetch resolves paths with it); dropped, not
+    /// closed: nothing is written.
+    pub fn open_read_only(dev: Arc<dyn BlockDevice>) -> Result<ExtFs> {
+        let reg = io::Registration::new(dev);
+        let name = reg.name();
+        let mut fs: sys::ext2_filsys = std::ptr::null_mut();
+        let rc = unsafe {
+            sys::ext2fs_open(
+                name.as_ptr(),
+                sys::EXT2_FLAG_64BITS as c_int,
+                0,
+                0,
+                io::manager(),
+                &mut fs,
+            )
+        };
+        check(rc, || "open the filesystem".into())?;
+        Ok(ExtFs { fs, _dev: reg })
+    }
+
+    /// A file's size in bytes.
+    pub fn file_size(&self, ino: Ino) -> Result<u64> {
+        let i = self.read_inode(ino)?;
+        Ok(i.i_size as u64 | (i.i_size_high as u64) << 32)
+    }
+
+    /// A file's data on the device: (byte offset, byte length) runs in file order.
+    pub fn data_runs(&self, ino: Ino) -> Result<Vec<(u64, u64)>> {
+        let bs = self.block_size();
+        Ok(self
+            .extents(ino)?
+            .into_iter()
+            .map(|(_, phys, len)| (phys * bs, len * bs))
+            .collect())
+    }
+
     /// Writes bitmaps, group descriptors and superblocks, and closes.
     pub fn close(mut self) -> Result<()> {
         let rc = unsafe { sys::ext2fs_close_free(&mut self.fs) };

@@ -37,6 +37,7 @@ fn convert_with(src: &str, dst: &str, config: RegistryConfig) -> anyhow::Result<
             ..Default::default()
         },
         workdir: Some(work.path().to_owned()),
+        priority_list: None,
     };
     convert(src, dst, &opts, &mut Quiet)
 }

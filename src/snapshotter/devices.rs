@@ -184,13 +184,23 @@ impl Snapshotter {
         upper: Option<UpperConfig>,
         bdir: &Path,
     ) -> ImageConfig {
-        let lowers: Vec<LowerConfig> = block.iter().map(|l| self.lower_config(l)).collect();
+        // An acceleration layer is not part of the disk: only the top one is named (last, with
+        // `accelerationLayer`, as upstream), to be replayed; one lower in the stack is dropped.
+        let top = block.len().saturating_sub(1);
+        let lowers: Vec<LowerConfig> = block
+            .iter()
+            .enumerate()
+            .filter(|&(i, l)| i == top || !is_acceleration_layer(l))
+            .map(|(_, l)| self.lower_config(l))
+            .collect();
         ImageConfig {
             // The image's own (the top remote layer's); each remote lower also names its own.
             repo_blob_url: lowers.iter().rev().find_map(|l| l.repo_blob_url.clone()),
             lowers,
             upper,
             result_file: Some(bdir.join("init-debug.log")),
+            acceleration_layer: block.last().is_some_and(is_acceleration_layer),
+            record_trace_path: None,
         }
     }
 
@@ -364,11 +374,19 @@ impl Snapshotter {
             _ => "ublk",
         };
         let counters = crate::metrics::metrics().device(&key, frontend_name);
+        let prefetched = image.clone();
         let dev = if let DeviceFrontend::Fuse(_) = frontend {
             self.attach_fuse(frontend, image, cfg, bdir, counters.clone())?
         } else {
             self.attach_ublk(image, cfg, bdir, recorded, counters.clone())?
         };
+        // Runs on its own; it stops by itself once the device lets go of the image.
+        drop(crate::prefetch::start(
+            cfg,
+            &prefetched,
+            self.remote.clone(),
+        ));
+        drop(prefetched);
         let top = cfg.lowers.last();
         crate::metrics::metrics().device_attached(
             &dev.block_path(),
@@ -781,4 +799,11 @@ fn mkfs_ext4(dev: &str) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Whether `l` is upstream's acceleration layer (its annotation, passed on as a label).
+pub(super) fn is_acceleration_layer(l: &Snapshot) -> bool {
+    l.labels
+        .get(crate::labels::LABEL_ACCELERATION_LAYER)
+        .is_some_and(|v| v == "yes")
 }

@@ -380,6 +380,9 @@ impl Snapshotter {
         // Read the disk before the metadata transaction: a slow or stuck file must not hold
         // the store's write lock (every other call would wait behind it).
         let layer_file = block_layer_file(&dir.join("fs"));
+        // An acceleration layer unpacked by containerd holds just its `trace`: a block layer
+        // all the same (the device config names it, the disk leaves it out).
+        let trace_layer = devices::is_acceleration_layer(s) && dir.join("fs/trace").is_file();
         let usage = disk_usage(&dir)?;
         let mut labels: BTreeMap<String, String> = labels.into_iter().collect();
         if let Some(file) = layer_file {
@@ -392,7 +395,7 @@ impl Snapshotter {
                 )));
             }
             c.mode = None;
-            c.storage = if layer_file.is_some() {
+            c.storage = if layer_file.is_some() || trace_layer {
                 Storage::Block
             } else {
                 Storage::Normal

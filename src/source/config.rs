@@ -35,6 +35,29 @@ pub struct ImageConfig {
     /// Written `success` or `failed:<reason>` after the device is (not) attached.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result_file: Option<PathBuf>,
+    /// The last lower is an acceleration layer (upstream's prefetch): not part of the disk; its
+    /// `trace` file (in `dir`, or in its blob) says what to prefetch.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub acceleration_layer: bool,
+    /// A trace (or priority list) to replay when the file is not empty; upstream also records
+    /// into it when it is empty (ovbd does not record this way).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record_trace_path: Option<PathBuf>,
+}
+
+/// Where the prefetch input of an image is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PrefetchInput {
+    /// A local file (`<dir>/trace` of the acceleration layer, or `recordTracePath`).
+    File(PathBuf),
+    /// The acceleration layer's blob in the registry (a tar holding `trace`), read through
+    /// the cache; `dir` is where the file is kept once read.
+    Blob {
+        repo_blob_url: String,
+        digest: String,
+        size: u64,
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -75,7 +98,7 @@ impl ImageConfig {
     /// `remote`.
     pub fn open_image(&self, remote: Option<&dyn RemoteSource>) -> Result<ImageStack> {
         let mut lowers = Vec::with_capacity(self.lowers.len());
-        for (i, l) in self.lowers.iter().enumerate() {
+        for (i, l) in self.disk_lowers().iter().enumerate() {
             let layer = match l.remote_blob(self.repo_blob_url.as_deref()) {
                 Some((url, digest, size)) => {
                     let Some(remote) = remote else {
@@ -115,6 +138,41 @@ impl ImageConfig {
                 None => bail!("config has neither lowers nor an upper layer"),
             },
         }
+    }
+
+    /// The lowers that make the disk: all but an acceleration layer.
+    pub fn disk_lowers(&self) -> &[LowerConfig] {
+        match self.lowers.split_last() {
+            Some((_, below)) if self.acceleration_layer => below,
+            _ => &self.lowers,
+        }
+    }
+
+    /// What to prefetch at attach, if anything (upstream's order: an acceleration layer wins;
+    /// `recordTracePath` is replayed only when the file has content).
+    pub fn prefetch_input(&self) -> Option<PrefetchInput> {
+        if self.acceleration_layer {
+            let accel = self.lowers.last()?;
+            if let Some(dir) = &accel.dir {
+                let file = dir.join("trace");
+                if file.exists() {
+                    return Some(PrefetchInput::File(file));
+                }
+            }
+            let url = accel
+                .repo_blob_url
+                .as_deref()
+                .or(self.repo_blob_url.as_deref())?;
+            return Some(PrefetchInput::Blob {
+                repo_blob_url: url.to_string(),
+                digest: accel.digest.clone()?,
+                size: accel.size?,
+                dir: accel.dir.clone(),
+            });
+        }
+        let path = self.record_trace_path.as_ref()?;
+        let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        (len > 0).then(|| PrefetchInput::File(path.clone()))
     }
 
     /// Records the outcome where the snapshotter (or a human) looks for it.

@@ -13,6 +13,7 @@ pub mod rw;
 pub mod source;
 pub mod stack;
 pub mod tar;
+pub mod trace;
 pub mod zfile;
 
 pub use error::{Error, Result};

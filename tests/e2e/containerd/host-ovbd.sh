@@ -20,6 +20,8 @@
 #      read and another device runs a container; once the registry is back the read works;
 #   w. background download ([download] enable): every remote layer lands whole, with its blob's sha256;
 #   o. a scrape of /metrics and `ovbd status` show device bytes read, Prepare calls, cache hits;
+#   r. prefetch: an image converted with --priority-list (upstream's acceleration layer) pulled lazily; the
+#      listed file is replayed into the block cache when the device attaches, then reads fetch nothing;
 #   i. Kubernetes pull secrets: a token-auth front; without [cri_proxy] the lazy read fails (401), with it
 #      (ovbd restarted as the kubelet's image service) a pod reads the private image's file;
 #   d. (after the others: it removes everything) image rm --sync + GC leave no snapshot, directory, mount
@@ -87,6 +89,7 @@ declare -A desc=(
     [w]="background download: every remote layer whole, digest-checked"
     [o]="metrics scrape and ovbd status follow the work"
     [i]="pull secret via [cri_proxy] reaches lazy reads (token registry)"
+    [r]="prefetch: a priority-list acceleration layer is replayed into the cache at attach"
     [d]="image rm + GC leave no snapshot, dir, mount or device"
     [z]="ovbd serve stops clean: no FUSE mount, no loop device"
 )
@@ -95,7 +98,7 @@ parts=() last=()
 # h after w: h pulls busybox:obd whole, whose lower layers are lazy:obd's (w checks they download).
 # i before l: once lazy:obd is read its blocks are cached (by digest), and a pod reads them without the pull
 # secret. (So l's figures here start with some blocks cached; scripts/bench-lazy.sh runs l alone.)
-for part in ${E2E_PARTS:-u a n b c f g i l p k s o w h e z}; do
+for part in ${E2E_PARTS:-u a n b c f g i l p k s o w r h e z}; do
     [[ -n ${desc[$part]:-} ]] || e2e_fail "no part '$part' (parts: ${!desc[*]})"
     case $part in d) ;; z) last=(z) ;; *) parts+=("$part") ;; esac
 done
