@@ -58,30 +58,16 @@ pub fn take(socket: &Path) -> io::Result<Option<OwnedFd>> {
         return Ok(None);
     };
     conn.write_all(&[GET])?;
-    let mut byte = [0u8; 1];
-    let mut iov = [io::IoSliceMut::new(&mut byte)];
-    let mut space = nix::cmsg_space!(RawFd);
-    let msg = recvmsg::<()>(
-        conn.as_raw_fd(),
-        &mut iov,
-        Some(space.as_mut_slice()),
-        MsgFlags::MSG_CMSG_CLOEXEC,
-    )
-    .map_err(io::Error::from)?;
-    for c in msg.cmsgs().map_err(io::Error::from)? {
-        if let ControlMessageOwned::ScmRights(fds) = c {
-            let mut owned = fds
-                .into_iter()
-                // SAFETY: descriptors the kernel just installed for us; nobody else owns them.
-                .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
-            let fd = owned.next();
-            if let Some(fd) = &fd {
-                check_is_fuse(fd)?;
-            }
-            return Ok(fd);
-        }
+    // A holder that closes without an answer holds nothing for us.
+    let fd = match receive(&conn) {
+        Ok((_, fd)) => fd,
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    if let Some(fd) = &fd {
+        check_is_fuse(fd)?;
     }
-    Ok(None)
+    Ok(fd)
 }
 
 /// Connects to the holder on `socket`: `None` if none listens; an error if another user's
