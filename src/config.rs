@@ -66,6 +66,9 @@ impl FrontendChoice {
 #[serde(default, deny_unknown_fields)]
 pub struct DeviceConfig {
     pub frontend: FrontendChoice,
+    /// FUSE frontend: the loop device reads the image file through the page cache (repeated
+    /// reads never reach ovbd) instead of with direct I/O (one cached copy fewer).
+    pub fuse_page_cache: bool,
 }
 
 /// How log lines are written (`log_format`).
@@ -455,6 +458,9 @@ mod tests {
         let c: Config = toml::from_str("[device]\nfrontend = \"fuse\"").unwrap();
         assert_eq!(c.device.frontend.resolve(), crate::device::Frontend::Fuse);
         assert!(toml::from_str::<Config>("[device]\nfrontend = \"nbd\"").is_err());
+        assert!(!c.device.fuse_page_cache);
+        let c: Config = toml::from_str("[device]\nfuse_page_cache = true").unwrap();
+        assert!(c.device.fuse_page_cache);
         assert_eq!(c.registry, RegistryConfig::default());
         assert_eq!(c.cache, CacheConfig::default());
         assert_eq!(c.registry.timeout_secs, 30.0);

@@ -135,6 +135,14 @@ impl DeviceFrontend {
         })
     }
 
+    /// FUSE: whether loop devices attached from now on read through the page cache instead
+    /// of with direct I/O (`[device] fuse_page_cache`); ublk has no such layer.
+    pub fn set_fuse_page_cache(&self, on: bool) {
+        if let DeviceFrontend::Fuse(f) = self {
+            f.set_page_cache(on);
+        }
+    }
+
     /// Ends the recovery of a restartable frontend: devices of the previous daemon nobody
     /// re-attached are detached (ublk: nothing to do here).
     pub fn finish_recovery(&self) {

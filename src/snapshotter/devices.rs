@@ -113,6 +113,7 @@ impl Snapshotter {
             true => DeviceFrontend::open,
         };
         let f = open(kind, &dir).with_context(|| format!("starting the {kind} device frontend"))?;
+        f.set_fuse_page_cache(self.cfg.device.fuse_page_cache);
         log::info!("device frontend: {kind}");
         Ok(self.frontend.get_or_init(|| f))
     }

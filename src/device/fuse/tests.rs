@@ -329,3 +329,76 @@ fn a_truncated_layer_fails_its_damaged_range_only() {
     }
     assert!(att.file.spliced.load(Ordering::Relaxed) > 0);
 }
+
+/// `[device] fuse_page_cache`: the loop device reads its file through the page cache, and
+/// what is written through it, discarded, then read again agrees with the image underneath.
+#[test]
+fn the_page_cache_mode_reads_writes_and_discards_right() {
+    let served = serve();
+    served.frontend.set_page_cache(true);
+    let dir = tempfile::tempdir().unwrap();
+    let upper = RwLayer::create(
+        &dir.path().join("up.data"),
+        &dir.path().join("up.index"),
+        0,
+        // Append: a discard maps zeros (a sparse upper would show the lowers again).
+        RwMode::Append,
+        None,
+    )
+    .unwrap();
+    let lowers = LayerStack::new(plain_lowers(dir.path())).unwrap();
+    let image = Arc::new(ImageStack::writable(Some(lowers), upper).unwrap());
+    let att = served
+        .frontend
+        .attach(
+            image.clone(),
+            super::super::pool::device_pool(),
+            DeviceMetrics::default(),
+        )
+        .unwrap();
+    let dio = std::fs::read_to_string(format!("/sys/block/loop{}/loop/dio", att.number)).unwrap();
+    if std::env::var("OVBD_LOOP_DIRECT_IO").is_err() {
+        assert_eq!(dio.trim(), "0", "the loop device still uses direct I/O");
+    }
+    let dev = PathBuf::from(format!("/dev/loop{}", att.number));
+    // Cached by a first pass: the writes below must replace what the page cache holds.
+    read_and_check(&dev, &image, &ranges(true), 2);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&dev)
+        .unwrap();
+    for (k, at) in [0u64, 3 << 20, (6 << 20) + 4096].into_iter().enumerate() {
+        let mut b = Aligned::new(256 << 10);
+        b.buf().copy_from_slice(&bytes(200 + k as u64, 256 << 10));
+        f.write_all_at(b.buf(), at).unwrap();
+    }
+    // BLKDISCARD: the loop punches a hole in the file, which drops the cached pages.
+    let range: [u64; 2] = [3 << 20, 128 << 10];
+    // SAFETY: BLKDISCARD with a two-u64 range on a block device we opened.
+    let r = unsafe { libc::ioctl(f.as_raw_fd(), 0x1277, range.as_ptr()) };
+    assert_eq!(r, 0, "BLKDISCARD: {}", std::io::Error::last_os_error());
+    f.sync_all().unwrap();
+    let mut zeros = vec![1u8; 128 << 10];
+    image.read(&mut zeros, 3 << 20).unwrap();
+    assert!(
+        zeros.iter().all(|&b| b == 0),
+        "the discard did not reach the image"
+    );
+    let mut first = vec![0u8; 256 << 10];
+    image.read(&mut first, 0).unwrap();
+    assert!(
+        first == bytes(200, 256 << 10),
+        "the write did not reach the image"
+    );
+    // Through the loop device again (its page cache) and after dropping it: the image's bytes.
+    read_and_check(&dev, &image, &ranges(true), 2);
+    drop(f);
+    std::fs::File::open(&dev).unwrap().sync_all().unwrap();
+    // SAFETY: BLKFLSBUF on a block device we opened: drops its cached pages.
+    unsafe { libc::ioctl(std::fs::File::open(&dev).unwrap().as_raw_fd(), 0x1261) };
+    drop_cache(dir.path());
+    read_and_check(&dev, &image, &ranges(true), 2);
+    drop(att);
+}

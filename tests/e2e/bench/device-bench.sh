@@ -9,6 +9,8 @@
 #   F-plain   base + the uncompressed committed layer, on frontend F (ublk, fuse)
 #   F-zfile   base + the same layer ZFile-compressed (LZ4, 4 KiB blocks, PAX tar; `ovbd layer compress`,
 #             the second half of `layer commit -z`)
+#   fuse-pcache  fuse-plain with `[device] fuse_page_cache = true` (the loop device without direct I/O:
+#             repeated reads are answered from the FUSE file's page cache, not by ovbd)
 #   loop      `ovbd image export` of base + layer (a sparse raw file) on a loop device with direct I/O
 #             (losetup --direct-io=on), as the fuse frontend's own loop device
 # Every file lives on an ext4 inside a tmpfs (in RAM: the disk is not measured).  fio reads only the
@@ -163,6 +165,13 @@ for f in "${frontends[@]}"; do
     target[$f-plain]=${devs[0]} target[$f-zfile]=${devs[1]}
     order+=("$f-plain" "$f-zfile")
 done
+# fuse with `[device] fuse_page_cache = true`: its loop device reads through the page cache.
+if [[ " ${frontends[*]} " == *" fuse "* ]]; then
+    dev=$(OVBD_LOOP_DIRECT_IO=0 attach fuse "$WORK/plain.json") || fail "attach fuse-pcache"
+    attached+=("$dev")
+    target[fuse-pcache]=$dev
+    order+=(fuse-pcache)
+fi
 loopdev=$(losetup -r --direct-io=on -f --show "$store/flat.img") || fail "losetup"
 loops+=("$loopdev")
 target[loop]=$loopdev
