@@ -815,3 +815,224 @@ fn priority_list_becomes_an_acceleration_layer() {
         assert!(!out.join("index.json").exists());
     }
 }
+
+// ----------------------------------------------------------------- ovbd record-trace
+
+/// The trace inside an image's acceleration layer (its top layer), parsed.
+fn trace_of(
+    layout: &Path,
+    manifest: &str,
+) -> (serde_json::Value, Vec<ovbd_format::trace::TraceRecord>) {
+    let blob = |d: &str| std::fs::read(layout.join("blobs/sha256").join(&d[7..])).unwrap();
+    let m: serde_json::Value = serde_json::from_slice(&blob(manifest)).unwrap();
+    let top = m["layers"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(
+        top["annotations"]["containerd.io/snapshot/overlaybd/acceleration-layer"],
+        "yes"
+    );
+    let tar_bytes = blob(top["digest"].as_str().unwrap());
+    let mut ar = tar::Archive::new(&tar_bytes[..]);
+    let mut e = ar.entries().unwrap().next().unwrap().unwrap();
+    assert_eq!(e.path().unwrap().to_str(), Some("trace"));
+    let mut data = Vec::new();
+    std::io::Read::read_to_end(&mut e, &mut data).unwrap();
+    (m, ovbd_format::trace::parse_trace(&data, "trace").unwrap())
+}
+
+/// Mounts whose path is under `dir`.
+fn mounts_under(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| m.starts_with(s(dir)))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `ovbd record-trace`: a command run in a converted image leaves a trace of its reads in
+/// upstream's format, on top of the image; `ovbd device attach` replays exactly those reads;
+/// recording again replaces the trace; `--time` ends a command that runs on; bad input fails
+/// clearly and leaves nothing mounted and nothing written.
+#[test]
+fn record_trace_round_trips() {
+    // SAFETY: geteuid has no preconditions.
+    assert!(
+        unsafe { libc::geteuid() } == 0
+            && Path::new("/dev/fuse").exists()
+            && Path::new("/dev/loop-control").exists()
+            && Path::new("/bin/busybox").exists(),
+        "this test needs root, /dev/fuse, /dev/loop-control and a static /bin/busybox"
+    );
+    let t = tempfile::tempdir().unwrap();
+    let work = t.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    let conf: Vec<u8> = (0..300u32 << 10)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let mut l = Layer::new();
+    l.dir("bin", 0o755)
+        .file(
+            "bin/busybox",
+            &std::fs::read("/bin/busybox").unwrap(),
+            0o755,
+        )
+        .symlink("bin/cat", "busybox")
+        .symlink("bin/sleep", "busybox")
+        .dir("etc", 0o755)
+        .file("etc/app.conf", &conf, 0o644)
+        .dir("proc", 0o555)
+        .dir("dev", 0o755);
+    let src = write_layout(&t.path().join("src"), "v1", &[l.tar()]);
+    let obd = convert(&src, &t.path().join("obd"), &[]);
+    let obd_ref = format!("oci:{}:obd", obd.layout.display());
+    let record = |from: &str, to: &str, extra: &[&str], cmd: &[&str]| {
+        let mut args = vec![
+            "record-trace",
+            "--json",
+            "--frontend",
+            "fuse",
+            "--workdir",
+            s(&work),
+        ];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&[from, to, "--"]);
+        args.extend_from_slice(cmd);
+        ovbd(&args)
+    };
+
+    let out = t.path().join("traced");
+    let traced = format!("oci:{}:trace", out.display());
+    let o = record(&obd_ref, &traced, &[], &["/bin/cat", "/etc/app.conf"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(summary["command"], "exit 0");
+    let (m, records) = trace_of(&out, summary["manifest"].as_str().unwrap());
+    assert_eq!(m["layers"].as_array().unwrap().len(), 2);
+    assert_eq!(m["layers"][0]["digest"], obd.summary["layers"][0]["digest"]);
+    assert_eq!(records.len() as u64, summary["records"].as_u64().unwrap());
+    assert!(records
+        .iter()
+        .all(|r| r.layer_index == 0 && r.op == ovbd_format::trace::TraceOp::Read));
+    let bytes: u64 = records.iter().map(|r| r.count).sum();
+    assert_eq!(bytes, summary["bytes"].as_u64().unwrap());
+    // cat read the whole file (plus the filesystem's metadata and the binary).
+    assert!(bytes > conf.len() as u64, "{bytes} bytes recorded");
+    assert!(
+        mounts_under(t.path()).is_empty(),
+        "{:?}",
+        mounts_under(t.path())
+    );
+
+    // Replayed at attach: as many reads as records, none failed or skipped.
+    let accel = t.path().join("accel");
+    std::fs::create_dir(&accel).unwrap();
+    let top = m["layers"][1]["digest"].as_str().unwrap();
+    tar::Archive::new(std::fs::File::open(out.join("blobs/sha256").join(&top[7..])).unwrap())
+        .unpack(&accel)
+        .unwrap();
+    let cfg = t.path().join("config.v1.json");
+    let config = serde_json::json!({"lowers": [{"file": obd.blobs()[0]}, {"dir": accel}],
+        "accelerationLayer": true});
+    std::fs::write(&cfg, serde_json::to_vec(&config).unwrap()).unwrap();
+    let run_dir = t.path().join("run");
+    let attach = Command::new(env!("CARGO_BIN_EXE_ovbd"))
+        .args([
+            "device",
+            "attach",
+            "--background",
+            "--frontend",
+            "fuse",
+            s(&cfg),
+        ])
+        .env("OVBD_RUN_DIR", &run_dir)
+        .env("OVBD_LOG", "info")
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    assert!(
+        attach.status.success(),
+        "{}",
+        String::from_utf8_lossy(&attach.stderr)
+    );
+    let dev = String::from_utf8_lossy(&attach.stdout).trim().to_owned();
+    let want = format!(
+        "{} reads, {bytes} bytes, 0 failed, 0 skipped",
+        records.len()
+    );
+    let mut logged = String::new();
+    for _ in 0..100 {
+        logged = std::fs::read_dir(run_dir.join("logs"))
+            .unwrap()
+            .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+            .collect();
+        if logged.contains("prefetch of") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let detach = Command::new(env!("CARGO_BIN_EXE_ovbd"))
+        .args(["device", "detach", &dev])
+        .env("OVBD_RUN_DIR", &run_dir)
+        .output()
+        .unwrap();
+    assert!(
+        detach.status.success(),
+        "{}",
+        String::from_utf8_lossy(&detach.stderr)
+    );
+    assert!(logged.contains(&want), "want {want:?} in:\n{logged}");
+
+    // Recording the traced image again replaces its trace; --time ends a command that runs on.
+    let again = t.path().join("again");
+    let o = record(
+        &traced,
+        &format!("oci:{}:trace", again.display()),
+        &["--time", "1"],
+        &["/bin/sleep", "60"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(summary["command"], "killed after 1 s");
+    let (m, _) = trace_of(&again, summary["manifest"].as_str().unwrap());
+    assert_eq!(m["layers"].as_array().unwrap().len(), 2);
+    let cfg_blob = std::fs::read(
+        again
+            .join("blobs/sha256")
+            .join(&m["config"]["digest"].as_str().unwrap()[7..]),
+    )
+    .unwrap();
+    let c: serde_json::Value = serde_json::from_slice(&cfg_blob).unwrap();
+    assert_eq!(c["rootfs"]["diff_ids"].as_array().unwrap().len(), 2);
+    assert!(
+        mounts_under(t.path()).is_empty(),
+        "{:?}",
+        mounts_under(t.path())
+    );
+
+    // Bad input: a source that is not OverlayBD; a command the image does not have.
+    for (from, cmd, says) in [
+        (src.as_str(), "/bin/cat", "is not an OverlayBD layer"),
+        (
+            obd_ref.as_str(),
+            "/bin/nope",
+            "running /bin/nope in the image",
+        ),
+    ] {
+        let bad = t.path().join("bad");
+        let o = record(from, &format!("oci:{}:x", bad.display()), &[], &[cmd]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(says), "{err}");
+        assert!(!bad.join("index.json").exists());
+        assert!(
+            mounts_under(t.path()).is_empty(),
+            "{:?}",
+            mounts_under(t.path())
+        );
+    }
+    assert_eq!(
+        std::fs::read_dir(&work).unwrap().count(),
+        0,
+        "scratch left behind"
+    );
+}

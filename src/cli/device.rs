@@ -464,7 +464,9 @@ fn attach_one(
                 ..Default::default()
             },
         };
-        let attached = frontend.attach(Arc::new(image), pool.clone(), opts);
+        let image = Arc::new(image);
+        let prefetched = image.clone();
+        let attached = frontend.attach(image, pool.clone(), opts);
         // Re-bound or not, the dead server's other requests have waited enough.
         frontend.finish_recovery();
         let dev = match attached {
@@ -478,6 +480,9 @@ fn attach_one(
                 return Err(e.into());
             }
         };
+        // The image's trace or priority list (local only: no registry here), replayed on its
+        // own thread; it ends by itself once the device lets go of the image.
+        drop(crate::prefetch::start(&cfg, &prefetched, None));
         Ok((dev, writable, frontend, fuse_dir))
     });
     let (dev, writable, frontend, fuse_dir) = match attached {

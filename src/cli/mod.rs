@@ -65,6 +65,35 @@ enum Cmd {
         #[arg(long)]
         priority_list: Option<PathBuf>,
     },
+    /// Run CMD once in OverlayBD image SRC, record which blocks it reads, and write DST: SRC
+    /// with upstream's acceleration layer holding that trace on top, so the next cold start
+    /// prefetches them (as upstream's `ctr record-trace`). Needs root: the image is attached as
+    /// a block device here and CMD runs chrooted into its filesystem (new mount, network, UTS
+    /// and IPC namespaces; the image config's Env and WorkingDir); its writes are dropped.
+    RecordTrace {
+        src: String,
+        dst: String,
+        /// Kill CMD after this many seconds (the trace holds what it read until then).
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86400))]
+        time: u64,
+        /// Platform to pick from a multi-platform source: os/arch[/variant].
+        #[arg(long, default_value = "linux/amd64")]
+        platform: String,
+        #[command(flatten)]
+        registry: RegistryArgs,
+        /// Scratch directory (default $TMPDIR): every layer blob is downloaded there.
+        #[arg(long)]
+        workdir: Option<PathBuf>,
+        /// Block device frontend for the run: ublk, fuse or auto.
+        #[arg(long, value_enum, default_value_t = config::FrontendChoice::Auto)]
+        frontend: config::FrontendChoice,
+        /// Print a JSON summary (digests, records, how CMD ended) on stdout.
+        #[arg(long)]
+        json: bool,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
     /// Pull an OverlayBD image lazily into containerd: only manifest and config are fetched;
     /// ovbd reads the layers' blocks from the registry when a container does.
     Rpull {
@@ -374,6 +403,36 @@ fn run(cli: Cli) -> Result<()> {
             },
             json,
         ),
+        Cmd::RecordTrace {
+            src,
+            dst,
+            time,
+            platform,
+            registry,
+            workdir,
+            frontend,
+            json,
+            cmd,
+        } => {
+            let opts = crate::convert::record::RecordOptions {
+                platform: platform.parse()?,
+                registry: registry.options()?,
+                workdir,
+                time: std::time::Duration::from_secs(time),
+                frontend,
+            };
+            let s = crate::convert::record::record_trace(&src, &dst, &cmd, &opts)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                eprintln!(
+                    "{}: {} reads ({} bytes) recorded while {} ran ({}); {} written with acceleration layer {} ({:.1} s)",
+                    s.source, s.records, s.bytes, cmd[0], s.command, s.destination,
+                    s.acceleration_layer, s.seconds
+                );
+            }
+            Ok(())
+        }
         Cmd::Rpull {
             reference,
             address,

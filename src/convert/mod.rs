@@ -9,6 +9,7 @@
 
 pub(crate) mod apply;
 pub(crate) mod layer;
+pub mod record;
 
 use crate::extfs::MkfsParams;
 use crate::labels::{LABEL_BLOB_DIGEST, LABEL_BLOB_SIZE, LABEL_VERSION};
@@ -228,30 +229,9 @@ pub fn convert(
 
     let mut accel_layer = None;
     if let Some(list) = &priority_list {
-        let path = work.path().join("acceleration.tar");
-        std::fs::write(&path, acceleration_layer_tar(list))
-            .with_context(|| format!("writing {}", path.display()))?;
-        let (digest, size) = file_digest(&path)?;
-        let mut annotations = std::collections::HashMap::new();
-        for (k, v) in accel_annotations(&digest, size) {
-            annotations.insert(k, v);
-        }
-        let mut d = Descriptor::new(MediaType::from(MEDIA_LAYER), size, parse_digest(&digest)?);
-        d.set_annotations(Some(annotations));
-        outputs.push(LayerFile {
-            descriptor: d,
-            path,
-        });
+        let (file, digest, size, _) = acceleration_layer(work.path(), list, &mut config)?;
+        outputs.push(file);
         accel_layer = Some((digest, size));
-        // As upstream's record-trace: a history entry in front (its `created` the source's,
-        // so the same input gives the same image).
-        let entry = serde_json::json!({
-            "created": config.get("created").cloned().unwrap_or(serde_json::Value::Null),
-            "created_by": "Acceleration Layer",
-        });
-        if let Some(h) = config.get_mut("history").and_then(|h| h.as_array_mut()) {
-            h.insert(0, entry);
-        }
     }
 
     // The config: the source's, with the new layers as its diff_ids.
@@ -349,6 +329,40 @@ pub(crate) fn acceleration_layer_tar(trace: &[u8]) -> Vec<u8> {
     out.extend_from_slice(trace);
     out.resize(out.len().div_ceil(512) * 512 + 1024, 0);
     out
+}
+
+/// An acceleration layer holding `trace` (a binary trace or a priority list), written in `work`:
+/// the file, its digest, size and annotations; `config` gets the history entry upstream's
+/// record-trace adds in front (its `created` the source's, so the same input gives the same
+/// image). The caller adds the digest to the config's diff_ids.
+pub(crate) fn acceleration_layer(
+    work: &std::path::Path,
+    trace: &[u8],
+    config: &mut serde_json::Value,
+) -> Result<(LayerFile, String, u64, BTreeMap<String, String>)> {
+    let path = work.join("acceleration.tar");
+    std::fs::write(&path, acceleration_layer_tar(trace))
+        .with_context(|| format!("writing {}", path.display()))?;
+    let (digest, size) = file_digest(&path)?;
+    let annotations = accel_annotations(&digest, size);
+    let mut d = Descriptor::new(MediaType::from(MEDIA_LAYER), size, parse_digest(&digest)?);
+    d.set_annotations(Some(annotations.clone().into_iter().collect()));
+    let entry = serde_json::json!({
+        "created": config.get("created").cloned().unwrap_or(serde_json::Value::Null),
+        "created_by": "Acceleration Layer",
+    });
+    if let Some(h) = config.get_mut("history").and_then(|h| h.as_array_mut()) {
+        h.insert(0, entry);
+    }
+    Ok((
+        LayerFile {
+            descriptor: d,
+            path,
+        },
+        digest,
+        size,
+        annotations,
+    ))
 }
 
 /// The annotations of an acceleration layer (upstream's, for the snapshotter to see it).

@@ -99,6 +99,21 @@ pub fn open_layer(src: Arc<dyn ReadAt>) -> Result<OpenedLayer> {
     })
 }
 
+/// As [`open_layer`], with the decompressed LSMT file passed through `wrap` first (a
+/// [`crate::trace::TraceRecorder`] records the reads at that level, as upstream's traces do).
+pub fn open_layer_wrapped(
+    src: Arc<dyn ReadAt>,
+    wrap: impl FnOnce(Arc<dyn ReadAt>) -> Arc<dyn ReadAt>,
+) -> Result<OpenedLayer> {
+    let u = unwrap(src)?;
+    let lsmt = LsmtFile::open(wrap(u.lsmt))?;
+    Ok(OpenedLayer {
+        wrapper: u.wrapper,
+        zfile: u.zfile,
+        lsmt,
+    })
+}
+
 /// Opens a layer blob stored in a local file.
 pub fn open_layer_file(path: &Path) -> Result<OpenedLayer> {
     open_layer(Arc::new(FileSource::open(path)?))

@@ -27,6 +27,10 @@
 //! extents, up to the file size rounded up to 512, read from the lower image in 1 MiB pieces.
 
 use crate::crc::crc32c_raw;
+use crate::source::ReadAt;
+use std::fs::File;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// `magic` of a binary trace.
 pub const TRACE_MAGIC: u32 = 0xC2EF_1820;
@@ -215,6 +219,100 @@ pub fn encode_trace(records: &[TraceRecord]) -> Vec<u8> {
     out
 }
 
+/// Records the reads of an image's lowers as trace records, in the order they are made (what
+/// upstream's recorder writes when `recordTracePath` names an empty file): wrap each lower's
+/// decompressed LSMT file with [`TraceRecorder::wrap`], then [`start`](Self::start) and
+/// [`stop`](Self::stop) around the run to record.
+#[derive(Default)]
+pub struct TraceRecorder {
+    on: AtomicBool,
+    records: Mutex<Vec<TraceRecord>>,
+    /// Records dropped past [`MAX_TRACE_SIZE`].
+    dropped: std::sync::atomic::AtomicU64,
+}
+
+impl TraceRecorder {
+    pub fn new() -> Arc<TraceRecorder> {
+        Arc::new(TraceRecorder::default())
+    }
+
+    /// `src` (layer `layer_index`'s decompressed LSMT file, 0 = the bottom lower), its reads
+    /// recorded while recording is on.
+    pub fn wrap(self: &Arc<Self>, layer_index: u32, src: Arc<dyn ReadAt>) -> Arc<dyn ReadAt> {
+        Arc::new(RecordedSource {
+            inner: src,
+            layer_index,
+            recorder: self.clone(),
+        })
+    }
+
+    pub fn start(&self) {
+        self.on.store(true, Ordering::SeqCst);
+    }
+
+    /// Stops recording; returns the records and how many were dropped past the size cap.
+    pub fn stop(&self) -> (Vec<TraceRecord>, u64) {
+        self.on.store(false, Ordering::SeqCst);
+        let records = std::mem::take(&mut *self.records.lock().unwrap_or_else(|p| p.into_inner()));
+        (records, self.dropped.swap(0, Ordering::SeqCst))
+    }
+
+    fn record(&self, layer_index: u32, offset: u64, count: usize) {
+        if count == 0 || !self.on.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut v = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        if ((v.len() + 1) * RECORD_SIZE) as u64 > MAX_TRACE_SIZE {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        v.push(TraceRecord {
+            op: TraceOp::Read,
+            layer_index,
+            count: count as u64,
+            offset,
+        });
+    }
+}
+
+/// A lower whose reads go to a [`TraceRecorder`].
+struct RecordedSource {
+    inner: Arc<dyn ReadAt>,
+    layer_index: u32,
+    recorder: Arc<TraceRecorder>,
+}
+
+impl ReadAt for RecordedSource {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        let n = self.inner.read_at(buf, offset)?;
+        self.recorder.record(self.layer_index, offset, n);
+        Ok(n)
+    }
+
+    fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        let n = self.inner.read_at_nowait(buf, offset)?;
+        self.recorder.record(self.layer_index, offset, n);
+        Ok(n)
+    }
+
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn evict(&self, offset: u64, len: u64) {
+        self.inner.evict(offset, len)
+    }
+
+    /// None: a reader moving the bytes itself (splice) would bypass the recording.
+    fn local_file(&self) -> Option<(&File, u64)> {
+        None
+    }
+}
+
 /// One entry of a priority list.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ListEntry {
@@ -271,6 +369,39 @@ pub fn parse_priority_list(data: &[u8], file: &str) -> Result<Vec<ListEntry>, Tr
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_recorder_records_reads_while_on_in_order_and_round_trips() {
+        let rec = TraceRecorder::new();
+        let a = rec.wrap(0, Arc::new(crate::MemSource::new(vec![7u8; 8192], "a")));
+        let b = rec.wrap(1, Arc::new(crate::MemSource::new(vec![9u8; 4096], "b")));
+        let mut buf = [0u8; 512];
+        a.read_at(&mut buf, 0).unwrap(); // before start: not recorded
+        rec.start();
+        b.read_at(&mut buf, 1024).unwrap();
+        a.read_at(&mut buf, 7680).unwrap();
+        assert_eq!(a.read_at(&mut buf, 8192).unwrap(), 0); // past the end: nothing read
+        let (records, dropped) = rec.stop();
+        a.read_at(&mut buf, 512).unwrap(); // after stop: not recorded
+        assert_eq!(dropped, 0);
+        let want = vec![
+            TraceRecord {
+                op: TraceOp::Read,
+                layer_index: 1,
+                count: 512,
+                offset: 1024,
+            },
+            TraceRecord {
+                op: TraceOp::Read,
+                layer_index: 0,
+                count: 512,
+                offset: 7680,
+            },
+        ];
+        assert_eq!(records, want);
+        assert_eq!(parse_trace(&encode_trace(&records), "t").unwrap(), want);
+        assert!(a.local_file().is_none());
+    }
     use super::*;
 
     /// A trace laid out field by field from the C structs (not through `encode_trace`),

@@ -19,8 +19,8 @@
 # Snapshotters: overlayfs (ctr image pull), stargz (ctr-remote image rpull; containerd-stargz-grpc built by
 # peers.sh), soci (soci image rpull with the index digest; soci-snapshotter-grpc from Debian sid, pulling from
 # a TLS front of the same registry: see tls_registry_start), ovbd
-# (ovbd rpull), ovbd-trace (ovbd rpull of the image with a recorded trace: the hook trace_* below; printed as
-# not available until `ovbd record-trace` exists). Lazy peers run without background fetch and without
+# (ovbd rpull), ovbd-trace (ovbd rpull of the image with a trace `ovbd record-trace` recorded of the workload:
+# trace_record below). Lazy peers run without background fetch and without
 # prefetch landmarks, like ovbd ([download] enable = false): bytes are what the first run needs.
 #
 # Knobs: OVBD_BENCH_RUNS (3), OVBD_BENCH_WORKLOADS ("small python layers3 layers20"),
@@ -181,18 +181,18 @@ registry_bytes() {
 
 # ----------------------------------------------------------------------------------- trace (the hook)
 # ovbd with a trace: the image is pulled with a recorded access trace so ovbd can prefetch what the
-# workload reads. Recording belongs to `ovbd record-trace` (being built elsewhere); this hook only calls it:
-# ovbd record-trace SRC DST -- CMD...  (an OverlayBD image DST = SRC + the trace of CMD run in it). If the
-# verb's interface differs, this function is the one place to adapt.
+# workload reads. `ovbd record-trace SRC DST -- CMD...` runs CMD once in SRC (downloaded, on a device of its
+# own, outside containerd) and pushes DST = SRC + an acceleration layer holding the trace of its reads.
 trace_available() { "$ovbd" record-trace --help >/dev/null 2>&1; }
 
 trace_record() {
     local w=$1 out
-    out=$("$ovbd" record-trace --address "$CTRD_ADDR" --namespace "$CTRD_NS" "$(ref "$w" obd)" "$(ref "$w" obd-trace)" \
+    out=$("$ovbd" record-trace --time 120 --workdir "$work" "$(ref "$w" obd)" "$(ref "$w" obd-trace)" \
         -- "${W_CMD[@]}" 2>&1) || {
         blocked[$w/ovbd-trace]="ovbd record-trace failed: $(tail -n 3 <<<"$out")"
         return 1
     }
+    log "trace of $w: $(tail -n 1 <<<"$out")"
 }
 
 # ------------------------------------------------------------------------------------------ snapshotters

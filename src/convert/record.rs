@@ -1,0 +1,391 @@
+//! `ovbd record-trace SRC DST -- CMD...`: runs CMD once in the OverlayBD image SRC, records
+//! which blocks of which layer it read, and writes DST: SRC with an acceleration layer on top
+//! holding that trace in upstream's format (what upstream's `ctr record-trace` pushes), which
+//! ovbd and upstream overlaybd replay into their caches at the next cold start.
+//!
+//! No containerd is needed: the layers are downloaded, stacked under a scratch writable layer,
+//! attached as a block device of this process (the configured frontend), its filesystem
+//! mounted, and CMD run chrooted into it, in new mount, network (loopback only, as `ctr run`),
+//! UTS and IPC namespaces, with the image config's environment and working directory, until it
+//! exits or `--time` passes. Reads are recorded above the tar and ZFile (offsets in each
+//! layer's LSMT file), in the order they were made; the writes go to the scratch layer, which
+//! is dropped. The same trace gives the same image (no timestamps are added).
+
+use super::{acceleration_layer, source_config, MEDIA_CONFIG};
+use crate::config::FrontendChoice;
+use crate::device::{AttachOptions, DeviceFrontend, WorkerPool};
+use crate::labels::{LABEL_ACCELERATION_LAYER, LABEL_BLOB_DIGEST};
+use crate::oci::digest::digest_of;
+use crate::oci::MEDIA_OCI_MANIFEST;
+use crate::oci::{ImageIo, ImageRef, ImageToWrite, LayerFile, Platform, RegistryOptions};
+use anyhow::{anyhow, bail, Context, Result};
+use oci_spec::image::Descriptor;
+use ovbd_format::layer::open_layer_wrapped;
+use ovbd_format::trace::{encode_trace, TraceRecorder};
+use ovbd_format::{FileSource, ImageStack, LayerStack, RwLayer, RwMode};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub struct RecordOptions {
+    pub platform: Platform,
+    pub registry: RegistryOptions,
+    /// Scratch space (every layer blob, the scratch layer); default: `$TMPDIR`.
+    pub workdir: Option<PathBuf>,
+    /// CMD is killed after this long (upstream's `--time`, 60 s).
+    pub time: Duration,
+    pub frontend: FrontendChoice,
+}
+
+/// What a recording produced, for `--json`.
+#[derive(Debug, Serialize)]
+pub struct RecordSummary {
+    pub source: String,
+    pub destination: String,
+    pub manifest: String,
+    pub acceleration_layer: String,
+    /// Trace records (reads) and the bytes they cover.
+    pub records: usize,
+    pub bytes: u64,
+    /// How CMD ended: `exit N`, `signal N`, or `killed after N s`.
+    pub command: String,
+    pub seconds: f64,
+}
+
+pub fn record_trace(
+    src: &str,
+    dst: &str,
+    cmd: &[String],
+    opts: &RecordOptions,
+) -> Result<RecordSummary> {
+    let started = Instant::now();
+    if cmd.is_empty() {
+        bail!("no command to record (ovbd record-trace SRC DST -- CMD [ARG...])");
+    }
+    let src_ref = ImageRef::parse(src)?;
+    let dst_ref = ImageRef::parse(dst)?;
+    let io = ImageIo::new(opts.registry.clone())?;
+    let img = io.resolve(&src_ref, &opts.platform)?;
+    let (mut config, mut diff_ids, _) = source_config(&img, src)?;
+    let mut layers = img.layers.clone();
+    // A trace recorded before is replaced by the new one.
+    if layers.last().is_some_and(is_acceleration_layer) {
+        layers.pop();
+        diff_ids.pop();
+        if let Some(h) = config.get_mut("history").and_then(|h| h.as_array_mut()) {
+            if h.first().and_then(|e| e.get("created_by")) == Some(&"Acceleration Layer".into()) {
+                h.remove(0);
+            }
+        }
+    }
+    if layers.is_empty() {
+        bail!("{src}: no layer to run");
+    }
+    for d in &layers {
+        if annotation(d, LABEL_BLOB_DIGEST).is_none() {
+            bail!(
+                "{src}: layer {} is not an OverlayBD layer (no {LABEL_BLOB_DIGEST} annotation): convert the image first (ovbd convert)",
+                d.digest()
+            );
+        }
+    }
+
+    let work = match &opts.workdir {
+        Some(d) => tempfile::Builder::new()
+            .prefix("ovbd-record-")
+            .tempdir_in(d),
+        None => tempfile::Builder::new().prefix("ovbd-record-").tempdir(),
+    }
+    .context("creating the recording's scratch directory")?;
+    let mut blobs = Vec::with_capacity(layers.len());
+    for (i, d) in layers.iter().enumerate() {
+        let path = work.path().join(format!("layer-{i:04}"));
+        io.fetch_blob(&src_ref, d, &path)?;
+        blobs.push(LayerFile {
+            descriptor: d.clone(),
+            path,
+        });
+    }
+
+    let recorder = TraceRecorder::new();
+    let image = open_recorded(&blobs, work.path(), &recorder)?;
+    let outcome = run_on_device(image, work.path(), &config, cmd, opts, &recorder);
+    let (records, dropped) = recorder.stop();
+    let outcome = outcome?;
+    if dropped > 0 {
+        log::warn!("the trace is capped at 256 MiB: {dropped} later reads were not recorded");
+    }
+    if records.is_empty() {
+        bail!(
+            "{} read nothing from the image's layers: no trace to write",
+            cmd[0]
+        );
+    }
+    let bytes = records.iter().map(|r| r.count).sum();
+
+    let (accel, accel_digest, accel_size, accel_annotations) =
+        acceleration_layer(work.path(), &encode_trace(&records), &mut config)?;
+    diff_ids.push(accel_digest.clone());
+    *config
+        .pointer_mut("/rootfs/diff_ids")
+        .ok_or_else(|| anyhow!("image config lost rootfs.diff_ids"))? = diff_ids.into();
+    let config_raw = serde_json::to_vec(&config)?;
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": MEDIA_OCI_MANIFEST,
+        "config": {
+            "mediaType": MEDIA_CONFIG,
+            "digest": digest_of(&config_raw),
+            "size": config_raw.len(),
+        },
+        "layers": layers
+            .iter()
+            .map(|d| serde_json::json!({
+                "mediaType": d.media_type().to_string(),
+                "digest": d.digest().to_string(),
+                "size": d.size(),
+                "annotations": d.annotations().clone().unwrap_or_default()
+                    .into_iter().collect::<BTreeMap<_, _>>(),
+            }))
+            .chain([serde_json::json!({
+                "mediaType": accel.descriptor.media_type().to_string(),
+                "digest": accel_digest,
+                "size": accel_size,
+                "annotations": accel_annotations,
+            })])
+            .collect::<Vec<_>>(),
+    });
+    let manifest_raw = serde_json::to_vec(&manifest)?;
+    blobs.push(accel);
+    let written = io.write_image(
+        &dst_ref,
+        &ImageToWrite {
+            layers: &blobs,
+            config: &config_raw,
+            manifest: &manifest_raw,
+            manifest_media_type: MEDIA_OCI_MANIFEST,
+        },
+    )?;
+    Ok(RecordSummary {
+        source: src.to_owned(),
+        destination: dst.to_owned(),
+        manifest: written.digest().to_string(),
+        acceleration_layer: accel_digest,
+        records: records.len(),
+        bytes,
+        command: outcome,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn annotation<'a>(d: &'a Descriptor, key: &str) -> Option<&'a String> {
+    d.annotations().as_ref().and_then(|a| a.get(key))
+}
+
+fn is_acceleration_layer(d: &Descriptor) -> bool {
+    annotation(d, LABEL_ACCELERATION_LAYER).is_some_and(|v| v == "yes")
+}
+
+/// The layers' disk with their LSMT reads recorded, under a scratch writable layer.
+fn open_recorded(
+    blobs: &[LayerFile],
+    work: &Path,
+    recorder: &Arc<TraceRecorder>,
+) -> Result<ImageStack> {
+    let mut lowers = Vec::with_capacity(blobs.len());
+    for (i, b) in blobs.iter().enumerate() {
+        let src = Arc::new(FileSource::open(&b.path)?);
+        let layer = open_layer_wrapped(src, |s| recorder.wrap(i as u32, s))
+            .with_context(|| format!("layer {} ({})", i, b.descriptor.digest()))?;
+        lowers.push(layer.lsmt);
+    }
+    let upper = RwLayer::create(
+        &work.join("scratch.data"),
+        &work.join("scratch.index"),
+        0,
+        RwMode::Sparse,
+        None,
+    )?;
+    Ok(ImageStack::writable(Some(LayerStack::new(lowers)?), upper)?)
+}
+
+/// Serves `image` as a block device, mounts it and runs `cmd` in it; how `cmd` ended.
+fn run_on_device(
+    image: ImageStack,
+    work: &Path,
+    config: &serde_json::Value,
+    cmd: &[String],
+    opts: &RecordOptions,
+    recorder: &TraceRecorder,
+) -> Result<String> {
+    let kind = opts.frontend.resolve();
+    let frontend = DeviceFrontend::open(kind, &work.join("fuse"))
+        .with_context(|| format!("starting the {kind} device frontend"))?;
+    let mut dev = frontend
+        .attach(
+            Arc::new(image),
+            WorkerPool::new(2, 256),
+            AttachOptions::default(),
+        )
+        .context("attaching the image")?;
+    let rootfs = work.join("rootfs");
+    let r = std::fs::create_dir(&rootfs)
+        .with_context(|| format!("creating {}", rootfs.display()))
+        .and_then(|_| {
+            // From the mount on: a cold start reads the filesystem's metadata too.
+            recorder.start();
+            mount_disk(&dev.block_path(), &rootfs)
+        })
+        .and_then(|_| {
+            let r = run_chrooted(&rootfs, config, cmd, opts.time);
+            if let Err(e) = crate::mount::unmount(&rootfs, false) {
+                log::warn!("{e:#}; detaching it lazily");
+                let _ = crate::mount::unmount(&rootfs, true);
+            }
+            r
+        });
+    if let Err(e) = dev
+        .stop()
+        .map_err(anyhow::Error::from)
+        .and_then(|_| Ok(dev.join()?))
+    {
+        log::warn!("detaching {}: {e:#}", dev.block_path());
+    }
+    drop(frontend);
+    r
+}
+
+/// Mounts the image's filesystem: ext4 (written to the scratch layer) or EROFS.
+fn mount_disk(dev: &str, at: &Path) -> Result<()> {
+    let ext4 = crate::mount::mount(dev, at, "ext4", 0, "");
+    match ext4 {
+        Ok(()) => Ok(()),
+        Err(e) => crate::mount::mount(dev, at, "erofs", libc::MS_RDONLY, "")
+            .map_err(|_| e)
+            .context("the image holds neither ext4 nor EROFS"),
+    }
+}
+
+/// Runs `cmd` chrooted into `rootfs` (see the module comment); kills its process group after
+/// `time`.
+fn run_chrooted(
+    rootfs: &Path,
+    config: &serde_json::Value,
+    cmd: &[String],
+    time: Duration,
+) -> Result<String> {
+    let env: Vec<(String, String)> = config
+        .pointer("/config/Env")
+        .and_then(|e| e.as_array())
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str()?.split_once('='))
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let workdir = config
+        .pointer("/config/WorkingDir")
+        .and_then(|w| w.as_str())
+        .filter(|w| w.starts_with('/'))
+        .unwrap_or("/");
+    let c = |p: &Path| CString::new(p.as_os_str().as_encoded_bytes()).context("a path with NUL");
+    let (root, proc_dir, dev_dir) = (
+        c(rootfs)?,
+        c(&rootfs.join("proc"))?,
+        c(&rootfs.join("dev"))?,
+    );
+    let workdir = CString::new(workdir).context("WorkingDir with NUL")?;
+    let mut command = std::process::Command::new(&cmd[0]);
+    command
+        .args(&cmd[1..])
+        .env_clear()
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .envs(env)
+        .stdin(std::process::Stdio::null());
+    // CMD's output goes to stderr: stdout is for the summary.
+    if let Ok(fd) = std::os::fd::AsFd::as_fd(&std::io::stderr()).try_clone_to_owned() {
+        command.stdout(fd);
+    }
+    // SAFETY: between fork and exec only async-signal-safe calls on prepared C strings.
+    unsafe {
+        command.pre_exec(move || {
+            let err = std::io::Error::last_os_error;
+            if libc::setsid() < 0
+                || libc::unshare(
+                    libc::CLONE_NEWNS
+                        | libc::CLONE_NEWNET
+                        | libc::CLONE_NEWUTS
+                        | libc::CLONE_NEWIPC,
+                ) != 0
+            {
+                return Err(err());
+            }
+            let none = std::ptr::null();
+            if libc::mount(
+                none,
+                c"/".as_ptr(),
+                none,
+                libc::MS_REC | libc::MS_PRIVATE,
+                none.cast(),
+            ) != 0
+            {
+                return Err(err());
+            }
+            // Best effort: an image without /proc or /dev runs without them.
+            libc::mount(
+                c"proc".as_ptr(),
+                proc_dir.as_ptr(),
+                c"proc".as_ptr(),
+                0,
+                none.cast(),
+            );
+            libc::mount(
+                c"/dev".as_ptr(),
+                dev_dir.as_ptr(),
+                none,
+                libc::MS_BIND | libc::MS_REC,
+                none.cast(),
+            );
+            if libc::chroot(root.as_ptr()) != 0 {
+                return Err(err());
+            }
+            if libc::chdir(workdir.as_ptr()) != 0 && libc::chdir(c"/".as_ptr()) != 0 {
+                return Err(err());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("running {} in the image", cmd[0]))?;
+    let pgid = child.id() as i32;
+    let deadline = Instant::now() + time;
+    let ended = loop {
+        if let Some(status) = child.try_wait()? {
+            break match (status.code(), status.signal()) {
+                (Some(code), _) => format!("exit {code}"),
+                (_, Some(sig)) => format!("signal {sig}"),
+                _ => format!("{status}"),
+            };
+        }
+        if Instant::now() >= deadline {
+            // SAFETY: kill(2) of the process group CMD leads.
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+            child.wait()?;
+            break format!("killed after {} s", time.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // Whatever CMD left running in its group must not hold the filesystem.
+    // SAFETY: as above.
+    unsafe { libc::kill(-pgid, libc::SIGKILL) };
+    Ok(ended)
+}
