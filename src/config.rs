@@ -62,13 +62,26 @@ impl FrontendChoice {
 }
 
 /// `[device]`: how images become block devices.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DeviceConfig {
     pub frontend: FrontendChoice,
+    /// The devices' read-ahead in KiB (the kernel's default for disks; a loop device over a
+    /// FUSE file would otherwise read ahead 2.5 MiB, all fetched from the registry).
+    pub read_ahead_kb: u32,
     /// FUSE frontend: the loop device reads the image file through the page cache (repeated
     /// reads never reach ovbd) instead of with direct I/O (one cached copy fewer).
     pub fuse_page_cache: bool,
+}
+
+impl Default for DeviceConfig {
+    fn default() -> Self {
+        DeviceConfig {
+            frontend: FrontendChoice::default(),
+            read_ahead_kb: 128,
+            fuse_page_cache: false,
+        }
+    }
 }
 
 /// How log lines are written (`log_format`).
@@ -459,6 +472,7 @@ mod tests {
         assert_eq!(c.device.frontend.resolve(), crate::device::Frontend::Fuse);
         assert!(toml::from_str::<Config>("[device]\nfrontend = \"nbd\"").is_err());
         assert!(!c.device.fuse_page_cache);
+        assert_eq!(c.device.read_ahead_kb, 128);
         let c: Config = toml::from_str("[device]\nfuse_page_cache = true").unwrap();
         assert!(c.device.fuse_page_cache);
         assert_eq!(c.registry, RegistryConfig::default());

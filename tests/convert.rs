@@ -983,6 +983,37 @@ fn record_trace_round_trips() {
     );
     assert!(logged.contains(&want), "want {want:?} in:\n{logged}");
 
+    // CMD's confinement: its own root (the host's tree out of reach), its own /dev, no
+    // CAP_SYS_ADMIN (21) or CAP_MKNOD (27) in its bounding set.
+    let o = record(
+        &obd_ref,
+        &format!("oci:{}:x", t.path().join("confined").display()),
+        &[],
+        &[
+            "/bin/busybox",
+            "sh",
+            "-c",
+            &format!(
+                "busybox grep CapBnd /proc/self/status; busybox ls /dev; busybox test -e {} && echo HOST",
+                t.path().display()
+            ),
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let bnd = err
+        .lines()
+        .find_map(|l| l.strip_prefix("CapBnd:"))
+        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+        .unwrap_or_else(|| panic!("no CapBnd in {err}"));
+    assert_eq!(bnd & (1 << 21 | 1 << 27), 0, "CapBnd {bnd:x}");
+    assert!(bnd & 1 != 0, "CapBnd {bnd:x}: CAP_CHOWN dropped too");
+    assert!(
+        err.contains("urandom") && !err.contains("loop-control"),
+        "{err}"
+    );
+    assert!(!err.contains("HOST"), "the host's tree is visible: {err}");
+
     // Recording the traced image again replaces its trace; --time ends a command that runs on.
     let again = t.path().join("again");
     let o = record(

@@ -284,7 +284,7 @@ fn device_and_blob_spans_name_what_an_event_belongs_to() {
     let dir = tempfile::tempdir().unwrap();
     let config = config(dir.path(), "json");
     let mut text = std::fs::read_to_string(&config).unwrap();
-    text += "\n[device]\nfrontend = \"fuse\"\n\n[download]\nenable = false\n\n[registry]\nallow_hosts = [\"127.0.0.1\"]\n";
+    text += "\n[device]\nfrontend = \"fuse\"\nread_ahead_kb = 96\n\n[download]\nenable = false\n\n[registry]\nallow_hosts = [\"127.0.0.1\"]\n";
     std::fs::write(&config, text).unwrap();
     let child = start_serve(
         dir.path(),
@@ -333,13 +333,27 @@ fn device_and_blob_spans_name_what_an_event_belongs_to() {
                 labels: HashMap::new(),
             })
             .await;
+        // The image's loop device (its backing file is on the daemon's FUSE mount under
+        // `dir`) reads ahead as `[device] read_ahead_kb` says.
+        let read_ahead: Vec<String> = std::fs::read_dir("/sys/block")
+            .unwrap()
+            .filter_map(|e| {
+                let p = e.ok()?.path();
+                let backing = std::fs::read_to_string(p.join("loop/backing_file")).ok()?;
+                backing
+                    .starts_with(&*dir.path().to_string_lossy())
+                    .then(|| {
+                        std::fs::read_to_string(p.join("queue/read_ahead_kb")).unwrap_or_default()
+                    })
+            })
+            .collect();
         let removed = c
             .remove(RemoveSnapshotRequest {
                 snapshotter: "ovbd".into(),
                 key: "default/2/ctr".into(),
             })
             .await;
-        (ctr.map(|_| ()), removed.map(|_| ()))
+        (ctr.map(|_| ()), removed.map(|_| ()), read_ahead)
     });
     let lines = stop_serve(dir.path(), child);
     let all = format!("{lines:#?}");
@@ -347,6 +361,7 @@ fn device_and_blob_spans_name_what_an_event_belongs_to() {
         prepared.0.is_ok() && prepared.1.is_ok(),
         "{prepared:?}\n{all}"
     );
+    assert_eq!(prepared.2, vec!["96\n".to_string()], "{all}");
 
     let attached = lines
         .iter()

@@ -68,8 +68,9 @@ enum Cmd {
     /// Run CMD once in OverlayBD image SRC, record which blocks it reads, and write DST: SRC
     /// with upstream's acceleration layer holding that trace on top, so the next cold start
     /// prefetches them (as upstream's `ctr record-trace`). Needs root: the image is attached as
-    /// a block device here and CMD runs chrooted into its filesystem (new mount, network, UTS
-    /// and IPC namespaces; the image config's Env and WorkingDir); its writes are dropped.
+    /// a block device here and CMD runs as root in its filesystem (its own root, /proc and /dev;
+    /// new mount, network, UTS and IPC namespaces; Docker's default capabilities less MKNOD,
+    /// SETFCAP and NET_RAW; the image config's Env and WorkingDir); its writes are dropped.
     RecordTrace {
         src: String,
         dst: String,
@@ -87,6 +88,10 @@ enum Cmd {
         /// Block device frontend for the run: ublk, fuse or auto.
         #[arg(long, value_enum, default_value_t = config::FrontendChoice::Auto)]
         frontend: config::FrontendChoice,
+        /// The device's read-ahead in KiB: as `[device] read_ahead_kb` of the daemons that
+        /// will run the image, so the trace holds what their devices read.
+        #[arg(long, default_value_t = 128)]
+        read_ahead_kb: u32,
         /// Print a JSON summary (digests, records, how CMD ended) on stdout.
         #[arg(long)]
         json: bool,
@@ -411,6 +416,7 @@ fn run(cli: Cli) -> Result<()> {
             registry,
             workdir,
             frontend,
+            read_ahead_kb,
             json,
             cmd,
         } => {
@@ -420,6 +426,7 @@ fn run(cli: Cli) -> Result<()> {
                 workdir,
                 time: std::time::Duration::from_secs(time),
                 frontend,
+                read_ahead_kb,
             };
             let s = crate::convert::record::record_trace(&src, &dst, &cmd, &opts)?;
             if json {

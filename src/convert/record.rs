@@ -5,11 +5,12 @@
 //!
 //! No containerd is needed: the layers are downloaded, stacked under a scratch writable layer,
 //! attached as a block device of this process (the configured frontend), its filesystem
-//! mounted, and CMD run chrooted into it, in new mount, network (loopback only, as `ctr run`),
-//! UTS and IPC namespaces, with the image config's environment and working directory, until it
-//! exits or `--time` passes. Reads are recorded above the tar and ZFile (offsets in each
-//! layer's LSMT file), in the order they were made; the writes go to the scratch layer, which
-//! is dropped. The same trace gives the same image (no timestamps are added).
+//! mounted, and CMD run in it (its root by pivot_root) in new mount, network (loopback only, as
+//! `ctr run`), UTS and IPC namespaces, as root with a reduced capability set (see
+//! `enter_rootfs`), with the image config's environment and working directory, until it exits
+//! or `--time` passes. Reads are recorded from the mount on, above the tar and ZFile (offsets
+//! in each layer's LSMT file), in the order they were made; writes go to the scratch layer,
+//! which is dropped. The same trace gives the same image (no timestamps are added).
 
 use super::{acceleration_layer, source_config, MEDIA_CONFIG};
 use crate::config::FrontendChoice;
@@ -39,6 +40,8 @@ pub struct RecordOptions {
     /// CMD is killed after this long (upstream's `--time`, 60 s).
     pub time: Duration,
     pub frontend: FrontendChoice,
+    /// The device's read-ahead (`[device] read_ahead_kb` of the daemon whose start is traced).
+    pub read_ahead_kb: u32,
 }
 
 /// What a recording produced, for `--json`.
@@ -232,6 +235,10 @@ fn run_on_device(
             AttachOptions::default(),
         )
         .context("attaching the image")?;
+    // As the snapshotter's devices read ahead: the trace is what a container's start reads.
+    if let Err(e) = crate::device::set_read_ahead(&dev.block_path(), opts.read_ahead_kb) {
+        log::warn!("{}: setting read-ahead: {e}", dev.block_path());
+    }
     let rootfs = work.join("rootfs");
     let r = std::fs::create_dir(&rootfs)
         .with_context(|| format!("creating {}", rootfs.display()))
@@ -294,11 +301,7 @@ fn run_chrooted(
         .filter(|w| w.starts_with('/'))
         .unwrap_or("/");
     let c = |p: &Path| CString::new(p.as_os_str().as_encoded_bytes()).context("a path with NUL");
-    let (root, proc_dir, dev_dir) = (
-        c(rootfs)?,
-        c(&rootfs.join("proc"))?,
-        c(&rootfs.join("dev"))?,
-    );
+    let root = c(rootfs)?;
     let workdir = CString::new(workdir).context("WorkingDir with NUL")?;
     let mut command = std::process::Command::new(&cmd[0]);
     command
@@ -315,54 +318,7 @@ fn run_chrooted(
         command.stdout(fd);
     }
     // SAFETY: between fork and exec only async-signal-safe calls on prepared C strings.
-    unsafe {
-        command.pre_exec(move || {
-            let err = std::io::Error::last_os_error;
-            if libc::setsid() < 0
-                || libc::unshare(
-                    libc::CLONE_NEWNS
-                        | libc::CLONE_NEWNET
-                        | libc::CLONE_NEWUTS
-                        | libc::CLONE_NEWIPC,
-                ) != 0
-            {
-                return Err(err());
-            }
-            let none = std::ptr::null();
-            if libc::mount(
-                none,
-                c"/".as_ptr(),
-                none,
-                libc::MS_REC | libc::MS_PRIVATE,
-                none.cast(),
-            ) != 0
-            {
-                return Err(err());
-            }
-            // Best effort: an image without /proc or /dev runs without them.
-            libc::mount(
-                c"proc".as_ptr(),
-                proc_dir.as_ptr(),
-                c"proc".as_ptr(),
-                0,
-                none.cast(),
-            );
-            libc::mount(
-                c"/dev".as_ptr(),
-                dev_dir.as_ptr(),
-                none,
-                libc::MS_BIND | libc::MS_REC,
-                none.cast(),
-            );
-            if libc::chroot(root.as_ptr()) != 0 {
-                return Err(err());
-            }
-            if libc::chdir(workdir.as_ptr()) != 0 && libc::chdir(c"/".as_ptr()) != 0 {
-                return Err(err());
-            }
-            Ok(())
-        });
-    }
+    unsafe { command.pre_exec(move || enter_rootfs(&root, &workdir)) };
     let mut child = command
         .spawn()
         .with_context(|| format!("running {} in the image", cmd[0]))?;
@@ -388,4 +344,89 @@ fn run_chrooted(
     // SAFETY: as above.
     unsafe { libc::kill(-pgid, libc::SIGKILL) };
     Ok(ended)
+}
+
+/// Capabilities CMD keeps (Docker's default set less MKNOD, SETFCAP and NET_RAW: no device
+/// cgroup guards the host's devices here): CHOWN, DAC_OVERRIDE, FOWNER, FSETID, KILL, SETGID,
+/// SETUID, SETPCAP, NET_BIND_SERVICE, SYS_CHROOT, AUDIT_WRITE.
+const KEPT_CAPS: [libc::c_int; 11] = [0, 1, 3, 4, 5, 6, 7, 8, 10, 18, 29];
+
+/// In the child, before exec: its own session (killed as a group), mount, network (loopback
+/// only), UTS and IPC namespaces; `root` made its root with pivot_root (the host's tree is then
+/// out of reach, which chroot would not ensure), a fresh /proc, a /dev of its own with only
+/// the harmless nodes, and a bounding set that leaves root-run CMD [`KEPT_CAPS`] only.
+/// Async-signal-safe calls only.
+fn enter_rootfs(root: &std::ffi::CStr, workdir: &std::ffi::CStr) -> std::io::Result<()> {
+    let err = std::io::Error::last_os_error;
+    let none = std::ptr::null::<libc::c_char>();
+    // SAFETY: plain syscalls on NUL-terminated strings that outlive them.
+    unsafe {
+        if libc::setsid() < 0
+            || libc::unshare(
+                libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC,
+            ) != 0
+            || libc::mount(
+                none,
+                c"/".as_ptr(),
+                none,
+                libc::MS_REC | libc::MS_PRIVATE,
+                none.cast(),
+            ) != 0
+            || libc::chdir(root.as_ptr()) != 0
+            || libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) != 0
+            || libc::umount2(c".".as_ptr(), libc::MNT_DETACH) != 0
+            || libc::chdir(c"/".as_ptr()) != 0
+        {
+            return Err(err());
+        }
+        // Best effort: an image without /proc or /dev runs without them.
+        let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+        libc::mount(
+            c"proc".as_ptr(),
+            c"/proc".as_ptr(),
+            c"proc".as_ptr(),
+            flags,
+            none.cast(),
+        );
+        if libc::mount(
+            c"tmpfs".as_ptr(),
+            c"/dev".as_ptr(),
+            c"tmpfs".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NOEXEC,
+            c"mode=755,size=64k".as_ptr().cast(),
+        ) == 0
+        {
+            for (name, minor) in [
+                (c"/dev/null", 3),
+                (c"/dev/zero", 5),
+                (c"/dev/full", 7),
+                (c"/dev/random", 8),
+                (c"/dev/urandom", 9),
+            ] {
+                libc::mknod(
+                    name.as_ptr(),
+                    libc::S_IFCHR | 0o666,
+                    libc::makedev(1, minor),
+                );
+            }
+            libc::symlink(c"/proc/self/fd".as_ptr(), c"/dev/fd".as_ptr());
+            libc::mkdir(c"/dev/shm".as_ptr(), 0o1777);
+        }
+        // Up to the first number the kernel does not know.
+        for cap in 0..64 {
+            if KEPT_CAPS.contains(&cap) {
+                continue;
+            }
+            if libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) != 0 {
+                if *libc::__errno_location() == libc::EINVAL {
+                    break;
+                }
+                return Err(err());
+            }
+        }
+        if libc::chdir(workdir.as_ptr()) != 0 && libc::chdir(c"/".as_ptr()) != 0 {
+            return Err(err());
+        }
+    }
+    Ok(())
 }

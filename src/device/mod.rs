@@ -100,6 +100,17 @@ impl Frontend {
     }
 }
 
+/// Sets how far the kernel reads ahead on block device `block` (`/dev/ublkbN`, `/dev/loopN`):
+/// what one read that looks sequential makes the device read, which for a lazily pulled image
+/// is what the registry sends.
+pub fn set_read_ahead(block: &str, kb: u32) -> std::io::Result<()> {
+    let name = block.strip_prefix("/dev/").unwrap_or(block);
+    std::fs::write(
+        format!("/sys/block/{name}/queue/read_ahead_kb"),
+        kb.to_string(),
+    )
+}
+
 /// A frontend ready to attach images: ublk needs no state; FUSE its one mount.
 #[derive(Clone)]
 pub enum DeviceFrontend {

@@ -336,6 +336,10 @@ impl Snapshotter {
         match &attached {
             Ok(dev) => {
                 span.record("id", dev.id);
+                let kb = self.cfg.device.read_ahead_kb;
+                if let Err(e) = crate::device::set_read_ahead(&dev.block_path(), kb) {
+                    tracing::warn!(device = %dev.block_path(), "setting read-ahead to {kb} KiB: {e}");
+                }
                 tracing::info!(device = %dev.block_path(), "attached");
             }
             Err(e) => tracing::warn!(reason = %format!("{e:#}"), "attach failed"),
