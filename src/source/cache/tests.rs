@@ -73,7 +73,12 @@ fn blob_cache_reads_through_registry() {
         BlockSource::origin(&remote),
         format!("{}/test/blob", reg.addr)
     );
-    let cache = BlobCache::open(&CacheConfig::default(), &tmp.path().join("cache")).unwrap();
+    // 64 KiB blocks: the offsets below are chosen for them.
+    let cache_cfg = CacheConfig {
+        refill_kb: 64,
+        ..CacheConfig::default()
+    };
+    let cache = BlobCache::open(&cache_cfg, &tmp.path().join("cache")).unwrap();
     let blob = CachedBlob::new(cache.clone(), remote).unwrap();
     assert_eq!(blob.size(), data.len() as u64);
     assert!(blob.name().contains(&digest));
@@ -83,7 +88,7 @@ fn blob_cache_reads_through_registry() {
     assert_eq!(counter.requests(), 0);
 
     // One read of 10 bytes fetches the (64 KiB) block around it.
-    let bs = CacheConfig::default().refill_bytes();
+    let bs = cache_cfg.refill_bytes();
     assert_eq!(bs, 64 << 10);
     assert_eq!(read(&blob, 300_000, 10), &data[300_000..300_010]);
     assert_eq!(counter.fetched_bytes(), bs);
@@ -116,7 +121,7 @@ fn blob_cache_reads_through_registry() {
     drop(blob);
     drop(cache);
     drop(reg);
-    let cache = BlobCache::open(&CacheConfig::default(), &tmp.path().join("cache")).unwrap();
+    let cache = BlobCache::open(&cache_cfg, &tmp.path().join("cache")).unwrap();
     let remote = RemoteBlob::new(registry, &image, &digest, data.len() as u64).unwrap();
     let counter = remote.clone();
     let blob = CachedBlob::new(cache, remote).unwrap();

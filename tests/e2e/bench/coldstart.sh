@@ -24,7 +24,9 @@
 # prefetch landmarks, like ovbd ([download] enable = false): bytes are what the first run needs.
 #
 # Knobs: OVBD_BENCH_RUNS (3), OVBD_BENCH_WORKLOADS ("small python layers3 layers20"),
-# OVBD_BENCH_SNAPSHOTTERS ("overlayfs stargz soci ovbd ovbd-trace"), OVBD_BIN (target/release/ovbd),
+# OVBD_BENCH_SNAPSHOTTERS ("overlayfs stargz soci ovbd ovbd-trace"), OVBD_BENCH_CONVERT_ARGS (extra `ovbd convert`
+# arguments, e.g. "--algo zstd"), OVBD_BENCH_OVBD_CONFIG (TOML added to ovbd's config, e.g. $'[cache]\nrefill_kb = 16';
+# not [device] or [download]), OVBD_BIN (target/release/ovbd),
 # E2E_KEEP=1 keeps the work dir (logs). As root.
 set -uo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -101,7 +103,7 @@ prepare_images() {
     oci=$(ref "$w" oci)
     push_oci_layout "$W_LAYOUT" v1 "cs-$w:oci"
     if wanted ovbd || wanted ovbd-trace; then
-        out=$("$ovbd" convert "$oci" "$(ref "$w" obd)" 2>&1) || {
+        out=$("$ovbd" convert ${OVBD_BENCH_CONVERT_ARGS:-} "$oci" "$(ref "$w" obd)" 2>&1) || {
             blocked[$w/ovbd]="ovbd convert failed: $(tail -n 3 <<<"$out")"
             blocked[$w/ovbd-trace]=${blocked[$w/ovbd]}
         }
@@ -339,7 +341,7 @@ fi
 printf 'noprefetch = true\nno_background_fetch = true\n' >"$work/stargz.toml"
 
 OVBD_SERVE_LOG_LEVEL=info
-OVBD_SERVE_EXTRA_CONFIG=$'[device]\nfrontend = "'${OVBD_BENCH_FRONTEND:-fuse}$'"\n[download]\nenable = false'
+OVBD_SERVE_EXTRA_CONFIG=$'[device]\nfrontend = "'${OVBD_BENCH_FRONTEND:-fuse}$'"\n[download]\nenable = false\n'${OVBD_BENCH_OVBD_CONFIG:-}
 ovbd_serve_setup "$ovbd" "$work/ovbd-root" "$work/ovbd/ovbd.sock"
 [[ -z $OVBD_SERVE_MISSING ]] || blocked[ovbd]=$OVBD_SERVE_MISSING blocked[ovbd-trace]=${blocked[ovbd-trace]:-$OVBD_SERVE_MISSING}
 
@@ -387,6 +389,8 @@ echo
 echo "==== cold start: pull + first run, $runs runs interleaved, medians (min-max); host, ovbd frontend ${OVBD_BENCH_FRONTEND:-fuse}"
 echo "     (cold: empty containerd root, empty snapshotter root and caches, page cache dropped before each run;"
 echo "      MB = blob bytes sent by the registry (access log); warm = a second run right after, image local)"
+[[ -z ${OVBD_BENCH_CONVERT_ARGS:-}${OVBD_BENCH_OVBD_CONFIG:-} ]] ||
+    echo "     ovbd: convert ${OVBD_BENCH_CONVERT_ARGS:-(defaults)}; config + ${OVBD_BENCH_OVBD_CONFIG//$'\n'/ }"
 for w in "${workloads[@]}"; do
     echo
     echo "== $w: ${W_SHOW[$w]}"
