@@ -265,3 +265,95 @@ impl LowerConfig {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Condvar, Mutex};
+    use std::time::Duration;
+
+    /// An OverlayBD layer blob among the fixtures.
+    const BLOB: &str = "sha256:022231c3f1af70e0cc42f0c3781eabf174cff608210585bf93fc83e16d33672d";
+
+    /// A registry source whose every open waits until `want` opens are under way: opened one
+    /// after another, the first gives up and fails.
+    struct OverlapRemote {
+        arrived: Mutex<usize>,
+        cv: Condvar,
+        want: usize,
+    }
+
+    impl RemoteSource for OverlapRemote {
+        fn open(
+            &self,
+            _url: &str,
+            digest: &str,
+            _size: u64,
+            _dir: Option<&Path>,
+        ) -> Result<Arc<dyn ReadAt>> {
+            let mut n = self.arrived.lock().unwrap();
+            *n += 1;
+            self.cv.notify_all();
+            let (n, timeout) = self
+                .cv
+                .wait_timeout_while(n, Duration::from_secs(20), |n| *n < self.want)
+                .unwrap();
+            if timeout.timed_out() {
+                bail!("only {} of {} opens under way at once", *n, self.want);
+            }
+            let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/hello-world-oci/blobs/sha256")
+                .join(digest.trim_start_matches("sha256:"));
+            Ok(Arc::new(ovbd_format::FileSource::open(&path)?))
+        }
+    }
+
+    #[test]
+    fn remote_layers_open_side_by_side() {
+        let size = std::fs::metadata(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/hello-world-oci/blobs/sha256")
+                .join(&BLOB[7..]),
+        )
+        .unwrap()
+        .len();
+        let lower = LowerConfig {
+            digest: Some(BLOB.into()),
+            size: Some(size),
+            ..Default::default()
+        };
+        let cfg = ImageConfig {
+            repo_blob_url: Some("https://127.0.0.1:5000/v2/hello-world/blobs".into()),
+            lowers: vec![lower; 3],
+            ..Default::default()
+        };
+        let remote = OverlapRemote {
+            arrived: Mutex::new(0),
+            cv: Condvar::new(),
+            want: 3,
+        };
+        let image = cfg.open_image(Some(&remote)).unwrap();
+        assert_eq!(image.virtual_size(), 64 << 30);
+        // A failed open names its lower.
+        let bad = ImageConfig {
+            lowers: vec![
+                cfg.lowers[0].clone(),
+                LowerConfig {
+                    file: Some("/nonexistent/layer".into()),
+                    ..Default::default()
+                },
+            ],
+            ..cfg.clone()
+        };
+        let remote = OverlapRemote {
+            arrived: Mutex::new(0),
+            cv: Condvar::new(),
+            want: 1,
+        };
+        let e = format!("{:#}", bad.open_image(Some(&remote)).err().unwrap());
+        assert!(
+            e.contains("lowers[1]") && e.contains("/nonexistent/layer"),
+            "{e}"
+        );
+    }
+}
