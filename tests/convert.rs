@@ -1041,6 +1041,45 @@ fn record_trace_round_trips() {
         mounts_under(t.path())
     );
 
+    // A signal while CMD runs stops it and takes down the device and mounts; nothing is written.
+    let stopped = t.path().join("stopped");
+    let child = Command::new(env!("CARGO_BIN_EXE_ovbd"))
+        .args([
+            "record-trace",
+            "--frontend",
+            "fuse",
+            "--workdir",
+            s(&work),
+            &obd_ref,
+        ])
+        .arg(format!("oci:{}:x", stopped.display()))
+        .args(["--", "/bin/sleep", "60"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while !mounts_under(&work).iter().any(|m| m.ends_with("/rootfs")) {
+        assert!(t0.elapsed().as_secs() < 60, "the image was never mounted");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) of our child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("interrupted"), "{err}");
+    assert!(!stopped.join("index.json").exists());
+    assert!(
+        mounts_under(t.path()).is_empty(),
+        "{:?}",
+        mounts_under(t.path())
+    );
+    assert_eq!(
+        std::fs::read_dir(&work).unwrap().count(),
+        0,
+        "scratch left behind"
+    );
+
     // Bad input: a source that is not OverlayBD; a command the image does not have.
     for (from, cmd, says) in [
         (src.as_str(), "/bin/cat", "is not an OverlayBD layer"),

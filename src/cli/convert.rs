@@ -15,13 +15,7 @@ static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 pub fn run(src: &str, dst: &str, mut opts: ConvertOptions, json: bool) -> Result<()> {
     // The scratch directory is ours, so an interrupt (Ctrl-C, SIGTERM, SIGHUP) can remove it:
     // the destination itself never holds a partial image (its manifest / index goes last).
-    let scratch = match &opts.workdir {
-        Some(d) => tempfile::Builder::new()
-            .prefix("ovbd-convert-")
-            .tempdir_in(d),
-        None => tempfile::Builder::new().prefix("ovbd-convert-").tempdir(),
-    }
-    .context("creating the conversion's scratch directory")?;
+    let scratch = crate::convert::scratch_dir(opts.workdir.as_deref(), "ovbd-convert-")?;
     remove_on_interrupt(scratch.path().to_owned())?;
     opts.workdir = Some(scratch.path().to_owned());
 
@@ -112,19 +106,7 @@ impl Progress for Bars {
 /// Blocks SIGINT, SIGTERM and SIGHUP in this thread (and so in every thread started after it)
 /// and starts one thread that waits for them, removes `dir` and exits 130 like a shell would.
 fn remove_on_interrupt(dir: PathBuf) -> Result<()> {
-    // SAFETY: plain libc signal-set calls on a local, zero-initialised sigset_t.
-    let set = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-            libc::sigaddset(&mut set, sig);
-        }
-        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        if rc != 0 {
-            return Err(std::io::Error::from_raw_os_error(rc)).context("blocking signals");
-        }
-        set
-    };
+    let set = super::block_stop_signals()?;
     std::thread::Builder::new()
         .name("convert-signals".into())
         .spawn(move || {

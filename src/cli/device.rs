@@ -248,7 +248,7 @@ fn serve(
     ready: &mut dyn FnMut(&str),
 ) -> Result<()> {
     // Signals go to the waiter thread of `serve_on`; block them before any thread starts.
-    blocked_signals();
+    super::block_stop_signals()?;
     let recovery = match (kind, recover, id) {
         (Frontend::Fuse, true, Some(id)) => Some(FuseRecovery::of(id)?),
         _ => None,
@@ -331,7 +331,7 @@ fn serve_on(
     recovery: Option<&FuseRecovery>,
     ready: &mut dyn FnMut(&str),
 ) -> Result<()> {
-    let set = blocked_signals();
+    let set = super::block_stop_signals()?;
     let pool = WorkerPool::new(2, 256);
     let mut devices = Vec::with_capacity(configs.len());
     let mut spans = Vec::with_capacity(configs.len());
@@ -420,21 +420,6 @@ impl Served {
             remove_fuse_dir(dir);
         }
         Ok(r?)
-    }
-}
-
-/// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread (and threads it starts later);
-/// returns that set.
-fn blocked_signals() -> libc::sigset_t {
-    // SAFETY: sigset manipulation on a local set.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-            libc::sigaddset(&mut set, s);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
     }
 }
 

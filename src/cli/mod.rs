@@ -420,6 +420,20 @@ fn run(cli: Cli) -> Result<()> {
             json,
             cmd,
         } => {
+            // A signal stops CMD and lets the recording take down its device and mounts.
+            let set = block_stop_signals()?;
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let stopping = stop.clone();
+            std::thread::Builder::new()
+                .name("record-signals".into())
+                .spawn(move || {
+                    let mut sig = 0;
+                    // SAFETY: waiting on the blocked set.
+                    if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                        eprintln!("ovbd record-trace: signal {sig}: stopping");
+                        stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
+                })?;
             let opts = crate::convert::record::RecordOptions {
                 platform: platform.parse()?,
                 registry: registry.options()?,
@@ -427,6 +441,7 @@ fn run(cli: Cli) -> Result<()> {
                 time: std::time::Duration::from_secs(time),
                 frontend,
                 read_ahead_kb,
+                stop,
             };
             let s = crate::convert::record::record_trace(&src, &dst, &cmd, &opts)?;
             if json {
@@ -507,5 +522,23 @@ impl RegistryArgs {
             docker_config: None,
             config,
         })
+    }
+}
+
+/// Blocks SIGINT, SIGTERM and SIGHUP in this thread and the threads it starts (call it first
+/// thing), for one thread to `sigwait` on the returned set and stop the work in order.
+fn block_stop_signals() -> Result<libc::sigset_t> {
+    // SAFETY: sigset manipulation on a local, zero-initialised set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        if rc != 0 {
+            return Err(std::io::Error::from_raw_os_error(rc)).context("blocking signals");
+        }
+        Ok(set)
     }
 }

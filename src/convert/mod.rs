@@ -77,6 +77,24 @@ pub trait Progress {
     fn layer_done(&mut self, s: &LayerSummary);
 }
 
+/// A scratch directory named `prefix…` in `workdir` (default `$TMPDIR`), removed when dropped.
+pub(crate) fn scratch_dir(
+    workdir: Option<&std::path::Path>,
+    prefix: &str,
+) -> Result<tempfile::TempDir> {
+    let b = tempfile::Builder::new().prefix(prefix).clone();
+    match workdir {
+        Some(d) => b.tempdir_in(d),
+        None => b.tempdir(),
+    }
+    .with_context(|| {
+        format!(
+            "creating a scratch directory in {}",
+            workdir.map_or("$TMPDIR".into(), |d| d.display().to_string())
+        )
+    })
+}
+
 /// The source image's config (to be rewritten), its diff_ids (one per layer, checked) and the
 /// time it was created (0 if it does not say), from which the output's times come.
 pub(crate) fn source_config(
@@ -141,13 +159,7 @@ pub fn convert(
     let chain_ids = chain_ids(&diff_ids);
     let fs_uuid = fs_uuid(&chain_ids[0]);
 
-    let work = match &opts.workdir {
-        Some(d) => tempfile::Builder::new()
-            .prefix("ovbd-convert-")
-            .tempdir_in(d),
-        None => tempfile::Builder::new().prefix("ovbd-convert-").tempdir(),
-    }
-    .context("creating the conversion's scratch directory")?;
+    let work = scratch_dir(opts.workdir.as_deref(), "ovbd-convert-")?;
 
     let mut lowers: Vec<PathBuf> = Vec::new();
     let mut outputs: Vec<LayerFile> = Vec::new();

@@ -29,6 +29,7 @@ use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -42,6 +43,8 @@ pub struct RecordOptions {
     pub frontend: FrontendChoice,
     /// The device's read-ahead (`[device] read_ahead_kb` of the daemon whose start is traced).
     pub read_ahead_kb: u32,
+    /// Set (by a signal) to stop: CMD is killed, the device and mounts go, nothing is written.
+    pub stop: Arc<AtomicBool>,
 }
 
 /// What a recording produced, for `--json`.
@@ -97,13 +100,7 @@ pub fn record_trace(
         }
     }
 
-    let work = match &opts.workdir {
-        Some(d) => tempfile::Builder::new()
-            .prefix("ovbd-record-")
-            .tempdir_in(d),
-        None => tempfile::Builder::new().prefix("ovbd-record-").tempdir(),
-    }
-    .context("creating the recording's scratch directory")?;
+    let work = super::scratch_dir(opts.workdir.as_deref(), "ovbd-record-")?;
     let mut blobs = Vec::with_capacity(layers.len());
     for (i, d) in layers.iter().enumerate() {
         let path = work.path().join(format!("layer-{i:04}"));
@@ -119,6 +116,12 @@ pub fn record_trace(
     let outcome = run_on_device(image, work.path(), &config, cmd, opts, &recorder);
     let (records, dropped) = recorder.stop();
     let outcome = outcome?;
+    if opts.stop.load(Ordering::SeqCst) {
+        bail!(
+            "interrupted: {} stopped ({outcome}), nothing written",
+            cmd[0]
+        );
+    }
     if dropped > 0 {
         log::warn!("the trace is capped at 256 MiB: {dropped} later reads were not recorded");
     }
@@ -248,7 +251,7 @@ fn run_on_device(
             mount_disk(&dev.block_path(), &rootfs)
         })
         .and_then(|_| {
-            let r = run_chrooted(&rootfs, config, cmd, opts.time);
+            let r = run_chrooted(&rootfs, config, cmd, opts.time, &opts.stop);
             if let Err(e) = crate::mount::unmount(&rootfs, false) {
                 log::warn!("{e:#}; detaching it lazily");
                 let _ = crate::mount::unmount(&rootfs, true);
@@ -284,6 +287,7 @@ fn run_chrooted(
     config: &serde_json::Value,
     cmd: &[String],
     time: Duration,
+    stop: &AtomicBool,
 ) -> Result<String> {
     let env: Vec<(String, String)> = config
         .pointer("/config/Env")
@@ -331,6 +335,12 @@ fn run_chrooted(
                 (_, Some(sig)) => format!("signal {sig}"),
                 _ => format!("{status}"),
             };
+        }
+        if stop.load(Ordering::SeqCst) {
+            // SAFETY: kill(2) of the process group CMD leads.
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+            child.wait()?;
+            break "killed: interrupted".to_owned();
         }
         if Instant::now() >= deadline {
             // SAFETY: kill(2) of the process group CMD leads.

@@ -200,18 +200,23 @@ fn serve() -> Served {
     }
 }
 
-/// Attaches `image`; reads it through its FUSE file and its loop device, with its layers in
-/// the page cache and not; returns how many reads were spliced.
-fn check_image(served: &Served, image: ImageStack, layers: &Path) -> u64 {
-    let image = Arc::new(image);
-    let att = served
+/// Attaches `image` to the frontend `served`.
+fn attach(served: &Served, image: &Arc<ImageStack>) -> FuseAttachment {
+    served
         .frontend
         .attach(
             image.clone(),
             super::super::pool::device_pool(),
             DeviceMetrics::default(),
         )
-        .unwrap();
+        .unwrap()
+}
+
+/// Attaches `image`; reads it through its FUSE file and its loop device, with its layers in
+/// the page cache and not; returns how many reads were spliced.
+fn check_image(served: &Served, image: ImageStack, layers: &Path) -> u64 {
+    let image = Arc::new(image);
+    let att = attach(served, &image);
     let file = served.frontend.mountpoint.join(&att.file.name);
     let dev = PathBuf::from(format!("/dev/loop{}", att.number));
     for pass in 0..2 {
@@ -297,14 +302,7 @@ fn a_truncated_layer_fails_its_damaged_range_only() {
         .open(dir.path().join("l.lsmt"))
         .unwrap();
     f.set_len(4096 + (2 << 20)).unwrap();
-    let att = served
-        .frontend
-        .attach(
-            image.clone(),
-            super::super::pool::device_pool(),
-            DeviceMetrics::default(),
-        )
-        .unwrap();
+    let att = attach(&served, &image);
     let path = served.frontend.mountpoint.join(&att.file.name);
     for pass in 0..2 {
         if pass == 1 {
@@ -348,14 +346,7 @@ fn the_page_cache_mode_reads_writes_and_discards_right() {
     .unwrap();
     let lowers = LayerStack::new(plain_lowers(dir.path())).unwrap();
     let image = Arc::new(ImageStack::writable(Some(lowers), upper).unwrap());
-    let att = served
-        .frontend
-        .attach(
-            image.clone(),
-            super::super::pool::device_pool(),
-            DeviceMetrics::default(),
-        )
-        .unwrap();
+    let att = attach(&served, &image);
     let dio = std::fs::read_to_string(format!("/sys/block/loop{}/loop/dio", att.number)).unwrap();
     if std::env::var("OVBD_LOOP_DIRECT_IO").is_err() {
         assert_eq!(dio.trim(), "0", "the loop device still uses direct I/O");
