@@ -103,6 +103,9 @@ pub fn record_trace(
     let work = super::scratch_dir(opts.workdir.as_deref(), "ovbd-record-")?;
     let mut blobs = Vec::with_capacity(layers.len());
     for (i, d) in layers.iter().enumerate() {
+        if opts.stop.load(Ordering::SeqCst) {
+            bail!("interrupted while downloading the layers, nothing written");
+        }
         let path = work.path().join(format!("layer-{i:04}"));
         io.fetch_blob(&src_ref, d, &path)?;
         blobs.push(LayerFile {
