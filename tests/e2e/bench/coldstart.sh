@@ -389,8 +389,9 @@ echo
 echo "==== cold start: pull + first run, $runs runs interleaved, medians (min-max); host, ovbd frontend ${OVBD_BENCH_FRONTEND:-fuse}"
 echo "     (cold: empty containerd root, empty snapshotter root and caches, page cache dropped before each run;"
 echo "      MB = blob bytes sent by the registry (access log); warm = a second run right after, image local)"
-[[ -z ${OVBD_BENCH_CONVERT_ARGS:-}${OVBD_BENCH_OVBD_CONFIG:-} ]] ||
-    echo "     ovbd: convert ${OVBD_BENCH_CONVERT_ARGS:-(defaults)}; config + ${OVBD_BENCH_OVBD_CONFIG//$'\n'/ }"
+extra_config=${OVBD_BENCH_OVBD_CONFIG:-}
+[[ -z ${OVBD_BENCH_CONVERT_ARGS:-}$extra_config ]] ||
+    echo "     ovbd: convert ${OVBD_BENCH_CONVERT_ARGS:-(defaults)}; config + ${extra_config//$'\n'/ }"
 for w in "${workloads[@]}"; do
     echo
     echo "== $w: ${W_SHOW[$w]}"
