@@ -390,7 +390,7 @@ impl Default for CacheConfig {
         CacheConfig {
             dir: None,
             size_gb: 4.0,
-            refill_kb: 16,
+            refill_kb: 32,
         }
     }
 }
@@ -480,7 +480,7 @@ mod tests {
         assert_eq!(c.registry.timeout_secs, 30.0);
         assert_eq!(c.registry.retries, 5);
         assert_eq!(c.cache.size_bytes(), 4 << 30);
-        assert_eq!(c.cache.refill_bytes(), 16 << 10);
+        assert_eq!(c.cache.refill_bytes(), 32 << 10);
         let c: Config = toml::from_str(
             r#"
 [registry]

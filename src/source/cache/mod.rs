@@ -1,6 +1,6 @@
 //! The on-disk block cache in front of registry blobs (lazy pulling).
 //!
-//! A blob is cached in refill blocks (`[cache] refill_kb`, default 16 KiB): a read is rounded
+//! A blob is cached in refill blocks (`[cache] refill_kb`, default 32 KiB): a read is rounded
 //! out to whole blocks, missing ones are fetched from the registry and written to the cache,
 //! present ones are read from it. One [`BlobCache`] (a directory, a size limit) is shared by
 //! every device; a [`CachedBlob`] is one blob seen through it ([`ovbd_format::ReadAt`]).
