@@ -257,21 +257,28 @@ impl TraceRecorder {
         (records, self.dropped.swap(0, Ordering::SeqCst))
     }
 
+    /// Records a read, in pieces of at most [`MAX_IO_SIZE`]: a replay (upstream's too) reads
+    /// each record with one read of at most that size.
     fn record(&self, layer_index: u32, offset: u64, count: usize) {
         if count == 0 || !self.on.load(Ordering::Relaxed) {
             return;
         }
         let mut v = self.records.lock().unwrap_or_else(|p| p.into_inner());
-        if ((v.len() + 1) * RECORD_SIZE) as u64 > MAX_TRACE_SIZE {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-            return;
+        let (mut at, end) = (offset, offset.saturating_add(count as u64));
+        while at < end {
+            if ((v.len() + 1) * RECORD_SIZE) as u64 > MAX_TRACE_SIZE {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            let n = (end - at).min(MAX_IO_SIZE);
+            v.push(TraceRecord {
+                op: TraceOp::Read,
+                layer_index,
+                count: n,
+                offset: at,
+            });
+            at += n;
         }
-        v.push(TraceRecord {
-            op: TraceOp::Read,
-            layer_index,
-            count: count as u64,
-            offset,
-        });
     }
 }
 
@@ -401,6 +408,24 @@ mod tests {
         assert_eq!(records, want);
         assert_eq!(parse_trace(&encode_trace(&records), "t").unwrap(), want);
         assert!(a.local_file().is_none());
+        // A read larger than a replay's reads is recorded in pieces of that size.
+        let big = rec.wrap(
+            2,
+            Arc::new(crate::MemSource::new(vec![1u8; 3 << 20], "big")),
+        );
+        rec.start();
+        let mut buf = vec![0u8; (2 << 20) + 512];
+        big.read_at(&mut buf, 4096).unwrap();
+        let (records, _) = rec.stop();
+        let pieces: Vec<(u64, u64)> = records.iter().map(|r| (r.offset, r.count)).collect();
+        assert_eq!(
+            pieces,
+            vec![
+                (4096, 1 << 20),
+                (4096 + (1 << 20), 1 << 20),
+                (4096 + (2 << 20), 512)
+            ]
+        );
     }
     use super::*;
 

@@ -21,7 +21,8 @@
 #   w. background download ([download] enable): every remote layer lands whole, with its blob's sha256;
 #   o. a scrape of /metrics and `ovbd status` show device bytes read, Prepare calls, cache hits;
 #   r. prefetch: an image converted with --priority-list (upstream's acceleration layer) pulled lazily; the
-#      listed file is replayed into the block cache when the device attaches, then reads fetch nothing;
+#      listed file is replayed into the block cache when the device attaches, then reads fetch nothing; the
+#      same with a trace `ovbd record-trace` recorded of a command reading the file;
 #   i. Kubernetes pull secrets: a token-auth front; without [cri_proxy] the lazy read fails (401), with it
 #      (ovbd restarted as the kubelet's image service) a pod reads the private image's file;
 #   d. (after the others: it removes everything) image rm --sync + GC leave no snapshot, directory, mount

@@ -1093,7 +1093,9 @@ _threads_where() {
 #    lazily with ovbd rpull. A long-running container attaches the device; ovbd's log reports the replay
 #    of the list (at least the file's bytes read), and then reading the file through the container fetches
 #    nothing from the registry and has the original's sha256. The acceleration layer's trace is kept where
-#    containerd would unpack it (<snapshot>/fs/trace). Needs ovbd serve and a registry.
+#    containerd would unpack it (<snapshot>/fs/trace). Then `ovbd record-trace` of a sha256sum of the file
+#    in that image: pulled lazily, the device replays exactly the recorded reads and the file reads with
+#    nothing fetched. Needs ovbd serve and a registry.
 part_r() {
     need_serve || return 1
     local dir=$E2E_PARTS_DIR/r oci_ref obd_ref want line i b0 fetched
@@ -1136,4 +1138,36 @@ part_r() {
     ok "/data/large.bin was prefetched: read with 0 bytes fetched, sha256 ${want:0:16}... as the original"
     try "stop e2e-r" ctr_do task rm -f e2e-r || return 1
     try "rm e2e-r" ctr_do container rm e2e-r || return 1
+
+    # `ovbd record-trace`: the same image (its list layer replaced) with the trace of a sha256sum of the
+    # file; pulled lazily, its device replays exactly the recorded reads, and the file then reads with
+    # nothing fetched.
+    local trace_ref=$REGISTRY/prefetch:trace records before
+    try "ovbd record-trace" "$OVBD_SERVE_BIN" record-trace --json "$obd_ref" "$trace_ref" -- \
+        sha256sum /data/large.bin || return 1
+    [[ $OUT =~ \"records\":\ ([0-9]+) ]] || nok "record-trace printed no record count: $OUT" || return 1
+    records=${BASH_REMATCH[1]}
+    [[ $OUT == *"$want"* ]] || nok "sha256sum did not run in the image: $OUT" || return 1
+    ok "record-trace: $records reads recorded while sha256sum ran, pushed as $trace_ref"
+    before=$(grep -ac 'prefetch of' "$OVBD_SERVE_LOG")
+    _rpull_once "$trace_ref" || return 1
+    try "ctr run -d --snapshotter $E2E_SNAP $trace_ref sleep" \
+        ctr_do run -d --snapshotter "$E2E_SNAP" "$trace_ref" e2e-r2 sleep 100000 || return 1
+    for ((i = 0; i < 120; i++)); do
+        (($(grep -ac 'prefetch of' "$OVBD_SERVE_LOG") > before)) && break
+        sleep 1
+    done
+    line=$(grep -a 'prefetch of' "$OVBD_SERVE_LOG" | tail -n 1)
+    [[ $line == *": $records reads, "*", 0 failed, 0 skipped"* ]] ||
+        nok "the replay is not the $records recorded reads: '${line:-nothing}'" || return 1
+    ok "the recorded trace replayed: ${line##*: }"
+    b0=$(registry_blob_bytes)
+    try "sha256sum /data/large.bin through ovbd (traced)" \
+        ctr_do task exec --exec-id r2 e2e-r2 sha256sum /data/large.bin || return 1
+    fetched=$(($(registry_blob_bytes) - b0))
+    [[ ${OUT%% *} == "$want" ]] || nok "sha256 through ovbd (traced): '${OUT%% *}'" || return 1
+    ((fetched == 0)) || nok "reading the traced file fetched $fetched bytes" || return 1
+    ok "/data/large.bin was prefetched by the recorded trace: 0 bytes fetched"
+    try "stop e2e-r2" ctr_do task rm -f e2e-r2 || return 1
+    try "rm e2e-r2" ctr_do container rm e2e-r2 || return 1
 }
