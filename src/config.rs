@@ -383,6 +383,9 @@ pub struct CacheConfig {
     /// The unit cached and the smallest refill from the registry, KiB (a multiple of 4); refills
     /// of sequential runs grow to 4 MiB.
     pub refill_kb: u64,
+    /// Blobs (compressed layers) of at most this many KiB are fetched whole on their first
+    /// read, in one request (0: never; at most 4096, one request's limit).
+    pub whole_blob_kb: u64,
 }
 
 impl Default for CacheConfig {
@@ -391,6 +394,7 @@ impl Default for CacheConfig {
             dir: None,
             size_gb: 4.0,
             refill_kb: 32,
+            whole_blob_kb: 2048,
         }
     }
 }
@@ -399,6 +403,11 @@ impl CacheConfig {
     /// The size limit in bytes.
     pub fn size_bytes(&self) -> u64 {
         (self.size_gb * (1u64 << 30) as f64) as u64
+    }
+
+    /// The size up to which a blob is fetched whole, in bytes.
+    pub fn whole_blob_bytes(&self) -> u64 {
+        self.whole_blob_kb.saturating_mul(1024)
     }
 
     /// The refill (block) size in bytes.
@@ -410,6 +419,12 @@ impl CacheConfig {
     pub fn validate(&self) -> Result<()> {
         if !(self.size_gb.is_finite() && self.size_gb > 0.0) {
             bail!("[cache] size_gb must be > 0, not {}", self.size_gb);
+        }
+        if self.whole_blob_kb > 4096 {
+            bail!(
+                "[cache] whole_blob_kb must be at most 4096 (one registry request), not {}",
+                self.whole_blob_kb
+            );
         }
         if self.refill_kb == 0 || self.refill_kb & 3 != 0 || self.refill_kb > 64 * 1024 {
             bail!(

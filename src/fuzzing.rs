@@ -83,6 +83,7 @@ pub fn block_cache(dir: &Path) -> Result<(u64, u64)> {
         dir: Some(dir.to_owned()),
         size_gb: 1.0 / 1024.0,
         refill_kb: 256,
+        whole_blob_kb: 0,
     };
     let first = BlobCache::open_with(&cfg, dir, Duration::from_secs(3600))?
         .stats()

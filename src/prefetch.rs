@@ -548,6 +548,7 @@ mod tests {
             dir: Some(cache_dir.clone()),
             size_gb: 1.0,
             refill_kb: BS >> 10,
+            whole_blob_kb: 0,
         };
         let cache = BlobCache::open_with(&cc, &cache_dir, Duration::from_secs(3600)).unwrap();
         let data = lsmt_layer();

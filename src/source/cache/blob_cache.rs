@@ -31,6 +31,8 @@ pub struct BlobCache {
     pub(super) limit: u64,
     pub(super) low_water: u64,
     pub(super) block: u64,
+    /// Blobs of at most this many bytes are fetched whole on their first miss.
+    pub(super) whole_blob: u64,
     pub(super) blobs: Mutex<HashMap<Key, Arc<BlobState>>>,
     /// Bytes of present blocks, all entries (shared with the flusher).
     pub(super) total: Arc<AtomicU64>,
@@ -143,6 +145,7 @@ impl BlobCache {
             limit,
             low_water: limit / 100 * LOW_WATER_PERCENT,
             block,
+            whole_blob: cfg.whole_blob_bytes(),
             blobs: Mutex::new(HashMap::new()),
             total: total.clone(),
             clock: AtomicU64::new(0),

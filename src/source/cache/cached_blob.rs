@@ -207,7 +207,10 @@ impl CachedBlob {
                         }
                     }
                     if !claim.blocks.is_empty() {
-                        claim.extend(&mut inner, &mut lock(&self.refill), last);
+                        // A small blob comes whole with its first miss (a container's start
+                        // often reads most of it, one page fault at a time otherwise).
+                        let whole = st.size <= self.cache.whole_blob;
+                        claim.extend(&mut inner, &mut lock(&self.refill), last, whole);
                     }
                     inner.files.clone()
                 };

@@ -67,17 +67,27 @@ impl Refill {
 
 impl Claim<'_> {
     /// Claims the missing blocks after `last` (the read's last block) that `refill` plans
-    /// from the claim's first block on, stopping at the first block present or in flight.
-    /// Called with the entry's lock held, right after the read's own blocks were claimed.
-    pub(super) fn extend(&mut self, inner: &mut Inner, refill: &mut Refill, last: u64) {
+    /// from the claim's first block on (`whole`: all of them, to the blob's end), stopping at
+    /// the first block present or in flight. Called with the entry's lock held, right after
+    /// the read's own blocks were claimed.
+    pub(super) fn extend(
+        &mut self,
+        inner: &mut Inner,
+        refill: &mut Refill,
+        last: u64,
+        whole: bool,
+    ) {
         let Some(&first) = self.blocks.first() else {
             return;
         };
         let st = self.state;
         let max_blocks = (MAX_REFILL_BYTES / st.block).max(1);
-        let end = first
-            .saturating_add(refill.plan(first, max_blocks))
-            .min(st.nblocks);
+        let end = match whole {
+            true => st.nblocks,
+            false => first
+                .saturating_add(refill.plan(first, max_blocks))
+                .min(st.nblocks),
+        };
         let mut b = last + 1;
         while b < end && !inner.is_present(b) && !inner.inflight.contains_key(&b) {
             inner.inflight.insert(b, self.flight.clone());

@@ -20,6 +20,7 @@ fn cfg(dir: &Path, limit: u64, block: u64) -> CacheConfig {
         dir: Some(dir.to_path_buf()),
         size_gb: limit as f64 / (1u64 << 30) as f64,
         refill_kb: block >> 10,
+        whole_blob_kb: 0,
     }
 }
 
@@ -606,7 +607,12 @@ fn blob_cache_over_a_failing_registry() {
     .unwrap();
     let counter = remote.clone();
     let tmp = tempfile::tempdir().unwrap();
-    let cache = BlobCache::open(&CacheConfig::default(), tmp.path()).unwrap();
+    // Reads fetch what they ask (this blob is small enough to come whole by default).
+    let no_whole = CacheConfig {
+        whole_blob_kb: 0,
+        ..CacheConfig::default()
+    };
+    let cache = BlobCache::open(&no_whole, tmp.path()).unwrap();
     let blob = Arc::new(CachedBlob::new(cache, remote).unwrap());
     front.push_faults([
         Fault::Status(503),
@@ -1285,4 +1291,42 @@ fn blob_cache_registry_requests_follow_the_access_pattern() {
     assert_eq!(blob.cached_bytes(), cached);
     *front.always.lock().unwrap() = None;
     assert!(read(&blob, 0, data.len()) == data);
+}
+
+/// `[cache] whole_blob_kb`: a blob up to that size comes whole with its first miss, in one
+/// request (a container's start reads most of a small layer, one page fault at a time
+/// otherwise); a larger one is fetched as reads ask.
+#[test]
+fn small_blobs_are_fetched_whole_on_their_first_miss() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = cfg(tmp.path(), 1 << 30, BS);
+    c.whole_blob_kb = (20 * BS) >> 10;
+    let cache = BlobCache::open(&c, tmp.path()).unwrap();
+    let small = Fake::new(20 * BS as usize - 100, 61);
+    let blob = cached(&cache, &small);
+    assert_eq!(
+        read(&blob, 5 * BS + 10, 100),
+        &small.data[5 * BS as usize + 10..][..100]
+    );
+    assert_eq!(small.calls.load(SeqCst), 1);
+    assert_eq!(small.fetched(), small.data.len() as u64 - 5 * BS);
+    // The head, before the first miss, is the next miss: the rest of the blob, once.
+    assert_eq!(read(&blob, 10, 100), &small.data[10..110]);
+    assert_eq!(small.calls.load(SeqCst), 2);
+    assert_eq!(small.fetched(), small.data.len() as u64);
+    assert!(nowait(&blob, 0, small.data.len()).unwrap() == small.data);
+
+    let large = Fake::new(20 * BS as usize + 1, 62);
+    let blob = cached(&cache, &large);
+    assert_eq!(
+        read(&blob, 5 * BS + 10, 100),
+        &large.data[5 * BS as usize + 10..][..100]
+    );
+    assert_eq!(large.fetched(), BS, "one block, as reads ask");
+    assert!(CacheConfig {
+        whole_blob_kb: 4097,
+        ..CacheConfig::default()
+    }
+    .validate()
+    .is_err());
 }
