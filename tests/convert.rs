@@ -867,6 +867,18 @@ fn record_trace_round_trips() {
     let t = tempfile::tempdir().unwrap();
     let work = t.path().join("work");
     std::fs::create_dir(&work).unwrap();
+    // A failed or stopped recording leaves no destination, no mount and no scratch.
+    let left_nothing = |dst: &Path| {
+        assert!(
+            !dst.join("index.json").exists(),
+            "{} written",
+            dst.display()
+        );
+        let mounts = mounts_under(t.path());
+        assert!(mounts.is_empty(), "{mounts:?}");
+        let scratch = std::fs::read_dir(&work).unwrap().count();
+        assert_eq!(scratch, 0, "scratch left behind");
+    };
     let conf: Vec<u8> = (0..300u32 << 10)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
@@ -1068,17 +1080,7 @@ fn record_trace_round_trips() {
     let o = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("interrupted"), "{err}");
-    assert!(!stopped.join("index.json").exists());
-    assert!(
-        mounts_under(t.path()).is_empty(),
-        "{:?}",
-        mounts_under(t.path())
-    );
-    assert_eq!(
-        std::fs::read_dir(&work).unwrap().count(),
-        0,
-        "scratch left behind"
-    );
+    left_nothing(&stopped);
 
     // Bad input: a source that is not OverlayBD; a command the image does not have.
     for (from, cmd, says) in [
@@ -1093,16 +1095,6 @@ fn record_trace_round_trips() {
         let o = record(from, &format!("oci:{}:x", bad.display()), &[], &[cmd]);
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success() && err.contains(says), "{err}");
-        assert!(!bad.join("index.json").exists());
-        assert!(
-            mounts_under(t.path()).is_empty(),
-            "{:?}",
-            mounts_under(t.path())
-        );
+        left_nothing(&bad);
     }
-    assert_eq!(
-        std::fs::read_dir(&work).unwrap().count(),
-        0,
-        "scratch left behind"
-    );
 }
