@@ -7,7 +7,7 @@ use super::record::{punch_hole, sums_path};
 use super::state::{get_bit, set_bit, BlobState, Flight};
 use std::fs;
 use std::path::Path;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::Arc;
 
 impl BlobCache {
@@ -15,15 +15,20 @@ impl BlobCache {
         self.clock.fetch_add(1, Relaxed) + 1
     }
 
-    /// Evicts down to the low-water mark if over the limit (one evictor at a time).
+    /// Evicts down to the low-water mark if over the limit (one evictor at a time). Fills
+    /// that land during a pass leave their eviction to it: it looks again once it lets go.
     pub(super) fn maybe_evict(&self) {
-        if self.total.load(Relaxed) <= self.limit {
-            return;
+        while self.total.load(SeqCst) > self.limit {
+            let Ok(g) = self.evicting.try_lock() else {
+                return;
+            };
+            let freed = self.evict_to(self.low_water);
+            drop(g);
+            if freed == 0 {
+                // All in flight (or used again meanwhile): the fills landing next evict.
+                return;
+            }
         }
-        let Ok(_g) = self.evicting.try_lock() else {
-            return;
-        };
-        self.evict_to(self.low_water);
     }
 
     /// Evicts the least recently used blocks until at most `target` bytes are cached.
