@@ -4,7 +4,8 @@
 # test VM. Exits non-zero if anything fails.
 #
 # The guest is one single-threaded emulator: it runs in the background, from as soon as the binaries
-# it needs are built, while the host steps use the other core; its log is printed when it ends.
+# it needs are built (the daemon's; its host-side preparation builds the device tests), while the
+# host steps use the other core; its log is printed when it ends.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -17,9 +18,8 @@ scripts/setup.sh
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
-step "build (binaries and test binaries)"
+step "build (binaries)"
 cargo build --workspace --bins
-cargo test --workspace --no-run
 
 step "guest tests (QEMU, backports kernel with ublk): started in the background"
 guest_log=$(mktemp)
@@ -36,6 +36,9 @@ guest_pid=$!
 until grep -q "test(s) in one guest" "$guest_log" || ! kill -0 "$guest_pid" 2>/dev/null; do
     sleep 1
 done
+
+step "build (test binaries)"
+cargo test --workspace --no-run
 
 step "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
