@@ -54,6 +54,14 @@ pub fn image_ref(s: &str) -> Result<String> {
     ImageRef::parse(s).map(|r| r.to_string())
 }
 
+/// A registry reference as ovbd's parser and as oci-spec's take it (printed, or None where
+/// refused), to check one against the other.
+pub fn registry_ref_both(s: &str) -> (Option<String>, Option<String>) {
+    let ours = crate::oci::parse_registry_ref(s).ok().map(|r| r.whole());
+    let theirs = s.parse::<crate::oci::Reference>().ok().map(|r| r.whole());
+    (ours, theirs)
+}
+
 /// Resolves tag `t` of the OCI layout at `dir` (index.json, nested indexes, manifest, config:
 /// each size and digest checked) for linux/amd64, then reads the config as `ovbd convert`
 /// does. Returns the layer count.

@@ -1,6 +1,6 @@
 //! The daemon's small text parsers on arbitrary bytes: `WWW-Authenticate` challenges,
 //! `Content-Range`, `Retry-After`, a docker `config.json` (its credentials for
-//! `localhost:5000`) and image references.
+//! `localhost:5000`) and image references (checked against oci-spec's parser).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -27,6 +27,11 @@ fuzz_target!(|data: &[u8]| {
             // What parses prints back to a reference that parses to the same thing.
             let again = fuzzing::image_ref(&printed).expect("a printed reference parses");
             assert_eq!(again, printed);
+        }
+        // ovbd's reference parser takes what oci-spec's does (whose tags may be Unicode `\w`).
+        if s.is_ascii() {
+            let (ours, theirs) = fuzzing::registry_ref_both(s);
+            assert_eq!(ours, theirs, "{s:?}");
         }
     }
 });

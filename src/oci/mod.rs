@@ -93,6 +93,7 @@ use layout::*;
 #[cfg(test)]
 pub(crate) use manifest::sha256_digest;
 use manifest::*;
+pub(crate) use reference::parse_registry_ref;
 use reference::*;
 pub use reference::{ImageRef, LayoutTarget, Platform};
 

@@ -29,9 +29,8 @@ impl ImageRef {
             return parse_layout_ref(rest).with_context(|| format!("image reference {s:?}"));
         }
         let name = s.strip_prefix("docker://").unwrap_or(s);
-        let reference: Reference = name
-            .parse()
-            .map_err(|e| anyhow!("image reference {s:?}: {e}"))?;
+        let reference =
+            parse_registry_ref(name).map_err(|e| anyhow!("image reference {s:?}: {e}"))?;
         // The parser takes `Host/x` (no dot, port or localhost) for a Docker Hub repository
         // with a capital in it, which no registry accepts; Docker would take Host for a host.
         ensure!(
@@ -104,6 +103,148 @@ pub(super) fn parse_layout_ref(rest: &str) -> Result<ImageRef> {
         dir: rest.into(),
         target: LayoutTarget::Only,
     })
+}
+
+/// A registry reference, `[DOMAIN[:PORT]/]PATH[:TAG][@DIGEST]`, by the grammar of
+/// distribution's `reference` package (ASCII, as Docker reads it), split as oci-spec splits
+/// it. Not oci-spec's own parser: its first use compiles a regex with 128 Unicode `\w`
+/// classes, 50 ms of every `ovbd rpull` and of a daemon's first lazy pull.
+pub(crate) fn parse_registry_ref(s: &str) -> std::result::Result<Reference, String> {
+    let (rest, digest) = match s.split_once('@') {
+        Some((rest, d)) => {
+            check_digest(d)?;
+            (rest, Some(d))
+        }
+        None => (s, None),
+    };
+    // A ':' after the last '/' starts the tag; one before it is a port.
+    let (name, tag) = match rest.rsplit_once(':') {
+        Some((name, tag)) if !tag.contains('/') => {
+            if !valid_tag(tag) {
+                return Err(format!(
+                    "bad tag {tag:?} (want [A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}})"
+                ));
+            }
+            (name, Some(tag))
+        }
+        _ => (rest, None),
+    };
+    if !valid_name(name) {
+        return Err(format!(
+            "bad name {name:?} (want [DOMAIN[:PORT]/]PATH, PATH lowercase components \
+             like a, a.b, a_b, a__b or a-b joined by /)"
+        ));
+    }
+    let (registry, repository) = split_domain(name);
+    if repository.len() > 255 {
+        return Err(format!("repository name {repository:?} is longer than 255"));
+    }
+    let (registry, repository) = (registry.to_owned(), repository.into_owned());
+    Ok(match (tag, digest) {
+        (Some(t), Some(d)) => {
+            Reference::with_tag_and_digest(registry, repository, t.to_owned(), d.to_owned())
+        }
+        (None, Some(d)) => Reference::with_digest(registry, repository, d.to_owned()),
+        (t, None) => Reference::with_tag(registry, repository, t.unwrap_or("latest").to_owned()),
+    })
+}
+
+/// `ALGORITHM:HEX`: sha256, sha384 or sha512 with as many hex digits as the hash has.
+fn check_digest(d: &str) -> std::result::Result<(), String> {
+    let bad = || format!("bad digest {d:?}");
+    let (algorithm, hex) = d.split_once(':').ok_or_else(bad)?;
+    let alg_ok = !algorithm.is_empty()
+        && algorithm.split(['-', '_', '+', '.']).all(|c| {
+            c.as_bytes().first().is_some_and(u8::is_ascii_alphabetic)
+                && c.bytes().all(|b| b.is_ascii_alphanumeric())
+        });
+    if !alg_ok || hex.len() < 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad());
+    }
+    let want = match algorithm {
+        "sha256" => 64,
+        "sha384" => 96,
+        "sha512" => 128,
+        _ => return Err(format!("{d:?}: unsupported digest algorithm")),
+    };
+    if hex.len() != want {
+        return Err(format!("{d:?}: a {algorithm} digest has {want} hex digits"));
+    }
+    Ok(())
+}
+
+/// `[DOMAIN[:PORT]/]COMPONENT(/COMPONENT)*`.
+fn valid_name(name: &str) -> bool {
+    let mut parts = name.split('/');
+    let first = parts.next().unwrap_or_default();
+    let rest: Vec<&str> = parts.collect();
+    let path_ok = |c: &[&str]| c.iter().all(|p| valid_path_component(p));
+    (valid_path_component(first) && path_ok(&rest))
+        || (!rest.is_empty() && valid_domain(first) && path_ok(&rest))
+}
+
+/// `[a-z0-9]+` runs joined by one of `.`, `_`, `__` or any number of `-`.
+fn valid_path_component(c: &str) -> bool {
+    let b = c.as_bytes();
+    let lower = |x: &u8| x.is_ascii_lowercase() || x.is_ascii_digit();
+    if !b.first().is_some_and(lower) || !b.last().is_some_and(lower) {
+        return false;
+    }
+    let mut sep = String::new();
+    for &x in b {
+        if lower(&x) {
+            let ok = sep.is_empty()
+                || sep == "."
+                || sep == "_"
+                || sep == "__"
+                || sep.bytes().all(|y| y == b'-');
+            if !ok {
+                return false;
+            }
+            sep.clear();
+        } else if matches!(x, b'.' | b'_' | b'-') {
+            sep.push(x as char);
+        } else {
+            return false;
+        }
+    }
+    true
+}
+
+/// Host name labels (`[a-zA-Z0-9]`, `-` inside) joined by dots, then maybe `:PORT`.
+fn valid_domain(d: &str) -> bool {
+    let (host, port) = match d.split_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (d, None),
+    };
+    let label_ok = |l: &str| {
+        let b = l.as_bytes();
+        b.first().is_some_and(u8::is_ascii_alphanumeric)
+            && b.last().is_some_and(u8::is_ascii_alphanumeric)
+            && b.iter().all(|x| x.is_ascii_alphanumeric() || *x == b'-')
+    };
+    host.split('.').all(label_ok)
+        && port.is_none_or(|p| !p.is_empty() && p.bytes().all(|x| x.is_ascii_digit()))
+}
+
+/// Registry and repository of a valid name, as Docker (and oci-spec) split it: the first
+/// component is a host if it has a `.` or `:` or is `localhost`; Docker Hub's official
+/// images are `library/`.
+fn split_domain(name: &str) -> (&str, std::borrow::Cow<'_, str>) {
+    let (domain, remainder) = match name.split_once('/') {
+        Some((left, right)) if left.contains(['.', ':']) || left == "localhost" => (left, right),
+        _ => ("docker.io", name),
+    };
+    let domain = if domain == "index.docker.io" {
+        "docker.io"
+    } else {
+        domain
+    };
+    if domain == "docker.io" && !remainder.contains('/') {
+        (domain, format!("library/{remainder}").into())
+    } else {
+        (domain, remainder.into())
+    }
 }
 
 pub(super) fn valid_tag(tag: &str) -> bool {

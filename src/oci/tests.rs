@@ -139,6 +139,98 @@ fn parse_references() {
     }
 }
 
+/// The reference parser against oci-spec's (the regex of distribution's grammar): on ASCII
+/// strings built from the grammar's pieces, both take or refuse the same ones and split them
+/// the same way.
+#[test]
+fn registry_references_parse_as_oci_spec_parses_them() {
+    let d = |n: usize| "0123456789abcdef".repeat(8)[..n].to_string();
+    let pieces: Vec<String> = [
+        "a",
+        "b9",
+        "Z",
+        "x-y",
+        "--",
+        ".",
+        "_",
+        "__",
+        "___",
+        "-",
+        "/",
+        "//",
+        ":",
+        ":5000",
+        "@",
+        "localhost",
+        "index.docker.io",
+        "docker.io",
+        "reg.io",
+        "127.0.0.1",
+        "my-host.local",
+        "library",
+        "v1.0",
+        ":latest",
+        ":_t",
+        ":-t",
+        ":.t",
+        "sha256:",
+        "md5:",
+        "sha512:",
+        "SHA256:",
+        "a+b.c:",
+        " ",
+        "é",
+    ]
+    .iter()
+    .map(|p| p.to_string())
+    .chain([
+        d(32),
+        d(64),
+        d(96),
+        d(128),
+        format!("@sha256:{}", d(64)),
+        "A".repeat(140),
+    ])
+    .collect();
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = |n: usize| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % n as u64) as usize
+    };
+    let mut agreed = (0, 0);
+    for _ in 0..30_000 {
+        let len = 1 + next(7);
+        let s: String = (0..len)
+            .map(|_| pieces[next(pieces.len())].as_str())
+            .collect();
+        let ours = reference::parse_registry_ref(&s);
+        let theirs = s.parse::<Reference>();
+        let split = |r: &Reference| {
+            let (g, p, t, d) = (r.registry(), r.repository(), r.tag(), r.digest());
+            (
+                g.to_owned(),
+                p.to_owned(),
+                t.map(str::to_owned),
+                d.map(str::to_owned),
+            )
+        };
+        match (&ours, &theirs) {
+            (Ok(a), Ok(b)) => {
+                assert_eq!(split(a), split(b), "{s:?}");
+                agreed.0 += 1;
+            }
+            (Err(_), Err(_)) => agreed.1 += 1,
+            // oci-spec's tag is Unicode `\w`; Docker's (and ours) is ASCII.
+            (Err(e), Ok(_)) if !s.is_ascii() && e.contains("bad tag") => {}
+            _ => panic!("{s:?}: ours {ours:?}, oci-spec {theirs:?}"),
+        }
+    }
+    // Both sides of the grammar were tried.
+    assert!(agreed.0 > 1000 && agreed.1 > 1000, "{agreed:?}");
+}
+
 #[test]
 fn platforms() {
     assert_eq!(Platform::default().to_string(), "linux/amd64");
