@@ -103,24 +103,28 @@ impl ImageConfig {
         // Opening a remote layer waits on the registry for its header, trailer and index: the
         // layers open side by side (a 20-layer image would otherwise wait 20 times in a row).
         let disk = self.disk_lowers();
-        let mut opened: Vec<Option<Result<ovbd_format::OpenedLayer>>> =
-            (0..disk.len()).map(|_| None).collect();
-        for (chunk, out) in disk
-            .chunks(OPEN_AT_ONCE)
-            .zip(opened.chunks_mut(OPEN_AT_ONCE))
-        {
-            // The caller's span (the device's) goes with each opening.
-            let span = tracing::Span::current();
-            std::thread::scope(|s| {
-                for (l, slot) in chunk.iter().zip(out.iter_mut()) {
-                    let span = span.clone();
-                    s.spawn(move || *slot = Some(span.in_scope(|| self.open_lower(l, remote))));
-                }
-            });
-        }
+        let opened: Vec<std::sync::Mutex<Option<Result<ovbd_format::OpenedLayer>>>> =
+            (0..disk.len()).map(|_| Default::default()).collect();
+        // Workers take the next layer as each finishes (not in waves, where the last few
+        // layers would wait for the slowest of the wave before).
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        // The caller's span (the device's) goes with each opening.
+        let span = tracing::Span::current();
+        std::thread::scope(|s| {
+            for _ in 0..OPEN_AT_ONCE.min(disk.len()) {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(l) = disk.get(i) else { break };
+                    let layer = span.in_scope(|| self.open_lower(l, remote));
+                    *opened[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(layer);
+                });
+            }
+        });
         let mut lowers = Vec::with_capacity(disk.len());
         for (i, o) in opened.into_iter().enumerate() {
             let layer = o
+                .into_inner()
+                .unwrap_or_else(|p| p.into_inner())
                 .unwrap_or_else(|| Err(anyhow::anyhow!("not opened")))
                 .with_context(|| format!("lowers[{i}]"))?;
             lowers.push(layer.lsmt);
@@ -275,12 +279,13 @@ mod tests {
     /// An OverlayBD layer blob among the fixtures.
     const BLOB: &str = "sha256:022231c3f1af70e0cc42f0c3781eabf174cff608210585bf93fc83e16d33672d";
 
-    /// A registry source whose every open waits until `want` opens are under way: opened one
-    /// after another, the first gives up and fails.
+    /// A registry source whose every open (or only the first) waits until `want` opens have
+    /// begun: opened one after another, the first gives up and fails.
     struct OverlapRemote {
         arrived: Mutex<usize>,
         cv: Condvar,
         want: usize,
+        first_only: bool,
     }
 
     impl RemoteSource for OverlapRemote {
@@ -294,12 +299,15 @@ mod tests {
             let mut n = self.arrived.lock().unwrap();
             *n += 1;
             self.cv.notify_all();
-            let (n, timeout) = self
-                .cv
-                .wait_timeout_while(n, Duration::from_secs(20), |n| *n < self.want)
-                .unwrap();
-            if timeout.timed_out() {
-                bail!("only {} of {} opens under way at once", *n, self.want);
+            // With `first_only`, the first open waits and the others go on at once.
+            if !self.first_only || *n == 1 {
+                let (n, timeout) = self
+                    .cv
+                    .wait_timeout_while(n, Duration::from_secs(20), |n| *n < self.want)
+                    .unwrap();
+                if timeout.timed_out() {
+                    bail!("only {} of {} opens under way at once", *n, self.want);
+                }
             }
             let path = Path::new(env!("CARGO_MANIFEST_DIR"))
                 .join("tests/fixtures/hello-world-oci/blobs/sha256")
@@ -331,6 +339,7 @@ mod tests {
             arrived: Mutex::new(0),
             cv: Condvar::new(),
             want: 3,
+            first_only: false,
         };
         let image = cfg.open_image(Some(&remote)).unwrap();
         assert_eq!(image.virtual_size(), 64 << 30);
@@ -349,11 +358,44 @@ mod tests {
             arrived: Mutex::new(0),
             cv: Condvar::new(),
             want: 1,
+            first_only: false,
         };
         let e = format!("{:#}", bad.open_image(Some(&remote)).err().unwrap());
         assert!(
             e.contains("lowers[1]") && e.contains("/nonexistent/layer"),
             "{e}"
         );
+    }
+
+    /// A layer slow to open holds back none after it: with more layers than open at once,
+    /// the last one starts while the first is still waiting on its registry.
+    #[test]
+    fn a_slow_layer_holds_back_no_later_opening() {
+        let size = std::fs::metadata(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/hello-world-oci/blobs/sha256")
+                .join(&BLOB[7..]),
+        )
+        .unwrap()
+        .len();
+        let lower = LowerConfig {
+            digest: Some(BLOB.into()),
+            size: Some(size),
+            ..Default::default()
+        };
+        let n = OPEN_AT_ONCE + 4;
+        let cfg = ImageConfig {
+            repo_blob_url: Some("https://127.0.0.1:5000/v2/hello-world/blobs".into()),
+            lowers: vec![lower; n],
+            ..Default::default()
+        };
+        let remote = OverlapRemote {
+            arrived: Mutex::new(0),
+            cv: Condvar::new(),
+            want: n,
+            first_only: true,
+        };
+        let image = cfg.open_image(Some(&remote));
+        assert!(image.is_ok(), "{:#}", image.err().unwrap());
     }
 }
