@@ -316,8 +316,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn remote_layers_open_side_by_side() {
+    /// A lower that is the fixture blob `BLOB`, read from a registry.
+    fn remote_blob_lower() -> LowerConfig {
         let size = std::fs::metadata(
             Path::new(env!("CARGO_MANIFEST_DIR"))
                 .join("tests/fixtures/hello-world-oci/blobs/sha256")
@@ -325,11 +325,16 @@ mod tests {
         )
         .unwrap()
         .len();
-        let lower = LowerConfig {
+        LowerConfig {
             digest: Some(BLOB.into()),
             size: Some(size),
             ..Default::default()
-        };
+        }
+    }
+
+    #[test]
+    fn remote_layers_open_side_by_side() {
+        let lower = remote_blob_lower();
         let cfg = ImageConfig {
             repo_blob_url: Some("https://127.0.0.1:5000/v2/hello-world/blobs".into()),
             lowers: vec![lower; 3],
@@ -371,18 +376,7 @@ mod tests {
     /// the last one starts while the first is still waiting on its registry.
     #[test]
     fn a_slow_layer_holds_back_no_later_opening() {
-        let size = std::fs::metadata(
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("tests/fixtures/hello-world-oci/blobs/sha256")
-                .join(&BLOB[7..]),
-        )
-        .unwrap()
-        .len();
-        let lower = LowerConfig {
-            digest: Some(BLOB.into()),
-            size: Some(size),
-            ..Default::default()
-        };
+        let lower = remote_blob_lower();
         let n = OPEN_AT_ONCE + 4;
         let cfg = ImageConfig {
             repo_blob_url: Some("https://127.0.0.1:5000/v2/hello-world/blobs".into()),
