@@ -727,6 +727,20 @@ ctr_image_unmount() {
     ctr_do image unmount --rm "$1" >/dev/null 2>&1 || umount "$1" 2>/dev/null || umount -l "$1"
 }
 
+# ctr_gc_root_view SNAPSHOTTER KEY PARENT: `ctr snapshots view KEY PARENT`, labelled a GC root. A view
+# made with ctr belongs to no image, container or lease, and ctr cannot label it as it makes it: a GC pass
+# that an earlier deletion scheduled can collect it before the label lands (it did in CI, between view and
+# mounts). The label then fails with "not found", and the view is made again.
+ctr_gc_root_view() {
+    local snap=$1 key=$2 parent=$3 try
+    for try in 1 2 3; do
+        ctr_do snapshots --snapshotter "$snap" view "$key" "$parent" >/dev/null || return 1
+        ctr_do snapshots --snapshotter "$snap" label "$key" containerd.io/gc.root=e2e >/dev/null && return 0
+        e2e_log "view $key was collected before it was labelled a GC root (attempt $try)"
+    done
+    return 1
+}
+
 # ctr_view_mount SNAPSHOTTER PARENT TARGET: a read-only view of the committed snapshot PARENT (an image's
 # chain ID) through `ctr snapshots view` + `mounts`, mounted at TARGET; unmounted and removed at exit, or
 # earlier with ctr_view_unmount SNAPSHOTTER TARGET.
@@ -734,7 +748,7 @@ ctr_view_mount() {
     local snap=$1 parent=$2 target=$3 key cmd
     key=e2e-view-$(basename "$target")-$$
     mkdir -p "$target"
-    ctr_do snapshots --snapshotter "$snap" view "$key" "$parent" >/dev/null || return 1
+    ctr_gc_root_view "$snap" "$key" "$parent" || return 1
     e2e_on_exit "ctr_view_unmount '$snap' '$target'"
     cmd=$(ctr_do snapshots --snapshotter "$snap" mounts "$target" "$key") || return 1
     [[ $cmd == mount\ * ]] || {

@@ -416,9 +416,7 @@ part_f() {
     # schedules would collect them. So they are GC roots (labelled) before the container is removed.
     try "label the layer a GC root" \
         ctr_do snapshots --snapshotter "$E2E_SNAP" label e2e-f-layer containerd.io/gc.root=e2e-f || return 1
-    try "view of the new layer" ctr_do snapshots --snapshotter "$E2E_SNAP" view e2e-f-view e2e-f-layer || return 1
-    try "label the view a GC root" \
-        ctr_do snapshots --snapshotter "$E2E_SNAP" label e2e-f-view containerd.io/gc.root=e2e-f || return 1
+    try "view of the new layer (a GC root)" ctr_gc_root_view "$E2E_SNAP" e2e-f-view e2e-f-layer || return 1
     ctr_do container rm e2e-f >/dev/null 2>&1 || true
     try "info of the committed layer" ctr_do snapshots --snapshotter "$E2E_SNAP" info e2e-f-layer || return 1
     local rel
