@@ -9,7 +9,7 @@
 # Usage: scripts/bench-coldstart.sh [-n RUNS] [-w "WORKLOADS"] [-s "SNAPSHOTTERS"]
 #   -n RUNS          runs per workload and snapshotter (default 3; OVBD_BENCH_RUNS)
 #   -w WORKLOADS     of: small python layers3 layers20 (default all; OVBD_BENCH_WORKLOADS)
-#   -s SNAPSHOTTERS  of: overlayfs stargz soci ovbd ovbd-trace (default all; OVBD_BENCH_SNAPSHOTTERS)
+#   -s SNAPSHOTTERS  of: overlayfs stargz soci ovbd ovbd-trace ovbd-cached (default all; OVBD_BENCH_SNAPSHOTTERS)
 # Environment: OVBD_BENCH_SMALL_MIB (256), OVBD_BENCH_PYTHON_MIB (240), OVBD_BENCH_LAYERS_MIB (200) image
 # sizes; OVBD_BENCH_IMAGE_CACHE (built images, default target/vm/coldstart-images); E2E_KEEP=1 keeps logs.
 set -euo pipefail
