@@ -178,14 +178,14 @@ pub(super) fn bitmap_len(nblocks: u64) -> usize {
     nblocks.div_ceil(8) as usize
 }
 
-pub(super) fn sync_dir(dir: &Path) {
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
-    }
-}
-
-/// Writes `bytes` (and sets the length to `len`) to a synced temporary file renamed to `path`.
-pub(super) fn write_new_file(path: &Path, len: u64, writes: &[(u64, &[u8])]) -> io::Result<()> {
+/// Writes `bytes` (and sets the length to `len`) to a temporary file renamed to `path`, synced
+/// first if `durable` (when a new entry's files need not be: [`super::state::BlobState::create`]).
+pub(super) fn write_new_file(
+    path: &Path,
+    len: u64,
+    writes: &[(u64, &[u8])],
+    durable: bool,
+) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("x");
     let tmp = dir.join(format!(".tmp-{name}-{}", std::process::id()));
@@ -200,7 +200,9 @@ pub(super) fn write_new_file(path: &Path, len: u64, writes: &[(u64, &[u8])]) -> 
         for (off, b) in writes {
             f.write_all_at(b, *off)?;
         }
-        f.sync_all()?;
+        if durable {
+            f.sync_all()?;
+        }
         fs::rename(&tmp, path)
     })();
     if r.is_err() {

@@ -289,6 +289,20 @@ fn blob_cache_torn_state_is_not_served() {
         ("data file missing", |data, _| {
             fs::remove_file(data).unwrap()
         }),
+        // An entry made again is not synced: after a crash its new data file (another nonce)
+        // can lie beside the old map, whose blocks it does not hold.
+        (
+            "data file of an entry made again (another nonce), the old map beside it",
+            |data, _| {
+                let at = 6 * BS as usize; // the trailer, as `trailer` below
+                let mut b = fs::read(data).unwrap();
+                b[at + 32] ^= 1; // inside the nonce; the CRC is fixed up below
+                let end = at + META_LEN as usize;
+                let crc = ovbd_format::crc::crc32c_raw(0, &b[at..end - 4]);
+                b[end - 4..end].copy_from_slice(&crc.to_le_bytes());
+                fs::write(data, b).unwrap();
+            },
+        ),
         ("map header garbled", |_, map| {
             let f = OpenOptions::new().write(true).open(map).unwrap();
             f.write_all_at(b"x", 20).unwrap();
