@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test: lint, the Rust unit/integration/property tests on the host, the containerd end to
-# end on the host (fuse frontend), and the guest tests (ublk, which this kernel may lack) in the QEMU
-# test VM. Exits non-zero if anything fails.
+# end on the host (fuse frontend), that the fuzz targets build, and the guest tests (ublk, which this
+# kernel may lack) in the QEMU test VM. Exits non-zero if anything fails.
 #
 # The guest is one single-threaded emulator: it runs in the background, from as soon as the binaries
 # it needs are built (the daemon's; its host-side preparation builds the device tests), while the
@@ -54,6 +54,10 @@ step "containerd end to end on the host through the fuse frontend (OverlayBD + p
 tests/e2e/containerd/host-ovbd.sh
 tests/e2e/containerd/host-versions.sh trixie sid
 tests/e2e/containerd/cri-selftest.sh
+
+# While the guest finishes (it ends last): the fuzz targets must keep building against the parsers.
+step "fuzz targets build (cargo check in fuzz/)"
+(cd fuzz && cargo check --locked)
 
 step "guest tests (QEMU, backports kernel with ublk): devices, recovery, containerd end to end on ublk"
 guest_rc=0
