@@ -93,7 +93,7 @@ impl FuseRecovery {
             );
         }
         if device::loop_backing(id) != Some(backing) {
-            let _ = std::fs::remove_file(&rp);
+            remove_own_record(&rp, record.pid);
             bail!(
                 "/dev/loop{id} is gone (or another program's now): attach anew without --recover"
             );
@@ -393,6 +393,20 @@ fn serve_on(
     result
 }
 
+/// Removes the record at `path` if server `pid` wrote it. `ovbd device detach` returns once the
+/// kernel let go of the device, before its server ends: by then a new `attach` may have been
+/// given the same device number and written its own record there, which must stay. (`detach`
+/// itself removes only the record it read, by the same rule.)
+fn remove_own_record(path: &Path, pid: u32) {
+    let own = std::fs::read(path)
+        .ok()
+        .and_then(|t| serde_json::from_slice::<DeviceRecord>(&t).ok())
+        .is_some_and(|r| r.pid == pid);
+    if own {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
 /// A device this server serves, with what it leaves behind when it ends.
 struct Served {
     device: device::AttachedDevice,
@@ -412,7 +426,7 @@ impl Served {
             }
             Ok(()) => tracing::info!(device = %self.device.block_path(), "detached"),
         }
-        let _ = std::fs::remove_file(&self.record);
+        remove_own_record(&self.record, std::process::id());
         // fuse: the last users of the mount; it is unmounted and its holder told to go.
         drop(self.device);
         drop(self.frontend);
@@ -593,8 +607,14 @@ pub fn detach(arg: &str) -> Result<()> {
     if frontend == Frontend::Fuse {
         return detach_loop(id, record, &rp);
     }
+    // The record read here is removed below, never one a new `attach` of the same id wrote since.
+    let remove_record = || {
+        if let Some(r) = &record {
+            remove_own_record(&rp, r.pid);
+        }
+    };
     if !device::exists(id) {
-        let _ = std::fs::remove_file(&rp);
+        remove_record();
         bail!("no ublk device {id}");
     }
     let server_alive = record.as_ref().is_some_and(|r| pid_alive(r.pid));
@@ -621,7 +641,7 @@ pub fn detach(arg: &str) -> Result<()> {
             );
         }
     }
-    let _ = std::fs::remove_file(&rp);
+    remove_record();
     Ok(())
 }
 
@@ -634,8 +654,9 @@ fn detach_loop(id: u32, record: Option<DeviceRecord>, rp: &Path) -> Result<()> {
             rp.display()
         );
     };
+    let pid = record.as_ref().map_or(0, |r| r.pid);
     if !device::clear_loop(id, backing)? {
-        let _ = std::fs::remove_file(rp);
+        remove_own_record(rp, pid);
         bail!("/dev/loop{id} is gone (or another program's now)");
     }
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -649,7 +670,7 @@ fn detach_loop(id: u32, record: Option<DeviceRecord>, rp: &Path) -> Result<()> {
     let Some(record) = record.filter(|r| !pid_alive(r.pid)) else {
         return Ok(());
     };
-    let _ = std::fs::remove_file(rp);
+    remove_own_record(rp, pid);
     // Orphaned: its holder lets go of the connection (I/O still waiting on it fails), and
     // with it goes the dead server's mount.
     if let Some(dir) = &record.fuse_dir {
@@ -657,4 +678,47 @@ fn detach_loop(id: u32, record: Option<DeviceRecord>, rp: &Path) -> Result<()> {
         remove_fuse_dir(dir);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(pid: u32) -> Vec<u8> {
+        serde_json::to_vec(&DeviceRecord {
+            id: 1,
+            block: "/dev/loop1".into(),
+            config: "/c.json".into(),
+            pid,
+            writable: false,
+            recoverable: true,
+            frontend: Frontend::Fuse,
+            backing: None,
+            fuse_dir: None,
+        })
+        .unwrap()
+    }
+
+    /// CI once failed here: a server that ended after `detach` had returned removed the record
+    /// the next `attach` of the same loop number had just written, and that device could no
+    /// longer be detached by name.
+    #[test]
+    fn an_ending_server_leaves_another_servers_record_alone() {
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("loop1.json");
+        std::fs::write(&path, record(200)).unwrap();
+        remove_own_record(&path, 100);
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            record(200),
+            "another server's record"
+        );
+        // Half written by the next server: not provably ours, kept too.
+        std::fs::write(&path, &record(100)[..10]).unwrap();
+        remove_own_record(&path, 100);
+        assert!(path.exists());
+        std::fs::write(&path, record(100)).unwrap();
+        remove_own_record(&path, 100);
+        assert!(!path.exists(), "its own record is removed");
+    }
 }
