@@ -1026,6 +1026,47 @@ fn record_trace_round_trips() {
     );
     assert!(!err.contains("HOST"), "the host's tree is visible: {err}");
 
+    // ...its own PID namespace: CMD is its pid 1, cannot signal the host's processes (as root
+    // with CAP_KILL it could otherwise kill any of them), and what it leaves running ends with
+    // it, a daemon that left its process group too.
+    let me = std::process::id();
+    let marker = "31337.5";
+    let o = record(
+        &obd_ref,
+        &format!("oci:{}:x", t.path().join("pidns").display()),
+        &[],
+        &[
+            "/bin/busybox",
+            "sh",
+            "-c",
+            &format!(
+                "echo PID=$$; busybox kill -0 {me} && echo SIGNALLED; \
+                 busybox setsid busybox sleep {marker} </dev/null >/dev/null 2>&1 & \
+                 busybox sleep 0.2; echo done"
+            ),
+        ],
+    );
+    let left: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(marker))
+        .collect();
+    if !left.is_empty() {
+        let _ = Command::new("pkill").args(["-9", "-f", marker]).status();
+    }
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && err.contains("done"), "{err}");
+    assert!(
+        err.contains("PID=1\n"),
+        "CMD is not its namespace's pid 1: {err}"
+    );
+    assert!(
+        !err.contains("SIGNALLED"),
+        "CMD could signal a host process: {err}"
+    );
+    assert!(left.is_empty(), "CMD's daemon outlived it: {left:?}");
+
     // Recording the traced image again replaces its trace; --time ends a command that runs on.
     let again = t.path().join("again");
     let o = record(
