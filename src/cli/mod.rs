@@ -69,7 +69,7 @@ enum Cmd {
     /// with upstream's acceleration layer holding that trace on top, so the next cold start
     /// prefetches them (as upstream's `ctr record-trace`). Needs root: the image is attached as
     /// a block device here and CMD runs as root in its filesystem (its own root, /proc and /dev;
-    /// new mount, network, UTS and IPC namespaces; Docker's default capabilities less MKNOD,
+    /// new mount, PID, network, UTS and IPC namespaces; Docker's default capabilities less MKNOD,
     /// SETFCAP and NET_RAW; the image config's Env and WorkingDir); its writes are dropped.
     RecordTrace {
         src: String,

@@ -5,10 +5,10 @@
 //!
 //! No containerd is needed: the layers are downloaded, stacked under a scratch writable layer,
 //! attached as a block device of this process (the configured frontend), its filesystem
-//! mounted, and CMD run in it (its root by pivot_root) in new mount, network (loopback only, as
-//! `ctr run`), UTS and IPC namespaces, as root with a reduced capability set (see
-//! `enter_rootfs`), with the image config's environment and working directory, until it exits
-//! or `--time` passes. Reads are recorded from the mount on, above the tar and ZFile (offsets
+//! mounted, and CMD run in it (its root by pivot_root) in new mount, PID (CMD is pid 1),
+//! network (loopback only, as `ctr run`), UTS and IPC namespaces, as root with a reduced
+//! capability set (see `enter_rootfs`), with the image config's environment and working
+//! directory, until it exits or `--time` passes. Reads are recorded from the mount on, above the tar and ZFile (offsets
 //! in each layer's LSMT file), in the order they were made; writes go to the scratch layer,
 //! which is dropped. The same trace gives the same image (no timestamps are added).
 
@@ -364,10 +364,12 @@ fn run_chrooted(
 /// SETUID, SETPCAP, NET_BIND_SERVICE, SYS_CHROOT, AUDIT_WRITE.
 const KEPT_CAPS: [libc::c_int; 11] = [0, 1, 3, 4, 5, 6, 7, 8, 10, 18, 29];
 
-/// In the child, before exec: its own session (killed as a group), mount, network (loopback
-/// only), UTS and IPC namespaces; `root` made its root with pivot_root (the host's tree is then
-/// out of reach, which chroot would not ensure), a fresh /proc, a /dev of its own with only
-/// the harmless nodes, and a bounding set that leaves root-run CMD [`KEPT_CAPS`] only.
+/// In the child, before exec: its own session (killed as a group), mount, PID, network
+/// (loopback only), UTS and IPC namespaces; `root` made its root with pivot_root (the host's
+/// tree is then out of reach, which chroot would not ensure), a fresh /proc, a /dev of its own
+/// with only the harmless nodes, and a bounding set that leaves root-run CMD [`KEPT_CAPS`] only.
+/// CMD is its PID namespace's pid 1 ([`wait_as_pid1`]): root with CAP_KILL, it could otherwise
+/// signal any process of the host, and what it leaves running ends with it.
 /// Async-signal-safe calls only.
 fn enter_rootfs(root: &std::ffi::CStr, workdir: &std::ffi::CStr) -> std::io::Result<()> {
     let err = std::io::Error::last_os_error;
@@ -376,8 +378,34 @@ fn enter_rootfs(root: &std::ffi::CStr, workdir: &std::ffi::CStr) -> std::io::Res
     unsafe {
         if libc::setsid() < 0
             || libc::unshare(
-                libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC,
+                libc::CLONE_NEWNS
+                    | libc::CLONE_NEWPID
+                    | libc::CLONE_NEWNET
+                    | libc::CLONE_NEWUTS
+                    | libc::CLONE_NEWIPC,
             ) != 0
+        {
+            return Err(err());
+        }
+        // Reaped by the wait below, not by an inherited SIG_IGN.
+        libc::signal(libc::SIGCHLD, libc::SIG_DFL);
+        // A raw fork (glibc's runs atfork handlers, not async-signal-safe after a fork).
+        let pid = libc::syscall(libc::SYS_clone, libc::SIGCHLD as libc::c_long, 0, 0, 0, 0);
+        if pid < 0 {
+            return Err(err());
+        }
+        if pid > 0 {
+            wait_as_pid1(pid as libc::pid_t);
+        }
+        // Killed with the process that waits for it, even if CMD leaves its process group:
+        // pid 1's end ends its whole namespace.
+        if libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        ) != 0
             || libc::mount(
                 none,
                 c"/".as_ptr(),
@@ -442,4 +470,35 @@ fn enter_rootfs(root: &std::ffi::CStr, workdir: &std::ffi::CStr) -> std::io::Res
         }
     }
     Ok(())
+}
+
+/// The process `Command` spawned, once it forked CMD into the new PID namespace: it stays
+/// outside, so CMD is that namespace's pid 1, and ends as CMD ends (exit code or signal), so
+/// the caller's wait and kill of the process group work as on CMD itself. Its copy of the
+/// spawn's error pipe is closed, so spawn returns when CMD execs. Never returns.
+unsafe fn wait_as_pid1(pid: libc::pid_t) -> ! {
+    libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+    let mut status = 0;
+    loop {
+        let r = libc::waitpid(pid, &mut status, 0);
+        if r == pid {
+            break;
+        }
+        if r < 0 && *libc::__errno_location() != libc::EINTR {
+            libc::_exit(127);
+        }
+    }
+    if libc::WIFEXITED(status) {
+        libc::_exit(libc::WEXITSTATUS(status));
+    }
+    // Dies of CMD's signal, without a core dump of its own.
+    let sig = libc::WTERMSIG(status);
+    let no_core = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    libc::setrlimit(libc::RLIMIT_CORE, &no_core);
+    libc::signal(sig, libc::SIG_DFL);
+    libc::kill(libc::getpid(), sig);
+    libc::_exit(128 + sig)
 }
