@@ -438,8 +438,6 @@ mod tests {
     use crate::source::cache::{BlobCache, CachedBlob};
     use crate::source::config::LowerConfig;
     use crate::testing::{random_bytes, Fake};
-    use ovbd_format::commit::{commit_compact, CommitInfo};
-    use ovbd_format::{MemSource, Segment};
     use std::collections::BTreeSet;
     use std::sync::atomic::Ordering::SeqCst;
     use std::time::Duration;
@@ -467,23 +465,7 @@ mod tests {
 
     /// An uncompressed LSMT layer of `DATA` random bytes at disk offset 0.
     fn lsmt_layer() -> Vec<u8> {
-        let data = MemSource::new(random_bytes(DATA as usize, 3), "data");
-        let seg = Segment {
-            offset: 0,
-            length: (DATA / 512) as u32,
-            moffset: 0,
-            zeroed: false,
-            tag: 0,
-        };
-        let info = CommitInfo {
-            virtual_size: 64 << 20,
-            uuid: ovbd_format::lsmt::random_uuid(),
-            parent_uuid: ovbd_format::lsmt::NIL_UUID.into(),
-            user_tag: Vec::new(),
-        };
-        let mut out = Vec::new();
-        commit_compact(&[seg], &data, &info, &mut out).unwrap();
-        out
+        crate::testing::lsmt_layer(DATA as usize, 3)
     }
 
     /// A trace written field by field as upstream's C structs lie in memory (padding junk).

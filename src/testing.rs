@@ -992,3 +992,26 @@ impl Front {
             .collect()
     }
 }
+
+/// A sealed uncompressed LSMT layer holding `len` random bytes (from `seed`) at disk offset 0
+/// of a 64 MiB disk.
+pub(crate) fn lsmt_layer(len: usize, seed: u64) -> Vec<u8> {
+    use ovbd_format::commit::{commit_compact, CommitInfo};
+    let data = ovbd_format::MemSource::new(random_bytes(len, seed), "data");
+    let seg = ovbd_format::Segment {
+        offset: 0,
+        length: (len / 512) as u32,
+        moffset: 0,
+        zeroed: false,
+        tag: 0,
+    };
+    let info = CommitInfo {
+        virtual_size: 64 << 20,
+        uuid: ovbd_format::lsmt::random_uuid(),
+        parent_uuid: ovbd_format::lsmt::NIL_UUID.into(),
+        user_tag: Vec::new(),
+    };
+    let mut out = Vec::new();
+    commit_compact(&[seg], &data, &info, &mut out).unwrap();
+    out
+}

@@ -76,6 +76,7 @@ impl RemoteSource for RegistrySource {
         // The download reads the registry directly: a whole blob must not evict the cache.
         let direct: Arc<dyn ReadAt> = Arc::new(remote.clone());
         let cached = Arc::new(CachedBlob::new(self.cache.clone(), remote)?);
+        fetch_tail_alongside(&cached);
         let (Some(dir), true) = (dir, self.download.enable) else {
             return Ok(cached);
         };
@@ -105,6 +106,37 @@ impl RemoteSource for RegistrySource {
             .context("starting a download thread")?;
         }
         Ok(blob)
+    }
+}
+
+/// How much of a blob's end is read ahead of its open: enough to fetch the last cache block,
+/// which holds the ZFile trailer and jump table and, unless the layer is large, the
+/// compressed LSMT index before them.
+const TAIL_BYTES: u64 = 4096;
+
+/// Opening a layer reads its head (tar, ZFile and LSMT headers) and then its tail (see
+/// [`TAIL_BYTES`]): two registry round trips in a row per layer at attach. This fetches the
+/// tail's cache block on a thread of its own as the open reads the head, so both are in
+/// flight at once; the open's own read of the tail then waits for that fetch (the cache never
+/// fetches a block twice). A failure here is left for the open's read to report.
+fn fetch_tail_alongside(blob: &Arc<CachedBlob>) {
+    if blob.comes_whole() {
+        return; // one request brings head and tail
+    }
+    let size = blob.size();
+    let n = size.min(TAIL_BYTES);
+    let mut buf = vec![0u8; n as usize];
+    if n == 0 || blob.read_at_nowait(&mut buf, size - n).is_ok() {
+        return; // cached already
+    }
+    let b = blob.clone();
+    let spawned = std::thread::Builder::new()
+        .name("ovbd-tail".into())
+        .spawn(move || {
+            let _ = b.read_at(&mut buf, size - n);
+        });
+    if let Err(e) = spawned {
+        log::debug!("{}: tail not fetched ahead: {e}", blob.name());
     }
 }
 
@@ -286,5 +318,43 @@ mod tests {
         let before = proxy.seen.lock().unwrap().len();
         check_random_ranges(layer.as_ref(), &data, 8, 29);
         assert_eq!(proxy.seen.lock().unwrap().len(), before);
+    }
+
+    /// Opening a remote layer reads its head and then its tail: both are fetched at once, not
+    /// one after the other (two registry round trips per layer at attach otherwise), and
+    /// nothing more is fetched for it.
+    #[test]
+    fn a_layer_opens_with_its_head_and_tail_fetched_at_once() {
+        use crate::testing::{lsmt_layer, push_blob, quick_config, start_registry, Fault, Front};
+        use std::sync::atomic::Ordering::SeqCst;
+
+        let layer = lsmt_layer(4 << 20, 41); // past whole_blob_kb (2 MiB)
+        let reg = start_registry("");
+        let digest = push_blob(&reg.addr, "test/layer", &layer, None);
+        let front = Front::start(&reg.addr, None);
+        *front.always.lock().unwrap() = Some(Fault::Delay(Duration::from_millis(200)));
+        let root = tempfile::tempdir().unwrap();
+        let cfg = Config {
+            root: root.path().to_owned(),
+            registry: quick_config(),
+            download: DownloadConfig {
+                enable: false,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let source = RegistrySource::from_config(&cfg).unwrap();
+        let url = format!("http://{}/v2/test/layer/blobs", front.addr);
+        let blob = source
+            .open(&url, &digest, layer.len() as u64, None)
+            .unwrap();
+        let opened = ovbd_format::open_layer(blob).unwrap();
+        assert_eq!(opened.lsmt.virtual_size(), 64 << 20);
+        assert!(
+            front.max_inflight.load(SeqCst) >= 2,
+            "head and tail fetched in turn: {:?}",
+            front.seen.lock().unwrap()
+        );
+        assert_eq!(front.blob_gets(), 2);
     }
 }

@@ -93,6 +93,11 @@ impl CachedBlob {
         st.evict_blocks(&self.cache, &blocks)
     }
 
+    /// Whether the blob's first miss fetches all of it (`[cache] whole_blob_kb`).
+    pub fn comes_whole(&self) -> bool {
+        self.state.size <= self.cache.whole_blob
+    }
+
     /// Whether this reads the digest's verified entry (shared by every origin).
     #[allow(dead_code)] // API for the daemon's stats and tests
     pub fn is_verified(&self) -> bool {
