@@ -26,11 +26,13 @@
 # prefetch landmarks, like ovbd ([download] enable = false): bytes are what the first run needs.
 #
 # Knobs: OVBD_BENCH_RUNS (3), OVBD_BENCH_WORKLOADS ("small python layers3 layers20"),
-# OVBD_BENCH_SNAPSHOTTERS ("overlayfs stargz soci ovbd ovbd-trace ovbd-cached"), OVBD_BENCH_CONVERT_ARGS (extra `ovbd convert`
-# arguments, e.g. "--algo zstd"), OVBD_BENCH_OVBD_CONFIG (TOML added to ovbd's config, e.g. $'[cache]\nrefill_kb = 16';
+# OVBD_BENCH_SNAPSHOTTERS ("overlayfs stargz soci ovbd ovbd-trace ovbd-cached"), OVBD_BENCH_CONVERT_ARGS (`ovbd convert`
+# arguments; default "--algo zstd --block-size 16384", images made for lazy pulling as eStargz's are: see the README;
+# empty: converter defaults), OVBD_BENCH_OVBD_CONFIG (TOML added to ovbd's config, e.g. $'[cache]\nrefill_kb = 16';
 # not [device] or [download]), OVBD_BIN (target/release/ovbd),
 # E2E_KEEP=1 keeps the work dir (logs). As root.
 set -uo pipefail
+convert_args=${OVBD_BENCH_CONVERT_ARGS-"--algo zstd --block-size 16384"}
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../../.." && pwd)
 # shellcheck source=../containerd/env.bash
@@ -105,7 +107,7 @@ prepare_images() {
     oci=$(ref "$w" oci)
     push_oci_layout "$W_LAYOUT" v1 "cs-$w:oci"
     if wanted ovbd || wanted ovbd-trace || wanted ovbd-cached; then
-        out=$("$ovbd" convert ${OVBD_BENCH_CONVERT_ARGS:-} "$oci" "$(ref "$w" obd)" 2>&1) || {
+        out=$("$ovbd" convert $convert_args "$oci" "$(ref "$w" obd)" 2>&1) || {
             blocked[$w/ovbd]="ovbd convert failed: $(tail -n 3 <<<"$out")"
             blocked[$w/ovbd-trace]=${blocked[$w/ovbd]} blocked[$w/ovbd-cached]=${blocked[$w/ovbd]}
         }
@@ -412,8 +414,7 @@ echo "==== cold start: pull + first run, $runs runs interleaved, medians (min-ma
 echo "     (cold: empty containerd root, empty snapshotter root and caches, page cache dropped before each run;"
 echo "      MB = blob bytes sent by the registry (access log); warm = a second run right after, image local)"
 extra_config=${OVBD_BENCH_OVBD_CONFIG:-}
-[[ -z ${OVBD_BENCH_CONVERT_ARGS:-}$extra_config ]] ||
-    echo "     ovbd: convert ${OVBD_BENCH_CONVERT_ARGS:-(defaults)}; config + ${extra_config//$'\n'/ }"
+echo "     ovbd: convert ${convert_args:-(defaults)}${extra_config:+; config + ${extra_config//$'\n'/ }}"
 for w in "${workloads[@]}"; do
     echo
     echo "== $w: ${W_SHOW[$w]}"
