@@ -8,9 +8,10 @@
 //! mounted, and CMD run in it (its root by pivot_root) in new mount, PID (CMD is pid 1),
 //! network (loopback only, as `ctr run`), UTS and IPC namespaces, as root with a reduced
 //! capability set (see `enter_rootfs`), with the image config's environment and working
-//! directory, until it exits or `--time` passes. Reads are recorded from the mount on, above the tar and ZFile (offsets
-//! in each layer's LSMT file), in the order they were made; writes go to the scratch layer,
-//! which is dropped. The same trace gives the same image (no timestamps are added).
+//! directory, until it exits or `--time` passes. Reads are recorded from the mount on, above
+//! the tar and ZFile (offsets in each layer's LSMT file), in the order they were made; writes
+//! go to the scratch layer, which is dropped. The same trace gives the same image (no
+//! timestamps are added).
 
 use super::{acceleration_layer, source_config, MEDIA_CONFIG};
 use crate::config::FrontendChoice;
@@ -477,7 +478,20 @@ fn enter_rootfs(root: &std::ffi::CStr, workdir: &std::ffi::CStr) -> std::io::Res
 /// the caller's wait and kill of the process group work as on CMD itself. Its copy of the
 /// spawn's error pipe is closed, so spawn returns when CMD execs. Never returns.
 unsafe fn wait_as_pid1(pid: libc::pid_t) -> ! {
-    libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+    if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) != 0 {
+        // Linux < 5.9: one by one, up to the descriptor limit.
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        let max = match libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) {
+            0 => lim.rlim_cur.min(1 << 20) as libc::c_int,
+            _ => 1 << 16,
+        };
+        for fd in 3..max {
+            libc::close(fd);
+        }
+    }
     let mut status = 0;
     loop {
         let r = libc::waitpid(pid, &mut status, 0);
