@@ -1067,6 +1067,32 @@ fn record_trace_round_trips() {
     );
     assert!(left.is_empty(), "CMD's daemon outlived it: {left:?}");
 
+    // ...and /proc as a container has it (runc's read-only and masked paths): root in the
+    // host's user namespace, CMD could otherwise set kernel.core_pattern (a program the
+    // kernel runs as host root at the next crash) or read the host's timers in /proc.
+    let o = record(
+        &obd_ref,
+        &format!("oci:{}:x", t.path().join("procfs").display()),
+        &[],
+        &[
+            "/bin/busybox",
+            "sh",
+            "-c",
+            // (busybox's `test -w` is true for root whatever the mount; the hostname is
+            // CMD's own UTS namespace's, so the write, if it lands, changes nothing outside.)
+            "echo ovbd-record > /proc/sys/kernel/hostname && echo WRITABLE; \
+             echo TIMERS=$(busybox cat /proc/timer_list 2>/dev/null | busybox wc -c); \
+             busybox test -r /proc/self/status && echo PROC",
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && err.contains("PROC"), "{err}");
+    assert!(!err.contains("WRITABLE"), "/proc/sys is writable: {err}");
+    assert!(
+        err.contains("TIMERS=0\n") || !Path::new("/proc/timer_list").exists(),
+        "/proc/timer_list is not masked: {err}"
+    );
+
     // Recording the traced image again replaces its trace; --time ends a command that runs on.
     let again = t.path().join("again");
     let o = record(
