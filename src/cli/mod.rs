@@ -68,9 +68,10 @@ enum Cmd {
     /// Run CMD once in OverlayBD image SRC, record which blocks it reads, and write DST: SRC
     /// with upstream's acceleration layer holding that trace on top, so the next cold start
     /// prefetches them (as upstream's `ctr record-trace`). Needs root: the image is attached as
-    /// a block device here and CMD runs as root in its filesystem (its own root, /proc and /dev;
-    /// new mount, PID, network, UTS and IPC namespaces; Docker's default capabilities less MKNOD,
-    /// SETFCAP and NET_RAW; the image config's Env and WorkingDir); its writes are dropped.
+    /// a block device here and CMD runs as root in its filesystem (its own root and /dev; /proc
+    /// with runc's read-only and masked paths; new mount, PID, network, UTS and IPC namespaces;
+    /// Docker's default capabilities less MKNOD, SETFCAP and NET_RAW; the image config's Env and
+    /// WorkingDir); its writes are dropped.
     RecordTrace {
         src: String,
         dst: String,

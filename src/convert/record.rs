@@ -367,8 +367,9 @@ const KEPT_CAPS: [libc::c_int; 11] = [0, 1, 3, 4, 5, 6, 7, 8, 10, 18, 29];
 
 /// In the child, before exec: its own session (killed as a group), mount, PID, network
 /// (loopback only), UTS and IPC namespaces; `root` made its root with pivot_root (the host's
-/// tree is then out of reach, which chroot would not ensure), a fresh /proc, a /dev of its own
-/// with only the harmless nodes, and a bounding set that leaves root-run CMD [`KEPT_CAPS`] only.
+/// tree is then out of reach, which chroot would not ensure), a fresh /proc confined as a
+/// container's ([`confine_proc`]), a /dev of its own with only the harmless nodes, and a
+/// bounding set that leaves root-run CMD [`KEPT_CAPS`] only.
 /// CMD is its PID namespace's pid 1 ([`wait_as_pid1`]): root with CAP_KILL, it could otherwise
 /// signal any process of the host, and what it leaves running ends with it.
 /// Async-signal-safe calls only.
@@ -454,6 +455,7 @@ fn enter_rootfs(root: &std::ffi::CStr, workdir: &std::ffi::CStr) -> std::io::Res
             libc::symlink(c"/proc/self/fd".as_ptr(), c"/dev/fd".as_ptr());
             libc::mkdir(c"/dev/shm".as_ptr(), 0o1777);
         }
+        confine_proc()?;
         // Up to the first number the kernel does not know.
         for cap in 0..64 {
             if KEPT_CAPS.contains(&cap) {
@@ -467,6 +469,88 @@ fn enter_rootfs(root: &std::ffi::CStr, workdir: &std::ffi::CStr) -> std::io::Res
             }
         }
         if libc::chdir(workdir.as_ptr()) != 0 && libc::chdir(c"/".as_ptr()) != 0 {
+            return Err(err());
+        }
+    }
+    Ok(())
+}
+
+/// What runc makes read-only in a container's /proc: root of the host's user namespace could
+/// otherwise write sysctls (kernel.core_pattern names a program the kernel runs as host root)
+/// or trigger SysRq.
+const PROC_READ_ONLY: [&std::ffi::CStr; 5] = [
+    c"/proc/bus",
+    c"/proc/fs",
+    c"/proc/irq",
+    c"/proc/sys",
+    c"/proc/sysrq-trigger",
+];
+
+/// What runc masks in a container's /proc (the host's timers, keys, memory, hardware).
+const PROC_MASKED: [&std::ffi::CStr; 8] = [
+    c"/proc/acpi",
+    c"/proc/kcore",
+    c"/proc/keys",
+    c"/proc/latency_stats",
+    c"/proc/timer_list",
+    c"/proc/timer_stats",
+    c"/proc/sched_debug",
+    c"/proc/scsi",
+];
+
+/// Makes CMD's /proc a container's: [`PROC_READ_ONLY`] bound read-only onto themselves,
+/// [`PROC_MASKED`] covered (files by /dev/null, directories by an empty read-only tmpfs).
+/// A path the kernel does not have is skipped; one that cannot be confined fails the run.
+/// Async-signal-safe calls only.
+unsafe fn confine_proc() -> std::io::Result<()> {
+    let err = std::io::Error::last_os_error;
+    let none = std::ptr::null::<libc::c_char>();
+    let exists = |p: &std::ffi::CStr| {
+        let mut st: libc::stat = std::mem::zeroed();
+        (libc::lstat(p.as_ptr(), &mut st) == 0).then_some(st.st_mode & libc::S_IFMT)
+    };
+    let locked = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    for p in PROC_READ_ONLY {
+        if exists(p).is_none() {
+            continue;
+        }
+        if libc::mount(
+            p.as_ptr(),
+            p.as_ptr(),
+            none,
+            libc::MS_BIND | libc::MS_REC,
+            none.cast(),
+        ) != 0
+            || libc::mount(
+                p.as_ptr(),
+                p.as_ptr(),
+                none,
+                libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | locked,
+                none.cast(),
+            ) != 0
+        {
+            return Err(err());
+        }
+    }
+    for p in PROC_MASKED {
+        let r = match exists(p) {
+            None => continue,
+            Some(libc::S_IFDIR) => libc::mount(
+                c"tmpfs".as_ptr(),
+                p.as_ptr(),
+                c"tmpfs".as_ptr(),
+                libc::MS_RDONLY | locked,
+                c"size=0".as_ptr().cast(),
+            ),
+            Some(_) => libc::mount(
+                c"/dev/null".as_ptr(),
+                p.as_ptr(),
+                none,
+                libc::MS_BIND,
+                none.cast(),
+            ),
+        };
+        if r != 0 {
             return Err(err());
         }
     }
