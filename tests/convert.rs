@@ -1069,7 +1069,8 @@ fn record_trace_round_trips() {
 
     // ...and /proc as a container has it (runc's read-only and masked paths): root in the
     // host's user namespace, CMD could otherwise set kernel.core_pattern (a program the
-    // kernel runs as host root at the next crash) or read the host's timers in /proc.
+    // kernel runs as host root at the next crash) or read the host's timers in /proc; and the
+    // system calls Docker's seccomp profile refuses are refused.
     let o = record(
         &obd_ref,
         &format!("oci:{}:x", t.path().join("procfs").display()),
@@ -1082,12 +1083,16 @@ fn record_trace_round_trips() {
             // CMD's own UTS namespace's, so the write, if it lands, changes nothing outside.)
             "echo ovbd-record > /proc/sys/kernel/hostname && echo WRITABLE; \
              echo TIMERS=$(busybox cat /proc/timer_list 2>/dev/null | busybox wc -c); \
+             busybox unshare -U busybox true && echo USERNS; \
              busybox test -r /proc/self/status && echo PROC",
         ],
     );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success() && err.contains("PROC"), "{err}");
     assert!(!err.contains("WRITABLE"), "/proc/sys is writable: {err}");
+    // A user namespace would give CMD every capability again (in it), and with them the
+    // kernel's whole unprivileged-namespace surface: refused, as Docker's seccomp profile does.
+    assert!(!err.contains("USERNS"), "CMD made a user namespace: {err}");
     assert!(
         err.contains("TIMERS=0\n") || !Path::new("/proc/timer_list").exists(),
         "/proc/timer_list is not masked: {err}"
