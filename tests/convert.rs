@@ -1084,6 +1084,7 @@ fn record_trace_round_trips() {
             "echo ovbd-record > /proc/sys/kernel/hostname && echo WRITABLE; \
              echo TIMERS=$(busybox cat /proc/timer_list 2>/dev/null | busybox wc -c); \
              busybox unshare -U busybox true && echo USERNS; \
+             busybox grep Seccomp: /proc/self/status; \
              busybox test -r /proc/self/status && echo PROC",
         ],
     );
@@ -1093,6 +1094,7 @@ fn record_trace_round_trips() {
     // A user namespace would give CMD every capability again (in it), and with them the
     // kernel's whole unprivileged-namespace surface: refused, as Docker's seccomp profile does.
     assert!(!err.contains("USERNS"), "CMD made a user namespace: {err}");
+    assert!(err.contains("Seccomp:\t2\n"), "no seccomp filter: {err}");
     assert!(
         err.contains("TIMERS=0\n") || !Path::new("/proc/timer_list").exists(),
         "/proc/timer_list is not masked: {err}"

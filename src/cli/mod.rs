@@ -70,7 +70,8 @@ enum Cmd {
     /// prefetches them (as upstream's `ctr record-trace`). Needs root: the image is attached as
     /// a block device here and CMD runs as root in its filesystem (its own root and /dev; /proc
     /// with runc's read-only and masked paths; new mount, PID, network, UTS and IPC namespaces;
-    /// Docker's default capabilities less MKNOD, SETFCAP and NET_RAW; the image config's Env and
+    /// Docker's default capabilities less MKNOD, SETFCAP and NET_RAW; a seccomp filter refusing
+    /// user namespaces, keyrings, bpf and io_uring as Docker's does; the image config's Env and
     /// WorkingDir); its writes are dropped.
     RecordTrace {
         src: String,

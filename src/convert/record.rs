@@ -325,8 +325,13 @@ fn run_chrooted(
     if let Ok(fd) = std::os::fd::AsFd::as_fd(&std::io::stderr()).try_clone_to_owned() {
         command.stdout(fd);
     }
-    // SAFETY: between fork and exec only async-signal-safe calls on prepared C strings.
-    unsafe { command.pre_exec(move || enter_rootfs(&root, &workdir)) };
+    let filter = seccomp_filter();
+    if filter.is_none() {
+        log::warn!("no seccomp filter for this architecture: CMD may make user namespaces");
+    }
+    // SAFETY: between fork and exec only async-signal-safe calls on prepared C strings and the
+    // filter built above.
+    unsafe { command.pre_exec(move || enter_rootfs(&root, &workdir, filter.as_deref())) };
     let mut child = command
         .spawn()
         .with_context(|| format!("running {} in the image", cmd[0]))?;
@@ -369,11 +374,16 @@ const KEPT_CAPS: [libc::c_int; 11] = [0, 1, 3, 4, 5, 6, 7, 8, 10, 18, 29];
 /// (loopback only), UTS and IPC namespaces; `root` made its root with pivot_root (the host's
 /// tree is then out of reach, which chroot would not ensure), a fresh /proc confined as a
 /// container's ([`confine_proc`]), a /dev of its own with only the harmless nodes, and a
-/// bounding set that leaves root-run CMD [`KEPT_CAPS`] only.
+/// bounding set that leaves root-run CMD [`KEPT_CAPS`] only; `filter` ([`seccomp_filter`])
+/// installed last.
 /// CMD is its PID namespace's pid 1 ([`wait_as_pid1`]): root with CAP_KILL, it could otherwise
 /// signal any process of the host, and what it leaves running ends with it.
 /// Async-signal-safe calls only.
-fn enter_rootfs(root: &std::ffi::CStr, workdir: &std::ffi::CStr) -> std::io::Result<()> {
+fn enter_rootfs(
+    root: &std::ffi::CStr,
+    workdir: &std::ffi::CStr,
+    filter: Option<&[libc::sock_filter]>,
+) -> std::io::Result<()> {
     let err = std::io::Error::last_os_error;
     let none = std::ptr::null::<libc::c_char>();
     // SAFETY: plain syscalls on NUL-terminated strings that outlive them.
@@ -471,8 +481,100 @@ fn enter_rootfs(root: &std::ffi::CStr, workdir: &std::ffi::CStr) -> std::io::Res
         if libc::chdir(workdir.as_ptr()) != 0 && libc::chdir(c"/".as_ptr()) != 0 {
             return Err(err());
         }
+        // Last: it applies to CMD from its exec on. Root here (CAP_SYS_ADMIN), so no
+        // no_new_privs is needed, and the image's setuid programs work as in a container.
+        if let Some(f) = filter {
+            let prog = libc::sock_fprog {
+                len: f.len() as libc::c_ushort,
+                filter: f.as_ptr().cast_mut(),
+            };
+            if libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                0,
+                &prog as *const libc::sock_fprog,
+            ) != 0
+            {
+                return Err(err());
+            }
+        }
     }
     Ok(())
+}
+
+/// System calls CMD is refused (EPERM), as Docker's default seccomp profile refuses them to a
+/// container without CAP_SYS_ADMIN: root's keyrings are the host root's; bpf, perf events,
+/// userfaultfd and io_uring are kernel attack surface a container does without; kexec and
+/// file handles need capabilities CMD lacks anyway. clone3 answers ENOSYS (its flags are out
+/// of a filter's reach; libc then uses clone), and unshare and clone are refused a new user
+/// namespace, in which CMD would hold every capability again.
+const DENIED_SYSCALLS: [libc::c_long; 13] = [
+    libc::SYS_keyctl,
+    libc::SYS_add_key,
+    libc::SYS_request_key,
+    libc::SYS_bpf,
+    libc::SYS_perf_event_open,
+    libc::SYS_userfaultfd,
+    libc::SYS_io_uring_setup,
+    libc::SYS_io_uring_enter,
+    libc::SYS_io_uring_register,
+    libc::SYS_kexec_load,
+    libc::SYS_kexec_file_load,
+    libc::SYS_open_by_handle_at,
+    libc::SYS_name_to_handle_at,
+];
+
+/// The seccomp program for CMD ([`DENIED_SYSCALLS`]); None on an architecture it does not
+/// know (other system call numbers), where CMD runs without one.
+fn seccomp_filter() -> Option<Vec<libc::sock_filter>> {
+    #[cfg(target_arch = "x86_64")]
+    const AUDIT_ARCH: u32 = 0xC000_003E;
+    #[cfg(target_arch = "aarch64")]
+    const AUDIT_ARCH: u32 = 0xC000_00B7;
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    return None;
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    {
+        use libc::{BPF_ABS, BPF_JEQ, BPF_JMP, BPF_JSET, BPF_K, BPF_LD, BPF_RET, BPF_W};
+        let op = |code: u32, k: u32| libc::sock_filter {
+            code: code as u16,
+            jt: 0,
+            jf: 0,
+            k,
+        };
+        let jump = |code: u32, k: u32, jt: u8, jf: u8| libc::sock_filter {
+            code: (BPF_JMP | code | BPF_K) as u16,
+            jt,
+            jf,
+            k,
+        };
+        let ret = |k: u32| op(BPF_RET | BPF_K, k);
+        let errno = |e: i32| ret(libc::SECCOMP_RET_ERRNO | e as u32);
+        // struct seccomp_data: nr at 0, arch at 4, args[0] (low half, little-endian) at 16.
+        let mut f = vec![
+            op(BPF_LD | BPF_W | BPF_ABS, 4),
+            jump(BPF_JEQ, AUDIT_ARCH, 1, 0),
+            ret(libc::SECCOMP_RET_KILL_PROCESS),
+            op(BPF_LD | BPF_W | BPF_ABS, 0),
+        ];
+        // x32 calls share x86_64's arch value, with this bit set in their numbers.
+        #[cfg(target_arch = "x86_64")]
+        f.extend([jump(libc::BPF_JGE, 0x4000_0000, 0, 1), errno(libc::EPERM)]);
+        for nr in DENIED_SYSCALLS {
+            f.extend([jump(BPF_JEQ, nr as u32, 0, 1), errno(libc::EPERM)]);
+        }
+        f.extend([
+            jump(BPF_JEQ, libc::SYS_clone3 as u32, 0, 1),
+            errno(libc::ENOSYS),
+            jump(BPF_JEQ, libc::SYS_unshare as u32, 1, 0),
+            jump(BPF_JEQ, libc::SYS_clone as u32, 0, 3),
+            op(BPF_LD | BPF_W | BPF_ABS, 16),
+            jump(BPF_JSET, libc::CLONE_NEWUSER as u32, 0, 1),
+            errno(libc::EPERM),
+            ret(libc::SECCOMP_RET_ALLOW),
+        ]);
+        Some(f)
+    }
 }
 
 /// What runc makes read-only in a container's /proc: root of the host's user namespace could
