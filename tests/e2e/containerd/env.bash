@@ -544,6 +544,19 @@ ctr_do() {
     timeout -k 10 "$E2E_CTR_TIMEOUT" $CTR "$@"
 }
 
+# ctr_run_logged ARGS...: `ctr run ARGS...` (ARGS as after `run`), the container's stdout and stderr
+# going to a file the shim writes (--log-uri), printed once it ends. ctr's own copy through FIFOs can
+# lose all the output of a container that exits at once: CI saw `ctr run ... /hello` exit 0 having
+# printed nothing (and `ctr task exec` likewise, part e). For runs whose output is checked.
+ctr_run_logged() {
+    local log rc=0
+    log=$(mktemp "${TMPDIR:-/tmp}/ovbd-e2e-run.XXXXXX") || return 1
+    ctr_do run --log-uri "file://$log" "$@" || rc=$?
+    cat "$log"
+    rm -f "$log"
+    return "$rc"
+}
+
 # ctr_pull REF [SNAPSHOTTER]: `ctr image pull --plain-http` (progress output to a log, shown on failure).
 ctr_pull() {
     local ref=$1 snap=${2:-} out rc=0

@@ -307,7 +307,7 @@ part_a() {
     local i
     for i in 1 2 3; do
         try "ctr run --rm --snapshotter ovbd $HELLO_OBD_REF /hello (container $i)" \
-            ctr_do run --rm --snapshotter "$E2E_SNAP" "$HELLO_OBD_REF" "e2e-a$i" /hello || return 1
+            ctr_run_logged --rm --snapshotter "$E2E_SNAP" "$HELLO_OBD_REF" "e2e-a$i" /hello || return 1
         grep -q "Hello from Docker!" <<<"$OUT" || nok "/hello printed: $OUT" || return 1
     done
     ok "/hello printed \"Hello from Docker!\" in 3 containers in a row"
@@ -340,7 +340,7 @@ part_n() {
     try "ctr snapshots --snapshotter $alias ls" ctr_do snapshots --snapshotter "$alias" ls || return 1
     (($(wc -l <<<"$OUT") <= 1)) || nok "$alias lists snapshots it never made: $OUT" || return 1
     try "ctr run --rm $HELLO_OBD_REF /hello" \
-        ctr_do run --rm --snapshotter "$E2E_SNAP" "$HELLO_OBD_REF" e2e-n /hello || return 1
+        ctr_run_logged --rm --snapshotter "$E2E_SNAP" "$HELLO_OBD_REF" e2e-n /hello || return 1
     grep -q "Hello from Docker!" <<<"$OUT" || nok "/hello printed: $OUT" || return 1
     ok "$alias lists nothing; /hello still runs under $E2E_SNAP"
 }
@@ -460,7 +460,7 @@ part_h() {
     try "ovbd convert of the hello-world source" \
         timeout 600 "$OVBD_SERVE_BIN" convert "oci:$E2E_HELLO_LAYOUT:amd64" "$hello" || return 1
     try "ctr image pull --snapshotter $E2E_SNAP $hello" ctr_pull "$hello" "$E2E_SNAP" || return 1
-    try "run /hello from it" ctr_do run --rm --snapshotter "$E2E_SNAP" "$hello" e2e-h-hello /hello || return 1
+    try "run /hello from it" ctr_run_logged --rm --snapshotter "$E2E_SNAP" "$hello" e2e-h-hello /hello || return 1
     grep -q "Hello from Docker!" <<<"$OUT" || nok "/hello printed: $OUT" || return 1
     ok "hello-world converted by ovbd runs through ovbd: Hello from Docker!"
 
@@ -810,15 +810,20 @@ part_p() {
 #    `ovbd rpull`, into a namespace of its own, runs /hello; its image is removed again (GC, --sync).
 part_u() {
     need_serve || return 1
-    local ns=e2e-upstream-$$ rc=0
+    local ns=e2e-upstream-$$ rc=0 log
     local ctr_u=(timeout "$E2E_CTR_TIMEOUT" ctr --address "$CTRD_ADDR" --namespace "$ns")
     try "ovbd rpull $HELLO_OBD_REF (namespace $ns)" \
         "$OVBD_SERVE_BIN" rpull --address "$CTRD_ADDR" --namespace "$ns" "$HELLO_OBD_REF" || return 1
-    if try "ctr run /hello after ovbd rpull" "${ctr_u[@]}" run --rm --snapshotter "$E2E_SNAP" "$HELLO_OBD_REF" e2e-u /hello; then
+    # (The output through a file the shim writes: see ctr_run_logged.)
+    log=$(mktemp "${TMPDIR:-/tmp}/ovbd-e2e-run.XXXXXX") || return 1
+    if try "ctr run /hello after ovbd rpull" "${ctr_u[@]}" run --log-uri "file://$log" --rm \
+        --snapshotter "$E2E_SNAP" "$HELLO_OBD_REF" e2e-u /hello; then
+        OUT=$(cat "$log")
         grep -q "Hello from Docker!" <<<"$OUT" || nok "upstream's hello-world printed: $OUT" || rc=1
     else
         rc=1
     fi
+    rm -f "$log"
     ((rc == 0)) && ok "upstream's converted hello-world, pulled lazily with ovbd rpull, ran /hello: Hello from Docker!"
     try "image rm --sync in $ns" "${ctr_u[@]}" image rm --sync "$HELLO_OBD_REF" || rc=1
     rmdir "/run/containerd/runc/$ns" 2>/dev/null
