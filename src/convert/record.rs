@@ -551,6 +551,7 @@ fn seccomp_filter() -> Option<Vec<libc::sock_filter>> {
         let ret = |k: u32| op(BPF_RET | BPF_K, k);
         let errno = |e: i32| ret(libc::SECCOMP_RET_ERRNO | e as u32);
         // struct seccomp_data: nr at 0, arch at 4, args[0] (low half, little-endian) at 16.
+        // A call of another ABI (i386's int 0x80) kills CMD: the list is in this one's numbers.
         let mut f = vec![
             op(BPF_LD | BPF_W | BPF_ABS, 4),
             jump(BPF_JEQ, AUDIT_ARCH, 1, 0),
