@@ -539,19 +539,27 @@ ctrd_log_tail() {
 }
 
 # ctr_do CMD...: runs `$CTR CMD...` with a timeout ($E2E_CTR_TIMEOUT); its output goes to stdout/stderr.
+# A foreground `run` goes through ctr_run_logged (the container's output from a file, not ctr's FIFOs).
 ctr_do() {
+    if [[ ${1:-} == run && " $* " != *" -d "* && " $* " != *" --detach "* ]]; then
+        shift
+        ctr_run_logged "$@"
+        return
+    fi
     # shellcheck disable=SC2086
     timeout -k 10 "$E2E_CTR_TIMEOUT" $CTR "$@"
 }
 
-# ctr_run_logged ARGS...: `ctr run ARGS...` (ARGS as after `run`), the container's stdout and stderr
-# going to a file the shim writes (--log-uri), printed once it ends. ctr's own copy through FIFOs can
-# lose all the output of a container that exits at once: CI saw `ctr run ... /hello` exit 0 having
-# printed nothing (and `ctr task exec` likewise, part e). For runs whose output is checked.
+# ctr_run_logged ARGS...: `ctr run ARGS...` (ARGS as after `run`, in the foreground), the container's
+# stdout and stderr going to a file the shim writes (--log-uri), printed once it ends. ctr's own copy
+# through FIFOs can lose all the output of a container that exits at once: CI saw `ctr run ... /hello`
+# exit 0 having printed nothing (and `ctr task exec` likewise, part e). ctr_do uses it for every
+# foreground run.
 ctr_run_logged() {
     local log rc=0
     log=$(mktemp "${TMPDIR:-/tmp}/ovbd-e2e-run.XXXXXX") || return 1
-    ctr_do run --log-uri "file://$log" "$@" || rc=$?
+    # shellcheck disable=SC2086
+    timeout -k 10 "$E2E_CTR_TIMEOUT" $CTR run --log-uri "file://$log" "$@" || rc=$?
     cat "$log"
     rm -f "$log"
     return "$rc"

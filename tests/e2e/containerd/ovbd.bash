@@ -307,7 +307,7 @@ part_a() {
     local i
     for i in 1 2 3; do
         try "ctr run --rm --snapshotter ovbd $HELLO_OBD_REF /hello (container $i)" \
-            ctr_run_logged --rm --snapshotter "$E2E_SNAP" "$HELLO_OBD_REF" "e2e-a$i" /hello || return 1
+            ctr_do run --rm --snapshotter "$E2E_SNAP" "$HELLO_OBD_REF" "e2e-a$i" /hello || return 1
         grep -q "Hello from Docker!" <<<"$OUT" || nok "/hello printed: $OUT" || return 1
     done
     ok "/hello printed \"Hello from Docker!\" in 3 containers in a row"
@@ -340,7 +340,7 @@ part_n() {
     try "ctr snapshots --snapshotter $alias ls" ctr_do snapshots --snapshotter "$alias" ls || return 1
     (($(wc -l <<<"$OUT") <= 1)) || nok "$alias lists snapshots it never made: $OUT" || return 1
     try "ctr run --rm $HELLO_OBD_REF /hello" \
-        ctr_run_logged --rm --snapshotter "$E2E_SNAP" "$HELLO_OBD_REF" e2e-n /hello || return 1
+        ctr_do run --rm --snapshotter "$E2E_SNAP" "$HELLO_OBD_REF" e2e-n /hello || return 1
     grep -q "Hello from Docker!" <<<"$OUT" || nok "/hello printed: $OUT" || return 1
     ok "$alias lists nothing; /hello still runs under $E2E_SNAP"
 }
@@ -460,7 +460,7 @@ part_h() {
     try "ovbd convert of the hello-world source" \
         timeout 600 "$OVBD_SERVE_BIN" convert "oci:$E2E_HELLO_LAYOUT:amd64" "$hello" || return 1
     try "ctr image pull --snapshotter $E2E_SNAP $hello" ctr_pull "$hello" "$E2E_SNAP" || return 1
-    try "run /hello from it" ctr_run_logged --rm --snapshotter "$E2E_SNAP" "$hello" e2e-h-hello /hello || return 1
+    try "run /hello from it" ctr_do run --rm --snapshotter "$E2E_SNAP" "$hello" e2e-h-hello /hello || return 1
     grep -q "Hello from Docker!" <<<"$OUT" || nok "/hello printed: $OUT" || return 1
     ok "hello-world converted by ovbd runs through ovbd: Hello from Docker!"
 
