@@ -643,7 +643,7 @@ unsafe fn confine_proc() -> std::io::Result<()> {
                 p.as_ptr(),
                 c"tmpfs".as_ptr(),
                 libc::MS_RDONLY | locked,
-                c"size=0".as_ptr().cast(),
+                none.cast(),
             ),
             Some(_) => libc::mount(
                 c"/dev/null".as_ptr(),

@@ -810,22 +810,18 @@ part_p() {
 #    `ovbd rpull`, into a namespace of its own, runs /hello; its image is removed again (GC, --sync).
 part_u() {
     need_serve || return 1
-    local ns=e2e-upstream-$$ rc=0 log
-    local ctr_u=(timeout "$E2E_CTR_TIMEOUT" ctr --address "$CTRD_ADDR" --namespace "$ns")
+    local ns=e2e-upstream-$$ rc=0
+    # ctr_do (and the logged run it makes) in that namespace: CTR is dynamically scoped.
+    local CTR="ctr --address $CTRD_ADDR --namespace $ns"
     try "ovbd rpull $HELLO_OBD_REF (namespace $ns)" \
         "$OVBD_SERVE_BIN" rpull --address "$CTRD_ADDR" --namespace "$ns" "$HELLO_OBD_REF" || return 1
-    # (The output through a file the shim writes: see ctr_run_logged.)
-    log=$(mktemp "${TMPDIR:-/tmp}/ovbd-e2e-run.XXXXXX") || return 1
-    if try "ctr run /hello after ovbd rpull" "${ctr_u[@]}" run --log-uri "file://$log" --rm \
-        --snapshotter "$E2E_SNAP" "$HELLO_OBD_REF" e2e-u /hello; then
-        OUT=$(cat "$log")
+    if try "ctr run /hello after ovbd rpull" ctr_do run --rm --snapshotter "$E2E_SNAP" "$HELLO_OBD_REF" e2e-u /hello; then
         grep -q "Hello from Docker!" <<<"$OUT" || nok "upstream's hello-world printed: $OUT" || rc=1
     else
         rc=1
     fi
-    rm -f "$log"
     ((rc == 0)) && ok "upstream's converted hello-world, pulled lazily with ovbd rpull, ran /hello: Hello from Docker!"
-    try "image rm --sync in $ns" "${ctr_u[@]}" image rm --sync "$HELLO_OBD_REF" || rc=1
+    try "image rm --sync in $ns" ctr_do image rm --sync "$HELLO_OBD_REF" || rc=1
     rmdir "/run/containerd/runc/$ns" 2>/dev/null
     return "$rc"
 }
