@@ -57,7 +57,7 @@ mkdir -p "$work/bin"
 cp "$ovbd_bin" "$work/bin/ovbd" # a cargo build during the run would swap the binary under us
 ovbd=$work/bin/ovbd
 export CTRD_NS=coldstart-$$ CTRD_PROXY_ALIAS=
-results=$work/results.tsv # workload snapshotter run pull_s run_s total_s bytes warm_s
+results=$work/results.tsv # workload snapshotter run pull_s run_s total_s bytes warm_s gets
 : >"$results"
 declare -A blocked=() # [snapshotter] or [workload/snapshotter] = why it did not run
 
@@ -184,6 +184,13 @@ registry_bytes() {
     [[ -z $TLS_REGISTRY ]] || logs+=("$work/registry-tls/registry.log")
     awk '$6 == "\"GET" && $7 ~ /^\/v2\/.*\/blobs\// && $10 ~ /^[0-9]+$/ { n += $10 } END { printf "%.0f\n", n }' "${logs[@]}"
 }
+# registry_gets: blob GETs answered so far by both registries. This bench's registry spends a few ms of CPU
+# on each whatever its size, so their count weighs on a lazy start more than their bytes.
+registry_gets() {
+    local logs=("$REGISTRY_DIR/registry.log")
+    [[ -z $TLS_REGISTRY ]] || logs+=("$work/registry-tls/registry.log")
+    awk '$6 == "\"GET" && $7 ~ /^\/v2\/.*\/blobs\// && $10 ~ /^[0-9]+$/ { n++ } END { printf "%d\n", n }' "${logs[@]}"
+}
 
 # ----------------------------------------------------------------------------------- trace (the hook)
 # ovbd with a trace: the image is pulled with a recorded access trace so ovbd can prefetch what the
@@ -299,7 +306,7 @@ cache_seed() {
 
 # cold_run S W R: one cold pull + first run (+ a warm run) of W through S; a line in $results.
 cold_run() {
-    local s=$1 w=$2 r=$3 dir=$work/run b0 t0 pull_s run_s total_s bytes warm_s out t1
+    local s=$1 w=$2 r=$3 dir=$work/run b0 g0 t0 pull_s run_s total_s bytes gets warm_s out t1
     local why=${blocked[$s]:-${blocked[$w/$s]:-}}
     [[ -z $why ]] || return 0
     rm -rf "$dir" && mkdir -p "$dir"
@@ -315,7 +322,7 @@ cold_run() {
     fi
     sync
     echo 3 >/proc/sys/vm/drop_caches
-    b0=$(registry_bytes) t0=$(now)
+    b0=$(registry_bytes) g0=$(registry_gets) t0=$(now)
     if ! out=$(pull "$s" "$w" 2>&1); then
         blocked[$w/$s]="pull failed: $(tail -n 3 <<<"$out")"
         snap_stop "$s" "$dir" "$(image_of "$s" "$w")"
@@ -325,7 +332,7 @@ cold_run() {
     out=$(ctr_do run --rm --snapshotter "$(snap_name "$s")" "$(image_of "$s" "$w")" "cs-$s-$r" "${W_CMD[@]}" 2>&1)
     local rc=$?
     run_s=$(since "$t1") total_s=$(since "$t0")
-    bytes=$(($(registry_bytes) - b0))
+    bytes=$(($(registry_bytes) - b0)) gets=$(($(registry_gets) - g0))
     local last
     last=$(tail -n 1 <<<"$out" | tr -d '\r' | sed 's/^[[:space:]]*//; s/[[:space:]]*$//')
     if ((rc != 0)) || [[ -n $W_WANT && $last != "$W_WANT" ]]; then
@@ -336,8 +343,9 @@ cold_run() {
     t1=$(now)
     ctr_do run --rm --snapshotter "$(snap_name "$s")" "$(image_of "$s" "$w")" "cs-$s-$r-warm" "${W_CMD[@]}" >/dev/null 2>&1
     warm_s=$(since "$t1")
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$w" "$s" "$r" "$pull_s" "$run_s" "$total_s" "$bytes" "$warm_s" >>"$results"
-    log "run $r $w $s: pull ${pull_s}s run ${run_s}s total ${total_s}s, $bytes bytes, warm ${warm_s}s"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$w" "$s" "$r" "$pull_s" "$run_s" "$total_s" "$bytes" "$warm_s" "$gets" \
+        >>"$results"
+    log "run $r $w $s: pull ${pull_s}s run ${run_s}s total ${total_s}s, $bytes bytes in $gets GETs, warm ${warm_s}s"
     snap_stop "$s" "$dir" "$(image_of "$s" "$w")"
 }
 
@@ -398,13 +406,14 @@ done
 
 # -------------------------------------------------------------------------------------------------- report
 
-# col_stat W S COL: "median min max" of column COL (4 pull, 5 run, 6 total, 7 bytes, 8 warm) over the runs.
+# col_stat W S COL: "median min max" of column COL (4 pull, 5 run, 6 total, 7 bytes, 8 warm, 9 GETs) over the runs.
 col_stat() {
     awk -F'\t' -v w="$1" -v s="$2" -v c="$3" '$1 == w && $2 == s { print $c }' "$results" | sort -g |
         awk '{ v[++n] = $1 } END { if (!n) exit 1; m = n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
               printf "%.6f %.6f %.6f\n", m, v[1], v[n] }'
 }
 fmt_s() { awk -v m="$1" -v a="$2" -v b="$3" 'BEGIN { printf "%.2f (%.2f-%.2f)", m, a, b }'; }
+fmt_n() { awk -v m="$1" -v a="$2" -v b="$3" 'BEGIN { printf "%.0f (%d-%d)", m, a, b }'; }
 fmt_mb() { awk -v m="$1" -v a="$2" -v b="$3" 'BEGIN { printf "%.1f (%.1f-%.1f)", m / 1e6, a / 1e6, b / 1e6 }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "n/a" }'; }
 goal() { awk -v v="${1%x}" -v op="$2" -v g="$3" 'BEGIN { if (v == "n/a") print "n/a"; else if ((op == "<=" && v <= g) || (op == ">=" && v >= g)) print "met"; else print "NOT met" }'; }
@@ -412,13 +421,15 @@ goal() { awk -v v="${1%x}" -v op="$2" -v g="$3" 'BEGIN { if (v == "n/a") print "
 echo
 echo "==== cold start: pull + first run, $runs runs interleaved, medians (min-max); host, ovbd frontend ${OVBD_BENCH_FRONTEND:-fuse}"
 echo "     (cold: empty containerd root, empty snapshotter root and caches, page cache dropped before each run;"
-echo "      MB = blob bytes sent by the registry (access log); warm = a second run right after, image local)"
+echo "      MB and GETs = blob bytes and requests the registry answered (access log); warm = a second run right after,"
+echo "      image local)"
 extra_config=${OVBD_BENCH_OVBD_CONFIG:-}
 echo "     ovbd: convert ${convert_args:-(defaults)}${extra_config:+; config + ${extra_config//$'\n'/ }}"
 for w in "${workloads[@]}"; do
     echo
     echo "== $w: ${W_SHOW[$w]}"
-    printf '  %-11s %-20s %-20s %-20s %-22s %s\n' snapshotter "pull s" "run s" "total s" "MB fetched" "warm run s"
+    printf '  %-11s %-20s %-20s %-20s %-22s %-16s %s\n' snapshotter "pull s" "run s" "total s" "MB fetched" "blob GETs" \
+        "warm run s"
     declare -A med_total=() med_bytes=() med_warm=()
     for s in "${snapshotters[@]}"; do
         why=${blocked[$s]:-${blocked[$w/$s]:-}}
@@ -432,9 +443,10 @@ for w in "${workloads[@]}"; do
         read -r tm ta tb < <(col_stat "$w" "$s" 6)
         read -r bm ba bb < <(col_stat "$w" "$s" 7)
         read -r wm wa wb < <(col_stat "$w" "$s" 8)
+        read -r gm ga gb < <(col_stat "$w" "$s" 9)
         med_total[$s]=$tm med_bytes[$s]=$bm med_warm[$s]=$wm
-        printf '  %-11s %-20s %-20s %-20s %-22s %s\n' "$s" "$(fmt_s "$pm" "$pa" "$pb")" "$(fmt_s "$rm_" "$ra" "$rb")" \
-            "$(fmt_s "$tm" "$ta" "$tb")" "$(fmt_mb "$bm" "$ba" "$bb")" "$(fmt_s "$wm" "$wa" "$wb")"
+        printf '  %-11s %-20s %-20s %-20s %-22s %-16s %s\n' "$s" "$(fmt_s "$pm" "$pa" "$pb")" "$(fmt_s "$rm_" "$ra" "$rb")" \
+            "$(fmt_s "$tm" "$ta" "$tb")" "$(fmt_mb "$bm" "$ba" "$bb")" "$(fmt_n "$gm" "$ga" "$gb")" "$(fmt_s "$wm" "$wa" "$wb")"
     done
     for o in ovbd ovbd-trace; do
         [[ -n ${med_total[$o]:-} ]] || continue
@@ -475,5 +487,5 @@ for w in "${workloads[@]}"; do
     fi
     unset med_total med_bytes med_warm
 done
-# The raw figures (one line per run: workload snapshotter run pull_s run_s total_s bytes warm_s).
+# The raw figures (one line per run: workload snapshotter run pull_s run_s total_s bytes warm_s gets).
 [[ -z ${OVBD_BENCH_RESULTS:-} ]] || cp "$results" "$OVBD_BENCH_RESULTS"
