@@ -27,41 +27,73 @@ pub(super) const MAX_REFILL_BYTES: u64 = 4 << 20;
 /// block another reader is fetching.
 pub(super) const MERGE_GAP_BYTES: u64 = 64 << 10;
 
-/// The adaptive refill of one open blob: a miss within one refill's length of the last refill
-/// (a sequential run, its reads maybe out of order across the device's workers) plans twice
-/// the last plan, ahead of the read, up to [`MAX_REFILL_BYTES`]; any other miss plans one
-/// block, the read's own blocks only (scattered small reads stay small).
+/// How many sequential runs of one open blob the refill follows at once: a start reads several
+/// files of a layer in turn (python's imports interleave `.pyc` files with a library's pages),
+/// and each keeps growing its own refill.
+pub(super) const RUNS: usize = 8;
+
+/// The adaptive refill of one open blob: a miss within one refill's length of one of the
+/// [`RUNS`] latest refills (a sequential run, its reads maybe out of order across the device's
+/// workers) plans twice that refill's plan, ahead of the read, up to [`MAX_REFILL_BYTES`]; any
+/// other miss plans one block, the read's own blocks only (scattered small reads stay small)
+/// and starts a run.
 #[derive(Debug, Default)]
 pub(super) struct Refill {
-    /// The first block of the last refill, and the block after it.
+    /// The latest refills, the last first.
+    runs: Vec<Run>,
+    /// The plan [`Refill::plan`] made last: its size, and the run it continues.
+    planned: u64,
+    continues: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    /// The first block of the refill, and the block after it.
     first: u64,
     next: u64,
-    /// The last plan, blocks (0: none yet).
+    /// Its plan, blocks.
     size: u64,
+}
+
+impl Run {
+    fn is_near(&self, block: u64) -> bool {
+        block.saturating_add(self.size) >= self.first
+            && block <= self.next.saturating_add(self.size)
+    }
 }
 
 impl Refill {
     /// Blocks to claim from `first_missing` on (at least the read's own, counted by the
-    /// caller), and notes it as the plan. A miss where the last one was (a retry) keeps it.
+    /// caller), and notes it as the plan. A miss where a run's refill began (a retry) keeps
+    /// that run's plan.
     pub(super) fn plan(&mut self, first_missing: u64, max_blocks: u64) -> u64 {
-        if self.size > 0 && first_missing == self.first {
-            return self.size;
-        }
-        let near = self.size > 0
-            && first_missing.saturating_add(self.size) >= self.first
-            && first_missing <= self.next.saturating_add(self.size);
-        self.size = if near {
-            (self.size * 2).min(max_blocks).max(1)
-        } else {
-            1
+        let retry = self.runs.iter().position(|r| r.first == first_missing);
+        let (continues, size) = match retry {
+            Some(i) => (Some(i), self.runs[i].size),
+            None => match self.runs.iter().position(|r| r.is_near(first_missing)) {
+                Some(i) => (Some(i), (self.runs[i].size * 2).min(max_blocks).max(1)),
+                None => (None, 1),
+            },
         };
-        self.size
+        self.continues = continues;
+        self.planned = size;
+        size
     }
 
-    /// Notes the refill of blocks `first..end`.
+    /// Notes the refill of blocks `first..end`, planned by the last [`Refill::plan`]: it
+    /// becomes the latest refill of the run it continues, or starts one (the run refilled
+    /// longest ago is forgotten).
     pub(super) fn record(&mut self, first: u64, end: u64) {
-        self.first = first;
-        self.next = end;
+        if let Some(i) = self.continues.take() {
+            self.runs.remove(i);
+        }
+        let run = Run {
+            first,
+            next: end,
+            size: self.planned,
+        };
+        self.runs.insert(0, run);
+        self.runs.truncate(RUNS);
     }
 }
 
@@ -94,8 +126,10 @@ impl Claim<'_> {
             self.blocks.push(b);
             b += 1;
         }
-        let claimed_end = self.blocks.last().map_or(first, |l| l + 1);
-        refill.record(first, claimed_end);
+        if !whole {
+            let claimed_end = self.blocks.last().map_or(first, |l| l + 1);
+            refill.record(first, claimed_end);
+        }
     }
 
     pub(super) fn release(&mut self, r: Result<(), (io::ErrorKind, String)>) {

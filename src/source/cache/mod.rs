@@ -49,9 +49,9 @@
 //! requests, one per run, runs at most 64 KiB apart merged into one, long runs split). A block
 //! claimed by one reader is waited for by any other reader (of any [`CachedBlob`] of the same
 //! entry): never two fetches of one block. The refill adapts per open blob: a miss fetches the
-//! read's blocks only, unless it is within one refill's length of the last refill (a sequential
-//! run); then it also claims the missing blocks ahead of the read, twice the last refill, up to
-//! 4 MiB.
+//! read's blocks only, unless it is within one refill's length of one of the 8 latest refills
+//! (a sequential run; several files read in turn are several runs); then it also claims the
+//! missing blocks ahead of the read, twice that refill's plan, up to 4 MiB.
 //! `evict(offset, len)` drops blocks (the ZFile layer calls it when a block's CRC fails, then
 //! reads again).
 //!

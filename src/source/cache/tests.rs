@@ -445,11 +445,13 @@ fn blob_cache_lru_eviction_keeps_under_limit() {
     let disk: u64 = stats.blobs.iter().map(|b| b.disk_bytes).sum();
     // Holes punched: the data files take about what is cached (+ trailers, fs blocks).
     assert!(disk <= limit + 4 * 8192, "{disk} bytes on disk");
-    // Evicted blocks come back right, fetched again.
-    let before = fake.fetched();
+    // Evicted blocks come back right, fetched again (maybe with blocks ahead: the read
+    // continues a run the refill remembers).
+    let times = |b: u64| lock(&fake.per_block).get(&b).copied().unwrap_or(0);
+    let before = [times(10), times(11)];
     let got = read(&blob, 10 * BS, 2 * BS as usize);
     assert!(got == fake.data[(10 * BS) as usize..(12 * BS) as usize]);
-    assert_eq!(fake.fetched() - before, 2 * BS);
+    assert_eq!([times(10), times(11)], [before[0] + 1, before[1] + 1]);
     assert!(cache.stats().cached_bytes <= limit);
     // Blobs with nothing left and no handle are deleted.
     drop(blob2);
@@ -1194,6 +1196,55 @@ fn blob_cache_sequential_reads_grow_the_refill() {
         (0..192).all(|b| pb[&b] == 1),
         "cached blocks are not fetched again"
     );
+}
+
+/// Files read in turn (a start interleaves several): each sequential run grows its own
+/// refill, as a run read alone does; more runs at once than the refill follows
+/// ([`fetch::RUNS`]) fetch one block per miss. The bytes are right throughout.
+#[test]
+fn blob_cache_interleaved_sequential_reads_each_grow_their_refill() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fake = Fake::new(2000 * BS as usize, 53);
+    let cache = BlobCache::open(&cfg(tmp.path(), 1 << 30, BS), tmp.path()).unwrap();
+    let blob = cached(&cache, &fake);
+    // Three runs, 63 blocks each, a 16 KiB read of each in turn.
+    let starts = [0u64, 100 * BS, 200 * BS];
+    let mut at = starts;
+    while at[0] < 63 * BS {
+        for off in &mut at {
+            let got = read(&blob, *off, 16 << 10);
+            assert!(got == fake.data[*off as usize..*off as usize + (16 << 10)]);
+            *off += 16 << 10;
+        }
+    }
+    // Each run alone: 1, 2, 4, 8, 16, 32 blocks (all 63 in six fetches), each block once.
+    let mut per_run = vec![Vec::new(); starts.len()];
+    for call in lock(&fake.ranges).iter() {
+        assert_eq!(call.len(), 1, "one range per fetch: {call:?}");
+        let (off, len) = call[0];
+        let run = starts.iter().rposition(|&s| off >= s).unwrap();
+        per_run[run].push((len as u64).div_ceil(BS));
+    }
+    for sizes in &per_run {
+        assert_eq!(sizes, &[1, 2, 4, 8, 16, 32], "{per_run:?}");
+    }
+    assert!(lock(&fake.per_block).values().all(|&c| c == 1));
+
+    // One run more than the refill follows, far apart: each miss fetches its own block.
+    let calls = fake.calls.load(SeqCst);
+    let runs = fetch::RUNS as u64 + 1;
+    let mut at: Vec<u64> = (0..runs).map(|r| (400 + r * 100) * BS).collect();
+    for _ in 0..4 {
+        for off in &mut at {
+            let got = read(&blob, *off, BS as usize);
+            assert!(got == fake.data[*off as usize..(*off + BS) as usize]);
+            *off += BS;
+        }
+    }
+    assert_eq!(fake.calls.load(SeqCst) - calls, 4 * runs);
+    assert!(call_blocks(&fake)[calls as usize..]
+        .iter()
+        .all(|c| c == &[1]));
 }
 
 /// Readers of one missing range at the same time: one fetch, every reader right.
