@@ -128,7 +128,7 @@ if [[ ${OVBD_BENCH_FS:-ext4} == ext4 ]]; then
     mkfs.ext4 -q -E lazy_itable_init=0 "$WORK/backing/fs.img"
     mount -o loop "$WORK/backing/fs.img" "$store"
 fi
-note "image files on $(stat -f -c %T "$store")"
+note "image files on $(findmnt -no FSTYPE --target "$store")" # (stat -f says ext2/ext3 for ext4)
 tar -xzf "$EXT4_TGZ" -C "$store" || fail "extracting $EXT4_TGZ"
 base=$store/ext4_64
 [[ -s $base ]] || fail "no ext4_64 in $EXT4_TGZ"
