@@ -152,7 +152,7 @@ soci_cli() { "$peer_bin/soci" --address "$CTRD_ADDR" --namespace "$CTRD_NS" "$@"
 # soci 0.4 fetches its index over https whatever its config says, and layers over plain http from a
 # loopback address: so it gets the same registry storage served over TLS by a second docker-registry on
 # this host's first non-loopback IPv4 address ($TLS_REGISTRY; a self-signed certificate trusted by soci's
-# processes through SSL_CERT_FILE). The bytes it sends are counted with the plain registry's (registry_bytes).
+# processes through SSL_CERT_FILE). The bytes it sends are counted with the plain registry's (registry_totals).
 TLS_REGISTRY= TLS_REGISTRY_PID=
 tls_registry_start() {
     local dir=$work/registry-tls port=${REGISTRY##*:} ip
@@ -176,20 +176,16 @@ tls_registry_start() {
 }
 soci_env() { SSL_CERT_FILE=$work/registry-tls/cert.pem "$@"; }
 
-# registry_bytes: blob bytes sent so far by both registries (the plain one and soci's TLS front), from
-# their access logs as env.bash's registry_blob_bytes counts them, but printed as an integer past 2^31 (mawk
-# prints large sums as 2.1e+09, which bash arithmetic cannot take).
-registry_bytes() {
+# registry_totals: "BYTES GETS": blob bytes sent and blob GETs answered so far by both registries (the plain
+# one and soci's TLS front), from their access logs as env.bash's registry_blob_bytes counts them, the bytes
+# printed as an integer past 2^31 (mawk prints large sums as 2.1e+09, which bash arithmetic cannot take).
+# This bench's registry spends a few ms of CPU on each GET whatever its size, so their count weighs on a lazy
+# start more than their bytes.
+registry_totals() {
     local logs=("$REGISTRY_DIR/registry.log")
     [[ -z $TLS_REGISTRY ]] || logs+=("$work/registry-tls/registry.log")
-    awk '$6 == "\"GET" && $7 ~ /^\/v2\/.*\/blobs\// && $10 ~ /^[0-9]+$/ { n += $10 } END { printf "%.0f\n", n }' "${logs[@]}"
-}
-# registry_gets: blob GETs answered so far by both registries. This bench's registry spends a few ms of CPU
-# on each whatever its size, so their count weighs on a lazy start more than their bytes.
-registry_gets() {
-    local logs=("$REGISTRY_DIR/registry.log")
-    [[ -z $TLS_REGISTRY ]] || logs+=("$work/registry-tls/registry.log")
-    awk '$6 == "\"GET" && $7 ~ /^\/v2\/.*\/blobs\// && $10 ~ /^[0-9]+$/ { n++ } END { printf "%d\n", n }' "${logs[@]}"
+    awk '$6 == "\"GET" && $7 ~ /^\/v2\/.*\/blobs\// && $10 ~ /^[0-9]+$/ { n += $10; g++ }
+         END { printf "%.0f %d\n", n, g }' "${logs[@]}"
 }
 
 # ----------------------------------------------------------------------------------- trace (the hook)
@@ -322,7 +318,8 @@ cold_run() {
     fi
     sync
     echo 3 >/proc/sys/vm/drop_caches
-    b0=$(registry_bytes) g0=$(registry_gets) t0=$(now)
+    read -r b0 g0 < <(registry_totals)
+    t0=$(now)
     if ! out=$(pull "$s" "$w" 2>&1); then
         blocked[$w/$s]="pull failed: $(tail -n 3 <<<"$out")"
         snap_stop "$s" "$dir" "$(image_of "$s" "$w")"
@@ -332,7 +329,8 @@ cold_run() {
     out=$(ctr_do run --rm --snapshotter "$(snap_name "$s")" "$(image_of "$s" "$w")" "cs-$s-$r" "${W_CMD[@]}" 2>&1)
     local rc=$?
     run_s=$(since "$t1") total_s=$(since "$t0")
-    bytes=$(($(registry_bytes) - b0)) gets=$(($(registry_gets) - g0))
+    read -r bytes gets < <(registry_totals)
+    bytes=$((bytes - b0)) gets=$((gets - g0))
     local last
     last=$(tail -n 1 <<<"$out" | tr -d '\r' | sed 's/^[[:space:]]*//; s/[[:space:]]*$//')
     if ((rc != 0)) || [[ -n $W_WANT && $last != "$W_WANT" ]]; then
