@@ -215,7 +215,8 @@ impl CachedBlob {
                         // A small blob comes whole with its first miss (a container's start
                         // often reads most of it, one page fault at a time otherwise).
                         let whole = st.size <= self.cache.whole_blob;
-                        claim.extend(&mut inner, &mut lock(&self.refill), last, whole);
+                        let refill = &mut lock(&self.refill);
+                        claim.extend(&mut inner, refill, last, whole, self.cache.limit);
                     }
                     inner.files.clone()
                 };

@@ -100,20 +100,22 @@ impl Refill {
 impl Claim<'_> {
     /// Claims the missing blocks after `last` (the read's last block) that `refill` plans
     /// from the claim's first block on (`whole`: all of them, to the blob's end), stopping at
-    /// the first block present or in flight. Called with the entry's lock held, right after
-    /// the read's own blocks were claimed.
+    /// the first block present or in flight. A plan never passes [`MAX_REFILL_BYTES`], nor an
+    /// eighth of `cache_limit`: what a small cache fetched ahead would evict before it is read.
+    /// Called with the entry's lock held, right after the read's own blocks were claimed.
     pub(super) fn extend(
         &mut self,
         inner: &mut Inner,
         refill: &mut Refill,
         last: u64,
         whole: bool,
+        cache_limit: u64,
     ) {
         let Some(&first) = self.blocks.first() else {
             return;
         };
         let st = self.state;
-        let max_blocks = (MAX_REFILL_BYTES / st.block).max(1);
+        let max_blocks = (MAX_REFILL_BYTES.min(cache_limit / 8) / st.block).max(1);
         let end = match whole {
             true => st.nblocks,
             false => first
