@@ -6,7 +6,7 @@
 //! tokens of scope `repository:NAME:pull,push`).
 //!
 //! [`Registry`] is shared by every blob: one HTTP client (reqwest, rustls with the ring provider
-//! and the platform's trust roots), the bearer tokens per (endpoint, repository), the
+//! and the platform's trust roots, loaded at the first https handshake: `tls.rs`), the bearer tokens per (endpoint, repository), the
 //! configuration, and a small tokio runtime of its own on which every request runs. Callers
 //! block on a channel, never on a runtime, so [`RemoteBlob`]'s `read_at` works from any plain
 //! thread of a process that has other runtimes (`ovbd serve`).
@@ -97,6 +97,7 @@ mod policy_tests;
 mod push;
 #[cfg(test)]
 mod tests;
+mod tls;
 
 pub(crate) use auth::parse_challenges;
 use auth::*;
@@ -148,6 +149,9 @@ struct Inner {
     client: reqwest::Client,
     /// For hosts the configuration allows (`allow_hosts`, `insecure`, mirrors).
     trusted_client: reqwest::Client,
+    /// The platform's trust roots both clients use, if not the test's own (tests: loaded yet?).
+    #[cfg(test)]
+    platform_roots: Option<Arc<tls::PlatformRoots>>,
     policy: HostPolicy,
     /// `insecure` hosts → http.
     opts: RegistryOptions,
@@ -186,11 +190,14 @@ impl Registry {
     /// self-signed server).
     fn with_roots(
         cfg: &RegistryConfig,
-        roots: Vec<reqwest::Certificate>,
+        roots: Vec<rustls::pki_types::CertificateDer<'static>>,
     ) -> Result<Arc<Registry>, RegistryError> {
         let bad = |e: String| RegistryError::InvalidInput(e);
         cfg.validate().map_err(|e| bad(format!("{e:#}")))?;
         install_crypto_provider();
+        #[cfg_attr(not(test), allow(unused_variables))]
+        let (tls, platform_roots) = tls::client_config(&roots)
+            .map_err(|e| bad(format!("the registry client's TLS configuration: {e}")))?;
         let opts = RegistryOptions {
             insecure: cfg.insecure.clone(),
             docker_config: cfg.docker_config.clone(),
@@ -247,10 +254,8 @@ impl Registry {
                 if let Some(r) = resolver {
                     b = b.dns_resolver(r);
                 }
-                if !roots.is_empty() {
-                    b = b.tls_certs_only(roots.clone());
-                }
-                b.build()
+                b.tls_backend_preconfigured(tls.clone())
+                    .build()
                     .map_err(|e| bad(format!("making the registry HTTP client: {e}")))
             };
         let client = make_client(Some(PublicResolver {
@@ -267,6 +272,8 @@ impl Registry {
             inner: Arc::new(Inner {
                 client,
                 trusted_client,
+                #[cfg(test)]
+                platform_roots,
                 policy,
                 creds: CredentialStore::new(opts.docker_config_path(), HelperSetup::from_env()),
                 captured: Arc::new(captured::CapturedCredentials::new(

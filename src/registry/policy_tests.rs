@@ -149,7 +149,10 @@ fn registry_refuses_https_to_http_redirects() {
     let tmp = tempfile::tempdir().unwrap();
     let (cert, key) = test_certificate(tmp.path());
     let tls = TlsRedirect::start(&cert, &key, &format!("http://{}", sink.addr));
-    let root = reqwest::Certificate::from_pem(&std::fs::read(&cert).unwrap()).unwrap();
+    let root = {
+        use rustls::pki_types::{pem::PemObject, CertificateDer};
+        CertificateDer::from_pem_file(&cert).unwrap()
+    };
     // An https mirror (loopback registries are plain http) of a host that is not there.
     let registry = Registry::with_roots(
         &RegistryConfig {
@@ -176,6 +179,49 @@ fn registry_refuses_https_to_http_redirects() {
     assert_eq!(tls.hits.load(SeqCst), 1, "{e}");
     assert!(e.to_string().contains("https to plain http"), "{e}");
     assert!(sink.seen.lock().unwrap().is_empty());
+}
+
+/// The platform's trust roots are loaded at the first https handshake, not for plain http,
+/// once for both HTTP clients; and an https server's certificate is checked against them (a
+/// self-signed one is refused before any request is sent).
+#[test]
+fn registry_loads_the_platform_roots_at_the_first_https_handshake() {
+    let (reg, data, digest) = registry_with_blob(100_000, 35);
+    let tmp = tempfile::tempdir().unwrap();
+    let (cert, key) = test_certificate(tmp.path());
+    let tls = TlsRedirect::start(&cert, &key, &format!("http://{}", reg.addr));
+    let registry = Registry::new(&RegistryConfig {
+        retries: 0,
+        timeout_secs: 3.0,
+        connect_timeout_secs: 1.0,
+        mirrors: vec![crate::config::MirrorConfig {
+            host: "registry.invalid".into(),
+            mirrors: vec![format!("https://{}", tls.addr)],
+        }],
+        ..quick_config()
+    })
+    .unwrap();
+    let roots = registry
+        .inner
+        .platform_roots
+        .clone()
+        .expect("platform roots");
+    // Plain http (an allowed loopback registry): none loaded.
+    let blob = test_blob(&registry, &reg.addr, &digest, data.len() as u64);
+    assert_eq!(read(&blob, 0, 10).unwrap(), &data[..10]);
+    assert!(!roots.loaded());
+    // https: loaded, and the self-signed certificate is not among them.
+    let blob = RemoteBlob::new(
+        registry.clone(),
+        "registry.invalid/test/blob",
+        &digest,
+        data.len() as u64,
+    )
+    .unwrap();
+    let e = read(&blob, 0, 10).expect_err("read from a server with a self-signed certificate");
+    assert!(roots.loaded());
+    assert_eq!(tls.hits.load(SeqCst), 0, "{e}");
+    assert!(e.to_string().contains("UnknownIssuer"), "{e}");
 }
 
 #[test]
