@@ -6,10 +6,11 @@
 //! tokens of scope `repository:NAME:pull,push`).
 //!
 //! [`Registry`] is shared by every blob: one HTTP client (reqwest, rustls with the ring provider
-//! and the platform's trust roots, loaded at the first https handshake: `tls.rs`), the bearer tokens per (endpoint, repository), the
-//! configuration, and a small tokio runtime of its own on which every request runs. Callers
-//! block on a channel, never on a runtime, so [`RemoteBlob`]'s `read_at` works from any plain
-//! thread of a process that has other runtimes (`ovbd serve`).
+//! and the platform's trust roots, loaded at the first https handshake: `tls.rs`), the bearer
+//! tokens per (endpoint, repository), the configuration, and a small tokio runtime of its own
+//! on which every request runs. Callers block on a channel, never on a runtime, so
+//! [`RemoteBlob`]'s `read_at` works from any plain thread of a process that has other runtimes
+//! (`ovbd serve`).
 //!
 //! A read `GET`s `<endpoint>/v2/<repo>/blobs/<digest>` with `Range: bytes=a-b`:
 //! - endpoints: the mirrors configured for the host, in order, then the host itself
