@@ -141,6 +141,25 @@ fn registry_checks_every_redirect_target() {
     assert_eq!(read(&blob, 0, 10).unwrap(), &data[..10]);
 }
 
+/// `registry.invalid` (not there), mirrored by the https server at `addr`; no retries.
+fn https_mirror_config(addr: &str) -> RegistryConfig {
+    RegistryConfig {
+        retries: 0,
+        timeout_secs: 3.0,
+        connect_timeout_secs: 1.0,
+        mirrors: vec![crate::config::MirrorConfig {
+            host: "registry.invalid".into(),
+            mirrors: vec![format!("https://{addr}")],
+        }],
+        ..quick_config()
+    }
+}
+
+/// The test blob through [`https_mirror_config`]'s mirror.
+fn mirrored_blob(registry: &Arc<Registry>, digest: &str, size: u64) -> RemoteBlob {
+    RemoteBlob::new(registry.clone(), "registry.invalid/test/blob", digest, size).unwrap()
+}
+
 /// A redirect from https to plain http is refused, even to an allowed host.
 #[test]
 fn registry_refuses_https_to_http_redirects() {
@@ -154,27 +173,8 @@ fn registry_refuses_https_to_http_redirects() {
         CertificateDer::from_pem_file(&cert).unwrap()
     };
     // An https mirror (loopback registries are plain http) of a host that is not there.
-    let registry = Registry::with_roots(
-        &RegistryConfig {
-            retries: 0,
-            timeout_secs: 3.0,
-            connect_timeout_secs: 1.0,
-            mirrors: vec![crate::config::MirrorConfig {
-                host: "registry.invalid".into(),
-                mirrors: vec![format!("https://{}", tls.addr)],
-            }],
-            ..quick_config()
-        },
-        vec![root],
-    )
-    .unwrap();
-    let blob = RemoteBlob::new(
-        registry.clone(),
-        "registry.invalid/test/blob",
-        &digest,
-        data.len() as u64,
-    )
-    .unwrap();
+    let registry = Registry::with_roots(&https_mirror_config(&tls.addr), vec![root]).unwrap();
+    let blob = mirrored_blob(&registry, &digest, data.len() as u64);
     let e = read(&blob, 0, 10).expect_err("read through an https -> http redirect");
     assert_eq!(tls.hits.load(SeqCst), 1, "{e}");
     assert!(e.to_string().contains("https to plain http"), "{e}");
@@ -190,17 +190,7 @@ fn registry_loads_the_platform_roots_at_the_first_https_handshake() {
     let tmp = tempfile::tempdir().unwrap();
     let (cert, key) = test_certificate(tmp.path());
     let tls = TlsRedirect::start(&cert, &key, &format!("http://{}", reg.addr));
-    let registry = Registry::new(&RegistryConfig {
-        retries: 0,
-        timeout_secs: 3.0,
-        connect_timeout_secs: 1.0,
-        mirrors: vec![crate::config::MirrorConfig {
-            host: "registry.invalid".into(),
-            mirrors: vec![format!("https://{}", tls.addr)],
-        }],
-        ..quick_config()
-    })
-    .unwrap();
+    let registry = Registry::new(&https_mirror_config(&tls.addr)).unwrap();
     let roots = registry
         .inner
         .platform_roots
@@ -211,13 +201,7 @@ fn registry_loads_the_platform_roots_at_the_first_https_handshake() {
     assert_eq!(read(&blob, 0, 10).unwrap(), &data[..10]);
     assert!(!roots.loaded());
     // https: loaded, and the self-signed certificate is not among them.
-    let blob = RemoteBlob::new(
-        registry.clone(),
-        "registry.invalid/test/blob",
-        &digest,
-        data.len() as u64,
-    )
-    .unwrap();
+    let blob = mirrored_blob(&registry, &digest, data.len() as u64);
     let e = read(&blob, 0, 10).expect_err("read from a server with a self-signed certificate");
     assert!(roots.loaded());
     assert_eq!(tls.hits.load(SeqCst), 0, "{e}");
