@@ -358,19 +358,25 @@ impl Host {
 
     /// Detaches `dev` and checks the kernel let go of it.
     fn detach(&self, dev: &str) {
+        // A loop device node stays; its backing file must be gone. Another test running
+        // alongside may bind the freed number at once: then it backs onto a file of its own.
+        let backing = dev
+            .strip_prefix("/dev/loop")
+            .map(|n| format!("/sys/block/loop{n}/loop/backing_file"));
+        let ours = backing
+            .as_ref()
+            .and_then(|b| std::fs::read_to_string(b).ok());
         self.ovbd_ok(&["device", "detach", dev]);
         if let Some(id) = dev.strip_prefix("/dev/ublkb") {
             assert!(
                 !Path::new(dev).exists() && !Path::new(&format!("/dev/ublkc{id}")).exists(),
                 "/dev/ublk[bc]{id} still present after detach"
             );
-        } else if let Some(n) = dev.strip_prefix("/dev/") {
-            // A loop device node stays; its backing file must be gone.
-            let backing = format!("/sys/block/{n}/loop/backing_file");
+        } else if let (Some(backing), Some(ours)) = (backing, ours) {
+            let now = std::fs::read_to_string(&backing).ok();
             assert!(
-                !Path::new(&backing).exists(),
-                "{dev} still has a backing file after detach: {:?}",
-                std::fs::read_to_string(&backing)
+                now.as_ref() != Some(&ours),
+                "{dev} still has its backing file after detach: {ours:?}"
             );
         }
     }
