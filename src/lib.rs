@@ -13,6 +13,7 @@ pub(crate) mod labels;
 pub(crate) mod metrics;
 pub(crate) mod mount;
 pub(crate) mod oci;
+pub(crate) mod pool;
 pub(crate) mod prefetch;
 pub(crate) mod registry;
 pub(crate) mod snapshotter;

@@ -416,6 +416,11 @@ impl Front {
         self.faults.lock().unwrap().extend(f);
     }
 
+    /// Requests being answered right now.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.inflight.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     pub(crate) fn blob_gets(&self) -> usize {
         self.seen
             .lock()

@@ -332,7 +332,7 @@ fn serve_on(
     ready: &mut dyn FnMut(&str),
 ) -> Result<()> {
     let set = super::block_stop_signals()?;
-    let pool = WorkerPool::new(2, 256);
+    let pool = WorkerPool::new("ovbd-io", 2, 256);
     let mut devices = Vec::with_capacity(configs.len());
     let mut spans = Vec::with_capacity(configs.len());
     for path in configs {

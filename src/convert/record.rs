@@ -238,7 +238,7 @@ fn run_on_device(
     let mut dev = frontend
         .attach(
             Arc::new(image),
-            WorkerPool::new(2, 256),
+            WorkerPool::new("ovbd-io", 2, 256),
             AttachOptions::default(),
         )
         .context("attaching the image")?;

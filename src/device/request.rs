@@ -4,8 +4,8 @@
 //! operations are ublk's op codes, for the FUSE frontend too (its read / write / fsync /
 //! fallocate map onto them).
 
-use super::pool::panic_text;
 use crate::metrics::DeviceMetrics;
+use crate::pool::panic_text;
 use libublk::sys;
 use ovbd_format::ImageStack;
 

@@ -293,7 +293,7 @@ mod tests {
         assert!(raw >= 0);
         let kick = Arc::new(unsafe { OwnedFd::from_raw_fd(raw) });
         let (tx, rx) = smol::channel::bounded::<i32>(1);
-        let pool = WorkerPool::new(1, 1);
+        let pool = WorkerPool::new("ovbd-io", 1, 1);
         let reply = Reply {
             tx,
             kick: kick.clone(),

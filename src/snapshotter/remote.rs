@@ -5,8 +5,8 @@
 use super::error::{SnapResult, SnapshotterError};
 use super::Snapshotter;
 use crate::labels::{
-    LABEL_BLOB_DIGEST, LABEL_BLOB_SIZE, LABEL_CRI_IMAGE_REF, LABEL_IMAGE_REF, LABEL_REMOTE,
-    LABEL_REPO_BLOB_URL, LABEL_SNAPSHOT_REF,
+    LABEL_ACCELERATION_LAYER, LABEL_BLOB_DIGEST, LABEL_BLOB_SIZE, LABEL_CRI_IMAGE_REF,
+    LABEL_IMAGE_REF, LABEL_REMOTE, LABEL_REPO_BLOB_URL, LABEL_SNAPSHOT_REF,
 };
 use crate::oci::digest::{chain_id_above, is_sha256_digest};
 use crate::snapshotter::metadata::{Kind, Snapshot, Storage};
@@ -147,6 +147,10 @@ impl Snapshotter {
         remote: RemoteLayer,
     ) -> SnapshotterError {
         let cri_image_ref = labels.get(LABEL_CRI_IMAGE_REF).cloned();
+        // Replayed by the prefetcher, not opened as a layer.
+        let acceleration = labels
+            .get(LABEL_ACCELERATION_LAYER)
+            .is_some_and(|v| v == "yes");
         let made = (|| -> SnapResult<()> {
             let url = repo_blob_url(&remote.image_ref)?;
             if let Ok(c) = self.meta.get(&remote.name) {
@@ -185,7 +189,7 @@ impl Snapshotter {
                 &remote.name,
                 BTreeMap::from([
                     (LABEL_REMOTE.to_string(), "remote snapshot".to_string()),
-                    (LABEL_REPO_BLOB_URL.to_string(), url),
+                    (LABEL_REPO_BLOB_URL.to_string(), url.clone()),
                 ]),
                 |c| -> SnapResult<()> {
                     c.storage = Storage::Block;
@@ -202,6 +206,10 @@ impl Snapshotter {
                 let _ = self.meta.remove(key);
                 let _ = std::fs::remove_dir_all(self.dir(snap.id));
                 return Err(e);
+            }
+            // containerd goes on with the pull (and maybe a container) meanwhile.
+            if let Some(source) = self.remote.as_ref().filter(|_| !acceleration) {
+                source.prefetch_metadata(&url, &remote.digest, remote.size, &layer);
             }
             log::info!(
                 "remote layer {} ({} bytes of {}) committed as {}",

@@ -20,6 +20,14 @@ pub trait RemoteSource: Send + Sync {
         size: u64,
         dir: Option<&Path>,
     ) -> Result<Arc<dyn ReadAt>>;
+
+    /// Fetches what opening the layer reads (its headers and index) in the background, and
+    /// nothing more: a lazy pull asks for it, so that the first container's attach finds it
+    /// in the cache instead of waiting on the registry. Sources without a cache have nothing
+    /// to fetch.
+    fn prefetch_metadata(&self, repo_blob_url: &str, digest: &str, size: u64, dir: &Path) {
+        let _ = (repo_blob_url, digest, size, dir);
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

@@ -8,6 +8,7 @@
 //! registry repository sent for it and fails the layer's reads from then on.
 
 use crate::config::{Config, DownloadConfig};
+use crate::pool::WorkerPool;
 use crate::registry::{Registry, RemoteBlob};
 use crate::source::cache::{BlobCache, CacheError, CachedBlob};
 use crate::source::config::RemoteSource;
@@ -25,7 +26,12 @@ pub struct RegistrySource {
     download: DownloadConfig,
     /// Layer directories with a download in progress (one per layer at a time).
     downloading: Arc<Mutex<HashSet<PathBuf>>>,
+    /// Runs [`RemoteSource::prefetch_metadata`]'s fetches.
+    ahead: Arc<WorkerPool>,
 }
+
+/// How many layers have their metadata fetched ahead at once: a pull of more queues the rest.
+const METADATA_AHEAD_THREADS: usize = 4;
 
 impl RegistrySource {
     /// From the daemon's `[registry]` and `[cache]` sections (cache default: `<root>/cache`).
@@ -38,6 +44,7 @@ impl RegistrySource {
             cache: BlobCache::open(&cfg.cache, &cfg.root.join("cache"))?,
             download: cfg.download.clone(),
             downloading: Arc::default(),
+            ahead: WorkerPool::new("ovbd-ahead", 0, METADATA_AHEAD_THREADS),
         })
     }
 }
@@ -70,13 +77,10 @@ impl RemoteSource for RegistrySource {
         dir: Option<&Path>,
     ) -> Result<Arc<dyn ReadAt>> {
         let image_ref = image_ref_of_blob_url(repo_blob_url)?;
-        // The layer's directory names it: a CRI pull secret bound to it authenticates its reads.
-        let remote =
-            RemoteBlob::new(self.registry.clone(), &image_ref, digest, size)?.for_layer(dir);
+        let (remote, cached) =
+            open_cached(&self.registry, &self.cache, &image_ref, digest, size, dir)?;
         // The download reads the registry directly: a whole blob must not evict the cache.
-        let direct: Arc<dyn ReadAt> = Arc::new(remote.clone());
-        let cached = Arc::new(CachedBlob::new(self.cache.clone(), remote)?);
-        fetch_tail_alongside(&cached);
+        let direct: Arc<dyn ReadAt> = Arc::new(remote);
         let (Some(dir), true) = (dir, self.download.enable) else {
             return Ok(cached);
         };
@@ -107,6 +111,53 @@ impl RemoteSource for RegistrySource {
         }
         Ok(blob)
     }
+
+    fn prefetch_metadata(&self, repo_blob_url: &str, digest: &str, size: u64, dir: &Path) {
+        let (registry, cache) = (self.registry.clone(), self.cache.clone());
+        let (url, digest, dir) = (repo_blob_url.to_owned(), digest.to_owned(), dir.to_owned());
+        self.ahead.submit(Box::new(move || {
+            match fetch_metadata(&registry, &cache, &url, &digest, size, &dir) {
+                Ok(()) => {
+                    log::debug!("layer {digest}: headers and index fetched ahead of its device")
+                }
+                // The device's own open fetches again, and reports what is wrong.
+                Err(e) => log::debug!("layer {digest}: headers and index not fetched ahead: {e:#}"),
+            }
+        }));
+    }
+}
+
+/// The layer blob `digest` of `image_ref` as the registry serves it, and the same read
+/// through the block cache, its tail already being fetched (see [`fetch_tail_alongside`]).
+fn open_cached(
+    registry: &Arc<Registry>,
+    cache: &Arc<BlobCache>,
+    image_ref: &str,
+    digest: &str,
+    size: u64,
+    dir: Option<&Path>,
+) -> Result<(RemoteBlob, Arc<CachedBlob>)> {
+    // The layer's directory names it: a CRI pull secret bound to it authenticates its reads.
+    let remote = RemoteBlob::new(registry.clone(), image_ref, digest, size)?.for_layer(dir);
+    let cached = Arc::new(CachedBlob::new(cache.clone(), remote.clone())?);
+    fetch_tail_alongside(&cached);
+    Ok((remote, cached))
+}
+
+/// Reads into the cache what opening the layer reads, by opening it (and checking its
+/// headers and index as the device would); starts no download.
+fn fetch_metadata(
+    registry: &Arc<Registry>,
+    cache: &Arc<BlobCache>,
+    repo_blob_url: &str,
+    digest: &str,
+    size: u64,
+    dir: &Path,
+) -> Result<()> {
+    let image_ref = image_ref_of_blob_url(repo_blob_url)?;
+    let (_, cached) = open_cached(registry, cache, &image_ref, digest, size, Some(dir))?;
+    ovbd_format::open_layer(cached)?;
+    Ok(())
 }
 
 /// How much of a blob's end is read ahead of its open: enough to fetch the last cache block,
@@ -356,5 +407,48 @@ mod tests {
             front.seen.lock().unwrap()
         );
         assert_eq!(front.blob_gets(), 2);
+    }
+
+    /// A lazy pull's layer has its headers and index fetched in the background, with the
+    /// layer's own credentials and no download: its device then opens it without a request.
+    #[test]
+    fn a_prefetched_layer_opens_without_a_registry_request() {
+        use crate::testing::{lsmt_layer, push_blob, quick_config, start_registry, Front};
+
+        let layer = lsmt_layer(4 << 20, 43); // past whole_blob_kb (2 MiB)
+        let reg = start_registry("");
+        let digest = push_blob(&reg.addr, "test/layer", &layer, None);
+        let front = Front::start(&reg.addr, None);
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("layer");
+        std::fs::create_dir(&dir).unwrap();
+        let cfg = Config {
+            root: root.path().to_owned(),
+            registry: quick_config(),
+            // Downloads enabled and due at once: the prefetch must still start none.
+            download: DownloadConfig {
+                delay_secs: 0.0,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let source = RegistrySource::from_config(&cfg).unwrap();
+        let url = format!("http://{}/v2/test/layer/blobs", front.addr);
+        source.prefetch_metadata(&url, &digest, layer.len() as u64, &dir);
+        // A hang guard only: head and tail are two local requests.
+        let t0 = std::time::Instant::now();
+        while front.blob_gets() < 2 || front.in_flight() > 0 {
+            assert!(t0.elapsed() < Duration::from_secs(20), "no prefetch");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(source.downloading.lock().unwrap().is_empty());
+        let blob = source
+            .open(&url, &digest, layer.len() as u64, None)
+            .unwrap();
+        let opened = ovbd_format::open_layer(blob).unwrap();
+        assert_eq!(opened.lsmt.virtual_size(), 64 << 20);
+        let seen = front.seen.lock().unwrap();
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        assert!(seen.iter().all(|s| s.range.is_some()), "{seen:?}");
     }
 }

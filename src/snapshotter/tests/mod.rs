@@ -151,6 +151,8 @@ fn code(e: SnapshotterError) -> tonic::Code {
 #[derive(Default)]
 struct FixtureRemote {
     asked: Mutex<Vec<(String, String, u64)>>,
+    /// What `prefetch_metadata` was asked for: (url, digest, size, layer dir).
+    prefetched: Mutex<Vec<(String, String, u64, PathBuf)>>,
 }
 
 impl RemoteSource for FixtureRemote {
@@ -169,6 +171,15 @@ impl RemoteSource for FixtureRemote {
             .join("tests/fixtures/hello-world-oci/blobs/sha256")
             .join(digest.trim_start_matches("sha256:"));
         Ok(Arc::new(ovbd_format::source::FileSource::open(&path)?))
+    }
+
+    fn prefetch_metadata(&self, url: &str, digest: &str, size: u64, dir: &Path) {
+        self.prefetched.lock().unwrap().push((
+            url.to_owned(),
+            digest.to_owned(),
+            size,
+            dir.to_owned(),
+        ));
     }
 }
 

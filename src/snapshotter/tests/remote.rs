@@ -37,6 +37,16 @@ fn remote_layer_is_committed_at_prepare_and_read_from_the_registry() {
     );
     let c = s.meta.get(HELLO_BLOB).unwrap();
     assert_eq!((c.kind, c.storage), (Kind::Committed, Storage::Block));
+    // The first pull has what the device's open reads fetched ahead, as the layer's own.
+    assert_eq!(
+        *remote.prefetched.lock().unwrap(),
+        [(
+            "https://127.0.0.1:5000/v2/hello-world/blobs".to_string(),
+            HELLO_BLOB.to_string(),
+            641024,
+            s.dir(c.id).join("fs")
+        )]
+    );
     assert_eq!(c.labels[LABEL_REMOTE], "remote snapshot");
     assert_eq!(
         c.labels[LABEL_REPO_BLOB_URL],
@@ -85,6 +95,22 @@ fn remote_layer_is_committed_at_prepare_and_read_from_the_registry() {
     std::fs::write(s.dir(c.id).join("fs/overlaybd.commit"), bytes).unwrap();
     let cfg = s.image_config(std::slice::from_ref(&c), None, &bdir);
     cfg.open_image(None).unwrap();
+}
+
+/// An acceleration layer is replayed by the prefetcher, never opened as a layer: a lazy pull
+/// of one fetches nothing ahead.
+#[test]
+fn an_acceleration_layer_has_nothing_fetched_ahead() {
+    let (_d, s) = snapshotter();
+    let remote = Arc::new(FixtureRemote::default());
+    let s = s.with_remote(remote.clone());
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    let mut l = remote_labels_of(&digest, &digest, LABEL_CRI_IMAGE_REF);
+    l.insert(LABEL_ACCELERATION_LAYER.into(), "yes".into());
+    let e = s.create("extract-accel", "", Kind::Active, l).unwrap_err();
+    assert_eq!(code(e), tonic::Code::AlreadyExists);
+    assert!(s.meta.get(&digest).is_ok());
+    assert!(remote.prefetched.lock().unwrap().is_empty());
 }
 
 #[test]
