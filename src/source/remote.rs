@@ -371,83 +371,95 @@ mod tests {
         assert_eq!(proxy.seen.lock().unwrap().len(), before);
     }
 
+    /// A 4 MiB layer (past whole_blob_kb, 2 MiB) in a test registry behind a [`Front`], and a
+    /// registry source over a fresh root, with `download`.
+    struct LayerBehindFront {
+        layer: Vec<u8>,
+        digest: String,
+        url: String,
+        front: Arc<crate::testing::Front>,
+        source: RegistrySource,
+        root: tempfile::TempDir,
+        _registry: crate::testing::TestRegistry,
+    }
+
+    fn layer_behind_front(seed: u64, download: DownloadConfig) -> LayerBehindFront {
+        use crate::testing::{lsmt_layer, push_blob, quick_config, start_registry, Front};
+        let layer = lsmt_layer(4 << 20, seed);
+        let registry = start_registry("");
+        let digest = push_blob(&registry.addr, "test/layer", &layer, None);
+        let front = Front::start(&registry.addr, None);
+        let root = tempfile::tempdir().unwrap();
+        let cfg = Config {
+            root: root.path().to_owned(),
+            registry: quick_config(),
+            download,
+            ..Default::default()
+        };
+        LayerBehindFront {
+            url: format!("http://{}/v2/test/layer/blobs", front.addr),
+            source: RegistrySource::from_config(&cfg).unwrap(),
+            layer,
+            digest,
+            front,
+            root,
+            _registry: registry,
+        }
+    }
+
     /// Opening a remote layer reads its head and then its tail: both are fetched at once, not
     /// one after the other (two registry round trips per layer at attach otherwise), and
     /// nothing more is fetched for it.
     #[test]
     fn a_layer_opens_with_its_head_and_tail_fetched_at_once() {
-        use crate::testing::{lsmt_layer, push_blob, quick_config, start_registry, Fault, Front};
+        use crate::testing::Fault;
         use std::sync::atomic::Ordering::SeqCst;
 
-        let layer = lsmt_layer(4 << 20, 41); // past whole_blob_kb (2 MiB)
-        let reg = start_registry("");
-        let digest = push_blob(&reg.addr, "test/layer", &layer, None);
-        let front = Front::start(&reg.addr, None);
-        *front.always.lock().unwrap() = Some(Fault::Delay(Duration::from_millis(200)));
-        let root = tempfile::tempdir().unwrap();
-        let cfg = Config {
-            root: root.path().to_owned(),
-            registry: quick_config(),
-            download: DownloadConfig {
-                enable: false,
-                ..Default::default()
-            },
+        let no_download = DownloadConfig {
+            enable: false,
             ..Default::default()
         };
-        let source = RegistrySource::from_config(&cfg).unwrap();
-        let url = format!("http://{}/v2/test/layer/blobs", front.addr);
-        let blob = source
-            .open(&url, &digest, layer.len() as u64, None)
+        let t = layer_behind_front(41, no_download);
+        *t.front.always.lock().unwrap() = Some(Fault::Delay(Duration::from_millis(200)));
+        let blob = t
+            .source
+            .open(&t.url, &t.digest, t.layer.len() as u64, None)
             .unwrap();
         let opened = ovbd_format::open_layer(blob).unwrap();
         assert_eq!(opened.lsmt.virtual_size(), 64 << 20);
         assert!(
-            front.max_inflight.load(SeqCst) >= 2,
+            t.front.max_inflight.load(SeqCst) >= 2,
             "head and tail fetched in turn: {:?}",
-            front.seen.lock().unwrap()
+            t.front.seen.lock().unwrap()
         );
-        assert_eq!(front.blob_gets(), 2);
+        assert_eq!(t.front.blob_gets(), 2);
     }
 
     /// A lazy pull's layer has its headers and index fetched in the background, with the
     /// layer's own credentials and no download: its device then opens it without a request.
     #[test]
     fn a_prefetched_layer_opens_without_a_registry_request() {
-        use crate::testing::{lsmt_layer, push_blob, quick_config, start_registry, Front};
-
-        let layer = lsmt_layer(4 << 20, 43); // past whole_blob_kb (2 MiB)
-        let reg = start_registry("");
-        let digest = push_blob(&reg.addr, "test/layer", &layer, None);
-        let front = Front::start(&reg.addr, None);
-        let root = tempfile::tempdir().unwrap();
-        let dir = root.path().join("layer");
-        std::fs::create_dir(&dir).unwrap();
-        let cfg = Config {
-            root: root.path().to_owned(),
-            registry: quick_config(),
-            // Downloads enabled and due at once: the prefetch must still start none.
-            download: DownloadConfig {
-                delay_secs: 0.0,
-                ..Default::default()
-            },
+        // Downloads enabled and due at once: the prefetch must still start none.
+        let due_now = DownloadConfig {
+            delay_secs: 0.0,
             ..Default::default()
         };
-        let source = RegistrySource::from_config(&cfg).unwrap();
-        let url = format!("http://{}/v2/test/layer/blobs", front.addr);
-        source.prefetch_metadata(&url, &digest, layer.len() as u64, &dir);
+        let t = layer_behind_front(43, due_now);
+        let size = t.layer.len() as u64;
+        let dir = t.root.path().join("layer");
+        std::fs::create_dir(&dir).unwrap();
+        t.source.prefetch_metadata(&t.url, &t.digest, size, &dir);
         // A hang guard only: head and tail are two local requests.
         let t0 = std::time::Instant::now();
-        while front.blob_gets() < 2 || front.in_flight() > 0 {
+        while t.front.blob_gets() < 2 || t.front.in_flight() > 0 {
             assert!(t0.elapsed() < Duration::from_secs(20), "no prefetch");
             std::thread::sleep(Duration::from_millis(5));
         }
-        assert!(source.downloading.lock().unwrap().is_empty());
-        let blob = source
-            .open(&url, &digest, layer.len() as u64, None)
-            .unwrap();
+        assert!(t.source.downloading.lock().unwrap().is_empty());
+        let blob = t.source.open(&t.url, &t.digest, size, None).unwrap();
         let opened = ovbd_format::open_layer(blob).unwrap();
         assert_eq!(opened.lsmt.virtual_size(), 64 << 20);
-        let seen = front.seen.lock().unwrap();
+        let seen = t.front.seen.lock().unwrap();
         assert_eq!(seen.len(), 2, "{seen:?}");
         assert!(seen.iter().all(|s| s.range.is_some()), "{seen:?}");
     }
