@@ -435,6 +435,35 @@ mod tests {
         assert_eq!(t.front.blob_gets(), 2);
     }
 
+    /// A registry that does not answer holds up no Prepare: asking for more prefetches than
+    /// the pool has threads returns at once, each one queued.
+    #[test]
+    fn a_stalled_registry_does_not_hold_up_the_prefetch_requests() {
+        use crate::testing::Fault;
+        let no_download = DownloadConfig {
+            enable: false,
+            ..Default::default()
+        };
+        let t = Arc::new(layer_behind_front(45, no_download));
+        *t.front.always.lock().unwrap() = Some(Fault::StallHeaders(Duration::from_secs(60)));
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let asker = t.clone();
+        std::thread::spawn(move || {
+            for i in 0..3 * METADATA_AHEAD_THREADS {
+                let dir = asker.root.path().join(format!("layer-{i}"));
+                let size = asker.layer.len() as u64;
+                asker
+                    .source
+                    .prefetch_metadata(&asker.url, &asker.digest, size, &dir);
+            }
+            let _ = done_tx.send(());
+        });
+        // A hang guard only: queueing takes no registry round trip.
+        done_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("prefetch requests waited on the registry");
+    }
+
     /// A lazy pull's layer has its headers and index fetched in the background, with the
     /// layer's own credentials and no download: its device then opens it without a request.
     #[test]
