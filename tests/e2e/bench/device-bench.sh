@@ -9,6 +9,9 @@
 #   F-plain   base + the uncompressed committed layer, on frontend F (ublk, fuse)
 #   F-zfile   base + the same layer ZFile-compressed (LZ4, 4 KiB blocks, PAX tar; `ovbd layer compress`,
 #             the second half of `layer commit -z`)
+#   F-hole    an image of one empty layer (`ovbd layer create` + `layer commit`), on frontend F: every read
+#             is a hole, answered with zeros and no layer I/O, so this is the frontend's own floor (for
+#             fuse: the round trip through /dev/fuse and the loop device), which no read path can beat
 #   fuse-pcache  fuse-plain with `[device] fuse_page_cache = true` (the loop device without direct I/O:
 #             repeated reads are answered from the FUSE file's page cache, not by ovbd)
 #   loop      `ovbd image export` of base + layer (a sparse raw file) on a loop device with direct I/O
@@ -156,14 +159,18 @@ note "layer: $((plain_size >> 20)) MiB uncompressed, $((z_size >> 20)) MiB ZFile
 # ---- Targets.
 write_config "$WORK/plain.json" "$base" "$store/layer"
 write_config "$WORK/zfile.json" "$base" "$store/layer.z"
+"$OVBD" layer create "$store/empty.data" "$store/empty.index" --vsize-gb $(((1024 + mib + 1023) / 1024)) ||
+    fail "layer create (empty)"
+"$OVBD" layer commit "$store/empty.data" "$store/empty.index" "$store/empty" || fail "layer commit (empty)"
+write_config "$WORK/hole.json" "$store/empty"
 declare -A target=()
 order=()
 for f in "${frontends[@]}"; do
-    mapfile -t devs < <(attach "$f" "$WORK/plain.json" "$WORK/zfile.json")
-    ((${#devs[@]} == 2)) || fail "attach --frontend $f gave ${#devs[@]} devices"
+    mapfile -t devs < <(attach "$f" "$WORK/plain.json" "$WORK/zfile.json" "$WORK/hole.json")
+    ((${#devs[@]} == 3)) || fail "attach --frontend $f gave ${#devs[@]} devices"
     attached+=("${devs[@]}")
-    target[$f-plain]=${devs[0]} target[$f-zfile]=${devs[1]}
-    order+=("$f-plain" "$f-zfile")
+    target[$f-plain]=${devs[0]} target[$f-zfile]=${devs[1]} target[$f-hole]=${devs[2]}
+    order+=("$f-plain" "$f-zfile" "$f-hole")
 done
 # fuse with `[device] fuse_page_cache = true`: its loop device reads through the page cache.
 if [[ " ${frontends[*]} " == *" fuse "* ]]; then
@@ -180,14 +187,21 @@ note "targets: $(for t in "${order[@]}"; do printf '%s=%s ' "$t" "${target[$t]}"
 
 # Same bytes on all of them (start, middle and end of the written range).
 for t in "${order[@]}"; do
-    [[ $t == loop ]] && continue
+    [[ $t == loop || $t == *-hole ]] && continue
     for at in 1024 $((1024 + mib / 2)) $((1024 + mib - 4)); do
         cmp <(dd if="${target[loop]}" bs=1M skip=$at count=4 iflag=direct status=none) \
             <(dd if="${target[$t]}" bs=1M skip=$at count=4 iflag=direct status=none) ||
             fail "loop and $t differ at $at MiB"
     done
 done
-pass "${order[*]} return the same bytes"
+same=()
+for t in "${order[@]}"; do [[ $t == *-hole ]] || same+=("$t"); done
+pass "${same[*]} return the same bytes"
+for t in "${order[@]}"; do
+    [[ $t == *-hole ]] || continue
+    cmp -n $((4 << 20)) <(dd if="${target[$t]}" bs=1M skip=1024 count=4 iflag=direct status=none) /dev/zero ||
+        fail "$t does not read zeros"
+done
 
 # run_fio NAME DEV RW BS: prints "IOPS MiB/s mean-latency-us".
 run_fio() {
@@ -255,7 +269,8 @@ for w in "${workloads[@]}"; do
         echo "$line"
     done
 done
-echo "(vs loop / vs ublk: IOPS ratio for randread-4k, MiB/s ratio for read-1m; MiB = 2^20 bytes)"
+echo "(vs loop / vs ublk: IOPS ratio for randread-4k, MiB/s ratio for read-1m; MiB = 2^20 bytes;"
+echo " *-hole: the frontend's floor, the same reads of an image with no data: no layer I/O at all)"
 
 for d in "${attached[@]}"; do
     detach "$d"
