@@ -353,7 +353,76 @@ impl BlockDevice for LowerDisk {
     }
 }
 
-/// Reads `reads` with `concurrency` threads; stops when `cancel` is set or the image is gone.
+/// The longest range of a layer one replay step fetches (the cache's largest refill).
+const MAX_MERGED: u64 = 4 << 20;
+/// Layer reads at most this far apart are fetched as one range, the gap with them (as the
+/// cache merges the missing runs of one read). On a python start's trace (376 records, 17 MB
+/// decompressed): 134 ranges without gaps, 70 with 64 KiB gaps for 8% more bytes, 50 with
+/// 128 KiB for 19% more.
+const MERGE_GAP: u64 = 64 << 10;
+
+/// One replay step: a layer range made of neighbouring trace records, or one read of the
+/// merged disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Step {
+    read: PrefetchRead,
+    /// The reads of the plan it stands for, `(offset, len)`.
+    spans: Vec<(u64, u64)>,
+    /// The position of its first read in the plan: steps run in the order the reads came.
+    first: usize,
+}
+
+/// The plan's layer reads merged where they are at most [`MERGE_GAP`] apart (up to
+/// [`MAX_MERGED`]), so that the small reads a container made of neighbouring files are fetched
+/// in one request rather than one each; disk reads as they are. In the order of each step's
+/// first read.
+fn steps(reads: &[PrefetchRead]) -> Vec<Step> {
+    let mut out = Vec::new();
+    let mut layered: Vec<(u32, u64, u64, usize)> = Vec::new();
+    for (i, r) in reads.iter().enumerate() {
+        match r.target {
+            Target::Layer(l) => layered.push((l, r.offset, r.len, i)),
+            Target::Disk => out.push(Step {
+                read: *r,
+                spans: vec![(r.offset, r.len)],
+                first: i,
+            }),
+        }
+    }
+    layered.sort_unstable();
+    let mut cur: Option<Step> = None;
+    for (layer, offset, len, i) in layered {
+        let end = offset.saturating_add(len);
+        if let Some(step) = &mut cur {
+            let r = &mut step.read;
+            let r_end = r.offset + r.len;
+            if r.target == Target::Layer(layer)
+                && offset <= r_end.saturating_add(MERGE_GAP)
+                && end.max(r_end) - r.offset <= MAX_MERGED
+            {
+                r.len = end.max(r_end) - r.offset;
+                step.spans.push((offset, len));
+                step.first = step.first.min(i);
+                continue;
+            }
+        }
+        out.extend(cur.take());
+        cur = Some(Step {
+            read: PrefetchRead {
+                target: Target::Layer(layer),
+                offset,
+                len: end - offset,
+            },
+            spans: vec![(offset, len)],
+            first: i,
+        });
+    }
+    out.extend(cur);
+    out.sort_by_key(|s| s.first);
+    out
+}
+
+/// Replays `reads` with `concurrency` threads; stops when `cancel` is set or the image is gone.
 pub(crate) fn replay(
     reads: &[PrefetchRead],
     image: &Weak<ImageStack>,
@@ -361,9 +430,10 @@ pub(crate) fn replay(
     cancel: &AtomicBool,
     stats: &ReplayStats,
 ) {
+    let steps = steps(reads);
     let next = AtomicUsize::new(0);
     std::thread::scope(|s| {
-        for _ in 0..concurrency.clamp(1, reads.len().max(1)) {
+        for _ in 0..concurrency.clamp(1, steps.len().max(1)) {
             s.spawn(|| {
                 let mut buf = Vec::new();
                 loop {
@@ -371,24 +441,24 @@ pub(crate) fn replay(
                         return;
                     }
                     let i = next.fetch_add(1, Relaxed);
-                    let Some(r) = reads.get(i) else {
+                    let Some(step) = steps.get(i) else {
                         return;
                     };
                     let Some(img) = image.upgrade() else {
                         return; // detached
                     };
-                    buf.resize(r.len as usize, 0);
-                    match read_one(&img, r, &mut buf) {
+                    let records = step.spans.len() as u64;
+                    match run_step(&img, step, &mut buf) {
                         Ok(Some(n)) => {
-                            stats.reads.fetch_add(1, Relaxed);
+                            stats.reads.fetch_add(records, Relaxed);
                             stats.bytes.fetch_add(n, Relaxed);
                         }
                         Ok(None) => {
-                            stats.skipped.fetch_add(1, Relaxed);
+                            stats.skipped.fetch_add(records, Relaxed);
                         }
                         Err(e) => {
-                            stats.failed.fetch_add(1, Relaxed);
-                            log::debug!("prefetch read {r:?}: {e:#}");
+                            stats.failed.fetch_add(records, Relaxed);
+                            log::debug!("prefetch {:?}: {e:#}", step.read);
                         }
                     }
                 }
@@ -397,11 +467,15 @@ pub(crate) fn replay(
     });
 }
 
-/// One read; None if its layer is not in the image.
-fn read_one(img: &ImageStack, r: &PrefetchRead, buf: &mut [u8]) -> Result<Option<u64>> {
+/// One step: a layer range prefetched by its source (into the block cache for a remote layer:
+/// no decompression), a disk range read. Returns the bytes the plan's reads asked for (up to
+/// the layer's end, as upstream's pread comes up short there), None if the layer is not in the
+/// image.
+fn run_step(img: &ImageStack, step: &Step, buf: &mut Vec<u8>) -> Result<Option<u64>> {
     let Some(lower) = img.lower() else {
         return Ok(None);
     };
+    let r = &step.read;
     match r.target {
         Target::Layer(index) => {
             let n = lower.layer_count();
@@ -409,26 +483,32 @@ fn read_one(img: &ImageStack, r: &PrefetchRead, buf: &mut [u8]) -> Result<Option
                 return Ok(None);
             };
             let src = lower.source(tag as u8);
-            let mut done = 0usize;
-            while done < buf.len() {
-                let got = src.read_at(&mut buf[done..], r.offset + done as u64)?;
-                if got == 0 {
-                    break; // past the end of the layer: upstream's pread comes up short too
-                }
-                done += got;
-            }
-            Ok(Some(done as u64))
+            let size = src.size();
+            src.prefetch(r.offset, r.len.min(size.saturating_sub(r.offset)))?;
+            Ok(Some(
+                step.spans
+                    .iter()
+                    .map(|&(offset, len)| len.min(size.saturating_sub(offset)))
+                    .sum(),
+            ))
         }
-        Target::Disk => {
-            let end = (r.offset + r.len).min(lower.virtual_size());
-            if end <= r.offset {
-                return Ok(Some(0));
-            }
-            let n = (end - r.offset) as usize;
-            lower.read(&mut buf[..n], r.offset)?;
-            Ok(Some(n as u64))
-        }
+        Target::Disk => read_disk(img, r, buf),
     }
+}
+
+/// A read of the merged disk (a priority-list file's extent), up to its end.
+fn read_disk(img: &ImageStack, r: &PrefetchRead, buf: &mut Vec<u8>) -> Result<Option<u64>> {
+    let Some(lower) = img.lower() else {
+        return Ok(None);
+    };
+    let end = r.offset.saturating_add(r.len).min(lower.virtual_size());
+    if end <= r.offset {
+        return Ok(Some(0));
+    }
+    let n = (end - r.offset) as usize;
+    buf.resize(n, 0);
+    lower.read(&mut buf[..n], r.offset)?;
+    Ok(Some(n as u64))
 }
 
 #[cfg(test)]
@@ -630,6 +710,76 @@ mod tests {
             upstream_trace(&recs)
         );
         assert!(s.accel.fetched() > 0);
+    }
+
+    #[test]
+    fn neighbouring_trace_records_are_fetched_in_one_request() {
+        // Two small reads 32 KiB apart, in two cache blocks, and a third far away: two
+        // registry requests, not three.
+        let near = (1 << 20) + BS - 4096;
+        let recs = [
+            (b'R', 0, 4096, near),
+            (b'R', 0, 4096, near + 4096 + (32 << 10)),
+            (b'R', 0, 4096, 3 << 20),
+        ];
+        let s = setup(&upstream_trace(&recs));
+        let image = Arc::new(s.cfg.open_image(Some(&*s.blobs)).unwrap());
+        let (calls, at_open) = (s.layer.calls.load(SeqCst), fetched_blocks(&s.layer));
+        let remote: Arc<dyn RemoteSource> = s.blobs.clone();
+        let r = start(&s.cfg, &image, Some(remote)).expect("a replay");
+        let stats = r.stats.clone();
+        r.wait().unwrap();
+        assert_eq!(stats.reads.load(SeqCst), 3);
+        assert_eq!(s.layer.calls.load(SeqCst) - calls, 2);
+        let want: BTreeSet<u64> = [near / BS, near / BS + 1, (3 << 20) / BS].into();
+        let replayed: BTreeSet<u64> = fetched_blocks(&s.layer)
+            .difference(&at_open)
+            .copied()
+            .collect();
+        assert_eq!(replayed, want.difference(&at_open).copied().collect());
+    }
+
+    #[test]
+    fn replay_steps_merge_neighbouring_layer_reads_in_trace_order() {
+        let l = |layer, offset, len| PrefetchRead {
+            target: Target::Layer(layer),
+            offset,
+            len,
+        };
+        let disk = PrefetchRead {
+            target: Target::Disk,
+            offset: 0,
+            len: 4096,
+        };
+        let reads = [
+            l(1, 1 << 30, 4096),                         // 0: alone
+            l(0, 100 << 10, 4096),                       // 1: merges with 3 and 4
+            disk,                                        // 2: as it is
+            l(0, 100 << 10, 8192),                       // 3: overlaps 1
+            l(0, (108 << 10) + MERGE_GAP, 4096),         // 4: MERGE_GAP after 1 and 3's end
+            l(0, (112 << 10) + 2 * MERGE_GAP + 1, 4096), // 5: a byte further
+            l(1, 100 << 10, 4096),                       // 6: another layer
+            l(2, 0, MAX_MERGED - 4096),                  // 7: merges with 8 ...
+            l(2, MAX_MERGED - 4096, 4096),               // 8
+            l(2, MAX_MERGED, 4096),                      // 9: ... but 9 would make it too long
+        ];
+        let got: Vec<(PrefetchRead, usize, usize)> = steps(&reads)
+            .into_iter()
+            .map(|s| (s.read, s.spans.len(), s.first))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (l(1, 1 << 30, 4096), 1, 0),
+                (l(0, 100 << 10, (12 << 10) + MERGE_GAP), 3, 1),
+                (disk, 1, 2),
+                (l(0, (112 << 10) + 2 * MERGE_GAP + 1, 4096), 1, 5),
+                (l(1, 100 << 10, 4096), 1, 6),
+                (l(2, 0, MAX_MERGED), 2, 7),
+                (l(2, MAX_MERGED, 4096), 1, 9),
+            ]
+        );
+        assert!(steps(&[]).is_empty());
     }
 
     #[test]

@@ -266,6 +266,9 @@ impl ReadAt for SwitchingBlob {
             r.evict(offset, len)
         }
     }
+    fn prefetch(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.get()?.prefetch(offset, len)
+    }
 }
 
 /// `HOST/REPO` of a `repoBlobUrl` (`http[s]://HOST/v2/REPO/blobs`). The scheme is dropped: the

@@ -33,6 +33,12 @@ pub trait ReadAt: Send + Sync {
             Blocking::Never => self.read_at_nowait(buf, offset),
         }
     }
+    /// Brings `[offset, offset + len)` close at hand (a cache, the page cache) without returning
+    /// it, in as few requests to where it comes from as the source can: how a trace replay
+    /// warms a layer. The default does nothing (the bytes are in memory).
+    fn prefetch(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
     /// The local file holding this source's bytes as they are, and where byte 0 of the source
     /// lies in it: lets a reader move them without copying (splice). `None` (the default): the
     /// bytes are not in one local file as-is (compressed, cached, remote, in memory).
@@ -212,6 +218,24 @@ impl ReadAt for FileSource {
     fn name(&self) -> &str {
         &self.name
     }
+    fn prefetch(&self, offset: u64, len: u64) -> io::Result<()> {
+        use std::os::unix::io::AsRawFd;
+        if offset >= self.size || len == 0 {
+            return Ok(());
+        }
+        let len = len.min(self.size - offset);
+        // Page-cache readahead in the background: a hint, so its failure is no error.
+        // SAFETY: fadvise on a descriptor we own.
+        unsafe {
+            libc::posix_fadvise(
+                self.file.as_raw_fd(),
+                offset as libc::off_t,
+                len as libc::off_t,
+                libc::POSIX_FADV_WILLNEED,
+            );
+        }
+        Ok(())
+    }
     fn local_file(&self) -> Option<(&File, u64)> {
         Some((&self.file, 0))
     }
@@ -326,6 +350,13 @@ impl ReadAt for SubSource {
     }
     fn evict(&self, offset: u64, len: u64) {
         self.inner.evict(self.base + offset, len)
+    }
+    fn prefetch(&self, offset: u64, len: u64) -> io::Result<()> {
+        if offset >= self.len {
+            return Ok(());
+        }
+        let len = len.min(self.len - offset);
+        self.inner.prefetch(self.base + offset, len)
     }
     fn local_file(&self) -> Option<(&File, u64)> {
         let (file, at) = self.inner.local_file()?;

@@ -504,6 +504,20 @@ impl ReadAt for ZFileReader {
     fn name(&self) -> &str {
         self.src.name()
     }
+    /// Prefetches the compressed bytes of the blocks holding `[offset, offset + len)`: one
+    /// range of the source (blocks are stored in order).
+    fn prefetch(&self, offset: u64, len: u64) -> io::Result<()> {
+        let size = self.info.original_file_size;
+        if offset >= size || len == 0 {
+            return Ok(());
+        }
+        let bs = self.info.block_size as u64;
+        let first = offset / bs;
+        let last = (offset + len.min(size - offset) - 1) / bs;
+        let start = self.starts[first as usize];
+        let end = self.starts[last as usize + 1];
+        self.src.prefetch(start, end - start)
+    }
 }
 
 #[derive(Default)]

@@ -310,6 +310,9 @@ impl Drop for CachedBlob {
     }
 }
 
+/// The most a prefetch reads at once (the cache's largest refill).
+const PREFETCH_CHUNK: u64 = 4 << 20;
+
 impl ovbd_format::ReadAt for CachedBlob {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         if offset >= self.state.size || buf.is_empty() {
@@ -366,6 +369,24 @@ impl ovbd_format::ReadAt for CachedBlob {
 
     fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Reads the range through the cache and drops it: its missing blocks are fetched as one
+    /// read's are (runs merged, long runs split into concurrent requests).
+    fn prefetch(&self, offset: u64, len: u64) -> io::Result<()> {
+        let size = self.state.size;
+        let end = offset.saturating_add(len).min(size);
+        let mut at = offset;
+        let mut buf = Vec::new();
+        while at < end {
+            let n = (end - at).min(PREFETCH_CHUNK) as usize;
+            buf.resize(n, 0);
+            match self.read_cached(&mut buf, at)? {
+                0 => break,
+                k => at += k as u64,
+            }
+        }
+        Ok(())
     }
 
     fn evict(&self, offset: u64, len: u64) {
