@@ -1,5 +1,5 @@
-//! ZFileReader::open on arbitrary bytes, then reads over its whole (budgeted) range; the same
-//! from a source that claims more bytes than it holds.
+//! ZFileReader::open on arbitrary bytes, then reads (and prefetches) over its whole (budgeted)
+//! range; the same from a source that claims more bytes than it holds.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -46,11 +46,14 @@ fuzz_target!(|data: &[u8]| {
             step = step * 7 % 4097 + 1;
         }
     }
-    // Unaligned single reads straddling block edges, straight through ReadAt.
+    // Unaligned single reads straddling block edges, straight through ReadAt; and prefetches
+    // (the jump table mapped to one source range) over and past the end.
     for off in [1u64, 4095, 4097, size.saturating_sub(3)] {
         let mut b = [0u8; 8];
         if off < size {
             let _ = z.read_at(&mut b, off);
         }
+        z.prefetch(off, 1 << 20).expect("a prefetch from memory");
+        z.prefetch(off, u64::MAX).expect("a prefetch from memory");
     }
 });
