@@ -355,11 +355,12 @@ impl BlockDevice for LowerDisk {
 
 /// The longest range of a layer one replay step fetches (the cache's largest refill).
 const MAX_MERGED: u64 = 4 << 20;
-/// Layer reads at most this far apart are fetched as one range, the gap with them (as the
-/// cache merges the missing runs of one read). On a python start's trace (376 records, 17 MB
-/// decompressed): 134 ranges without gaps, 70 with 64 KiB gaps for 8% more bytes, 50 with
-/// 128 KiB for 19% more.
-const MERGE_GAP: u64 = 64 << 10;
+/// Layer reads at most this far apart are fetched as one range, the gap with them. A python
+/// start's trace (376 records, 17 MB decompressed) took 140 registry requests read record by
+/// record; merged with gaps of 64 KiB, 76 requests for 10.10 MB; of 128 KiB, 57 for 10.04 MB;
+/// of 256 KiB, 41 for 10.69 MB (coldstart bench; the cache's refill fetched more around lone
+/// records than the gaps add).
+const MERGE_GAP: u64 = 128 << 10;
 
 /// One replay step: a layer range made of neighbouring trace records, or one read of the
 /// merged disk.
