@@ -741,6 +741,33 @@ mod tests {
     }
 
     #[test]
+    fn records_past_a_layers_end_are_cut_there() {
+        // A hostile trace: one record of 1 GiB from the layer's start, one wholly past its
+        // end. The replay fetches the layer once, nothing past it, and fails nothing.
+        let size = lsmt_layer().len() as u64;
+        let recs = [(b'R', 0, 1 << 30, 0), (b'R', 0, 4096, size + (1 << 20))];
+        let s = setup(&upstream_trace(&recs));
+        let image = Arc::new(s.cfg.open_image(Some(&*s.blobs)).unwrap());
+        let calls = s.layer.calls.load(SeqCst);
+        let remote: Arc<dyn RemoteSource> = s.blobs.clone();
+        let r = start(&s.cfg, &image, Some(remote)).expect("a replay");
+        let stats = r.stats.clone();
+        r.wait().unwrap();
+        assert_eq!(stats.failed.load(SeqCst), 0);
+        assert_eq!(
+            stats.reads.load(SeqCst),
+            1024 + 1,
+            "1 MiB pieces, then the stray one"
+        );
+        assert_eq!(stats.bytes.load(SeqCst), size);
+        let all: BTreeSet<u64> = (0..size.div_ceil(BS)).collect();
+        assert_eq!(fetched_blocks(&s.layer), all);
+        // Fetched in ranges of up to 4 MiB, each block once (the Fake counts per block).
+        assert!(s.layer.calls.load(SeqCst) - calls <= size.div_ceil(MAX_MERGED) + 1);
+        assert!(s.layer.per_block.lock().unwrap().values().all(|&n| n == 1));
+    }
+
+    #[test]
     fn replay_steps_merge_neighbouring_layer_reads_in_trace_order() {
         let l = |layer, offset, len| PrefetchRead {
             target: Target::Layer(layer),
