@@ -1172,3 +1172,157 @@ fn record_trace_round_trips() {
         left_nothing(&bad);
     }
 }
+
+/// The directories named `ovbd-record-*` in the cgroup hierarchies this process is in (where
+/// `ovbd record-trace` makes CMD's), and at their roots.
+fn record_cgroups() -> Vec<PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let mut found = Vec::new();
+    for l in mountinfo.lines() {
+        let f: Vec<&str> = l.split(' ').collect();
+        let Some(dash) = f.iter().position(|x| *x == "-") else {
+            continue;
+        };
+        let (mnt, fstype) = (f[4], f[dash + 1]);
+        if fstype != "cgroup" && fstype != "cgroup2" {
+            continue;
+        }
+        let opts = f.get(dash + 3).copied().unwrap_or("");
+        for line in own.lines() {
+            let mut p = line.splitn(3, ':');
+            let (_, ctrls, path) = (p.next(), p.next().unwrap_or(""), p.next().unwrap_or(""));
+            let ours = match fstype {
+                "cgroup2" => ctrls.is_empty(),
+                _ => !ctrls.is_empty() && ctrls.split(',').all(|c| opts.split(',').any(|o| o == c)),
+            };
+            if !ours {
+                continue;
+            }
+            for dir in [
+                Path::new(mnt).join(path.trim_start_matches('/')),
+                PathBuf::from(mnt),
+            ] {
+                let Ok(rd) = std::fs::read_dir(&dir) else {
+                    continue;
+                };
+                found.extend(
+                    rd.filter_map(|e| e.ok())
+                        .filter(|e| e.file_name().to_string_lossy().starts_with("ovbd-record-"))
+                        .map(|e| e.path()),
+                );
+            }
+        }
+    }
+    found.sort();
+    found.dedup();
+    found
+}
+
+/// CMD (its image publisher's choice) runs in a cgroup of its own: a fork bomb stops at
+/// `--pids`, a memory hog is killed at `--memory-mb` and the summary says so, and the cgroups
+/// are gone afterwards.
+#[test]
+fn record_trace_limits_what_cmd_can_take() {
+    // SAFETY: geteuid has no preconditions.
+    assert!(
+        unsafe { libc::geteuid() } == 0
+            && Path::new("/dev/fuse").exists()
+            && Path::new("/dev/loop-control").exists()
+            && Path::new("/bin/busybox").exists(),
+        "this test needs root, /dev/fuse, /dev/loop-control and a static /bin/busybox"
+    );
+    let before = record_cgroups();
+    let t = tempfile::tempdir().unwrap();
+    let work = t.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    let mut l = Layer::new();
+    l.dir("bin", 0o755)
+        .file(
+            "bin/busybox",
+            &std::fs::read("/bin/busybox").unwrap(),
+            0o755,
+        )
+        .dir("proc", 0o555)
+        .dir("dev", 0o755);
+    let src = write_layout(&t.path().join("src"), "v1", &[l.tar()]);
+    let obd = convert(&src, &t.path().join("obd"), &[]);
+    let obd_ref = format!("oci:{}:obd", obd.layout.display());
+    let record = |dst: &str, extra: &[&str], cmd: &[&str]| {
+        let dst = format!("oci:{}:x", t.path().join(dst).display());
+        let mut args = vec!["record-trace", "--json", "--frontend", "fuse", "--workdir"];
+        args.push(s(&work));
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&[&obd_ref, &dst, "--"]);
+        args.extend_from_slice(cmd);
+        ovbd(&args)
+    };
+
+    // 64 background sleeps against a limit of 32 processes: forks are refused, and said so.
+    let o = record(
+        "forks",
+        &["--pids", "32", "--time", "20"],
+        &[
+            "/bin/busybox",
+            "sh",
+            "-c",
+            "for i in $(busybox seq 64); do busybox sleep 30 & done; echo ALL-FORKED",
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("can't fork"), "no fork was refused: {err}");
+    assert!(
+        !err.contains("ALL-FORKED"),
+        "64 forks under --pids 32: {err}"
+    );
+    assert!(err.contains("process limit (32)"), "{err}");
+
+    // A 96 MiB buffer under a 64 MiB limit: CMD is killed, and the summary says why.
+    let o = record(
+        "memory",
+        &["--memory-mb", "64"],
+        &[
+            "/bin/busybox",
+            "dd",
+            "if=/dev/zero",
+            "of=/dev/null",
+            "bs=96M",
+            "count=1",
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        summary["command"], "killed: out of memory (limit 64 MiB)",
+        "{err}"
+    );
+
+    // Within its limits CMD runs as before; --no-limits runs it with none.
+    for extra in [&[][..], &["--no-limits"][..]] {
+        let o = record(
+            "fits",
+            extra,
+            &[
+                "/bin/busybox",
+                "dd",
+                "if=/dev/zero",
+                "of=/dev/null",
+                "bs=1M",
+                "count=1",
+            ],
+        );
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{extra:?}: {err}");
+        let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(summary["command"], "exit 0", "{extra:?}: {err}");
+    }
+    assert_eq!(record_cgroups(), before, "CMD's cgroups left behind");
+    let o = record(
+        "both",
+        &["--no-limits", "--pids", "64"],
+        &["/bin/busybox", "true"],
+    );
+    assert!(!o.status.success());
+}
