@@ -71,8 +71,9 @@ enum Cmd {
     /// a block device here and CMD runs as root in its filesystem (its own root and /dev; /proc
     /// with runc's read-only and masked paths; new mount, PID, network, UTS and IPC namespaces;
     /// Docker's default capabilities less MKNOD, SETFCAP and NET_RAW; a seccomp filter refusing
-    /// user namespaces, keyrings, bpf and io_uring as Docker's does; the image config's Env and
-    /// WorkingDir); its writes are dropped.
+    /// user namespaces, keyrings, bpf and io_uring as Docker's does; a cgroup of its own with
+    /// a memory and a process limit; the image config's Env and WorkingDir); its writes are
+    /// dropped.
     RecordTrace {
         src: String,
         dst: String,
@@ -97,6 +98,16 @@ enum Cmd {
         /// Print a JSON summary (digests, records, how CMD ended) on stdout.
         #[arg(long)]
         json: bool,
+        /// Memory CMD's processes may hold together, in MiB (their page cache and tmpfs
+        /// files included, swap too where the kernel counts it): past it the kernel kills one.
+        #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(16..=1 << 24))]
+        memory_mb: u64,
+        /// Processes (and threads) CMD may have at once: forks past it fail.
+        #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(8..=1 << 22))]
+        pids: u64,
+        /// Run CMD without the memory and process limits (no cgroup is made).
+        #[arg(long, conflicts_with_all = ["memory_mb", "pids"])]
+        no_limits: bool,
         /// The command and its arguments, after `--`.
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
@@ -420,6 +431,9 @@ fn run(cli: Cli) -> Result<()> {
             frontend,
             read_ahead_kb,
             json,
+            memory_mb,
+            pids,
+            no_limits,
             cmd,
         } => {
             // A signal stops CMD and lets the recording take down its device and mounts.
@@ -444,6 +458,10 @@ fn run(cli: Cli) -> Result<()> {
                 frontend,
                 read_ahead_kb,
                 stop,
+                limits: (!no_limits).then_some(crate::convert::record::Limits {
+                    memory_mib: memory_mb,
+                    pids,
+                }),
             };
             let s = crate::convert::record::record_trace(&src, &dst, &cmd, &opts)?;
             if json {

@@ -8,6 +8,7 @@
 //! from the first chain ID, and allocation from the order of the tar entries.
 
 pub(crate) mod apply;
+mod cgroup;
 pub(crate) mod layer;
 pub mod record;
 

@@ -6,13 +6,16 @@
 //! No containerd is needed: the layers are downloaded, stacked under a scratch writable layer,
 //! attached as a block device of this process (the configured frontend), its filesystem
 //! mounted, and CMD run in it (its root by pivot_root) in new mount, PID (CMD is pid 1),
-//! network (loopback only, as `ctr run`), UTS and IPC namespaces, as root with a reduced
-//! capability set (see `enter_rootfs`), with the image config's environment and working
+//! network (loopback only, as `ctr run`), UTS, IPC and cgroup namespaces, as root with a
+//! reduced capability set (see `enter_rootfs`), in a cgroup of its own that caps its memory
+//! and processes ([`super::cgroup`]), with the image config's environment and working
 //! directory, until it exits or `--time` passes. Reads are recorded from the mount on, above
 //! the tar and ZFile (offsets in each layer's LSMT file), in the order they were made; writes
 //! go to the scratch layer, which is dropped. The same trace gives the same image (no
 //! timestamps are added).
 
+pub use super::cgroup::Limits;
+use super::cgroup::{self, CmdCgroup};
 use super::{acceleration_layer, source_config, MEDIA_CONFIG};
 use crate::config::FrontendChoice;
 use crate::device::{AttachOptions, DeviceFrontend, WorkerPool};
@@ -46,6 +49,8 @@ pub struct RecordOptions {
     pub read_ahead_kb: u32,
     /// Set (by a signal) to stop: CMD is killed, the device and mounts go, nothing is written.
     pub stop: Arc<AtomicBool>,
+    /// What CMD's processes may take together (a cgroup of their own); `None`: no limit.
+    pub limits: Option<Limits>,
 }
 
 /// What a recording produced, for `--json`.
@@ -255,7 +260,7 @@ fn run_on_device(
             mount_disk(&dev.block_path(), &rootfs)
         })
         .and_then(|_| {
-            let r = run_chrooted(&rootfs, config, cmd, opts.time, &opts.stop);
+            let r = run_chrooted(&rootfs, config, cmd, opts);
             if let Err(e) = crate::mount::unmount(&rootfs, false) {
                 log::warn!("{e:#}; detaching it lazily");
                 let _ = crate::mount::unmount(&rootfs, true);
@@ -284,15 +289,15 @@ fn mount_disk(dev: &str, at: &Path) -> Result<()> {
     }
 }
 
-/// Runs `cmd` chrooted into `rootfs` (see the module comment); kills its process group after
-/// `time`.
+/// Runs `cmd` chrooted into `rootfs` (see the module comment) in a cgroup of its own with
+/// `opts.limits`; kills its process group after `opts.time`.
 fn run_chrooted(
     rootfs: &Path,
     config: &serde_json::Value,
     cmd: &[String],
-    time: Duration,
-    stop: &AtomicBool,
+    opts: &RecordOptions,
 ) -> Result<String> {
+    let (time, stop) = (opts.time, &*opts.stop);
     let env: Vec<(String, String)> = config
         .pointer("/config/Env")
         .and_then(|e| e.as_array())
@@ -329,9 +334,24 @@ fn run_chrooted(
     if filter.is_none() {
         log::warn!("no seccomp filter for this architecture: CMD may make user namespaces");
     }
+    // Made before CMD starts, removed (whatever CMD left in it killed) when this returns.
+    let cgroup = match opts.limits {
+        Some(limits) => Some(
+            CmdCgroup::create(&format!("ovbd-record-{}", std::process::id()), limits)
+                .context("limiting CMD's memory and processes (--no-limits runs it without)")?,
+        ),
+        None => {
+            log::warn!("--no-limits: CMD runs without a memory or process limit");
+            None
+        }
+    };
+    let procs = match &cgroup {
+        Some(c) => c.procs_files()?,
+        None => Vec::new(),
+    };
     // SAFETY: between fork and exec only async-signal-safe calls on prepared C strings and the
     // filter built above.
-    unsafe { command.pre_exec(move || enter_rootfs(&root, &workdir, filter.as_deref())) };
+    unsafe { command.pre_exec(move || enter_rootfs(&procs, &root, &workdir, filter.as_deref())) };
     let mut child = command
         .spawn()
         .with_context(|| format!("running {} in the image", cmd[0]))?;
@@ -362,6 +382,25 @@ fn run_chrooted(
     // Whatever CMD left running in its group must not hold the filesystem.
     // SAFETY: as above.
     unsafe { libc::kill(-pgid, libc::SIGKILL) };
+    let Some(cgroup) = cgroup else {
+        return Ok(ended);
+    };
+    let refused = cgroup.forks_refused();
+    if refused > 0 {
+        log::warn!(
+            "CMD was refused {refused} fork(s) at its process limit ({})",
+            cgroup.limits.pids
+        );
+    }
+    let oom = cgroup.oom_kills();
+    if oom == 0 {
+        return Ok(ended);
+    }
+    let limit = cgroup.limits.memory_mib;
+    if ended == format!("signal {}", libc::SIGKILL) {
+        return Ok(format!("killed: out of memory (limit {limit} MiB)"));
+    }
+    log::warn!("{oom} of CMD's processes killed: out of memory (limit {limit} MiB)");
     Ok(ended)
 }
 
@@ -370,8 +409,9 @@ fn run_chrooted(
 /// SETUID, SETPCAP, NET_BIND_SERVICE, SYS_CHROOT, AUDIT_WRITE.
 const KEPT_CAPS: [libc::c_int; 11] = [0, 1, 3, 4, 5, 6, 7, 8, 10, 18, 29];
 
-/// In the child, before exec: its own session (killed as a group), mount, PID, network
-/// (loopback only), UTS and IPC namespaces; `root` made its root with pivot_root (the host's
+/// In the child, before exec: the cgroups whose `cgroup.procs` are `procs` ([`cgroup::join`]),
+/// its own session (killed as a group), mount, PID, network (loopback only), UTS, IPC and
+/// cgroup (its own cgroup as its root) namespaces; `root` made its root with pivot_root (the host's
 /// tree is then out of reach, which chroot would not ensure), a fresh /proc confined as a
 /// container's ([`confine_proc`]), a /dev of its own with only the harmless nodes, and a
 /// bounding set that leaves root-run CMD [`KEPT_CAPS`] only; `filter` ([`seccomp_filter`])
@@ -380,6 +420,7 @@ const KEPT_CAPS: [libc::c_int; 11] = [0, 1, 3, 4, 5, 6, 7, 8, 10, 18, 29];
 /// signal any process of the host, and what it leaves running ends with it.
 /// Async-signal-safe calls only.
 fn enter_rootfs(
+    procs: &[CString],
     root: &std::ffi::CStr,
     workdir: &std::ffi::CStr,
     filter: Option<&[libc::sock_filter]>,
@@ -388,13 +429,16 @@ fn enter_rootfs(
     let none = std::ptr::null::<libc::c_char>();
     // SAFETY: plain syscalls on NUL-terminated strings that outlive them.
     unsafe {
+        // First: CMD and the process waiting for it are counted from their start.
+        cgroup::join(procs)?;
         if libc::setsid() < 0
             || libc::unshare(
                 libc::CLONE_NEWNS
                     | libc::CLONE_NEWPID
                     | libc::CLONE_NEWNET
                     | libc::CLONE_NEWUTS
-                    | libc::CLONE_NEWIPC,
+                    | libc::CLONE_NEWIPC
+                    | libc::CLONE_NEWCGROUP,
             ) != 0
         {
             return Err(err());
