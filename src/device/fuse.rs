@@ -1316,6 +1316,20 @@ impl fuser::Filesystem for ImageFs {
         self.on_file(ino, move |fs| fs.run_empty(ino, reply, op, offset, length));
     }
 
+    /// The files have no extended attributes. ENOSYS (fuser's default, minus its warning):
+    /// the kernel then stops asking, where ENODATA would cost a request per write (the
+    /// security.capability check before each write to a file).
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: fuser::ReplyXattr,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+
     fn readdir(
         &self,
         _req: &Request,
