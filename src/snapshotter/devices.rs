@@ -241,7 +241,9 @@ impl Snapshotter {
             .with_context(|| format!("creating {}", bdir.display()))?;
         let cfg = self.image_config(block, None, &bdir);
         save_config(&cfg, &bdir.join("config.v1.json"))?;
+        let started = std::time::Instant::now();
         let dev = self.attach(&cfg, &bdir)?;
+        let attached = started.elapsed();
         let mountpoint = bdir.join("mountpoint");
         if !mount::is_mounted(&mountpoint) {
             if let Err(e) =
@@ -251,6 +253,10 @@ impl Snapshotter {
                 return Err(e.into());
             }
         }
+        log::debug!(
+            "image device ready: attached in {attached:?}, mounted in {:?}",
+            started.elapsed() - attached
+        );
         Ok((dev, mountpoint))
     }
 

@@ -120,12 +120,15 @@ impl Snapshots for Service {
     ) -> Result<Response<PrepareSnapshotResponse>, Status> {
         let r = request.into_inner();
         log::info!("prepare {} (parent {:?})", r.key, r.parent);
+        let started = std::time::Instant::now();
         let (key, parent, labels) = (r.key.clone(), r.parent, r.labels);
+        let what = r.key.clone();
         let mounts = self
             .call("prepare", &r.snapshotter, r.key, move |s| {
                 s.create(&key, &parent, Kind::Active, labels)
             })
             .await?;
+        log::debug!("prepare {what}: answered in {:?}", started.elapsed());
         self.made("active");
         Ok(Response::new(PrepareSnapshotResponse { mounts }))
     }
