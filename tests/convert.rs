@@ -1226,7 +1226,7 @@ fn leaked_record_cgroups() -> Vec<PathBuf> {
 
 /// CMD (its image publisher's choice) runs in a cgroup of its own: a fork bomb stops at
 /// `--pids`, a memory hog is killed at `--memory-mb` and the summary says so, and the cgroups
-/// are gone afterwards.
+/// are gone afterwards; its writes stop at `--scratch-mb`.
 #[test]
 fn record_trace_limits_what_cmd_can_take() {
     // SAFETY: geteuid has no preconditions.
@@ -1302,6 +1302,31 @@ fn record_trace_limits_what_cmd_can_take() {
         summary["command"], "killed: out of memory (limit 64 MiB)",
         "{err}"
     );
+
+    // 64 MiB written under a scratch limit of 16 MiB: the writes fail (ENOSPC), and CMD
+    // with them; under the default limit they fit.
+    let write64 = [
+        "/bin/busybox",
+        "dd",
+        "if=/dev/zero",
+        "of=/big",
+        "bs=1M",
+        "count=64",
+        "conv=fsync",
+    ];
+    let o = record("scratch", &["--scratch-mb", "16"], &write64);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_ne!(summary["command"], "exit 0", "64 MiB written: {err}");
+    assert!(
+        err.contains("full: the layer may take 16777216 bytes"),
+        "{err}"
+    );
+    let o = record("scratch-fits", &[], &write64);
+    let err = String::from_utf8_lossy(&o.stderr);
+    let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(summary["command"], "exit 0", "{err}");
 
     // Within its limits CMD runs as before; --no-limits runs it with none.
     for extra in [&[][..], &["--no-limits"][..]] {
