@@ -73,7 +73,7 @@ enum Cmd {
     /// Docker's default capabilities less MKNOD, SETFCAP and NET_RAW; a seccomp filter refusing
     /// user namespaces, keyrings, bpf and io_uring as Docker's does; a cgroup of its own with
     /// a memory and a process limit; the image config's Env and WorkingDir); its writes are
-    /// dropped.
+    /// dropped, and may take `--scratch-mb` of disk.
     RecordTrace {
         src: String,
         dst: String,
@@ -105,8 +105,12 @@ enum Cmd {
         /// Processes (and threads) CMD may have at once: forks past it fail.
         #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(8..=1 << 22))]
         pids: u64,
-        /// Run CMD without the memory and process limits (no cgroup is made).
-        #[arg(long, conflicts_with_all = ["memory_mb", "pids"])]
+        /// Disk CMD's writes may take in the scratch layer (they are dropped afterwards), in
+        /// MiB: writes past it fail (ENOSPC).
+        #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(16..=1 << 24))]
+        scratch_mb: u64,
+        /// Run CMD without the memory, process and scratch limits (no cgroup is made).
+        #[arg(long, conflicts_with_all = ["memory_mb", "pids", "scratch_mb"])]
         no_limits: bool,
         /// The command and its arguments, after `--`.
         #[arg(last = true, required = true)]
@@ -433,6 +437,7 @@ fn run(cli: Cli) -> Result<()> {
             json,
             memory_mb,
             pids,
+            scratch_mb,
             no_limits,
             cmd,
         } => {
@@ -462,6 +467,7 @@ fn run(cli: Cli) -> Result<()> {
                     memory_mib: memory_mb,
                     pids,
                 }),
+                scratch_limit: (!no_limits).then_some(scratch_mb << 20),
             };
             let s = crate::convert::record::record_trace(&src, &dst, &cmd, &opts)?;
             if json {

@@ -11,7 +11,7 @@
 //! and processes ([`super::cgroup`]), with the image config's environment and working
 //! directory, until it exits or `--time` passes. Reads are recorded from the mount on, above
 //! the tar and ZFile (offsets in each layer's LSMT file), in the order they were made; writes
-//! go to the scratch layer, which is dropped. The same trace gives the same image (no
+//! go to the scratch layer (at most `--scratch-mb` of disk), which is dropped. The same trace gives the same image (no
 //! timestamps are added).
 
 pub use super::cgroup::Limits;
@@ -51,6 +51,8 @@ pub struct RecordOptions {
     pub stop: Arc<AtomicBool>,
     /// What CMD's processes may take together (a cgroup of their own); `None`: no limit.
     pub limits: Option<Limits>,
+    /// Disk CMD's writes may take in the scratch layer, in bytes; `None`: no limit.
+    pub scratch_limit: Option<u64>,
 }
 
 /// What a recording produced, for `--json`.
@@ -121,7 +123,7 @@ pub fn record_trace(
     }
 
     let recorder = TraceRecorder::new();
-    let image = open_recorded(&blobs, work.path(), &recorder)?;
+    let image = open_recorded(&blobs, work.path(), &recorder, opts.scratch_limit)?;
     let outcome = run_on_device(image, work.path(), &config, cmd, opts, &recorder);
     let (records, dropped) = recorder.stop();
     let outcome = outcome?;
@@ -205,11 +207,13 @@ fn is_acceleration_layer(d: &Descriptor) -> bool {
     annotation(d, LABEL_ACCELERATION_LAYER).is_some_and(|v| v == "yes")
 }
 
-/// The layers' disk with their LSMT reads recorded, under a scratch writable layer.
+/// The layers' disk with their LSMT reads recorded, under a scratch writable layer that may
+/// take `scratch_limit` bytes of disk.
 fn open_recorded(
     blobs: &[LayerFile],
     work: &Path,
     recorder: &Arc<TraceRecorder>,
+    scratch_limit: Option<u64>,
 ) -> Result<ImageStack> {
     let mut lowers = Vec::with_capacity(blobs.len());
     for (i, b) in blobs.iter().enumerate() {
@@ -225,6 +229,9 @@ fn open_recorded(
         RwMode::Sparse,
         None,
     )?;
+    if let Some(bytes) = scratch_limit {
+        upper.limit_data(bytes);
+    }
     Ok(ImageStack::writable(Some(LayerStack::new(lowers)?), upper)?)
 }
 

@@ -32,6 +32,8 @@ pub enum Error {
     InvalidArgument(String),
     #[error("{0}: layer is read-only")]
     ReadOnly(String),
+    #[error("{file}: full: the layer may take {limit} bytes of disk")]
+    Full { file: String, limit: u64 },
     /// A read that must not block ([`crate::source::Blocking::Never`]) needs data that is not
     /// at hand (not in the page cache, or remote): retry it where blocking is fine.
     #[error("the read would block")]
@@ -80,6 +82,7 @@ impl Error {
             Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             Error::InvalidArgument(_) => libc::EINVAL,
             Error::ReadOnly(_) => libc::EROFS,
+            Error::Full { .. } => libc::ENOSPC,
             Error::WouldBlock => libc::EAGAIN,
             _ => libc::EIO,
         }
@@ -92,6 +95,7 @@ impl From<Error> for io::Error {
             Error::Io { source, .. } => source.kind(),
             Error::InvalidArgument(_) => io::ErrorKind::InvalidInput,
             Error::WouldBlock => io::ErrorKind::WouldBlock,
+            Error::Full { .. } => io::ErrorKind::StorageFull,
             _ => io::ErrorKind::InvalidData,
         };
         io::Error::new(kind, e)

@@ -11,9 +11,10 @@ use crate::source::{read_exact_at, Blocking, FileSource, ReadAt};
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,6 +100,8 @@ pub struct RwLayer {
     index_name: String,
     data_path: PathBuf,
     state: Mutex<RwState>,
+    /// Disk the data file may take, in bytes ([`RwLayer::limit_data`]); `u64::MAX`: no limit.
+    data_limit: AtomicU64,
 }
 
 fn open_rw(path: &Path, create: bool) -> Result<File> {
@@ -153,6 +156,7 @@ impl RwLayer {
             data_name: dname,
             index_name: iname,
             data_path: data_path.to_path_buf(),
+            data_limit: AtomicU64::new(u64::MAX),
             state: Mutex::new(RwState {
                 index: RwIndex::default(),
                 data_end: HEADER_SECTORS,
@@ -251,6 +255,7 @@ impl RwLayer {
             data_name: dname,
             index_name: iname,
             data_path: data_path.to_path_buf(),
+            data_limit: AtomicU64::new(u64::MAX),
             state: Mutex::new(RwState {
                 index: rwindex,
                 data_end,
@@ -319,10 +324,32 @@ impl RwLayer {
         self.lock().index.segments()
     }
 
+    /// From now on, a write that could take the data file past `bytes` of disk (blocks
+    /// allocated, with the write counted whole) fails with [`Error::Full`] (ENOSPC): a scratch
+    /// layer a command of someone else's writes to.
+    pub fn limit_data(&self, bytes: u64) {
+        self.data_limit.store(bytes, Ordering::Relaxed);
+    }
+
     /// Writes `buf` at byte `offset` (512-aligned).
     pub fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
         let mut st = self.lock();
         crate::lsmt::check_io(offset, buf.len() as u64, st.header.virtual_size)?;
+        let limit = self.data_limit.load(Ordering::Relaxed);
+        if limit != u64::MAX {
+            let used = self
+                .data
+                .metadata()
+                .map_err(|e| Error::io(&self.data_name, 0, e))?
+                .blocks()
+                * 512;
+            if used.saturating_add(buf.len() as u64) > limit {
+                return Err(Error::Full {
+                    file: self.data_name.clone(),
+                    limit,
+                });
+            }
+        }
         for (i, chunk) in buf.chunks(MAX_IO_SIZE as usize).enumerate() {
             let off = offset + i as u64 * MAX_IO_SIZE;
             let sectors = chunk.len() as u64 / SECTOR;
@@ -619,4 +646,45 @@ fn scan_sparse(data: &File, name: &str, vsize: u64) -> Result<RwIndex> {
         pos = h;
     }
     Ok(idx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A data limit refuses the write that could pass it (ENOSPC, naming the file and the
+    /// limit), in both modes; what was written before reads back, and the file stays under it.
+    #[test]
+    fn writes_past_the_data_limit_fail_with_enospc() {
+        for mode in [RwMode::Append, RwMode::Sparse] {
+            let dir = tempfile::tempdir().unwrap();
+            let (d, i) = (dir.path().join("d"), dir.path().join("i"));
+            let layer = RwLayer::create(&d, &i, 64 << 20, mode, None).unwrap();
+            layer.limit_data(1 << 20);
+            let chunk = vec![9u8; 256 << 10];
+            let mut written = 0;
+            let err = loop {
+                match layer.write(&chunk, written) {
+                    Ok(()) => written += chunk.len() as u64,
+                    Err(e) => break e,
+                }
+                assert!(written <= 1 << 20, "{mode:?}: {written} bytes written");
+            };
+            assert_eq!(err.errno(), libc::ENOSPC, "{mode:?}");
+            let msg = err.to_string();
+            assert!(
+                msg.contains(&d.display().to_string()) && msg.contains("1048576"),
+                "{msg}"
+            );
+            assert!(
+                written >= 512 << 10,
+                "{mode:?}: only {written} bytes before the limit"
+            );
+            assert!(std::fs::metadata(&d).unwrap().blocks() * 512 <= 1 << 20);
+            let mut back = vec![0u8; written as usize];
+            let img = crate::ImageStack::writable(None, layer).unwrap();
+            img.read(&mut back, 0).unwrap();
+            assert!(back.iter().all(|&b| b == 9), "{mode:?}");
+        }
+    }
 }
