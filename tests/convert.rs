@@ -850,12 +850,9 @@ fn mounts_under(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-/// `ovbd record-trace`: a command run in a converted image leaves a trace of its reads in
-/// upstream's format, on top of the image; `ovbd device attach` replays exactly those reads;
-/// recording again replaces the trace; `--time` ends a command that runs on; bad input fails
-/// clearly and leaves nothing mounted and nothing written.
-#[test]
-fn record_trace_round_trips() {
+/// What `ovbd record-trace` tests need (root, /dev/fuse, loop devices, a static busybox to
+/// put in images); a scratch directory and the `work` directory in it.
+fn record_trace_scratch() -> (tempfile::TempDir, PathBuf) {
     // SAFETY: geteuid has no preconditions.
     assert!(
         unsafe { libc::geteuid() } == 0
@@ -867,6 +864,40 @@ fn record_trace_round_trips() {
     let t = tempfile::tempdir().unwrap();
     let work = t.path().join("work");
     std::fs::create_dir(&work).unwrap();
+    (t, work)
+}
+
+/// A layer with a static busybox, /proc and /dev: enough for a command to run in.
+fn busybox_layer() -> Layer {
+    let mut l = Layer::new();
+    l.dir("bin", 0o755)
+        .file(
+            "bin/busybox",
+            &std::fs::read("/bin/busybox").unwrap(),
+            0o755,
+        )
+        .dir("proc", 0o555)
+        .dir("dev", 0o755);
+    l
+}
+
+/// `ovbd record-trace --json --frontend fuse --workdir WORK EXTRA... FROM TO -- CMD...`.
+fn record_trace(work: &Path, extra: &[&str], from: &str, to: &str, cmd: &[&str]) -> Output {
+    let mut args = vec!["record-trace", "--json", "--frontend", "fuse", "--workdir"];
+    args.push(s(work));
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&[from, to, "--"]);
+    args.extend_from_slice(cmd);
+    ovbd(&args)
+}
+
+/// `ovbd record-trace`: a command run in a converted image leaves a trace of its reads in
+/// upstream's format, on top of the image; `ovbd device attach` replays exactly those reads;
+/// recording again replaces the trace; `--time` ends a command that runs on; bad input fails
+/// clearly and leaves nothing mounted and nothing written.
+#[test]
+fn record_trace_round_trips() {
+    let (t, work) = record_trace_scratch();
     // A failed or stopped recording leaves no destination, no mount and no scratch.
     let left_nothing = |dst: &Path| {
         assert!(
@@ -882,35 +913,16 @@ fn record_trace_round_trips() {
     let conf: Vec<u8> = (0..300u32 << 10)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
-    let mut l = Layer::new();
-    l.dir("bin", 0o755)
-        .file(
-            "bin/busybox",
-            &std::fs::read("/bin/busybox").unwrap(),
-            0o755,
-        )
-        .symlink("bin/cat", "busybox")
+    let mut l = busybox_layer();
+    l.symlink("bin/cat", "busybox")
         .symlink("bin/sleep", "busybox")
         .dir("etc", 0o755)
-        .file("etc/app.conf", &conf, 0o644)
-        .dir("proc", 0o555)
-        .dir("dev", 0o755);
+        .file("etc/app.conf", &conf, 0o644);
     let src = write_layout(&t.path().join("src"), "v1", &[l.tar()]);
     let obd = convert(&src, &t.path().join("obd"), &[]);
     let obd_ref = format!("oci:{}:obd", obd.layout.display());
     let record = |from: &str, to: &str, extra: &[&str], cmd: &[&str]| {
-        let mut args = vec![
-            "record-trace",
-            "--json",
-            "--frontend",
-            "fuse",
-            "--workdir",
-            s(&work),
-        ];
-        args.extend_from_slice(extra);
-        args.extend_from_slice(&[from, to, "--"]);
-        args.extend_from_slice(cmd);
-        ovbd(&args)
+        record_trace(&work, extra, from, to, cmd)
     };
 
     let out = t.path().join("traced");
@@ -1229,37 +1241,13 @@ fn leaked_record_cgroups() -> Vec<PathBuf> {
 /// are gone afterwards; its writes stop at `--scratch-mb`.
 #[test]
 fn record_trace_limits_what_cmd_can_take() {
-    // SAFETY: geteuid has no preconditions.
-    assert!(
-        unsafe { libc::geteuid() } == 0
-            && Path::new("/dev/fuse").exists()
-            && Path::new("/dev/loop-control").exists()
-            && Path::new("/bin/busybox").exists(),
-        "this test needs root, /dev/fuse, /dev/loop-control and a static /bin/busybox"
-    );
-    let t = tempfile::tempdir().unwrap();
-    let work = t.path().join("work");
-    std::fs::create_dir(&work).unwrap();
-    let mut l = Layer::new();
-    l.dir("bin", 0o755)
-        .file(
-            "bin/busybox",
-            &std::fs::read("/bin/busybox").unwrap(),
-            0o755,
-        )
-        .dir("proc", 0o555)
-        .dir("dev", 0o755);
-    let src = write_layout(&t.path().join("src"), "v1", &[l.tar()]);
+    let (t, work) = record_trace_scratch();
+    let src = write_layout(&t.path().join("src"), "v1", &[busybox_layer().tar()]);
     let obd = convert(&src, &t.path().join("obd"), &[]);
     let obd_ref = format!("oci:{}:obd", obd.layout.display());
     let record = |dst: &str, extra: &[&str], cmd: &[&str]| {
         let dst = format!("oci:{}:x", t.path().join(dst).display());
-        let mut args = vec!["record-trace", "--json", "--frontend", "fuse", "--workdir"];
-        args.push(s(&work));
-        args.extend_from_slice(extra);
-        args.extend_from_slice(&[&obd_ref, &dst, "--"]);
-        args.extend_from_slice(cmd);
-        ovbd(&args)
+        record_trace(&work, extra, &obd_ref, &dst, cmd)
     };
 
     // 64 background sleeps against a limit of 32 processes: forks are refused, and said so.
@@ -1282,70 +1270,42 @@ fn record_trace_limits_what_cmd_can_take() {
     );
     assert!(err.contains("process limit (32)"), "{err}");
 
+    // How CMD ended (the summary's word) and the recording's stderr; the recording succeeds.
+    let ended = |dst: &str, extra: &[&str], cmd: &[&str]| {
+        let o = record(dst, extra, cmd);
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "{extra:?}: {err}");
+        let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        (summary["command"].as_str().unwrap().to_owned(), err)
+    };
+    let dd = |of: &'static str, bs: &'static str, count: &'static str| {
+        ["/bin/busybox", "dd", "if=/dev/zero", of, bs, count]
+    };
+
     // A 96 MiB buffer under a 64 MiB limit: CMD is killed, and the summary says why.
-    let o = record(
+    let (how, err) = ended(
         "memory",
         &["--memory-mb", "64"],
-        &[
-            "/bin/busybox",
-            "dd",
-            "if=/dev/zero",
-            "of=/dev/null",
-            "bs=96M",
-            "count=1",
-        ],
+        &dd("of=/dev/null", "bs=96M", "count=1"),
     );
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{err}");
-    let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(
-        summary["command"], "killed: out of memory (limit 64 MiB)",
-        "{err}"
-    );
+    assert_eq!(how, "killed: out of memory (limit 64 MiB)", "{err}");
 
     // 64 MiB written under a scratch limit of 16 MiB: the writes fail (ENOSPC), and CMD
     // with them; under the default limit they fit.
-    let write64 = [
-        "/bin/busybox",
-        "dd",
-        "if=/dev/zero",
-        "of=/big",
-        "bs=1M",
-        "count=64",
-        "conv=fsync",
-    ];
-    let o = record("scratch", &["--scratch-mb", "16"], &write64);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{err}");
-    let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_ne!(summary["command"], "exit 0", "64 MiB written: {err}");
+    let write64 = [&dd("of=/big", "bs=1M", "count=64")[..], &["conv=fsync"]].concat();
+    let (how, err) = ended("scratch", &["--scratch-mb", "16"], &write64);
+    assert_ne!(how, "exit 0", "64 MiB written: {err}");
     assert!(
         err.contains("full: the layer may take 16777216 bytes"),
         "{err}"
     );
-    let o = record("scratch-fits", &[], &write64);
-    let err = String::from_utf8_lossy(&o.stderr);
-    let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(summary["command"], "exit 0", "{err}");
+    let (how, err) = ended("scratch-fits", &[], &write64);
+    assert_eq!(how, "exit 0", "{err}");
 
     // Within its limits CMD runs as before; --no-limits runs it with none.
     for extra in [&[][..], &["--no-limits"][..]] {
-        let o = record(
-            "fits",
-            extra,
-            &[
-                "/bin/busybox",
-                "dd",
-                "if=/dev/zero",
-                "of=/dev/null",
-                "bs=1M",
-                "count=1",
-            ],
-        );
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(o.status.success(), "{extra:?}: {err}");
-        let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-        assert_eq!(summary["command"], "exit 0", "{extra:?}: {err}");
+        let (how, err) = ended("fits", extra, &dd("of=/dev/null", "bs=1M", "count=1"));
+        assert_eq!(how, "exit 0", "{extra:?}: {err}");
     }
     let leaked = leaked_record_cgroups();
     assert!(leaked.is_empty(), "CMD's cgroups left behind: {leaked:?}");
