@@ -50,17 +50,17 @@ impl CmdCgroup {
             limits,
         };
         let bytes = limits.memory_mib << 20;
+        // (file, value, whether the kernel may lack it: memsw, RAM + swap, exists only with
+        // swap accounting; it must stay >= the RAM limit, so it comes after it.)
         for (ctrl, files) in [
             (
                 "memory",
-                // memsw (RAM + swap) only exists with swap accounting; it must stay >= the
-                // RAM limit, so it is written after it.
                 &[
-                    ("memory.limit_in_bytes", bytes),
-                    ("memory.memsw.limit_in_bytes", bytes),
+                    ("memory.limit_in_bytes", bytes, false),
+                    ("memory.memsw.limit_in_bytes", bytes, true),
                 ][..],
             ),
-            ("pids", &[("pids.max", limits.pids)][..]),
+            ("pids", &[("pids.max", limits.pids, false)][..]),
         ] {
             let Some(h) = hierarchy(&mountinfo, &own, Some(ctrl)) else {
                 bail!("no cgroup hierarchy with the {ctrl} controller (cgroup v2 without it, and no v1 {ctrl} mount)");
@@ -68,12 +68,11 @@ impl CmdCgroup {
             let dir = h.mount.join(&h.own).join(name);
             make_dir(&dir)?;
             cg.dirs.push(dir.clone());
-            for (file, value) in files {
+            for &(file, value, optional) in files {
                 let path = dir.join(file);
-                if *file == "memory.memsw.limit_in_bytes" && !path.exists() {
-                    continue;
+                if !optional || path.exists() {
+                    write(&path, &value.to_string())?;
                 }
-                write(&path, &value.to_string())?;
             }
         }
         Ok(cg)
@@ -107,16 +106,17 @@ impl CmdCgroup {
 
     /// The counter `key` of the flat-keyed `file` of whichever of our directories has it.
     fn counter(&self, file: &str, key: &str) -> u64 {
+        let in_text = |text: String| -> u64 {
+            text.lines()
+                .filter_map(|l| l.split_once(' '))
+                .filter(|(k, _)| *k == key)
+                .filter_map(|(_, v)| v.trim().parse::<u64>().ok())
+                .sum()
+        };
         self.dirs
             .iter()
             .filter_map(|d| std::fs::read_to_string(d.join(file)).ok())
-            .flat_map(|text| {
-                text.lines()
-                    .filter_map(|l| l.split_once(' '))
-                    .filter(|(k, _)| *k == key)
-                    .filter_map(|(_, v)| v.trim().parse::<u64>().ok())
-                    .collect::<Vec<_>>()
-            })
+            .map(in_text)
             .sum()
     }
 

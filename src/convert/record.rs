@@ -11,8 +11,8 @@
 //! and processes ([`super::cgroup`]), with the image config's environment and working
 //! directory, until it exits or `--time` passes. Reads are recorded from the mount on, above
 //! the tar and ZFile (offsets in each layer's LSMT file), in the order they were made; writes
-//! go to the scratch layer (at most `--scratch-mb` of disk), which is dropped. The same trace gives the same image (no
-//! timestamps are added).
+//! go to the scratch layer (at most `--scratch-mb` of disk), which is dropped. The same trace
+//! gives the same image (no timestamps are added).
 
 pub use super::cgroup::Limits;
 use super::cgroup::{self, CmdCgroup};
@@ -222,7 +222,7 @@ fn open_recorded(
             .with_context(|| format!("layer {} ({})", i, b.descriptor.digest()))?;
         lowers.push(layer.lsmt);
     }
-    let upper = RwLayer::create(
+    let mut upper = RwLayer::create(
         &work.join("scratch.data"),
         &work.join("scratch.index"),
         0,

@@ -14,7 +14,6 @@ use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,8 +99,8 @@ pub struct RwLayer {
     index_name: String,
     data_path: PathBuf,
     state: Mutex<RwState>,
-    /// Disk the data file may take, in bytes ([`RwLayer::limit_data`]); `u64::MAX`: no limit.
-    data_limit: AtomicU64,
+    /// Disk the data file may take, in bytes ([`RwLayer::limit_data`]).
+    data_limit: Option<u64>,
 }
 
 fn open_rw(path: &Path, create: bool) -> Result<File> {
@@ -156,7 +155,7 @@ impl RwLayer {
             data_name: dname,
             index_name: iname,
             data_path: data_path.to_path_buf(),
-            data_limit: AtomicU64::new(u64::MAX),
+            data_limit: None,
             state: Mutex::new(RwState {
                 index: RwIndex::default(),
                 data_end: HEADER_SECTORS,
@@ -255,7 +254,7 @@ impl RwLayer {
             data_name: dname,
             index_name: iname,
             data_path: data_path.to_path_buf(),
-            data_limit: AtomicU64::new(u64::MAX),
+            data_limit: None,
             state: Mutex::new(RwState {
                 index: rwindex,
                 data_end,
@@ -327,16 +326,15 @@ impl RwLayer {
     /// From now on, a write that could take the data file past `bytes` of disk (blocks
     /// allocated, with the write counted whole) fails with [`Error::Full`] (ENOSPC): a scratch
     /// layer a command of someone else's writes to.
-    pub fn limit_data(&self, bytes: u64) {
-        self.data_limit.store(bytes, Ordering::Relaxed);
+    pub fn limit_data(&mut self, bytes: u64) {
+        self.data_limit = Some(bytes);
     }
 
     /// Writes `buf` at byte `offset` (512-aligned).
     pub fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
         let mut st = self.lock();
         crate::lsmt::check_io(offset, buf.len() as u64, st.header.virtual_size)?;
-        let limit = self.data_limit.load(Ordering::Relaxed);
-        if limit != u64::MAX {
+        if let Some(limit) = self.data_limit {
             let used = self
                 .data
                 .metadata()
@@ -659,7 +657,7 @@ mod tests {
         for mode in [RwMode::Append, RwMode::Sparse] {
             let dir = tempfile::tempdir().unwrap();
             let (d, i) = (dir.path().join("d"), dir.path().join("i"));
-            let layer = RwLayer::create(&d, &i, 64 << 20, mode, None).unwrap();
+            let mut layer = RwLayer::create(&d, &i, 64 << 20, mode, None).unwrap();
             layer.limit_data(1 << 20);
             let chunk = vec![9u8; 256 << 10];
             let mut written = 0;
