@@ -348,7 +348,7 @@ fn run_chrooted(
                 .context("limiting CMD's memory and processes (--no-limits runs it without)")?,
         ),
         None => {
-            log::warn!("--no-limits: CMD runs without a memory or process limit");
+            log::warn!("--no-limits: CMD runs without memory, process or disk limits");
             None
         }
     };
@@ -418,8 +418,8 @@ const KEPT_CAPS: [libc::c_int; 11] = [0, 1, 3, 4, 5, 6, 7, 8, 10, 18, 29];
 
 /// In the child, before exec: the cgroups whose `cgroup.procs` are `procs` ([`cgroup::join`]),
 /// its own session (killed as a group), mount, PID, network (loopback only), UTS, IPC and
-/// cgroup (its own cgroup as its root) namespaces; `root` made its root with pivot_root (the host's
-/// tree is then out of reach, which chroot would not ensure), a fresh /proc confined as a
+/// cgroup (its own cgroup as its root) namespaces; `root` made its root with pivot_root (the
+/// host's tree is then out of reach, which chroot would not ensure), a fresh /proc confined as a
 /// container's ([`confine_proc`]), a /dev of its own with only the harmless nodes, and a
 /// bounding set that leaves root-run CMD [`KEPT_CAPS`] only; `filter` ([`seccomp_filter`])
 /// installed last.
