@@ -69,11 +69,11 @@ enum Cmd {
     /// with upstream's acceleration layer holding that trace on top, so the next cold start
     /// prefetches them (as upstream's `ctr record-trace`). Needs root: the image is attached as
     /// a block device here and CMD runs as root in its filesystem (its own root and /dev; /proc
-    /// with runc's read-only and masked paths; new mount, PID, network, UTS and IPC namespaces;
-    /// Docker's default capabilities less MKNOD, SETFCAP and NET_RAW; a seccomp filter refusing
-    /// user namespaces, keyrings, bpf and io_uring as Docker's does; a cgroup of its own with
-    /// a memory and a process limit; the image config's Env and WorkingDir); its writes are
-    /// dropped, and may take `--scratch-mb` of disk.
+    /// with runc's read-only and masked paths; new mount, PID, network, UTS, IPC and cgroup
+    /// namespaces; Docker's default capabilities less MKNOD, SETFCAP and NET_RAW; a seccomp
+    /// filter refusing user namespaces, keyrings, bpf and io_uring as Docker's does; a cgroup of
+    /// its own with a memory and a process limit; the image config's Env and WorkingDir); its
+    /// writes are dropped, and may take `--scratch-mb` of disk.
     RecordTrace {
         src: String,
         dst: String,
