@@ -22,5 +22,5 @@ pub use layer::{open_layer, open_layer_file, OpenedLayer};
 pub use lsmt::{LsmtFile, LsmtHeader, Segment};
 pub use rw::{RwLayer, RwMode};
 pub use source::{Blocking, FileSource, MemSource, ReadAt};
-pub use stack::{Extent, ImageStack, LayerStack};
+pub use stack::{Extent, ImageStack, LayerStack, ReadAdvisor};
 pub use zfile::{Algorithm, ZFileOptions, ZFileReader};

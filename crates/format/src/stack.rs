@@ -233,6 +233,42 @@ impl LayerStack {
         Ok(true)
     }
 
+    /// Brings the lowers' bytes of the disk's `ranges` (`(offset, len)`, 512-aligned) close at
+    /// hand without reading them out ([`ReadAt::prefetch`]: into the block cache for a remote
+    /// layer). Their bytes in each layer are prefetched in layer order, ones less than 64 KiB
+    /// apart in one call (the bytes between too), so ranges apart on the disk but written one
+    /// after the other (a file's extents) are one request where they come from.
+    pub fn prefetch(&self, ranges: &[(u64, u64)]) -> Result<()> {
+        // (tag, first sector in the layer, sectors)
+        let mut runs: Vec<(u8, u64, u64)> = Vec::new();
+        for &(offset, len) in ranges {
+            let start = offset / SECTOR;
+            let end = (offset.saturating_add(len) / SECTOR).min(self.virtual_size / SECTOR);
+            for s in self.index.overlapping(start, end) {
+                let s = s.slice(start, end);
+                if !s.zeroed {
+                    runs.push((s.tag, s.moffset, s.length as u64));
+                }
+            }
+        }
+        runs.sort_unstable();
+        let mut merged: Vec<(u8, u64, u64)> = Vec::with_capacity(runs.len());
+        for r in runs {
+            match merged.last_mut() {
+                Some((tag, at, n)) if *tag == r.0 && r.1 <= *at + *n + PREFETCH_GAP_SECTORS => {
+                    *n = (*n).max(r.1 + r.2 - *at)
+                }
+                _ => merged.push(r),
+            }
+        }
+        for (tag, at, n) in merged {
+            let src = self.source(tag);
+            src.prefetch(at * SECTOR, n * SECTOR)
+                .map_err(|e| Error::io(src.name(), at * SECTOR, e))?;
+        }
+        Ok(())
+    }
+
     fn read_segment(&self, buf: &mut [u8], s: &Segment, blocking: Blocking) -> Result<()> {
         if s.zeroed {
             buf.fill(0);
@@ -250,11 +286,26 @@ fn zero(buf: &mut [u8], base: u64, s: u64, e: u64) {
     sub(buf, base, s, e).fill(0);
 }
 
+/// [`LayerStack::prefetch`] fetches a layer's runs this close together as one (a request costs
+/// more than the bytes between).
+const PREFETCH_GAP_SECTORS: u64 = (64 << 10) / SECTOR;
+
+/// Told of an [`ImageStack`]'s reads, to fetch ahead what their content says comes next (the
+/// daemon's ext4-aware readahead). It sees the bytes the reader gets and may only prefetch the
+/// lowers: what it does changes what is close at hand, never what a read returns.
+pub trait ReadAdvisor: Send + Sync {
+    /// Before a read of `[offset, offset + len)` that may wait.
+    fn before_read(&self, lower: &LayerStack, offset: u64, len: u64);
+    /// After a read returned `data` from `offset`.
+    fn after_read(&self, data: &[u8], offset: u64);
+}
+
 /// What a block device serves: lowers, an optional writable upper, one virtual size.
 pub struct ImageStack {
     lower: Option<LayerStack>,
     upper: Option<RwLayer>,
     virtual_size: u64,
+    advisor: Option<Box<dyn ReadAdvisor>>,
 }
 
 impl ImageStack {
@@ -265,6 +316,7 @@ impl ImageStack {
             lower: Some(lower),
             upper: None,
             virtual_size,
+            advisor: None,
         }
     }
 
@@ -285,6 +337,7 @@ impl ImageStack {
             lower,
             upper: Some(upper),
             virtual_size,
+            advisor: None,
         })
     }
 
@@ -331,6 +384,23 @@ impl ImageStack {
     /// fails with [`Error::WouldBlock`].
     pub fn read_with(&self, buf: &mut [u8], offset: u64, blocking: Blocking) -> Result<()> {
         crate::lsmt::check_io(offset, buf.len() as u64, self.virtual_size)?;
+        let Some(advisor) = &self.advisor else {
+            return self.read_unadvised(buf, offset, blocking);
+        };
+        if let (Some(lower), Blocking::Allowed) = (&self.lower, blocking) {
+            advisor.before_read(lower, offset, buf.len() as u64);
+        }
+        self.read_unadvised(buf, offset, blocking)?;
+        advisor.after_read(buf, offset);
+        Ok(())
+    }
+
+    /// Has `advisor` told of this image's reads from now on.
+    pub fn set_advisor(&mut self, advisor: Box<dyn ReadAdvisor>) {
+        self.advisor = Some(advisor);
+    }
+
+    fn read_unadvised(&self, buf: &mut [u8], offset: u64, blocking: Blocking) -> Result<()> {
         let Some(upper) = &self.upper else {
             return self.read_lower(buf, offset, blocking);
         };
