@@ -386,6 +386,9 @@ pub struct CacheConfig {
     /// Blobs (compressed layers) of at most this many KiB are fetched whole on their first
     /// read, in one request (0: never; at most 4096, one request's limit).
     pub whole_blob_kb: u64,
+    /// On a lazily pulled image, the first read of a file's data fetches the file's aligned
+    /// chunk of this many KiB around it, one request (0: only what is read; at most 4096).
+    pub file_chunk_kb: u64,
 }
 
 impl Default for CacheConfig {
@@ -395,6 +398,7 @@ impl Default for CacheConfig {
             size_gb: 4.0,
             refill_kb: 32,
             whole_blob_kb: 2048,
+            file_chunk_kb: 1024,
         }
     }
 }
@@ -408,6 +412,11 @@ impl CacheConfig {
     /// The size up to which a blob is fetched whole, in bytes.
     pub fn whole_blob_bytes(&self) -> u64 {
         self.whole_blob_kb.saturating_mul(1024)
+    }
+
+    /// The file readahead's chunk in bytes (0: off).
+    pub fn file_chunk_bytes(&self) -> u64 {
+        self.file_chunk_kb.saturating_mul(1024)
     }
 
     /// The refill (block) size in bytes.
@@ -424,6 +433,12 @@ impl CacheConfig {
             bail!(
                 "[cache] whole_blob_kb must be at most 4096 (one registry request), not {}",
                 self.whole_blob_kb
+            );
+        }
+        if self.file_chunk_kb > 4096 {
+            bail!(
+                "[cache] file_chunk_kb must be at most 4096 (one registry request), not {}",
+                self.file_chunk_kb
             );
         }
         if self.refill_kb == 0 || self.refill_kb & 3 != 0 || self.refill_kb > 64 * 1024 {
@@ -515,6 +530,7 @@ mirrors = ["https://mirror.example.com", "http://10.0.0.1:5000"]
 dir = "/var/cache/ovbd"
 size_gb = 0.5
 refill_kb = 1024
+file_chunk_kb = 256
 "#,
         )
         .unwrap();
@@ -533,11 +549,14 @@ refill_kb = 1024
         assert_eq!(c.cache.dir.as_deref(), Some(Path::new("/var/cache/ovbd")));
         assert_eq!(c.cache.size_bytes(), 512 << 20);
         assert_eq!(c.cache.refill_bytes(), 1 << 20);
+        assert_eq!(c.cache.file_chunk_bytes(), 256 << 10);
         c.registry.validate().unwrap();
         c.cache.validate().unwrap();
         assert!(toml::from_str::<Config>("[registry]\nbogus = 1").is_err());
         assert!(toml::from_str::<Config>("[cache]\nsize = 1").is_err());
         let bad: Config = toml::from_str("[cache]\nrefill_kb = 6").unwrap();
+        assert!(bad.cache.validate().is_err());
+        let bad: Config = toml::from_str("[cache]\nfile_chunk_kb = 4100").unwrap();
         assert!(bad.cache.validate().is_err());
         let bad: Config = toml::from_str("[registry]\ntimeout_secs = 0").unwrap();
         assert!(bad.registry.validate().is_err());

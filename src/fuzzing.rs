@@ -92,6 +92,7 @@ pub fn block_cache(dir: &Path) -> Result<(u64, u64)> {
         size_gb: 1.0 / 1024.0,
         refill_kb: 256,
         whole_blob_kb: 0,
+        file_chunk_kb: 0,
     };
     let first = BlobCache::open_with(&cfg, dir, Duration::from_secs(3600))?
         .stats()
@@ -190,4 +191,38 @@ pub fn block_cache_paths(
     size: u64,
 ) -> (PathBuf, PathBuf, PathBuf) {
     crate::source::cache::sample_paths(dir, origin, digest, size)
+}
+
+/// The file readahead's ext4 parsing ([`crate::readahead`]) with `disk` as the disk's bytes:
+/// the superblock, the group descriptors, then every inode table slot in `disk` noted (as the
+/// device's reads of them would be), and the chunk at each noted range taken. Returns the
+/// chunks taken; each must be at most one chunk of bytes, inside the disk.
+pub fn ext4_readahead(disk: &[u8]) -> Result<usize> {
+    use crate::extfs::layout::{Geometry, SUPERBLOCK_LEN, SUPERBLOCK_OFFSET};
+    const CHUNK: u64 = 64 << 10;
+    let size = disk.len() as u64;
+    let at = SUPERBLOCK_OFFSET as usize;
+    let sb = disk.get(at..at + SUPERBLOCK_LEN).context("no superblock")?;
+    let geometry = Geometry::parse(sb, size)?;
+    let gdt = disk
+        .get(geometry.gdt_offset as usize..)
+        .context("no group descriptors")?;
+    let tables = geometry.inode_tables(gdt, size)?;
+    let ra = crate::readahead::FileReadahead::with_layout(size, CHUNK, geometry, tables.clone());
+    ra.note_inodes(disk, 0);
+    let mut taken = 0;
+    for t in &tables {
+        for at in (t.offset..t.offset + t.len).step_by(4096) {
+            let _ = ra.take_chunk(at);
+        }
+    }
+    for at in (0..size).step_by(512) {
+        if let Some(chunk) = ra.take_chunk(at) {
+            let bytes: u64 = chunk.iter().map(|(s, e)| e - s).sum();
+            assert!(bytes <= CHUNK, "a chunk of {bytes} bytes");
+            assert!(chunk.iter().all(|&(s, e)| s < e && e <= size), "{chunk:?}");
+            taken += 1;
+        }
+    }
+    Ok(taken)
 }

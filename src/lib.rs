@@ -15,6 +15,7 @@ pub(crate) mod mount;
 pub(crate) mod oci;
 pub(crate) mod pool;
 pub(crate) mod prefetch;
+pub(crate) mod readahead;
 pub(crate) mod registry;
 pub(crate) mod snapshotter;
 pub(crate) mod source;

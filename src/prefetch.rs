@@ -333,7 +333,7 @@ fn file_reads(fs: &ExtFs, ino: Ino, reads: &mut Vec<PrefetchRead>) -> Result<()>
 
 /// The image's lowers (not its writable layer) as libext2fs's read-only device: upstream
 /// resolves paths on them.
-struct LowerDisk(Arc<ImageStack>);
+pub(crate) struct LowerDisk(pub(crate) Arc<ImageStack>);
 
 impl BlockDevice for LowerDisk {
     fn size(&self) -> u64 {
@@ -612,6 +612,7 @@ mod tests {
             size_gb: 1.0,
             refill_kb: BS >> 10,
             whole_blob_kb: 0,
+            file_chunk_kb: 0,
         };
         let cache = BlobCache::open_with(&cc, &cache_dir, Duration::from_secs(3600)).unwrap();
         let data = lsmt_layer();
@@ -877,52 +878,8 @@ mod tests {
 
     /// A converted image (ext4 in one layer) holding `files`.
     fn ext4_image(t: &Path, files: &[(&str, Vec<u8>)]) -> Arc<ImageStack> {
-        use crate::convert::layer::{convert_layer, LayerJob};
-        let mut b = tar::Builder::new(Vec::new());
-        let header = |path: &str, mode: u32, size: u64, kind: tar::EntryType| {
-            let mut h = tar::Header::new_ustar();
-            h.set_path(path).unwrap();
-            h.set_mode(mode);
-            h.set_size(size);
-            h.set_uid(0);
-            h.set_gid(0);
-            h.set_mtime(1_700_000_000);
-            h.set_entry_type(kind);
-            h.set_cksum();
-            h
-        };
-        let mut dirs = BTreeSet::new();
-        for (path, _) in files {
-            let mut at = 0;
-            while let Some(i) = path[at..].find('/') {
-                dirs.insert(path[..at + i].to_string());
-                at += i + 1;
-            }
-        }
-        for d in &dirs {
-            let h = header(d, 0o755, 0, tar::EntryType::Directory);
-            b.append(&h, &[][..]).unwrap();
-        }
-        for (path, data) in files {
-            let h = header(path, 0o644, data.len() as u64, tar::EntryType::Regular);
-            b.append(&h, &data[..]).unwrap();
-        }
-        let tarred = b.into_inner().unwrap();
-        let dir = t.join("layer");
-        let job = LayerJob {
-            lowers: &[],
-            dir: &dir,
-            vsize: 64 << 20,
-            uuid: "01BB4FCE-3EB1-B56B-05AD-F99504DAFD31".into(),
-            parent_uuid: ovbd_format::lsmt::NIL_UUID.into(),
-            mkfs: crate::extfs::MkfsParams {
-                uuid: [7; 16],
-                now: 1_700_000_000,
-            },
-            zfile: ovbd_format::ZFileOptions::default(),
-        };
-        let out = convert_layer(&job, &tarred[..]).unwrap();
-        let src: Arc<dyn ReadAt> = Arc::new(ovbd_format::FileSource::open(&out.lsmt).unwrap());
+        let lsmt = crate::testing::ext4_layer(t, files);
+        let src: Arc<dyn ReadAt> = Arc::new(ovbd_format::FileSource::open(&lsmt).unwrap());
         let lsmt = ovbd_format::LsmtFile::open(src).unwrap();
         Arc::new(ImageStack::read_only(
             ovbd_format::LayerStack::new(vec![lsmt]).unwrap(),

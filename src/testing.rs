@@ -1020,3 +1020,52 @@ pub(crate) fn lsmt_layer(len: usize, seed: u64) -> Vec<u8> {
     commit_compact(&[seg], &data, &info, &mut out).unwrap();
     out
 }
+
+/// A layer converted from a tar of `files` (ext4 in one layer, made under `t`): its LSMT file.
+pub(crate) fn ext4_layer(t: &std::path::Path, files: &[(&str, Vec<u8>)]) -> std::path::PathBuf {
+    use crate::convert::layer::{convert_layer, LayerJob};
+    let mut b = tar::Builder::new(Vec::new());
+    let header = |path: &str, mode: u32, size: u64, kind: tar::EntryType| {
+        let mut h = tar::Header::new_ustar();
+        h.set_path(path).unwrap();
+        h.set_mode(mode);
+        h.set_size(size);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        h.set_entry_type(kind);
+        h.set_cksum();
+        h
+    };
+    let mut dirs = std::collections::BTreeSet::new();
+    for (path, _) in files {
+        let mut at = 0;
+        while let Some(i) = path[at..].find('/') {
+            dirs.insert(path[..at + i].to_string());
+            at += i + 1;
+        }
+    }
+    for d in &dirs {
+        let h = header(d, 0o755, 0, tar::EntryType::Directory);
+        b.append(&h, &[][..]).unwrap();
+    }
+    for (path, data) in files {
+        let h = header(path, 0o644, data.len() as u64, tar::EntryType::Regular);
+        b.append(&h, &data[..]).unwrap();
+    }
+    let tarred = b.into_inner().unwrap();
+    let dir = t.join("layer");
+    let job = LayerJob {
+        lowers: &[],
+        dir: &dir,
+        vsize: 64 << 20,
+        uuid: "01BB4FCE-3EB1-B56B-05AD-F99504DAFD31".into(),
+        parent_uuid: ovbd_format::lsmt::NIL_UUID.into(),
+        mkfs: crate::extfs::MkfsParams {
+            uuid: [7; 16],
+            now: 1_700_000_000,
+        },
+        zfile: ovbd_format::ZFileOptions::default(),
+    };
+    convert_layer(&job, &tarred[..]).unwrap().lsmt
+}

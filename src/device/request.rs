@@ -325,6 +325,7 @@ mod tests {
                 size_gb: 1.0,
                 refill_kb: BS >> 10,
                 whole_blob_kb: 0,
+                file_chunk_kb: 0,
             };
             let cache = BlobCache::open(&cfg, dir.path()).unwrap();
             let cached = Arc::new(CachedBlob::with_source(cache.clone(), fake.clone()).unwrap());

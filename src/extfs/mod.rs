@@ -14,6 +14,7 @@ mod sys {
 }
 
 mod io;
+pub mod layout;
 
 pub use io::BlockDevice;
 

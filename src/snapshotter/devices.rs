@@ -361,7 +361,15 @@ impl Snapshotter {
                 .and_then(|n| n.parse::<u32>().ok())
         });
         let image = match cfg.open_image(self.remote.as_deref()) {
-            Ok(i) => Arc::new(i),
+            Ok(mut i) => {
+                let chunk = self.cfg.cache.file_chunk_bytes();
+                if cfg.has_remote_lowers() && chunk > 0 {
+                    if let Some(ra) = crate::readahead::FileReadahead::open(&i, chunk) {
+                        i.set_advisor(Box::new(ra));
+                    }
+                }
+                Arc::new(i)
+            }
             Err(e) => {
                 cfg.write_result(&Err(anyhow!("{e:#}")));
                 return Err(e);

@@ -183,6 +183,14 @@ impl ImageConfig {
         }
     }
 
+    /// Whether some of the disk's lowers are read from the registry (a lazily pulled image).
+    pub fn has_remote_lowers(&self) -> bool {
+        let url = self.repo_blob_url.as_deref();
+        self.disk_lowers()
+            .iter()
+            .any(|l| l.remote_blob(url).is_some())
+    }
+
     /// The lowers that make the disk: all but an acceleration layer.
     pub fn disk_lowers(&self) -> &[LowerConfig] {
         match self.lowers.split_last() {

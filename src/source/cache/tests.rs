@@ -21,6 +21,7 @@ fn cfg(dir: &Path, limit: u64, block: u64) -> CacheConfig {
         size_gb: limit as f64 / (1u64 << 30) as f64,
         refill_kb: block >> 10,
         whole_blob_kb: 0,
+        file_chunk_kb: 0,
     }
 }
 
@@ -630,6 +631,7 @@ fn blob_cache_over_a_failing_registry() {
     // Reads fetch what they ask (this blob is small enough to come whole by default).
     let no_whole = CacheConfig {
         whole_blob_kb: 0,
+        file_chunk_kb: 0,
         ..CacheConfig::default()
     };
     let cache = BlobCache::open(&no_whole, tmp.path()).unwrap();
@@ -1394,6 +1396,7 @@ fn small_blobs_are_fetched_whole_on_their_first_miss() {
     assert_eq!(large.fetched(), BS, "one block, as reads ask");
     assert!(CacheConfig {
         whole_blob_kb: 4097,
+        file_chunk_kb: 0,
         ..CacheConfig::default()
     }
     .validate()
