@@ -6,13 +6,15 @@
 //!
 //! - It learns where files are from the reads themselves: a read that covers part of an inode
 //!   table (the kernel reads a file's inode before its data) has each inode's data runs noted
-//!   ([`crate::extfs::layout`]). Only the superblock and group descriptors are read by us, once,
+//!   ([`crate::extfs::layout`]), cut into the file's chunks: aligned `chunk` bytes of the file,
+//!   maybe in several extents. Only the superblock and group descriptors are read by us, once,
 //!   when the device is attached (the mount reads them right after).
-//! - The first read that may wait inside a noted run prefetches the run's chunk: the aligned
-//!   [`FileReadahead::chunk`] bytes of the run around the read. The chunk is then forgotten,
-//!   so each is fetched once.
+//! - The first read that may wait inside a noted chunk prefetches all of it, its extents in one
+//!   request where the layer holds them one after the other ([`LayerStack::prefetch`]). Each
+//!   chunk is fetched once.
 //! - The inodes are the image's, hence untrusted. They can only choose which chunks of at most
-//!   `chunk` bytes are fetched, of the disk's own data, and at most [`MAX_RUNS`] runs are kept.
+//!   `chunk` bytes of the disk's own data are fetched, and at most [`MAX_RANGES`] ranges are
+//!   noted.
 
 use crate::extfs::layout::{
     inode_data_runs, DataRun, Geometry, InodeTable, SUPERBLOCK_LEN, SUPERBLOCK_OFFSET,
@@ -193,6 +195,7 @@ impl ReadAdvisor for FileReadahead {
             return; // the read itself covers it
         }
         let ranges: Vec<(u64, u64)> = chunk.iter().map(|&(s, e)| (s, e - s)).collect();
+        log::trace!("file readahead at {offset}: {ranges:?}");
         if let Err(e) = lower.prefetch(&ranges) {
             // The read that follows meets the same error and reports it.
             log::debug!("file readahead at {offset}: {e}");

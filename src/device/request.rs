@@ -22,6 +22,7 @@ pub(super) fn run_request(
     buf: &mut [u8],
 ) -> i32 {
     let started = std::time::Instant::now();
+    log::trace!("{dev}: op {op} at {offset} (+{nr_bytes}) on a worker");
     let run =
         std::panic::AssertUnwindSafe(|| handle_request_range(image, op, offset, nr_bytes, buf));
     let r = std::panic::catch_unwind(run).unwrap_or_else(|p| {

@@ -208,6 +208,7 @@ impl CachedBlob {
             claim.release(Err((e.kind(), e.to_string())));
             e
         };
+        log::trace!("{}: fetching {get_ranges:?}", self.name);
         let got = match self.source.fetch_ranges(&get_ranges) {
             Ok(d)
                 if d.len() == get_ranges.len()
