@@ -377,6 +377,34 @@ impl Reader {
     }
 }
 
+/// Unmounts `target`, waiting up to 10 s while it is busy: the other test of this binary, run
+/// alongside, forks children that hold our open files between fork and exec. Names who holds
+/// it if it stays busy.
+fn umount_when_free(target: &Path) {
+    let t0 = Instant::now();
+    loop {
+        let out = Command::new("umount").arg(target).output().unwrap();
+        if out.status.success() {
+            return;
+        }
+        let busy = String::from_utf8_lossy(&out.stderr).contains("busy");
+        if !busy || t0.elapsed() > Duration::from_secs(10) {
+            let holders = Command::new("fuser")
+                .arg("-vm")
+                .arg(target)
+                .output()
+                .map(|o| {
+                    let text = String::from_utf8_lossy(&o.stderr).into_owned();
+                    let lines = text.lines().filter(|l| !l.starts_with("Cannot stat"));
+                    lines.collect::<Vec<_>>().join("\n")
+                })
+                .unwrap_or_default();
+            panic!("umount {}: {out:?}; holders: {holders}", target.display());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Deterministic content that is not all zeros.
 fn pattern(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed | 1;
@@ -505,8 +533,7 @@ fn killed_daemon_under_a_reader(standalone_holder: bool) {
     // Clean up through the daemon: containers gone, then the image, then a plain stop; the
     // mount and the holder go with the last device.
     for t in setup.rootfs.drain(..) {
-        let out = Command::new("umount").arg(&t).output().unwrap();
-        assert!(out.status.success(), "umount {}: {out:?}", t.display());
+        umount_when_free(&t);
     }
     setup.remove("rw");
     setup.remove("ro");
