@@ -7,7 +7,7 @@ use crate::extfs::{BlockDevice, ExtFs, MkfsParams};
 use anyhow::{Context, Result};
 use ovbd_format::commit::{commit_compact, CommitInfo};
 use ovbd_format::layer::{write_blob, BlobOptions};
-use ovbd_format::lsmt::{LsmtFile, Segment, SECTOR};
+use ovbd_format::lsmt::LsmtFile;
 use ovbd_format::source::FileSource;
 use ovbd_format::zfile::ZFileOptions;
 use ovbd_format::{ImageStack, LayerStack, ReadAt, RwLayer, RwMode};
@@ -102,7 +102,6 @@ pub fn convert_layer(job: &LayerJob, tar: impl Read) -> Result<LayerOutput> {
         ExtFs::open(dev.clone(), job.mkfs.now)?
     };
     let stats = Applier::new(&fs, job.mkfs.now).apply(tar)?;
-    let file_data = fs.file_data_ranges();
     fs.close()?;
     let dev = Arc::try_unwrap(dev)
         .map_err(|_| anyhow::anyhow!("the filesystem still holds the image after close"))?;
@@ -118,7 +117,7 @@ pub fn convert_layer(job: &LayerJob, tar: impl Read) -> Result<LayerOutput> {
             std::fs::File::create(&lsmt).with_context(|| format!("create {}", lsmt.display()))?,
         );
         commit_compact(
-            &metadata_first(&upper.segments(), &file_data),
+            &upper.segments(),
             &*upper.data_source()?,
             &CommitInfo {
                 virtual_size: vsize,
@@ -151,50 +150,6 @@ pub fn convert_layer(job: &LayerJob, tar: impl Read) -> Result<LayerOutput> {
         blob,
         apply: stats,
     })
-}
-
-/// The layer's segments in the order their data is written: metadata first (everything but
-/// files' data, `file_data` in bytes: directories, inode tables, bitmaps, extent trees), then
-/// files' data, each part in disk order. A container's start looks up directories and inodes
-/// before it reads a file; lazily pulled, they then lie together at the layer's head and come
-/// in a few requests rather than one per directory. The index maps any order: upstream reads
-/// such a layer alike.
-fn metadata_first(segments: &[Segment], file_data: &[(u64, u64)]) -> Vec<Segment> {
-    let mut meta = Vec::with_capacity(segments.len());
-    let mut data = Vec::new();
-    let mut d = 0; // the first data range that may overlap the segment
-    for s in segments {
-        if s.zeroed {
-            meta.push(*s);
-            continue;
-        }
-        let mut at = s.offset;
-        while at < s.end() {
-            while d < file_data.len() && (file_data[d].0 + file_data[d].1) / SECTOR <= at {
-                d += 1;
-            }
-            // [at, cut) is all data or all metadata.
-            let (is_data, cut) = match file_data.get(d) {
-                Some(&(ds, dn)) if ds / SECTOR <= at => (true, ((ds + dn) / SECTOR).min(s.end())),
-                Some(&(ds, _)) => (false, (ds / SECTOR).min(s.end())),
-                None => (false, s.end()),
-            };
-            let part = Segment {
-                offset: at,
-                length: (cut - at) as u32,
-                moffset: s.moffset + (at - s.offset),
-                ..*s
-            };
-            if is_data {
-                data.push(part)
-            } else {
-                meta.push(part)
-            }
-            at = cut;
-        }
-    }
-    meta.extend(data);
-    meta
 }
 
 #[cfg(test)]
@@ -325,111 +280,5 @@ mod tests {
         // The 1 MiB that arrived, and a little metadata.
         let used = disk_usage(&dir).max(peak.get());
         assert!(used < SMALL, "the scratch took {used} bytes");
-    }
-
-    /// Segments cut where files' data starts and ends; metadata first, then data, each in
-    /// disk order, with the data positions they had; zeroed ones with the metadata.
-    #[test]
-    fn metadata_first_cuts_segments_at_file_data() {
-        let seg = |offset: u64, length: u32, moffset: u64, zeroed: bool| Segment {
-            offset,
-            length,
-            moffset,
-            zeroed,
-            tag: 0,
-        };
-        let segments = [
-            seg(0, 16, 100, false),
-            seg(16, 8, 0, true),
-            seg(40, 24, 200, false),
-            seg(100, 8, 300, false),
-        ];
-        // Data: sectors 8..20 (across the first segment's end and the zeroed one), 48..56.
-        let data = [(8 * 512, 12 * 512), (48 * 512, 8 * 512)];
-        let got = metadata_first(&segments, &data);
-        assert_eq!(
-            got,
-            [
-                seg(0, 8, 100, false),
-                seg(16, 8, 0, true),
-                seg(40, 8, 200, false),
-                seg(56, 8, 216, false),
-                seg(100, 8, 300, false),
-                seg(8, 8, 108, false),
-                seg(48, 8, 208, false),
-            ]
-        );
-        assert_eq!(metadata_first(&segments, &[]), segments);
-    }
-
-    /// A converted layer holds its directories' blocks before any file's data: what a lazy
-    /// start looks up first comes in the layer's first requests.
-    #[test]
-    fn converted_layers_hold_directories_before_file_data() {
-        use crate::extfs::ROOT_INO;
-        let t = tempfile::tempdir().unwrap();
-        // 300 files in one directory: it grows a block at a time as they are added, each new
-        // block allocated after the data of the files before (so on the disk, data comes
-        // first), and others elsewhere.
-        let files: Vec<(String, Vec<u8>)> = (0..340)
-            .map(|i| {
-                let data = crate::testing::random_bytes(3000 + i, i as u64);
-                let dir = if i < 300 {
-                    "big".into()
-                } else {
-                    format!("d{}", i % 7)
-                };
-                (format!("{dir}/a-file-with-a-rather-long-name-{i:04}"), data)
-            })
-            .collect();
-        let named: Vec<(&str, Vec<u8>)> = files.iter().map(|(p, d)| (&p[..], d.clone())).collect();
-        let lsmt = crate::testing::ext4_layer(t.path(), &named);
-        let src: Arc<dyn ReadAt> = Arc::new(FileSource::open(&lsmt).unwrap());
-        let layer = LsmtFile::open(src).unwrap();
-        let stack = Arc::new(ImageStack::read_only(LayerStack::new(vec![layer]).unwrap()));
-        let fs =
-            ExtFs::open_read_only(Arc::new(crate::prefetch::LowerDisk(stack.clone()))).unwrap();
-        // Where in the layer a disk byte range's data lies.
-        let in_layer = |(off, len): (u64, u64)| -> Vec<u64> {
-            let index = stack.lower().unwrap().index();
-            let (start, end) = (off / SECTOR, (off + len) / SECTOR);
-            index
-                .overlapping(start, end)
-                .map(|s| s.slice(start, end))
-                .filter(|s| !s.zeroed)
-                .map(|s| s.moffset)
-                .collect()
-        };
-        let (mut dirs, mut data) = (Vec::new(), Vec::new());
-        let mut walk = vec![ROOT_INO];
-        while let Some(dir) = walk.pop() {
-            for r in fs.data_runs(dir).unwrap() {
-                dirs.extend(in_layer(r));
-            }
-            for (name, ino) in fs.list(dir).unwrap() {
-                if name == b"." || name == b".." {
-                    continue;
-                }
-                if fs.file_type(ino).unwrap() == crate::extfs::S_IFDIR {
-                    walk.push(ino);
-                } else {
-                    for r in fs.data_runs(ino).unwrap() {
-                        data.extend(in_layer(r));
-                    }
-                }
-            }
-        }
-        assert!(
-            dirs.len() > 10 && data.len() >= 340,
-            "{} {}",
-            dirs.len(),
-            data.len()
-        );
-        let last_dir = dirs.iter().max().unwrap();
-        let first_data = data.iter().min().unwrap();
-        assert!(
-            last_dir < first_data,
-            "directory data at {last_dir}, file data from {first_data}"
-        );
     }
 }

@@ -98,8 +98,6 @@ pub struct MkfsParams {
 pub struct ExtFs {
     fs: sys::ext2_filsys,
     _dev: io::Registration,
-    /// Where [`ExtFs::write_file`] wrote files' data: (byte offset, length) on the device.
-    file_data: std::cell::RefCell<Vec<(u64, u64)>>,
 }
 
 /// Splits seconds into ext4's 32-bit field and the epoch bits of the `_extra` field.
@@ -160,11 +158,7 @@ impl ExtFs {
             )
         };
         check(rc, || "initialize superblock".into())?;
-        let me = ExtFs {
-            fs,
-            _dev: reg,
-            file_data: Default::default(),
-        };
+        let me = ExtFs { fs, _dev: reg };
         unsafe {
             let s = &mut *(*fs).super_;
             (*fs).now = p.now;
@@ -218,11 +212,7 @@ impl ExtFs {
             )
         };
         check(rc, || "open the filesystem".into())?;
-        let me = ExtFs {
-            fs,
-            _dev: reg,
-            file_data: Default::default(),
-        };
+        let me = ExtFs { fs, _dev: reg };
         unsafe {
             (*fs).now = now;
             (*fs).umask = 0o022;
@@ -249,26 +239,7 @@ impl ExtFs {
             )
         };
         check(rc, || "open the filesystem".into())?;
-        Ok(ExtFs {
-            fs,
-            _dev: reg,
-            file_data: Default::default(),
-        })
-    }
-
-    /// The device's byte ranges that [`ExtFs::write_file`] wrote files' data to, sorted and
-    /// merged: everything else written is metadata (directories, inodes, bitmaps, extent trees).
-    pub fn file_data_ranges(&self) -> Vec<(u64, u64)> {
-        let mut r = self.file_data.borrow().clone();
-        r.sort_unstable();
-        let mut out: Vec<(u64, u64)> = Vec::with_capacity(r.len());
-        for (s, n) in r {
-            match out.last_mut() {
-                Some((ls, ln)) if s <= *ls + *ln => *ln = (*ln).max(s + n - *ls),
-                _ => out.push((s, n)),
-            }
-        }
-        out
+        Ok(ExtFs { fs, _dev: reg })
     }
 
     /// A file's size in bytes.
@@ -536,9 +507,6 @@ impl ExtFs {
                     buf[want..bytes].fill(0);
                     dev.write_at(&buf[..bytes], (pblk + off) * bs)
                         .map_err(|e| ExtfsError::Invalid(format!("{}: {e}", what())))?;
-                    self.file_data
-                        .borrow_mut()
-                        .push(((pblk + off) * bs, bytes as u64));
                     off += n;
                 }
                 done += len;

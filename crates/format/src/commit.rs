@@ -22,9 +22,8 @@ pub struct CommitInfo {
     pub user_tag: Vec<u8>,
 }
 
-/// Writes `segments` (non-overlapping; data read from `data` at `moffset * 512`) as a
-/// committed layer to `out`, their data in the order given (the index is sorted by offset, as
-/// always). Returns the number of bytes written.
+/// Writes `segments` (sorted, non-overlapping; data read from `data` at `moffset * 512`) as a
+/// committed layer to `out`. Returns the number of bytes written.
 pub fn commit_compact(
     segments: &[Segment],
     data: &dyn ReadAt,
@@ -80,8 +79,6 @@ pub fn commit_compact(
         }
     }
 
-    // Stable: segments given in offset order keep the exact index they always had.
-    index.sort_by_key(|s| s.offset);
     let valid = index.len();
     let padded = valid.div_ceil(INDEX_ALIGN).max(1) * INDEX_ALIGN;
     let mut raw = Vec::with_capacity(padded * 16);
