@@ -29,6 +29,12 @@ pub(crate) const MAX_RANGES: usize = 1 << 16;
 /// A chunk that is one range this short is read whole by the kernel's own readahead: not noted.
 const MIN_RANGE: u64 = 64 << 10;
 
+/// A file longer than this many chunks is not noted: it is more likely read here and there (a
+/// database, a model) than whole, and its reads are left to the cache's adaptive refill, which
+/// keeps scattered small reads small. (32 MiB at the default chunk: binaries and libraries
+/// are shorter.)
+const MAX_FILE_CHUNKS: u64 = 32;
+
 pub(crate) struct FileReadahead {
     disk_size: u64,
     chunk: u64,
@@ -111,7 +117,10 @@ impl FileReadahead {
                 let slot = &data[(at - offset) as usize..(at - offset + isz) as usize];
                 runs.clear();
                 inode_data_runs(slot, self.geometry.block_size, self.disk_size, &mut runs);
-                self.split(&runs, &mut chunks);
+                let len = runs.iter().map(|r| r.logical + r.len).max().unwrap_or(0);
+                if len <= MAX_FILE_CHUNKS * self.chunk {
+                    self.split(&runs, &mut chunks);
+                }
                 at += isz;
             }
         }
@@ -237,6 +246,11 @@ mod tests {
     }
 
     fn lazy(advised: bool) -> Lazy {
+        lazy_with(advised, CHUNK)
+    }
+
+    /// As [`lazy`], the readahead fetching chunks of `chunk` bytes.
+    fn lazy_with(advised: bool, chunk: u64) -> Lazy {
         let t = tempfile::tempdir().unwrap();
         let data = random_bytes(3 << 20, 11);
         let files = [
@@ -282,7 +296,7 @@ mod tests {
         let mut image =
             ImageStack::read_only(LayerStack::new(vec![LsmtFile::open(blob).unwrap()]).unwrap());
         if advised {
-            let ra = FileReadahead::open(&image, CHUNK).unwrap();
+            let ra = FileReadahead::open(&image, chunk).unwrap();
             image.set_advisor(Box::new(ra));
         }
         Lazy {
@@ -358,6 +372,23 @@ mod tests {
                 "advised {advised}"
             );
         }
+    }
+
+    /// A file of more than 32 chunks (3 MiB in 64 KiB chunks) is left to the refill: its
+    /// first read fetches what it reads.
+    #[test]
+    fn a_long_file_is_left_to_the_refill() {
+        let l = lazy_with(true, 64 << 10);
+        l.read_inode();
+        let fetched = l.fake.fetched();
+        assert_eq!(l.read_file(CHUNK + 4096, 4096), 1);
+        assert!(l.fake.fetched() - fetched <= 2 * BS);
+        // With chunks of 1 MiB (3 chunks), the same read brings the chunk.
+        let l = lazy_with(true, CHUNK);
+        l.read_inode();
+        let fetched = l.fake.fetched();
+        assert_eq!(l.read_file(CHUNK + 4096, 4096), 1);
+        assert!(l.fake.fetched() - fetched >= CHUNK - BS);
     }
 
     /// The fuzz target's entry on its seed (an ext4 by `mkfs.ext4 -d`, 1 KiB blocks, a 70 KB
