@@ -515,13 +515,11 @@ fn read_disk(img: &ImageStack, r: &PrefetchRead, buf: &mut Vec<u8>) -> Result<Op
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::CacheConfig;
     use crate::source::cache::{BlobCache, CachedBlob};
     use crate::source::config::LowerConfig;
     use crate::testing::{random_bytes, Fake};
     use std::collections::BTreeSet;
     use std::sync::atomic::Ordering::SeqCst;
-    use std::time::Duration;
 
     const BS: u64 = 64 << 10;
     const DATA: u64 = 4 << 20;
@@ -606,15 +604,7 @@ mod tests {
 
     fn setup(trace: &[u8]) -> Setup {
         let t = tempfile::tempdir().unwrap();
-        let cache_dir = t.path().join("cache");
-        let cc = CacheConfig {
-            dir: Some(cache_dir.clone()),
-            size_gb: 1.0,
-            refill_kb: BS >> 10,
-            whole_blob_kb: 0,
-            file_chunk_kb: 0,
-        };
-        let cache = BlobCache::open_with(&cc, &cache_dir, Duration::from_secs(3600)).unwrap();
+        let cache = crate::testing::block_cache(&t.path().join("cache"));
         let data = lsmt_layer();
         let layer = Fake::served(
             data.clone(),

@@ -219,15 +219,13 @@ impl ReadAdvisor for FileReadahead {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::CacheConfig;
     use crate::extfs::{ExtFs, ROOT_INO};
     use crate::prefetch::LowerDisk;
-    use crate::source::cache::{BlobCache, CachedBlob};
+    use crate::source::cache::CachedBlob;
     use crate::testing::{ext4_layer, random_bytes, Fake};
     use ovbd_format::{FileSource, LsmtFile, ReadAt};
     use std::sync::atomic::Ordering::SeqCst;
     use std::sync::Arc;
-    use std::time::Duration;
 
     use crate::testing::BS;
     const CHUNK: u64 = 1 << 20;
@@ -280,15 +278,7 @@ mod tests {
             .unwrap();
         let slot = table.offset + (ino as u64 - 1) % per_group * ra.geometry.inode_size;
         // The same layer from the registry.
-        let cache_dir = t.path().join("cache");
-        let cc = CacheConfig {
-            dir: Some(cache_dir.clone()),
-            size_gb: 1.0,
-            refill_kb: BS >> 10,
-            whole_blob_kb: 0,
-            file_chunk_kb: CHUNK >> 10,
-        };
-        let cache = BlobCache::open_with(&cc, &cache_dir, Duration::from_secs(3600)).unwrap();
+        let cache = crate::testing::block_cache(&t.path().join("cache"));
         let bytes = std::fs::read(&lsmt).unwrap();
         let digest = crate::oci::sha256_digest(&bytes);
         let fake = Fake::served(bytes, digest.as_ref(), "h/r");

@@ -1069,3 +1069,15 @@ pub(crate) fn ext4_layer(t: &std::path::Path, files: &[(&str, Vec<u8>)]) -> std:
     };
     convert_layer(&job, &tarred[..]).unwrap().lsmt
 }
+
+/// A block cache in `dir` for tests: refills of [`BS`], no blob whole, no file readahead.
+pub(crate) fn block_cache(dir: &std::path::Path) -> Arc<crate::source::cache::BlobCache> {
+    let cc = crate::config::CacheConfig {
+        dir: Some(dir.to_path_buf()),
+        size_gb: 1.0,
+        refill_kb: BS >> 10,
+        whole_blob_kb: 0,
+        file_chunk_kb: 0,
+    };
+    crate::source::cache::BlobCache::open_with(&cc, dir, Duration::from_secs(3600)).unwrap()
+}
