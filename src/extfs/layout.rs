@@ -317,6 +317,19 @@ mod tests {
         }
         let g = Geometry::parse(&good, disk).unwrap();
         assert!(g.inode_tables(&[0u8; 64], disk).is_err());
+        // Descriptor tables no real ext4 has, which reading would allocate: descriptors past
+        // ext4's 1024 bytes, or a table past 8 MiB (2^20 groups of 64 bytes on a 128 TiB disk).
+        let huge = |desc: u16, groups: u32| {
+            let mut sb = superblock(groups * 8);
+            put32(&mut sb, 0x18, 6); // 64 KiB blocks
+            put32(&mut sb, 0x20, 8); // 8 per group
+            put16(&mut sb, 0xFE, desc);
+            Geometry::parse(&sb, u64::MAX)
+        };
+        assert!(huge(4096, 16).is_err(), "descriptors of 4096 bytes");
+        assert!(huge(1024, 1 << 20).is_err(), "a table of 1 GiB");
+        assert!(huge(64, 1 << 17).is_err(), "a table of 8 MiB and more");
+        assert_eq!(huge(64, (1 << 17) - 1).unwrap().gdt_len(), (8 << 20) - 64);
     }
 
     fn run(logical: u64, offset: u64, len: u64) -> DataRun {
