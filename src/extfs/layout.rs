@@ -19,6 +19,10 @@ const EXTENT_MAGIC: u16 = 0xF30A;
 const MAX_INIT_EXTENT_LEN: u16 = 32768;
 /// At most this many groups are described: 2^20 groups of 128 MiB is 128 TiB, past any image.
 const MAX_GROUPS: u64 = 1 << 20;
+/// ext4's largest group descriptor (EXT4_MAX_DESC_SIZE).
+const MAX_DESC_SIZE: u64 = 1024;
+/// The largest descriptor table read: 2^17 descriptors of 64 bytes, 16 TiB of 128 MiB groups.
+const MAX_GDT_BYTES: u64 = 8 << 20;
 
 fn u16_at(b: &[u8], at: usize) -> u16 {
     u16::from_le_bytes([b[at], b[at + 1]])
@@ -67,7 +71,7 @@ impl Geometry {
         } else {
             32
         };
-        if !(32..=block_size).contains(&desc_size) || !desc_size.is_power_of_two() {
+        if !(32..=MAX_DESC_SIZE).contains(&desc_size) || !desc_size.is_power_of_two() {
             return Err(invalid(format!("superblock: descriptor size {desc_size}")));
         }
         let inode_size = if u32_at(sb, 0x4C) == 0 {
@@ -92,8 +96,10 @@ impl Geometry {
             )));
         }
         let groups = (blocks - first_data_block).div_ceil(blocks_per_group);
-        if groups > MAX_GROUPS {
-            return Err(invalid(format!("superblock: {groups} groups")));
+        if groups > MAX_GROUPS || groups * desc_size >= MAX_GDT_BYTES {
+            return Err(invalid(format!(
+                "superblock: {groups} groups of {desc_size}-byte descriptors, past the {MAX_GDT_BYTES} bytes read"
+            )));
         }
         Ok(Geometry {
             block_size,
