@@ -199,13 +199,16 @@ pub fn inode_data_runs(raw: &[u8], block_size: u64, disk_size: u64, out: &mut Ve
         return;
     }
     let entries = (u16_at(ib, 2) as usize).min(4);
+    // ext4 keeps a node's extents in file order, apart: one that is not is skipped.
+    let mut next = 0;
     for e in 0..entries {
         let x = &ib[12 + 12 * e..24 + 12 * e];
         let logical = u32_at(x, 0) as u64 * block_size;
         let len = u16_at(x, 4);
-        if len == 0 || len > MAX_INIT_EXTENT_LEN || logical >= size {
+        if len == 0 || len > MAX_INIT_EXTENT_LEN || logical >= size || logical < next {
             continue;
         }
+        next = logical + len as u64 * block_size;
         let start = (u16_at(x, 6) as u64) << 32 | u32_at(x, 8) as u64;
         let Some(offset) = start.checked_mul(block_size).filter(|&o| o > 0) else {
             continue;
@@ -381,5 +384,17 @@ mod tests {
         inode_data_runs(&inode(S_IFREG, bs, &[(5, 1, 9)]), bs, disk, &mut out);
         inode_data_runs(&[0u8; 256], bs, disk, &mut out);
         assert!(out.is_empty(), "{out:?}");
+        // Extents out of file order or on each other: each one that starts before the end of
+        // the one before is skipped (no chunk of a file can then hold more than its length).
+        let f = inode(
+            S_IFREG,
+            40 * bs,
+            &[(0, 8, 100), (4, 8, 200), (8, 2, 300), (2, 1, 400)],
+        );
+        inode_data_runs(&f, bs, disk, &mut out);
+        assert_eq!(
+            out,
+            [run(0, 100 * bs, 8 * bs), run(8 * bs, 300 * bs, 2 * bs)]
+        );
     }
 }
