@@ -20,7 +20,7 @@ use ovbd_format::trace::{
     is_binary_trace, parse_priority_list, parse_trace, ListEntry, TraceOp, MAX_IO_SIZE,
     MAX_TRACE_SIZE,
 };
-use ovbd_format::{ImageStack, ReadAt};
+use ovbd_format::{ImageStack, LayerStack, ReadAt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Weak};
@@ -436,7 +436,6 @@ pub(crate) fn replay(
     std::thread::scope(|s| {
         for _ in 0..concurrency.clamp(1, steps.len().max(1)) {
             s.spawn(|| {
-                let mut buf = Vec::new();
                 loop {
                     if cancel.load(Relaxed) {
                         return;
@@ -449,7 +448,7 @@ pub(crate) fn replay(
                         return; // detached
                     };
                     let records = step.spans.len() as u64;
-                    match run_step(&img, step, &mut buf) {
+                    match run_step(&img, step) {
                         Ok(Some(n)) => {
                             stats.reads.fetch_add(records, Relaxed);
                             stats.bytes.fetch_add(n, Relaxed);
@@ -469,10 +468,10 @@ pub(crate) fn replay(
 }
 
 /// One step: a layer range prefetched by its source (into the block cache for a remote layer:
-/// no decompression), a disk range read. Returns the bytes the plan's reads asked for (up to
+/// no decompression), a disk range prefetched through the lowers. Returns the bytes the plan's reads asked for (up to
 /// the layer's end, as upstream's pread comes up short there), None if the layer is not in the
 /// image.
-fn run_step(img: &ImageStack, step: &Step, buf: &mut Vec<u8>) -> Result<Option<u64>> {
+fn run_step(img: &ImageStack, step: &Step) -> Result<Option<u64>> {
     let Some(lower) = img.lower() else {
         return Ok(None);
     };
@@ -493,23 +492,19 @@ fn run_step(img: &ImageStack, step: &Step, buf: &mut Vec<u8>) -> Result<Option<u
                     .sum(),
             ))
         }
-        Target::Disk => read_disk(img, r, buf),
+        Target::Disk => prefetch_disk(lower, r),
     }
 }
 
-/// A read of the merged disk (a priority-list file's extent), up to its end.
-fn read_disk(img: &ImageStack, r: &PrefetchRead, buf: &mut Vec<u8>) -> Result<Option<u64>> {
-    let Some(lower) = img.lower() else {
-        return Ok(None);
-    };
+/// A range of the merged disk (a priority-list file's extent), up to its end: prefetched into
+/// the lowers' caches as the file readahead's chunks are, without decompressing it here.
+fn prefetch_disk(lower: &LayerStack, r: &PrefetchRead) -> Result<Option<u64>> {
     let end = r.offset.saturating_add(r.len).min(lower.virtual_size());
     if end <= r.offset {
         return Ok(Some(0));
     }
-    let n = (end - r.offset) as usize;
-    buf.resize(n, 0);
-    lower.read(&mut buf[..n], r.offset)?;
-    Ok(Some(n as u64))
+    lower.prefetch(&[(r.offset, end - r.offset)])?;
+    Ok(Some(end - r.offset))
 }
 
 #[cfg(test)]
