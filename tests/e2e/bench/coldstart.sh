@@ -85,7 +85,9 @@ workload_build() {
             W_CMD=(/bin/sh -c 'cat /data/l*/small.txt | wc -l') W_WANT=$((${w#layers} - 1)) ;;
         *) e2e_fail "no workload '$w' (small python layers3 layers20)" ;;
     esac
-    dir=$image_cache/$(echo "${args[*]}" | tr ' ' '_')
+    # Keyed by the builders' text too: a changed builder builds its images again.
+    dir=$image_cache/$(echo "${args[*]}" | tr ' ' '_')_$(cat "$here/mkbench-image.py" "$here/../containerd/mkimage.py" |
+        sha256sum | cut -c1-8)
     if [[ ! -s $dir/index.json ]]; then
         log "building the $w image (${args[*]}) in $dir"
         rm -rf "$dir.tmp"

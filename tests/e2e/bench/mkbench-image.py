@@ -17,7 +17,8 @@
       /data/lK/small.txt. Workload: cat /data/l*/small.txt (one small read per layer).
 
 Layers are gzip tars written through temporary files (images of hundreds of MiB stay out of memory);
-mtimes, owners and the gzip header are fixed, so the same inputs give the same digests.
+mtimes (but host files' own), owners and the gzip header are fixed, so the same inputs give the same
+digests.
 """
 import argparse
 import glob
@@ -105,6 +106,9 @@ class StreamLayer:
         st = os.stat(path)
         ti = self._info(path, tarfile.REGTYPE, st.st_mode & 0o7777)
         ti.size = st.st_size
+        # The host's mtime (as an image built from installed packages keeps it), not MTIME: a .pyc
+        # records its source's mtime, and Python recompiles every module whose .py says otherwise.
+        ti.mtime = int(st.st_mtime)
         with open(path, "rb") as f:
             self.tar.addfile(ti, f)
         return st.st_size
