@@ -209,6 +209,7 @@ impl CachedBlob {
             e
         };
         log::trace!("{}: fetching {get_ranges:?}", self.name);
+        let started = std::time::Instant::now();
         let got = match self.source.fetch_ranges(&get_ranges) {
             Ok(d)
                 if d.len() == get_ranges.len()
@@ -265,6 +266,11 @@ impl CachedBlob {
             return Ok(());
         }
         let bytes: u64 = ranges.iter().map(|r| r.1 as u64).sum();
+        log::trace!(
+            "{}: fetched {bytes} bytes in {:?}",
+            self.name,
+            started.elapsed()
+        );
         {
             let stamp = self.cache.tick();
             let mut inner = lock(&st.inner);
