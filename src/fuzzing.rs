@@ -216,10 +216,17 @@ pub fn ext4_readahead(disk: &[u8]) -> Result<usize> {
             let _ = ra.take_chunk(at);
         }
     }
+    // Every noted file an ELF file: its chunks become one, as long as the file at most.
+    for at in (0..size).step_by(512) {
+        ra.note_elf(b"\x7fELF", at);
+    }
     for at in (0..size).step_by(512) {
         if let Some(chunk) = ra.take_chunk(at) {
             let bytes: u64 = chunk.iter().map(|(s, e)| e - s).sum();
-            assert!(bytes <= CHUNK, "a chunk of {bytes} bytes");
+            assert!(
+                bytes <= CHUNK.max(crate::readahead::WHOLE_ELF_MAX),
+                "a chunk of {bytes} bytes"
+            );
             assert!(chunk.iter().all(|&(s, e)| s < e && e <= size), "{chunk:?}");
             taken += 1;
         }

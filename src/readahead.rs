@@ -12,6 +12,10 @@
 //! - The first read that may wait inside a noted chunk prefetches all of it, its extents in one
 //!   request where the layer holds them one after the other ([`LayerStack::prefetch`]). Each
 //!   chunk is fetched once.
+//! - A program or library comes whole (up to [`WHOLE_ELF_MAX`]): once a read of a file's first
+//!   bytes shows an ELF header, its chunks not fetched yet become one, fetched by the next read
+//!   inside it that may wait. The loader maps it and faults its pages in all over it (python's
+//!   binary: 8 requests of its 7 chunks, one after the other).
 //! - The inodes are the image's, hence untrusted. They can only choose which chunks of at most
 //!   `chunk` bytes of the disk's own data are fetched, and at most [`MAX_RANGES`] ranges are
 //!   noted.
@@ -35,6 +39,11 @@ const MIN_RANGE: u64 = 64 << 10;
 /// are shorter.)
 const MAX_FILE_CHUNKS: u64 = 32;
 
+/// An ELF file up to this long is fetched whole once its header is read (python's binary is
+/// 6.5 MiB, libcrypto 4.5 MiB); a longer one (a browser's, LLVM's library) chunk by chunk.
+pub(crate) const WHOLE_ELF_MAX: u64 = 8 << 20;
+const ELF_MAGIC: &[u8; 4] = b"\x7fELF";
+
 pub(crate) struct FileReadahead {
     disk_size: u64,
     chunk: u64,
@@ -50,6 +59,9 @@ struct Noted {
     ranges: BTreeMap<u64, (u64, u64)>,
     /// The chunks not fetched yet: their disk ranges, in file order.
     chunks: HashMap<u64, Vec<(u64, u64)>>,
+    /// Files of several chunks, up to [`WHOLE_ELF_MAX`], by the disk offset of their first
+    /// byte: their chunks, for [`FileReadahead::note_elf`].
+    heads: HashMap<u64, Vec<u64>>,
     next: u64,
     full: bool,
 }
@@ -107,6 +119,8 @@ impl FileReadahead {
         let isz = self.geometry.inode_size;
         let first = self.tables.partition_point(|t| t.offset + t.len <= offset);
         let mut chunks: Vec<Vec<(u64, u64)>> = Vec::new();
+        // Files that may come whole: their first byte's disk offset and their chunks in `chunks`.
+        let mut heads: Vec<(u64, std::ops::Range<usize>)> = Vec::new();
         let mut runs: Vec<DataRun> = Vec::new();
         for t in self.tables[first..].iter().take_while(|t| t.offset < end) {
             // The inode slots wholly inside both the table and the read.
@@ -119,7 +133,14 @@ impl FileReadahead {
                 inode_data_runs(slot, self.geometry.block_size, self.disk_size, &mut runs);
                 let len = runs.iter().map(|r| r.logical + r.len).max().unwrap_or(0);
                 if len <= MAX_FILE_CHUNKS * self.chunk {
+                    let first = chunks.len();
                     self.split(&runs, &mut chunks);
+                    let head = runs.iter().find(|r| r.logical == 0).map(|r| r.offset);
+                    if let (Some(head), true) = (head, len <= WHOLE_ELF_MAX) {
+                        if chunks.len() - first > 1 {
+                            heads.push((head, first..chunks.len()));
+                        }
+                    }
                 }
                 at += isz;
             }
@@ -128,7 +149,9 @@ impl FileReadahead {
             return;
         }
         let mut noted = self.noted();
+        let mut ids: Vec<Option<u64>> = Vec::with_capacity(chunks.len());
         for c in chunks {
+            ids.push(None);
             if noted.ranges.len() + c.len() > MAX_RANGES {
                 if !noted.full {
                     noted.full = true;
@@ -152,7 +175,42 @@ impl FileReadahead {
                 noted.ranges.insert(s, (e, id));
             }
             noted.chunks.insert(id, c);
+            *ids.last_mut().expect("pushed above") = Some(id);
         }
+        for (head, of) in heads {
+            let file: Vec<u64> = ids[of].iter().flatten().copied().collect();
+            if file.len() > 1 {
+                noted.heads.insert(head, file);
+            }
+        }
+    }
+
+    /// After a read of `data` at `offset`: if it is the first bytes of a noted file and they
+    /// are an ELF header, the file's chunks not fetched yet become one chunk, so that the next
+    /// read inside any of them fetches them all.
+    pub(crate) fn note_elf(&self, data: &[u8], offset: u64) {
+        if !data.starts_with(ELF_MAGIC) {
+            return;
+        }
+        let mut noted = self.noted();
+        let Some(file) = noted.heads.remove(&offset) else {
+            return;
+        };
+        let mut whole: Vec<(u64, u64)> = Vec::new();
+        for id in &file {
+            whole.extend(noted.chunks.remove(id).into_iter().flatten());
+        }
+        if whole.is_empty() {
+            return;
+        }
+        let id = noted.next;
+        noted.next += 1;
+        for &(s, _) in &whole {
+            if let Some(r) = noted.ranges.get_mut(&s) {
+                r.1 = id;
+            }
+        }
+        noted.chunks.insert(id, whole);
     }
 
     /// Cuts a file's `runs` into its chunks (aligned `chunk` bytes of the file) as disk ranges
@@ -213,6 +271,7 @@ impl ReadAdvisor for FileReadahead {
 
     fn after_read(&self, data: &[u8], offset: u64) {
         self.note_inodes(data, offset);
+        self.note_elf(data, offset);
     }
 }
 
@@ -249,8 +308,12 @@ mod tests {
 
     /// As [`lazy`], the readahead fetching chunks of `chunk` bytes.
     fn lazy_with(advised: bool, chunk: u64) -> Lazy {
+        lazy_of(advised, chunk, random_bytes(3 << 20, 11))
+    }
+
+    /// As [`lazy_with`], the big file holding `data`.
+    fn lazy_of(advised: bool, chunk: u64, data: Vec<u8>) -> Lazy {
         let t = tempfile::tempdir().unwrap();
-        let data = random_bytes(3 << 20, 11);
         let files = [
             ("app/big", data.clone()),
             ("app/small", random_bytes(5000, 12)),
@@ -346,6 +409,35 @@ mod tests {
         // The last chunk ends with the file.
         assert_eq!(l.read_file(3 * CHUNK - 4096, 4096), 1);
         assert_eq!(l.read_file(2 * CHUNK, CHUNK as usize), 0);
+    }
+
+    /// A program (an ELF header at the file's start) comes whole: its first read fetches its
+    /// first chunk, the next read elsewhere in it all the rest in one request, and then no read
+    /// in it needs another.
+    #[test]
+    fn an_elf_file_comes_whole_once_its_header_is_read() {
+        let mut data = random_bytes(3 << 20, 11);
+        data[..4].copy_from_slice(ELF_MAGIC);
+        let l = lazy_of(true, CHUNK, data);
+        l.read_inode();
+        assert_eq!(l.read_file(0, 4096), 1);
+        let fetched = l.fake.fetched();
+        assert_eq!(l.read_file(2 * CHUNK + 4096, 4096), 1);
+        assert!(l.fake.fetched() - fetched >= 2 * CHUNK - BS);
+        assert_eq!(l.read_file(0, 3 * CHUNK as usize), 0);
+    }
+
+    /// An ELF file longer than [`WHOLE_ELF_MAX`] is fetched chunk by chunk, as any file.
+    #[test]
+    fn a_long_elf_file_comes_chunk_by_chunk() {
+        let mut data = random_bytes(WHOLE_ELF_MAX as usize + CHUNK as usize, 11);
+        data[..4].copy_from_slice(ELF_MAGIC);
+        let l = lazy_of(true, CHUNK, data);
+        l.read_inode();
+        assert_eq!(l.read_file(0, 4096), 1);
+        assert_eq!(l.read_file(5 * CHUNK + 4096, 4096), 1);
+        assert_eq!(l.read_file(6 * CHUNK + 4096, 4096), 1);
+        assert_eq!(l.read_file(5 * CHUNK, 2 * CHUNK as usize), 0);
     }
 
     /// Without the readahead (or without its inode read first), a read fetches what it reads,
