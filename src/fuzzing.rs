@@ -40,6 +40,40 @@ pub fn registry_headers(v: &[u8]) -> Headers {
     }
 }
 
+/// A `multipart/byteranges` body from a registry: the input's first line is the boundary
+/// (as its `Content-Type` names it), the rest the body of a blob of 1 MiB. Returns the parts
+/// found; each lies within the body and the blob, and is where [`locate`] finds its bytes.
+///
+/// [`locate`]: crate::registry::multipart::locate
+pub fn registry_byteranges(data: &[u8]) -> Result<usize, String> {
+    use crate::registry::multipart::{byteranges_boundary, locate, parse_byteranges};
+    const SIZE: u64 = 1 << 20;
+    let split = data
+        .iter()
+        .position(|&c| c == b'\n')
+        .ok_or("no first line")?;
+    let ct = format!(
+        "multipart/byteranges; boundary={}",
+        String::from_utf8_lossy(&data[..split])
+    );
+    let boundary = byteranges_boundary(&ct).ok_or("no boundary")?;
+    let body = &data[split + 1..];
+    let parts = parse_byteranges(body, boundary, SIZE)?;
+    for p in &parts {
+        assert!(
+            p.at + p.len <= body.len() && p.start + p.len as u64 <= SIZE,
+            "{p:?}"
+        );
+    }
+    let asked: Vec<(u64, usize)> = parts.iter().map(|p| (p.start, p.len)).collect();
+    let at = locate(&parts, &asked)?;
+    for (a, p) in at.iter().zip(&parts) {
+        // Another part may hold the same bytes first; it holds them whole.
+        assert!(a + p.len <= body.len());
+    }
+    Ok(parts.len())
+}
+
 /// Where a docker `config.json` has the credentials for `registry` (its helpers are not run).
 pub fn docker_config(text: &[u8], registry: &str) -> Result<()> {
     let path = Path::new("config.json");

@@ -339,6 +339,9 @@ pub(crate) enum Fault {
     StallHeaders(Duration),
     /// Wait this long, then answer normally.
     Delay(Duration),
+    /// A Range of several ranges is dropped, so the whole blob comes with a 200 (as S3
+    /// answers one); a single range is served.
+    OneRangeOnly,
 }
 
 pub(crate) enum FrontAuth {
@@ -616,6 +619,10 @@ impl Front {
             self.upstream
         );
         for (k, v) in headers {
+            let several = k.eq_ignore_ascii_case("range") && v.contains(',');
+            if matches!(fault, Some(Fault::OneRangeOnly)) && several {
+                continue;
+            }
             if !["host", "connection", "authorization", "proxy-connection"]
                 .iter()
                 .any(|h| k.eq_ignore_ascii_case(h))

@@ -130,6 +130,9 @@ impl RemoteBlob {
                 ));
             }
         }
+        if let Some(got) = self.read_ranges_at_once(ranges)? {
+            return Ok(got);
+        }
         let mut pieces = Vec::new();
         for (i, &(off, len)) in ranges.iter().enumerate() {
             let mut done = 0usize;
@@ -190,6 +193,73 @@ impl RemoteBlob {
             })
     }
 }
+
+impl RemoteBlob {
+    /// Reads a few ranges in one request where the registry serves several ranges at once (a
+    /// request costs the registry more than the bytes: a layer's head and tail at its open,
+    /// a refill's runs apart). `None`: not tried (one range, too many or too long, or a
+    /// registry known to answer such requests with the whole blob), or the registry would not:
+    /// it is remembered, and the caller asks range by range.
+    fn read_ranges_at_once(&self, ranges: &[(u64, usize)]) -> io::Result<Option<Vec<Vec<u8>>>> {
+        let total: usize = ranges.iter().map(|r| r.1).sum();
+        if ranges.len() < 2
+            || ranges.len() > MAX_RANGES_AT_ONCE
+            || ranges.iter().any(|r| r.1 == 0)
+            || total > MAX_REQUEST_BYTES
+        {
+            return Ok(None);
+        }
+        let host = self.t.name.split('/').next().unwrap_or_default().to_owned();
+        let single = || {
+            self.registry
+                .inner
+                .single_range
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+        };
+        if single().contains(&host) {
+            return Ok(None);
+        }
+        let inner = self.registry.inner.clone();
+        let t = self.t.clone();
+        let timeout = inner.timeout;
+        let span = tracing::info_span!(
+            "blob",
+            digest = %self.t.digest,
+            registry = %host,
+            repo = %self.t.repo
+        );
+        let _entered = span.enter();
+        tracing::debug!(ranges = ranges.len(), "lazy read, one request");
+        let owned = ranges.to_vec();
+        let got = self
+            .registry
+            .run(timeout + Duration::from_secs(10), async move {
+                let what = format!("registry blob {} ({} ranges)", t.name, owned.len());
+                let mut op = super::fetch::MultiRangeRead {
+                    t: &t,
+                    ranges: &owned,
+                };
+                let fut = inner.attempt(
+                    &what,
+                    &t.endpoints,
+                    Deadline::At(Instant::now() + timeout),
+                    &mut op,
+                );
+                Ok::<_, io::Error>(tracing::Instrument::in_current_span(fut).await?)
+            })?;
+        if got.is_none() {
+            log::info!(
+                "registry {host}: no answer to several ranges at once; asking range by range"
+            );
+            single().insert(host);
+        }
+        Ok(got)
+    }
+}
+
+/// The most ranges asked for in one request.
+const MAX_RANGES_AT_ONCE: usize = 16;
 
 /// Aborts a spawned request when the read that wanted it gave up (another piece failed).
 pub(super) struct AbortOnDrop<T>(pub(super) tokio::task::JoinHandle<T>);

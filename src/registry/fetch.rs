@@ -435,6 +435,100 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// Several ranges of a blob in one request (`Range: bytes=a-b,c-d`), answered as
+    /// `multipart/byteranges` ([`super::multipart`]): each range's bytes, in order. `Ok(None)`:
+    /// the endpoint does not serve several ranges at once (a 200 with the whole blob, as S3
+    /// answers, a 416, or one range for them all: that body is not read) or its parts do not
+    /// hold what was asked; the caller asks range by range.
+    pub(super) async fn get_ranges(
+        &self,
+        t: &Target,
+        ep: &Endpoint,
+        ranges: &[(u64, usize)],
+    ) -> Result<Option<Vec<Vec<u8>>>, RegistryError> {
+        let spec: Vec<String> = ranges
+            .iter()
+            .map(|&(off, len)| format!("{off}-{}", off + len as u64 - 1))
+            .collect();
+        let spec = spec.join(",");
+        let url = ep.blob_url(&t.repo, &t.digest)?;
+        let req =
+            Request::new(reqwest::Method::GET).header(header::RANGE, &format!("bytes={spec}"));
+        let grant = match &t.layer {
+            Some(layer) if !ep.is_mirror => self.captured.for_layer(layer, &ep.cred_host, &t.repo),
+            _ => None,
+        };
+        let (resp, _) = self
+            .authorized_as(
+                ep,
+                &t.repo,
+                Access::Pull,
+                grant.as_ref(),
+                &t.requests,
+                &req,
+                &url,
+            )
+            .await?;
+        let what = format!("GET {} bytes {spec}", redact(resp.url()));
+        match resp.status() {
+            StatusCode::PARTIAL_CONTENT => {}
+            // Some servers refuse several ranges with a 416: the ranges one by one tell.
+            StatusCode::OK | StatusCode::RANGE_NOT_SATISFIABLE => return Ok(None),
+            _ => return Err(status_error(&what, resp).await),
+        }
+        let boundary = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(super::multipart::byteranges_boundary)
+            .map(str::to_owned);
+        let Some(boundary) = boundary else {
+            return Ok(None);
+        };
+        // The bytes asked for and each part's few header lines.
+        let want: u64 = ranges.iter().map(|r| r.1 as u64).sum();
+        let max = want + 512 * (ranges.len() as u64 + 1);
+        let body = read_limited(resp, max, self.stall, &what).await?;
+        t.fetched.fetch_add(body.len() as u64, Relaxed);
+        crate::metrics::metrics().registry_bytes(&registry_label(&ep.base), body.len() as u64);
+        // A body we cannot use costs its bytes, not the read: ask range by range.
+        let parsed = super::multipart::parse_byteranges(&body, &boundary, t.size)
+            .and_then(|parts| super::multipart::locate(&parts, ranges));
+        let at = match parsed {
+            Ok(at) => at,
+            Err(e) => {
+                log::warn!("{what}: multipart/byteranges answer not used: {e}");
+                return Ok(None);
+            }
+        };
+        Ok(Some(
+            ranges
+                .iter()
+                .zip(at)
+                .map(|(&(_, len), a)| body[a..a + len].to_vec())
+                .collect(),
+        ))
+    }
+}
+
+/// Several ranges of a lazily read blob in one request ([`Inner::get_ranges`]).
+pub(super) struct MultiRangeRead<'t> {
+    pub(super) t: &'t Target,
+    pub(super) ranges: &'t [(u64, usize)],
+}
+
+impl Attempt for MultiRangeRead<'_> {
+    type Output = Option<Vec<Vec<u8>>>;
+    fn once<'a>(
+        &'a mut self,
+        inner: &'a Inner,
+        ep: &'a Endpoint,
+    ) -> impl Future<Output = Result<Self::Output, RegistryError>> + Send + 'a {
+        inner.get_ranges(self.t, ep, self.ranges)
+    }
+}
+
 /// A registry as metrics and `ovbd status` name it: `host[:port]`.
 pub(crate) fn registry_label(url: &Url) -> String {
     match (url.host_str(), url.port()) {

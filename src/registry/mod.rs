@@ -19,6 +19,10 @@
 //!   any;
 //! - a `206` whose `Content-Range` is exactly the range asked is required; a `200` is accepted
 //!   only when the whole blob was asked for;
+//! - a read of a few ranges apart (a layer's head and tail, a refill's runs) asks for them in
+//!   one request, `Range: bytes=a-b,c-d`, answered `multipart/byteranges` (`multipart.rs`); a
+//!   registry that answers it otherwise (a `200` with the whole blob, as S3 does behind a
+//!   redirect, whose body is then not read) is asked range by range, then and from then on;
 //! - redirects (to blob storage) are followed by hand, up to [`MAX_REDIRECTS`]; the
 //!   `Authorization` header goes only to the endpoint's own scheme/host/port;
 //! - auth: anonymous first; a `401` challenge `Bearer realm,service` makes us fetch a token
@@ -72,7 +76,7 @@ use captured::Grant;
 use credentials::{Credential, CredentialStore, HelperSetup};
 use reqwest::header::{self, HeaderMap};
 use reqwest::{StatusCode, Url};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::future::Future;
 use std::io;
@@ -92,6 +96,7 @@ mod host;
 mod image;
 #[cfg(test)]
 mod image_tests;
+pub(crate) mod multipart;
 mod policy;
 #[cfg(test)]
 mod policy_tests;
@@ -170,6 +175,9 @@ struct Inner {
     limits: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
     token_requests: AtomicU64,
     jitter: AtomicU64,
+    /// Registries (`host[:port]`) that answered a request for several ranges with the whole
+    /// blob or one range: asked range by range since.
+    single_range: Mutex<HashSet<String>>,
 }
 
 impl fmt::Debug for Registry {
@@ -289,6 +297,7 @@ impl Registry {
                 auth: Mutex::new(HashMap::new()),
                 limits: Mutex::new(HashMap::new()),
                 token_requests: AtomicU64::new(0),
+                single_range: Mutex::default(),
                 jitter: AtomicU64::new(0x9E37_79B9_7F4A_7C15),
             }),
         }))

@@ -271,6 +271,48 @@ fn registry_reads_random_ranges() {
     assert!(e.contains("descriptor says"), "{e}");
 }
 
+/// Ranges apart go in one request where the registry answers several ranges at once
+/// (docker-registry does, multipart/byteranges); where it answers with the whole blob (S3
+/// does), they are asked for one by one, then and from then on, and the whole blob is not read.
+#[test]
+fn registry_reads_several_ranges_in_one_request() {
+    let (reg, data, digest) = registry_with_blob(3 << 20, 5);
+    let ranges = [(5u64, 10usize), (2 << 20, 17), ((3 << 20) - 100, 100)];
+    let check = |got: Vec<Vec<u8>>| {
+        for (g, &(off, len)) in got.iter().zip(&ranges) {
+            assert!(
+                g[..] == data[off as usize..off as usize + len],
+                "bytes at {off}"
+            );
+        }
+    };
+    let registry = Registry::new(&quick_config()).unwrap();
+    let blob = test_blob(&registry, &reg.addr, &digest, data.len() as u64);
+    let before = blob.requests();
+    check(blob.read_ranges(&ranges).unwrap());
+    assert_eq!(blob.requests() - before, 1);
+    // The parts' headers on top of the 127 bytes.
+    assert!(
+        blob.fetched_bytes() < 127 + 1024,
+        "{}",
+        blob.fetched_bytes()
+    );
+
+    let front = Front::start(&reg.addr, None);
+    *front.always.lock().unwrap() = Some(Fault::OneRangeOnly);
+    let registry = Registry::new(&quick_config()).unwrap();
+    let blob = test_blob(&registry, &front.addr, &digest, data.len() as u64);
+    check(blob.read_ranges(&ranges).unwrap());
+    // The one request the registry answered with a 200, then one per range; not the blob.
+    assert_eq!(blob.requests(), 4);
+    assert!(blob.fetched_bytes() < 1 << 20, "{}", blob.fetched_bytes());
+    check(blob.read_ranges(&ranges).unwrap());
+    assert_eq!(blob.requests(), 7);
+    let seen = front.seen.lock().unwrap();
+    let several = |s: &Seen| s.range.as_deref().is_some_and(|r| r.contains(','));
+    assert_eq!(seen.iter().filter(|s| several(s)).count(), 1);
+}
+
 #[test]
 fn registry_not_found_fails_at_once() {
     let (reg, data, _digest) = registry_with_blob(1000, 2);
