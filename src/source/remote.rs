@@ -128,7 +128,7 @@ impl RemoteSource for RegistrySource {
 }
 
 /// The layer blob `digest` of `image_ref` as the registry serves it, and the same read
-/// through the block cache, its tail already being fetched (see [`fetch_tail_alongside`]).
+/// through the block cache, its head and tail fetched (see [`fetch_head_and_tail`]).
 fn open_cached(
     registry: &Arc<Registry>,
     cache: &Arc<BlobCache>,
@@ -140,7 +140,7 @@ fn open_cached(
     // The layer's directory names it: a CRI pull secret bound to it authenticates its reads.
     let remote = RemoteBlob::new(registry.clone(), image_ref, digest, size)?.for_layer(dir);
     let cached = Arc::new(CachedBlob::new(cache.clone(), remote.clone())?);
-    fetch_tail_alongside(&cached);
+    fetch_head_and_tail(&cached);
     Ok((remote, cached))
 }
 
@@ -166,28 +166,17 @@ fn fetch_metadata(
 const TAIL_BYTES: u64 = 4096;
 
 /// Opening a layer reads its head (tar, ZFile and LSMT headers) and then its tail (see
-/// [`TAIL_BYTES`]): two registry round trips in a row per layer at attach. This fetches the
-/// tail's cache block on a thread of its own as the open reads the head, so both are in
-/// flight at once; the open's own read of the tail then waits for that fetch (the cache never
-/// fetches a block twice). A failure here is left for the open's read to report.
-fn fetch_tail_alongside(blob: &Arc<CachedBlob>) {
+/// [`TAIL_BYTES`]): two registry round trips in a row per layer. This fetches the head's and
+/// the tail's cache blocks first, together: in one request where the registry serves several
+/// ranges at once, else in two at once. A failure here is left for the open's reads to report.
+fn fetch_head_and_tail(blob: &CachedBlob) {
     if blob.comes_whole() {
         return; // one request brings head and tail
     }
     let size = blob.size();
     let n = size.min(TAIL_BYTES);
-    let mut buf = vec![0u8; n as usize];
-    if n == 0 || blob.read_at_nowait(&mut buf, size - n).is_ok() {
-        return; // cached already
-    }
-    let b = blob.clone();
-    let spawned = std::thread::Builder::new()
-        .name("ovbd-tail".into())
-        .spawn(move || {
-            let _ = b.read_at(&mut buf, size - n);
-        });
-    if let Err(e) = spawned {
-        log::debug!("{}: tail not fetched ahead: {e}", blob.name());
+    if let Err(e) = blob.fetch_together(&[(0, 1), (size - n, n)]) {
+        log::debug!("{}: head and tail not fetched ahead: {e}", blob.name());
     }
 }
 
@@ -410,32 +399,41 @@ mod tests {
         }
     }
 
-    /// Opening a remote layer reads its head and then its tail: both are fetched at once, not
-    /// one after the other (two registry round trips per layer at attach otherwise), and
-    /// nothing more is fetched for it.
+    /// Opening a remote layer reads its head and then its tail: both come in one request
+    /// (`Range: a-b,c-d`), not one after the other (two registry round trips per layer
+    /// otherwise), and nothing more is fetched for it. A registry that answers such a request
+    /// with the whole blob gets two requests at once instead.
     #[test]
-    fn a_layer_opens_with_its_head_and_tail_fetched_at_once() {
+    fn a_layer_opens_with_its_head_and_tail_in_one_request() {
         use crate::testing::Fault;
-        use std::sync::atomic::Ordering::SeqCst;
 
         let no_download = DownloadConfig {
             enable: false,
             ..Default::default()
         };
-        let t = layer_behind_front(41, no_download);
-        *t.front.always.lock().unwrap() = Some(Fault::Delay(Duration::from_millis(200)));
-        let blob = t
-            .source
-            .open(&t.url, &t.digest, t.layer.len() as u64, None)
-            .unwrap();
-        let opened = ovbd_format::open_layer(blob).unwrap();
-        assert_eq!(opened.lsmt.virtual_size(), 64 << 20);
-        assert!(
-            t.front.max_inflight.load(SeqCst) >= 2,
-            "head and tail fetched in turn: {:?}",
-            t.front.seen.lock().unwrap()
-        );
-        assert_eq!(t.front.blob_gets(), 2);
+        for one_range_only in [false, true] {
+            let t = layer_behind_front(41, no_download.clone());
+            if one_range_only {
+                *t.front.always.lock().unwrap() = Some(Fault::OneRangeOnly);
+            }
+            let blob = t
+                .source
+                .open(&t.url, &t.digest, t.layer.len() as u64, None)
+                .unwrap();
+            let opened = ovbd_format::open_layer(blob).unwrap();
+            assert_eq!(opened.lsmt.virtual_size(), 64 << 20);
+            let seen = t.front.seen.lock().unwrap();
+            let ranges: Vec<&str> = seen.iter().filter_map(|s| s.range.as_deref()).collect();
+            assert_eq!(ranges.len(), seen.len(), "{seen:?}");
+            if one_range_only {
+                // The request the registry answered with a 200, then head and tail.
+                assert_eq!(ranges.len(), 3, "{ranges:?}");
+                assert!(ranges[1..].iter().all(|r| !r.contains(',')), "{ranges:?}");
+            } else {
+                assert_eq!(ranges.len(), 1, "{ranges:?}");
+                assert!(ranges[0].starts_with("bytes=0-") && ranges[0].contains(','));
+            }
+        }
     }
 
     /// A registry that does not answer holds up no Prepare: asking for more prefetches than
@@ -481,9 +479,9 @@ mod tests {
         let dir = t.root.path().join("layer");
         std::fs::create_dir(&dir).unwrap();
         t.source.prefetch_metadata(&t.url, &t.digest, size, &dir);
-        // A hang guard only: head and tail are two local requests.
+        // A hang guard only: head and tail are one local request.
         let t0 = std::time::Instant::now();
-        while t.front.blob_gets() < 2 || t.front.in_flight() > 0 {
+        while t.front.blob_gets() < 1 || t.front.in_flight() > 0 {
             assert!(t0.elapsed() < Duration::from_secs(20), "no prefetch");
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -492,7 +490,7 @@ mod tests {
         let opened = ovbd_format::open_layer(blob).unwrap();
         assert_eq!(opened.lsmt.virtual_size(), 64 << 20);
         let seen = t.front.seen.lock().unwrap();
-        assert_eq!(seen.len(), 2, "{seen:?}");
+        assert_eq!(seen.len(), 1, "{seen:?}");
         assert!(seen.iter().all(|s| s.range.is_some()), "{seen:?}");
     }
 }
