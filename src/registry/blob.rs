@@ -252,7 +252,12 @@ impl RemoteBlob {
             log::info!(
                 "registry {host}: no answer to several ranges at once; asking range by range"
             );
-            single().insert(host);
+            let mut hosts = single();
+            // Image references name the hosts: a bounded memory of them.
+            if hosts.len() >= MAX_SINGLE_RANGE_HOSTS {
+                hosts.clear();
+            }
+            hosts.insert(host);
         }
         Ok(got)
     }
@@ -260,6 +265,9 @@ impl RemoteBlob {
 
 /// The most ranges asked for in one request.
 const MAX_RANGES_AT_ONCE: usize = 16;
+
+/// Registries remembered as serving one range per request, at most (then forgotten).
+const MAX_SINGLE_RANGE_HOSTS: usize = 256;
 
 /// Aborts a spawned request when the read that wanted it gave up (another piece failed).
 pub(super) struct AbortOnDrop<T>(pub(super) tokio::task::JoinHandle<T>);
