@@ -396,21 +396,16 @@ impl Inner {
         }
     }
 
-    /// Reads `[offset + out.len(), offset + len)` of the blob from `ep` onto the end of `out`.
-    /// On failure `out` keeps what did arrive (the next try resumes after it).
-    pub(super) async fn get_range(
+    /// `GET` of the blob's bytes `spec` (`a-b` or `a-b,c-d,...`) from `ep`, authorized.
+    async fn get_blob_ranges(
         &self,
         t: &Target,
         ep: &Endpoint,
-        offset: u64,
-        len: usize,
-        out: &mut Vec<u8>,
-    ) -> Result<(), RegistryError> {
-        let start = offset + out.len() as u64;
-        let end = offset + len as u64 - 1;
+        spec: &str,
+    ) -> Result<reqwest::Response, RegistryError> {
         let url = ep.blob_url(&t.repo, &t.digest)?;
-        let req = Request::new(reqwest::Method::GET)
-            .header(header::RANGE, &format!("bytes={start}-{end}"));
+        let req =
+            Request::new(reqwest::Method::GET).header(header::RANGE, &format!("bytes={spec}"));
         // A CRI pull secret: only the one bound to this layer, and never for a mirror.
         let grant = match &t.layer {
             Some(layer) if !ep.is_mirror => self.captured.for_layer(layer, &ep.cred_host, &t.repo),
@@ -426,6 +421,24 @@ impl Inner {
                 &req,
                 &url,
             )
+            .await?;
+        Ok(resp)
+    }
+
+    /// Reads `[offset + out.len(), offset + len)` of the blob from `ep` onto the end of `out`.
+    /// On failure `out` keeps what did arrive (the next try resumes after it).
+    pub(super) async fn get_range(
+        &self,
+        t: &Target,
+        ep: &Endpoint,
+        offset: u64,
+        len: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<(), RegistryError> {
+        let start = offset + out.len() as u64;
+        let end = offset + len as u64 - 1;
+        let resp = self
+            .get_blob_ranges(t, ep, &format!("{start}-{end}"))
             .await?;
         let before = out.len();
         let read = read_body(t, resp, start, end, out, self.stall).await;
@@ -452,24 +465,7 @@ impl Inner {
             .map(|&(off, len)| format!("{off}-{}", off + len as u64 - 1))
             .collect();
         let spec = spec.join(",");
-        let url = ep.blob_url(&t.repo, &t.digest)?;
-        let req =
-            Request::new(reqwest::Method::GET).header(header::RANGE, &format!("bytes={spec}"));
-        let grant = match &t.layer {
-            Some(layer) if !ep.is_mirror => self.captured.for_layer(layer, &ep.cred_host, &t.repo),
-            _ => None,
-        };
-        let (resp, _) = self
-            .authorized_as(
-                ep,
-                &t.repo,
-                Access::Pull,
-                grant.as_ref(),
-                &t.requests,
-                &req,
-                &url,
-            )
-            .await?;
+        let resp = self.get_blob_ranges(t, ep, &spec).await?;
         let what = format!("GET {} bytes {spec}", redact(resp.url()));
         match resp.status() {
             StatusCode::PARTIAL_CONTENT => {}
