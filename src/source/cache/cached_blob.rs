@@ -109,8 +109,9 @@ impl CachedBlob {
             flight: Flight::new(),
             finished: false,
         };
-        let _punch = st.punch.read().unwrap_or_else(|e| e.into_inner());
         {
+            // As a read claims its blocks; neither lock is held while they are fetched.
+            let _punch = st.punch.read().unwrap_or_else(|e| e.into_inner());
             let mut inner = lock(&st.inner);
             let mut blocks: Vec<u64> = Vec::new();
             for &(offset, len) in ranges {
