@@ -342,6 +342,32 @@ pub(crate) enum Fault {
     /// A Range of several ranges is dropped, so the whole blob comes with a 200 (as S3
     /// answers one); a single range is served.
     OneRangeOnly,
+    /// Each part of a multipart answer claims to start one byte later than it does (its bytes
+    /// and length unchanged): parts that do not hold what was asked.
+    ShiftParts,
+}
+
+/// `body` with each `Content-Range: bytes a-b/n` of its parts made `a+1`-`b+1`.
+fn shift_parts(body: &[u8]) -> Vec<u8> {
+    const TAG: &[u8] = b"Content-Range: bytes ";
+    let mut out = Vec::with_capacity(body.len() + 64);
+    let mut i = 0;
+    while i < body.len() {
+        if body[i..].starts_with(TAG) {
+            out.extend_from_slice(TAG);
+            i += TAG.len();
+            let end = i + body[i..].iter().position(|&c| c == b'/').unwrap();
+            let text = std::str::from_utf8(&body[i..end]).unwrap();
+            let (a, b) = text.split_once('-').unwrap();
+            let (a, b): (u64, u64) = (a.parse().unwrap(), b.parse().unwrap());
+            out.extend_from_slice(format!("{}-{}", a + 1, b + 1).as_bytes());
+            i = end;
+        } else {
+            out.push(body[i]);
+            i += 1;
+        }
+    }
+    out
 }
 
 pub(crate) enum FrontAuth {
@@ -640,10 +666,19 @@ impl Front {
             .position(|w| w == b"\r\n\r\n")
             .map_or(resp.len(), |i| i + 4);
         let (head, body) = resp.split_at(split);
+        let shifted;
+        let body = if matches!(fault, Some(Fault::ShiftParts)) {
+            shifted = shift_parts(body);
+            &shifted[..]
+        } else {
+            body
+        };
         let head = String::from_utf8_lossy(head);
         let mut new_head = String::new();
         for line in head.split("\r\n").filter(|l| !l.is_empty()) {
-            if !proxied && line.to_ascii_lowercase().starts_with("location:") {
+            if line.to_ascii_lowercase().starts_with("content-length:") {
+                new_head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+            } else if !proxied && line.to_ascii_lowercase().starts_with("location:") {
                 // An upload's location stays on the front (its faults apply there too).
                 let upstream = format!("http://{}/", self.upstream);
                 new_head.push_str(&line.replace(&upstream, &format!("http://{}/", self.addr)));

@@ -311,6 +311,16 @@ fn registry_reads_several_ranges_in_one_request() {
     let seen = front.seen.lock().unwrap();
     let several = |s: &Seen| s.range.as_deref().is_some_and(|r| r.contains(','));
     assert_eq!(seen.iter().filter(|s| several(s)).count(), 1);
+    drop(seen);
+
+    // A multipart answer whose parts do not hold what was asked (each claims to start a byte
+    // later): not served from, and the ranges are asked for one by one.
+    let front = Front::start(&reg.addr, None);
+    *front.always.lock().unwrap() = Some(Fault::ShiftParts);
+    let registry = Registry::new(&quick_config()).unwrap();
+    let blob = test_blob(&registry, &front.addr, &digest, data.len() as u64);
+    check(blob.read_ranges(&ranges).unwrap());
+    assert_eq!(blob.requests(), 4);
 }
 
 #[test]
