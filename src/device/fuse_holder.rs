@@ -35,6 +35,10 @@ const NOTHING: u8 = b'n';
 const KEPT: u8 = b'y';
 /// How long either side waits for the other's answer on a connection.
 const ANSWER_WAIT: Duration = Duration::from_secs(10);
+/// How often the holder looks whether its connection is gone. It does not wait for that in
+/// poll: /dev/fuse wakes everything polling it whenever it queues a request, so a holder asleep
+/// on it would be woken, and cost the node a context switch, on every block I/O.
+const CHECK_EVERY: Duration = Duration::from_millis(500);
 
 /// The holder's socket for the FUSE mount at `dir` (beside it: `dir` is the mountpoint).
 pub fn socket_path(dir: &Path) -> PathBuf {
@@ -251,6 +255,19 @@ pub fn run(socket: &Path, from_stdin: bool) -> io::Result<()> {
     r
 }
 
+/// Whether the FUSE connection on `fuse` is gone: a poll that does not wait (so does not
+/// queue us on the device) reports POLLERR for an aborted connection.
+fn is_gone(fuse: BorrowedFd) -> bool {
+    let mut fd = [libc::pollfd {
+        fd: fuse.as_raw_fd(),
+        events: 0,
+        revents: 0,
+    }];
+    // SAFETY: poll on a pollfd we own, timeout 0.
+    let n = unsafe { libc::poll(fd.as_mut_ptr(), 1, 0) };
+    n > 0 && fd[0].revents != 0
+}
+
 /// Answers daemons. `exit_when_empty` (a holder a daemon spawned): until the connection is
 /// gone or one says quit; else for ever, holding what it is given meanwhile.
 fn serve(
@@ -262,23 +279,24 @@ fn serve(
         if fuse.is_none() && exit_when_empty {
             return Ok(());
         }
-        // No events asked of the FUSE device: poll reports only POLLERR, once the connection
-        // is aborted (the filesystem was unmounted, or aborted through fusectl). Without a
-        // connection, a negative fd: poll skips it.
-        let mut fds = [
-            libc::pollfd {
-                fd: fuse.as_ref().map_or(-1, |f| f.as_raw_fd()),
-                events: 0,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: listener.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: poll on two pollfds we own.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        // Whether the connection is gone (unmounted, or aborted through fusectl: poll reports
+        // POLLERR) is looked at every CHECK_EVERY, never waited for: see CHECK_EVERY.
+        if fuse.as_ref().is_some_and(|f| is_gone(f.as_fd())) {
+            fuse = None;
+            continue;
+        }
+        let mut fds = [libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        let timeout = if fuse.is_some() {
+            CHECK_EVERY.as_millis() as libc::c_int
+        } else {
+            -1
+        };
+        // SAFETY: poll on a pollfd we own.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, timeout) };
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
@@ -286,11 +304,7 @@ fn serve(
             }
             return Err(e);
         }
-        if fds[0].revents != 0 {
-            fuse = None;
-            continue;
-        }
-        if fds[1].revents & libc::POLLIN == 0 {
+        if fds[0].revents & libc::POLLIN == 0 {
             continue;
         }
         let Ok((conn, _)) = listener.accept() else {
