@@ -8,9 +8,9 @@
 //! plain `ovbd serve` would lose it. So the daemon spawns `ovbd fuse-holder` (a hidden verb of
 //! the same binary), in its own session, with the descriptor as its stdin; the holder listens
 //! on a unix socket next to the mountpoint and hands the descriptor (SCM_RIGHTS, through
-//! `nix`) to the next daemon. It does no I/O on it: it only polls it, and exits once the
-//! connection is gone (unmounted or aborted) or a daemon tells it to. One holder per mountpoint:
-//! it takes an exclusive lock before binding.
+//! `nix`) to the next daemon. It does no I/O on it: it looks every half second whether the
+//! connection is gone (unmounted or aborted), and exits then or when a daemon tells it to. One
+//! holder per mountpoint: it takes an exclusive lock before binding.
 //!
 //! A holder can also start on its own (`ovbd fuse-holder --socket S`, no `--from-stdin`), before
 //! any daemon, and wait to be given the descriptor: a daemon that finds one listening hands it
