@@ -445,6 +445,29 @@ print(len(got), os.fstat(got[0]).st_ino if got else "-")
         nix::sys::stat::fstat(fd.as_fd()).unwrap().st_ino
     }
 
+    /// A connection that ended since the holder last looked (it looks every CHECK_EVERY) is
+    /// not handed to the next daemon: a daemon killed and its mount removed, then a daemon
+    /// started at once, would otherwise be given a dead connection to serve.
+    #[test]
+    fn a_connection_gone_meanwhile_is_not_handed_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("fuse.holder");
+        let listener = UnixListener::bind(&socket).unwrap();
+        // Stands in for the connection: a pipe's read end reports POLLHUP once the writer
+        // closes, as /dev/fuse reports POLLERR once the connection ends.
+        let (held, writer) = nix::unistd::pipe().unwrap();
+        let server = std::thread::spawn(move || serve(&listener, Some(held), true));
+        // The holder has looked (alive) and sleeps on its socket; the connection ends now.
+        std::thread::sleep(Duration::from_millis(50));
+        drop(writer);
+        let got = take(&socket);
+        assert!(
+            matches!(got, Ok(None)),
+            "a daemon was handed the ended connection: {got:?}"
+        );
+        server.join().unwrap().unwrap();
+    }
+
     /// The socket is 0600 once bound, but not before the chmod (nor under a careless umask, nor
     /// if an operator loosens it): the holder itself must refuse other users, who could
     /// otherwise read and answer every container's block I/O through the descriptor, make it
