@@ -322,6 +322,10 @@ fn serve(
         };
         match request {
             GET => {
+                // Ended since the last look (see CHECK_EVERY): nothing to hand on.
+                if fuse.as_ref().is_some_and(|f| is_gone(f.as_fd())) {
+                    fuse = None;
+                }
                 let (answer, held) = match &fuse {
                     Some(f) => (HERE, vec![f.as_raw_fd()]),
                     None => (NOTHING, vec![]),
