@@ -450,8 +450,9 @@ print(len(got), os.fstat(got[0]).st_ino if got else "-")
     }
 
     /// A connection that ended since the holder last looked (it looks every CHECK_EVERY) is
-    /// not handed to the next daemon: a daemon killed and its mount removed, then a daemon
-    /// started at once, would otherwise be given a dead connection to serve.
+    /// not handed to the next daemon: one aborted while still mounted (fusectl), then a daemon
+    /// started at once, would otherwise be given a dead connection to serve (a daemon refuses
+    /// a kept connection no longer mounted by itself).
     #[test]
     fn a_connection_gone_meanwhile_is_not_handed_on() {
         let dir = tempfile::tempdir().unwrap();
