@@ -459,8 +459,9 @@ print(len(got), os.fstat(got[0]).st_ino if got else "-")
         let socket = dir.path().join("fuse.holder");
         let listener = UnixListener::bind(&socket).unwrap();
         // Stands in for the connection: a pipe's read end reports POLLHUP once the writer
-        // closes, as /dev/fuse reports POLLERR once the connection ends.
-        let (held, writer) = nix::unistd::pipe().unwrap();
+        // closes, as /dev/fuse reports POLLERR once the connection ends. Close-on-exec: a
+        // child another test spawns meanwhile must not keep the writer open.
+        let (held, writer) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
         let server = std::thread::spawn(move || serve(&listener, Some(held), true));
         // The holder has looked (alive) and sleeps on its socket; the connection ends now.
         std::thread::sleep(Duration::from_millis(50));
