@@ -48,6 +48,10 @@ pub struct BlobCache {
     /// One verified entry made at a time.
     pub(super) verifying: Mutex<()>,
     pub(super) flusher: Flusher,
+    /// Runs once, in the next eviction pass, between choosing its blocks and evicting them
+    /// (tests of what readers do meanwhile).
+    #[cfg(test)]
+    pub(super) mid_eviction: Mutex<Option<Box<dyn FnOnce() + Send>>>,
     /// Holds the directory's flock.
     pub(super) _lock: File,
 }
@@ -159,6 +163,8 @@ impl BlobCache {
             verifying: Mutex::new(()),
             flusher: Flusher::start(flush_delay, total)
                 .map_err(|e| CacheError::io("starting the flusher thread of", &dir, e))?,
+            #[cfg(test)]
+            mid_eviction: Mutex::new(None),
             _lock: lock_file,
         });
         cache.scan()?;

@@ -59,6 +59,10 @@ impl BlobCache {
             acc += blobs[i].block_len(b);
             chosen[i].push((b, Some(stamp)));
         }
+        #[cfg(test)]
+        if let Some(f) = lock(&self.mid_eviction).take() {
+            f();
+        }
         let mut freed = 0;
         for (i, list) in chosen.iter().enumerate() {
             if !list.is_empty() {

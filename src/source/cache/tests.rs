@@ -602,6 +602,53 @@ fn blob_cache_random_reads_match_under_eviction_pressure() {
     assert!(served > 0);
 }
 
+/// A fill that lands while another evicts leaves its eviction to that pass. If the pass
+/// frees nothing (every block it chose was read again meanwhile, so is no longer the least
+/// recently used), the cache must still come back under its limit: over it, it would grow
+/// without bound while eviction passes keep losing such races (CI saw 37 blocks cached
+/// against a limit of 6).
+#[test]
+fn fills_during_a_fruitless_eviction_pass_are_still_evicted_for() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = BlobCache::open(&cfg(tmp.path(), 4 * BS, BS), tmp.path()).unwrap();
+    let fake = Fake::new(16 * BS as usize, 5);
+    let blob = Arc::new(cached(&cache, &fake));
+    for b in 0..4 {
+        assert_eq!(
+            read(&*blob, b * BS, 1),
+            &fake.data[(b * BS) as usize..][..1]
+        );
+    }
+    assert_eq!(cache.stats().cached_bytes, 4 * BS);
+    // The next fill goes over the limit; once its eviction pass has chosen, every cached
+    // block is read again and four more blocks are fetched (their fills find it evicting).
+    let during = blob.clone();
+    let data = fake.data.clone();
+    *lock(&cache.mid_eviction) = Some(Box::new(move || {
+        for b in (0..5).chain(6..10) {
+            assert_eq!(read(&*during, b * BS, 1), &data[(b * BS) as usize..][..1]);
+        }
+    }));
+    assert_eq!(
+        read(&*blob, 4 * BS, 1),
+        &fake.data[(4 * BS) as usize..][..1]
+    );
+    assert!(lock(&cache.mid_eviction).is_none(), "no eviction pass ran");
+    let total = cache.stats().cached_bytes;
+    assert!(
+        total <= 4 * BS,
+        "{total} bytes cached ({} blocks) after the fills, limit {} (4 blocks)",
+        total.div_ceil(BS),
+        4 * BS
+    );
+    // And what is cached is right.
+    for b in 0..16 {
+        if let Ok(got) = nowait(&*blob, b * BS, BS as usize) {
+            assert!(got[..] == fake.data[(b * BS) as usize..][..got.len()]);
+        }
+    }
+}
+
 /// Through a registry that fails now and then, then for good: faults are retried below
 /// the cache; cached blocks are served during the outage; the others fail (every waiter)
 /// within the deadline, are not cached, and work once the registry is back.
