@@ -10,14 +10,22 @@ use std::path::Path;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::Arc;
 
+/// Eviction passes in a row that free nothing before [`BlobCache::maybe_evict`] leaves
+/// the rest to the next fill: a bound on spinning while readers keep winning the race.
+const FRUITLESS_PASSES: usize = 4;
+
 impl BlobCache {
     pub(super) fn tick(&self) -> u64 {
         self.clock.fetch_add(1, Relaxed) + 1
     }
 
     /// Evicts down to the low-water mark if over the limit (one evictor at a time). Fills
-    /// that land during a pass leave their eviction to it: it looks again once it lets go.
+    /// that land during a pass leave their eviction to it: it looks again once it lets go,
+    /// also after a pass that freed nothing (every block it chose was read again before it
+    /// got to them, or was still being filled): the next pass chooses among the blocks as
+    /// they are then. After [`FRUITLESS_PASSES`] such passes in a row, the next fill looks.
     pub(super) fn maybe_evict(&self) {
+        let mut fruitless = 0;
         while self.total.load(SeqCst) > self.limit {
             let Ok(g) = self.evicting.try_lock() else {
                 return;
@@ -25,8 +33,12 @@ impl BlobCache {
             let freed = self.evict_to(self.low_water);
             drop(g);
             if freed == 0 {
-                // All in flight (or used again meanwhile): the fills landing next evict.
-                return;
+                fruitless += 1;
+                if fruitless == FRUITLESS_PASSES {
+                    return;
+                }
+                // Let the readers and fills that beat this pass finish theirs.
+                std::thread::yield_now();
             }
         }
     }
