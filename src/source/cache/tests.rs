@@ -25,6 +25,21 @@ fn cfg(dir: &Path, limit: u64, block: u64) -> CacheConfig {
     }
 }
 
+/// Opens the cache at `dir`, waiting out a lock held by another test's child for a moment:
+/// a process spawned elsewhere in this test binary shares every open file, the lock file
+/// of a cache a test just dropped too, until it execs (seen as `Busy` under CI's load).
+fn open_cache(cfg: &CacheConfig, dir: &Path) -> Arc<BlobCache> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match BlobCache::open(cfg, dir) {
+            Err(CacheError::Busy { .. }) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            r => return r.unwrap(),
+        }
+    }
+}
+
 fn paths_of(cache: &BlobCache, fake: &Fake) -> (PathBuf, PathBuf) {
     cache.paths(&Key {
         scope: Scope::of_origin(&fake.origin),
@@ -80,7 +95,7 @@ fn blob_cache_reads_through_registry() {
         refill_kb: 64,
         ..CacheConfig::default()
     };
-    let cache = BlobCache::open(&cache_cfg, &tmp.path().join("cache")).unwrap();
+    let cache = open_cache(&cache_cfg, &tmp.path().join("cache"));
     let blob = CachedBlob::new(cache.clone(), remote).unwrap();
     assert_eq!(blob.size(), data.len() as u64);
     assert!(blob.name().contains(&digest));
@@ -123,7 +138,7 @@ fn blob_cache_reads_through_registry() {
     drop(blob);
     drop(cache);
     drop(reg);
-    let cache = BlobCache::open(&cache_cfg, &tmp.path().join("cache")).unwrap();
+    let cache = open_cache(&cache_cfg, &tmp.path().join("cache"));
     let remote = RemoteBlob::new(registry, &image, &digest, data.len() as u64).unwrap();
     let counter = remote.clone();
     let blob = CachedBlob::new(cache, remote).unwrap();
@@ -137,7 +152,7 @@ fn blob_cache_reads_through_registry() {
 #[test]
 fn blob_cache_rounds_to_blocks_and_coalesces_runs() {
     let tmp = tempfile::tempdir().unwrap();
-    let cache = BlobCache::open(&cfg(tmp.path(), 1 << 30, BS), tmp.path()).unwrap();
+    let cache = open_cache(&cfg(tmp.path(), 1 << 30, BS), tmp.path());
     let fake = Fake::new(20 * BS as usize + 1000, 1);
     let blob = cached(&cache, &fake);
     assert_eq!(
@@ -180,7 +195,7 @@ fn blob_cache_rounds_to_blocks_and_coalesces_runs() {
 #[test]
 fn blob_cache_concurrent_readers_share_one_fetch() {
     let tmp = tempfile::tempdir().unwrap();
-    let cache = BlobCache::open(&cfg(tmp.path(), 1 << 30, BS), tmp.path()).unwrap();
+    let cache = open_cache(&cfg(tmp.path(), 1 << 30, BS), tmp.path());
     let fake = Fake::new(16 * BS as usize, 2);
     *lock(&fake.delay) = Duration::from_millis(300);
     let a = Arc::new(cached(&cache, &fake));
@@ -217,7 +232,7 @@ fn blob_cache_survives_reopen() {
     let tmp = tempfile::tempdir().unwrap();
     let fake = Fake::new(8 * BS as usize + 123, 3);
     {
-        let cache = BlobCache::open(&cfg(tmp.path(), 1 << 30, BS), tmp.path()).unwrap();
+        let cache = open_cache(&cfg(tmp.path(), 1 << 30, BS), tmp.path());
         let blob = cached(&cache, &fake);
         let _ = read(&blob, BS, 3 * BS as usize);
         let _ = read(&blob, 8 * BS, 123);
@@ -226,7 +241,7 @@ fn blob_cache_survives_reopen() {
         assert!(format!("{e:#}").contains("in use"), "{e:#}");
     }
     let fetched = fake.fetched();
-    let cache = BlobCache::open(&cfg(tmp.path(), 1 << 30, BS), tmp.path()).unwrap();
+    let cache = open_cache(&cfg(tmp.path(), 1 << 30, BS), tmp.path());
     assert_eq!(cache.stats().cached_bytes, 3 * BS + 123);
     assert!(!cache.stats().blobs[0].open);
     let blob = cached(&cache, &fake);
@@ -247,7 +262,7 @@ fn blob_cache_survives_reopen() {
     // Another refill size: the old record is not used.
     drop(blob);
     drop(cache);
-    let cache = BlobCache::open(&cfg(tmp.path(), 1 << 30, 2 * BS), tmp.path()).unwrap();
+    let cache = open_cache(&cfg(tmp.path(), 1 << 30, 2 * BS), tmp.path());
     assert_eq!(cache.stats().cached_bytes, 0);
     let blob = cached(&cache, &fake);
     assert!(is_would_block(nowait(&blob, BS, 10)));
@@ -340,7 +355,7 @@ fn blob_cache_torn_state_is_not_served() {
         let tmp = tempfile::tempdir().unwrap();
         let fake = Fake::new(6 * BS as usize, 4);
         let (data_path, map_path) = {
-            let cache = BlobCache::open(&cfg(tmp.path(), 1 << 30, BS), tmp.path()).unwrap();
+            let cache = open_cache(&cfg(tmp.path(), 1 << 30, BS), tmp.path());
             let blob = cached(&cache, &fake);
             let _ = read(&blob, 0, 6 * BS as usize);
             assert_eq!(blob.cached_bytes(), 6 * BS);
@@ -378,7 +393,7 @@ fn blob_cache_torn_state_is_not_served() {
         }
         assert!(e.to_string().contains(&file.display().to_string()), "{e}");
         let fetched = fake.fetched();
-        let cache = BlobCache::open(&cfg(tmp.path(), 1 << 30, BS), tmp.path()).unwrap();
+        let cache = open_cache(&cfg(tmp.path(), 1 << 30, BS), tmp.path());
         assert_eq!(cache.stats().cached_bytes, 0, "{what}");
         let blob = cached(&cache, &fake);
         for b in 0..6 {
@@ -395,7 +410,7 @@ fn blob_cache_torn_state_is_not_served() {
         // And the fresh record is good for the next start.
         drop(blob);
         drop(cache);
-        let cache = BlobCache::open(&cfg(tmp.path(), 1 << 30, BS), tmp.path()).unwrap();
+        let cache = open_cache(&cfg(tmp.path(), 1 << 30, BS), tmp.path());
         assert_eq!(cache.stats().cached_bytes, 6 * BS, "{what}");
     }
 }
@@ -406,7 +421,7 @@ fn blob_cache_torn_state_is_not_served() {
 fn blob_cache_lru_eviction_keeps_under_limit() {
     let tmp = tempfile::tempdir().unwrap();
     let limit = 10 * BS;
-    let cache = BlobCache::open(&cfg(tmp.path(), limit, BS), tmp.path()).unwrap();
+    let cache = open_cache(&cfg(tmp.path(), limit, BS), tmp.path());
     let fake = Fake::new(64 * BS as usize, 5);
     let other = Fake::new(16 * BS as usize, 6);
     let blob = cached(&cache, &fake);
@@ -468,7 +483,7 @@ fn blob_cache_lru_eviction_keeps_under_limit() {
 #[test]
 fn blob_cache_evict_forces_refetch() {
     let tmp = tempfile::tempdir().unwrap();
-    let cache = BlobCache::open(&cfg(tmp.path(), 1 << 30, BS), tmp.path()).unwrap();
+    let cache = open_cache(&cfg(tmp.path(), 1 << 30, BS), tmp.path());
     let fake = Fake::new(8 * BS as usize, 7);
     let blob = cached(&cache, &fake);
     let _ = read(&blob, 0, 8 * BS as usize);
@@ -496,7 +511,7 @@ fn blob_cache_evict_forces_refetch() {
     blob.evict(7 * BS, 1);
     drop(blob);
     drop(cache);
-    let cache = BlobCache::open(&cfg(tmp.path(), 1 << 30, BS), tmp.path()).unwrap();
+    let cache = open_cache(&cfg(tmp.path(), 1 << 30, BS), tmp.path());
     let blob = cached(&cache, &fake);
     assert!(is_would_block(nowait(&blob, 7 * BS, 1)));
     assert!(
@@ -513,7 +528,7 @@ fn blob_cache_evict_forces_refetch() {
 #[test]
 fn blob_cache_fetch_errors_are_not_cached() {
     let tmp = tempfile::tempdir().unwrap();
-    let cache = BlobCache::open(&cfg(tmp.path(), 1 << 30, BS), tmp.path()).unwrap();
+    let cache = open_cache(&cfg(tmp.path(), 1 << 30, BS), tmp.path());
     let fake = Fake::new(4 * BS as usize, 8);
     fake.fail.store(true, SeqCst);
     *lock(&fake.delay) = Duration::from_millis(200);
@@ -551,7 +566,7 @@ fn blob_cache_fetch_errors_are_not_cached() {
 #[test]
 fn blob_cache_random_reads_match_under_eviction_pressure() {
     let tmp = tempfile::tempdir().unwrap();
-    let cache = BlobCache::open(&cfg(tmp.path(), 6 * BS, BS), tmp.path()).unwrap();
+    let cache = open_cache(&cfg(tmp.path(), 6 * BS, BS), tmp.path());
     let fake = Fake::new(40 * BS as usize + 333, 9);
     let blob = Arc::new(cached(&cache, &fake));
     let threads: Vec<_> = (0..4)
@@ -590,7 +605,7 @@ fn blob_cache_random_reads_match_under_eviction_pressure() {
     drop(blob);
     drop(cache);
     // Whatever was left on disk is right.
-    let cache = BlobCache::open(&cfg(tmp.path(), 1 << 30, BS), tmp.path()).unwrap();
+    let cache = open_cache(&cfg(tmp.path(), 1 << 30, BS), tmp.path());
     let blob = cached(&cache, &fake);
     let mut served = 0;
     for b in 0..41 {
@@ -610,7 +625,7 @@ fn blob_cache_random_reads_match_under_eviction_pressure() {
 #[test]
 fn fills_during_a_fruitless_eviction_pass_are_still_evicted_for() {
     let tmp = tempfile::tempdir().unwrap();
-    let cache = BlobCache::open(&cfg(tmp.path(), 4 * BS, BS), tmp.path()).unwrap();
+    let cache = open_cache(&cfg(tmp.path(), 4 * BS, BS), tmp.path());
     let fake = Fake::new(16 * BS as usize, 5);
     let blob = Arc::new(cached(&cache, &fake));
     for b in 0..4 {
@@ -681,7 +696,7 @@ fn blob_cache_over_a_failing_registry() {
         file_chunk_kb: 0,
         ..CacheConfig::default()
     };
-    let cache = BlobCache::open(&no_whole, tmp.path()).unwrap();
+    let cache = open_cache(&no_whole, tmp.path());
     let blob = Arc::new(CachedBlob::new(cache, remote).unwrap());
     front.push_faults([
         Fault::Status(503),
@@ -749,7 +764,7 @@ fn blob_cache_records_blocks_only_after_sync() {
             fs::copy(p, copy).unwrap();
         }
         let root = t.path().join(name);
-        let c = BlobCache::open(&cfg(&root, 1 << 30, BS), &root).unwrap();
+        let c = open_cache(&cfg(&root, 1 << 30, BS), &root);
         (t, c)
     };
 
@@ -802,7 +817,7 @@ fn blob_cache_rejects_bad_input() {
     let mut c = cfg(tmp.path(), 1 << 30, BS);
     c.refill_kb = 3;
     assert!(BlobCache::open(&c, tmp.path()).is_err());
-    let cache = BlobCache::open(&cfg(tmp.path(), 1 << 30, BS), tmp.path()).unwrap();
+    let cache = open_cache(&cfg(tmp.path(), 1 << 30, BS), tmp.path());
     let fake = Fake::new(BS as usize, 10);
     let blob = cached(&cache, &fake);
     // The same digest with another size (one of them is wrong): an entry of its own.
@@ -863,7 +878,7 @@ fn blob_cache_origins_do_not_share_unverified_blocks() {
     let evil = Fake::served(bad.clone(), &honest.digest, "127.0.0.1:6000/evil/app");
     let honest = Fake::served(honest.data.clone(), &honest.digest, "127.0.0.1:5000/app");
     {
-        let cache = BlobCache::open(&cfg(tmp.path(), 1 << 30, BS), tmp.path()).unwrap();
+        let cache = open_cache(&cfg(tmp.path(), 1 << 30, BS), tmp.path());
         let e = cached(&cache, &evil);
         assert!(read(&e, 0, 8 * BS as usize) == bad, "its own bytes");
         cache.flush().unwrap();
@@ -879,7 +894,7 @@ fn blob_cache_origins_do_not_share_unverified_blocks() {
         assert!(nowait(&h, 0, 8 * BS as usize).unwrap() == honest.data);
     }
     // After a restart, each origin still gets its own bytes only.
-    let cache = BlobCache::open(&cfg(tmp.path(), 1 << 30, BS), tmp.path()).unwrap();
+    let cache = open_cache(&cfg(tmp.path(), 1 << 30, BS), tmp.path());
     let third = Fake::served(honest.data.clone(), &honest.digest, "127.0.0.1:7000/other");
     let t = cached(&cache, &third);
     assert!(is_would_block(nowait(&t, 0, 200)));
@@ -893,7 +908,7 @@ fn blob_cache_origins_do_not_share_unverified_blocks() {
 #[test]
 fn blob_cache_size_lie_does_not_break_another_entry() {
     let tmp = tempfile::tempdir().unwrap();
-    let cache = BlobCache::open(&cfg(tmp.path(), 1 << 30, BS), tmp.path()).unwrap();
+    let cache = open_cache(&cfg(tmp.path(), 1 << 30, BS), tmp.path());
     let real = Fake::new(4 * BS as usize, 41);
     let honest = Fake::served(real.data.clone(), &real.digest, "127.0.0.1:5000/app");
     let mut long = real.data.clone();
@@ -947,7 +962,7 @@ fn blob_cache_verified_blob_is_shared_across_origins() {
     let file = tmp.path().join("download");
     fs::write(&file, &real.data).unwrap();
     {
-        let cache = BlobCache::open(&cfg(&dir, 1 << 30, BS), &dir).unwrap();
+        let cache = open_cache(&cfg(&dir, 1 << 30, BS), &dir);
         let ra = cached(&cache, &a);
         assert!(!ra.is_verified());
         let _ = read(&ra, 0, 3 * BS as usize);
@@ -988,7 +1003,7 @@ fn blob_cache_verified_blob_is_shared_across_origins() {
         assert!(format!("{e:#}").contains("matched the digest"), "{e:#}");
     }
     // After a restart: the same, for a new origin too.
-    let cache = BlobCache::open(&cfg(&dir, 1 << 30, BS), &dir).unwrap();
+    let cache = open_cache(&cfg(&dir, 1 << 30, BS), &dir);
     let c = Fake::served(real.data.clone(), &real.digest, "127.0.0.1:5002/c");
     let rc = cached(&cache, &c);
     assert!(rc.is_verified());
@@ -1017,7 +1032,7 @@ fn blob_cache_verified_blob_is_shared_across_origins() {
         }
         other => panic!("{other:?}"),
     }
-    let cache = BlobCache::open(&cfg(&dir, 1 << 30, BS), &dir).unwrap();
+    let cache = open_cache(&cfg(&dir, 1 << 30, BS), &dir);
     assert!(!sums.exists());
     let rc = cached(&cache, &c);
     assert!(!rc.is_verified());
@@ -1033,7 +1048,7 @@ fn blob_cache_does_not_trust_old_or_moved_entries() {
     let fake = Fake::new(4 * BS as usize, 71);
     let other = Fake::served(fake.data.clone(), &fake.digest, "127.0.0.1:7000/other");
     let (data, map) = {
-        let cache = BlobCache::open(&cfg(&dir, 1 << 30, BS), &dir).unwrap();
+        let cache = open_cache(&cfg(&dir, 1 << 30, BS), &dir);
         let _ = read(&cached(&cache, &fake), 0, 4 * BS as usize);
         paths_of(&cache, &fake)
     };
@@ -1056,7 +1071,7 @@ fn blob_cache_does_not_trust_old_or_moved_entries() {
     fs::create_dir_all(omap.parent().unwrap()).unwrap();
     fs::rename(&data, &odata).unwrap();
     fs::rename(&map, &omap).unwrap();
-    let cache = BlobCache::open(&cfg(&dir, 1 << 30, BS), &dir).unwrap();
+    let cache = open_cache(&cfg(&dir, 1 << 30, BS), &dir);
     assert!(!old.exists(), "the earlier version's files are left");
     assert_eq!(cache.stats().cached_bytes, 0);
     assert!(!omap.exists() && !odata.exists());
@@ -1129,7 +1144,7 @@ fn blob_cache_evicts_lru_blocks_of_a_large_sparse_blob() {
         }
     }
     let tmp = tempfile::tempdir().unwrap();
-    let cache = BlobCache::open(&cfg(tmp.path(), 4 * BS, BS), tmp.path()).unwrap();
+    let cache = open_cache(&cfg(tmp.path(), 4 * BS, BS), tmp.path());
     let src = Arc::new(Synth(AtomicU64::new(0)));
     let blob = CachedBlob::with_source(cache.clone(), src.clone()).unwrap();
     let last = SIZE / BS - 1;
@@ -1178,7 +1193,7 @@ fn blob_cache_sequential_reads_grow_the_refill() {
     let max = (fetch::MAX_REFILL_BYTES / BS) as usize;
     let fake = Fake::new(400 * BS as usize + 77, 51);
     {
-        let cache = BlobCache::open(&cfg(tmp.path(), 1 << 30, BS), tmp.path()).unwrap();
+        let cache = open_cache(&cfg(tmp.path(), 1 << 30, BS), tmp.path());
         let blob = cached(&cache, &fake);
         // 16 KiB reads from 0 to 12 MiB.
         let mut off = 0u64;
@@ -1228,7 +1243,7 @@ fn blob_cache_sequential_reads_grow_the_refill() {
     }
     // A restart: every fetched block (read or fetched ahead) is served from disk, right.
     let fetched = fake.fetched();
-    let cache = BlobCache::open(&cfg(tmp.path(), 1 << 30, BS), tmp.path()).unwrap();
+    let cache = open_cache(&cfg(tmp.path(), 1 << 30, BS), tmp.path());
     let blob = cached(&cache, &fake);
     let end = 192 * BS as usize;
     let got = nowait(&blob, 0, end).unwrap();
@@ -1252,7 +1267,7 @@ fn blob_cache_sequential_reads_grow_the_refill() {
 fn blob_cache_interleaved_sequential_reads_each_grow_their_refill() {
     let tmp = tempfile::tempdir().unwrap();
     let fake = Fake::new(2000 * BS as usize, 53);
-    let cache = BlobCache::open(&cfg(tmp.path(), 1 << 30, BS), tmp.path()).unwrap();
+    let cache = open_cache(&cfg(tmp.path(), 1 << 30, BS), tmp.path());
     let blob = cached(&cache, &fake);
     // Three runs, 63 blocks each, a 16 KiB read of each in turn.
     let starts = [0u64, 100 * BS, 200 * BS];
@@ -1298,7 +1313,7 @@ fn blob_cache_interleaved_sequential_reads_each_grow_their_refill() {
 #[test]
 fn blob_cache_identical_concurrent_misses_make_one_request() {
     let tmp = tempfile::tempdir().unwrap();
-    let cache = BlobCache::open(&cfg(tmp.path(), 1 << 30, BS), tmp.path()).unwrap();
+    let cache = open_cache(&cfg(tmp.path(), 1 << 30, BS), tmp.path());
     let fake = Fake::new(16 * BS as usize, 52);
     *lock(&fake.delay) = Duration::from_millis(200);
     let blob = Arc::new(cached(&cache, &fake));
@@ -1325,7 +1340,7 @@ fn blob_cache_identical_concurrent_misses_make_one_request() {
 #[test]
 fn blob_cache_failed_refill_ahead_caches_nothing() {
     let tmp = tempfile::tempdir().unwrap();
-    let cache = BlobCache::open(&cfg(tmp.path(), 1 << 30, BS), tmp.path()).unwrap();
+    let cache = open_cache(&cfg(tmp.path(), 1 << 30, BS), tmp.path());
     let fake = Fake::new(64 * BS as usize, 53);
     let blob = cached(&cache, &fake);
     let _ = read(&blob, 0, 100);
@@ -1367,7 +1382,7 @@ fn blob_cache_registry_requests_follow_the_access_pattern() {
     let remote = RemoteBlob::new(registry, &image, &digest, data.len() as u64).unwrap();
     let counter = remote.clone();
     let tmp = tempfile::tempdir().unwrap();
-    let cache = BlobCache::open(&cfg(tmp.path(), 1 << 30, BS), tmp.path()).unwrap();
+    let cache = open_cache(&cfg(tmp.path(), 1 << 30, BS), tmp.path());
     let blob = CachedBlob::new(cache, remote).unwrap();
     let ranges = || -> Vec<String> {
         front
@@ -1419,7 +1434,7 @@ fn small_blobs_are_fetched_whole_on_their_first_miss() {
     let tmp = tempfile::tempdir().unwrap();
     let mut c = cfg(tmp.path(), 1 << 30, BS);
     c.whole_blob_kb = (20 * BS) >> 10;
-    let cache = BlobCache::open(&c, tmp.path()).unwrap();
+    let cache = open_cache(&c, tmp.path());
     let small = Fake::new(20 * BS as usize - 100, 61);
     let blob = cached(&cache, &small);
     assert_eq!(
