@@ -260,6 +260,60 @@ fn a_stopping_daemon_leaves_a_newer_daemons_socket() {
     assert!(!socket.exists(), "the last daemon left its socket behind");
 }
 
+/// Whether `path` is a mount point (as /proc/self/mountinfo lists it).
+fn is_mount_point(path: &Path) -> bool {
+    let path = path.to_string_lossy();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(&*path))
+}
+
+/// A SIGTERM that comes while the daemon is still starting (its FUSE frontend mounted, its
+/// sockets not served yet) stops it as one that comes later does: exit 0, the mount gone
+/// (nothing was attached to keep it for). Its handler must be in place before the frontend
+/// mounts: with the default action the daemon dies at once and leaves its mount behind.
+#[test]
+fn a_sigterm_while_starting_stops_the_daemon_cleanly() {
+    // The FUSE frontend is the one `auto` picks where there is no ublk (this host).
+    if !Path::new("/dev/fuse").exists()
+        || Path::new("/dev/ublk-control").exists()
+        || unsafe { libc::geteuid() } != 0
+    {
+        eprintln!("skipped: needs root, /dev/fuse and no ublk (the FUSE frontend)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::spawn(dir.path(), 1024);
+    let fuse = d.root.join("fuse");
+    // As soon as the frontend is mounted: the sockets come a millisecond or so later.
+    let t0 = Instant::now();
+    while !is_mount_point(&fuse) {
+        if let Some(status) = d.child.try_wait().unwrap() {
+            panic!(
+                "ovbd serve exited ({status}) before mounting; log:\n{}",
+                d.logs()
+            );
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no FUSE mount; log:\n{}",
+            d.logs()
+        );
+    }
+    // SAFETY: a plain kill(2) of our own child.
+    assert_eq!(unsafe { libc::kill(d.child.id() as i32, libc::SIGTERM) }, 0);
+    let status = d.child.wait().unwrap();
+    let mounted = is_mount_point(&fuse);
+    assert!(status.success(), "{status}; log:\n{}", d.logs());
+    assert!(
+        !mounted,
+        "{} is left mounted; log:\n{}",
+        fuse.display(),
+        d.logs()
+    );
+}
+
 /// An overlayfs mounted at `merged` (lower, upper and work beside it), unmounted when dropped.
 struct Overlay {
     merged: PathBuf,
