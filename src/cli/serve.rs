@@ -7,6 +7,7 @@ use containerd_snapshots::tonic::transport::Server;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
+use tokio::signal::unix::{signal, SignalKind};
 
 pub fn serve(cfg: Config) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -17,6 +18,10 @@ pub fn serve(cfg: Config) -> Result<()> {
 }
 
 async fn run(cfg: Config) -> Result<()> {
+    // SIGTERM and SIGINT stop the daemon cleanly from here on, also while it is starting:
+    // their default action would kill it with its FUSE frontend mounted and nothing attached.
+    let mut term = signal(SignalKind::terminate()).context("handling SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("handling SIGINT")?;
     let socket = cfg.socket.clone();
     let control_socket = cfg.control_socket_path();
     let metrics_address = cfg.metrics.listen_address()?;
@@ -79,11 +84,9 @@ async fn run(cfg: Config) -> Result<()> {
     let incoming = accepted_connections(listener);
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let shutdown = async move {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
+            _ = term.recv() => {}
+            _ = interrupt.recv() => {}
         }
         log::info!("shutting down");
         let _ = stop.send(true);
