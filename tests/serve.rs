@@ -85,6 +85,12 @@ impl Daemon {
 
     /// Waits (up to a minute) until `cond` holds; fails if the daemon exits meanwhile.
     fn wait_for(&mut self, what: &str, cond: impl Fn(&Daemon) -> bool) {
+        self.poll_until(what, Duration::from_millis(20), cond)
+    }
+
+    /// [`Daemon::wait_for`], looking every `every` (zero: a busy wait, for windows of a
+    /// millisecond).
+    fn poll_until(&mut self, what: &str, every: Duration, cond: impl Fn(&Daemon) -> bool) {
         let t0 = Instant::now();
         while !cond(self) {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -98,7 +104,9 @@ impl Daemon {
                 "no {what} after 60 s; log:\n{}",
                 self.logs()
             );
-            std::thread::sleep(Duration::from_millis(20));
+            if !every.is_zero() {
+                std::thread::sleep(every);
+            }
         }
     }
 
@@ -287,20 +295,7 @@ fn a_sigterm_while_starting_stops_the_daemon_cleanly() {
     let mut d = Daemon::spawn(dir.path(), 1024);
     let fuse = d.root.join("fuse");
     // As soon as the frontend is mounted: the sockets come a millisecond or so later.
-    let t0 = Instant::now();
-    while !is_mount_point(&fuse) {
-        if let Some(status) = d.child.try_wait().unwrap() {
-            panic!(
-                "ovbd serve exited ({status}) before mounting; log:\n{}",
-                d.logs()
-            );
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "no FUSE mount; log:\n{}",
-            d.logs()
-        );
-    }
+    d.poll_until("the FUSE mount", Duration::ZERO, |_| is_mount_point(&fuse));
     // SAFETY: a plain kill(2) of our own child.
     assert_eq!(unsafe { libc::kill(d.child.id() as i32, libc::SIGTERM) }, 0);
     let status = d.child.wait().unwrap();
