@@ -11,7 +11,9 @@
 #   -w WORKLOADS     of: small python layers3 layers20 (default all; OVBD_BENCH_WORKLOADS)
 #   -s SNAPSHOTTERS  of: overlayfs stargz soci ovbd ovbd-trace ovbd-cached (default all; OVBD_BENCH_SNAPSHOTTERS)
 # Environment: OVBD_BENCH_SMALL_MIB (256), OVBD_BENCH_PYTHON_MIB (240), OVBD_BENCH_LAYERS_MIB (200) image
-# sizes; OVBD_BENCH_IMAGE_CACHE (built images, default target/vm/coldstart-images); E2E_KEEP=1 keeps logs.
+# sizes; OVBD_BENCH_IMAGE_CACHE (built images, default target/vm/coldstart-images);
+# OVBD_BENCH_REGISTRY_STORAGE=tmpfs (the local registry's blobs in RAM, not on this host's disk, where
+# their cold reads slow containerd's fsyncs as a remote registry's would not); E2E_KEEP=1 keeps logs.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"

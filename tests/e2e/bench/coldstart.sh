@@ -7,7 +7,10 @@
 # right after), and the ratios ovbd/peer against the goals. Asserts nothing.
 #
 # Cold: before every run containerd starts from an empty root (no content, no snapshots), the snapshotter
-# from an empty root (its snapshots and block/chunk caches), and the page cache is dropped.
+# from an empty root (its snapshots and block/chunk caches), and the page cache is dropped. The registry's
+# blobs are on this host's disk by default, so they are dropped too: its cold reads (up to 4 MiB per range,
+# see registry_totals) then share the disk with containerd's and the snapshotters' fsyncs, which a remote
+# registry's reads do not. OVBD_BENCH_REGISTRY_STORAGE=tmpfs keeps them in RAM, off the node's disk.
 #
 # Workloads (tests/e2e/bench/mkbench-image.py builds them locally; layouts cached in
 # $OVBD_BENCH_IMAGE_CACHE, default target/vm/coldstart-images):
@@ -30,6 +33,7 @@
 # arguments; default "--algo zstd --block-size 16384", images made for lazy pulling as eStargz's are: see the README;
 # empty: converter defaults), OVBD_BENCH_OVBD_CONFIG (TOML added to ovbd's config, e.g. $'[cache]\nrefill_kb = 16';
 # not [device] or [download]), OVBD_BIN (target/release/ovbd),
+# OVBD_BENCH_REGISTRY_STORAGE (disk: the registry's blobs on this host's disk, default; tmpfs: in RAM),
 # E2E_KEEP=1 keeps the work dir (logs). As root.
 set -uo pipefail
 convert_args=${OVBD_BENCH_CONVERT_ARGS-"--algo zstd --block-size 16384"}
@@ -49,7 +53,10 @@ snapshotters=(${OVBD_BENCH_SNAPSHOTTERS:-overlayfs stargz soci ovbd ovbd-trace o
 ovbd_bin=${OVBD_BIN:-$repo/target/release/ovbd}
 image_cache=${OVBD_BENCH_IMAGE_CACHE:-${OVBD_VM_CACHE:-$repo/target/vm}/coldstart-images}
 soci_fixed_root=/var/lib/soci-snapshotter-grpc # soci 0.4 keeps its index store there whatever --root says
+registry_storage=${OVBD_BENCH_REGISTRY_STORAGE:-disk}
 [[ $runs =~ ^[1-9][0-9]*$ ]] || e2e_fail "OVBD_BENCH_RUNS: a positive number, not '$runs'"
+[[ $registry_storage == disk || $registry_storage == tmpfs ]] ||
+    e2e_fail "OVBD_BENCH_REGISTRY_STORAGE: disk or tmpfs, not '$registry_storage'"
 [[ -x $ovbd_bin ]] || e2e_fail "$ovbd_bin not built (cargo build --release --bin ovbd)"
 
 work= && e2e_tmpdir work /var/tmp
@@ -377,6 +384,12 @@ ovbd_serve_setup "$ovbd" "$work/ovbd-root" "$work/ovbd/ovbd.sock"
 [[ -z $OVBD_SERVE_MISSING ]] || blocked[ovbd]=$OVBD_SERVE_MISSING blocked[ovbd-trace]=${blocked[ovbd-trace]:-$OVBD_SERVE_MISSING} \
     blocked[ovbd-cached]=$OVBD_SERVE_MISSING
 
+if [[ $registry_storage == tmpfs ]]; then
+    # Unmounted after the registry stops (exit hooks run newest first).
+    mkdir -p "$work/registry/storage" && mount -t tmpfs tmpfs "$work/registry/storage" ||
+        e2e_fail "mounting a tmpfs for the registry's storage"
+    e2e_on_exit "umount '$work/registry/storage'"
+fi
 E2E_REGISTRY_ACCESSLOG=1 registry_start "$work/registry"
 printf '[background_fetch]\ndisable = true\n' >"$work/soci.toml"
 wanted soci && [[ -z ${blocked[soci]:-} ]] && { tls_registry_start || blocked[soci]="no TLS registry for soci (log: $work/registry-tls/registry.log)"; }
@@ -422,7 +435,7 @@ echo
 echo "==== cold start: pull + first run, $runs runs interleaved, medians (min-max); host, ovbd frontend ${OVBD_BENCH_FRONTEND:-fuse}"
 echo "     (cold: empty containerd root, empty snapshotter root and caches, page cache dropped before each run;"
 echo "      MB and GETs = blob bytes and requests the registry answered (access log); warm = a second run right after,"
-echo "      image local)"
+echo "      image local; registry storage: $registry_storage)"
 extra_config=${OVBD_BENCH_OVBD_CONFIG:-}
 echo "     ovbd: convert ${convert_args:-(defaults)}${extra_config:+; config + ${extra_config//$'\n'/ }}"
 for w in "${workloads[@]}"; do
